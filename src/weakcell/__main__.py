@@ -1,0 +1,3 @@
+from weakcell.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""``weakcell <stage> [config.yaml] [key=value ...]``: one entry point for every stage.
+
+Stages are looked up in ``STAGES`` (name -> ``module:function``), imported only when run, so a stage's
+heavy dependencies (torch, cellpose, kaggle) never load for another. Each stage function takes the
+resolved ``Config`` and does its work; ``python -m weakcell.<module>`` works the same way through
+``stage_main``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from weakcell.config import Config, ConfigError, all_keys, load_config
+
+# name -> (module:function, one-line help). Later stages register here.
+STAGES: dict[str, tuple[str, str]] = {
+    "data": ("weakcell.synthetic.writer:run", "generate the synthetic HPA benchmark (hpa2021 layout + truth/)"),
+    "preview": ("weakcell.synthetic.preview:run", "montage of composites, outlines, labels, a cell per class"),
+    "folds": ("weakcell.folds:run", "multilabel-stratified K-fold at image level -> folds/<dataset>.csv"),
+    "cache": ("weakcell.cache.build:run", "segment every image, cache cell crops -> cache/<dataset>/<backend>/"),
+    "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
+    "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
+}
+
+
+def _resolve(target: str) -> Callable[[Config], object]:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """First argument that is not ``key=value`` is the config file; the rest are overrides."""
+    config_path = None
+    overrides = []
+    for arg in argv:
+        if "=" in arg:
+            overrides.append(arg)
+        elif config_path is None:
+            config_path = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: give one config file, then key=value overrides")
+    return config_path, overrides
+
+
+def stage_main(run: Callable[[Config], object], argv: list[str] | None = None) -> int:
+    """Entry point shared by every stage: parse args, load config, run, turn known errors into one line."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config_path, overrides = split_args(list(sys.argv[1:] if argv is None else argv))
+        cfg = load_config(config_path, overrides)
+        run(cfg)
+    except (ConfigError, OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in STAGES.items()]
+    lines.append(f"  {'keys':<{width}}  list every config key")
+    return "usage: weakcell <stage> [config.yaml] [key=value ...]\n\nstages:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    stage, rest = args[0], args[1:]
+    if stage == "keys":
+        print("\n".join(all_keys()))
+        return 0
+    if stage not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"error: unknown stage {stage!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return stage_main(_resolve(STAGES[stage][0]), rest)

@@ -1,0 +1,316 @@
+"""One typed config for every stage: YAML files in ``configs/``, a pydantic schema here, ``key=value``
+overrides on the command line. Unknown or mistyped keys fail with their name and the closest valid keys.
+
+A YAML file may start with ``base: other.yaml`` (relative to itself) and then only say what changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says which key and why."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where things live. Relative paths resolve against ``root``; a Kaggle kernel sets
+    ``root=/kaggle/working`` and points ``data.dir`` at ``/kaggle/input/...``: one switch, no absolute
+    paths in the package."""
+
+    root: str = "."
+    data: str = "data"
+    cache: str = "cache"
+    runs: str = "runs"
+    folds: str = "folds"
+    submissions: str = "submissions"
+    reports: str = "reports"
+    kernels: str = "kernels"
+
+
+class DataConfig(Section):
+    """Which dataset a run reads. ``dir`` defaults to ``{paths.data}/{dataset}``."""
+
+    dataset: Literal["synthetic", "hpa2021", "hpa2018"] = "synthetic"
+    dir: str | None = None
+
+
+class SyntheticConfig(Section):
+    """Knobs of the synthetic HPA benchmark (``make data``); see ``weakcell.synthetic``."""
+
+    n_train: int = Field(240, ge=1)
+    n_test: int = Field(40, ge=0)
+    image_size: int = Field(512, ge=64, description="side of the square images, pixels")
+    cell_scale: float = Field(
+        0.25, gt=0, description="cell size relative to real HPA at 2048 px (0.25 = real cells at 512 px)"
+    )
+    cell_lines: list[str] = Field(
+        default_factory=lambda: ["U-2 OS", "A-431", "HeLa", "CACO-2"],
+        description="cell-line presets drawn per image (size, shape, density)",
+    )
+    cells_per_image: tuple[int, int] = (8, 22)
+    labels_per_image_mean: float = Field(
+        1.64, ge=1.0, description="mean number of classes per image (real hpa2021: 1.64)"
+    )
+    class_balance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="0 = real hpa2021 class frequencies, 1 = uniform; in between = frequencies ** (1 - b)",
+    )
+    expressing_fraction: tuple[float, float] = Field(
+        (0.25, 0.9), description="range of the fraction of an image's cells that express each image class"
+    )
+    intensity_range: tuple[float, float] = Field(
+        (0.35, 1.0), description="range of a cell's expression intensity (relative brightness of its pattern)"
+    )
+    noise: float = Field(1.0, ge=0.0, description="multiplies shot/read noise; 0 = clean")
+    blur: float = Field(1.0, ge=0.0, description="multiplies the optical blur (PSF) sigma; 0 = sharp")
+    illumination: float = Field(1.0, ge=0.0, description="multiplies uneven-illumination amplitude")
+    mitotic_fraction: float = Field(0.04, ge=0.0, le=1.0, description="cells in mitosis without spindle label")
+    seed: int = 2021
+    workers: int = Field(0, ge=0, description="processes; 0 = one per core")
+
+
+class FoldsConfig(Section):
+    """Multilabel-stratified K-fold at image level (``make folds``)."""
+
+    n_splits: int = Field(5, ge=2)
+    seed: int = 42
+    group_column: str | None = Field(
+        None, description="column of the label file whose equal values must share a fold"
+    )
+    file: str | None = Field(None, description="defaults to {paths.folds}/{data.dataset}.csv")
+
+
+class ClassicalSegmentConfig(Section):
+    """The CPU default backend: nucleus seeds from blue, watershed of cell bodies over red/yellow/green."""
+
+    working_scale: float = Field(0.25, gt=0, le=1, description="segment at this fraction of full resolution")
+
+
+class CellposeSegmentConfig(Section):
+    """Cellpose 4 (Cellpose-SAM) from a local weights file; never downloads."""
+
+    weights: str | None = Field(None, description="weights file; else $CELLPOSE_LOCAL_MODELS_PATH is searched")
+    diameter: float | None = Field(None, description="cell diameter in pixels at full resolution; None = auto")
+    working_scale: float = Field(0.25, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    device: str = Field("auto", description="auto | cpu | cuda")
+
+
+class SamRefineConfig(Section):
+    """Segment Anything refinement of first-pass cells with box prompts (``segment.backend=cellpose+sam``)."""
+
+    weights: str | None = Field(None, description="SAM checkpoint file (vit_b/vit_l/vit_h)")
+    model_type: str = Field("vit_b", description="vit_b | vit_l | vit_h, must match the checkpoint")
+    working_scale: float = Field(0.5, gt=0, le=1)
+    device: str = Field("auto")
+
+
+class PostprocessConfig(Section):
+    """Rules applied after any backend, as the top 2021 teams did; each one a switch."""
+
+    drop_cells_without_nucleus: bool = True
+    drop_border_cells_with_small_nucleus: bool = Field(
+        True, description="drop border-touching cells whose nucleus is under half the median nucleus area"
+    )
+    fill_holes: bool = True
+    min_cell_area: int = Field(0, ge=0, description="pixels at full resolution; 0 = no limit")
+
+
+class SegmentConfig(Section):
+    """Cell segmentation (``make cache``). ``backend`` is a registry name, optionally ``+``-joined with
+    refiners, e.g. ``classical``, ``cellpose``, ``cellpose+sam``."""
+
+    backend: str = "classical"
+    classical: ClassicalSegmentConfig = Field(default_factory=ClassicalSegmentConfig)
+    cellpose: CellposeSegmentConfig = Field(default_factory=CellposeSegmentConfig)
+    sam: SamRefineConfig = Field(default_factory=SamRefineConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+
+class CacheConfig(Section):
+    """The cell-crop cache: instance masks, ``cells.parquet``, uint8 crop shards (``make cache``)."""
+
+    crop_size: int = Field(64, ge=16, description="side of the square crops, pixels")
+    splits: list[str] = Field(default_factory=lambda: ["train", "test"])
+    dir: str | None = Field(None, description="defaults to {paths.cache}/{data.dataset}/{segment.backend}")
+    workers: int = Field(0, ge=0, description="processes; 0 = one per core")
+    on_error: Literal["raise", "skip"] = Field("skip", description="skip = report by ID in skipped.csv")
+    shard_index: int = Field(0, ge=0, description="this machine's part when caching is split")
+    num_shards: int = Field(1, ge=1, description="how many parts caching is split into")
+
+
+class Config(Section):
+    """The whole pipeline's settings. Each stage reads its own section."""
+
+    name: str = "demo"
+    seed: int = 42
+    force: bool = Field(False, description="redo finished work (make ... FORCE=1)")
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    folds: FoldsConfig = Field(default_factory=FoldsConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+    # -- derived locations -------------------------------------------------------------------------
+    def path(self, relative: str | os.PathLike[str]) -> Path:
+        """Resolve a configured path against ``paths.root``."""
+        candidate = Path(relative)
+        return candidate if candidate.is_absolute() else Path(self.paths.root) / candidate
+
+    @property
+    def data_dir(self) -> Path:
+        """Root of the dataset layout (``train/``, ``train.csv``, ...)."""
+        return self.path(self.data.dir) if self.data.dir else self.path(self.paths.data) / self.data.dataset
+
+    @property
+    def cache_dir(self) -> Path:
+        """``cache/<dataset>/<segment backend>/`` unless ``cache.dir`` is set."""
+        if self.cache.dir:
+            return self.path(self.cache.dir)
+        return self.path(self.paths.cache) / self.data.dataset / self.segment.backend
+
+    @property
+    def folds_file(self) -> Path:
+        return self.path(self.folds.file or Path(self.paths.folds) / f"{self.data.dataset}.csv")
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, following ``base:`` links (each relative to the file that names it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} names itself as a base (chain: {' -> '.join(map(str, seen))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _section_at(keys: list[str]) -> type[BaseModel] | None:
+    """The schema class reached by following ``keys`` from the root, or None past a leaf."""
+    model: type[BaseModel] = Config
+    for key in keys:
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``synthetic.n_train``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(all_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_message(dotted: str) -> str:
+    keys = all_keys()
+    sections = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
+    close = difflib.get_close_matches(dotted, keys + sections, n=3, cutoff=0.6)
+    if not close:  # a wrong section name: suggest by the last part alone
+        leaf = dotted.rsplit(".", 1)[-1]
+        close = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
+    hint = f"; did you mean {' or '.join(repr(k) for k in close[:3])}?" if close else ""
+    return f"unknown config key {dotted!r}{hint} (list every key with `weakcell keys`)"
+
+
+def _check_keys(raw: dict[str, Any], prefix: list[str]) -> None:
+    model = _section_at(prefix)
+    if model is None:
+        return
+    for key, value in raw.items():
+        dotted = [*prefix, str(key)]
+        if key not in model.model_fields:
+            raise ConfigError(_unknown_key_message(".".join(dotted)))
+        if isinstance(value, dict):
+            _check_keys(value, dotted)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "data.dataset=hpa2021"]`` -> nested dict; values are parsed as YAML scalars
+    or lists (``3`` is an int, ``[64,128]`` a list, ``null`` None); nothing is ever evaluated."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. synthetic.n_train=100)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (or the defaults), apply ``overrides`` and validate against the schema."""
+    raw = _read_yaml(Path(path)) if path else {}
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    _check_keys(raw, [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = [
+            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+        ]
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{source}:\n" + "\n".join(problems)) from None
+
+
+def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
+    """Write the resolved config as ``folder/config.yaml`` (every output folder gets one)."""
+    target = Path(folder) / "config.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+    return target

@@ -1,0 +1,88 @@
+"""Domain constants defined once: channel order, class tables of both HPA competitions, colours."""
+
+from __future__ import annotations
+
+# Channel order of every array in the kit: (4, H, W) = R microtubules, G protein, B nucleus, Y ER.
+CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+CHANNEL_ROLES: dict[str, str] = {
+    "red": "microtubules",
+    "green": "protein of interest",
+    "blue": "nucleus",
+    "yellow": "endoplasmic reticulum",
+}
+
+# HPA Single Cell Classification (Kaggle 2021): 19 classes, 18 = Negative.
+HPA2021_CLASSES: tuple[str, ...] = (
+    "Nucleoplasm",
+    "Nuclear membrane",
+    "Nucleoli",
+    "Nucleoli fibrillar center",
+    "Nuclear speckles",
+    "Nuclear bodies",
+    "Endoplasmic reticulum",
+    "Golgi apparatus",
+    "Intermediate filaments",
+    "Actin filaments",
+    "Microtubules",
+    "Mitotic spindle",
+    "Centrosome",
+    "Plasma membrane",
+    "Mitochondria",
+    "Aggresome",
+    "Cytosol",
+    "Vesicles and punctate cytosolic patterns",
+    "Negative",
+)
+NEGATIVE = 18
+
+# Label counts over the 21,806 rows of the 2021 train.csv (../shared/data/README.md); the synthetic
+# generator draws image classes from these frequencies.
+HPA2021_CLASS_COUNTS: tuple[int, ...] = (
+    8797, 1095, 2451, 1262, 1425, 1792, 775, 1846, 964, 1011, 818, 78, 1734, 3216, 2013, 252, 5685, 621, 34,
+)
+HPA2021_N_IMAGES = 21806
+
+# HPA Image Classification (Kaggle 2018): 28 classes.
+HPA2018_CLASSES: tuple[str, ...] = (
+    "Nucleoplasm",
+    "Nuclear membrane",
+    "Nucleoli",
+    "Nucleoli fibrillar center",
+    "Nuclear speckles",
+    "Nuclear bodies",
+    "Endoplasmic reticulum",
+    "Golgi apparatus",
+    "Peroxisomes",
+    "Endosomes",
+    "Lysosomes",
+    "Intermediate filaments",
+    "Actin filaments",
+    "Focal adhesion sites",
+    "Microtubules",
+    "Microtubule ends",
+    "Cytokinetic bridge",
+    "Mitotic spindle",
+    "Microtubule organizing center",
+    "Centrosome",
+    "Lipid droplets",
+    "Plasma membrane",
+    "Cell junctions",
+    "Mitochondria",
+    "Aggresome",
+    "Cytosol",
+    "Cytoplasmic bodies",
+    "Rods & rings",
+)
+
+# The empty mask as the 2021 competition encodes it (pycocotools RLE -> zlib level 9 -> base64); the
+# sample submission uses it as a placeholder.
+EMPTY_MASK_RLE = "eNoLCAgIMAEABJkBdQ=="
+
+# Display colours (RGB, 0-1) used when composing the 4 channels into one picture: yellow adds to red
+# and green, as the HPA website renders it.
+CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (0.5, 0.5, 0.0),
+}

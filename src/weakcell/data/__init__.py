@@ -1,0 +1,1 @@
+"""Reading datasets: layouts (``datasets``), label files (``labels``) and 4-channel images (``images``)."""

@@ -1,0 +1,44 @@
+"""Dataset layouts as data, not branches: every reader looks the layout up here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from weakcell.constants import HPA2018_CLASSES, HPA2021_CLASSES, NEGATIVE
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How one Kaggle layout names its files and columns."""
+
+    name: str
+    classes: tuple[str, ...]
+    id_column: str  # image ID column of the label file
+    label_column: str  # label column of the label file
+    label_sep: str  # separator inside a label string
+    negative: int | None  # index of the "no specific signal" class, if the set has one
+    label_file: str = "train.csv"
+    train_dir: str = "train"
+    test_dir: str = "test"
+    sample_submission: str = "sample_submission.csv"
+    has_truth: bool = False  # per-cell truth in truth/ (synthetic only)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "hpa2021": DatasetSpec("hpa2021", HPA2021_CLASSES, "ID", "Label", "|", NEGATIVE),
+    "hpa2018": DatasetSpec("hpa2018", HPA2018_CLASSES, "Id", "Target", " ", None),
+    # The embedded benchmark is written in the hpa2021 layout, plus truth/.
+    "synthetic": DatasetSpec("synthetic", HPA2021_CLASSES, "ID", "Label", "|", NEGATIVE, has_truth=True),
+}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The layout called ``name``; a clear error lists the known ones."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
