@@ -17,10 +17,19 @@ from weakcell.config import Config, ConfigError, all_keys, load_config
 
 # name -> (module:function, one-line help). Later stages register here.
 STAGES: dict[str, tuple[str, str]] = {
-    "data": ("weakcell.synthetic.writer:run", "generate the synthetic HPA benchmark (hpa2021 layout + truth/)"),
-    "preview": ("weakcell.synthetic.preview:run", "montage of composites, outlines, labels, a cell per class"),
+    "data": (
+        "weakcell.synthetic.writer:run",
+        "generate the synthetic HPA benchmark (hpa2021 layout + truth/)",
+    ),
+    "preview": (
+        "weakcell.synthetic.preview:run",
+        "montage of composites, outlines, labels, a cell per class",
+    ),
     "folds": ("weakcell.folds:run", "multilabel-stratified K-fold at image level -> folds/<dataset>.csv"),
-    "cache": ("weakcell.cache.build:run", "segment every image, cache cell crops -> cache/<dataset>/<backend>/"),
+    "cache": (
+        "weakcell.cache.build:run",
+        "segment every image, cache cell crops -> cache/<dataset>/<backend>/",
+    ),
     "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
     "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
 }
@@ -28,15 +37,28 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def _resolve(target: str) -> Callable[[Config], object]:
     module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), function)
+
+
+# Flags that schedulers (SLURM arrays, several Kaggle kernels) conventionally pass, as config keys.
+FLAG_KEYS: dict[str, str] = {"--shard-index": "cache.shard_index", "--num-shards": "cache.num_shards"}
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """First argument that is not ``key=value`` is the config file; the rest are overrides."""
+    """First argument that is not ``key=value`` is the config file; the rest are overrides.
+    ``--shard-index 3`` / ``--num-shards=8`` become ``cache.shard_index=3`` / ``cache.num_shards=8``."""
     config_path = None
     overrides = []
-    for arg in argv:
-        if "=" in arg:
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in FLAG_KEYS:
+            if not eq:
+                value = next(args, "")
+            if not value:
+                raise ConfigError(f"{flag} needs a value, e.g. {flag} 0")
+            overrides.append(f"{FLAG_KEYS[flag]}={value}")
+        elif "=" in arg:
             overrides.append(arg)
         elif config_path is None:
             config_path = arg

@@ -79,7 +79,9 @@ class SyntheticConfig(Section):
     noise: float = Field(1.0, ge=0.0, description="multiplies shot/read noise; 0 = clean")
     blur: float = Field(1.0, ge=0.0, description="multiplies the optical blur (PSF) sigma; 0 = sharp")
     illumination: float = Field(1.0, ge=0.0, description="multiplies uneven-illumination amplitude")
-    mitotic_fraction: float = Field(0.04, ge=0.0, le=1.0, description="cells in mitosis without spindle label")
+    mitotic_fraction: float = Field(
+        0.04, ge=0.0, le=1.0, description="cells in mitosis without spindle label"
+    )
     seed: int = 2021
     workers: int = Field(0, ge=0, description="processes; 0 = one per core")
 
@@ -99,13 +101,42 @@ class ClassicalSegmentConfig(Section):
     """The CPU default backend: nucleus seeds from blue, watershed of cell bodies over red/yellow/green."""
 
     working_scale: float = Field(0.25, gt=0, le=1, description="segment at this fraction of full resolution")
+    nucleus_diameter: float = Field(
+        180.0, gt=0, description="typical nucleus diameter, pixels at full resolution (HPA 2048 px: 160-200)"
+    )
+    nucleus_smoothing: float = Field(0.03, ge=0, description="Gaussian sigma on blue, in nucleus diameters")
+    nucleus_threshold_scale: float = Field(1.0, gt=0, description="multiplies the Otsu threshold of blue")
+    nucleus_split_depth: float = Field(
+        0.3, ge=0, description="split touching nuclei only at necks this deep (fraction of the radius)"
+    )
+    min_nucleus_area_fraction: float = Field(
+        0.05, ge=0, description="blue objects under this fraction of a nucleus-sized disc are noise"
+    )
+    red_weight: float = Field(1.0, ge=0, description="weight of microtubules in the cytoplasm signal")
+    yellow_weight: float = Field(1.0, ge=0, description="weight of ER in the cytoplasm signal")
+    green_weight: float = Field(
+        0.5, ge=0, description="weight of the protein channel in the cytoplasm signal"
+    )
+    cell_smoothing: float = Field(
+        0.03, ge=0, description="Gaussian sigma on the cytoplasm, in nucleus diameters"
+    )
+    cell_threshold_scale: float = Field(
+        1.0, gt=0, description="multiplies the Otsu threshold of the log cytoplasm signal"
+    )
+    distance_weight: float = Field(
+        0.5, ge=0, description="watershed elevation: weight of distance-to-nucleus vs inverted log cytoplasm"
+    )
 
 
 class CellposeSegmentConfig(Section):
     """Cellpose 4 (Cellpose-SAM) from a local weights file; never downloads."""
 
-    weights: str | None = Field(None, description="weights file; else $CELLPOSE_LOCAL_MODELS_PATH is searched")
-    diameter: float | None = Field(None, description="cell diameter in pixels at full resolution; None = auto")
+    weights: str | None = Field(
+        None, description="weights file; else $CELLPOSE_LOCAL_MODELS_PATH is searched"
+    )
+    diameter: float | None = Field(
+        None, description="cell diameter in pixels at full resolution; None = auto"
+    )
     working_scale: float = Field(0.25, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
     device: str = Field("auto", description="auto | cpu | cuda")
@@ -299,7 +330,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         return Config.model_validate(raw)
     except ValidationError as err:
         problems = [
-            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
         ]
         source = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{source}:\n" + "\n".join(problems)) from None

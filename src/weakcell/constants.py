@@ -38,7 +38,25 @@ NEGATIVE = 18
 # Label counts over the 21,806 rows of the 2021 train.csv (../shared/data/README.md); the synthetic
 # generator draws image classes from these frequencies.
 HPA2021_CLASS_COUNTS: tuple[int, ...] = (
-    8797, 1095, 2451, 1262, 1425, 1792, 775, 1846, 964, 1011, 818, 78, 1734, 3216, 2013, 252, 5685, 621, 34,
+    8797,
+    1095,
+    2451,
+    1262,
+    1425,
+    1792,
+    775,
+    1846,
+    964,
+    1011,
+    818,
+    78,
+    1734,
+    3216,
+    2013,
+    252,
+    5685,
+    621,
+    34,
 )
 HPA2021_N_IMAGES = 21806
 

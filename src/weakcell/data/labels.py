@@ -71,7 +71,7 @@ def read_label_file(path: str | os.PathLike[str], spec: DatasetSpec) -> pd.DataF
             labels.append([])
     duplicated = table[spec.id_column][table[spec.id_column].duplicated(keep=False)]
     for image_id in dict.fromkeys(duplicated):
-        rows = [i + 1 for i in np.flatnonzero(table[spec.id_column].to_numpy() == image_id)]
+        rows = [int(i) + 1 for i in np.flatnonzero(table[spec.id_column].to_numpy() == image_id)]
         problems.append(f"duplicate ID {image_id} on rows {rows}")
     if problems:
         shown = "\n  ".join(problems[:20])

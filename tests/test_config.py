@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from weakcell.cli import main, split_args
+from weakcell.config import ConfigError, all_keys, load_config, parse_overrides, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.name
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        REPO / "configs/demo.yaml", ["synthetic.n_train=7", "cache.splits=[train]", "data.dir=null"]
+    )
+    assert cfg.synthetic.n_train == 7
+    assert cfg.cache.splits == ["train"]
+    assert cfg.data.dir is None
+
+
+def test_override_values_are_never_evaluated():
+    nested = parse_overrides(["name=__import__('os').system('false')"])
+    assert nested["name"] == "__import__('os').system('false')"
+
+
+@pytest.mark.parametrize(
+    ("override", "unknown", "suggestion"),
+    [
+        ("synthetic.n_trian=3", "'synthetic.n_trian'", "'synthetic.n_train'"),
+        ("sythetic.n_train=3", "'sythetic'", "'synthetic'"),
+        ("cache.crop=32", "'cache.crop'", "'cache.crop_size'"),
+    ],
+)
+def test_unknown_key_names_itself_and_closest(override, unknown, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/demo.yaml", [override])
+    message = str(err.value)
+    assert f"unknown config key {unknown}" in message
+    assert f"did you mean {suggestion}" in message
+
+
+def test_unknown_key_in_yaml_fails(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("folds:\n  n_split: 3\n")
+    with pytest.raises(ConfigError, match=r"folds\.n_split.*folds\.n_splits"):
+        load_config(path)
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"cache\.crop_size"):
+        load_config(None, ["cache.crop_size=big"])
+
+
+def test_base_chain_and_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nfolds:\n  n_splits: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.name, cfg.folds.n_splits) == ("b", 3)
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="names itself"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs/competition.yaml", ["seed=7"])
+    written = save_config(cfg, tmp_path / "run")
+    again = load_config(written)
+    assert again == cfg
+    assert yaml.safe_load(written.read_text())["seed"] == 7
+
+
+def test_paths_resolve_against_root(tmp_path):
+    cfg = load_config(None, [f"paths.root={tmp_path}", "data.dataset=hpa2018"])
+    assert cfg.data_dir == tmp_path / "data" / "hpa2018"
+    assert cfg.folds_file == tmp_path / "folds" / "hpa2018.csv"
+    assert cfg.cache_dir == tmp_path / "cache" / "hpa2018" / "classical"
+
+
+def test_shard_flags_become_keys():
+    path, overrides = split_args(["configs/demo.yaml", "--shard-index", "2", "--num-shards=4", "seed=1"])
+    assert path == "configs/demo.yaml"
+    cfg = load_config(REPO / path, overrides)
+    assert (cfg.cache.shard_index, cfg.cache.num_shards, cfg.seed) == (2, 4, 1)
+
+
+def test_cli_lists_keys_and_rejects_unknown_stage(capsys):
+    assert main(["keys"]) == 0
+    assert set(capsys.readouterr().out.split()) == set(all_keys())
+    assert main(["fodls"]) == 2
+    assert "did you mean 'folds'" in capsys.readouterr().err
+
+
+def test_cli_reports_config_errors_as_one_line(capsys):
+    assert main(["folds", str(REPO / "configs/demo.yaml"), "folds.n_splits=one"]) == 2
+    assert "folds.n_splits" in capsys.readouterr().err
