@@ -24,7 +24,6 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment]'
 	touch $@
 

@@ -129,26 +129,48 @@ class ClassicalSegmentConfig(Section):
 
 
 class CellposeSegmentConfig(Section):
-    """Cellpose 4 (Cellpose-SAM) from a local weights file; never downloads."""
+    """Cellpose 4 (Cellpose-SAM) from a local weights file; never downloads (``weakcell.segment.cellpose_backend``)."""
 
     weights: str | None = Field(
-        None, description="weights file; else $CELLPOSE_LOCAL_MODELS_PATH is searched"
+        None,
+        description="weights file or folder (e.g. /kaggle/input/cellpose-sam/cpsam); else "
+        "$CELLPOSE_LOCAL_MODELS_PATH, then /kaggle/input/* are searched for cpsam",
+    )
+    backbone: str = Field(
+        "vit_l",
+        description="SAM image-encoder size inside the network (a segment_anything registry name); the "
+        "official cpsam weights need vit_l, vit_b fits smaller fine-tuned models",
     )
     diameter: float | None = Field(
-        None, description="cell diameter in pixels at full resolution; None = auto"
+        None, gt=0, description="cell diameter in pixels at full resolution; None = the network's own scale"
     )
-    working_scale: float = Field(0.25, gt=0, le=1)
-    batch_size: int = Field(8, ge=1)
-    device: str = Field("auto", description="auto | cpu | cuda")
+    working_scale: float = Field(0.25, gt=0, le=1, description="segment at this fraction of full resolution")
+    cytoplasm_channels: list[Literal["red", "green", "yellow"]] = Field(
+        default_factory=lambda: ["red", "yellow"],
+        description="averaged into the cell-body input; blue is the nuclear input",
+    )
+    flow_threshold: float = Field(0.4, ge=0, description="cellpose: max flow error of a kept mask")
+    cellprob_threshold: float = Field(0.0, description="cellpose: logit above which a pixel is in a cell")
+    min_size: int = Field(15, ge=0, description="smallest mask kept, pixels at working scale")
+    batch_size: int = Field(8, ge=1, description="256-px tiles per forward pass")
+    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
 
 
 class SamRefineConfig(Section):
     """Segment Anything refinement of first-pass cells with box prompts (``segment.backend=cellpose+sam``)."""
 
-    weights: str | None = Field(None, description="SAM checkpoint file (vit_b/vit_l/vit_h)")
+    weights: str | None = Field(
+        None, description="SAM checkpoint file or folder; else $WEAKCELL_SAM_WEIGHTS, then /kaggle/input/*"
+    )
     model_type: str = Field("vit_b", description="vit_b | vit_l | vit_h, must match the checkpoint")
-    working_scale: float = Field(0.5, gt=0, le=1)
-    device: str = Field("auto")
+    working_scale: float = Field(
+        0.5, gt=0, le=1, description="fraction of full resolution SAM's masks are made at (0.5: 2048 -> 1024)"
+    )
+    min_iou: float = Field(
+        0.5, ge=0, le=1, description="keep the first-pass mask when SAM's mask overlaps it less (IoU) than this"
+    )
+    box_batch_size: int = Field(16, ge=1, description="box prompts decoded per batch (bounds memory)")
+    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
 
 
 class PostprocessConfig(Section):
