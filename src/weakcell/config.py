@@ -60,7 +60,10 @@ class SyntheticConfig(Section):
         default_factory=lambda: ["U-2 OS", "A-431", "HeLa", "CACO-2"],
         description="cell-line presets drawn per image (size, shape, density)",
     )
-    cells_per_image: tuple[int, int] = (8, 22)
+    cells_per_image: tuple[int, int] = Field(
+        (10, 28),
+        description="range of cells in a whole 2048-real-px field (scaled by cell-line density and area)",
+    )
     labels_per_image_mean: float = Field(
         1.64, ge=1.0, description="mean number of classes per image (real hpa2021: 1.64)"
     )
@@ -108,6 +111,9 @@ class ClassicalSegmentConfig(Section):
     nucleus_threshold_scale: float = Field(1.0, gt=0, description="multiplies the Otsu threshold of blue")
     nucleus_split_depth: float = Field(
         0.3, ge=0, description="split touching nuclei only at necks this deep (fraction of the radius)"
+    )
+    nucleus_intensity_weight: float = Field(
+        1.0, ge=0, description="split touching nuclei on intensity dips too: weight of brightness vs distance"
     )
     min_nucleus_area_fraction: float = Field(
         0.05, ge=0, description="blue objects under this fraction of a nucleus-sized disc are noise"
@@ -167,7 +173,10 @@ class SamRefineConfig(Section):
         0.5, gt=0, le=1, description="fraction of full resolution SAM's masks are made at (0.5: 2048 -> 1024)"
     )
     min_iou: float = Field(
-        0.5, ge=0, le=1, description="keep the first-pass mask when SAM's mask overlaps it less (IoU) than this"
+        0.5,
+        ge=0,
+        le=1,
+        description="keep the first-pass mask when SAM's mask overlaps it less (IoU) than this",
     )
     box_batch_size: int = Field(16, ge=1, description="box prompts decoded per batch (bounds memory)")
     device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
@@ -205,6 +214,9 @@ class CacheConfig(Section):
     on_error: Literal["raise", "skip"] = Field("skip", description="skip = report by ID in skipped.csv")
     shard_index: int = Field(0, ge=0, description="this machine's part when caching is split")
     num_shards: int = Field(1, ge=1, description="how many parts caching is split into")
+    shard_mb: float = Field(
+        256, gt=0, description="crops are flushed to a new shard file every this many MiB (bounds memory)"
+    )
 
 
 class Config(Section):
