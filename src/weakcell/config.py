@@ -103,12 +103,14 @@ class FoldsConfig(Section):
 class ClassicalSegmentConfig(Section):
     """The CPU default backend: nucleus seeds from blue, watershed of cell bodies over red/yellow/green."""
 
-    working_scale: float = Field(0.25, gt=0, le=1, description="segment at this fraction of full resolution")
+    working_scale: float = Field(
+        0.125, gt=0, le=1, description="segment at this fraction of full resolution (0.125: 2048 -> 256 px)"
+    )
     nucleus_diameter: float = Field(
         180.0, gt=0, description="typical nucleus diameter, pixels at full resolution (HPA 2048 px: 160-200)"
     )
     nucleus_smoothing: float = Field(0.03, ge=0, description="Gaussian sigma on blue, in nucleus diameters")
-    nucleus_threshold_scale: float = Field(1.0, gt=0, description="multiplies the Otsu threshold of blue")
+    nucleus_threshold_scale: float = Field(1.0, gt=0, description="multiplies the Otsu threshold of log blue")
     nucleus_split_depth: float = Field(
         0.3, ge=0, description="split touching nuclei only at necks this deep (fraction of the radius)"
     )
@@ -152,7 +154,7 @@ class CellposeSegmentConfig(Section):
     )
     working_scale: float = Field(0.25, gt=0, le=1, description="segment at this fraction of full resolution")
     cytoplasm_channels: list[Literal["red", "green", "yellow"]] = Field(
-        default_factory=lambda: ["red", "yellow"],
+        ["red", "yellow"],  # pydantic copies mutable defaults per instance
         description="averaged into the cell-body input; blue is the nuclear input",
     )
     flow_threshold: float = Field(0.4, ge=0, description="cellpose: max flow error of a kept mask")
@@ -187,7 +189,10 @@ class PostprocessConfig(Section):
 
     drop_cells_without_nucleus: bool = True
     drop_border_cells_with_small_nucleus: bool = Field(
-        True, description="drop border-touching cells whose nucleus is under half the median nucleus area"
+        False, description="drop border-touching cells whose nucleus is < border_nucleus_fraction x median"
+    )
+    border_nucleus_fraction: float = Field(
+        0.5, ge=0, description="a border cell's nucleus area under this fraction of the median is dropped"
     )
     fill_holes: bool = True
     min_cell_area: int = Field(0, ge=0, description="pixels at full resolution; 0 = no limit")
@@ -219,6 +224,83 @@ class CacheConfig(Section):
     )
 
 
+class ModelConfig(Section):
+    """Backbone + heads (``weakcell.models``). ``backbone`` is any timm model name, built with ``in_chans=4``
+    and no classifier; weights come from ``pretrained_file`` only (nothing is downloaded)."""
+
+    backbone: str = "resnet18"
+    pretrained_file: str | None = Field(
+        None,
+        description="local weights (file, or a folder holding one, e.g. a Kaggle dataset); a 3-channel "
+        "ImageNet checkpoint is adapted to the 4-channel stem; None = random init",
+    )
+    backbone_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1} or {img_size: 64} for a ViT",
+    )
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the heads (timm drop_rate)")
+    embedding_dim: int | None = Field(
+        None, ge=1, description="project backbone features to this size; None = keep"
+    )
+    # Masked cell crops are mostly black background, so ImageNet statistics do not fit them. Defaults:
+    # 101 masked 64-px crops of the 5 real 2021 training images in ../shared/data (HPA-Cell-Segmentation
+    # masks); refit them on a full cache for the best fit.
+    channel_mean: tuple[float, float, float, float] = Field(
+        (0.047, 0.022, 0.053, 0.045), description="R, G, B, Y mean of crops scaled to [0, 1]"
+    )
+    channel_std: tuple[float, float, float, float] = Field(
+        (0.095, 0.050, 0.137, 0.085), description="R, G, B, Y std of crops scaled to [0, 1]"
+    )
+
+
+class MilConfig(Section):
+    """Attention MIL head (Ilse et al. 2018, one attention map per class) over each image's cells."""
+
+    hidden: int = Field(128, ge=1, description="width of the attention network")
+    gated: bool = Field(False, description="gated attention (tanh * sigmoid) instead of plain tanh")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the attention network's hidden layer")
+    cells_per_bag: int = Field(16, ge=1, description="cells sampled per image when training end to end")
+    cell_loss_weight: float = Field(
+        0.5, ge=0, description="lambda of image BCE + lambda * cell BCE (cells inherit the image labels)"
+    )
+
+
+class TrainConfig(Section):
+    """The one training engine's settings, shared by every stage (``weakcell.engine.fit``)."""
+
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description="samples per optimizer step over all processes; each process runs "
+        "batch_size / (grad_accum x world size) per forward, so results do not depend on the hardware",
+    )
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate, reached after the warm-up")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW decay of weight matrices (not biases, norms)")
+    warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up, then cosine decay to 0")
+    grad_accum: int = Field(1, ge=1, description="forwards per optimizer step (a memory knob only)")
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; None = no clipping")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto",
+        description="auto = bf16 on CUDA that supports it, fp16 + GradScaler on older GPUs, off on CPU",
+    )
+    channels_last: bool = True
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="EMA decay, e.g. 0.999; validation and model.pt use the EMA; None = off"
+    )
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="optimizer steps between resumable checkpoints (and at each epoch end); 0 = epoch ends only",
+    )
+    loss: Literal["bce", "focal"] = "bce"
+    focal_gamma: float = Field(2.0, ge=0)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    folds: list[int] | None = Field(None, description="train only these folds; None = all")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    compile: bool = Field(False, description="torch.compile the model (CUDA only)")
+
+
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
@@ -231,6 +313,9 @@ class Config(Section):
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mil: MilConfig = Field(default_factory=MilConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,216 @@
+"""The CPU default segmentation backend: no weights, tens of milliseconds per 2048² image on one core.
+
+1. Downscale the four channels to ``working_scale`` (area averaging; 2048 -> 256 px at the default 0.125,
+   where an HPA nucleus is still ~22 px across).
+2. Nuclei (``segment_nuclei``): smooth the blue channel, Otsu threshold on LOG intensity (dim nuclei next to
+   bright ones survive), fill holes, then split only clearly touching nuclei. Markers are the domes of
+   (distance to background + a brightness term) that rise more than a large fraction of the nucleus
+   radius above the saddle to their neighbour, so HPA's big, lobed nuclei stay whole while pairs joined by
+   a deep neck or a dark seam split.
+3. Cells (``segment_cells``): foreground = Otsu on the LOG of the smoothed cytoplasm signal (weighted
+   red + yellow + green). Cytoplasm intensity spans two orders of magnitude between a cell's centre and its
+   thin edges, so a linear threshold cuts cells short; the log scale keeps the dim periphery. Cell bodies
+   grow from the nuclei by watershed over the inverted log intensity (dim valleys between cells become
+   borders), blended with the distance to the nearest nucleus so that flat regions split halfway.
+4. The post-processing rules run on the small labels, which then go back to full resolution by
+   nearest-neighbour upscaling (cell k still holds nucleus k).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.segmentation import watershed
+
+from weakcell.config import ClassicalSegmentConfig, SegmentConfig
+from weakcell.segment import Segmentation
+from weakcell.segment.postprocess import postprocess
+
+BLUE, RED, GREEN, YELLOW = 2, 0, 1, 3  # indices in the (4, H, W) image, CHANNELS order R, G, B, Y
+# Nucleus diameter (pixels) of the grid that markers are searched on; finer grids add cost, not accuracy.
+MARKER_DIAMETER = 24.0
+
+
+def _smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a float32 plane (sigma in pixels; 0 = unchanged)."""
+    return cv2.GaussianBlur(plane, (0, 0), sigma) if sigma > 0 else plane
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu threshold of a plane; a constant plane has none and returns its value (nothing above it)."""
+    low, high = float(values.min()), float(values.max())
+    return high if high <= low else float(threshold_otsu(values))
+
+
+def segment_nuclei(
+    plane: np.ndarray,
+    diameter: float,
+    smoothing: float = 0.03,
+    threshold_scale: float = 1.0,
+    split_depth: float = 0.3,
+    min_area_fraction: float = 0.05,
+    intensity_weight: float = 1.0,
+) -> np.ndarray:
+    """Instance labels ``(H, W)`` int32 (0 background, 1..n) of the nuclei in one nuclear-stain plane.
+
+    ``diameter`` is the typical nucleus diameter in pixels of ``plane``; every other knob is relative to it:
+    ``smoothing`` (Gaussian sigma / diameter), ``split_depth`` (how much deeper, as a fraction of the radius,
+    each distance-transform peak must be than the saddle to another one to become its own nucleus; larger =
+    fewer splits), ``min_area_fraction`` (objects under this fraction of a disc of ``diameter`` are noise),
+    ``intensity_weight`` (how many radii the brightness, 0 at the threshold to 1 at the local maximum, adds
+    to the distance transform: a dark seam between two touching nuclei then deepens their saddle).
+    ``threshold_scale`` multiplies the Otsu threshold of the log intensity. Any pixel type.
+    """
+    smoothed = np.log1p(_smooth(plane.astype(np.float32), smoothing * diameter))
+    threshold = _otsu(smoothed) * threshold_scale
+    foreground = smoothed > threshold
+    foreground = ndi.binary_fill_holes(foreground)
+    components, n_components = ndi.label(foreground)
+    if n_components == 0:
+        return np.zeros(plane.shape, dtype=np.int32)
+    min_area = min_area_fraction * np.pi * diameter**2 / 4
+    keep = np.bincount(components.ravel(), minlength=n_components + 1) >= min_area
+    keep[0] = False
+    foreground = keep[components]
+    # Distance to the background in pixels; touching nuclei show one peak each with a saddle at the neck.
+    distance = cv2.distanceTransform(foreground.view(np.uint8), cv2.DIST_L2, 5)
+    # Brightness relative to the brightest pixel within one diameter, so dim nuclei count as much as bright.
+    size = max(3, int(diameter) | 1)
+    local_max = cv2.dilate(smoothed, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    brightness = np.clip((smoothed - threshold) / np.maximum(local_max - threshold, 1e-6), 0, 1)
+    height = distance + intensity_weight * diameter / 2 * brightness
+    markers = _markers(height, foreground, split_depth * diameter / 2, diameter)
+    labels = watershed(-height, markers, mask=foreground)
+    # A component too small to hold any h-maximum is still one nucleus.
+    orphans, _ = ndi.label(foreground & (labels == 0))
+    labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    return _consecutive(labels)
+
+
+def _reconstruct(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Grey reconstruction by dilation of float32 ``seed`` under ``mask`` (seed <= mask), by repeated 3x3
+    geodesic dilation. It takes as many passes as the longest path a value floods along (about one nucleus
+    diameter in working pixels), each a fraction of a millisecond with cv2, which beats skimage's
+    sort-based version several times over at these sizes."""
+    kernel = np.ones((3, 3), np.uint8)
+    current = seed.astype(np.float32)
+    while True:
+        grown = np.minimum(cv2.dilate(current, kernel), mask)
+        if np.array_equal(grown, current):
+            return current
+        current = grown
+
+
+def _markers(height: np.ndarray, foreground: np.ndarray, depth: float, diameter: float) -> np.ndarray:
+    """Nucleus markers (``_deep_peaks``) found on a copy shrunk so that a nucleus is at most
+    ``MARKER_DIAMETER`` px across, then mapped back onto ``height``'s grid. Reconstruction needs about one
+    pass per pixel of nucleus diameter, each over the whole image, so at full detail its cost would grow
+    with the cube of the working scale; markers need no fine detail, only the watershed that follows."""
+    factor = MARKER_DIAMETER / diameter
+    if factor >= 1:
+        return _deep_peaks(height, foreground, depth)
+    shape = (max(1, round(height.shape[0] * factor)), max(1, round(height.shape[1] * factor)))
+    small_height = _resize(height, shape, cv2.INTER_AREA) * factor  # heights in small-grid pixels
+    # Height is > 0 exactly on the foreground; area averaging keeps every foreground pixel's trace, so the
+    # shrunk foreground never breaks a nucleus into pieces that would each get a marker.
+    small_markers = _deep_peaks(small_height, small_height > 0, depth * factor)
+    return np.where(foreground, _resize(small_markers, height.shape, cv2.INTER_NEAREST), 0)
+
+
+def _deep_peaks(height: np.ndarray, foreground: np.ndarray, depth: float) -> np.ndarray:
+    """Marker labels: one per dome of ``height`` that rises at least ``depth`` above its saddles.
+
+    The domes are ``height - reconstruction(height - depth, height)``, connected by construction; peaks
+    joined by a saddle shallower than ``depth`` share one dome. Domes lower than ``depth`` are side bumps
+    of a bigger one and are dropped (their pixels are flooded from the neighbour). Labelling whole domes,
+    not the maximal pixels, matters: round-off ripples on the flat top of a round nucleus would otherwise
+    become separate maxima and cut it like a pie.
+    """
+    dome = height - _reconstruct(height - depth, height)
+    markers, n_markers = ndi.label(foreground & (dome > 1e-3))
+    if n_markers == 0:
+        return markers
+    tops = ndi.maximum(dome, markers, np.arange(1, n_markers + 1))
+    keep = np.concatenate([[False], tops >= depth - 1e-3])
+    return np.where(keep[markers], markers, 0)
+
+
+def _consecutive(labels: np.ndarray) -> np.ndarray:
+    """Relabel present labels to 1..n in increasing order (0 stays 0), int32."""
+    present = np.flatnonzero(np.bincount(labels.ravel()))
+    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
+    present = present[present > 0]
+    lut[present] = np.arange(1, present.size + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def cytoplasm_signal(image: np.ndarray, cfg: ClassicalSegmentConfig) -> np.ndarray:
+    """``(H, W)`` float32 weighted sum of the red, yellow and green planes of a ``(4, H, W)`` image."""
+    signal = np.zeros(image.shape[1:], dtype=np.float32)
+    for index, weight in ((RED, cfg.red_weight), (YELLOW, cfg.yellow_weight), (GREEN, cfg.green_weight)):
+        if weight:
+            signal += weight * image[index].astype(np.float32)
+    return signal
+
+
+def segment_cells(
+    image: np.ndarray, nuclei: np.ndarray, cfg: ClassicalSegmentConfig, diameter: float
+) -> np.ndarray:
+    """Cell labels ``(H, W)`` int32 grown from ``nuclei`` (cell k holds nucleus k) over a ``(4, H, W)``
+    image at working resolution; ``diameter`` is the nucleus diameter in working pixels."""
+    signal = np.log1p(_smooth(cytoplasm_signal(image, cfg), cfg.cell_smoothing * diameter))
+    # Holes of the foreground are dim cytoplasm inside or between cells: flood them too, which also leaves
+    # no enclosed background for the full-resolution hole filling to examine.
+    foreground = ndi.binary_fill_holes((signal > _otsu(signal) * cfg.cell_threshold_scale) | (nuclei > 0))
+    # Elevation: bright cytoplasm is low, dim valleys between cells high; the distance to the nearest
+    # nucleus (in nucleus diameters) breaks ties where the cytoplasm is flat.
+    scale = max(float(signal.max()), 1e-6)
+    distance = cv2.distanceTransform((nuclei == 0).view(np.uint8), cv2.DIST_L2, 5) / diameter
+    elevation = cfg.distance_weight * distance - signal / scale
+    return watershed(elevation, nuclei, mask=foreground).astype(np.int32)
+
+
+def _resize(plane: np.ndarray, shape: tuple[int, int], interpolation: int) -> np.ndarray:
+    return cv2.resize(plane, (shape[1], shape[0]), interpolation=interpolation)
+
+
+def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
+    """Segment one ``(4, H, W)`` uint8 image into cells and nuclei at full resolution (see module doc)."""
+    if image.ndim != 3 or image.shape[0] != 4:
+        raise ValueError(f"expected a (4, H, W) image, got shape {image.shape}")
+    params = cfg.classical
+    full_shape = image.shape[1:]
+    scale = params.working_scale
+    work_shape = (max(1, round(full_shape[0] * scale)), max(1, round(full_shape[1] * scale)))
+    small = (
+        np.stack([_resize(plane, work_shape, cv2.INTER_AREA) for plane in image])
+        if work_shape != full_shape
+        else image
+    )
+    diameter = params.nucleus_diameter * scale  # working pixels
+    nuclei = segment_nuclei(
+        small[BLUE],
+        diameter,
+        smoothing=params.nucleus_smoothing,
+        threshold_scale=params.nucleus_threshold_scale,
+        split_depth=params.nucleus_split_depth,
+        min_area_fraction=params.min_nucleus_area_fraction,
+        intensity_weight=params.nucleus_intensity_weight,
+    )
+    cells = segment_cells(small, nuclei, params, diameter)
+    # Post-process at working scale (min area in working pixels) so that dropped cells are relabelled on
+    # the small image; the rules then find nothing to change at full resolution and skip their relabelling.
+    rules = cfg.postprocess.model_copy(
+        update={"min_cell_area": int(cfg.postprocess.min_cell_area * scale**2)}
+    )
+    small_seg = postprocess(Segmentation(cells=cells, nuclei=nuclei), rules)
+    if work_shape == full_shape:
+        return small_seg
+    # Watershed keeps every marker pixel, so nucleus k lies inside cell k at working scale; nearest-
+    # neighbour upscaling samples both on the same grid and keeps that true at full resolution.
+    return Segmentation(
+        cells=_resize(small_seg.cells, full_shape, cv2.INTER_NEAREST),
+        nuclei=_resize(small_seg.nuclei, full_shape, cv2.INTER_NEAREST),
+    )

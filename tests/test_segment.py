@@ -1,0 +1,220 @@
+"""Classical segmentation backend, post-processing rules and instance-matching metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from weakcell.config import PostprocessConfig, SegmentConfig
+from weakcell.segment import Segmentation, segment_image
+from weakcell.segment.classical import segment, segment_nuclei
+from weakcell.segment.metrics import match_at_thresholds, match_instances
+from weakcell.segment.postprocess import fill_holes, postprocess
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NUCLEUS_RADIUS, CELL_RADIUS = 12, 28  # pixels of the hand-drawn test images
+CENTRES = [(50, 50), (50, 170), (170, 60), (160, 180)]
+
+
+def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    """Boolean disc of ``radius`` pixels around ``centre`` (row, col)."""
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def cells_image(centres=CENTRES, size: int = 224) -> np.ndarray:
+    """``(4, size, size)`` uint8: a blue nucleus and a red/yellow/green cell body around every centre."""
+    image = np.zeros((4, size, size), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for centre in centres:
+        body = disc((size, size), centre, CELL_RADIUS)
+        image[0][body] = 120  # red
+        image[3][body] = 90  # yellow
+        image[1][body] = 40  # green
+        image[2][disc((size, size), centre, NUCLEUS_RADIUS)] = 200  # blue
+    noise = rng.integers(0, 6, image.shape, dtype=np.uint8)
+    return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def small_config(**classical) -> SegmentConfig:
+    """Config for the hand-drawn images: nucleus diameter of the drawing, working scale 0.5."""
+    return SegmentConfig(
+        classical={"nucleus_diameter": 2 * NUCLEUS_RADIUS, "working_scale": 0.5, **classical}
+    )
+
+
+# -- classical backend ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("working_scale", [0.5, 1.0])
+def test_classical_finds_every_cell_at_full_resolution(working_scale):
+    image = cells_image()
+    seg = segment(image, small_config(working_scale=working_scale))
+    assert seg.cells.dtype == np.int32 and seg.nuclei.dtype == np.int32
+    assert seg.cells.shape == seg.nuclei.shape == image.shape[1:]
+    assert seg.n_cells == len(CENTRES)
+    assert sorted(np.unique(seg.cells)) == list(range(len(CENTRES) + 1))
+    for centre in CENTRES:  # each drawn cell is one predicted cell, its nucleus labelled like it
+        label = seg.cells[centre]
+        assert label > 0 and seg.nuclei[centre] == label
+        assert (
+            match_instances(seg.cells == label, disc(image.shape[1:], centre, CELL_RADIUS))["mean_iou"] > 0.8
+        )
+
+
+def test_classical_nuclei_lie_inside_their_cells():
+    seg = segment_image(cells_image(), small_config())
+    inside = seg.nuclei > 0
+    assert inside.any()
+    np.testing.assert_array_equal(seg.nuclei[inside], seg.cells[inside])
+    assert set(np.unique(seg.nuclei)) == set(np.unique(seg.cells))
+
+
+def test_classical_black_image_has_no_cells():
+    seg = segment_image(np.zeros((4, 128, 160), dtype=np.uint8), small_config())
+    assert seg.n_cells == 0 and seg.cells.shape == (128, 160) and not seg.nuclei.any()
+
+
+def test_classical_rejects_wrong_shape():
+    with pytest.raises(ValueError, match=r"\(4, H, W\)"):
+        segment(np.zeros((3, 32, 32), dtype=np.uint8), small_config())
+
+
+def test_nuclei_split_touching_pair_but_not_one_lobed_nucleus():
+    shape = (128, 160)
+    # Two overlapping nuclei of radius 16: the neck is ~8 px shallower than the peaks (half a radius).
+    pair = (disc(shape, (64, 58), 16) | disc(shape, (64, 86), 16)).astype(np.uint8) * 180
+    # One kidney-shaped nucleus: neck only ~1.5 px below the peak.
+    lobed = (disc(shape, (64, 70), 22) | disc(shape, (64, 86), 22)).astype(np.uint8) * 180
+    assert segment_nuclei(pair, diameter=32, split_depth=0.3).max() == 2
+    assert segment_nuclei(lobed, diameter=32, split_depth=0.3).max() == 1
+    assert segment_nuclei(pair, diameter=32, split_depth=1.0).max() == 1  # deeper than the neck: kept whole
+
+
+# -- post-processing ----------------------------------------------------------------------------------------
+
+RULES_OFF = PostprocessConfig(
+    drop_cells_without_nucleus=False, drop_border_cells_with_small_nucleus=False, fill_holes=False
+)
+
+
+def test_fill_holes_fills_enclosed_background_of_one_cell_only():
+    cells = np.zeros((40, 60), dtype=np.int32)
+    cells[5:25, 5:25] = 1
+    cells[10:15, 10:15] = 0  # a hole inside cell 1
+    cells[5:25, 30:40] = 2
+    cells[5:25, 42:52] = 3
+    cells[5:8, 40:42] = 2
+    cells[22:25, 40:42] = 3
+    cells[10:15, 40:42] = 0  # a gap enclosed by cells 2 and 3: stays background
+    filled = fill_holes(cells)
+    assert (filled[10:15, 10:15] == 1).all()
+    assert (filled[10:15, 40:42] == 0).all()
+    assert (postprocess(Segmentation(cells, cells * 0), RULES_OFF).cells[10:15, 10:15] == 0).all()
+
+
+def test_drop_cells_without_nucleus_and_relabel_consistently():
+    cells = np.zeros((30, 30), dtype=np.int32)
+    nuclei = np.zeros_like(cells)
+    cells[2:10, 2:10], nuclei[4:6, 4:6] = 3, 3
+    cells[12:20, 2:10] = 5  # no nucleus
+    cells[12:20, 12:20], nuclei[14:16, 14:16] = 7, 7
+    result = postprocess(
+        Segmentation(cells, nuclei), RULES_OFF.model_copy(update={"drop_cells_without_nucleus": True})
+    )
+    assert result.n_cells == 2
+    assert result.cells[5, 5] == 1 and result.cells[15, 15] == 2 and result.cells[15, 5] == 0
+    assert result.nuclei[5, 5] == 1 and result.nuclei[15, 15] == 2
+    kept = postprocess(Segmentation(cells, nuclei), RULES_OFF)
+    assert kept.n_cells == 3 and kept.cells[15, 5] == 2 and kept.nuclei[15, 15] == 3
+
+
+def test_drop_border_cells_with_small_nucleus():
+    cells = np.zeros((60, 60), dtype=np.int32)
+    nuclei = np.zeros_like(cells)
+    for label, (row, col) in enumerate([(15, 15), (15, 40), (40, 15)], start=1):  # interior, 6x6 nuclei
+        cells[row - 8 : row + 8, col - 8 : col + 8] = label
+        nuclei[row - 3 : row + 3, col - 3 : col + 3] = label
+    cells[45:60, 45:60], nuclei[57:60, 57:60] = 4, 4  # on the border, nucleus 9 px < half of 36
+    cells[0:8, 50:60], nuclei[0:5, 54:60] = 5, 5  # on the border, nucleus 30 px >= half of 36
+    rule = RULES_OFF.model_copy(update={"drop_border_cells_with_small_nucleus": True})
+    result = postprocess(Segmentation(cells, nuclei), rule)
+    assert result.n_cells == 4 and result.cells[50, 50] == 0 and result.cells[2, 55] == 4
+    twice = postprocess(result, rule)  # idempotent: the interior median does not move
+    np.testing.assert_array_equal(twice.cells, result.cells)
+    assert postprocess(Segmentation(cells, nuclei), RULES_OFF).n_cells == 5
+
+
+def test_min_cell_area():
+    cells = np.zeros((30, 30), dtype=np.int32)
+    cells[0:10, 0:10] = 1  # 100 px
+    cells[20:24, 20:24] = 2  # 16 px
+    result = postprocess(
+        Segmentation(cells, cells.copy()), RULES_OFF.model_copy(update={"min_cell_area": 50})
+    )
+    assert result.n_cells == 1 and not result.cells[20:24, 20:24].any()
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+
+
+def test_identical_masks_score_one():
+    labels = segment_image(cells_image(), small_config()).cells
+    result = match_instances(labels, labels, 0.5)
+    assert result["f1"] == 1.0 and result["mean_iou"] == pytest.approx(1.0)
+    assert result["tp"] == len(CENTRES) and result["fp"] == result["fn"] == 0
+
+
+def test_iou_just_under_and_over_threshold_changes_tp():
+    true = np.zeros((10, 100), dtype=np.int32)
+    true[:, :50] = 1  # 500 px
+    pred = np.zeros_like(true)
+    pred[:, :30] = 1  # IoU 300 / 500 = 0.6 exactly
+    assert match_instances(pred, true, 0.6)["tp"] == 1
+    pred[:, 29] = 0  # IoU 290 / 500 = 0.58
+    result = match_instances(pred, true, 0.6)
+    assert result["tp"] == 0 and result["fp"] == 1 and result["fn"] == 1 and result["f1"] == 0.0
+    assert [r["tp"] for r in match_at_thresholds(pred, true, (0.5, 0.6))] == [1, 0]
+
+
+def test_one_to_one_matching_and_empty_masks():
+    true = np.zeros((10, 40), dtype=np.int32)
+    true[:, :20], true[:, 20:] = 1, 2
+    pred = np.zeros_like(true)
+    pred[:, 5:35] = 4  # overlaps both halves at IoU 0.375 each: at most one match at a low threshold
+    assert match_instances(pred, true, 0.3)["tp"] == 1
+    empty = np.zeros_like(true)
+    assert match_instances(empty, true)["fn"] == 2 and match_instances(empty, true)["f1"] == 0.0
+    assert match_instances(pred, empty)["fp"] == 1 and match_instances(pred, empty)["recall"] == 0.0
+    assert match_instances(empty, empty)["f1"] == 1.0
+
+
+# -- real data -------------------------------------------------------------------------------------------
+
+
+def test_classical_on_real_hpa_image_matches_reference():
+    folder = SHARED / "hpa2021"
+    image_id = "f0ac7116-bb99-11e8-b2b9-ac1f6b6435d0"  # the densest of the five, 46 reference cells
+    if not (folder / "train" / f"{image_id}_blue.png").is_file():
+        pytest.skip(f"real HPA data not found in {folder} (a fresh clone has no ../shared)")
+    from weakcell.data.images import read_image
+
+    # The whole field of view shrunk to 512² rather than a 512² crop: HPA cells are ~300 px across at
+    # 2048², so a crop holds almost no whole cell and its score would measure the crop, not the method.
+    image = np.stack(
+        [
+            cv2.resize(p, (512, 512), interpolation=cv2.INTER_AREA)
+            for p in read_image(folder / "train", image_id)
+        ]
+    )
+    reference = cv2.imread(
+        str(folder / "hpacellseg_masks" / f"{image_id}_predictedmask.png"), cv2.IMREAD_UNCHANGED
+    )
+    reference = cv2.resize(reference, (512, 512), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    defaults = SegmentConfig().classical
+    cfg = SegmentConfig(classical={"nucleus_diameter": defaults.nucleus_diameter / 4, "working_scale": 0.5})
+    result = match_instances(segment_image(image, cfg).cells, reference, 0.5)
+    assert result["f1"] >= 0.75, result
