@@ -1,0 +1,145 @@
+"""One backbone factory for every timm model name: 4 input channels, no classifier, weights from a local
+file or folder only (Kaggle kernels have no internet).
+
+A 3-channel ImageNet checkpoint is adapted to the 4-channel stem the way timm adapts ``in_chans`` itself
+(``timm.models.adapt_input_conv``: the RGB filters repeated over the new channels, scaled by 3/4). The stem
+is found by shape, not by name: the one checkpoint conv whose input dimension differs from the model's
+while the model's equals ``in_chans``. That needs no table of stem names per architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from weakcell.weights import WeightsError, load_state_dict
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def create_backbone(
+    name: str,
+    in_chans: int = 4,
+    pretrained_file: str | os.PathLike[str] | None = None,
+    drop_rate: float = 0.0,
+    **timm_kwargs: object,
+) -> nn.Module:
+    """A timm model that maps (B, in_chans, S, S) to globally pooled features (B, D).
+
+    ``name`` is any ``timm.list_models()`` name (a pretrained tag such as ``resnet18.a1_in1k`` is allowed);
+    ``timm_kwargs`` go to ``timm.create_model`` (``drop_path_rate``, ``img_size`` for a ViT, ...).
+    ``pretrained_file`` is a weights file or a folder holding one (see ``resolve_weights_file``); None =
+    random init. Nothing is ever downloaded. ``feature_dim(model)`` gives D.
+    """
+    model = timm.create_model(
+        name, pretrained=False, num_classes=0, in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs
+    )
+    if pretrained_file is not None:
+        load_backbone_weights(model, resolve_weights_file(pretrained_file, name), in_chans)
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    """D of the pooled features a ``num_classes=0`` timm model returns. Models with a pre-logits layer
+    (MobileNetV3's conv head) return ``head_hidden_size`` features, all others ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def resolve_weights_file(path: str | os.PathLike[str], backbone: str) -> Path:
+    """The weights file named by ``path``: a file as is; in a folder, ``{backbone}{suffix}`` (with or
+    without the pretrained tag), else the folder's only weights file (a Hugging Face layout holding
+    ``model.safetensors`` beside ``pytorch_model.bin`` gives the safetensors one)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"backbone weights not found: model.pretrained_file={path} does not exist")
+    for stem in dict.fromkeys([backbone, backbone.split(".")[0]]):
+        for suffix in WEIGHT_SUFFIXES:
+            if (path / f"{stem}{suffix}").is_file():
+                return path / f"{stem}{suffix}"
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    if len(files) > 1 and len(safetensors) == 1:
+        files = safetensors
+    if len(files) == 1:
+        return files[0]
+    found = ", ".join(p.name for p in files) or "no weights file"
+    raise FileNotFoundError(
+        f"backbone weights folder {path} holds {found}; name the file in model.pretrained_file or call it "
+        f"{backbone}.safetensors"
+    )
+
+
+def _is_stem(source: torch.Tensor, target: torch.Tensor, in_chans: int) -> bool:
+    """True for a conv weight (O, I, k, k) that only differs from the model's in I, the model's I being
+    the image channels: the input stem of a checkpoint trained on another channel count."""
+    return (
+        source.ndim == 4
+        and target.ndim == 4
+        and target.shape[1] == in_chans
+        and source.shape[1] != in_chans
+        and source.shape[:1] + source.shape[2:] == target.shape[:1] + target.shape[2:]
+    )
+
+
+def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> None:
+    """Load ``path`` into ``model``: adapt the input stem to ``in_chans``, drop the checkpoint's
+    classifier, fail on any shape that does not fit, log missing and unexpected keys in one line."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+    dropped = [key for key in state if key.startswith(prefixes) and key not in own]
+    state = {key: value for key, value in state.items() if key not in dropped}
+
+    adapted = []
+    for key, value in state.items():
+        if key in own and _is_stem(value, own[key], in_chans):
+            try:
+                state[key] = adapt_input_conv(in_chans, value, base_chans=value.shape[1])
+            except NotImplementedError as err:
+                raise WeightsError(
+                    f"{path}: cannot adapt the stem {key} {tuple(value.shape)} to {in_chans} channels: {err}"
+                ) from err
+            adapted.append(f"{key} {value.shape[1]}->{in_chans}")
+
+    misfits = [
+        f"{key} {tuple(value.shape)} in the file vs {tuple(own[key].shape)} in the model"
+        for key, value in state.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    matched = [key for key in state if key in own]
+    architecture = model.pretrained_cfg.get("architecture", type(model).__name__)
+    if misfits or not matched:
+        detail = f"{len(misfits)} tensors differ in shape, e.g. {'; '.join(misfits[:3])}"
+        raise WeightsError(
+            f"{path} does not fit backbone {architecture!r} (in_chans={in_chans}): "
+            f"{detail if misfits else 'no parameter name in common'}. "
+            f"Is it a checkpoint of another architecture? Set model.backbone to the one it was trained with."
+        )
+
+    result = model.load_state_dict(state, strict=False)
+    level = logging.WARNING if result.missing_keys or result.unexpected_keys else logging.INFO
+    log.log(
+        level,
+        "loaded %s into %s: %d tensors; stem adapted: %s; classifier dropped: %d; missing %d %s; "
+        "unexpected %d %s",
+        path,
+        architecture,
+        len(matched),
+        ", ".join(adapted) or "none",
+        len(dropped),
+        len(result.missing_keys),
+        result.missing_keys[:5],
+        len(result.unexpected_keys),
+        result.unexpected_keys[:5],
+    )
