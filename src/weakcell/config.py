@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -83,10 +83,22 @@ class SyntheticConfig(Section):
     blur: float = Field(1.0, ge=0.0, description="multiplies the optical blur (PSF) sigma; 0 = sharp")
     illumination: float = Field(1.0, ge=0.0, description="multiplies uneven-illumination amplitude")
     mitotic_fraction: float = Field(
-        0.04, ge=0.0, le=1.0, description="cells in mitosis without spindle label"
+        0.04,
+        ge=0.0,
+        le=1.0,
+        description="fraction of cells in mitosis; they carry the spindle label only where the image shows it",
     )
     seed: int = 2021
     workers: int = Field(0, ge=0, description="processes; 0 = one per core")
+
+    @field_validator("cells_per_image", "expressing_fraction", "intensity_range")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        low, high = value
+        upper = 1.0 if info.field_name == "expressing_fraction" else float("inf")
+        if not 0 <= low <= high <= upper:
+            raise ValueError(f"expected [low, high] with 0 <= low <= high{' <= 1' if upper == 1.0 else ''}")
+        return value
 
 
 class FoldsConfig(Section):
@@ -116,6 +128,13 @@ class ClassicalSegmentConfig(Section):
     )
     nucleus_intensity_weight: float = Field(
         1.0, ge=0, description="split touching nuclei on intensity dips too: weight of brightness vs distance"
+    )
+    nucleus_local_contrast: float = Field(
+        0.4,
+        ge=0,
+        lt=1,
+        description="a nucleus pixel must also rise this fraction of the way from the background to the "
+        "brightest blue within one radius (0 = log-Otsu threshold only)",
     )
     min_nucleus_area_fraction: float = Field(
         0.05, ge=0, description="blue objects under this fraction of a nucleus-sized disc are noise"
@@ -263,6 +282,9 @@ class MilConfig(Section):
     cell_loss_weight: float = Field(
         0.5, ge=0, description="lambda of image BCE + lambda * cell BCE (cells inherit the image labels)"
     )
+    epochs: int = Field(30, ge=1, description="epochs of the MIL head on frozen embeddings (seconds on CPU)")
+    batch_size: int = Field(16, ge=1, description="images (bags) per optimizer step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of the MIL head")
 
 
 class TrainConfig(Section):
@@ -297,6 +319,10 @@ class TrainConfig(Section):
     focal_gamma: float = Field(2.0, ge=0)
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     folds: list[int] | None = Field(None, description="train only these folds; None = all")
+    targets: Literal["inherit", "truth"] = Field(
+        "inherit",
+        description="cell targets: the image's labels (weak), or the true cell labels (oracle, synthetic)",
+    )
     device: str = Field("auto", description="auto | cpu | cuda")
     compile: bool = Field(False, description="torch.compile the model (CUDA only)")
 
