@@ -16,7 +16,8 @@ TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal
 export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
-.PHONY: help install demo data preview folds folds-hpa2021 test test-all lint clean
+.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train \
+	bench-synthetic bench-cache bench-train test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -29,7 +30,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
 
-demo: data preview folds ## the main job on the embedded synthetic benchmark, as far as the kit reaches
+demo: data preview folds cache train ## the main job on the embedded synthetic benchmark, as far as the kit reaches
 
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)
@@ -42,6 +43,25 @@ folds: $(STAMP) ## multilabel-stratified K folds -> folds/<dataset>.csv
 
 folds-hpa2021: $(STAMP) ## rebuild the committed folds/hpa2021.csv from ../shared/data/hpa2021/train.csv
 	$(WEAKCELL) folds configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 $(OVERRIDES)
+
+cache: $(STAMP) ## segment every image, cache cell crops -> cache/<dataset>/<backend>/ (--shard-index/--num-shards via ARGS)
+	$(WEAKCELL) cache $(CONFIG) $(OVERRIDES)
+
+cache-merge: $(STAMP) ## join the part indexes of a cache built in --num-shards parts
+	$(WEAKCELL) cache-merge $(CONFIG) $(OVERRIDES)
+
+preview-cells: $(STAMP) ## outlines on synthetic and real images, a grid of crops -> reports/preview_cells.png
+	$(WEAKCELL) preview-cells $(CONFIG) $(OVERRIDES)
+
+train: $(STAMP) ## K folds: cell model on weak labels -> attention MIL -> OOF predictions in runs/<name>/
+	$(WEAKCELL) train $(CONFIG) $(OVERRIDES)
+
+bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
+	$(PY) benchmarks/bench_synthetic.py
+
+bench-cache: $(STAMP) ## segmentation quality/speed and crop-reading throughput -> benchmarks/segmentation.md, cache.md
+	$(PY) benchmarks/bench_segment.py
+	$(PY) benchmarks/bench_cache.py
 
 lint: $(STAMP) ## ruff + mypy on the core
 	$(PY) -m ruff check src tests

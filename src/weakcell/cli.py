@@ -32,6 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
     "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
+    "train": ("weakcell.train:run", "K folds: cell model (weak labels) -> attention MIL -> OOF predictions"),
 }
 
 

@@ -1,0 +1,142 @@
+"""Read a finished cell cache: the cells and images tables, crops from memmapped shards, instance masks.
+
+Layout of a cache folder (written by ``weakcell.cache.build``)::
+
+    config.yaml                     the resolved config that built it
+    cells.parquet                   one row per cell (see CELLS_COLUMNS); row i = crop i of ``crops``
+    images.parquet                  one row per image, including images with no cell and skipped ones
+    skipped.csv                     image_id, split, reason of every skipped image
+    masks/{ID}_cells.png            instance labels at full resolution, 8- or 16-bit (0 = background)
+    masks/{ID}_nuclei.png           the nucleus of cell k labelled k
+    shards/partPPP-SSSSS.npy        (n, 4, S, S) uint8 crops, R, G, B, Y
+    shards/partPPP-SSSSS.*.parquet  the shard's own cells / images index (written after the .npy)
+    parts/partPPP-of-NNN.json       a finished part of a split run (``cache.num_shards``)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import yaml
+
+from weakcell.segment import Segmentation
+
+CELLS_FILE = "cells.parquet"
+IMAGES_FILE = "images.parquet"
+SKIPPED_FILE = "skipped.csv"
+MASKS_DIR = "masks"
+SHARDS_DIR = "shards"
+PARTS_DIR = "parts"
+
+CELLS_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "cell_id",
+    "split",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "area",
+    "nucleus_area",
+    "touches_border",
+    "shard",
+    "row",
+)
+IMAGES_COLUMNS: tuple[str, ...] = ("image_id", "split", "width", "height", "n_cells", "status", "reason")
+
+
+def mask_paths(folder: str | os.PathLike[str], image_id: str) -> tuple[Path, Path]:
+    """``(cells, nuclei)`` mask files of ``image_id`` inside the cache ``folder``."""
+    masks = Path(folder) / MASKS_DIR
+    return masks / f"{image_id}_cells.png", masks / f"{image_id}_nuclei.png"
+
+
+def read_masks(folder: str | os.PathLike[str], image_id: str) -> Segmentation:
+    """The full-resolution instance masks of one cached image as int32 ``(H, W)`` arrays."""
+    planes = []
+    for path in mask_paths(folder, image_id):
+        plane = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if plane is None:
+            raise FileNotFoundError(f"mask {path} is missing or unreadable; rebuild the cache (FORCE=1)")
+        planes.append(plane.astype(np.int32))
+    return Segmentation(cells=planes[0], nuclei=planes[1])
+
+
+def _configured_crop_size(folder: Path) -> int:
+    """Crop size from the cache's saved config: a cache without a single cell has no shard to ask."""
+    settings = yaml.safe_load((folder / "config.yaml").read_text())
+    return int(settings["cache"]["crop_size"])
+
+
+class CellCache:
+    """A finished cache folder. ``cells`` row i is crop i; ``crops(indices)`` reads a batch of them.
+
+    Shards are opened as read-only memmaps on first use, so a reader costs no memory up front and the
+    OS page cache is shared between DataLoader workers. Pickling (DataLoader workers under spawn) drops
+    the open memmaps; each process reopens its own.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        cells_path, images_path = self.folder / CELLS_FILE, self.folder / IMAGES_FILE
+        if not cells_path.is_file() or not images_path.is_file():
+            raise FileNotFoundError(
+                f"no finished cell cache in {self.folder} (missing {CELLS_FILE} or {IMAGES_FILE}); "
+                "run `weakcell cache` (or `weakcell cache-merge` after split runs)"
+            )
+        self.cells = pd.read_parquet(cells_path)
+        self.images = pd.read_parquet(images_path)
+        shard_codes, self.shard_files = pd.factorize(self.cells["shard"], sort=True)
+        self._shard_of = shard_codes.astype(np.int64)  # (N,) which shard holds crop i
+        self._row_of = self.cells["row"].to_numpy(np.int64)  # (N,) its row inside that shard
+        self._shards: dict[int, np.ndarray] = {}
+        self.crop_size = (
+            int(self._open(0).shape[-1]) if len(self.cells) else _configured_crop_size(self.folder)
+        )
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+    def _open(self, code: int) -> np.ndarray:
+        shard = self._shards.get(code)
+        if shard is None:
+            shard = np.load(self.folder / SHARDS_DIR / self.shard_files[code], mmap_mode="r")
+            self._shards[code] = shard
+        return shard
+
+    def crops(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Crops of cells ``indices`` (positions in ``cells``) as ``(B, 4, S, S)`` uint8, in the order asked.
+
+        One fancy-indexed read per shard touched. A batch from a single shard is returned as read: a
+        second copy into a fresh buffer costs more than the read itself (page faults of the new buffer).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"cell index out of range 0..{len(self) - 1}")
+        shards, rows = self._shard_of[indices], self._row_of[indices]
+        touched = np.unique(shards)
+        if len(touched) == 1:
+            return self._open(int(touched[0]))[rows]
+        out = np.empty((len(indices), 4, self.crop_size, self.crop_size), dtype=np.uint8)
+        for code in touched:
+            members = np.flatnonzero(shards == code)
+            out[members] = self._open(int(code))[rows[members]]
+        return out
+
+    def masks(self, image_id: str) -> Segmentation:
+        """Full-resolution cell and nucleus masks of ``image_id``."""
+        return read_masks(self.folder, image_id)
+
+    def bags(self) -> dict[str, np.ndarray]:
+        """Image ID -> positions in ``cells`` of its cells (its MIL bag), in cell_id order. Images without
+        cells have no bag; ``images`` still lists them."""
+        return {str(k): v for k, v in self.cells.groupby("image_id", sort=False).indices.items()}
