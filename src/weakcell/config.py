@@ -282,7 +282,13 @@ class MilConfig(Section):
     cell_loss_weight: float = Field(
         0.5, ge=0, description="lambda of image BCE + lambda * cell BCE (cells inherit the image labels)"
     )
-    epochs: int = Field(30, ge=1, description="epochs of the MIL head on frozen embeddings (seconds on CPU)")
+    mode: Literal["frozen", "end_to_end"] = Field(
+        "frozen",
+        description="train the MIL head on frozen stage-1 embeddings, or end to end with the backbone",
+    )
+    epochs: int = Field(
+        30, ge=1, description="stage-2 epochs (frozen: seconds on CPU; end_to_end: like stage 1)"
+    )
     batch_size: int = Field(16, ge=1, description="images (bags) per optimizer step")
     lr: float = Field(2e-3, gt=0, description="peak learning rate of the MIL head")
 

@@ -1,0 +1,173 @@
+"""``make data``: write the synthetic benchmark in the hpa2021 layout plus ``truth/``.
+
+Layout under ``cfg.data_dir``::
+
+    train/{ID}_{red,green,blue,yellow}.png   train.csv (ID,Label)     sample_submission.csv
+    test/{ID}_{...}.png                       truth/{ID}_cells.png, truth/{ID}_nuclei.png (uint16)
+    truth/cells.csv (image_id,cell_id,split,Label,cell_line,mitotic,area)   truth/test.csv (ID,Label)
+    config.yaml (the resolved config)         COMPLETE (written last)   .weakcell-synthetic (first)
+
+A folder whose ``COMPLETE`` marker exists and whose ``config.yaml`` holds the same synthetic settings is
+trusted and skipped; anything else is regenerated from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from weakcell.config import Config, SyntheticConfig, save_config
+from weakcell.constants import EMPTY_MASK_RLE
+from weakcell.data.images import write_channel, write_image
+from weakcell.data.labels import format_labels
+from weakcell.synthetic.generate import generate_image, image_seed
+from weakcell.synthetic.truth import SPEC, TRUTH
+
+MARKER = "COMPLETE"  # written last: its presence means the set is whole
+# Bump when the generator's output changes for the same config, so old sets are regenerated.
+GENERATOR_VERSION = "1"
+OWNER = ".weakcell-synthetic"  # written first: the folder is ours to clear and regenerate
+# Settings that change how fast the set is made, not what it holds.
+RUNTIME_KEYS = ("workers",)
+
+
+def _content_settings(synthetic: SyntheticConfig | dict[str, Any]) -> dict[str, Any]:
+    values = synthetic.model_dump(mode="json") if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
+    return {key: value for key, value in values.items() if key not in RUNTIME_KEYS}
+
+
+def is_complete(data_dir: Path, synthetic: SyntheticConfig) -> bool:
+    """Whether ``data_dir`` holds a finished set made with the same synthetic settings."""
+    saved, marker = data_dir / "config.yaml", data_dir / MARKER
+    if not marker.is_file() or not saved.is_file() or marker.read_text().strip() != _marker_text():
+        return False
+    stored = (yaml.safe_load(saved.read_text()) or {}).get("synthetic", {})
+    return _content_settings(stored) == _content_settings(synthetic)
+
+
+def _claim(data_dir: Path) -> None:
+    """Mark ``data_dir`` as a synthetic set before anything in it is deleted; refuse a folder that holds
+    other files and was never ours (a mistyped ``data.dir`` must not wipe real images)."""
+    owner = data_dir / OWNER
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not owner.is_file():
+        raise ValueError(
+            f"{data_dir} holds files that the synthetic writer did not make (no {OWNER}); "
+            "point data.dir at an empty or synthetic folder"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    owner.write_text("made by weakcell.synthetic.writer; the folder may be regenerated\n")
+
+
+def _marker_text() -> str:
+    return f"synthetic set complete, generator version {GENERATOR_VERSION}"
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Atomic CSV write: temp file, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def make_one(task: tuple[SyntheticConfig, str, int, str]) -> dict[str, Any]:
+    """Generate and write image ``index`` of ``split``; returns its label row and its cells' rows."""
+    synthetic, split, index, data_dir = task
+    sample = generate_image(synthetic, image_seed(synthetic.seed, split, index))
+    root = Path(data_dir)
+    write_image(root / split, sample.image_id, sample.image)
+    write_channel(root / TRUTH / f"{sample.image_id}_cells.png", sample.cells)
+    write_channel(root / TRUTH / f"{sample.image_id}_nuclei.png", sample.nuclei)
+    areas = np.bincount(sample.cells.ravel(), minlength=len(sample.cell_labels) + 1)  # px per cell id
+    cells = [
+        {
+            "image_id": sample.image_id,
+            "cell_id": cell_id,
+            "split": split,
+            "Label": format_labels(labels, SPEC.label_sep),
+            "cell_line": sample.cell_line,
+            "mitotic": sample.mitotic[cell_id],
+            "area": int(areas[cell_id]),
+        }
+        for cell_id, labels in sample.cell_labels.items()
+    ]
+    return {
+        "split": split,
+        "ID": sample.image_id,
+        "Label": format_labels(sample.image_labels, SPEC.label_sep),
+        "size": sample.image.shape[-1],
+        "cells": cells,
+    }
+
+
+def _n_workers(requested: int, n_tasks: int) -> int:
+    return max(1, min(requested or os.cpu_count() or 1, n_tasks))
+
+
+def run(cfg: Config) -> Path:
+    """Write the benchmark into ``cfg.data_dir`` unless an identical complete set is there (``force``
+    regenerates). Prints one summary line; returns the folder."""
+    if cfg.data.dataset != SPEC.name:
+        raise ValueError(
+            f"`weakcell data` generates the synthetic set only; data.dataset={cfg.data.dataset} is read as-is "
+            f"from {cfg.data_dir} (run with data.dataset=synthetic, e.g. configs/demo.yaml)"
+        )
+    data_dir = cfg.data_dir
+    synthetic = cfg.synthetic
+    if not cfg.force and is_complete(data_dir, synthetic):
+        print(
+            f"synthetic set in {data_dir} is complete and matches the config; skipping (force=true redoes it)"
+        )
+        return data_dir
+    _claim(data_dir)
+    # Nothing in the folder is trusted from here on: drop the marker first, then the old set.
+    (data_dir / MARKER).unlink(missing_ok=True)
+    for folder in (SPEC.train_dir, SPEC.test_dir, TRUTH):
+        shutil.rmtree(data_dir / folder, ignore_errors=True)
+    for folder in (SPEC.train_dir, SPEC.test_dir, TRUTH):
+        (data_dir / folder).mkdir(parents=True, exist_ok=True)
+
+    tasks = [
+        (synthetic, split, index, str(data_dir))
+        for split, n in (("train", synthetic.n_train), ("test", synthetic.n_test))
+        for index in range(n)
+    ]
+    workers = _n_workers(synthetic.workers, len(tasks))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        chunksize = max(1, len(tasks) // (8 * workers))
+        results = pool.map(make_one, tasks, chunksize=chunksize) if pool else map(make_one, tasks)
+        rows = list(tqdm(results, total=len(tasks), desc="synthetic", unit="img", leave=False))
+
+    images = pd.DataFrame([{k: v for k, v in row.items() if k != "cells"} for row in rows])
+    train, test = (images[images["split"] == split] for split in ("train", "test"))
+    _write_csv(train[["ID", "Label"]], data_dir / SPEC.label_file)
+    _write_csv(test[["ID", "Label"]], data_dir / TRUTH / "test.csv")
+    submission = pd.DataFrame(
+        {
+            "ID": test["ID"],
+            "ImageWidth": test["size"],
+            "ImageHeight": test["size"],
+            "PredictionString": f"0 1 {EMPTY_MASK_RLE}",
+        }
+    )
+    _write_csv(submission, data_dir / SPEC.sample_submission)
+    cells = pd.DataFrame([cell for row in rows for cell in row["cells"]])
+    _write_csv(cells, data_dir / TRUTH / "cells.csv")
+    save_config(cfg, data_dir)
+    (data_dir / MARKER).write_text(_marker_text() + "\n")
+    seconds = time.perf_counter() - start
+    print(
+        f"synthetic: {len(images)} images ({len(train)} train, {len(test)} test), {len(cells)} cells in "
+        f"{seconds:.1f} s ({len(images) / seconds:.1f} images/s, {workers} workers) -> {data_dir}"
+    )
+    return data_dir
