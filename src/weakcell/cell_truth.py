@@ -1,0 +1,103 @@
+"""Cell-level quality on the synthetic set, where every true cell has its own labels.
+
+Segmented cells (the cache's) are matched one-to-one to true cells (``truth/{ID}_cells.png``) at
+IoU >= 0.5; a matched cell is scored against its true cell's labels, an unmatched segmented cell is a
+negative for every class, and a true cell that no segmented cell matches is a positive that can never be
+retrieved (it lowers AP as it lowers recall in the competition metric).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+from weakcell.data.labels import to_multi_hot
+from weakcell.metrics import per_class_ap
+
+MATCH_IOU = 0.5
+
+
+def label_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every present pred label with every present true label: ``(pred_ids, true_ids, iou)``
+    with ``iou`` of shape ``(len(pred_ids), len(true_ids))``."""
+    if pred.shape != true.shape:
+        raise ValueError(f"masks differ in shape: {pred.shape} vs {true.shape}")
+    pred_ids, pred_flat = np.unique(pred.ravel(), return_inverse=True)
+    true_ids, true_flat = np.unique(true.ravel(), return_inverse=True)
+    counts = np.bincount(pred_flat * len(true_ids) + true_flat, minlength=len(pred_ids) * len(true_ids))
+    counts = counts.reshape(len(pred_ids), len(true_ids))
+    union = counts.sum(1)[:, None] + counts.sum(0)[None, :] - counts
+    iou = counts / np.maximum(union, 1)
+    keep_pred, keep_true = pred_ids != 0, true_ids != 0  # drop background
+    return pred_ids[keep_pred], true_ids[keep_true], iou[np.ix_(keep_pred, keep_true)]
+
+
+def match_cells(pred: np.ndarray, true: np.ndarray, min_iou: float = MATCH_IOU) -> pd.DataFrame:
+    """One-to-one matches ``cell_id, true_cell_id, iou`` (pred cells without a match are left out)."""
+    pred_ids, true_ids, iou = label_iou(pred, true)
+    if not (len(pred_ids) and len(true_ids)):
+        return pd.DataFrame({"cell_id": [], "true_cell_id": [], "iou": []})
+    rows, cols = linear_sum_assignment(np.where(iou >= min_iou, iou, 0.0), maximize=True)
+    keep = iou[rows, cols] >= min_iou
+    return pd.DataFrame(
+        {
+            "cell_id": pred_ids[rows[keep]],
+            "true_cell_id": true_ids[cols[keep]],
+            "iou": iou[rows[keep], cols[keep]],
+        }
+    )
+
+
+def read_true_mask(data_dir: str | os.PathLike[str], image_id: str) -> np.ndarray:
+    path = Path(data_dir) / "truth" / f"{image_id}_cells.png"
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise FileNotFoundError(f"true mask {path} is missing or unreadable; regenerate with `make data`")
+    return mask.astype(np.int32)
+
+
+def cell_truth_table(cache_masks, data_dir: str | os.PathLike[str], image_ids: list[str]) -> pd.DataFrame:
+    """Matches of every listed image: ``image_id, cell_id, true_cell_id, iou``.
+
+    cache_masks: ``image_id -> Segmentation`` (``CellCache.masks``)."""
+    tables = [
+        match_cells(cache_masks(image_id).cells, read_true_mask(data_dir, image_id)).assign(image_id=image_id)
+        for image_id in image_ids
+    ]
+    if not tables:
+        return pd.DataFrame(columns=["image_id", "cell_id", "true_cell_id", "iou"])
+    table = pd.concat(tables, ignore_index=True)
+    return table[["image_id", "cell_id", "true_cell_id", "iou"]].astype(
+        {"cell_id": np.int64, "true_cell_id": np.int64}
+    )
+
+
+def cell_level_ap(
+    predictions: pd.DataFrame, score_columns: list[str], matches: pd.DataFrame, truth: pd.DataFrame
+) -> np.ndarray:
+    """Per-class AP of cell scores against the true cells of the images in ``predictions``.
+
+    predictions: ``image_id, cell_id`` + one score column per class (in class order).
+    matches: ``cell_truth_table`` rows; truth: ``image_id, cell_id, labels`` of the true cells.
+    """
+    n_classes = len(score_columns)
+    images = set(predictions["image_id"])
+    true_cells = truth[truth["image_id"].isin(images)]
+    true_hot = to_multi_hot(true_cells["labels"].tolist(), n_classes)
+    true_key = pd.MultiIndex.from_arrays([true_cells["image_id"], true_cells["cell_id"].astype(np.int64)])
+    scored = predictions.merge(matches, on=["image_id", "cell_id"], how="left")
+    y_true = np.zeros((len(scored), n_classes), dtype=np.uint8)
+    matched = scored["true_cell_id"].notna().to_numpy()
+    keys = pd.MultiIndex.from_arrays(
+        [scored["image_id"][matched], scored["true_cell_id"][matched].astype(np.int64)]
+    )
+    y_true[matched] = true_hot[true_key.get_indexer(keys)]
+    found = np.zeros(len(true_cells), dtype=bool)
+    found[true_key.get_indexer(keys)] = True
+    n_missed = true_hot[~found].sum(0)
+    return per_class_ap(y_true, scored[score_columns].to_numpy(np.float64), n_missed)

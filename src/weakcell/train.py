@@ -1,0 +1,507 @@
+"""``make train``: K-fold weak supervision on the cell-crop cache, out-of-fold predictions per fold.
+
+For every fold k (images of fold k held out):
+
+1. stage 1, the cell model: a timm backbone on single-cell crops, every cell inheriting its image's labels
+   (``train.targets=inherit``; ``truth`` trains on the synthetic set's true cell labels: the oracle);
+2. embeddings and probabilities of every training-split cell from that fold's model;
+3. stage 2, attention MIL (Ilse et al. 2018) over each image's cells, trained on the frozen embeddings of
+   the other folds' images;
+4. out-of-fold predictions of the held-out images: ``fold<k>/oof_image.parquet`` and
+   ``fold<k>/oof_cell.parquet``, concatenated into ``runs/<run>/oof_*.parquet`` (every image once).
+
+Both stages train through the one engine (``weakcell.engine.fit``); only the model and the data differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
+from weakcell.cache.store import CellCache
+from weakcell.cell_truth import cell_level_ap, cell_truth_table
+from weakcell.config import Config, TrainConfig, save_config
+from weakcell.constants import NEGATIVE
+from weakcell.data.datasets import DatasetSpec, get_dataset
+from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.engine import fit, predict
+from weakcell.folds import read_folds
+from weakcell.metrics import macro_f1, mean_average_precision
+from weakcell.models import create_model
+from weakcell.weights import load_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def prob_columns(n_classes: int, prefix: str = "p_") -> list[str]:
+    return [f"{prefix}{c}" for c in range(n_classes)]
+
+
+# -- what training reads ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSet:
+    """The training split of a cache joined with image labels and folds.
+
+    cells: the cache's cell rows of the training split (index = row in ``cache.cells``), plus ``fold``.
+    images: one row per training image (with or without cells): ``image_id, fold, labels``.
+    cell_targets: (len(cache.cells), C) float32 targets of every cache row (0 for other splits).
+    """
+
+    spec: DatasetSpec
+    cache: CellCache
+    cells: pd.DataFrame
+    images: pd.DataFrame
+    cell_targets: np.ndarray
+    truth: pd.DataFrame | None  # synthetic only: true cells (image_id, cell_id, labels)
+    matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
+
+    @property
+    def n_classes(self) -> int:
+        return self.spec.n_classes
+
+    @property
+    def image_targets(self) -> np.ndarray:
+        return to_multi_hot(self.images["labels"].tolist(), self.n_classes).astype(np.float32)
+
+    def bags(self, image_ids: list[str]) -> list[np.ndarray]:
+        """Cache rows of each image's cells (empty for an image without cells)."""
+        by_image = self.cells.groupby("image_id", sort=False).indices
+        positions = self.cells.index.to_numpy()
+        return [positions[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
+
+
+def load_training_set(cfg: Config) -> TrainingSet:
+    """Join the cache, the label file and the folds file; every cached training image must have both."""
+    spec = get_dataset(cfg.data.dataset)
+    labels = read_label_file(cfg.data_dir / spec.label_file, spec)
+    if not cfg.folds_file.is_file():
+        raise FileNotFoundError(f"no folds file {cfg.folds_file}; run `make folds` first")
+    folds = read_folds(cfg.folds_file)
+    cache = CellCache(cfg.cache_dir)
+    images = cache.images[cache.images["split"] == "train"][["image_id"]]
+    images = images.merge(labels.rename(columns={"ID": "image_id"})[["image_id", "labels"]], how="left")
+    images = images.merge(folds.rename(columns={"ID": "image_id"}), how="left")
+    missing = images[images["labels"].isna() | images["fold"].isna()]["image_id"].tolist()
+    if missing:
+        raise ValueError(
+            f"{len(missing)} cached training images lack labels or a fold (e.g. {missing[:3]}); "
+            f"rebuild the folds (make folds FORCE=1) or the cache (make cache FORCE=1)"
+        )
+    images = images.astype({"fold": np.int64}).reset_index(drop=True)
+    cells = cache.cells[cache.cells["split"] == "train"].copy()
+    cells["fold"] = cells["image_id"].map(dict(zip(images["image_id"], images["fold"])))
+
+    truth = matches = None
+    if spec.has_truth:
+        from weakcell.synthetic.truth import read_truth
+
+        truth = read_truth(cfg.data_dir)
+        matches = cell_truth_table(cache.masks, cfg.data_dir, images["image_id"].tolist())
+
+    targets = np.zeros((len(cache.cells), spec.n_classes), dtype=np.float32)
+    if cfg.train.targets == "inherit":
+        image_hot = dict(zip(images["image_id"], to_multi_hot(images["labels"].tolist(), spec.n_classes)))
+        targets[cells.index] = np.stack([image_hot[i] for i in cells["image_id"]]) if len(cells) else 0
+    else:  # the oracle: each segmented cell learns its matched true cell's labels, unmatched ones Negative
+        if truth is None or matches is None:
+            raise ValueError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
+        own = truth.merge(matches, left_on=["image_id", "cell_id"], right_on=["image_id", "true_cell_id"])
+        own = own.rename(columns={"cell_id_y": "cell_id"})[["image_id", "cell_id", "labels"]]
+        row_of = pd.Series(
+            cells.index, index=pd.MultiIndex.from_arrays([cells["image_id"], cells["cell_id"]])
+        )
+        targets[cells.index, NEGATIVE] = 1.0
+        rows = row_of.reindex(pd.MultiIndex.from_arrays([own["image_id"], own["cell_id"]])).to_numpy()
+        targets[rows] = to_multi_hot(own["labels"].tolist(), spec.n_classes)
+    return TrainingSet(spec, cache, cells, images, targets, truth, matches)
+
+
+# -- datasets -----------------------------------------------------------------------------------------
+
+
+class LabelledCrops(CellCrops):
+    """Cell crops with their (inherited or pseudo) targets, read a batch at a time."""
+
+    def __init__(
+        self, cache: CellCache, indices: np.ndarray, targets: np.ndarray, augment: CropAugment | None
+    ):
+        super().__init__(cache, indices, augment)
+        self.targets = targets  # (len(cache.cells), C): looked up by the rows a batch ends up holding
+
+    def __getitems__(self, positions):
+        batch = super().__getitems__(positions)
+        batch["targets"] = torch.from_numpy(self.targets[batch["index"].numpy()])
+        return batch
+
+
+class EmbeddingBags(Dataset):
+    """One MIL bag per image: its cells' frozen embeddings, padded to ``n_max`` cells with a mask."""
+
+    def __init__(self, embeddings: np.ndarray, bags: list[np.ndarray], targets: np.ndarray, n_max: int):
+        self.embeddings, self.bags, self.targets, self.n_max = embeddings, bags, targets, max(n_max, 1)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        rows = self.bags[position][: self.n_max]
+        bag = np.zeros((self.n_max, self.embeddings.shape[1]), dtype=np.float32)  # (N, D)
+        bag[: len(rows)] = self.embeddings[rows]
+        mask = np.zeros(self.n_max, dtype=bool)
+        mask[: len(rows)] = True
+        return {
+            "bags": torch.from_numpy(bag),
+            "mask": torch.from_numpy(mask),
+            "targets": torch.from_numpy(self.targets[position]),
+            "bag": torch.tensor(position),
+        }
+
+
+class CropBags(Dataset):
+    """One bag of cell crops per image for end-to-end MIL: ``k`` cells sampled per visit when training
+    (``augment`` given), the first ``k`` in cell order otherwise; padded with a mask."""
+
+    def __init__(
+        self,
+        cache: CellCache,
+        bags: list[np.ndarray],
+        targets: np.ndarray,
+        k: int,
+        augment: CropAugment | None,
+    ):
+        self.cache, self.bags, self.targets, self.k, self.augment = cache, bags, targets, max(k, 1), augment
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        rows = self.bags[position]
+        if self.augment is not None and len(rows) > self.k:
+            # torch's RNG is seeded per process/worker and checkpointed by the engine: resume stays exact
+            rows = np.sort(rows[torch.randperm(len(rows))[: self.k].numpy()])
+        rows = rows[: self.k]
+        size = self.cache.crop_size
+        crops = torch.zeros((self.k, 4, size, size), dtype=torch.uint8)  # (K, 4, S, S)
+        if len(rows):
+            chosen = self.cache.crops(rows)
+            crops[: len(rows)] = (
+                augment_batch_(chosen, self.augment) if self.augment else torch.from_numpy(chosen)
+            )
+        mask = torch.zeros(self.k, dtype=torch.bool)
+        mask[: len(rows)] = True
+        return {
+            "crops": crops,
+            "mask": mask,
+            "targets": torch.from_numpy(self.targets[position]),
+            "bag": torch.tensor(position),
+        }
+
+
+# -- scoring callbacks --------------------------------------------------------------------------------
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def max_pool_images(cells: pd.DataFrame, probs: np.ndarray, image_ids: list[str]) -> np.ndarray:
+    """Image scores as the max of their cells' probabilities ((n_images, C); 0 for images without cells)."""
+    table = pd.DataFrame(probs).groupby(cells["image_id"].to_numpy()).max()
+    return table.reindex(image_ids).fillna(0.0).to_numpy()
+
+
+def image_metrics(y_true: np.ndarray, probs: np.ndarray, prefix: str = "") -> dict[str, float]:
+    return {
+        f"{prefix}image_map": mean_average_precision(y_true, probs),
+        f"{prefix}f1_at_05": macro_f1(y_true, probs >= 0.5),
+    }
+
+
+# -- one fold -----------------------------------------------------------------------------------------
+
+
+def stage_config(train: TrainConfig, **changes: object) -> TrainConfig:
+    return train.model_copy(update=changes)
+
+
+@dataclass
+class BagSplit:
+    """The images of one fold split as MIL bags: cache rows of each image's cells and image targets."""
+
+    train: list[np.ndarray]
+    train_targets: np.ndarray  # (n_train_images, C)
+    val: list[np.ndarray]
+    val_targets: np.ndarray  # (n_val_images, C)
+
+    @property
+    def n_max(self) -> int:
+        return max((len(b) for b in self.train + self.val), default=1)
+
+
+def mil_on_embeddings(
+    cfg: Config, data: TrainingSet, bags: BagSplit, embeddings: np.ndarray, fold_dir: Path
+) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """Stage 2 on frozen stage-1 embeddings: fast, the MIL head alone learns (seconds on CPU)."""
+    model = create_model("mil", cfg, data.n_classes, in_dim=embeddings.shape[1])
+    return (
+        model,
+        EmbeddingBags(embeddings, bags.train, bags.train_targets, bags.n_max),
+        EmbeddingBags(embeddings, bags.val, bags.val_targets, bags.n_max),
+    )
+
+
+def mil_end_to_end(
+    cfg: Config, data: TrainingSet, bags: BagSplit, embeddings: np.ndarray, fold_dir: Path
+) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """Stage 2 end to end (the 2021 2nd place "dual head"): ``mil.cells_per_bag`` sampled crops per image
+    through the backbone, loss = image BCE + lambda * cell BCE; the backbone starts from stage 1."""
+    model = create_model("dual", cfg, data.n_classes)
+    stage1 = load_state_dict(fold_dir / "cell" / "model.pt")
+    model.load_state_dict(stage1, strict=False)  # the shared encoder.* weights; the MIL head starts fresh
+    augment = CropAugment(symmetries=True, intensity=0.2)
+    return (
+        model,
+        CropBags(data.cache, bags.train, bags.train_targets, cfg.mil.cells_per_bag, augment),
+        CropBags(data.cache, bags.val, bags.val_targets, bags.n_max, None),  # every cell of a val image
+    )
+
+
+# mil.mode -> how stage 2 builds its model and data; both train through the same engine.
+STAGE2 = {"frozen": mil_on_embeddings, "end_to_end": mil_end_to_end}
+
+
+def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both stages on the other folds; out-of-fold image and cell predictions of fold ``fold``."""
+    fold_dir = run_dir / f"fold{fold}"
+    oof_image_path, oof_cell_path = fold_dir / "oof_image.parquet", fold_dir / "oof_cell.parquet"
+    if oof_image_path.is_file() and oof_cell_path.is_file() and not cfg.force:
+        print(f"train: fold {fold} is finished in {fold_dir}, skipping (FORCE=1 redoes it)")
+        return pd.read_parquet(oof_image_path), pd.read_parquet(oof_cell_path)
+    n_classes, config_dict = data.n_classes, cfg.model_dump(mode="json")
+    train_cells = data.cells.index[data.cells["fold"] != fold].to_numpy()
+    val_cells = data.cells.index[data.cells["fold"] == fold].to_numpy()
+    val_table = data.cache.cells.loc[val_cells]
+
+    # -- stage 1: cells learn from their (inherited) labels
+    torch.manual_seed(cfg.seed + fold)
+    cell_model = create_model("cell", cfg, n_classes)
+    val_images = data.images[data.images["fold"] == fold]
+    val_image_ids = val_images["image_id"].tolist()
+    val_image_targets = to_multi_hot(val_images["labels"].tolist(), n_classes)
+
+    def score_cells(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        order = pd.Index(outputs["index"]).get_indexer(val_cells)  # back to val_cells order
+        probs = _sigmoid(outputs["logits"])[order]
+        scores = image_metrics(val_image_targets, max_pool_images(val_table, probs, val_image_ids), "max_")
+        if data.truth is not None:
+            table = val_table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
+            scores["cell_map"] = float(
+                np.nanmean(cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth))
+            )
+        return scores
+
+    augment = CropAugment(symmetries=True, intensity=0.2)
+    fit(
+        cell_model,
+        LabelledCrops(data.cache, train_cells, data.cell_targets, augment),
+        LabelledCrops(data.cache, val_cells, data.cell_targets, None),
+        cfg.train,
+        fold_dir / "cell",
+        seed=cfg.seed + fold,
+        evaluate=score_cells,
+        batch_keys=("index",),
+        config=config_dict,
+        force=cfg.force,
+    )
+    cell_model.load_state_dict(load_state_dict(fold_dir / "cell" / "model.pt"))
+
+    # -- embeddings + probabilities of every training-split cell from this fold's model
+    every_cell = data.cells.index.to_numpy()
+    outputs = predict(
+        cell_model,
+        LabelledCrops(data.cache, every_cell, data.cell_targets, None),
+        cfg.train,
+        batch_keys=("index",),
+    )
+    embeddings = np.zeros((len(data.cache.cells), outputs["embeddings"].shape[1]), dtype=np.float32)
+    embeddings[outputs["index"]] = outputs["embeddings"]
+    cell_probs = np.zeros((len(data.cache.cells), n_classes), dtype=np.float64)
+    cell_probs[outputs["index"]] = _sigmoid(outputs["logits"])
+
+    # -- stage 2: attention MIL over each image's cells (frozen embeddings or end to end)
+    train_images = data.images[data.images["fold"] != fold]
+    bags = BagSplit(
+        train=data.bags(train_images["image_id"].tolist()),
+        train_targets=to_multi_hot(train_images["labels"].tolist(), n_classes).astype(np.float32),
+        val=data.bags(val_image_ids),
+        val_targets=val_image_targets.astype(np.float32),
+    )
+    mil_train = stage_config(
+        cfg.train,
+        epochs=cfg.mil.epochs,
+        batch_size=min(cfg.mil.batch_size, len(bags.train)),  # tiny sets still make one batch
+        lr=cfg.mil.lr,
+        ema=None,
+    )
+
+    def score_images(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        probs = np.zeros((len(bags.val), n_classes))
+        probs[outputs["bag"]] = _sigmoid(outputs["logits"])
+        return image_metrics(val_image_targets, probs)
+
+    torch.manual_seed(cfg.seed + fold)
+    model, train_bag_data, val_bag_data = STAGE2[cfg.mil.mode](cfg, data, bags, embeddings, fold_dir)
+    fit(
+        model,
+        train_bag_data,
+        val_bag_data,
+        mil_train,
+        fold_dir / "mil",
+        seed=cfg.seed + fold,
+        evaluate=score_images,
+        batch_keys=("bag",),
+        config=config_dict,
+        force=cfg.force,
+    )
+    model.load_state_dict(load_state_dict(fold_dir / "mil" / "model.pt"))
+    mil_out = predict(model, val_bag_data, mil_train, batch_keys=("bag",))
+    val_bags = bags.val
+
+    # -- out-of-fold tables, keyed by ID (never by row position)
+    order = np.argsort(mil_out["bag"])
+    image_probs = _sigmoid(mil_out["logits"][order])  # (n_val_images, C)
+    oof_image = pd.DataFrame(image_probs, columns=prob_columns(n_classes)).assign(
+        image_id=val_image_ids, fold=fold
+    )
+    oof_image = oof_image[["image_id", *prob_columns(n_classes), "fold"]]
+    instance_probs = _sigmoid(mil_out["instance_logits"][order])  # (n_val_images, N, C)
+    attention = mil_out["attention"][order]  # (n_val_images, C, N)
+    pieces = []
+    for position, rows in enumerate(val_bags):
+        n = len(rows)
+        if n == 0:
+            continue
+        cell_rows = data.cache.cells.loc[rows, ["image_id", "cell_id"]].reset_index(drop=True)
+        # attention x n cells: 1 = the cell gets an average share of its image's attention for that class
+        relative = attention[position, :, :n].T * n  # (n, C)
+        pieces.append(
+            pd.concat(
+                [
+                    cell_rows,
+                    pd.DataFrame(cell_probs[rows], columns=prob_columns(n_classes)),
+                    pd.DataFrame(instance_probs[position, :n], columns=prob_columns(n_classes, "mil_p_")),
+                    pd.DataFrame(relative, columns=prob_columns(n_classes, "att_")),
+                ],
+                axis=1,
+            ).assign(attention=relative.max(axis=1), fold=fold)
+        )
+    oof_cell = (
+        pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=["image_id", "cell_id"])
+    )
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    _write_parquet(oof_cell, oof_cell_path)
+    _write_parquet(oof_image, oof_image_path)
+    return oof_image, oof_cell
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+# -- scoring the out-of-fold predictions ----------------------------------------------------------------
+
+
+def cell_score_variants(
+    oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int
+) -> dict[str, pd.DataFrame]:
+    """The ways a cell's class score can be formed from the OOF outputs (each a p_* table)."""
+    p, q, a = (oof_cell[prob_columns(n_classes, prefix)].to_numpy() for prefix in ("p_", "mil_p_", "att_"))
+    image = oof_image.set_index("image_id").loc[oof_cell["image_id"], prob_columns(n_classes)].to_numpy()
+    variants = {
+        "stage1": p,
+        "mil_instance": q,
+        "mil_attention": image * np.clip(a, 0, 1),
+        "stage1_x_image": p * image,
+    }
+    keys = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
+    return {
+        name: keys.assign(**dict(zip(prob_columns(n_classes), scores.T))) for name, scores in variants.items()
+    }
+
+
+def score_oof(data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame) -> dict[str, float]:
+    """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)."""
+    n_classes = data.n_classes
+    images = data.images.set_index("image_id").loc[oof_image["image_id"]]
+    y_true = to_multi_hot(images["labels"].tolist(), n_classes)
+    probs = oof_image[prob_columns(n_classes)].to_numpy()
+    metrics = image_metrics(y_true, probs)
+    max_pooled = max_pool_images(
+        oof_cell, oof_cell[prob_columns(n_classes)].to_numpy(), oof_image["image_id"].tolist()
+    )
+    metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
+    if data.truth is not None and data.matches is not None:
+        for name, table in cell_score_variants(oof_cell, oof_image, n_classes).items():
+            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth)
+            metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
+    return metrics
+
+
+# -- the stage ----------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Train every fold (or ``train.folds``), write OOF predictions and ``metrics.json`` into the run."""
+    start = time.perf_counter()
+    run_dir = cfg.path(cfg.paths.runs) / cfg.name
+    save_config(cfg, run_dir)
+    (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git_commit": git_commit()}, indent=2))
+    data = load_training_set(cfg)
+    folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
+    results = [train_fold(cfg, data, fold, run_dir) for fold in folds]
+    oof_image = pd.concat([r[0] for r in results], ignore_index=True)
+    oof_cell = pd.concat([r[1] for r in results], ignore_index=True)
+    if oof_image["image_id"].duplicated().any():
+        raise AssertionError("an image is out of fold in two folds: the folds file is inconsistent")
+    _write_parquet(oof_image, run_dir / "oof_image.parquet")
+    _write_parquet(oof_cell, run_dir / "oof_cell.parquet")
+    metrics = score_oof(data, oof_image, oof_cell)
+    metrics.update(
+        folds=len(folds), images=len(oof_image), cells=len(oof_cell), seconds=time.perf_counter() - start
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "map" in k or "f1" in k)
+    print(
+        f"train: {len(folds)} folds, {len(oof_image)} images, {len(oof_cell)} cells out of fold; {summary}; "
+        f"{metrics['seconds']:.0f} s -> {run_dir}"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    from weakcell.cli import stage_main
+
+    raise SystemExit(stage_main(run))

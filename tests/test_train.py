@@ -1,0 +1,104 @@
+"""The training stage end to end on a tiny synthetic set: data -> folds -> cache -> train, checking the
+contracts later stages rely on (OOF tables keyed by ID, every image out of fold once, cells of one image in
+one fold, scores computed against the per-cell truth)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from weakcell import folds as folds_stage
+from weakcell import train as train_stage
+from weakcell.cache import build as cache_stage
+from weakcell.cell_truth import label_iou, match_cells
+from weakcell.config import load_config
+from weakcell.synthetic import writer as data_stage
+
+TINY = [
+    "synthetic.n_train=9",
+    "synthetic.n_test=0",
+    "synthetic.image_size=256",
+    "synthetic.cell_scale=0.15",
+    "synthetic.cells_per_image=[3,6]",
+    "synthetic.workers=1",
+    "folds.n_splits=3",
+    "cache.crop_size=32",
+    "cache.workers=1",
+    "cache.splits=[train]",
+    "segment.classical.nucleus_diameter=27",
+    "segment.classical.working_scale=0.5",
+    "model.backbone=test_resnet",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.checkpoint_every=0",
+    "mil.epochs=2",
+    "mil.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(None, [f"paths.root={root}", *TINY])
+    data_stage.run(cfg)
+    folds_stage.run(cfg)
+    cache_stage.run(cfg)
+    metrics = train_stage.run(cfg)
+    return cfg, metrics
+
+
+def test_oof_covers_every_image_once(tiny_run):
+    cfg, metrics = tiny_run
+    run_dir = cfg.path(cfg.paths.runs) / cfg.name
+    oof_image = pd.read_parquet(run_dir / "oof_image.parquet")
+    oof_cell = pd.read_parquet(run_dir / "oof_cell.parquet")
+    train_ids = pd.read_csv(cfg.data_dir / "train.csv")["ID"]
+    assert sorted(oof_image["image_id"]) == sorted(train_ids)
+    folds = pd.read_csv(cfg.folds_file).set_index("ID")["fold"]
+    # each image's prediction comes from the fold that held it out, and its cells carry the same fold
+    assert (oof_image["fold"].to_numpy() == folds.loc[oof_image["image_id"]].to_numpy()).all()
+    assert (oof_cell.groupby("image_id")["fold"].nunique() == 1).all()
+    assert not oof_cell.duplicated(["image_id", "cell_id"]).any()
+    probs = oof_image.filter(like="p_").to_numpy()
+    assert probs.shape[1] == 19 and np.isfinite(probs).all() and ((probs >= 0) & (probs <= 1)).all()
+    # attention x n cells averages to 1 over an image's cells, for every class
+    att = oof_cell.groupby("image_id")[[f"att_{c}" for c in range(19)]].mean()
+    np.testing.assert_allclose(att.to_numpy(), 1.0, atol=1e-4)
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written["images"] == len(train_ids)
+    assert 0 <= written["cell_map_stage1"] <= 1 and 0 <= written["image_map"] <= 1
+    assert metrics["folds"] == 3
+
+
+def test_rerun_skips_finished_folds(tiny_run, capsys):
+    cfg, metrics = tiny_run
+    again = train_stage.run(cfg)
+    assert "skipping" in capsys.readouterr().out
+    assert again["cell_map_stage1"] == pytest.approx(metrics["cell_map_stage1"])
+
+
+def test_oracle_targets_come_from_truth(tiny_run):
+    cfg, _ = tiny_run
+    oracle = cfg.model_copy(update={"train": cfg.train.model_copy(update={"targets": "truth"})})
+    data = train_stage.load_training_set(oracle)
+    weak = train_stage.load_training_set(cfg)
+    rows = data.cells.index
+    # inherited targets are a superset of the truth for matched cells, and differ somewhere
+    assert (data.cell_targets[rows] <= weak.cell_targets[rows] + (np.arange(19) == 18)).all()
+    assert not np.array_equal(data.cell_targets[rows], weak.cell_targets[rows])
+
+
+def test_match_cells_one_to_one():
+    true = np.zeros((10, 10), np.int32)
+    true[:5, :5], true[5:, 5:] = 1, 2
+    pred = np.zeros_like(true)
+    pred[:5, :4] = 7  # IoU 0.8 with true cell 1
+    pred[5:, 5:7] = 9  # IoU 0.4 with true cell 2: no match
+    matches = match_cells(pred, true)
+    assert matches[["cell_id", "true_cell_id"]].values.tolist() == [[7, 1]]
+    ids_pred, ids_true, iou = label_iou(pred, true)
+    assert ids_pred.tolist() == [7, 9] and ids_true.tolist() == [1, 2]
+    assert iou[0, 0] == pytest.approx(0.8) and iou[1, 1] == pytest.approx(0.4)
