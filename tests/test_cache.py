@@ -4,6 +4,7 @@ training loader."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ import torch
 from scipy import ndimage
 
 import weakcell.cache.build as build
-from weakcell.cache.crops import CELL_COLUMNS, cut_crops
+from weakcell.cache.crops import CELL_COLUMNS, cut_crops, label_boxes
 from weakcell.cache.loader import (
     BagSampler,
     CellCrops,
@@ -24,7 +25,7 @@ from weakcell.cache.loader import (
 from weakcell.cache.store import CELLS_COLUMNS, IMAGES_COLUMNS, CellCache, read_masks
 from weakcell.config import load_config
 from weakcell.data.images import ImageReadError, read_image, write_image
-from weakcell.segment import Segmentation
+from weakcell.segment import Segmentation, segment_image
 
 SIZE = 16  # crop side in these tests
 
@@ -74,6 +75,51 @@ def test_crops_of_an_empty_image_and_border_cells():
     border[10:16, 0:3] = 1
     _, table = cut_crops(_image_with(border), border, border, SIZE)
     assert table["touches_border"].tolist() == [True]
+
+
+def _reference_crops(image, cells, nuclei, size):
+    """The plain algorithm: find_objects boxes, full-image counts, the cell's masked box resized."""
+    boxes = ndimage.find_objects(cells)
+    rows, crops = [], []
+    for cell_id, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        own = cells[box] == cell_id
+        h, w = own.shape
+        side = max(h, w)
+        new_h, new_w = max(1, round(h * size / side)), max(1, round(w * size / side))
+        cell = np.where(own[None], image[(slice(None), *box)], 0).transpose(1, 2, 0)
+        small = cv2.resize(np.ascontiguousarray(cell), (new_w, new_h), interpolation=cv2.INTER_AREA)
+        crop = np.zeros((4, size, size), np.uint8)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        crop[:, top : top + new_h, left : left + new_w] = small.reshape(new_h, new_w, 4).transpose(2, 0, 1)
+        crops.append(crop)
+        y, x = box
+        nucleus_area = int((nuclei[box] == cell_id).sum())  # the nucleus inside the cell's box
+        rows.append([cell_id, x.start, y.start, x.stop, y.stop, int(own.sum()), nucleus_area])
+    return np.stack(crops), rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_crops_and_table_match_the_plain_algorithm(seed):
+    """Random blocky labels with gaps in the ids, cells touching every border, ragged shapes and nuclei
+    partly outside their own cell's box: the run-length boxes and counts agree with find_objects."""
+    rng = np.random.default_rng(seed)
+    cells = cv2.resize(
+        rng.integers(0, 12, (9, 13)).astype(np.int32) * 3, (131, 97), interpolation=cv2.INTER_NEAREST
+    )
+    cells[rng.random(cells.shape) < 0.05] = 0  # ragged edges and holes
+    nuclei = np.where(rng.random(cells.shape) < 0.3, np.roll(cells, 5, axis=1), 0).astype(np.int32)
+    image = rng.integers(0, 256, (4, *cells.shape), dtype=np.uint8)
+    crops, table = cut_crops(image, cells, nuclei, SIZE)
+    expected_crops, expected_rows = _reference_crops(image, cells, nuclei, SIZE)
+    np.testing.assert_array_equal(crops, expected_crops)
+    assert table[list(CELL_COLUMNS[:-1])].to_numpy().tolist() == expected_rows
+    ids, boxes, areas = label_boxes(cells)
+    assert boxes.tolist() == [r[1:5] for r in expected_rows]
+    assert ids.tolist() == [row[0] for row in expected_rows] and areas.tolist() == [
+        r[5] for r in expected_rows
+    ]
 
 
 # -- the build stage on a tiny dataset -----------------------------------------------------------------
@@ -266,9 +312,11 @@ def test_two_parts_merge_to_the_single_part_cache(dataset, tmp_path):
     _assert_same(_content(tmp_path / "parts"), _content(tmp_path / "whole"))
 
 
-def test_worker_pool_gives_the_same_cache(dataset, tmp_path):
+def test_worker_pool_gives_the_same_cache(dataset, tmp_path, monkeypatch):
+    # spawned workers import the real segmenter (a monkeypatch does not cross into them): use it in both
+    monkeypatch.setattr(build, "segment_image", segment_image)
     build.run(_config(dataset, tmp_path / "one"))
-    build.run(_config(dataset, tmp_path / "two", "cache.workers=2"))  # fork keeps the fake segmenter
+    build.run(_config(dataset, tmp_path / "two", "cache.workers=2"))
     _assert_same(_content(tmp_path / "two"), _content(tmp_path / "one"))
 
 
@@ -392,3 +440,11 @@ def test_hundreds_of_tiny_cells_keep_16_bit_masks(tmp_path):
     assert len(cache) == 400 and cache.images["n_cells"].tolist() == [400]
     np.testing.assert_array_equal(cache.masks("dots").cells, fake_segment(image, None).cells)
     assert (cache.crops(np.arange(400)).reshape(400, -1).max(axis=1) > 0).all()
+
+
+def test_changed_segmentation_settings_are_refused(dataset, tmp_path):
+    build.run(_config(dataset, tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"segment\.postprocess\.min_cell_area: 0 -> 5.*FORCE=1"):
+        build.run(_config(dataset, tmp_path / "c", "segment.postprocess.min_cell_area=5"))
+    build.run(_config(dataset, tmp_path / "c", "segment.postprocess.min_cell_area=5", "force=true"))
+    build.run(_config(dataset, tmp_path / "c", "segment.postprocess.min_cell_area=5", "cache.workers=1"))

@@ -10,9 +10,9 @@ import pytest
 
 from weakcell.config import PostprocessConfig, SegmentConfig
 from weakcell.segment import Segmentation, segment_image
-from weakcell.segment.classical import segment, segment_nuclei
+from weakcell.segment.classical import _upscale_labels, _upscale_weights, segment, segment_nuclei
 from weakcell.segment.metrics import match_at_thresholds, match_instances
-from weakcell.segment.postprocess import fill_holes, postprocess
+from weakcell.segment.postprocess import fill_holes, mark_postprocessed, postprocess
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NUCLEUS_RADIUS, CELL_RADIUS = 12, 28  # pixels of the hand-drawn test images
@@ -191,6 +191,57 @@ def test_min_cell_area():
         Segmentation(cells, cells.copy()), RULES_OFF.model_copy(update={"min_cell_area": 50})
     )
     assert result.n_cells == 1 and not result.cells[20:24, 20:24].any()
+
+
+@pytest.mark.parametrize(
+    ("small", "full"), [((28, 28), (224, 224)), ((37, 53), (150, 211)), ((5, 9), (5, 40))]
+)
+def test_upscaled_labels_match_cv2_nearest(small, full):
+    labels = np.random.default_rng(1).integers(0, 70_000, small).astype(np.int32)
+    rows, cols = _upscale_weights(small[0], full[0]), _upscale_weights(small[1], full[1])
+    assert rows.sum() == full[0] and cols.sum() == full[1]
+    expected = cv2.resize(labels, full[::-1], interpolation=cv2.INTER_NEAREST)
+    upscaled = _upscale_labels(labels, rows, cols)
+    assert upscaled.dtype == np.int32 and upscaled.flags.c_contiguous
+    np.testing.assert_array_equal(upscaled, expected)
+
+
+@pytest.mark.parametrize("working_scale", [0.3, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {},
+        {"min_cell_area": 1500},
+        {"drop_border_cells_with_small_nucleus": True},
+        {"fill_holes": False, "drop_cells_without_nucleus": False},
+    ],
+)
+def test_rules_at_working_scale_equal_rules_at_full_resolution(working_scale, rules):
+    """The classical backend post-processes its small labels and marks the upscaled result; running every
+    rule again over the full-resolution masks must change nothing, so skipping that pass is exact."""
+    centres = [*CENTRES, (5, 110), (218, 120)]  # two cells cut by the border
+    image = cells_image(centres)
+    image[2][disc(image.shape[1:], (218, 120), 3)] = 0  # a small nucleus on the border
+    cfg = small_config(working_scale=working_scale).model_copy(
+        update={"postprocess": PostprocessConfig(**rules)}
+    )
+    seg = segment(image, cfg)
+    assert segment_image(image, cfg).n_cells == seg.n_cells
+    again = postprocess(Segmentation(seg.cells.copy(), seg.nuclei.copy()), cfg.postprocess)  # unmarked copy
+    np.testing.assert_array_equal(again.cells, seg.cells)
+    np.testing.assert_array_equal(again.nuclei, seg.nuclei)
+
+
+def test_mark_is_void_for_other_rules_or_replaced_arrays():
+    cells = np.zeros((30, 30), dtype=np.int32)
+    cells[2:10, 2:10], cells[12:20, 12:20] = 1, 2
+    nuclei = np.where(cells == 1, 1, 0).astype(np.int32)  # cell 2 has no nucleus
+    rule = RULES_OFF.model_copy(update={"drop_cells_without_nucleus": True})
+    seg = mark_postprocessed(Segmentation(cells, nuclei), RULES_OFF)
+    assert postprocess(seg, RULES_OFF) is seg  # marked for these rules: returned as is
+    assert postprocess(seg, rule).n_cells == 1  # other rules: applied
+    seg.cells = cells.copy()
+    assert postprocess(seg, RULES_OFF) is not seg  # replaced array: the mark no longer holds
 
 
 # -- metrics -----------------------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ with one part ``run`` merges at the end itself.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -48,6 +47,7 @@ from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
+from weakcell.parallel import n_workers, pool_context
 from weakcell.segment import segment_image
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
@@ -225,7 +225,7 @@ def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: 
         for task in tasks:
             yield cache_image(task, cfg, cache_dir)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(cfg, cache_dir)) as pool:
+    with pool_context().Pool(workers, initializer=_init_worker, initargs=(cfg, cache_dir)) as pool:
         yield from pool.imap_unordered(_cache_in_worker, tasks, chunksize=1)
 
 
@@ -350,6 +350,41 @@ def _remove_part(cache_dir: Path, part: int, n_parts: int) -> None:
         (cache_dir / name).unlink(missing_ok=True)
 
 
+# What a cache's content depends on: reusing finished images is only right while these stay the same.
+CONTENT_KEYS = ("data", "segment", "cache.crop_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_settings(cfg: Config, cache_dir: Path) -> None:
+    """Refuse to add to a cache built with other segmentation / crop / data settings: its finished images
+    would be silently kept. Names the keys that differ and the two ways out."""
+    saved_path = cache_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(cfg.model_dump(mode="json"))
+    differ = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key.startswith(CONTENT_KEYS) and saved.get(key) != current.get(key)
+    )
+    if differ:
+        listing = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:6])
+        raise ValueError(
+            f"the cache in {cache_dir} was built with other settings ({listing}); rebuild it with FORCE=1 "
+            "(make cache FORCE=1) or write the new one elsewhere with cache.dir=..."
+        )
+
+
 def run(cfg: Config) -> Path:
     """Cache this part's images (``cache.shard_index`` of ``cache.num_shards``); merge when it is the only
     part. Returns the cache folder."""
@@ -361,6 +396,8 @@ def run(cfg: Config) -> Path:
     shards_dir = cache_dir / SHARDS_DIR
     if cfg.force:
         _remove_part(cache_dir, part, n_parts)
+    else:
+        check_same_settings(cfg, cache_dir)
     for folder in (shards_dir, cache_dir / PARTS_DIR, cache_dir / "masks"):
         folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cache_dir)
@@ -375,7 +412,7 @@ def run(cfg: Config) -> Path:
     size = cfg.cache.crop_size
     capacity = max(1, int(cfg.cache.shard_mb * 2**20) // (4 * size * size))
     writer = ShardWriter(shards_dir, part, next_sequence, capacity)
-    workers = min(cfg.cache.workers or os.cpu_count() or 1, max(1, len(todo)))
+    workers = n_workers(cfg.cache.workers, len(todo))
     label = f"cache part {part + 1}/{n_parts}" if n_parts > 1 else "cache"
     with tqdm(total=len(todo), desc=label, unit="img", dynamic_ncols=True) as progress:
         for result in cache_images(todo, cfg, cache_dir, workers):

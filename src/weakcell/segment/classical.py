@@ -16,8 +16,10 @@
    thin edges, so a linear threshold cuts cells short; the log scale keeps the dim periphery. Cell bodies
    grow from the nuclei by watershed over the inverted log intensity (dim valleys between cells become
    borders), blended with the distance to the nearest nucleus so that flat regions split halfway.
-4. The post-processing rules run on the small labels, which then go back to full resolution by
-   nearest-neighbour upscaling (cell k still holds nucleus k).
+4. The post-processing rules run on the small labels, each pixel weighted by the full-resolution pixels it
+   becomes, so they decide exactly as on the full-resolution masks; the labels then go back to full
+   resolution by nearest-neighbour upscaling (whole-row repeats, cell k still holds nucleus k), and the
+   result is marked so that ``segment_image`` does not run the rules over the full-resolution masks again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from skimage.segmentation import watershed
 
 from weakcell.config import ClassicalSegmentConfig, SegmentConfig
 from weakcell.segment import Segmentation
-from weakcell.segment.postprocess import postprocess
+from weakcell.segment.postprocess import mark_postprocessed, postprocess
 
 BLUE, RED, GREEN, YELLOW = 2, 0, 1, 3  # indices in the (4, H, W) image, CHANNELS order R, G, B, Y
 # Nucleus diameter (pixels) of the grid that markers are searched on; finer grids add cost, not accuracy.
@@ -40,6 +42,17 @@ MARKER_DIAMETER = 24.0
 def _smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of a float32 plane (sigma in pixels; 0 = unchanged)."""
     return cv2.GaussianBlur(plane, (0, 0), sigma) if sigma > 0 else plane
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` (holes = 4-connected background not reaching the border) by one cv2
+    labelling, several times faster than scipy's iterated erosions."""
+    n_regions, regions = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
+    outside = np.zeros(n_regions, dtype=bool)  # label 0 is the foreground itself
+    for edge in (regions[0], regions[-1], regions[:, 0], regions[:, -1]):
+        outside[edge] = True
+    outside[0] = False
+    return ~outside[regions]
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -83,7 +96,7 @@ def segment_nuclei(
         # one radius, so the bright one's peak reaches little beyond its own area.
         background = float(np.median(linear[~foreground]))
         foreground &= linear > background + local_contrast * (peak - background)
-    foreground = ndi.binary_fill_holes(foreground)
+    foreground = _fill_holes(foreground)
     components, n_components = ndi.label(foreground)
     if n_components == 0:
         return np.zeros(plane.shape, dtype=np.int32)
@@ -111,12 +124,18 @@ def _reconstruct(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     diameter in working pixels), each a fraction of a millisecond with cv2, which beats skimage's
     sort-based version several times over at these sizes."""
     kernel = np.ones((3, 3), np.uint8)
+    mask = mask.astype(np.float32, copy=False)
     current = seed.astype(np.float32)
+    grown = np.empty_like(current)
     while True:
-        grown = np.minimum(cv2.dilate(current, kernel), mask)
-        if np.array_equal(grown, current):
-            return current
-        current = grown
+        # Four geodesic dilations per convergence test: the test costs about as much as a dilation, and
+        # passes after convergence change nothing.
+        for step in range(4):
+            cv2.dilate(current, kernel, dst=grown)
+            np.minimum(grown, mask, out=grown)
+            if step == 3 and np.array_equal(grown, current):
+                return grown
+            current, grown = grown, current
 
 
 def _markers(height: np.ndarray, foreground: np.ndarray, depth: float, diameter: float) -> np.ndarray:
@@ -181,7 +200,7 @@ def segment_cells(
     signal = np.log1p(_smooth(cytoplasm_signal(image, cfg), cfg.cell_smoothing * diameter))
     # Holes of the foreground are dim cytoplasm inside or between cells: flood them too, which also leaves
     # no enclosed background for the full-resolution hole filling to examine.
-    foreground = ndi.binary_fill_holes((signal > _otsu(signal) * cfg.cell_threshold_scale) | (nuclei > 0))
+    foreground = _fill_holes((signal > _otsu(signal) * cfg.cell_threshold_scale) | (nuclei > 0))
     # Elevation: bright cytoplasm is low, dim valleys between cells high; the distance to the nearest
     # nucleus (in nucleus diameters) breaks ties where the cytoplasm is flat.
     scale = max(float(signal.max()), 1e-6)
@@ -194,12 +213,22 @@ def _resize(plane: np.ndarray, shape: tuple[int, int], interpolation: int) -> np
     return cv2.resize(plane, (shape[1], shape[0]), interpolation=interpolation)
 
 
-def _upscale_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upscaling of int32 labels; through uint16 when they fit (half the memory traffic,
-    about twice as fast at 2048², the cast back included)."""
-    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
-        return _resize(labels.astype(np.uint16), shape, cv2.INTER_NEAREST).astype(np.int32)
-    return _resize(labels, shape, cv2.INTER_NEAREST)
+def _upscale_weights(small: int, full: int) -> np.ndarray:
+    """``(small,)`` int64: how many of the ``full`` output rows (or columns) nearest-neighbour upscaling
+    fills from each of the ``small`` input rows, with cv2's own rounding (taken from ``cv2.resize`` of one
+    column of indices)."""
+    if small == full:
+        return np.ones(small, dtype=np.int64)
+    index = np.arange(small, dtype=np.int32).reshape(small, 1)
+    mapped = cv2.resize(index, (1, full), interpolation=cv2.INTER_NEAREST).ravel()
+    return np.bincount(mapped, minlength=small).astype(np.int64)
+
+
+def _upscale_labels(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour upscaling of labels to int32, small row i repeated ``rows[i]`` times and column j
+    ``cols[j]`` times (``_upscale_weights``): the same pixels as ``cv2.resize(..., INTER_NEAREST)``, about
+    4x faster at 2048², since only the final repeat of whole rows touches the full-resolution array."""
+    return np.repeat(np.repeat(labels.astype(np.int32, copy=False), cols, axis=1), rows, axis=0)
 
 
 def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
@@ -227,17 +256,28 @@ def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
         local_contrast=params.nucleus_local_contrast,
     )
     cells = segment_cells(small, nuclei, params, diameter)
-    # Post-process at working scale (min area in working pixels) so that dropped cells are relabelled on
-    # the small image; the rules then find nothing to change at full resolution and skip their relabelling.
-    rules = cfg.postprocess.model_copy(
-        update={"min_cell_area": int(cfg.postprocess.min_cell_area * scale**2)}
+    # Post-process at working scale, each small pixel weighted by the full-resolution pixels it becomes, so
+    # that areas and therefore every rule come out as they would on the upscaled labels; repeated until
+    # nothing changes (dropping a cell can leave a hole for ``fill_holes``). The upscaled result is then
+    # marked as post-processed, and ``segment_image``'s own pass over the full-resolution masks is skipped.
+    rows, cols = (
+        _upscale_weights(work_shape[0], full_shape[0]),
+        _upscale_weights(work_shape[1], full_shape[1]),
     )
-    small_seg = postprocess(Segmentation(cells=cells, nuclei=nuclei), rules)
-    if work_shape == full_shape:
-        return small_seg
-    # Watershed keeps every marker pixel, so nucleus k lies inside cell k at working scale; nearest-
-    # neighbour upscaling samples both on the same grid and keeps that true at full resolution.
-    return Segmentation(
-        cells=_upscale_labels(small_seg.cells, full_shape),
-        nuclei=_upscale_labels(small_seg.nuclei, full_shape),
-    )
+    small_seg, fixed = Segmentation(cells=cells, nuclei=nuclei), False
+    for _ in range(4):
+        processed = postprocess(small_seg, cfg.postprocess, rows, cols)
+        fixed = np.array_equal(processed.cells, small_seg.cells) and np.array_equal(
+            processed.nuclei, small_seg.nuclei
+        )
+        small_seg = processed
+        if fixed:
+            break
+    if work_shape != full_shape:
+        # Watershed keeps every marker pixel, so nucleus k lies inside cell k at working scale; nearest-
+        # neighbour upscaling samples both on the same grid and keeps that true at full resolution.
+        small_seg = Segmentation(
+            cells=_upscale_labels(small_seg.cells, rows, cols),
+            nuclei=_upscale_labels(small_seg.nuclei, rows, cols),
+        )
+    return mark_postprocessed(small_seg, cfg.postprocess) if fixed else small_seg

@@ -10,8 +10,14 @@
   little about the protein's location and teams dropped it from training and submissions.
 - cells are relabelled 1..n in order of their old labels, nuclei with the same map (nucleus k stays in cell k).
 
-All work is on full-resolution ``(H, W)`` int32 label images; the expensive passes (histograms, relabelling)
-run once each and are skipped when a rule cannot change anything.
+The rules work on ``(H, W)`` int32 label images; the expensive passes (histograms, relabelling) run once
+each and are skipped when a rule cannot change anything. A backend that segments on a downscaled grid
+(``classical``) runs them there instead, with ``row_weights`` / ``col_weights`` saying how many
+full-resolution rows / columns each small row / column becomes under nearest-neighbour upscaling: areas
+are then counted at full resolution, and every rule gives the same answer on the small labels as on their
+upscaled copy (upscaling maps each pixel to a block, which keeps 8-connectivity, holes, borders and
+neighbours). It then marks its full-resolution result with ``mark_postprocessed``, and ``postprocess``
+returns a result so marked for the same rules as it is, skipping several full-image passes.
 """
 
 from __future__ import annotations
@@ -23,10 +29,30 @@ from scipy import ndimage as ndi
 from weakcell.config import PostprocessConfig
 from weakcell.segment import Segmentation
 
+# Attribute of a ``Segmentation`` that ``mark_postprocessed`` sets: (rules, id(cells), id(nuclei)).
+_MARK = "_postprocessed_with"
 
-def _label_counts(labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Pixel count of each label 0..n_labels-1 (``(n_labels,)`` int64). Up to 65,536 labels a uint16
-    histogram (cv2) is about twice as fast as ``np.bincount``, which first widens every pixel to int64."""
+
+def mark_postprocessed(seg: Segmentation, cfg: PostprocessConfig) -> Segmentation:
+    """Record that ``seg`` is already the output of ``postprocess(..., cfg)`` (a fixed point of the rules),
+    so that ``postprocess`` with the same rules returns it unchanged without touching its pixels. Only for
+    arrays not modified afterwards; replacing ``seg.cells`` or ``seg.nuclei`` voids the mark."""
+    setattr(seg, _MARK, (cfg.model_copy(), id(seg.cells), id(seg.nuclei)))
+    return seg
+
+
+def _is_marked(seg: Segmentation, cfg: PostprocessConfig) -> bool:
+    mark = getattr(seg, _MARK, None)
+    return mark is not None and mark[1] == id(seg.cells) and mark[2] == id(seg.nuclei) and mark[0] == cfg
+
+
+def _label_counts(labels: np.ndarray, n_labels: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Pixel count of each label 0..n_labels-1 (``(n_labels,)`` int64), each pixel counting ``weights``
+    (same shape) when given. Up to 65,536 labels a uint16 histogram (cv2) is about twice as fast as
+    ``np.bincount``, which first widens every pixel to int64."""
+    if weights is not None:
+        counts = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n_labels)[:n_labels]
+        return np.rint(counts).astype(np.int64)
     if n_labels <= 1 << 16:
         hist = cv2.calcHist([labels.astype(np.uint16)], [0], None, [n_labels], [0, n_labels])
         return np.rint(hist.ravel()).astype(np.int64)
@@ -67,19 +93,32 @@ def fill_holes(labels: np.ndarray, allowed: np.ndarray | None = None) -> np.ndar
     return filled
 
 
-def postprocess(seg: Segmentation, cfg: PostprocessConfig) -> Segmentation:
-    """Apply the configured rules to ``seg`` and relabel cells 1..n (nucleus k inside cell k)."""
+def postprocess(
+    seg: Segmentation,
+    cfg: PostprocessConfig,
+    row_weights: np.ndarray | None = None,
+    col_weights: np.ndarray | None = None,
+) -> Segmentation:
+    """Apply the configured rules to ``seg`` and relabel cells 1..n (nucleus k inside cell k).
+
+    ``row_weights`` (H,) / ``col_weights`` (W,): full-resolution rows / columns each row / column of the
+    labels stands for (labels on a downscaled grid; see the module doc); areas are counted with them."""
+    if _is_marked(seg, cfg):
+        return seg
+    weights = None
+    if row_weights is not None and col_weights is not None:
+        weights = np.outer(row_weights, col_weights).astype(np.float64)
     cells, nuclei = seg.cells, seg.nuclei
     if cfg.fill_holes:
         cells = fill_holes(cells)
         nuclei = fill_holes(nuclei, allowed=cells)
     n_labels = int(cells.max(initial=0)) + 1
-    cell_area = _label_counts(cells, n_labels)
+    cell_area = _label_counts(cells, n_labels, weights)
     keep = cell_area > 0
     if cfg.min_cell_area:
         keep &= cell_area >= cfg.min_cell_area
     if cfg.drop_cells_without_nucleus or cfg.drop_border_cells_with_small_nucleus:
-        nucleus_area = _label_counts(nuclei, n_labels)
+        nucleus_area = _label_counts(nuclei, n_labels, weights)
         if cfg.drop_cells_without_nucleus:
             keep &= nucleus_area > 0
         if cfg.drop_border_cells_with_small_nucleus:

@@ -14,7 +14,6 @@ trusted and skipped; anything else is regenerated from scratch.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from weakcell.config import Config, SyntheticConfig, save_config
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.images import write_channel, write_image
 from weakcell.data.labels import format_labels
+from weakcell.parallel import n_workers, pool_context
 from weakcell.synthetic.generate import generate_image, image_seed
 from weakcell.synthetic.truth import SPEC, TRUTH
 
@@ -109,10 +109,6 @@ def make_one(task: tuple[SyntheticConfig, str, int, str]) -> dict[str, Any]:
     }
 
 
-def _n_workers(requested: int, n_tasks: int) -> int:
-    return max(1, min(requested or os.cpu_count() or 1, n_tasks))
-
-
 def run(cfg: Config) -> Path:
     """Write the benchmark into ``cfg.data_dir`` unless an identical complete set is there (``force``
     regenerates). Prints one summary line; returns the folder."""
@@ -141,9 +137,10 @@ def run(cfg: Config) -> Path:
         for split, n in (("train", synthetic.n_train), ("test", synthetic.n_test))
         for index in range(n)
     ]
-    workers = _n_workers(synthetic.workers, len(tasks))
+    workers = n_workers(synthetic.workers, len(tasks))
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    pool_or_none = ProcessPoolExecutor(workers, mp_context=pool_context()) if workers > 1 else None
+    with pool_or_none or contextlib.nullcontext() as pool:
         chunksize = max(1, len(tasks) // (8 * workers))
         results = pool.map(make_one, tasks, chunksize=chunksize) if pool else map(make_one, tasks)
         rows = list(tqdm(results, total=len(tasks), desc="synthetic", unit="img", leave=False))
