@@ -17,7 +17,7 @@ export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train \
-	bench-synthetic bench-cache bench-train test test-all lint clean
+	bench-synthetic bench-cache bench-train bench-train-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> ben
 bench-cache: $(STAMP) ## segmentation quality/speed and crop-reading throughput -> benchmarks/segmentation.md, cache.md
 	$(PY) benchmarks/bench_segment.py
 	$(PY) benchmarks/bench_cache.py
+
+bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs cache size -> benchmarks/train.md
+	$(PY) benchmarks/bench_train.py
+
+bench-train-gpu: $(STAMP) ## on a GPU machine: competition config cells/s, model only vs with the loader
+	$(PY) benchmarks/bench_train_gpu.py
 
 lint: $(STAMP) ## ruff + mypy on the core
 	$(PY) -m ruff check src tests

@@ -67,6 +67,8 @@ def test_oof_covers_every_image_once(tiny_run):
     # attention x n cells averages to 1 over an image's cells, for every class
     att = oof_cell.groupby("image_id")[[f"att_{c}" for c in range(19)]].mean()
     np.testing.assert_allclose(att.to_numpy(), 1.0, atol=1e-4)
+    maps = sorted((run_dir / "attention").glob("*.png"))
+    assert maps and {p.stem for p in maps} <= set(train_ids)
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["images"] == len(train_ids)
     assert 0 <= written["cell_map_stage1"] <= 1 and 0 <= written["image_map"] <= 1

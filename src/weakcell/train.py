@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
@@ -493,10 +494,21 @@ def run(cfg: Config) -> dict[str, float]:
         folds=len(folds), images=len(oof_image), cells=len(oof_cell), seconds=time.perf_counter() - start
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    maps = draw_attention_maps(
+        cfg.data_dir,
+        data.spec.train_dir,
+        data.cache,
+        oof_cell,
+        oof_image,
+        pick_images(oof_image, data.images, n=8, seed=cfg.seed),
+        run_dir / "attention",
+        data.spec.classes,
+        labels=data.images,
+    )
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "map" in k or "f1" in k)
     print(
         f"train: {len(folds)} folds, {len(oof_image)} images, {len(oof_cell)} cells out of fold; {summary}; "
-        f"{metrics['seconds']:.0f} s -> {run_dir}"
+        f"{metrics['seconds']:.0f} s -> {run_dir} (+ {len(maps)} attention maps)"
     )
     return metrics
 
