@@ -19,7 +19,7 @@ import numpy as np
 
 from weakcell.cache.build import split_folder
 from weakcell.cache.store import CellCache
-from weakcell.config import Config
+from weakcell.config import Config, SegmentConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.images import composite_rgb, list_image_ids, read_image
 from weakcell.segment import segment_image
@@ -77,9 +77,12 @@ def run(cfg: Config) -> Path:
         axis.imshow(draw_outlines(display_composite(source), cache.masks(image.image_id).cells, OURS))
         axis.set_title(f"{cfg.data.dataset} {image.image_id[:12]}: {image.n_cells} cells", fontsize=9)
         axis.axis("off")
+    # The real images are full-size HPA: a synthetic config's nucleus size (cells scaled down) does not
+    # fit them, so they get the backend's real-HPA defaults unless the config is for real data already.
+    real_segment = cfg.segment if not spec.has_truth else SegmentConfig(backend=cfg.segment.backend)
     for column, image_id in enumerate(real_ids):
         source = read_image(REAL_DATA / "train", image_id)
-        ours = segment_image(source, cfg.segment).cells
+        ours = segment_image(source, real_segment).cells
         picture = draw_outlines(display_composite(source), ours, OURS)
         title = f"real {image_id[:8]}: {int(ours.max())} cells ({cfg.segment.backend}, white)"
         reference_path = REAL_DATA / "hpacellseg_masks" / f"{image_id}_predictedmask.png"
