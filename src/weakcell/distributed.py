@@ -56,3 +56,9 @@ def all_gather(obj: Any, world: World) -> list[Any]:
     gathered: list[Any] = [None] * world.size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def barrier(world: World) -> None:
+    """Wait for every process (e.g. until rank 0 has written the files the others read next)."""
+    if world.size > 1:
+        dist.barrier()

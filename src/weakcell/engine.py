@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from weakcell.config import TrainConfig
-from weakcell.distributed import World, all_gather, all_reduce_sum, setup
+from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
 
 log = logging.getLogger(__name__)
 
@@ -670,4 +670,5 @@ def fit(
             f"fit: {cfg.epochs} epochs ({total_steps} steps) in {time.perf_counter() - started:.1f} s, {scores}"
             f" -> {weights_path}, epochs.csv, curves.png"
         )
+    barrier(world)  # rank 0 has written model.pt: every process may read it from here on
     return FitResult(weights_path, history, resumed=state is not None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -417,7 +418,14 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     return oof_image, oof_cell
 
 
+def is_main_process() -> bool:
+    """Under torchrun every process computes the same (gathered) outputs; rank 0 alone writes them."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    if not is_main_process():
+        return
     tmp = path.with_name(path.name + ".tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(path)
@@ -478,8 +486,12 @@ def run(cfg: Config) -> dict[str, float]:
     """Train every fold (or ``train.folds``), write OOF predictions and ``metrics.json`` into the run."""
     start = time.perf_counter()
     run_dir = cfg.path(cfg.paths.runs) / cfg.name
-    save_config(cfg, run_dir)
-    (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git_commit": git_commit()}, indent=2))
+    main_process = is_main_process()
+    if main_process:
+        save_config(cfg, run_dir)
+        (run_dir / "run.json").write_text(
+            json.dumps({"seed": cfg.seed, "git_commit": git_commit()}, indent=2)
+        )
     data = load_training_set(cfg)
     folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
     results = [train_fold(cfg, data, fold, run_dir) for fold in folds]
@@ -493,6 +505,8 @@ def run(cfg: Config) -> dict[str, float]:
     metrics.update(
         folds=len(folds), images=len(oof_image), cells=len(oof_cell), seconds=time.perf_counter() - start
     )
+    if not main_process:
+        return metrics
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     maps = draw_attention_maps(
         cfg.data_dir,
