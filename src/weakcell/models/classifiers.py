@@ -171,11 +171,8 @@ class DualHeadModel(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = CellEncoder(cfg)
-        self.mil = AttentionMIL(
-            self.encoder.dim, n_classes, hidden=mil.hidden, gated=mil.gated, dropout=mil.dropout
-        )
-        self.cell_loss_weight = mil.cell_loss_weight
-        self.criterion = MultiLabelLoss(loss, focal_gamma, pos_weight)
+        # the same head as stage 2 on frozen embeddings: attention MIL + image/cell loss
+        self.head = MilClassifier(self.encoder.dim, n_classes, mil, loss, focal_gamma, pos_weight)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """See the class docstring."""
@@ -188,8 +185,9 @@ class DualHeadModel(nn.Module):
         # Scatter back into the padded bag layout; the dtype follows the encoder (bf16 under autocast).
         embeddings = cells.new_zeros((*mask.shape, cells.shape[-1]))  # (B, K, D)
         embeddings[mask] = cells
-        out = self.mil(embeddings, mask)
-        out["embeddings"] = embeddings
+        head_batch = {"bags": embeddings, "mask": mask}
         if "targets" in batch:
-            out["loss"] = _mil_loss(out, batch["targets"], mask, self.criterion, self.cell_loss_weight)
+            head_batch["targets"] = batch["targets"]
+        out = self.head(head_batch)
+        out["embeddings"] = embeddings
         return out
