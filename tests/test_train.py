@@ -67,6 +67,12 @@ def test_oof_covers_every_image_once(tiny_run):
     # attention x n cells averages to 1 over an image's cells, for every class
     att = oof_cell.groupby("image_id")[[f"att_{c}" for c in range(19)]].mean()
     np.testing.assert_allclose(att.to_numpy(), 1.0, atol=1e-4)
+    embedded = np.load(run_dir / "fold0" / "oof_embeddings.npz")
+    fold0 = oof_cell[oof_cell["fold"] == 0]
+    assert set(zip(embedded["image_id"], embedded["cell_id"])) == set(
+        zip(fold0["image_id"], fold0["cell_id"])
+    )
+    assert embedded["embeddings"].shape[0] == len(fold0) and np.isfinite(embedded["embeddings"]).all()
     maps = sorted((run_dir / "attention").glob("*.png"))
     assert maps and {p.stem for p in maps} <= set(train_ids)
     written = json.loads((run_dir / "metrics.json").read_text())
@@ -104,3 +110,19 @@ def test_match_cells_one_to_one():
     ids_pred, ids_true, iou = label_iou(pred, true)
     assert ids_pred.tolist() == [7, 9] and ids_true.tolist() == [1, 2]
     assert iou[0, 0] == pytest.approx(0.8) and iou[1, 1] == pytest.approx(0.4)
+
+
+def test_rare_classes_weigh_more():
+    targets = np.zeros((100, 3), np.float32)
+    targets[:90, 0] = 1  # common
+    targets[90:, 1] = 1  # rare
+    pos_weight = train_stage.class_pos_weight(targets)
+    assert pos_weight[2] >= pos_weight[1] > pos_weight[0] >= 1.0  # rarer (or absent) weighs more
+    weights = train_stage.balanced_sample_weights(targets)
+    assert weights[95] > weights[0]
+    # drawn in proportion: the rare tenth of the cells gets about half of the draws
+    from weakcell.engine import epoch_order
+
+    order = epoch_order(100, 10, seed=0, epoch=0, weights=weights)
+    assert np.array_equal(order, epoch_order(100, 10, seed=0, epoch=0, weights=weights))
+    assert 0.3 < (order >= 90).mean() < 0.7

@@ -325,6 +325,14 @@ class TrainConfig(Section):
     focal_gamma: float = Field(2.0, ge=0)
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     folds: list[int] | None = Field(None, description="train only these folds; None = all")
+    class_weights: Literal["none", "sqrt_inverse"] = Field(
+        "none", description="BCE pos_weight per class: sqrt(negatives / positives) of the fold's cells, 1..50"
+    )
+    sampler: Literal["uniform", "balanced"] = Field(
+        "uniform",
+        description="balanced = draw cells in proportion to sqrt(1 / frequency) of their rarest class "
+        "(classes 11, 15, 18 are 0.2-0.4% of images)",
+    )
     targets: Literal["inherit", "truth"] = Field(
         "inherit",
         description="cell targets: the image's labels (weak), or the true cell labels (oracle, synthetic)",

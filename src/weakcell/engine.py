@@ -142,12 +142,19 @@ def _prepare(model: nn.Module, runtime: Runtime) -> nn.Module:
 # -- data order ---------------------------------------------------------------------------------------
 
 
-def epoch_order(n_samples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(
+    n_samples: int, batch_size: int, seed: int, epoch: int, weights: np.ndarray | None = None
+) -> np.ndarray:
     """The global batches of one epoch: ``(steps, batch_size)`` positions, a pure function of
-    (seed, epoch); the last incomplete batch is dropped."""
+    (seed, epoch); the last incomplete batch is dropped. With ``weights`` (one per sample) positions are
+    drawn with replacement in proportion to them (oversampling rare classes), still a pure function."""
     steps = n_samples // batch_size
-    permutation = np.random.default_rng((seed, epoch)).permutation(n_samples)
-    return permutation[: steps * batch_size].reshape(steps, batch_size)
+    rng = np.random.default_rng((seed, epoch))
+    if weights is None:
+        drawn = rng.permutation(n_samples)[: steps * batch_size]
+    else:
+        drawn = rng.choice(n_samples, size=steps * batch_size, replace=True, p=weights / weights.sum())
+    return drawn.reshape(steps, batch_size)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -159,14 +166,22 @@ class EpochBatches(Sampler[list[int]]):
     which changes the batches with the world size).
     """
 
-    def __init__(self, n_samples: int, batch_size: int, grad_accum: int, world: World, seed: int) -> None:
+    def __init__(
+        self,
+        n_samples: int,
+        batch_size: int,
+        grad_accum: int,
+        world: World,
+        seed: int,
+        weights: np.ndarray | None = None,
+    ) -> None:
         if batch_size % (grad_accum * world.size):
             raise ValueError(
                 f"train.batch_size={batch_size} must be a multiple of train.grad_accum x processes "
                 f"= {grad_accum} x {world.size}"
             )
         self.n_samples, self.batch_size, self.grad_accum = n_samples, batch_size, grad_accum
-        self.world, self.seed = world, seed
+        self.world, self.seed, self.weights = world, seed, weights
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -182,7 +197,7 @@ class EpochBatches(Sampler[list[int]]):
         return (self.steps - self.start_step) * self.grad_accum
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_order(self.n_samples, self.batch_size, self.seed, self.epoch)
+        order = epoch_order(self.n_samples, self.batch_size, self.seed, self.epoch, self.weights)
         micro = self.batch_size // (self.grad_accum * self.world.size)
         for batch in order[self.start_step :]:
             # (grad_accum, world, micro): micro-batch j of rank r is shards[j, r]
@@ -514,7 +529,9 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- data: the epoch's global batches, cut into this process's micro-batches
-    sampler = EpochBatches(_size(train_data), cfg.batch_size, cfg.grad_accum, world, seed)
+    # A dataset may carry ``sample_weights`` (one per sample) to be drawn in proportion to them.
+    weights = getattr(train_data, "sample_weights", None)
+    sampler = EpochBatches(_size(train_data), cfg.batch_size, cfg.grad_accum, world, seed, weights)
     steps_per_epoch = sampler.steps
     if steps_per_epoch == 0:
         raise ValueError(

@@ -134,13 +134,20 @@ def load_training_set(cfg: Config) -> TrainingSet:
 
 
 class LabelledCrops(CellCrops):
-    """Cell crops with their (inherited or pseudo) targets, read a batch at a time."""
+    """Cell crops with their (inherited or pseudo) targets, read a batch at a time. ``sample_weights``
+    (one per position), when set, makes the engine draw cells in proportion to them."""
 
     def __init__(
-        self, cache: CellCache, indices: np.ndarray, targets: np.ndarray, augment: CropAugment | None
+        self,
+        cache: CellCache,
+        indices: np.ndarray,
+        targets: np.ndarray,
+        augment: CropAugment | None,
+        sample_weights: np.ndarray | None = None,
     ):
         super().__init__(cache, indices, augment)
         self.targets = targets  # (len(cache.cells), C): looked up by the rows a batch ends up holding
+        self.sample_weights = sample_weights
 
     def __getitems__(self, positions):
         batch = super().__getitems__(positions)
@@ -209,6 +216,23 @@ class CropBags(Dataset):
             "targets": torch.from_numpy(self.targets[position]),
             "bag": torch.tensor(position),
         }
+
+
+# -- class imbalance ------------------------------------------------------------------------------------
+
+
+def class_pos_weight(targets: np.ndarray, limit: float = 50.0) -> np.ndarray:
+    """(C,) BCE ``pos_weight`` = sqrt(negatives / positives) per class, clipped to [1, limit]."""
+    positives = targets.sum(0)
+    ratio = (len(targets) - positives) / np.maximum(positives, 1)
+    return np.clip(np.sqrt(ratio), 1.0, limit).astype(np.float32)
+
+
+def balanced_sample_weights(targets: np.ndarray) -> np.ndarray:
+    """(N,) weight of each cell = sqrt(1 / frequency) of its rarest positive class (1 for no positive)."""
+    frequency = np.maximum(targets.mean(0), 1.0 / max(len(targets), 1))  # (C,)
+    per_class = np.sqrt(1.0 / frequency)[None, :] * (targets > 0)  # (N, C)
+    return np.where(per_class.max(1) > 0, per_class.max(1), 1.0)
 
 
 # -- scoring callbacks --------------------------------------------------------------------------------
@@ -297,8 +321,11 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     val_table = data.cache.cells.loc[val_cells]
 
     # -- stage 1: cells learn from their (inherited) labels
+    fold_targets = data.cell_targets[train_cells]
+    pos_weight = class_pos_weight(fold_targets) if cfg.train.class_weights == "sqrt_inverse" else None
+    sample_weights = balanced_sample_weights(fold_targets) if cfg.train.sampler == "balanced" else None
     torch.manual_seed(cfg.seed + fold)
-    cell_model = create_model("cell", cfg, n_classes)
+    cell_model = create_model("cell", cfg, n_classes, pos_weight=pos_weight)
     val_images = data.images[data.images["fold"] == fold]
     val_image_ids = val_images["image_id"].tolist()
     val_image_targets = to_multi_hot(val_images["labels"].tolist(), n_classes)
@@ -317,7 +344,7 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     augment = CropAugment(symmetries=True, intensity=0.2)
     fit(
         cell_model,
-        LabelledCrops(data.cache, train_cells, data.cell_targets, augment),
+        LabelledCrops(data.cache, train_cells, data.cell_targets, augment, sample_weights),
         LabelledCrops(data.cache, val_cells, data.cell_targets, None),
         cfg.train,
         fold_dir / "cell",
@@ -341,6 +368,16 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     embeddings[outputs["index"]] = outputs["embeddings"]
     cell_probs = np.zeros((len(data.cache.cells), n_classes), dtype=np.float64)
     cell_probs[outputs["index"]] = _sigmoid(outputs["logits"])
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id); atomic
+        tmp = fold_dir / "oof_embeddings.tmp.npz"
+        np.savez(
+            tmp,
+            image_id=val_table["image_id"].to_numpy(str),
+            cell_id=val_table["cell_id"].to_numpy(np.int64),
+            embeddings=embeddings[val_cells].astype(np.float16),
+        )
+        tmp.replace(fold_dir / "oof_embeddings.npz")
 
     # -- stage 2: attention MIL over each image's cells (frozen embeddings or end to end)
     train_images = data.images[data.images["fold"] != fold]
