@@ -16,7 +16,7 @@ TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal
 export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
-.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train \
+.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train thresholds \
 	bench-synthetic bench-cache bench-train bench-train-gpu test test-all lint clean
 
 help: ## list the targets
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
 
-demo: data preview folds cache train ## the main job on the embedded synthetic benchmark, as far as the kit reaches
+demo: data preview folds cache train thresholds ## the main job on the embedded synthetic benchmark, as far as the kit reaches
 
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)
@@ -55,6 +55,9 @@ preview-cells: $(STAMP) ## outlines on synthetic and real images, a grid of crop
 
 train: $(STAMP) ## K folds: cell model on weak labels -> attention MIL -> OOF predictions in runs/<name>/
 	$(WEAKCELL) train $(CONFIG) $(OVERRIDES)
+
+thresholds: $(STAMP) ## per-class thresholds tuned on OOF image predictions -> runs/<name>/thresholds.json
+	$(WEAKCELL) thresholds $(CONFIG) $(OVERRIDES)
 
 bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
 	$(PY) benchmarks/bench_synthetic.py

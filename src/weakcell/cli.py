@@ -33,6 +33,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
     "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
     "train": ("weakcell.train:run", "K folds: cell model (weak labels) -> attention MIL -> OOF predictions"),
+    "thresholds": (
+        "weakcell.thresholds:run",
+        "per-class thresholds tuned on OOF image predictions -> thresholds.json",
+    ),
 }
 
 

@@ -341,6 +341,18 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (CUDA only)")
 
 
+class ThresholdsConfig(Section):
+    """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``)."""
+
+    step: float = Field(0.01, gt=0, lt=1, description="grid step of the candidate thresholds")
+    min_positives: int = Field(
+        5,
+        ge=1,
+        description="classes with fewer OOF positives keep the fallback (tuning on 2 images overfits)",
+    )
+    fallback: float = Field(0.5, gt=0, lt=1, description="threshold of classes too rare to tune")
+
+
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
@@ -356,6 +368,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     mil: MilConfig = Field(default_factory=MilConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:
