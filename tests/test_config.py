@@ -101,3 +101,11 @@ def test_cli_lists_keys_and_rejects_unknown_stage(capsys):
 def test_cli_reports_config_errors_as_one_line(capsys):
     assert main(["folds", str(REPO / "configs/demo.yaml"), "folds.n_splits=one"]) == 2
     assert "folds.n_splits" in capsys.readouterr().err
+
+
+def test_cli_validate_takes_a_file(tmp_path, capsys):
+    bad = tmp_path / "submission.csv"
+    bad.write_text("ID,ImageWidth,ImageHeight,PredictionString\na,2048,2048,19 0.5 eNoLCAgIMAEABJkBdQ==\n")
+    assert main(["validate", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "row 0" in captured.err + captured.out

@@ -33,6 +33,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
     "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
     "train": ("weakcell.train:run", "K folds: cell model (weak labels) -> attention MIL -> OOF predictions"),
+    "validate": (
+        "weakcell.submission:validate_main",
+        "check a submission CSV (cell or image level); exit 0/2",
+    ),
     "thresholds": (
         "weakcell.thresholds:run",
         "per-class thresholds tuned on OOF image predictions -> thresholds.json",
@@ -101,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "keys":
         print("\n".join(all_keys()))
         return 0
+    if stage == "validate":  # takes a file, not a config
+        from weakcell.submission import validate_main
+
+        return validate_main(rest)
     if stage not in STAGES:
         import difflib
 

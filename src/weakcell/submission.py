@@ -1,0 +1,474 @@
+"""Kaggle submission files: the 2021 cell-level format (masks as pycocotools RLE -> zlib -> base64), the
+2018-style image-level format, and validators that decode every mask back before anything is uploaded.
+
+``weakcell validate FILE [--sample SAMPLE_CSV] [--classes N]`` (or ``python -m weakcell.submission FILE``)
+checks a written file and prints a one-line summary; exit code 0 when valid, 2 otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+
+from weakcell.constants import EMPTY_MASK_RLE, HPA2021_CLASSES
+
+log = logging.getLogger(__name__)
+
+N_CLASSES = len(HPA2021_CLASSES)
+CELL_COLUMNS = ["ID", "ImageWidth", "ImageHeight", "PredictionString"]
+# The sample submission's row for a 2048x2048 image without predictions: class 0, confidence 1, an empty
+# mask. Other sizes get the empty mask of their own size (``placeholder(h, w)``), as the sample does.
+PLACEHOLDER = f"0 1 {EMPTY_MASK_RLE}"
+MAX_PROBLEMS = 20
+
+
+class SubmissionError(ValueError):
+    """A submission that Kaggle would reject or mis-score; the message lists the first problems."""
+
+    def __init__(self, problems: list[str], total: int | None = None):
+        self.problems = problems
+        total = len(problems) if total is None else total
+        more = f"\n  ... and {total - len(problems)} more" if total > len(problems) else ""
+        super().__init__(f"{total} problem(s):\n  " + "\n  ".join(problems) + more)
+
+
+# ----------------------------------------------------------------------------------------- masks
+
+
+def _pack(counts: bytes) -> str:
+    return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """Boolean (H, W) mask -> the competition's text: pycocotools RLE counts -> zlib level 9 -> base64."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return _pack(rle["counts"])
+
+
+def _unpack(text: str) -> bytes:
+    return zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+
+
+def decode_mask(text: str, height: int, width: int) -> np.ndarray:
+    """Inverse of ``encode_mask``: base64 -> zlib -> RLE counts -> bool (height, width).
+    Raises ValueError when the runs do not cover exactly height * width pixels."""
+    counts = _unpack(text)
+    runs = rle_counts(counts)
+    if runs.sum() != height * width:
+        raise ValueError(f"mask covers {int(runs.sum())} pixels, not {height}x{width} = {height * width}")
+    with warnings.catch_warnings():  # pycocotools under numpy 2: "__array__ ... copy keyword"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode({"size": [int(height), int(width)], "counts": counts}).astype(bool)
+
+
+def rle_counts(counts: bytes) -> np.ndarray:
+    """Decode pycocotools' compressed counts string into run lengths (zeros first), vectorised.
+    Mirrors ``rleFrString`` in maskApi.c; raises ValueError on malformed strings or negative runs.
+    Checking the runs before ``mask_utils.decode`` matters: pycocotools writes past its buffer when the
+    runs sum to more than height * width."""
+    chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if chars.size == 0:
+        raise ValueError("empty RLE counts")
+    if chars.min() < 0 or chars.max() > 63:
+        raise ValueError("RLE counts hold characters outside the pycocotools alphabet")
+    more = (chars & 0x20) != 0
+    if more[-1]:
+        raise ValueError("RLE counts end in the middle of a number")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    group = np.repeat(np.arange(ends.size), ends - starts + 1)
+    shift = np.arange(chars.size) - starts[group]
+    if shift.max() > 11:
+        raise ValueError("RLE counts hold a number too long")
+    values = np.add.reduceat((chars & 0x1F) << (5 * shift), starts)
+    negative = (chars[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * (shift[ends][negative] + 1))
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # counts[m] = x + counts[m - 2] for m > 2
+    runs[2::2] = np.cumsum(values[2::2])
+    if runs.min() < 0:
+        raise ValueError("RLE counts decode to a negative run")
+    return runs
+
+
+def _encode_runs(runs: list[int], height: int, width: int) -> str:
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
+    return _pack(rle["counts"])
+
+
+def placeholder(height: int, width: int) -> str:
+    """The sample submission's prediction for an image without cells: ``0 1 <empty height x width mask>``
+    (``PLACEHOLDER`` at 2048x2048; 1728x1728 and 3072x3072 rows of the sample carry their own)."""
+    return f"0 1 {_encode_runs([int(height) * int(width)], int(height), int(width))}"
+
+
+def encode_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> str:
+    """Encode a full (height, width) mask given only its bbox crop at (y0, x0): same text as
+    ``encode_mask`` on the full image, but the work is proportional to the crop, not to the image."""
+    crop = np.asarray(crop, dtype=bool)
+    h, w = crop.shape
+    if y0 < 0 or x0 < 0 or y0 + h > height or x0 + w > width:
+        raise ValueError(f"crop {crop.shape} at ({y0}, {x0}) falls outside the {height}x{width} image")
+    padded = np.zeros((h + 2, w), dtype=np.int8)
+    padded[1:-1] = crop
+    edges = np.diff(padded.ravel(order="F"))
+    # Position i + 1 in the padded column-major order -> pixel index in the full image's column-major order.
+    rises = np.flatnonzero(edges == 1) + 1
+    falls = np.flatnonzero(edges == -1) + 1
+    if rises.size == 0:
+        return _encode_runs([height * width], height, width)
+    col_r, row_r = np.divmod(rises, h + 2)
+    col_f, row_f = np.divmod(falls, h + 2)
+    on = (x0 + col_r) * height + y0 + row_r - 1
+    off = (x0 + col_f) * height + y0 + row_f - 1
+    # A run that ends at the image's bottom row continues at the top of the next column.
+    joined = off[:-1] == on[1:]
+    if joined.any():
+        on = np.concatenate((on[:1], on[1:][~joined]))
+        off = np.concatenate((off[:-1][~joined], off[-1:]))
+    bounds = np.empty(2 * on.size + 2, dtype=np.int64)
+    bounds[0] = 0
+    bounds[1:-1:2] = on
+    bounds[2:-1:2] = off
+    bounds[-1] = height * width
+    runs = np.diff(bounds)
+    if runs[-1] == 0:
+        runs = runs[:-1]
+    return _encode_runs(runs.tolist(), height, width)
+
+
+# ------------------------------------------------------------------------------- prediction strings
+
+
+def _format_cell(mask_text: str, probs: np.ndarray, min_score: float) -> list[str]:
+    keep = np.flatnonzero(probs >= min_score) if min_score > 0 else range(len(probs))
+    return [f"{c} {probs[c]:.4g} {mask_text}" for c in keep]
+
+
+def cell_prediction_string(
+    cell_masks: Mapping[int, np.ndarray] | np.ndarray,
+    scores: Mapping[int, np.ndarray],
+    min_score: float = 0.0,
+) -> str:
+    """``label confidence mask`` triples for every scored cell and every class with confidence >=
+    ``min_score``. ``cell_masks`` is either {cell_id: bool (H, W)} or an integer label image (H, W),
+    where cells are cut out through their ``scipy.ndimage.find_objects`` boxes; each cell's mask is
+    encoded once, at full resolution. Confidences are clipped to [0, 1] and written with 4 significant
+    digits. Returns "" when nothing is kept (callers substitute ``placeholder(h, w)``)."""
+    parts: list[str] = []
+    if isinstance(cell_masks, np.ndarray):
+        from scipy import ndimage
+
+        labels = cell_masks
+        if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"label image must be a 2-D integer array, got {labels.dtype} {labels.shape}")
+        height, width = labels.shape
+        boxes = ndimage.find_objects(labels)
+        for cell_id, probs in scores.items():
+            cell_id = int(cell_id)
+            box = boxes[cell_id - 1] if 0 < cell_id <= len(boxes) else None
+            if box is None:
+                raise KeyError(f"cell {cell_id} is scored but absent from the label image")
+            text = encode_crop(labels[box] == cell_id, box[0].start, box[1].start, height, width)
+            parts += _format_cell(text, np.clip(np.asarray(probs, float), 0.0, 1.0), min_score)
+    else:
+        for cell_id, probs in scores.items():
+            if cell_id not in cell_masks:
+                raise KeyError(f"cell {cell_id} is scored but has no mask")
+            text = encode_mask(np.asarray(cell_masks[cell_id], dtype=bool))
+            parts += _format_cell(text, np.clip(np.asarray(probs, float), 0.0, 1.0), min_score)
+    return " ".join(parts)
+
+
+def prob_columns(frame: pd.DataFrame) -> list[str]:
+    """``p_0 .. p_{C-1}`` in class order; raises when missing or not contiguous."""
+    cols = sorted(
+        (c for c in frame.columns if c.startswith("p_") and c[2:].isdigit()), key=lambda c: int(c[2:])
+    )
+    if not cols or [int(c[2:]) for c in cols] != list(range(len(cols))):
+        raise ValueError(f"expected probability columns p_0..p_{{C-1}}, got {cols}")
+    return cols
+
+
+def _atomic_write(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            frame.to_csv(handle, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_cell_level(
+    predictions: pd.DataFrame,
+    masks_of: Callable[[str], np.ndarray],
+    sample_submission: pd.DataFrame,
+    path: str | os.PathLike,
+    min_score: float = 0.0,
+) -> Path:
+    """Cell-level submission: one row per sample-submission ID, in its order and with its sizes.
+    ``predictions`` has image_id, cell_id, p_0..p_{C-1}; ``masks_of(image_id)`` returns the instance label
+    image at the original resolution. Images without cells or predictions get ``placeholder(h, w)``. The frame
+    is validated (every mask decoded back) before it is written, atomically."""
+    cols = prob_columns(predictions)
+    sample = sample_submission[CELL_COLUMNS[:3]].reset_index(drop=True)
+    unknown = set(predictions["image_id"]) - set(sample["ID"])
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} predicted image(s) are not in the sample submission, e.g. {min(unknown)}"
+        )
+    groups = {k: g for k, g in predictions.groupby("image_id", sort=False)}
+    strings = []
+    for image_id, width, height in sample.itertuples(index=False):
+        group = groups.get(image_id)
+        text = ""
+        if group is not None and len(group):
+            labels = masks_of(image_id)
+            if labels is None or labels.shape != (int(height), int(width)):
+                shape = None if labels is None else labels.shape
+                raise ValueError(
+                    f"mask of {image_id} has shape {shape}, the submission needs (ImageHeight, ImageWidth) = "
+                    f"({height}, {width}): masks must be at the original resolution"
+                )
+            scores = dict(zip(group["cell_id"].astype(int), group[cols].to_numpy(float)))
+            text = cell_prediction_string(labels, scores, min_score=min_score)
+        strings.append(text or placeholder(height, width))
+    frame = sample.assign(PredictionString=strings)
+    stats = validate_cell_level(frame, sample_submission, n_classes=len(cols))
+    _atomic_write(frame, path)
+    log.info("cell-level submission %s: %d rows, %d predictions", path, stats["rows"], stats["predictions"])
+    return Path(path)
+
+
+def write_image_level(
+    probs: pd.DataFrame,
+    thresholds: np.ndarray,
+    path: str | os.PathLike,
+    id_column: str = "Id",
+    sample_submission: pd.DataFrame | None = None,
+) -> Path:
+    """2018-style ``Id,Predicted``: space-separated classes whose probability exceeds its threshold.
+    Rows follow ``sample_submission`` when given (its IDs must all be predicted), else ``probs``."""
+    cols = prob_columns(probs)
+    thresholds = np.asarray(thresholds, dtype=float).reshape(-1)
+    if thresholds.size != len(cols):
+        raise ValueError(f"{thresholds.size} thresholds for {len(cols)} classes")
+    table = probs.groupby("image_id", sort=False)[cols].mean()
+    if sample_submission is not None:
+        ids = sample_submission.iloc[:, 0].astype(str)
+        missing = set(ids) - set(table.index)
+        if missing:
+            raise ValueError(f"{len(missing)} sample IDs have no prediction, e.g. {min(missing)}")
+        table = table.loc[list(ids)]
+    above = table.to_numpy(float) > thresholds
+    predicted = [" ".join(map(str, np.flatnonzero(row))) for row in above]
+    frame = pd.DataFrame({id_column: table.index.astype(str), "Predicted": predicted})
+    validate_image_level(frame, sample_submission, n_classes=len(cols), id_column=id_column)
+    return _atomic_write(frame, path)
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def _read(path_or_frame: str | os.PathLike | pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    if isinstance(path_or_frame, pd.DataFrame):
+        return path_or_frame.astype(str).reset_index(drop=True), float("nan")
+    path = Path(path_or_frame)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return frame, path.stat().st_size / 2**20
+
+
+def _check_mask(text: str, height: int, width: int, cache: dict, empty_ok: bool) -> str | None:
+    key = (text, height, width)
+    if key not in cache:
+        try:
+            runs = rle_counts(_unpack(text))
+            if runs.sum() != height * width:
+                cache[key] = f"mask covers {int(runs.sum())} pixels, not {height}x{width} = {height * width}"
+            elif runs[1::2].sum() == 0:
+                cache[key] = "empty"
+            else:
+                cache[key] = None
+        except (ValueError, binascii.Error, zlib.error, UnicodeEncodeError) as err:
+            cache[key] = f"mask does not decode ({err})"
+    if cache[key] == "empty":
+        return None if empty_ok else "empty mask (only a placeholder row, one prediction, may be empty)"
+    return cache[key]
+
+
+def validate_cell_level(
+    path_or_frame: str | os.PathLike | pd.DataFrame,
+    sample_submission: pd.DataFrame | str | os.PathLike | None = None,
+    n_classes: int = N_CLASSES,
+) -> dict:
+    """Check a cell-level submission as Kaggle reads it; every distinct mask is decoded back (its runs
+    must cover exactly ImageHeight x ImageWidth and hold at least one pixel, except in a placeholder row:
+    a single prediction with an empty mask, as the sample submission writes for every image). Raises
+    ``SubmissionError`` naming rows as ``row i`` (0-based data row; file line i + 2). Returns stats."""
+    start = time.perf_counter()
+    frame, size_mb = _read(path_or_frame)
+    problems: list[str] = []
+    if list(frame.columns) != CELL_COLUMNS:
+        raise SubmissionError([f"columns are {list(frame.columns)}, expected {CELL_COLUMNS}"])
+    if sample_submission is not None:
+        sample, _ = _read(sample_submission)
+        if list(frame["ID"]) != list(sample["ID"]):
+            missing = set(sample["ID"]) - set(frame["ID"])
+            extra = set(frame["ID"]) - set(sample["ID"])
+            problems.append(
+                f"IDs differ from the sample submission ({len(frame)} vs {len(sample)} rows, "
+                f"{len(missing)} missing, {len(extra)} extra"
+                + (", same set in another order)" if not missing and not extra else ")")
+            )
+        else:
+            for col in ("ImageWidth", "ImageHeight"):
+                bad = np.flatnonzero(frame[col].to_numpy() != sample[col].to_numpy())
+                problems += [f"row {i} (ID {frame['ID'][i]}): {col} differs from the sample" for i in bad[:5]]
+    duplicated = frame["ID"].duplicated(keep="first").to_numpy()
+    cache: dict = {}
+    n_predictions = n_placeholders = 0
+    for i, (image_id, width, height, text) in enumerate(frame.itertuples(index=False)):
+        where = f"row {i} (ID {image_id})"
+        if not image_id:
+            problems.append(f"row {i}: empty ID")
+        if duplicated[i]:
+            problems.append(f"{where}: duplicate ID")
+        try:
+            w, h = int(width), int(height)
+            if w <= 0 or h <= 0:
+                raise ValueError
+        except ValueError:
+            problems.append(f"{where}: size {width!r}x{height!r} is not two positive integers")
+            continue
+        tokens = text.split()
+        if not tokens:
+            problems.append(f"{where}: empty PredictionString (use the placeholder {PLACEHOLDER!r})")
+            continue
+        if len(tokens) % 3:
+            problems.append(f"{where}: {len(tokens)} tokens, not complete 'label confidence mask' triples")
+            continue
+        n_predictions += len(tokens) // 3
+        for j in range(0, len(tokens), 3):
+            label, conf, mask = tokens[j : j + 3]
+            k = j // 3
+            if not (label.isdigit() and int(label) < n_classes):
+                problems.append(
+                    f"{where}, prediction {k}: label {label!r} is not an integer in 0..{n_classes - 1}"
+                )
+            try:
+                p = float(conf)
+                if not (np.isfinite(p) and 0.0 <= p <= 1.0):
+                    raise ValueError
+            except ValueError:
+                problems.append(
+                    f"{where}, prediction {k}: confidence {conf!r} is not a finite number in [0, 1]"
+                )
+            error = _check_mask(mask, h, w, cache, empty_ok=len(tokens) == 3)
+            if error:
+                problems.append(f"{where}, prediction {k}: {error}")
+            elif cache[(mask, h, w)] == "empty":
+                n_placeholders += 1
+        if len(problems) > 10 * MAX_PROBLEMS:
+            problems.append("(stopped checking)")
+            break
+    if problems:
+        raise SubmissionError(problems[:MAX_PROBLEMS], len(problems))
+    return {
+        "rows": len(frame),
+        "predictions": n_predictions,
+        "masks": len(cache),
+        "placeholders": n_placeholders,
+        "size_mb": round(size_mb, 3),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def validate_image_level(
+    path_or_frame: str | os.PathLike | pd.DataFrame,
+    sample_submission: pd.DataFrame | str | os.PathLike | None = None,
+    n_classes: int | None = None,
+    id_column: str = "Id",
+) -> dict:
+    """Check an ``Id,Predicted`` file: unique IDs (the sample's, in order, when given), labels
+    space-separated integers in 0..n_classes-1 (empty allowed). Returns stats."""
+    start = time.perf_counter()
+    frame, size_mb = _read(path_or_frame)
+    if list(frame.columns) != [id_column, "Predicted"]:
+        raise SubmissionError([f"columns are {list(frame.columns)}, expected {[id_column, 'Predicted']}"])
+    problems = []
+    if sample_submission is not None:
+        sample, _ = _read(sample_submission)
+        if list(frame[id_column]) != list(sample.iloc[:, 0]):
+            problems.append(f"IDs differ from the sample submission ({len(frame)} vs {len(sample)} rows)")
+    duplicated = frame[id_column].duplicated().to_numpy()
+    n_labels = 0
+    for i, (image_id, predicted) in enumerate(frame.itertuples(index=False)):
+        if duplicated[i]:
+            problems.append(f"row {i} (ID {image_id}): duplicate ID")
+        for label in predicted.split():
+            n_labels += 1
+            if not label.isdigit() or (n_classes is not None and int(label) >= n_classes):
+                problems.append(f"row {i} (ID {image_id}): label {label!r} is not a class index")
+    if problems:
+        raise SubmissionError(problems[:MAX_PROBLEMS], len(problems))
+    return {
+        "rows": len(frame),
+        "labels": n_labels,
+        "size_mb": round(size_mb, 3),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def validate_main(argv: list[str] | None = None) -> int:
+    """``weakcell validate FILE [--sample SAMPLE_CSV] [--classes N]``: detects the format from the header,
+    prints a one-line summary, returns 0 when valid and 2 otherwise."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="weakcell validate", description=validate_main.__doc__)
+    parser.add_argument("file")
+    parser.add_argument("--sample", help="sample submission whose IDs and order must match")
+    parser.add_argument(
+        "--classes", type=int, default=None, help=f"number of classes (cell level: {N_CLASSES})"
+    )
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else 2
+    try:
+        header = pd.read_csv(args.file, nrows=0).columns.tolist()
+        if header == CELL_COLUMNS:
+            stats = validate_cell_level(args.file, args.sample, n_classes=args.classes or N_CLASSES)
+            kind = "cell-level"
+        else:
+            stats = validate_image_level(args.file, args.sample, args.classes, id_column=header[0])
+            kind = "image-level"
+    except (SubmissionError, OSError, ValueError) as err:
+        print(f"invalid: {args.file}: {err}", file=sys.stderr)
+        return 2
+    summary = ", ".join(f"{k} {v}" for k, v in stats.items())
+    print(f"valid {kind} submission {args.file}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(validate_main())
