@@ -126,3 +126,13 @@ def test_rare_classes_weigh_more():
     order = epoch_order(100, 10, seed=0, epoch=0, weights=weights)
     assert np.array_equal(order, epoch_order(100, 10, seed=0, epoch=0, weights=weights))
     assert 0.3 < (order >= 90).mean() < 0.7
+
+
+def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
+    cfg, _ = tiny_run
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr * 2})})
+    with pytest.raises(ValueError, match=r"train\.lr.*FORCE=1"):
+        train_stage.run(changed)
+    # where it runs is not what it computes: a device or worker change still reuses the folds
+    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 0, "device": "cpu"})})
+    assert train_stage.run(moved)["folds"] == 3

@@ -518,3 +518,34 @@ def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
     tmp.write_text(text)
     tmp.replace(target)
     return target
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(
+    folder: str | os.PathLike[str],
+    cfg: Config,
+    include: tuple[str, ...] = ("",),
+    exclude: tuple[str, ...] = (),
+) -> list[str]:
+    """Dotted keys (starting with one of ``include``, none of ``exclude``) whose value in the config saved
+    in ``folder/config.yaml`` differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved."""
+    saved_path = Path(folder) / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(cfg.model_dump(mode="json"))
+    keys = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key.startswith(include) and not key.startswith(exclude) and saved.get(key) != current.get(key)
+    )
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys]

@@ -32,7 +32,7 @@ from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
-from weakcell.config import Config, TrainConfig, save_config
+from weakcell.config import Config, TrainConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
@@ -455,6 +455,18 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     return oof_image, oof_cell
 
 
+# Keys that change where or how a run executes, not what it computes (and later stages' own sections).
+RUNTIME_SETTINGS = (
+    "force",
+    "train.device",
+    "train.workers",
+    "train.compile",
+    "train.folds",
+    "paths.",
+    "thresholds.",
+)
+
+
 def is_main_process() -> bool:
     """Under torchrun every process computes the same (gathered) outputs; rank 0 alone writes them."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -523,6 +535,14 @@ def run(cfg: Config) -> dict[str, float]:
     """Train every fold (or ``train.folds``), write OOF predictions and ``metrics.json`` into the run."""
     start = time.perf_counter()
     run_dir = cfg.path(cfg.paths.runs) / cfg.name
+    if not cfg.force:
+        # finished folds are reused: only while what they computed from is the same
+        differ = changed_settings(run_dir, cfg, exclude=RUNTIME_SETTINGS)
+        if differ:
+            raise ValueError(
+                f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
+                "FORCE=1 or give the new run another name (name=...)"
+            )
     main_process = is_main_process()
     if main_process:
         save_config(cfg, run_dir)

@@ -27,7 +27,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -42,7 +41,7 @@ from weakcell.cache.store import (
     SKIPPED_FILE,
     mask_paths,
 )
-from weakcell.config import Config, save_config
+from weakcell.config import Config, changed_settings, save_config
 from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
@@ -354,34 +353,14 @@ def _remove_part(cache_dir: Path, part: int, n_parts: int) -> None:
 CONTENT_KEYS = ("data", "segment", "cache.crop_size")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_same_settings(cfg: Config, cache_dir: Path) -> None:
     """Refuse to add to a cache built with other segmentation / crop / data settings: its finished images
     would be silently kept. Names the keys that differ and the two ways out."""
-    saved_path = cache_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    current = _flatten(cfg.model_dump(mode="json"))
-    differ = sorted(
-        key
-        for key in set(saved) | set(current)
-        if key.startswith(CONTENT_KEYS) and saved.get(key) != current.get(key)
-    )
+    differ = changed_settings(cache_dir, cfg, include=CONTENT_KEYS)
     if differ:
-        listing = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:6])
         raise ValueError(
-            f"the cache in {cache_dir} was built with other settings ({listing}); rebuild it with FORCE=1 "
-            "(make cache FORCE=1) or write the new one elsewhere with cache.dir=..."
+            f"the cache in {cache_dir} was built with other settings ({', '.join(differ[:6])}); rebuild it "
+            "with FORCE=1 (make cache FORCE=1) or write the new one elsewhere with cache.dir=..."
         )
 
 
