@@ -16,7 +16,7 @@ TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal
 export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
-.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train thresholds \
+.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train thresholds infer \
 	bench-synthetic bench-cache bench-train bench-train-gpu test test-all lint clean
 
 help: ## list the targets
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
 
-demo: data preview folds cache train thresholds ## the main job on the embedded synthetic benchmark, as far as the kit reaches
+demo: data preview folds cache train thresholds infer ## the main job on the embedded synthetic benchmark, as far as the kit reaches
 
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)
@@ -58,6 +58,9 @@ train: $(STAMP) ## K folds: cell model on weak labels -> attention MIL -> OOF pr
 
 thresholds: $(STAMP) ## per-class thresholds tuned on OOF image predictions -> runs/<name>/thresholds.json
 	$(WEAKCELL) thresholds $(CONFIG) $(OVERRIDES)
+
+infer: $(STAMP) ## TTA x folds on the test split -> submissions/<name>/cell_level.csv + image_level.csv (validated)
+	$(WEAKCELL) infer $(CONFIG) $(OVERRIDES)
 
 bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
 	$(PY) benchmarks/bench_synthetic.py

@@ -19,7 +19,7 @@ from weakcell.synthetic import writer as data_stage
 
 TINY = [
     "synthetic.n_train=9",
-    "synthetic.n_test=0",
+    "synthetic.n_test=3",
     "synthetic.image_size=256",
     "synthetic.cell_scale=0.15",
     "synthetic.cells_per_image=[3,6]",
@@ -27,7 +27,6 @@ TINY = [
     "folds.n_splits=3",
     "cache.crop_size=32",
     "cache.workers=1",
-    "cache.splits=[train]",
     "segment.classical.nucleus_diameter=27",
     "segment.classical.working_scale=0.5",
     "model.backbone=test_resnet",
@@ -36,6 +35,7 @@ TINY = [
     "train.checkpoint_every=0",
     "mil.epochs=2",
     "mil.batch_size=4",
+    "infer.tta=[0,1]",
 ]
 
 
@@ -136,3 +136,41 @@ def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
     # where it runs is not what it computes: a device or worker change still reuses the folds
     moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 0, "device": "cpu"})})
     assert train_stage.run(moved)["folds"] == 3
+
+
+def test_infer_writes_valid_submissions(tiny_run):
+    from weakcell import infer as infer_stage
+    from weakcell import thresholds as thresholds_stage
+    from weakcell.submission import decode_mask, validate_cell_level, validate_image_level
+
+    cfg, _ = tiny_run
+    thresholds_stage.run(cfg)
+    out_dir = infer_stage.run(cfg)
+    sample = pd.read_csv(cfg.data_dir / "sample_submission.csv")
+    cell_level = pd.read_csv(out_dir / "cell_level.csv")
+    assert cell_level["ID"].tolist() == sample["ID"].tolist()
+    assert validate_cell_level(out_dir / "cell_level.csv", sample)["rows"] == len(sample)
+    validate_image_level(out_dir / "image_level.csv")
+    # the masks in the file are the cache's cells at the original size
+    from weakcell.cache.store import CellCache
+
+    cache = CellCache(cfg.cache_dir)
+    row = cell_level.iloc[0]
+    triples = row["PredictionString"].split()
+    mask = decode_mask(triples[2], row["ImageHeight"], row["ImageWidth"])
+    cells = cache.masks(row["ID"]).cells
+    assert mask.shape == cells.shape and len(np.unique(cells[mask])) == 1 and cells[mask][0] > 0
+    # confidences are cell probability x image probability: never above either
+    pred_cell = pd.read_parquet(out_dir / "pred_cell.parquet")
+    assert ((pred_cell["p_0"] * pred_cell["image_0"]) <= pred_cell["p_0"] + 1e-12).all()
+
+
+def test_blend_refuses_different_keys():
+    from weakcell.infer import blend
+
+    a = pd.DataFrame({"image_id": ["x", "y"], "p_0": [0.2, 0.4]})
+    b = pd.DataFrame({"image_id": ["y", "x"], "p_0": [0.6, 0.8]})
+    blended = blend([a, b], ["image_id"]).set_index("image_id")["p_0"]
+    assert blended["x"] == pytest.approx(0.5) and blended["y"] == pytest.approx(0.5)
+    with pytest.raises(AssertionError, match="different"):
+        blend([a, b.iloc[:1]], ["image_id"])

@@ -33,6 +33,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
     "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
     "train": ("weakcell.train:run", "K folds: cell model (weak labels) -> attention MIL -> OOF predictions"),
+    "infer": (
+        "weakcell.infer:run",
+        "TTA x folds on the test split -> submissions/<name>/cell_level.csv, image_level.csv",
+    ),
     "validate": (
         "weakcell.submission:validate_main",
         "check a submission CSV (cell or image level); exit 0/2",

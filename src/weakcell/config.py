@@ -353,6 +353,19 @@ class ThresholdsConfig(Section):
     fallback: float = Field(0.5, gt=0, lt=1, description="threshold of classes too rare to tune")
 
 
+class InferConfig(Section):
+    """Test-time prediction (``make infer``): TTA x folds, then the two Kaggle CSVs."""
+
+    tta: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 4],
+        description="square symmetries averaged per cell: 0 = identity, 1 = flip lr, 2 = flip ud, 4 = transpose",
+    )
+    image_power: float = Field(
+        1.0, ge=0, description="cell confidence = cell probability x image probability ** image_power"
+    )
+    min_score: float = Field(0.0, ge=0, le=1, description="drop cell predictions below this confidence")
+
+
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
@@ -369,6 +382,7 @@ class Config(Section):
     mil: MilConfig = Field(default_factory=MilConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,145 @@
+"""``make infer``: predict the test split with every fold's models and write the Kaggle submissions.
+
+Per fold: the cell model predicts every test cell under each TTA symmetry (probabilities and embeddings
+averaged over the symmetries); the fold's MIL head turns each image's averaged embeddings into image
+probabilities and attention. Folds are then blended as a groupby-mean on (image_id, cell_id) / image_id,
+after asserting that every fold predicted the same keys. A cell's confidence for class c is its own
+probability times its image's probability ** ``infer.image_power`` (the top 2021 solutions' product).
+
+Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
+of the dataset's sample submission, masks at the original size, validated before it is written) and
+``image_level.csv`` (classes above the tuned thresholds of ``runs/<run>/thresholds.json``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from weakcell.cache.loader import CellCrops, apply_symmetries
+from weakcell.cache.store import CellCache
+from weakcell.config import Config
+from weakcell.data.datasets import get_dataset
+from weakcell.engine import predict
+from weakcell.models import create_model
+from weakcell.submission import write_cell_level, write_image_level
+from weakcell.thresholds import read_thresholds
+from weakcell.train import EmbeddingBags, prob_columns
+from weakcell.weights import load_state_dict
+
+
+class SymmetricCrops(CellCrops):
+    """Cell crops under one fixed symmetry of the square (a TTA view)."""
+
+    def __init__(self, cache: CellCache, indices: np.ndarray, code: int) -> None:
+        super().__init__(cache, indices, None)
+        self.code = code
+
+    def __getitems__(self, positions):
+        batch = super().__getitems__(positions)
+        crops = batch["crops"].numpy()
+        codes = np.full(len(crops), self.code)
+        batch["crops"] = torch.from_numpy(np.ascontiguousarray(apply_symmetries(crops, codes)))
+        return batch
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def predict_fold(
+    cfg: Config, fold_dir: Path, cache: CellCache, image_ids: list[str], n_classes: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One fold's image and cell predictions of ``image_ids`` (TTA-averaged)."""
+    cells = cache.cells[cache.cells["image_id"].isin(image_ids)]
+    rows = cells.index.to_numpy()
+    cell_model = create_model("cell", cfg, n_classes)
+    cell_model.load_state_dict(load_state_dict(fold_dir / "cell" / "model.pt"))
+    probs, embeddings = 0.0, 0.0
+    for code in cfg.infer.tta:  # (N, C) and (N, D) summed over views, in ``rows`` order
+        out = predict(cell_model, SymmetricCrops(cache, rows, code), cfg.train, batch_keys=("index",))
+        order = pd.Index(out["index"]).get_indexer(rows)
+        probs = probs + _sigmoid(out["logits"][order])
+        embeddings = embeddings + out["embeddings"][order]
+    probs = np.asarray(probs) / len(cfg.infer.tta)
+    embeddings = np.asarray(embeddings, dtype=np.float32) / len(cfg.infer.tta)
+
+    # MIL over each image's averaged embeddings; ``EmbeddingBags`` indexes embeddings by cache row
+    table = np.zeros((len(cache.cells), embeddings.shape[1] if len(rows) else 1), dtype=np.float32)
+    table[rows] = embeddings
+    by_image = cells.groupby("image_id", sort=False).indices
+    bags = [rows[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
+    mil = create_model("mil", cfg, n_classes, in_dim=table.shape[1])
+    mil.load_state_dict(load_state_dict(fold_dir / "mil" / "model.pt"))
+    n_max = max((len(b) for b in bags), default=1)
+    targets = np.zeros((len(image_ids), n_classes), np.float32)
+    mil_out = predict(mil, EmbeddingBags(table, bags, targets, n_max), cfg.train, batch_keys=("bag",))
+    image_probs = np.zeros((len(image_ids), n_classes))
+    image_probs[mil_out["bag"]] = _sigmoid(mil_out["logits"])
+    images = pd.DataFrame(image_probs, columns=prob_columns(n_classes)).assign(image_id=image_ids)
+    cell_table = cells[["image_id", "cell_id"]].reset_index(drop=True)
+    cell_table = pd.concat([cell_table, pd.DataFrame(probs, columns=prob_columns(n_classes))], axis=1)
+    return images, cell_table
+
+
+def blend(tables: list[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
+    """Mean over tables keyed by ``keys``, after asserting they all hold the same keys."""
+    first = set(map(tuple, tables[0][keys].to_numpy()))
+    for table in tables[1:]:
+        if set(map(tuple, table[keys].to_numpy())) != first:
+            raise AssertionError(f"predictions to blend hold different {keys}: refusing to average them")
+    return pd.concat(tables).groupby(keys, sort=False).mean().reset_index()
+
+
+def run(cfg: Config) -> Path:
+    """Predict the test split with every trained fold and write ``submissions/<run>/``."""
+    start = time.perf_counter()
+    spec = get_dataset(cfg.data.dataset)
+    run_dir = cfg.path(cfg.paths.runs) / cfg.name
+    fold_dirs = sorted(p for p in run_dir.glob("fold*") if (p / "mil" / "model.pt").is_file())
+    if not fold_dirs:
+        raise FileNotFoundError(f"no trained folds in {run_dir}; run `make train` first")
+    thresholds_path = run_dir / "thresholds.json"
+    if not thresholds_path.is_file():
+        raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
+    sample_path = cfg.data_dir / spec.sample_submission
+    if not sample_path.is_file():
+        raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs and sizes")
+    sample = pd.read_csv(sample_path)
+    cache = CellCache(cfg.cache_dir)
+    image_ids = sample["ID"].astype(str).tolist()
+    n_classes = spec.n_classes
+
+    results = [predict_fold(cfg, fold_dir, cache, image_ids, n_classes) for fold_dir in fold_dirs]
+    images = blend([r[0] for r in results], ["image_id"])
+    cells = blend([r[1] for r in results], ["image_id", "cell_id"])
+    image_of_cell = images.set_index("image_id").loc[cells["image_id"], prob_columns(n_classes)].to_numpy()
+    confidence = cells[prob_columns(n_classes)].to_numpy() * image_of_cell**cfg.infer.image_power
+    scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
+
+    out_dir = cfg.path(cfg.paths.submissions) / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images.to_parquet(out_dir / "pred_image.parquet", index=False)
+    cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)}).to_parquet(
+        out_dir / "pred_cell.parquet", index=False
+    )
+    write_cell_level(
+        scored, lambda i: cache.masks(i).cells, sample, out_dir / "cell_level.csv", cfg.infer.min_score
+    )
+    # images come in the sample submission's order (image_ids above)
+    write_image_level(images, read_thresholds(thresholds_path), out_dir / "image_level.csv")
+    print(
+        f"infer: {len(fold_dirs)} folds x {len(cfg.infer.tta)} TTA views, {len(images)} images, {len(cells)} cells, "
+        f"{time.perf_counter() - start:.0f} s -> {out_dir}/cell_level.csv, image_level.csv"
+    )
+    return out_dir
+
+
+if __name__ == "__main__":
+    from weakcell.cli import stage_main
+
+    raise SystemExit(stage_main(run))
