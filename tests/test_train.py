@@ -133,8 +133,13 @@ def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr * 2})})
     with pytest.raises(ValueError, match=r"train\.lr.*FORCE=1"):
         train_stage.run(changed)
-    # where it runs is not what it computes: a device or worker change still reuses the folds
-    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 0, "device": "cpu"})})
+    # where it runs is not what it computes, nor are later stages' settings: the folds are reused
+    moved = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"workers": 0, "device": "cpu"}),
+            "infer": cfg.infer.model_copy(update={"image_power": 2.0}),
+        }
+    )
     assert train_stage.run(moved)["folds"] == 3
 
 

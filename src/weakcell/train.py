@@ -455,16 +455,20 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     return oof_image, oof_cell
 
 
-# Keys that change where or how a run executes, not what it computes (and later stages' own sections).
-RUNTIME_SETTINGS = (
-    "force",
-    "train.device",
-    "train.workers",
-    "train.compile",
-    "train.folds",
-    "paths.",
-    "thresholds.",
+# What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not.
+TRAINING_SETTINGS = (
+    "seed",
+    "data.",
+    "synthetic.",
+    "folds.",
+    "segment.",
+    "cache.crop_size",
+    "model.",
+    "mil.",
+    "train.",
 )
+# ... minus the keys that change where or how a run executes, not what it computes.
+RUNTIME_SETTINGS = ("train.device", "train.workers", "train.compile", "train.folds")
 
 
 def is_main_process() -> bool:
@@ -537,7 +541,7 @@ def run(cfg: Config) -> dict[str, float]:
     run_dir = cfg.path(cfg.paths.runs) / cfg.name
     if not cfg.force:
         # finished folds are reused: only while what they computed from is the same
-        differ = changed_settings(run_dir, cfg, exclude=RUNTIME_SETTINGS)
+        differ = changed_settings(run_dir, cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
         if differ:
             raise ValueError(
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
