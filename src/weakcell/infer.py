@@ -25,6 +25,7 @@ from weakcell.cache.store import CellCache
 from weakcell.config import Config
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
+from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.submission import write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
@@ -47,10 +48,6 @@ class SymmetricCrops(CellCrops):
         return batch
 
 
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
 def predict_fold(
     cfg: Config, fold_dir: Path, cache: CellCache, image_ids: list[str], n_classes: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -63,7 +60,7 @@ def predict_fold(
     for code in cfg.infer.tta:  # (N, C) and (N, D) summed over views, in ``rows`` order
         out = predict(cell_model, SymmetricCrops(cache, rows, code), cfg.train, batch_keys=("index",))
         order = pd.Index(out["index"]).get_indexer(rows)
-        probs = probs + _sigmoid(out["logits"][order])
+        probs = probs + sigmoid(out["logits"][order])
         embeddings = embeddings + out["embeddings"][order]
     probs = np.asarray(probs) / len(cfg.infer.tta)
     embeddings = np.asarray(embeddings, dtype=np.float32) / len(cfg.infer.tta)
@@ -79,7 +76,7 @@ def predict_fold(
     targets = np.zeros((len(image_ids), n_classes), np.float32)
     mil_out = predict(mil, EmbeddingBags(table, bags, targets, n_max), cfg.train, batch_keys=("bag",))
     image_probs = np.zeros((len(image_ids), n_classes))
-    image_probs[mil_out["bag"]] = _sigmoid(mil_out["logits"])
+    image_probs[mil_out["bag"]] = sigmoid(mil_out["logits"])
     images = pd.DataFrame(image_probs, columns=prob_columns(n_classes)).assign(image_id=image_ids)
     cell_table = cells[["image_id", "cell_id"]].reset_index(drop=True)
     cell_table = pd.concat([cell_table, pd.DataFrame(probs, columns=prob_columns(n_classes))], axis=1)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, in float64 (predictions come back from the engine as float32)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def average_precision(y_true: np.ndarray, scores: np.ndarray, n_missed: int = 0) -> float:
     """Non-interpolated AP of one class: mean precision at the rank of each positive.
 

@@ -38,7 +38,7 @@ from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.engine import fit, predict
 from weakcell.folds import read_folds
-from weakcell.metrics import macro_f1, mean_average_precision
+from weakcell.metrics import macro_f1, mean_average_precision, sigmoid
 from weakcell.models import create_model
 from weakcell.weights import load_state_dict
 
@@ -238,10 +238,6 @@ def balanced_sample_weights(targets: np.ndarray) -> np.ndarray:
 # -- scoring callbacks --------------------------------------------------------------------------------
 
 
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
 def max_pool_images(cells: pd.DataFrame, probs: np.ndarray, image_ids: list[str]) -> np.ndarray:
     """Image scores as the max of their cells' probabilities ((n_images, C); 0 for images without cells)."""
     table = pd.DataFrame(probs).groupby(cells["image_id"].to_numpy()).max()
@@ -332,7 +328,7 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
 
     def score_cells(outputs: dict[str, np.ndarray]) -> dict[str, float]:
         order = pd.Index(outputs["index"]).get_indexer(val_cells)  # back to val_cells order
-        probs = _sigmoid(outputs["logits"])[order]
+        probs = sigmoid(outputs["logits"])[order]
         scores = image_metrics(val_image_targets, max_pool_images(val_table, probs, val_image_ids), "max_")
         if data.truth is not None:
             table = val_table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
@@ -367,7 +363,7 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     embeddings = np.zeros((len(data.cache.cells), outputs["embeddings"].shape[1]), dtype=np.float32)
     embeddings[outputs["index"]] = outputs["embeddings"]
     cell_probs = np.zeros((len(data.cache.cells), n_classes), dtype=np.float64)
-    cell_probs[outputs["index"]] = _sigmoid(outputs["logits"])
+    cell_probs[outputs["index"]] = sigmoid(outputs["logits"])
     fold_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id); atomic
         tmp = fold_dir / "oof_embeddings.tmp.npz"
@@ -397,7 +393,7 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
 
     def score_images(outputs: dict[str, np.ndarray]) -> dict[str, float]:
         probs = np.zeros((len(bags.val), n_classes))
-        probs[outputs["bag"]] = _sigmoid(outputs["logits"])
+        probs[outputs["bag"]] = sigmoid(outputs["logits"])
         return image_metrics(val_image_targets, probs)
 
     torch.manual_seed(cfg.seed + fold)
@@ -420,12 +416,12 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
 
     # -- out-of-fold tables, keyed by ID (never by row position)
     order = np.argsort(mil_out["bag"])
-    image_probs = _sigmoid(mil_out["logits"][order])  # (n_val_images, C)
+    image_probs = sigmoid(mil_out["logits"][order])  # (n_val_images, C)
     oof_image = pd.DataFrame(image_probs, columns=prob_columns(n_classes)).assign(
         image_id=val_image_ids, fold=fold
     )
     oof_image = oof_image[["image_id", *prob_columns(n_classes), "fold"]]
-    instance_probs = _sigmoid(mil_out["instance_logits"][order])  # (n_val_images, N, C)
+    instance_probs = sigmoid(mil_out["instance_logits"][order])  # (n_val_images, N, C)
     attention = mil_out["attention"][order]  # (n_val_images, C, N)
     pieces = []
     for position, rows in enumerate(val_bags):
