@@ -41,7 +41,7 @@ import tifffile
 from weakcell.config import SegmentConfig, SyntheticConfig
 from weakcell.data.images import list_image_ids, read_image
 from weakcell.segment import segment_image
-from weakcell.segment.classical import segment_nuclei
+from weakcell.segment.classical import configured_nuclei
 from weakcell.segment.metrics import match_at_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,16 +156,8 @@ def dsb_quality() -> str:
         ("default", params.nucleus_local_contrast),
         ("log-Otsu only (nucleus_local_contrast=0)", 0.0),
     ):
-        nuclei = segment_nuclei(
-            image,
-            DSB_NUCLEUS_DIAMETER,
-            smoothing=params.nucleus_smoothing,
-            threshold_scale=params.nucleus_threshold_scale,
-            split_depth=params.nucleus_split_depth,
-            min_area_fraction=params.min_nucleus_area_fraction,
-            intensity_weight=params.nucleus_intensity_weight,
-            local_contrast=local_contrast,
-        )
+        variant = params.model_copy(update={"nucleus_local_contrast": local_contrast})
+        nuclei = configured_nuclei(image, DSB_NUCLEUS_DIAMETER, variant)
         s = score(nuclei, truth)
         rows.append([name, s["n_pred"], s["n_true"], s["f1_05"], s["f1_06"], s["mean_iou"]])
     return markdown_table(

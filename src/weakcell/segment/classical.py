@@ -231,6 +231,20 @@ def _upscale_labels(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> n
     return np.repeat(np.repeat(labels.astype(np.int32, copy=False), cols, axis=1), rows, axis=0)
 
 
+def configured_nuclei(plane: np.ndarray, diameter: float, params: ClassicalSegmentConfig) -> np.ndarray:
+    """``segment_nuclei`` with every knob taken from the config (``diameter`` in pixels of ``plane``)."""
+    return segment_nuclei(
+        plane,
+        diameter,
+        smoothing=params.nucleus_smoothing,
+        threshold_scale=params.nucleus_threshold_scale,
+        split_depth=params.nucleus_split_depth,
+        min_area_fraction=params.min_nucleus_area_fraction,
+        intensity_weight=params.nucleus_intensity_weight,
+        local_contrast=params.nucleus_local_contrast,
+    )
+
+
 def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
     """Segment one ``(4, H, W)`` uint8 image into cells and nuclei at full resolution (see module doc)."""
     if image.ndim != 3 or image.shape[0] != 4:
@@ -245,16 +259,7 @@ def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
         else image
     )
     diameter = params.nucleus_diameter * scale  # working pixels
-    nuclei = segment_nuclei(
-        small[BLUE],
-        diameter,
-        smoothing=params.nucleus_smoothing,
-        threshold_scale=params.nucleus_threshold_scale,
-        split_depth=params.nucleus_split_depth,
-        min_area_fraction=params.min_nucleus_area_fraction,
-        intensity_weight=params.nucleus_intensity_weight,
-        local_contrast=params.nucleus_local_contrast,
-    )
+    nuclei = configured_nuclei(small[BLUE], diameter, params)
     cells = segment_cells(small, nuclei, params, diameter)
     # Post-process at working scale, each small pixel weighted by the full-resolution pixels it becomes, so
     # that areas and therefore every rule come out as they would on the upscaled labels; repeated until
