@@ -6,17 +6,19 @@ SHELL := /bin/bash
 CONFIG ?= configs/demo.yaml
 ARGS ?=
 FORCE ?=
+# RUN=<name> picks a run (name=<name>), e.g. make weights-dataset RUN=demo
+RUN ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-OVERRIDES := $(ARGS) $(if $(FORCE),force=true)
+OVERRIDES := $(if $(RUN),name=$(RUN)) $(ARGS) $(if $(FORCE),force=true)
 WEAKCELL := $(PY) -m weakcell
 # tcmalloc makes the many small allocations of image work cheaper, when the system has it.
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
-.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train thresholds infer \
+.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate ablate \
 	bench-synthetic bench-cache bench-train bench-train-gpu test test-all lint clean
 
 help: ## list the targets
@@ -25,12 +27,12 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment]'
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle]'
 	touch $@
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
 
-demo: data preview folds cache train thresholds infer ## the main job on the embedded synthetic benchmark, as far as the kit reaches
+demo: data preview folds cache train refine thresholds infer evaluate ## the main job on the embedded synthetic benchmark: data to validated submissions, scored
 
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)
@@ -56,11 +58,42 @@ preview-cells: $(STAMP) ## outlines on synthetic and real images, a grid of crop
 train: $(STAMP) ## K folds: cell model on weak labels -> attention MIL -> OOF predictions in runs/<name>/
 	$(WEAKCELL) train $(CONFIG) $(OVERRIDES)
 
+refine: $(STAMP) ## pseudo-label refinement rounds: relabel cells from OOF outputs, retrain -> runs/<name>/round<r>/
+	$(WEAKCELL) refine $(CONFIG) $(OVERRIDES)
+
 thresholds: $(STAMP) ## per-class thresholds tuned on OOF image predictions -> runs/<name>/thresholds.json
 	$(WEAKCELL) thresholds $(CONFIG) $(OVERRIDES)
 
 infer: $(STAMP) ## TTA x folds on the test split -> submissions/<name>/cell_level.csv + image_level.csv (validated)
 	$(WEAKCELL) infer $(CONFIG) $(OVERRIDES)
+
+evaluate: $(STAMP) ## image/cell scores (competition mAP vs truth), per-class plots, attention maps -> reports/<name>/
+	$(WEAKCELL) evaluate $(CONFIG) $(OVERRIDES)
+
+infer-hpa2021: $(STAMP) ## the demo run's models on the real images in ../shared/data/hpa2021 -> submissions/hpa2021/ (validated)
+	$(WEAKCELL) cache configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 "cache.splits=[train]" $(OVERRIDES)
+	$(WEAKCELL) infer configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 infer.split=train infer.models=demo $(OVERRIDES)
+
+ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.md (+ .png); ARGS=ablate.subset=true is quicker
+	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
+
+# -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
+.PHONY: download wheels weights-dataset kernels submit
+
+download: $(STAMP) ## kaggle competitions download (kaggle.download) into data/<dataset>/, unzipped, resumable
+	$(WEAKCELL) download $(CONFIG) $(OVERRIDES)
+
+wheels: $(STAMP) ## Kaggle dataset folder: weakcell wheel + wheels the Kaggle image lacks -> dist/kaggle/weakcell-wheels/
+	$(WEAKCELL) wheels $(CONFIG) $(OVERRIDES)
+
+weights-dataset: $(STAMP) ## Kaggle dataset folder of run RUN: weights only, thresholds, config -> dist/kaggle/weakcell-weights-<run>/
+	$(WEAKCELL) weights-dataset $(CONFIG) $(OVERRIDES)
+
+kernels: $(STAMP) ## generate the offline kernels -> kernels/<variant>/ (kernel-metadata.json + script)
+	$(WEAKCELL) kernels $(CONFIG) $(OVERRIDES)
+
+submit: $(STAMP) ## 2018: kaggle competitions submit; 2021: kaggle kernels push of kernels/inference + next steps
+	$(WEAKCELL) submit $(CONFIG) $(OVERRIDES)
 
 bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
 	$(PY) benchmarks/bench_synthetic.py

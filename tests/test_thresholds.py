@@ -52,7 +52,7 @@ def test_stage_writes_thresholds_json(tmp_path):
         image_id=ids, fold=np.arange(100) % 5
     )
     oof.to_parquet(run_dir / "oof_image.parquet")
-    cfg = load_config(None, [f"paths.root={tmp_path}", "data.dataset=hpa2021", "name=t"])
+    cfg = load_config(None, [f"paths.root={tmp_path}", "data.dataset=hpa2021", "name=t", "refine.rounds=0"])
     table = run(cfg)
     written = json.loads((run_dir / "thresholds.json").read_text())
     assert len(written["classes"]) == 19

@@ -10,44 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from weakcell import folds as folds_stage
+from tests.conftest import TINY  # noqa: F401  (re-exported: other test modules import it from here)
 from weakcell import train as train_stage
-from weakcell.cache import build as cache_stage
 from weakcell.cell_truth import label_iou, match_cells
-from weakcell.config import load_config
-from weakcell.synthetic import writer as data_stage
-
-TINY = [
-    "synthetic.n_train=9",
-    "synthetic.n_test=3",
-    "synthetic.image_size=256",
-    "synthetic.cell_scale=0.15",
-    "synthetic.cells_per_image=[3,6]",
-    "synthetic.workers=1",
-    "folds.n_splits=3",
-    "cache.crop_size=32",
-    "cache.workers=1",
-    "segment.classical.nucleus_diameter=27",
-    "segment.classical.working_scale=0.5",
-    "model.backbone=test_resnet",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.checkpoint_every=0",
-    "mil.epochs=2",
-    "mil.batch_size=4",
-    "infer.tta=[0,1]",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(None, [f"paths.root={root}", *TINY])
-    data_stage.run(cfg)
-    folds_stage.run(cfg)
-    cache_stage.run(cfg)
-    metrics = train_stage.run(cfg)
-    return cfg, metrics
 
 
 def test_oof_covers_every_image_once(tiny_run):
@@ -179,3 +144,43 @@ def test_blend_refuses_different_keys():
     assert blended["x"] == pytest.approx(0.5) and blended["y"] == pytest.approx(0.5)
     with pytest.raises(AssertionError, match="different"):
         blend([a, b.iloc[:1]], ["image_id"])
+
+
+def test_infer_other_split_folds_and_models(tiny_run):
+    """A submission for the cached training images (no sample submission), from one fold of a run named
+    by ``infer.models``, into ``infer.output``; network settings that differ from the run's refuse."""
+    from weakcell import infer as infer_stage
+    from weakcell import thresholds as thresholds_stage
+    from weakcell.submission import validate_cell_level
+
+    cfg, _ = tiny_run
+    thresholds_stage.run(cfg)
+    other = cfg.model_copy(
+        update={
+            "name": "another-name",
+            "infer": cfg.infer.model_copy(
+                update={"split": "train", "models": cfg.name, "folds": [0], "output": "train-split"}
+            ),
+        }
+    )
+    out_dir = infer_stage.run(other)
+    assert out_dir.name == "train-split"
+    written = pd.read_csv(out_dir / "cell_level.csv")
+    assert sorted(written["ID"]) == sorted(pd.read_csv(cfg.data_dir / "train.csv")["ID"])
+    sizes = written[["ImageWidth", "ImageHeight"]].drop_duplicates().to_numpy().tolist()
+    assert sizes == [[256, 256]]
+    validate_cell_level(out_dir / "cell_level.csv", written[["ID", "ImageWidth", "ImageHeight"]])
+    # one fold: the probabilities are that fold's alone, not the blend of all
+    blended = pd.read_parquet(
+        infer_stage.run(
+            other.model_copy(
+                update={"infer": other.infer.model_copy(update={"folds": None, "output": "all"})}
+            )
+        )
+        / "pred_image.parquet"
+    )
+    single = pd.read_parquet(out_dir / "pred_image.parquet")
+    assert not np.allclose(blended.sort_values("image_id")["p_0"], single.sort_values("image_id")["p_0"])
+    wider = other.model_copy(update={"model": other.model.model_copy(update={"drop_rate": 0.5})})
+    with pytest.raises(ValueError, match=r"model\.drop_rate"):
+        infer_stage.run(wider)

@@ -24,17 +24,32 @@ MATCH_IOU = 0.5
 
 def label_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IoU of every present pred label with every present true label: ``(pred_ids, true_ids, iou)``
-    with ``iou`` of shape ``(len(pred_ids), len(true_ids))``."""
+    with ``iou`` of shape ``(len(pred_ids), len(true_ids))``, background (0) left out.
+
+    One ``bincount`` over ``pred * (max_true + 1) + true`` when the ids are small non-negative ints (label
+    images always are); otherwise the ids are made dense with ``np.unique`` first (sorts the pixels: slow)."""
+    pred, true = np.asarray(pred), np.asarray(true)
     if pred.shape != true.shape:
         raise ValueError(f"masks differ in shape: {pred.shape} vs {true.shape}")
-    pred_ids, pred_flat = np.unique(pred.ravel(), return_inverse=True)
-    true_ids, true_flat = np.unique(true.ravel(), return_inverse=True)
-    counts = np.bincount(pred_flat * len(true_ids) + true_flat, minlength=len(pred_ids) * len(true_ids))
+    small = (
+        pred.size
+        and min(pred.min(), true.min()) >= 0
+        and (int(pred.max()) + 1) * (int(true.max()) + 1) <= 4 * pred.size
+    )
+    if small:
+        pred_dense, true_dense = pred.ravel().astype(np.int64), true.ravel().astype(np.int64)
+        pred_ids, true_ids = np.arange(int(pred.max()) + 1), np.arange(int(true.max()) + 1)
+    else:
+        pred_ids, pred_dense = np.unique(pred.ravel(), return_inverse=True)
+        true_ids, true_dense = np.unique(true.ravel(), return_inverse=True)
+    counts = np.bincount(pred_dense * len(true_ids) + true_dense, minlength=len(pred_ids) * len(true_ids))
     counts = counts.reshape(len(pred_ids), len(true_ids))
-    union = counts.sum(1)[:, None] + counts.sum(0)[None, :] - counts
-    iou = counts / np.maximum(union, 1)
-    keep_pred, keep_true = pred_ids != 0, true_ids != 0  # drop background
-    return pred_ids[keep_pred], true_ids[keep_true], iou[np.ix_(keep_pred, keep_true)]
+    pred_area, true_area = counts.sum(1), counts.sum(0)
+    keep_pred = (pred_ids != 0) & (pred_area > 0)  # present labels only, background dropped
+    keep_true = (true_ids != 0) & (true_area > 0)
+    inter = counts[np.ix_(keep_pred, keep_true)]
+    union = pred_area[keep_pred][:, None] + true_area[keep_true][None, :] - inter
+    return pred_ids[keep_pred], true_ids[keep_true], inter / np.maximum(union, 1)
 
 
 def match_cells(pred: np.ndarray, true: np.ndarray, min_iou: float = MATCH_IOU) -> pd.DataFrame:

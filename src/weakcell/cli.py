@@ -33,9 +33,37 @@ STAGES: dict[str, tuple[str, str]] = {
     "cache-merge": ("weakcell.cache.build:merge", "join the indexes written by --num-shards parts"),
     "preview-cells": ("weakcell.cache.preview:run", "outlines on real and synthetic images, a grid of crops"),
     "train": ("weakcell.train:run", "K folds: cell model (weak labels) -> attention MIL -> OOF predictions"),
+    "refine": (
+        "weakcell.refine:run",
+        "pseudo-label rounds: relabel cells from OOF outputs, retrain -> runs/<name>/round<r>/",
+    ),
+    "ablate": (
+        "weakcell.ablate:run",
+        "every variant on the same folds -> reports/leaderboard.md (+ .json, .png)",
+    ),
     "infer": (
         "weakcell.infer:run",
         "TTA x folds on the test split -> submissions/<name>/cell_level.csv, image_level.csv",
+    ),
+    "download": (
+        "weakcell.kagglekit.api:download",
+        "kaggle competitions download into data/<dataset>/, unzipped, resumable",
+    ),
+    "wheels": (
+        "weakcell.kagglekit.datasets:wheels",
+        "Kaggle dataset folder: weakcell wheel + wheels the Kaggle image lacks",
+    ),
+    "weights-dataset": (
+        "weakcell.kagglekit.datasets:weights_dataset",
+        "Kaggle dataset folder of a run: weights only, thresholds.json, config.yaml",
+    ),
+    "kernels": (
+        "weakcell.kagglekit.kernels:run",
+        "generate offline Kaggle kernels -> kernels/<variant>/ (metadata + script)",
+    ),
+    "submit": (
+        "weakcell.kagglekit.api:submit",
+        "2018: kaggle competitions submit; 2021: push the kernel, print the next steps",
     ),
     "validate": (
         "weakcell.submission:validate_main",
@@ -44,6 +72,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "thresholds": (
         "weakcell.thresholds:run",
         "per-class thresholds tuned on OOF image predictions -> thresholds.json",
+    ),
+    "evaluate": (
+        "weakcell.evaluate:run",
+        "image and cell scores, per-class plots, best/worst attention maps -> evaluation.json, reports/<name>/",
     ),
 }
 

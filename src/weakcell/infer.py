@@ -22,7 +22,7 @@ import torch
 
 from weakcell.cache.loader import CellCrops, apply_symmetries
 from weakcell.cache.store import CellCache
-from weakcell.config import Config
+from weakcell.config import Config, changed_settings
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
 from weakcell.metrics import sigmoid
@@ -31,6 +31,9 @@ from weakcell.submission import write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
 from weakcell.train import EmbeddingBags, prob_columns
 from weakcell.weights import load_state_dict
+
+# What builds the networks whose weights inference loads.
+MODEL_SETTINGS = ("model.", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")
 
 
 class SymmetricCrops(CellCrops):
@@ -92,22 +95,68 @@ def blend(tables: list[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
     return pd.concat(tables).groupby(keys, sort=False).mean().reset_index()
 
 
+def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
+    """``ID, ImageWidth, ImageHeight`` of the images to predict, in submission order.
+
+    ``infer.split=test``: the dataset's sample submission (its IDs, order and sizes are what Kaggle scores).
+    Another split: that split's cached images, sizes from the cache, so a submission can be made for
+    images without a sample submission (e.g. the real training images in ../shared/data)."""
+    spec = get_dataset(cfg.data.dataset)
+    if cfg.infer.split == "test":
+        sample_path = cfg.data_dir / spec.sample_submission
+        if not sample_path.is_file():
+            raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs and sizes")
+        return pd.read_csv(sample_path, dtype={"ID": str})
+    # images the cache skipped (listed in the label file, files missing or unreadable) have nothing to predict
+    images = cache.images[(cache.images["split"] == cfg.infer.split) & (cache.images["status"] == "ok")]
+    if images.empty:
+        raise ValueError(
+            f"the cache {cfg.cache_dir} holds no {cfg.infer.split!r} images; build it with "
+            f'`make cache ARGS="cache.splits=[{cfg.infer.split}]"`'
+        )
+    return pd.DataFrame(
+        {
+            "ID": images["image_id"].astype(str).to_numpy(),
+            "ImageWidth": images["width"].to_numpy(),
+            "ImageHeight": images["height"].to_numpy(),
+            "PredictionString": "",
+        }
+    )
+
+
+def model_folds(cfg: Config) -> tuple[Path, list[Path]]:
+    """The folder whose folds predict (``infer.models`` or this run, final refinement round) and the
+    fold folders to blend (``infer.folds`` or all)."""
+    source = cfg.model_copy(update={"name": cfg.infer.models}) if cfg.infer.models else cfg
+    run_dir = source.model_dir
+    # the networks are built from this config: they must be the ones the weights were trained as
+    differ = changed_settings(source.run_dir, cfg, include=MODEL_SETTINGS)
+    if differ:
+        raise ValueError(
+            f"the models in {source.run_dir} were trained with other network settings ({', '.join(differ[:4])}); "
+            f"infer with that run's config ({source.run_dir / 'config.yaml'}) or the same settings"
+        )
+    fold_dirs = sorted(p for p in run_dir.glob("fold*") if (p / "mil" / "model.pt").is_file())
+    if cfg.infer.folds is not None:
+        fold_dirs = [p for p in fold_dirs if int(p.name.removeprefix("fold")) in cfg.infer.folds]
+    if not fold_dirs:
+        step = "make refine" if cfg.refine.rounds else "make train"
+        raise FileNotFoundError(
+            f"no trained folds in {run_dir} (infer.folds={cfg.infer.folds}); run `{step}` first"
+        )
+    return run_dir, fold_dirs
+
+
 def run(cfg: Config) -> Path:
-    """Predict the test split with every trained fold and write ``submissions/<run>/``."""
+    """Predict the images of ``infer.split`` with the trained folds and write ``submissions/<output>/``."""
     start = time.perf_counter()
     spec = get_dataset(cfg.data.dataset)
-    run_dir = cfg.path(cfg.paths.runs) / cfg.name
-    fold_dirs = sorted(p for p in run_dir.glob("fold*") if (p / "mil" / "model.pt").is_file())
-    if not fold_dirs:
-        raise FileNotFoundError(f"no trained folds in {run_dir}; run `make train` first")
+    run_dir, fold_dirs = model_folds(cfg)
     thresholds_path = run_dir / "thresholds.json"
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
-    sample_path = cfg.data_dir / spec.sample_submission
-    if not sample_path.is_file():
-        raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs and sizes")
-    sample = pd.read_csv(sample_path)
     cache = CellCache(cfg.cache_dir)
+    sample = images_to_predict(cfg, cache)
     image_ids = sample["ID"].astype(str).tolist()
     n_classes = spec.n_classes
 
@@ -118,7 +167,7 @@ def run(cfg: Config) -> Path:
     confidence = cells[prob_columns(n_classes)].to_numpy() * image_of_cell**cfg.infer.image_power
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
 
-    out_dir = cfg.path(cfg.paths.submissions) / cfg.name
+    out_dir = cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     images.to_parquet(out_dir / "pred_image.parquet", index=False)
     cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)}).to_parquet(
@@ -130,7 +179,8 @@ def run(cfg: Config) -> Path:
     # images come in the sample submission's order (image_ids above)
     write_image_level(images, read_thresholds(thresholds_path), out_dir / "image_level.csv")
     print(
-        f"infer: {len(fold_dirs)} folds x {len(cfg.infer.tta)} TTA views, {len(images)} images, {len(cells)} cells, "
+        f"infer: {len(fold_dirs)} folds of {run_dir} x {len(cfg.infer.tta)} TTA views, {len(images)} images, "
+        f"{len(cells)} cells, "
         f"{time.perf_counter() - start:.0f} s -> {out_dir}/cell_level.csv, image_level.csv"
     )
     return out_dir

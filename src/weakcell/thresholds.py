@@ -69,10 +69,11 @@ def read_thresholds(path: str | Path) -> np.ndarray:
 def run(cfg: Config) -> pd.DataFrame:
     """Tune on ``runs/<name>/oof_image.parquet`` and write ``runs/<name>/thresholds.json``."""
     spec = get_dataset(cfg.data.dataset)
-    run_dir = cfg.path(cfg.paths.runs) / cfg.name
+    run_dir = cfg.model_dir  # the final refinement round
     oof_path = run_dir / "oof_image.parquet"
     if not oof_path.is_file():
-        raise FileNotFoundError(f"no out-of-fold predictions at {oof_path}; run `make train` first")
+        step = "make refine" if cfg.refine.rounds else "make train"
+        raise FileNotFoundError(f"no out-of-fold predictions at {oof_path}; run `{step}` first")
     oof = pd.read_parquet(oof_path)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec).set_index("ID")
     missing = sorted(set(oof["image_id"]) - set(labels.index))

@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class TrainingSet:
     cell_targets: np.ndarray
     truth: pd.DataFrame | None  # synthetic only: true cells (image_id, cell_id, labels)
     matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
+    trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
 
     @property
     def n_classes(self) -> int:
@@ -116,18 +118,32 @@ def load_training_set(cfg: Config) -> TrainingSet:
     if cfg.train.targets == "inherit":
         image_hot = dict(zip(images["image_id"], to_multi_hot(images["labels"].tolist(), spec.n_classes)))
         targets[cells.index] = np.stack([image_hot[i] for i in cells["image_id"]]) if len(cells) else 0
-    else:  # the oracle: each segmented cell learns its matched true cell's labels, unmatched ones Negative
+    else:  # the oracle: each segmented cell learns its matched true cell's labels
         if truth is None or matches is None:
             raise ValueError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
-        own = truth.merge(matches, left_on=["image_id", "cell_id"], right_on=["image_id", "true_cell_id"])
-        own = own.rename(columns={"cell_id_y": "cell_id"})[["image_id", "cell_id", "labels"]]
-        row_of = pd.Series(
-            cells.index, index=pd.MultiIndex.from_arrays([cells["image_id"], cells["cell_id"]])
-        )
-        targets[cells.index, NEGATIVE] = 1.0
-        rows = row_of.reindex(pd.MultiIndex.from_arrays([own["image_id"], own["cell_id"]])).to_numpy()
-        targets[rows] = to_multi_hot(own["labels"].tolist(), spec.n_classes)
+        targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes)
     return TrainingSet(spec, cache, cells, images, targets, truth, matches)
+
+
+def true_cell_targets(
+    cells: pd.DataFrame, truth: pd.DataFrame, matches: pd.DataFrame, n_classes: int
+) -> np.ndarray:
+    """(len(cells), C) labels of the true cell each segmented cell matches; unmatched cells are Negative.
+
+    cells: ``image_id, cell_id`` rows; truth / matches: as in ``TrainingSet``."""
+    own = truth.merge(matches, left_on=["image_id", "cell_id"], right_on=["image_id", "true_cell_id"])
+    own = own.rename(columns={"cell_id_y": "cell_id"})[["image_id", "cell_id", "labels"]]
+    position = pd.Series(
+        np.arange(len(cells)), index=pd.MultiIndex.from_arrays([cells["image_id"], cells["cell_id"]])
+    )
+    found = position.reindex(pd.MultiIndex.from_arrays([own["image_id"], own["cell_id"]]))
+    targets = np.zeros((len(cells), n_classes), dtype=np.float32)
+    targets[:, NEGATIVE] = 1.0
+    known = found.notna().to_numpy()
+    targets[found[known].to_numpy(np.int64)] = to_multi_hot(
+        [labels for labels, k in zip(own["labels"], known) if k], n_classes
+    )
+    return targets
 
 
 # -- datasets -----------------------------------------------------------------------------------------
@@ -304,15 +320,23 @@ def mil_end_to_end(
 STAGE2 = {"frozen": mil_on_embeddings, "end_to_end": mil_end_to_end}
 
 
-def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Both stages on the other folds; out-of-fold image and cell predictions of fold ``fold``."""
+def train_fold(
+    cfg: Config, data: TrainingSet, fold: int, run_dir: Path, init_dir: Path | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both stages on the other folds; out-of-fold image and cell predictions of fold ``fold``.
+
+    init_dir: a previous round's folder whose ``fold<k>/cell/model.pt`` stage 1 starts from (refinement).
+    """
     fold_dir = run_dir / f"fold{fold}"
     oof_image_path, oof_cell_path = fold_dir / "oof_image.parquet", fold_dir / "oof_cell.parquet"
     if oof_image_path.is_file() and oof_cell_path.is_file() and not cfg.force:
         print(f"train: fold {fold} is finished in {fold_dir}, skipping (FORCE=1 redoes it)")
         return pd.read_parquet(oof_image_path), pd.read_parquet(oof_cell_path)
+    fold_start = time.perf_counter()
     n_classes, config_dict = data.n_classes, cfg.model_dump(mode="json")
     train_cells = data.cells.index[data.cells["fold"] != fold].to_numpy()
+    if data.trainable is not None:  # refinement may leave cells without a reliable label out
+        train_cells = train_cells[data.trainable[train_cells]]
     val_cells = data.cells.index[data.cells["fold"] == fold].to_numpy()
     val_table = data.cache.cells.loc[val_cells]
 
@@ -322,6 +346,8 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     sample_weights = balanced_sample_weights(fold_targets) if cfg.train.sampler == "balanced" else None
     torch.manual_seed(cfg.seed + fold)
     cell_model = create_model("cell", cfg, n_classes, pos_weight=pos_weight)
+    if init_dir is not None:
+        cell_model.load_state_dict(load_state_dict(init_dir / f"fold{fold}" / "cell" / "model.pt"))
     val_images = data.images[data.images["fold"] == fold]
     val_image_ids = val_images["image_id"].tolist()
     val_image_targets = to_multi_hot(val_images["labels"].tolist(), n_classes)
@@ -448,7 +474,15 @@ def train_fold(cfg: Config, data: TrainingSet, fold: int, run_dir: Path) -> tupl
     fold_dir.mkdir(parents=True, exist_ok=True)
     _write_parquet(oof_cell, oof_cell_path)
     _write_parquet(oof_image, oof_image_path)
+    if is_main_process():  # a reused fold still reports what it cost (ablation wall times)
+        (fold_dir / "fold.json").write_text(json.dumps({"seconds": time.perf_counter() - fold_start}))
     return oof_image, oof_cell
+
+
+def fold_seconds(fold_dir: Path) -> float:
+    """Wall seconds the fold took when it was trained (0 when not recorded)."""
+    path = fold_dir / "fold.json"
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
 
 
 # What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not.
@@ -483,21 +517,35 @@ def _write_parquet(table: pd.DataFrame, path: Path) -> None:
 # -- scoring the out-of-fold predictions ----------------------------------------------------------------
 
 
+# The ways a cell's class score is formed from its OOF outputs: (p = stage-1 cell probability,
+# q = MIL instance probability, a = relative attention, image = the image's MIL probability) -> (N, C).
+CELL_SCORES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+    "stage1": lambda p, q, a, image: p,
+    "mil_instance": lambda p, q, a, image: q,
+    "mil_attention": lambda p, q, a, image: image * np.clip(a, 0, 1),
+    "stage1_x_image": lambda p, q, a, image: p * image,
+}
+
+
+def cell_scores(name: str, oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int) -> np.ndarray:
+    """(len(oof_cell), C) scores of the ``CELL_SCORES`` entry ``name``, rows in ``oof_cell`` order."""
+    if name not in CELL_SCORES:
+        raise ValueError(f"unknown cell score {name!r}; choose one of {sorted(CELL_SCORES)}")
+    p, q, a = (oof_cell[prob_columns(n_classes, prefix)].to_numpy() for prefix in ("p_", "mil_p_", "att_"))
+    image = oof_image.set_index("image_id").loc[oof_cell["image_id"], prob_columns(n_classes)].to_numpy()
+    return CELL_SCORES[name](p, q, a, image)
+
+
 def cell_score_variants(
     oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int
 ) -> dict[str, pd.DataFrame]:
-    """The ways a cell's class score can be formed from the OOF outputs (each a p_* table)."""
-    p, q, a = (oof_cell[prob_columns(n_classes, prefix)].to_numpy() for prefix in ("p_", "mil_p_", "att_"))
-    image = oof_image.set_index("image_id").loc[oof_cell["image_id"], prob_columns(n_classes)].to_numpy()
-    variants = {
-        "stage1": p,
-        "mil_instance": q,
-        "mil_attention": image * np.clip(a, 0, 1),
-        "stage1_x_image": p * image,
-    }
+    """Every ``CELL_SCORES`` entry as an ``image_id, cell_id, p_*`` table."""
     keys = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
     return {
-        name: keys.assign(**dict(zip(prob_columns(n_classes), scores.T))) for name, scores in variants.items()
+        name: keys.assign(
+            **dict(zip(prob_columns(n_classes), cell_scores(name, oof_cell, oof_image, n_classes).T))
+        )
+        for name in CELL_SCORES
     }
 
 
@@ -533,8 +581,7 @@ def git_commit() -> str:
 
 def run(cfg: Config) -> dict[str, float]:
     """Train every fold (or ``train.folds``), write OOF predictions and ``metrics.json`` into the run."""
-    start = time.perf_counter()
-    run_dir = cfg.path(cfg.paths.runs) / cfg.name
+    run_dir = cfg.run_dir
     if not cfg.force:
         # finished folds are reused: only while what they computed from is the same
         differ = changed_settings(run_dir, cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
@@ -543,15 +590,21 @@ def run(cfg: Config) -> dict[str, float]:
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
                 "FORCE=1 or give the new run another name (name=...)"
             )
-    main_process = is_main_process()
-    if main_process:
+    if is_main_process():
         save_config(cfg, run_dir)
         (run_dir / "run.json").write_text(
             json.dumps({"seed": cfg.seed, "git_commit": git_commit()}, indent=2)
         )
-    data = load_training_set(cfg)
+    return train_round(cfg, load_training_set(cfg), run_dir)
+
+
+def train_round(
+    cfg: Config, data: TrainingSet, run_dir: Path, init_dir: Path | None = None
+) -> dict[str, float]:
+    """Every fold (or ``train.folds``) into ``run_dir``: OOF tables, ``metrics.json``, attention maps."""
+    start = time.perf_counter()
     folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
-    results = [train_fold(cfg, data, fold, run_dir) for fold in folds]
+    results = [train_fold(cfg, data, fold, run_dir, init_dir) for fold in folds]
     oof_image = pd.concat([r[0] for r in results], ignore_index=True)
     oof_cell = pd.concat([r[1] for r in results], ignore_index=True)
     if oof_image["image_id"].duplicated().any():
@@ -560,9 +613,13 @@ def run(cfg: Config) -> dict[str, float]:
     _write_parquet(oof_cell, run_dir / "oof_cell.parquet")
     metrics = score_oof(data, oof_image, oof_cell)
     metrics.update(
-        folds=len(folds), images=len(oof_image), cells=len(oof_cell), seconds=time.perf_counter() - start
+        folds=len(folds),
+        images=len(oof_image),
+        cells=len(oof_cell),
+        seconds=sum(fold_seconds(run_dir / f"fold{fold}") for fold in folds),  # training, reused folds too
+        wall_seconds=time.perf_counter() - start,  # this call
     )
-    if not main_process:
+    if not is_main_process():
         return metrics
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     maps = draw_attention_maps(
@@ -579,7 +636,7 @@ def run(cfg: Config) -> dict[str, float]:
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "map" in k or "f1" in k)
     print(
         f"train: {len(folds)} folds, {len(oof_image)} images, {len(oof_cell)} cells out of fold; {summary}; "
-        f"{metrics['seconds']:.0f} s -> {run_dir} (+ {len(maps)} attention maps)"
+        f"{metrics['wall_seconds']:.0f} s -> {run_dir} (+ {len(maps)} attention maps)"
     )
     return metrics
 

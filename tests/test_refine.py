@@ -1,0 +1,109 @@
+"""Pseudo-label refinement: the selection rule on hand-built scores, the label-quality figures, and a round
+end to end on the tiny synthetic pipeline (round 1 trains from round 0's OOF outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from weakcell.config import RefineConfig
+from weakcell.constants import NEGATIVE
+from weakcell.refine import label_quality, pseudo_labels
+
+C = NEGATIVE + 1
+
+
+def _cells(scores_by_cell: list[dict[int, float]], image_ids: list[str], labels: dict[str, list[int]]):
+    scores = np.zeros((len(scores_by_cell), C))
+    for row, values in enumerate(scores_by_cell):
+        for c, v in values.items():
+            scores[row, c] = v
+    inherited = np.zeros_like(scores)
+    for row, image in enumerate(image_ids):
+        inherited[row, labels[image]] = 1
+    return scores, np.array(image_ids), inherited
+
+
+def test_rule_keeps_image_classes_of_cells_near_the_best_cell():
+    labels = {"a": [0, 3], "b": [5]}
+    scores, ids, inherited = _cells(
+        [{0: 0.9, 3: 0.1, 7: 0.99}, {0: 0.5, 3: 0.2}, {0: 0.1, 3: 0.05}, {5: 0.4}, {5: 0.05}],
+        ["a", "a", "a", "b", "b"],
+        labels,
+    )
+    attention = np.ones_like(scores)
+    targets, trainable = pseudo_labels(
+        scores, ids, inherited, attention, np.full(C, 0.5), RefineConfig(relative=0.3)
+    )
+    # class 7 is not an image label: never kept, however high; class 0: 0.9 and 0.5 >= 0.3 * 0.9, 0.1 not
+    assert targets[:, 7].sum() == 0
+    assert targets[:, 0].tolist() == [1, 1, 0, 0, 0]
+    # class 3: best 0.2 -> 0.1 and 0.2 kept (>= 0.06), 0.05 not
+    assert targets[:, 3].tolist() == [1, 1, 0, 0, 0]
+    # cells keeping nothing learn Negative; everything stays trainable
+    assert targets[:, NEGATIVE].tolist() == [0, 0, 1, 0, 1]
+    assert trainable.all()
+    # relative is per image: b's best cell keeps 5 although 0.4 < 0.3 * 0.9
+    assert targets[3, 5] == 1
+
+
+def test_rule_floors_drop_and_soft_targets():
+    labels = {"a": [0]}
+    scores, ids, inherited = _cells([{0: 0.8}, {0: 0.3}, {0: 0.1}], ["a"] * 3, labels)
+    attention = np.zeros_like(scores)
+    attention[:, 0] = [2.0, 0.5, 0.5]
+    thresholds = np.full(C, 0.4)
+    floor = RefineConfig(relative=0.0, threshold_scale=0.5)  # keep >= 0.2
+    targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, floor)
+    assert targets[:, 0].tolist() == [1, 1, 0]
+    attended = RefineConfig(relative=0.0, min_attention=1.0)
+    targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, attended)
+    assert targets[:, 0].tolist() == [1, 0, 0]
+    dropped = RefineConfig(relative=0.3, unlabelled="drop")
+    targets, trainable = pseudo_labels(scores, ids, inherited, attention, thresholds, dropped)
+    assert trainable.tolist() == [True, True, False] and targets[:, NEGATIVE].sum() == 0
+    soft = RefineConfig(relative=0.3, targets="soft")
+    targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, soft)
+    assert targets[:, 0] == pytest.approx([1.0, 0.375, 0.0])
+
+
+def test_label_quality_counts_localisation_classes_only():
+    true = np.zeros((3, C))
+    true[0, 1] = true[1, 2] = true[2, NEGATIVE] = 1
+    predicted = np.zeros((3, C))
+    predicted[0, 1] = predicted[0, 4] = predicted[1, NEGATIVE] = predicted[2, NEGATIVE] = 1
+    quality = label_quality(predicted, true)
+    assert quality["precision"] == pytest.approx(0.5) and quality["recall"] == pytest.approx(0.5)
+
+
+def test_round_trains_from_oof_pseudo_labels(tiny_run):
+    from weakcell import refine as refine_stage
+
+    cfg, _ = tiny_run
+    cfg = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"rounds": 1, "epochs": 1})})
+    (metrics,) = refine_stage.run(cfg)
+    round_dir = cfg.round_dir(1)
+    assert round_dir == cfg.model_dir and round_dir.name == "round1"
+    pseudo = pd.read_parquet(round_dir / "pseudo_labels.parquet")
+    oof_cell = pd.read_parquet(cfg.run_dir / "oof_cell.parquet")
+    # every training cell gets a pseudo-label row, each keyed like the OOF table
+    assert sorted(zip(pseudo["image_id"], pseudo["cell_id"])) == sorted(
+        zip(oof_cell["image_id"], oof_cell["cell_id"])
+    )
+    # a pseudo-label never adds a class its image does not have (Negative aside)
+    labels = pd.read_csv(cfg.data_dir / "train.csv").set_index("ID")["Label"]
+    for row in pseudo.itertuples():
+        kept = {c for c in range(C) if getattr(row, f"p_{c}") > 0.5} - {NEGATIVE}
+        assert kept <= {int(v) for v in labels[row.image_id].split("|")}
+    assert 0 <= metrics["pseudo_precision"] <= 1 and metrics["cells_trainable"] == len(pseudo)
+    oof_image = pd.read_parquet(round_dir / "oof_image.parquet")
+    assert sorted(oof_image["image_id"]) == sorted(labels.index)
+    assert json.loads((round_dir / "metrics.json").read_text())["round"] == 1
+    # a second call reuses the finished round; another rule refuses to
+    assert refine_stage.run(cfg)[0]["round"] == 1
+    changed = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"relative": 0.9})})
+    with pytest.raises(ValueError, match=r"refine\.relative.*FORCE=1"):
+        refine_stage.run(changed)
