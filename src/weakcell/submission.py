@@ -212,6 +212,7 @@ def _atomic_write(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             frame.to_csv(handle, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a submission is meant to be shared and uploaded
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

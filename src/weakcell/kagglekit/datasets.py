@@ -1,0 +1,272 @@
+"""The two Kaggle datasets an offline kernel attaches, each a folder with its ``dataset-metadata.json``:
+
+* ``make wheels`` -> ``dist/kaggle/<wheels slug>/``: the weakcell wheel, built from this checkout, and one
+  wheel per package of ``kaggle.wheels`` (what the Kaggle image lacks) at the version installed here, so a
+  kernel runs ``pip install --no-index --find-links /kaggle/input/<wheels slug> weakcell``.
+* ``make weights-dataset RUN=<run>`` -> ``dist/kaggle/<weights slug>/<run>/``: the weights inference loads
+  (``fold<k>/{cell,mil}/model.pt`` of the final round, flat state dicts), ``thresholds.json``, the resolved
+  ``config.yaml`` (``model.pretrained_file`` nulled, see ``portable_config``) and ``run.json``, at their
+  paths relative to ``runs/`` so that ``paths.runs`` pointed at the mounted dataset reproduces
+  ``cfg.model_dir``. Resumable checkpoints (``last.pt``, with optimizer
+  state) stay behind.
+
+Upload either folder with ``kaggle datasets create -p <folder>`` (``--dir-mode zip`` for the weights, whose
+files sit in sub-folders; Kaggle unpacks the archive), or ``kaggle datasets version`` for a new version.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from weakcell.config import Config
+from weakcell.kagglekit.naming import dataset_id, datasets_root, title_of, weights_slug, wheels_slug
+
+METADATA_FILE = "dataset-metadata.json"
+# What inference reads from a fold (weakcell.infer.predict_fold); nothing else of a run is a weight file.
+FOLD_WEIGHTS = ("cell/model.pt", "mil/model.pt")
+RUN_FILES = ("config.yaml", "run.json")  # the resolved config (kernels read it) and seed / commit
+
+
+def normalize(name: str) -> str:
+    """PEP 503 name: ``Fill_Voids`` and ``fill-voids`` are one package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def wheel_name(filename: str) -> str:
+    """Normalized distribution name of a ``.whl`` file (the part before the first dash)."""
+    return normalize(filename.split("-", 1)[0])
+
+
+def dataset_metadata(cfg: Config, slug: str, description: str) -> dict[str, Any]:
+    """``dataset-metadata.json`` of a dataset owned by the resolved owner (Kaggle creates it private unless
+    ``kaggle datasets create --public``)."""
+    title = title_of(slug)
+    if not 6 <= len(title) <= 50:
+        raise ValueError(
+            f"Kaggle dataset titles hold 6-50 characters; {title!r} (from slug {slug!r}) does not: "
+            "set kaggle.wheels_dataset / kaggle.weights_dataset"
+        )
+    return {
+        "title": title,
+        "id": dataset_id(cfg, slug),
+        "licenses": [{"name": "other"}],
+        "description": description,
+    }
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the finished ``staging`` folder: a failed build leaves the old one intact."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+# -------------------------------------------------------------------------------------------- wheels
+
+
+def source_tree() -> Path:
+    """The checkout this weakcell runs from (src layout); the wheel is built from it."""
+    import weakcell
+
+    root = Path(weakcell.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or 'name = "weakcell"' not in pyproject.read_text():
+        raise FileNotFoundError(
+            f"weakcell is imported from {Path(weakcell.__file__).parent}, not from a source checkout "
+            f"(no weakcell pyproject.toml at {root}): run `make wheels` in a clone of the repository"
+        )
+    return root
+
+
+def pinned(packages: list[str]) -> list[str]:
+    """``name==version`` of each package as installed here: the kernel then runs what the tests ran."""
+    requirements = []
+    for package in packages:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(
+                f"{package} (in kaggle.wheels) is not installed here, so its version is unknown: "
+                "`make install`, or remove it from kaggle.wheels"
+            ) from None
+        requirements.append(f"{package}=={version}")
+    return requirements
+
+
+def _pip(args: list[str], what: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if result.returncode:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise OSError(f"{what} failed (pip exit code {result.returncode}):\n{tail}")
+
+
+def build_weakcell_wheel(out: Path) -> None:
+    """``pip wheel --no-deps`` of a clean copy of the sources: no stale ``build/`` of the checkout leaks in,
+    and two builds at once do not share a folder."""
+    root = source_tree()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    with tempfile.TemporaryDirectory(prefix="weakcell-wheel-") as tmp:
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(root / name, Path(tmp) / name)
+        shutil.copytree(root / "src", Path(tmp) / "src", ignore=ignore)
+        args = ["wheel", "--no-deps", "--quiet", "--disable-pip-version-check", "-w", str(out), tmp]
+        if importlib.util.find_spec("setuptools") and importlib.util.find_spec("wheel"):
+            args.insert(1, "--no-build-isolation")  # the build backend is here already: no download
+        _pip(args, "building the weakcell wheel")
+
+
+def fetch_wheel(requirement: str, out: Path, cfg: Config) -> None:
+    """A binary wheel of ``requirement`` from the index (or pip's cache), for ``kaggle.python_version`` /
+    ``kaggle.platforms`` when set; a package without one for this machine is built here."""
+    target: list[str] = []
+    if cfg.kaggle.python_version:
+        target += ["--python-version", cfg.kaggle.python_version]
+    for platform in cfg.kaggle.platforms:
+        target += ["--platform", platform]
+    download = ["download", "--no-deps", "--only-binary=:all:", "--quiet", "--disable-pip-version-check"]
+    try:
+        _pip([*download, "-d", str(out), *target, requirement], f"downloading a wheel of {requirement}")
+    except OSError:
+        if target:  # a wheel for another interpreter cannot be built here
+            raise
+        _pip(
+            ["wheel", "--no-deps", "--quiet", "-w", str(out), requirement],
+            f"building a wheel of {requirement}",
+        )
+
+
+def wheels(cfg: Config) -> Path:
+    """``make wheels``: the wheels dataset folder. Rebuilt every time (pip's cache makes it quick) into a
+    staging folder that replaces the old one only when complete."""
+    start = time.perf_counter()
+    slug = wheels_slug(cfg)
+    target = datasets_root(cfg) / slug
+    staging = target.with_name(f".{slug}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    build_weakcell_wheel(staging)
+    requirements = pinned(cfg.kaggle.wheels)
+    for requirement in requirements:
+        fetch_wheel(requirement, staging, cfg)
+    found = {wheel_name(p.name) for p in staging.glob("*.whl")}
+    missing = [r for r in ["weakcell", *requirements] if normalize(r.split("==")[0]) not in found]
+    if missing:
+        raise OSError(f"pip left no wheel for {', '.join(missing)} in {staging}")
+    install = f"pip install --no-index --find-links /kaggle/input/{slug} weakcell"
+    description = (
+        f"Offline install of weakcell and what the Kaggle image lacks: `{install}` "
+        f"(`weakcell[segment]` for the Cellpose / SAM backends). Written by `make wheels`."
+    )
+    _write_json(staging / METADATA_FILE, dataset_metadata(cfg, slug, description))
+    _swap_in(staging, target)
+    names = sorted(p.name for p in target.glob("*.whl"))
+    print(
+        f"wheels: {len(names)} wheels ({', '.join(n.split('-')[0] for n in names)}), "
+        f"{folder_mb(target):.1f} MB, {time.perf_counter() - start:.0f} s -> {target}\n"
+        f"  upload: kaggle datasets create -p {target}  (a new version: kaggle datasets version -p {target} -m ...)"
+    )
+    return target
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+def weights_manifest(cfg: Config) -> list[tuple[Path, Path]]:
+    """(source, path inside the dataset) of every file a kernel needs from run ``cfg.name``: the final
+    round's fold weights and thresholds, the run's config and run.json; paths relative to ``runs/``."""
+    runs, run_dir, model_dir = cfg.path(cfg.paths.runs), cfg.run_dir, cfg.model_dir
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"no run {cfg.name!r}: {run_dir / 'config.yaml'} is missing; train it or set RUN="
+        )
+    folds = sorted(
+        fold for fold in model_dir.glob("fold*") if all((fold / name).is_file() for name in FOLD_WEIGHTS)
+    )
+    if not folds:
+        step = "make refine" if model_dir != run_dir else "make train"
+        raise FileNotFoundError(
+            f"no trained folds (fold<k>/cell/model.pt + mil/model.pt) in {model_dir}: run `{step}`"
+        )
+    thresholds = model_dir / "thresholds.json"
+    if not thresholds.is_file():
+        raise FileNotFoundError(f"no {thresholds}: run `make thresholds` before packing the weights")
+    sources = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    if model_dir != run_dir and (model_dir / "config.yaml").is_file():
+        sources.append(model_dir / "config.yaml")
+    sources.append(thresholds)
+    sources += [fold / name for fold in folds for name in FOLD_WEIGHTS]
+    return [(source, source.relative_to(runs)) for source in sources]
+
+
+def portable_config(text: str) -> str:
+    """A run's config.yaml for the weights dataset: ``model.pretrained_file`` (the backbone's initial
+    weights, a local file) becomes null, since the trained weights replace it and the file is not on Kaggle;
+    everything else is kept, so a kernel builds exactly the networks that were trained."""
+    config = yaml.safe_load(text) or {}
+    if isinstance(config.get("model"), dict) and config["model"].get("pretrained_file") is not None:
+        config["model"]["pretrained_file"] = None
+        return yaml.safe_dump(config, sort_keys=False)
+    return text
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard link (weights are large and written atomically, so a link is a snapshot), else copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def weights_dataset(cfg: Config) -> Path:
+    """``make weights-dataset RUN=<run>``: the run's weights dataset folder."""
+    manifest = weights_manifest(cfg)
+    slug = weights_slug(cfg)
+    target = datasets_root(cfg) / slug
+    staging = target.with_name(f".{slug}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for source, relative in manifest:
+        if source.name == "config.yaml":
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).write_text(portable_config(source.read_text()))
+        else:
+            _link_or_copy(source, staging / relative)
+    n_folds = sum(1 for _, relative in manifest if relative.as_posix().endswith(FOLD_WEIGHTS[1]))
+    round_note = f", round {cfg.refine.rounds}" if cfg.model_dir != cfg.run_dir else ""
+    description = (
+        f"Weights of weakcell run {cfg.name!r}{round_note}: {n_folds} folds of cell + MIL model.pt "
+        "(weights only), thresholds.json and the resolved config.yaml. Written by `make weights-dataset`."
+    )
+    _write_json(staging / METADATA_FILE, dataset_metadata(cfg, slug, description))
+    _swap_in(staging, target)
+    print(
+        f"weights-dataset: run {cfg.name}{round_note}, {n_folds} folds x (cell, mil) weights, thresholds.json, "
+        f"config.yaml, {folder_mb(target):.1f} MB -> {target}\n"
+        f"  upload: kaggle datasets create -p {target} --dir-mode zip  "
+        f"(a new version: kaggle datasets version -p {target} -m ... --dir-mode zip)"
+    )
+    return target

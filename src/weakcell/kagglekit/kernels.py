@@ -1,0 +1,240 @@
+"""``make kernels``: generated, never hand-edited, offline Kaggle kernels in ``kernels/<variant>/``.
+
+Each folder holds ``kernel-metadata.json`` (internet off, GPU on, the competition and the datasets it
+attaches) and a script rendered from ``kernel.py.tmpl``: install from the wheels dataset with
+``pip install --no-index --find-links``, then run the same ``weakcell`` stages as locally on
+``/kaggle/input/...``, ending in a validated ``/kaggle/working/submission.csv``. ``kernel_metadata`` and
+``kernel_script`` are pure; ``run`` writes the folders. The folders are rewritten on every call and not
+committed (their ids name the user's Kaggle account).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+import weakcell
+from weakcell.config import Config
+from weakcell.kagglekit.naming import (
+    PLACEHOLDER_OWNER,
+    competition_key,
+    competition_slug,
+    dataset_id,
+    kernel_slug,
+    resolve_owner,
+    slug_of,
+    title_of,
+    weights_slug,
+    wheels_slug,
+)
+
+METADATA_FILE = "kernel-metadata.json"
+TEMPLATE = Path(__file__).with_name("kernel.py.tmpl")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kind of kernel. ``backend`` replaces the run's ``segment.backend`` for the test-split cache;
+    ``train`` trains inside the kernel instead of reading a weights dataset."""
+
+    description: str
+    backend: str | None = None
+    train: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "inference": Variant("caches the test split with the run's own segmentation, then TTA x folds inference"),
+    "cellpose": Variant(
+        "caches the test split with Cellpose-SAM (weights from an attached dataset), then inference",
+        backend="cellpose",
+    ),
+    "cellpose-sam": Variant(
+        "caches the test split with Cellpose-SAM refined by SAM box prompts, then inference",
+        backend="cellpose+sam",
+    ),
+    "train": Variant("folds, cache, training, thresholds and inference, all inside the kernel", train=True),
+}
+# Segmentation parts that read a weights file: config key -> the kaggle.* field naming its dataset.
+WEIGHT_KEYS: dict[str, tuple[str, str]] = {
+    "cellpose": ("segment.cellpose.weights", "cellpose_dataset"),
+    "sam": ("segment.sam.weights", "sam_dataset"),
+}
+
+
+def variant_of(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def weight_inputs(cfg: Config, variant: str) -> dict[str, str]:
+    """Config key -> dataset id of each segmentation weights file the variant's backend reads."""
+    backend = variant_of(variant).backend or cfg.segment.backend
+    inputs = {}
+    for part in backend.split("+"):
+        if part.strip() in WEIGHT_KEYS:
+            key, field = WEIGHT_KEYS[part.strip()]
+            inputs[key] = dataset_id(cfg, getattr(cfg.kaggle, field))
+    return inputs
+
+
+def stages(cfg: Config, variant: str) -> list[str]:
+    """The weakcell stages the kernel runs, in order."""
+    if not variant_of(variant).train:
+        return ["cache", "infer"]
+    from weakcell.cli import STAGES  # refinement is a stage only once it has landed
+
+    refine = ["refine"] if cfg.refine.rounds > 0 and "refine" in STAGES else []
+    return ["folds", "cache", "train", *refine, "thresholds", "infer"]
+
+
+def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
+    """``kernel-metadata.json``: a private script kernel, internet off, GPU on, the competition and every
+    dataset it reads (wheels, the run's weights, segmentation weights, ``kaggle.extra_datasets``)."""
+    slug = kernel_slug(cfg, variant)
+    datasets = [dataset_id(cfg, wheels_slug(cfg))]
+    if not variant_of(variant).train:
+        datasets.append(dataset_id(cfg, weights_slug(cfg)))
+    datasets += [*weight_inputs(cfg, variant).values(), *cfg.kaggle.extra_datasets]
+    return {
+        "id": f"{resolve_owner(cfg)}/{slug}",
+        "title": title_of(slug),
+        "code_file": f"{slug}.py",
+        "language": "python",
+        "kernel_type": "script",
+        "is_private": cfg.kaggle.private,
+        "enable_gpu": cfg.kaggle.gpu,
+        "enable_tpu": False,
+        "enable_internet": False,
+        "dataset_sources": list(dict.fromkeys(datasets)),
+        "competition_sources": [competition_slug(cfg)],
+        "kernel_sources": [],
+        "model_sources": [],
+    }
+
+
+def _literal(value: Any) -> str:
+    """A Python literal of a str / list / dict of str (JSON spells them the same way) or None."""
+    return "None" if value is None else json.dumps(value)
+
+
+def kernel_script(cfg: Config, variant: str) -> str:
+    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
+    spec = variant_of(variant)
+    key = competition_key(cfg)
+    inputs = weight_inputs(cfg, variant)
+    overrides = []
+    if not spec.train:
+        # the test split only, predicted by this run's packed round into submissions/<run>/
+        overrides = [
+            "cache.splits=[test]",
+            "infer.split=test",
+            "infer.models=null",
+            "infer.output=null",
+            f"refine.rounds={cfg.refine.rounds}",
+        ]
+    if spec.backend:
+        overrides.append(f"segment.backend={spec.backend}")
+    overrides += cfg.kaggle.kernel_overrides
+    config_yaml = None
+    if spec.train:  # local locations mean nothing on Kaggle: the kernel sets its own
+        portable = cfg.model_copy(
+            update={
+                "paths": cfg.paths.model_copy(update={"root": "."}),
+                "data": cfg.data.model_copy(update={"dir": None}),
+            }
+        )
+        config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    settings = {
+        "VARIANT": (variant, None),
+        "COMPETITION": (competition_slug(cfg), "attached competition data"),
+        "DATASET": (key, "its weakcell layout"),
+        "WHEELS": (wheels_slug(cfg), "attached dataset: the weakcell wheel + the wheels the image lacks"),
+        "INSTALL": ("weakcell[segment]" if inputs else "weakcell", None),
+        "WEIGHTS": (
+            None if spec.train else weights_slug(cfg),
+            "none: trains its own"
+            if spec.train
+            else "attached dataset: the run's weights, thresholds, config",
+        ),
+        "RUN": (cfg.name, None),
+        "WEIGHT_INPUTS": (
+            {k: slug_of(v) for k, v in inputs.items()},
+            "config key -> attached dataset with segmentation weights",
+        ),
+        "STAGES": (stages(cfg, variant), None),
+        "OVERRIDES": (overrides, "on top of the run's config and the Kaggle paths"),
+        "SUBMISSION": (
+            "cell_level.csv" if key == "hpa2021" else "image_level.csv",
+            "copied to submission.csv",
+        ),
+    }
+    lines = [
+        f"{name} = {_literal(value)}" + (f"  # {comment}" if comment else "")
+        for name, (value, comment) in settings.items()
+    ]
+    if config_yaml is None:
+        lines.append("CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset")
+    else:
+        # a readable block unless the text could end the literal early or holds escapes
+        literal = (
+            f'"""\\\n{config_yaml}"""'
+            if '"""' not in config_yaml and "\\" not in config_yaml
+            else _literal(config_yaml)
+        )
+        lines.append(f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}")
+    where_weights = (
+        "it trains its own models"
+        if spec.train
+        else "the run's weights, thresholds and resolved config come from the weights dataset"
+    )
+    about = (
+        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__}, "
+        f'config "{cfg.name}". Internet is off: weakcell and the packages the Kaggle image lacks install from '
+        f"the attached wheels dataset; {where_weights}. Writes /kaggle/working/submission.csv with the same "
+        "CLI as a local run."
+    )
+    return Template(TEMPLATE.read_text()).substitute(
+        variant=variant, about=textwrap.fill(about, width=105), settings="\n".join(lines)
+    )
+
+
+def write_kernel(cfg: Config, variant: str) -> Path:
+    """Write ``kernels/<variant>/`` (its old files removed: the folder is generated)."""
+    folder = cfg.path(cfg.paths.kernels) / variant
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    metadata = kernel_metadata(cfg, variant)
+    (folder / metadata["code_file"]).write_text(kernel_script(cfg, variant))
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return folder
+
+
+def run(cfg: Config) -> list[Path]:
+    """``make kernels``: every variant of ``kaggle.variants``."""
+    for variant in cfg.kaggle.variants:
+        variant_of(variant)  # fail before writing anything
+    folders = []
+    for variant in cfg.kaggle.variants:
+        folder = write_kernel(cfg, variant)
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+        print(
+            f"kernels: {folder}/{metadata['code_file']} + {METADATA_FILE} "
+            f"(attaches {', '.join(metadata['competition_sources'] + metadata['dataset_sources'])})"
+        )
+        folders.append(folder)
+    if resolve_owner(cfg) == PLACEHOLDER_OWNER:
+        print(
+            f"kernels: no Kaggle username (kaggle.owner, $KAGGLE_USERNAME or kaggle.json): the ids say "
+            f"{PLACEHOLDER_OWNER!r}; regenerate with ARGS=kaggle.owner=<you> before `make submit`"
+        )
+    return folders

@@ -1,0 +1,306 @@
+"""The Kaggle commands without Kaggle: generated kernel metadata and scripts, the weights dataset's
+contents, credential and network failures as short messages that never carry a key, dry runs, resumable
+unzipping. The kernel itself runs offline in test_kaggle_offline.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from weakcell.cli import main
+from weakcell.config import all_keys, changed_settings, load_config, save_config
+from weakcell.kagglekit import api, datasets, kernels, naming
+
+SECRET = "f00dfeedc0ffee0123456789abcdef42"
+
+
+def make_cfg(tmp_path: Path, *overrides: str):
+    return load_config(None, [f"paths.root={tmp_path}", "kaggle.owner=tester", "name=run1", *overrides])
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    """No token anywhere: an empty KAGGLE_CONFIG_DIR, no variables, a HOME without ~/.kaggle."""
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    config_dir = tmp_path / "kaggle-config"
+    config_dir.mkdir()
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config_dir))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return config_dir
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any internet connection or name lookup fails at once, as in a kernel with internet off."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable (blocked by the test)")
+
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse()
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_importing_weakcell_never_imports_kaggle():
+    code = (
+        "import sys, weakcell, weakcell.cli, weakcell.kagglekit.api, weakcell.kagglekit.datasets, "
+        "weakcell.kagglekit.kernels; assert 'kaggle' not in sys.modules, 'kaggle was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_section_and_ids(tmp_path):
+    assert {"kaggle.owner", "kaggle.wheels", "kaggle.dry_run"} <= set(all_keys())
+    cfg = make_cfg(tmp_path, "name=My_Run.v2")
+    assert naming.weights_slug(cfg) == "weakcell-weights-my-run-v2"
+    assert naming.title_of(naming.kernel_slug(cfg, "cellpose-sam")) == "weakcell cellpose sam"
+    assert naming.slugify(naming.title_of("weakcell-weights-my-run-v2")) == "weakcell-weights-my-run-v2"
+    assert naming.dataset_id(cfg, "someone/cpsam") == "someone/cpsam"
+    assert naming.competition_slug(cfg) == "hpa-single-cell-image-classification"  # synthetic -> 2021
+    hpa2018 = make_cfg(tmp_path, "data.dataset=hpa2018")
+    assert naming.competition_slug(hpa2018) == "human-protein-atlas-image-classification"
+    with pytest.raises(ValueError, match=r"\{name\} and \{variant\}"):
+        naming.weights_slug(make_cfg(tmp_path, "kaggle.weights_dataset=w-{nmae}"))
+
+
+def test_owner_from_kaggle_json_never_reads_the_key(tmp_path, no_credentials):
+    (no_credentials / "kaggle.json").write_text(json.dumps({"username": "alice", "key": SECRET}))
+    cfg = load_config(None, [f"paths.root={tmp_path}"])
+    assert naming.resolve_owner(cfg) == "alice"
+    assert kernels.kernel_metadata(cfg, "inference")["id"] == "alice/weakcell-inference"
+
+
+def test_kernel_metadata_is_offline_with_gpu_and_sources(tmp_path):
+    cfg = make_cfg(tmp_path, "kaggle.extra_datasets=[bob/backbones]")
+    meta = {variant: kernels.kernel_metadata(cfg, variant) for variant in kernels.VARIANTS}
+    for variant, m in meta.items():
+        assert m["enable_internet"] is False and m["enable_gpu"] is True, variant
+        assert m["competition_sources"] == ["hpa-single-cell-image-classification"]
+        assert m["kernel_type"] == "script" and m["language"] == "python"
+        assert m["id"] == f"tester/weakcell-{variant}" and naming.slugify(m["title"]) == f"weakcell-{variant}"
+        assert m["dataset_sources"][0] == "tester/weakcell-wheels" and "bob/backbones" in m["dataset_sources"]
+    assert meta["inference"]["dataset_sources"] == [
+        "tester/weakcell-wheels",
+        "tester/weakcell-weights-run1",
+        "bob/backbones",
+    ]
+    assert "tester/cellpose-sam" in meta["cellpose"]["dataset_sources"]
+    assert {"tester/cellpose-sam", "tester/segment-anything"} <= set(meta["cellpose-sam"]["dataset_sources"])
+    assert "tester/weakcell-weights-run1" not in meta["train"]["dataset_sources"]
+
+
+def test_kernel_scripts_install_offline_and_run_the_cli(tmp_path):
+    cfg = make_cfg(tmp_path, "refine.rounds=0", "kaggle.kernel_overrides=[cache.workers=2]")
+    folders = kernels.run(cfg)
+    assert [f.name for f in folders] == cfg.kaggle.variants
+    for folder in folders:
+        meta = json.loads((folder / "kernel-metadata.json").read_text())
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["kernel-metadata.json", meta["code_file"]])
+        source = (folder / meta["code_file"]).read_text()
+        compile(source, meta["code_file"], "exec")
+        assert "generated by `make kernels`" in source
+        assert '"pip", "install", "--no-index", "--find-links"' in source
+        assert str(tmp_path) not in source  # nothing of this machine leaks into a kernel
+    inference = (folders[0] / "weakcell-inference.py").read_text()
+    assert 'STAGES = ["cache", "infer"]' in inference
+    assert '"cache.splits=[test]"' in inference and '"cache.workers=2"' in inference
+    assert 'INSTALL = "weakcell"' in inference
+    cellpose = (tmp_path / "kernels" / "cellpose" / "weakcell-cellpose.py").read_text()
+    assert 'INSTALL = "weakcell[segment]"' in cellpose and '"segment.backend=cellpose"' in cellpose
+    assert '{"segment.cellpose.weights": "cellpose-sam"}' in cellpose
+    train = (tmp_path / "kernels" / "train" / "weakcell-train.py").read_text()
+    assert 'STAGES = ["folds", "cache", "train", "thresholds", "infer"]' in train
+    # a stale file of an earlier generation disappears: the folders are generated, never edited
+    (folders[0] / "notes.txt").write_text("hand edit")
+    kernels.run(cfg)
+    assert not (folders[0] / "notes.txt").exists()
+
+
+def test_unknown_variant_fails_before_writing(tmp_path):
+    cfg = make_cfg(tmp_path, "kaggle.variants=[inference,cellpsoe]")
+    with pytest.raises(KeyError, match=r"cellpsoe.*known: inference"):
+        kernels.run(cfg)
+    assert not (tmp_path / "kernels").exists()
+
+
+def fake_run(cfg, rounds: int = 0) -> Path:
+    """A run folder as train (and refine) leave it: weights, resumable checkpoints, logs, OOF tables."""
+    run_dir = cfg.run_dir
+    model_dirs = [run_dir] + [run_dir / f"round{r}" for r in range(1, rounds + 1)]
+    for model_dir in model_dirs:
+        for fold in range(2):
+            for head in ("cell", "mil"):
+                head_dir = model_dir / f"fold{fold}" / head
+                head_dir.mkdir(parents=True)
+                for name in ("model.pt", "last.pt", "epochs.csv", "curves.png"):
+                    (head_dir / name).write_bytes(b"x")
+            (model_dir / f"fold{fold}" / "oof_embeddings.npz").write_bytes(b"x")
+        for name in ("thresholds.json", "oof_image.parquet", "oof_cell.parquet", "metrics.json"):
+            (model_dir / name).write_text("{}")
+    (run_dir / "config.yaml").write_text("name: run1\n")
+    (run_dir / "run.json").write_text("{}")
+    return run_dir
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_weights_dataset_holds_weights_only(tmp_path, rounds):
+    cfg = make_cfg(tmp_path, f"refine.rounds={rounds}")
+    fake_run(cfg, rounds)
+    folder = datasets.weights_dataset(cfg)
+    assert folder == tmp_path / "dist" / "kaggle" / "weakcell-weights-run1"
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    prefix = "run1/" + (f"round{rounds}/" if rounds else "")
+    expected = ["dataset-metadata.json", "run1/config.yaml", "run1/run.json", f"{prefix}thresholds.json"]
+    expected += [f"{prefix}fold{k}/{head}/model.pt" for k in range(2) for head in ("cell", "mil")]
+    assert files == sorted(expected)
+    metadata = json.loads((folder / "dataset-metadata.json").read_text())
+    assert metadata["id"] == "tester/weakcell-weights-run1" and metadata["title"] == "weakcell weights run1"
+    # on Kaggle paths.runs=<mounted dataset> and the same name reproduce cfg.model_dir
+    mounted = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"runs": str(folder)})})
+    assert (mounted.model_dir / "fold0" / "mil" / "model.pt").is_file()
+
+
+def test_weights_dataset_config_builds_the_trained_networks_on_kaggle(tmp_path):
+    """The backbone's initial weights file is local: the packed config drops it, and nothing else, so the
+    kernel (which runs on the packed config) builds the same networks and passes infer's settings check."""
+    trained = make_cfg(tmp_path, "refine.rounds=0", "model.pretrained_file=weights/resnet18.pth")
+    fake_run(trained)
+    save_config(trained, trained.run_dir)
+    folder = datasets.weights_dataset(trained)
+    packed = folder / "run1" / "config.yaml"
+    kernel_cfg = load_config(packed, [f"paths.runs={folder}", "paths.root=/kaggle/working"])
+    assert kernel_cfg.model.pretrained_file is None
+    assert changed_settings(kernel_cfg.run_dir, kernel_cfg, include=("model.", "mil.", "cache.")) == []
+    assert changed_settings(trained.run_dir, kernel_cfg) == [
+        "model.pretrained_file: 'weights/resnet18.pth' -> None",
+        f"paths.root: {str(tmp_path)!r} -> '/kaggle/working'",
+        f"paths.runs: 'runs' -> {str(folder)!r}",
+    ]
+
+
+def test_weights_dataset_without_thresholds_says_what_to_run(tmp_path):
+    cfg = make_cfg(tmp_path, "refine.rounds=0")
+    fake_run(cfg)
+    (cfg.run_dir / "thresholds.json").unlink()
+    with pytest.raises(FileNotFoundError, match="make thresholds"):
+        datasets.weights_dataset(cfg)
+    assert main(["weights-dataset", f"paths.root={tmp_path}", "name=nothing"]) == 2
+
+
+def test_download_without_credentials_is_one_short_message(tmp_path, no_credentials, capsys):
+    loaded = "kaggle" in sys.modules
+    assert main(["download", f"paths.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+    assert str(no_credentials / "kaggle.json") in err and "KAGGLE_USERNAME" in err
+    assert "https://www.kaggle.com/competitions/hpa-single-cell-image-classification/data" in err
+    assert str(tmp_path / "data" / "hpa2021") in err  # where to place the data by hand
+    assert loaded or "kaggle" not in sys.modules  # nothing was imported to find that out
+
+
+def test_credentials_never_appear_in_any_output(
+    tmp_path, monkeypatch, no_credentials, offline, capsys, caplog
+):
+    pytest.importorskip("kaggle")
+    (no_credentials / "kaggle.json").write_text(json.dumps({"username": "tester", "key": SECRET[::-1]}))
+    (no_credentials / "kaggle.json").chmod(0o600)
+    # the variables win over the file; both values must stay hidden
+    monkeypatch.setenv("KAGGLE_USERNAME", "tester")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    image_level = tmp_path / "submissions" / "run1" / "image_level.csv"
+    image_level.parent.mkdir(parents=True)
+    image_level.write_text("Id,Predicted\na,0 3\nb,\n")
+    codes = [
+        main(["download", f"paths.root={tmp_path}"]),
+        main(["submit", f"paths.root={tmp_path}", "name=run1", "kaggle.competition=hpa2018"]),
+    ]
+    out = capsys.readouterr()
+    text = out.out + out.err + caplog.text
+    assert codes == [2, 2]
+    assert "could not reach kaggle.com" in out.err and "Traceback" not in out.err
+    assert SECRET not in text and SECRET[::-1] not in text
+    assert api.scrub(f"token {SECRET} and {SECRET[::-1]}") == "token *** and ***"
+
+
+def test_submit_dry_run_pushes_nothing_and_prints_the_steps(tmp_path, no_credentials, capsys):
+    cfg_args = [f"paths.root={tmp_path}", "kaggle.owner=tester", "name=run1"]
+    assert main(["submit", *cfg_args, "kaggle.dry_run=true"]) == 2  # no kernels yet
+    assert "make kernels" in capsys.readouterr().err
+    assert main(["kernels", *cfg_args]) == 0
+    capsys.readouterr()
+    assert main(["submit", *cfg_args, "kaggle.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert f"kaggle kernels push -p {tmp_path / 'kernels' / 'inference'}" in out
+    assert "https://www.kaggle.com/code/tester/weakcell-inference" in out
+    assert "https://www.kaggle.com/competitions/hpa-single-cell-image-classification/submit" in out
+    assert "tester/weakcell-wheels, tester/weakcell-weights-run1" in out
+
+
+def test_submit_without_owner_refuses_before_any_network(tmp_path, no_credentials, capsys):
+    assert main(["kernels", f"paths.root={tmp_path}", "kaggle.variants=[inference]"]) == 0
+    assert naming.PLACEHOLDER_OWNER in capsys.readouterr().out
+    assert main(["submit", f"paths.root={tmp_path}"]) == 2
+    assert "kaggle.owner=<you>" in capsys.readouterr().err
+
+
+def test_file_submission_dry_run_validates_first(tmp_path, capsys):
+    args = [f"paths.root={tmp_path}", "name=run1", "kaggle.competition=hpa2018", "kaggle.dry_run=true"]
+    assert main(["submit", *args]) == 2
+    assert "make infer" in capsys.readouterr().err
+    path = tmp_path / "submissions" / "run1" / "image_level.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("Id,Predicted\na,0 27\nb,\n")
+    assert main(["submit", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"kaggle competitions submit -c human-protein-atlas-image-classification -f {path}" in out
+    path.write_text("Id,Predicted\na,0 28\n")  # class 28 does not exist in 2018
+    assert main(["submit", *args]) == 2
+
+
+def test_download_dry_run_and_finished_folders(tmp_path, no_credentials, capsys):
+    args = [f"paths.root={tmp_path}", "kaggle.download=[hpa2021,hpa2018]", "kaggle.dry_run=true"]
+    target = tmp_path / "data" / "hpa2018"
+    target.mkdir(parents=True)
+    (target / api.COMPLETE_MARKER).write_text(
+        json.dumps({"competition": "human-protein-atlas-image-classification"})
+    )
+    assert main(["download", *args]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"kaggle competitions download -c hpa-single-cell-image-classification -p {tmp_path / 'data' / 'hpa2021'}"
+        in out
+    )
+    assert "human-protein-atlas-image-classification is already in" in out
+
+
+def test_unzip_resumes_and_refuses_paths_outside(tmp_path):
+    archive = tmp_path / "c.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("train/a_red.png", b"a" * 100)
+        bundle.writestr("train.csv", b"ID,Label\n")
+    folder = tmp_path / "data"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "a_red.png").write_bytes(b"a" * 40)  # cut short by an interrupted run
+    assert api.unzip(archive, folder) == 2
+    assert (folder / "train" / "a_red.png").read_bytes() == b"a" * 100
+    assert not list(folder.rglob("*.part"))
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr("../evil.txt", b"x")
+    with pytest.raises(ValueError, match="outside"):
+        api.unzip(archive, folder)
