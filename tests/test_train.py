@@ -142,6 +142,8 @@ def test_blend_refuses_different_keys():
     b = pd.DataFrame({"image_id": ["y", "x"], "p_0": [0.6, 0.8]})
     blended = blend([a, b], ["image_id"]).set_index("image_id")["p_0"]
     assert blended["x"] == pytest.approx(0.5) and blended["y"] == pytest.approx(0.5)
+    weighted = blend([a, b], ["image_id"], weights=[3.0, 1.0]).set_index("image_id")["p_0"]
+    assert weighted["x"] == pytest.approx(0.75 * 0.2 + 0.25 * 0.8) and weighted["y"] == pytest.approx(0.45)
     with pytest.raises(AssertionError, match="different"):
         blend([a, b.iloc[:1]], ["image_id"])
 
@@ -181,6 +183,23 @@ def test_infer_other_split_folds_and_models(tiny_run):
     )
     single = pd.read_parquet(out_dir / "pred_image.parquet")
     assert not np.allclose(blended.sort_values("image_id")["p_0"], single.sort_values("image_id")["p_0"])
+    # runs blended with weights: the same run twice (as itself and as its round 0) changes nothing
+    twice = other.model_copy(
+        update={
+            "infer": other.infer.model_copy(
+                update={"blend": {cfg.name: 1.0, f"{cfg.name}/round0": 3.0}, "output": "blend"}
+            )
+        }
+    )
+    together = pd.read_parquet(infer_stage.run(twice) / "pred_image.parquet").sort_values("image_id")
+    alone = single.sort_values("image_id")
+    assert np.allclose(together[[f"p_{c}" for c in range(19)]], alone[[f"p_{c}" for c in range(19)]])
+    with pytest.raises(ValueError, match="round<r>"):
+        infer_stage.run(
+            twice.model_copy(
+                update={"infer": twice.infer.model_copy(update={"blend": {f"{cfg.name}/best": 1.0}})}
+            )
+        )
     wider = other.model_copy(update={"model": other.model.model_copy(update={"drop_rate": 0.5})})
     with pytest.raises(ValueError, match=r"model\.drop_rate"):
         infer_stage.run(wider)

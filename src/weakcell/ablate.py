@@ -7,10 +7,10 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
 - ``<name>-control`` (``ablate.control``): round 0 of the weak run (hard links, not retrained) plus rounds
   of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
-- ``<name>-oracle`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
+- ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
   as the weak run's backbone gets in total, then MIL: the ceiling.
 
-Each row of ``ROWS`` names a run, a round, how cells and images are scored and the inference settings of
+Each row of ``rows()`` names a run, a round, how cells and images are scored and the inference settings of
 its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with tuned thresholds
 (cross-fitted over folds, so tuning is not scored on the rows it was tuned on), image mAP, cell mAP
 against the synthetic truth, the competition metric of the test-split submission, and wall time.
@@ -49,16 +49,25 @@ class Row:
     infer: dict[str, Any] = field(default_factory=dict)  # infer.* overrides of its test submission
 
 
-ROWS = (
-    Row("inheritance only (cell model)", WEAK, 0, "stage1", "stage1_max", {"image_power": 0.0}),
-    Row("+ attention MIL (cell x image)", WEAK, 0),
-    Row("+ refinement, 1 round", WEAK, 1),
-    Row("+ refinement, 2 rounds", WEAK, 2),
-    Row("control: same epochs, labels kept", CONTROL, "final"),
-    Row("full weak, TTA off", WEAK, "final", infer={"tta": [0]}),
-    Row("full weak, one fold (fold 0)", WEAK, "final", infer={"folds": [0]}),
-    Row("oracle: true cell labels", ORACLE, 0),
-)
+INHERIT = "inheritance only (cell model)"
+ORACLE_ROW = "oracle: true cell labels"
+
+
+def refined(round_: int) -> str:
+    return f"+ refinement, {round_} round{'s' if round_ > 1 else ''}"
+
+
+def rows(rounds: int) -> list[Row]:
+    """The grid's rows for ``rounds`` refinement rounds, in table order."""
+    return [
+        Row(INHERIT, WEAK, 0, "stage1", "stage1_max", {"image_power": 0.0}),
+        Row("+ attention MIL (cell x image)", WEAK, 0),
+        *(Row(refined(r), WEAK, r) for r in range(1, rounds + 1)),
+        Row("control: same epochs, labels kept", CONTROL, "final"),
+        Row("full weak, TTA off", WEAK, "final", infer={"tta": [0]}),
+        Row("full weak, one fold (fold 0)", WEAK, "final", infer={"folds": [0]}),
+        Row(ORACLE_ROW, ORACLE, 0),
+    ]
 
 
 # -- the runs -----------------------------------------------------------------------------------------
@@ -78,7 +87,7 @@ def run_configs(cfg: Config) -> dict[str, Config]:
         epochs = cfg.train.epochs + rounds * cfg.refine.epochs  # the weak backbone's total
         configs[ORACLE] = cfg.model_copy(
             update={
-                "name": f"{cfg.name}-oracle",
+                "name": f"{cfg.name}-oracle{epochs}",  # one oracle per epoch budget, each reusable
                 "train": cfg.train.model_copy(update={"targets": "truth", "epochs": epochs}),
                 "refine": cfg.refine.model_copy(update={"rounds": 0}),
             }
@@ -197,9 +206,9 @@ def leaderboard(cfg: Config) -> pd.DataFrame:
     data = load_training_set(configs[WEAK])
     rounds = cfg.ablate.rounds
     records = []
-    for row in ROWS:
+    for row in rows(rounds):
         round_ = rounds if row.round == "final" else int(row.round)
-        if row.run not in configs or round_ > rounds:
+        if row.run not in configs:
             continue
         run_cfg = with_round(configs[row.run], round_ if row.run != ORACLE else 0)
         record: dict[str, Any] = {"variant": row.label, "run": run_cfg.name, "round": round_}
@@ -216,12 +225,12 @@ def leaderboard(cfg: Config) -> pd.DataFrame:
 def targets(table: pd.DataFrame, rounds: int) -> list[tuple[str, bool | None, str]]:
     """The issue's targets on the OOF figures: (what, met, the numbers)."""
     by = table.set_index("variant")
-    final = "+ refinement, 2 rounds" if rounds >= 2 else "+ refinement, 1 round"
+    final = refined(rounds)
     checks: list[tuple[str, bool | None, str]] = []
     if final in by.index and "cell_map" in by:
-        weak, inherit = by.loc[final, "cell_map"], by.loc["inheritance only (cell model)", "cell_map"]
-        if "oracle: true cell labels" in by.index:
-            oracle = by.loc["oracle: true cell labels", "cell_map"]
+        weak, inherit = by.loc[final, "cell_map"], by.loc[INHERIT, "cell_map"]
+        if ORACLE_ROW in by.index:
+            oracle = by.loc[ORACLE_ROW, "cell_map"]
             checks.append(
                 (
                     "full weak cell mAP >= 0.90 x oracle",
@@ -302,7 +311,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     for offset, column, name in ((0.2, "cell_map", "cell mAP (OOF)"), (-0.2, "test_cell_map", "test mAP")):
         if column in table:
             axis.barh(y + offset, table[column].to_numpy()[::-1], height=0.38, label=name)
-    oracle = table[table["run"].str.endswith("-oracle")]
+    oracle = table[table["variant"] == ORACLE_ROW]
     if len(oracle) and "cell_map" in table:
         axis.axvline(0.9 * oracle["cell_map"].iloc[0], color="k", linestyle=":", label="0.90 x oracle (OOF)")
     axis.set_yticks(y, labels)

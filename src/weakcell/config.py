@@ -373,6 +373,11 @@ class InferConfig(Section):
         None, description="name of the run whose models predict; None = this run (name)"
     )
     folds: list[int] | None = Field(None, description="blend only these folds' models; None = every fold")
+    blend: dict[str, float] | None = Field(
+        None,
+        description="run or run/round<r> -> weight: several runs' predictions as weighted means on the keys "
+        "(image thresholds from the first); None = infer.models or this run",
+    )
     output: str | None = Field(
         None, description="submission folder name under paths.submissions; None = name"
     )

@@ -86,13 +86,18 @@ def predict_fold(
     return images, cell_table
 
 
-def blend(tables: list[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
-    """Mean over tables keyed by ``keys``, after asserting they all hold the same keys."""
+def blend(tables: list[pd.DataFrame], keys: list[str], weights: list[float] | None = None) -> pd.DataFrame:
+    """(Weighted) mean over tables keyed by ``keys``, after asserting they all hold the same keys."""
     first = set(map(tuple, tables[0][keys].to_numpy()))
     for table in tables[1:]:
         if set(map(tuple, table[keys].to_numpy())) != first:
             raise AssertionError(f"predictions to blend hold different {keys}: refusing to average them")
-    return pd.concat(tables).groupby(keys, sort=False).mean().reset_index()
+    weights = weights or [1.0] * len(tables)
+    weighted = [
+        table.set_index(keys).mul(weight / sum(weights)).reset_index()
+        for table, weight in zip(tables, weights)
+    ]
+    return pd.concat(weighted).groupby(keys, sort=False).sum().reset_index()
 
 
 def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
@@ -124,11 +129,19 @@ def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
     )
 
 
-def model_folds(cfg: Config) -> tuple[Path, list[Path]]:
-    """The folder whose folds predict (``infer.models`` or this run, final refinement round) and the
-    fold folders to blend (``infer.folds`` or all)."""
-    source = cfg.model_copy(update={"name": cfg.infer.models}) if cfg.infer.models else cfg
-    run_dir = source.model_dir
+def model_sources(cfg: Config) -> dict[str, float]:
+    """``run[/round<r>]`` -> weight of every run whose predictions are blended."""
+    return dict(cfg.infer.blend) if cfg.infer.blend else {cfg.infer.models or cfg.name: 1.0}
+
+
+def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
+    """The folder whose folds predict (``source_name`` = ``run`` for its final refinement round as this
+    config counts them, or ``run/round<r>``) and the fold folders to blend (``infer.folds`` or all)."""
+    name, _, round_name = source_name.partition("/")
+    source = cfg.model_copy(update={"name": name})
+    if round_name and not (round_name.startswith("round") and round_name[5:].isdigit()):
+        raise ValueError(f"model source {source_name!r}: expected <run> or <run>/round<r>")
+    run_dir = source.round_dir(int(round_name[5:])) if round_name else source.model_dir
     # the networks are built from this config: they must be the ones the weights were trained as
     differ = changed_settings(source.run_dir, cfg, include=MODEL_SETTINGS)
     if differ:
@@ -151,7 +164,9 @@ def run(cfg: Config) -> Path:
     """Predict the images of ``infer.split`` with the trained folds and write ``submissions/<output>/``."""
     start = time.perf_counter()
     spec = get_dataset(cfg.data.dataset)
-    run_dir, fold_dirs = model_folds(cfg)
+    sources = model_sources(cfg)
+    models = {name: model_folds(cfg, name) for name in sources}  # every source checked before any work
+    run_dir = models[next(iter(sources))][0]  # the first source's thresholds decide the image labels
     thresholds_path = run_dir / "thresholds.json"
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
@@ -160,9 +175,18 @@ def run(cfg: Config) -> Path:
     image_ids = sample["ID"].astype(str).tolist()
     n_classes = spec.n_classes
 
-    results = [predict_fold(cfg, fold_dir, cache, image_ids, n_classes) for fold_dir in fold_dirs]
-    images = blend([r[0] for r in results], ["image_id"])
-    cells = blend([r[1] for r in results], ["image_id", "cell_id"])
+    per_source = []
+    for _, fold_dirs in models.values():  # folds of one run: a plain mean; runs: weighted
+        results = [predict_fold(cfg, fold_dir, cache, image_ids, n_classes) for fold_dir in fold_dirs]
+        per_source.append(
+            (
+                blend([r[0] for r in results], ["image_id"]),
+                blend([r[1] for r in results], ["image_id", "cell_id"]),
+            )
+        )
+    weights = list(sources.values())
+    images = blend([p[0] for p in per_source], ["image_id"], weights)
+    cells = blend([p[1] for p in per_source], ["image_id", "cell_id"], weights)
     image_of_cell = images.set_index("image_id").loc[cells["image_id"], prob_columns(n_classes)].to_numpy()
     confidence = cells[prob_columns(n_classes)].to_numpy() * image_of_cell**cfg.infer.image_power
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
@@ -179,7 +203,8 @@ def run(cfg: Config) -> Path:
     # images come in the sample submission's order (image_ids above)
     write_image_level(images, read_thresholds(thresholds_path), out_dir / "image_level.csv")
     print(
-        f"infer: {len(fold_dirs)} folds of {run_dir} x {len(cfg.infer.tta)} TTA views, {len(images)} images, "
+        f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
+        f"{len(images)} images, "
         f"{len(cells)} cells, "
         f"{time.perf_counter() - start:.0f} s -> {out_dir}/cell_level.csv, image_level.csv"
     )
