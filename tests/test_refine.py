@@ -107,3 +107,12 @@ def test_round_trains_from_oof_pseudo_labels(tiny_run):
     changed = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"relative": 0.9})})
     with pytest.raises(ValueError, match=r"refine\.relative.*FORCE=1"):
         refine_stage.run(changed)
+
+
+def test_relative_schedule_by_round():
+    schedule = RefineConfig(relative=[0.3, 0.1])
+    assert [schedule.for_round(r).relative for r in (1, 2, 3)] == [0.3, 0.1, 0.1]
+    assert RefineConfig(relative=0.2).for_round(4).relative == 0.2
+    for bad in ([], [0.3, 1.5], -0.1):
+        with pytest.raises(ValueError, match=r"refine\.relative"):
+            RefineConfig(relative=bad)

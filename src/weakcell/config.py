@@ -403,11 +403,10 @@ class RefineConfig(Section):
 
     rounds: int = Field(1, ge=0, description="refinement rounds; 0 = the inheritance + MIL run alone")
     score: str = Field("stage1", description="cell score the rule reads (weakcell.train.CELL_SCORES)")
-    relative: float = Field(
+    relative: float | list[float] = Field(
         0.3,
-        ge=0,
-        le=1,
-        description="keep c for cells scoring at least this fraction of the image's best cell",
+        description="keep c for cells scoring at least this fraction of the image's best cell; a list gives "
+        "round r the r-th value (the last one for later rounds)",
     )
     threshold_scale: float = Field(
         0.0, ge=0, description="and at least this x the class's tuned image threshold (0 = no absolute floor)"
@@ -423,6 +422,22 @@ class RefineConfig(Section):
     init: Literal["previous", "scratch"] = Field(
         "previous", description="previous = fine-tune the previous round's fold model; scratch = start anew"
     )
+
+    @field_validator("relative")
+    @classmethod
+    def _fractions(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(not 0 <= v <= 1 for v in values):
+            raise ValueError(
+                f"refine.relative must be a fraction in [0, 1] or a non-empty list of them, not {value}"
+            )
+        return value
+
+    def for_round(self, round_: int) -> RefineConfig:
+        """The rule round ``round_`` (1-based) applies: ``relative`` resolved to one number."""
+        if not isinstance(self.relative, list):
+            return self
+        return self.model_copy(update={"relative": self.relative[min(round_, len(self.relative)) - 1]})
 
 
 class EvaluateConfig(Section):

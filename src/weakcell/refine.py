@@ -149,14 +149,16 @@ def run(cfg: Config) -> list[dict[str, float]]:
         if not all(path.is_file() for path in oof_paths):
             step = "make train" if round_ == 1 else f"refinement round {round_ - 1}"
             raise FileNotFoundError(f"no out-of-fold predictions in {before}; run {step} first")
-        differ = changed_settings(out_dir, round_cfg, include=REFINE_SETTINGS, exclude=REFINE_RUNTIME)
+        # each round saves and is checked against the rule it applies (``relative`` may change by round)
+        this_round = round_cfg.model_copy(update={"refine": cfg.refine.for_round(round_)})
+        differ = changed_settings(out_dir, this_round, include=REFINE_SETTINGS, exclude=REFINE_RUNTIME)
         if differ and not cfg.force:
             raise ValueError(
                 f"round {out_dir} was trained with other settings ({', '.join(differ[:6])}); redo it with "
                 "FORCE=1 or give the run another name (name=...)"
             )
         table, targets, trainable = round_targets(
-            cfg, data, pd.read_parquet(oof_paths[0]), pd.read_parquet(oof_paths[1])
+            this_round, data, pd.read_parquet(oof_paths[0]), pd.read_parquet(oof_paths[1])
         )
         new = targets[training]
         stats: dict[str, float] = {
@@ -172,11 +174,14 @@ def run(cfg: Config) -> list[dict[str, float]]:
             )
         if is_main_process():
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(round_cfg, out_dir)
+            save_config(this_round, out_dir)
             table.to_parquet(out_dir / "pseudo_labels.parquet", index=False)
         init_dir = before if cfg.refine.init == "previous" else None
         metrics = train_round(
-            round_cfg, dataclasses.replace(data, cell_targets=targets, trainable=trainable), out_dir, init_dir
+            this_round,
+            dataclasses.replace(data, cell_targets=targets, trainable=trainable),
+            out_dir,
+            init_dir,
         )
         metrics = {**stats, **metrics}
         if is_main_process():
