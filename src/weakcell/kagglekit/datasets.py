@@ -156,16 +156,23 @@ def fetch_wheel(requirement: str, out: Path, cfg: Config) -> None:
         )
 
 
-def wheels(cfg: Config) -> Path:
-    """``make wheels``: the wheels dataset folder. Rebuilt every time (pip's cache makes it quick) into a
-    staging folder that replaces the old one only when complete."""
-    start = time.perf_counter()
-    slug = wheels_slug(cfg)
+def dataset_folders(cfg: Config, slug: str) -> tuple[Path, Path]:
+    """The dataset folder ``slug`` and an empty staging folder beside it: a dataset is built in staging and
+    replaces the old folder only when complete, so an interrupted build never leaves half a dataset."""
     target = datasets_root(cfg) / slug
     staging = target.with_name(f".{slug}.staging")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    return target, staging
+
+
+def wheels(cfg: Config) -> Path:
+    """``make wheels``: the wheels dataset folder. Rebuilt every time (pip's cache makes it quick) into a
+    staging folder that replaces the old one only when complete."""
+    start = time.perf_counter()
+    slug = wheels_slug(cfg)
+    target, staging = dataset_folders(cfg, slug)
     build_weakcell_wheel(staging)
     requirements = pinned(cfg.kaggle.wheels)
     for requirement in requirements:
@@ -244,11 +251,7 @@ def weights_dataset(cfg: Config) -> Path:
     """``make weights-dataset RUN=<run>``: the run's weights dataset folder."""
     manifest = weights_manifest(cfg)
     slug = weights_slug(cfg)
-    target = datasets_root(cfg) / slug
-    staging = target.with_name(f".{slug}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    target, staging = dataset_folders(cfg, slug)
     for source, relative in manifest:
         if source.name == "config.yaml":
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
