@@ -32,7 +32,7 @@ import pandas as pd
 
 from weakcell.config import Config
 from weakcell.data.datasets import get_dataset
-from weakcell.train import cell_scores, load_training_set, max_pool_images, prob_columns
+from weakcell.train import TrainingSet, cell_scores, load_training_set, max_pool_images, prob_columns
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
 
@@ -135,7 +135,7 @@ def with_round(cfg: Config, round_: int) -> Config:
 # -- scoring one row ------------------------------------------------------------------------------------
 
 
-def oof_scores(cfg: Config, row: Row, round_dir: Path, data) -> dict[str, float]:
+def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float]:
     """Out-of-fold image and cell scores of one round, as the row reads them."""
     from weakcell.cell_truth import cell_level_ap
     from weakcell.data.labels import to_multi_hot
@@ -316,7 +316,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         axis.axvline(0.9 * oracle["cell_map"].iloc[0], color="k", linestyle=":", label="0.90 x oracle (OOF)")
     axis.set_yticks(y, labels)
     axis.set_xlabel("mAP")
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # off the bars
     axis.set_title("weakcell ablations")
     figure.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
