@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import Config
+from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
-from weakcell.train import TrainingSet, cell_scores, load_training_set, max_pool_images, prob_columns
+from weakcell.kagglekit.naming import slugify
+from weakcell.train import TrainingSet, cell_scores, load_training_set, max_pool_images
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
 
@@ -193,10 +195,6 @@ def round_seconds(run_cfg: Config, round_: int) -> float:
         if path.is_file():
             total += float(json.loads(path.read_text()).get("seconds", 0.0))
     return total
-
-
-def slugify(label: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-").replace("--", "-")
 
 
 def leaderboard(cfg: Config) -> pd.DataFrame:

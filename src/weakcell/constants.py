@@ -104,3 +104,8 @@ CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
     "blue": (0.0, 0.0, 1.0),
     "yellow": (0.5, 0.5, 0.0),
 }
+
+
+def prob_columns(n_classes: int, prefix: str = "p_") -> list[str]:
+    """Column names of per-class scores in every prediction table (OOF, inference): ``p_0 .. p_{C-1}``."""
+    return [f"{prefix}{c}" for c in range(n_classes)]

@@ -40,6 +40,7 @@ import pandas as pd
 from weakcell.cell_truth import cell_level_ap, read_true_mask
 from weakcell.competition_metric import competition_map, iou_table
 from weakcell.config import Config, ThresholdsConfig
+from weakcell.constants import prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.metrics import f1_per_class, macro_f1, mean_average_precision, per_class_ap
 from weakcell.submission import CELL_COLUMNS, decode_mask
@@ -56,10 +57,6 @@ ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "image": lambda cell, image: image,
     "cell_x_image": lambda cell, image: cell * image,
 }
-
-
-def prob_columns(n_classes: int, prefix: str = "p_") -> list[str]:
-    return [f"{prefix}{c}" for c in range(n_classes)]
 
 
 # -- image level --------------------------------------------------------------------------------------

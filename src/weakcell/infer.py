@@ -23,13 +23,14 @@ import torch
 from weakcell.cache.loader import CellCrops, apply_symmetries
 from weakcell.cache.store import CellCache
 from weakcell.config import Config, changed_settings
+from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.submission import write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
-from weakcell.train import EmbeddingBags, prob_columns
+from weakcell.train import EmbeddingBags
 from weakcell.weights import load_state_dict
 
 # What builds the networks whose weights inference loads.

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import Config, RefineConfig, changed_settings, save_config
-from weakcell.constants import NEGATIVE
+from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
@@ -28,7 +28,6 @@ from weakcell.train import (
     cell_scores,
     is_main_process,
     load_training_set,
-    prob_columns,
     train_round,
     true_cell_targets,
 )

@@ -34,7 +34,7 @@ from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
 from weakcell.config import Config, TrainConfig, changed_settings, save_config
-from weakcell.constants import NEGATIVE
+from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.engine import fit, predict
@@ -44,10 +44,6 @@ from weakcell.models import create_model
 from weakcell.weights import load_state_dict
 
 log = logging.getLogger(__name__)
-
-
-def prob_columns(n_classes: int, prefix: str = "p_") -> list[str]:
-    return [f"{prefix}{c}" for c in range(n_classes)]
 
 
 # -- what training reads ------------------------------------------------------------------------------
@@ -604,6 +600,14 @@ def train_round(
     """Every fold (or ``train.folds``) into ``run_dir``: OOF tables, ``metrics.json``, attention maps."""
     start = time.perf_counter()
     folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
+    finished = [
+        run_dir / f"fold{fold}" / name for fold in folds for name in ("oof_image.parquet", "oof_cell.parquet")
+    ]
+    saved = run_dir / "metrics.json"
+    if not cfg.force and saved.is_file() and all(path.is_file() for path in finished):
+        # a finished round: its tables, scores and maps are on disk already (reruns of make, the ablation)
+        print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
+        return json.loads(saved.read_text())
     results = [train_fold(cfg, data, fold, run_dir, init_dir) for fold in folds]
     oof_image = pd.concat([r[0] for r in results], ignore_index=True)
     oof_cell = pd.concat([r[1] for r in results], ignore_index=True)
