@@ -313,6 +313,37 @@ def test_predict_keeps_data_order(tmp_path: Path) -> None:
     )
 
 
+class WorkerStamped(Batches):
+    """Each batch says which process loaded it."""
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        return super().__getitems__(positions) | {"pid": torch.full((len(positions),), os.getpid())}
+
+
+def test_validation_reuses_its_worker_processes(tmp_path: Path) -> None:
+    """Validating every epoch must not start ``workers`` new processes each time (a second a fit on a GPU
+    machine); the curves are drawn once for a short fit, after its last epoch."""
+    seen: list[set[int]] = []
+
+    def stamp(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        seen.append(set(outputs["pid"].tolist()))
+        return {}
+
+    fit(
+        toy(),
+        Batches(64),
+        WorkerStamped(32, seed=1),
+        config(epochs=3, workers=2),
+        tmp_path,
+        seed=0,
+        evaluate=stamp,
+        batch_keys=("pid",),
+    )
+    assert len(seen) == 3 and os.getpid() not in set.union(*seen)
+    assert len(set.union(*seen)) <= 2, f"validation loaded batches in {len(set.union(*seen))} processes"
+    assert (tmp_path / "curves.png").is_file()
+
+
 DDP_SCRIPT = """
 import sys
 from tests.test_engine import Batches, config, toy
