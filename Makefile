@@ -19,7 +19,7 @@ export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate ablate \
-	bench-synthetic bench-cache bench-train bench-train-gpu test test-all lint clean
+	bench-synthetic bench-cache bench-train bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs ca
 
 bench-train-gpu: $(STAMP) ## on a GPU machine: competition config cells/s, model only vs with the loader
 	$(PY) benchmarks/bench_train_gpu.py
+
+bench-pipeline-gpu: $(STAMP) ## on a GPU machine: wall time of each demo stage with train.device=cuda -> benchmarks/pipeline_gpu.md
+	$(PY) benchmarks/bench_pipeline_gpu.py train.device=cuda train.workers=6 $(OVERRIDES)
 
 lint: $(STAMP) ## ruff + mypy on the core
 	$(PY) -m ruff check src tests
