@@ -332,10 +332,10 @@ def test_stage_on_a_tiny_pipeline(evaluated):
     assert result["image_oof"]["macro_f1_tuned_cross_fitted"] == pytest.approx(
         tuned["macro_f1_tuned_cross_fitted"]
     )
-    # the submission is cell x image (infer.image_power 1), written with 4 significant digits
+    # the submission is the confidence formula of infer.*, written with 4 significant digits
     test = result["cell_test"]
     assert test["masks_differ"] == 0 and 0 <= test["submission"]["map"] <= 1
-    assert test["submission"]["map"] == pytest.approx(test["cell_x_image"]["map"], abs=0.02)
+    assert test["submission"]["map"] == pytest.approx(test["confidence"]["map"], abs=0.005)
     assert result["image_test"]["images"] == 3
     for name in ("ap_per_class.png", "threshold_curves.png", "per_class.png"):
         assert _is_png(reports / name)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from weakcell.config import Config
+from weakcell.config import Config, InferConfig
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
@@ -46,7 +46,7 @@ class Row:
     label: str
     run: str  # WEAK, CONTROL or ORACLE
     round: int | str  # a refinement round; "final" = ablate.rounds
-    cell_score: str = "stage1_x_image"  # train.CELL_SCORES entry for the OOF cell mAP
+    cell_score: str = "confidence"  # train.CELL_SCORES entry for the OOF cell mAP
     image_source: str = "mil"  # mil = the MIL head's image probabilities; stage1_max = max over cells
     infer: dict[str, Any] = field(default_factory=dict)  # infer.* overrides of its test submission
 
@@ -137,6 +137,11 @@ def with_round(cfg: Config, round_: int) -> Config:
 # -- scoring one row ------------------------------------------------------------------------------------
 
 
+def row_infer(cfg: Config, row: Row) -> InferConfig:
+    """The inference settings of a row: the run's, with the row's overrides."""
+    return cfg.infer.model_copy(update=row.infer)
+
+
 def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float]:
     """Out-of-fold image and cell scores of one round, as the row reads them."""
     from weakcell.cell_truth import cell_level_ap
@@ -161,7 +166,10 @@ def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dic
     if data.truth is not None and data.matches is not None:
         table = oof_cell[["image_id", "cell_id"]].assign(
             **dict(
-                zip(prob_columns(n_classes), cell_scores(row.cell_score, oof_cell, oof_image, n_classes).T)
+                zip(
+                    prob_columns(n_classes),
+                    cell_scores(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row)).T,
+                )
             )
         )
         ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth)
@@ -175,7 +183,7 @@ def test_scores(cfg: Config, row: Row, slug: str) -> dict[str, float]:
     from weakcell.evaluate import submission_cell_map
 
     output = f"{cfg.name}-ablate/{slug}"
-    infer_cfg = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={**row.infer, "output": output})})
+    infer_cfg = cfg.model_copy(update={"infer": row_infer(cfg, row).model_copy(update={"output": output})})
     start = time.perf_counter()
     folder = infer.run(infer_cfg)
     seconds = time.perf_counter() - start

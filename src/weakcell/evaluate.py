@@ -39,23 +39,27 @@ import pandas as pd
 
 from weakcell.cell_truth import cell_level_ap, read_true_mask
 from weakcell.competition_metric import competition_map, iou_table
-from weakcell.config import Config, ThresholdsConfig
+from weakcell.config import Config, InferConfig, ThresholdsConfig
 from weakcell.constants import prob_columns
 from weakcell.data.labels import to_multi_hot
-from weakcell.metrics import f1_per_class, macro_f1, mean_average_precision, per_class_ap
+from weakcell.metrics import cell_confidence, f1_per_class, macro_f1, mean_average_precision, per_class_ap
 from weakcell.submission import CELL_COLUMNS, decode_mask
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
 if TYPE_CHECKING:  # train imports torch: loaded only when a stage needs the training set
     from weakcell.train import TrainingSet
 
-# The OOF cell score shown per class in the plots and table: the product inference submits.
-PLOTTED_VARIANT = "stage1_x_image"
-# pred_cell.parquet confidences scored beside the submission: name -> (cell probs, image probs) -> (N, C)
-ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "cell": lambda cell, image: cell,
-    "image": lambda cell, image: image,
-    "cell_x_image": lambda cell, image: cell * image,
+# The OOF cell score shown per class in the plots and table: the confidence inference submits.
+PLOTTED_VARIANT = "confidence"
+# pred_cell.parquet confidences scored beside the submission:
+# name -> (cell probs, image probs, image ids, infer settings) -> (N, C); "confidence" recomputes the submitted one
+ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, InferConfig], np.ndarray]] = {
+    "cell": lambda cell, image, ids, infer: cell,
+    "image": lambda cell, image, ids, infer: image,
+    "cell_x_image": lambda cell, image, ids, infer: cell * image,
+    "confidence": lambda cell, image, ids, infer: cell_confidence(
+        cell, image, ids, infer.image_power, infer.image_best_cell
+    ),
 }
 
 
@@ -160,6 +164,7 @@ def oof_cell_ap(
     matches: pd.DataFrame,
     truth: pd.DataFrame,
     n_classes: int,
+    infer: InferConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-class cell AP ``(C,)`` of every ``train.cell_score_variants`` score against the matched true
     cells (their NaN-mean is ``metrics.json``'s ``cell_map_<variant>``)."""
@@ -167,7 +172,7 @@ def oof_cell_ap(
 
     return {
         name: cell_level_ap(table, prob_columns(n_classes), matches, truth)
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes).items()
+        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items()
     }
 
 
@@ -327,7 +332,8 @@ def submission_cell_map(
         image = cells[prob_columns(n, "image_")].to_numpy(np.float64)
         keys = cells[["image_id", "cell_id"]].reset_index(drop=True)
         for name, combine in ALTERNATIVES.items():
-            scores = keys.assign(**dict(zip(prob_columns(n), combine(cell, image).T)))
+            combined = combine(cell, image, keys["image_id"].to_numpy(), cfg.infer)
+            scores = keys.assign(**dict(zip(prob_columns(n), combined.T)))
             scored = score_cell_predictions(cache_masks, scores, true_masks, true_labels, n)
             results[name] = _result_json(scored)
     return results
@@ -415,7 +421,7 @@ def score_round(
     if data.truth is None or data.matches is None:
         notes.append(f"cell level skipped: {spec.name} has no per-cell truth (only the synthetic set has)")
     else:
-        cell_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n)
+        cell_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer)
         evaluation["cell_oof"] = {name: {"map": _nanmean(ap), "ap": ap} for name, ap in cell_ap.items()}
         evaluation["plotted_variant"] = PLOTTED_VARIANT
         table["cell_ap_oof"] = cell_ap[PLOTTED_VARIANT]

@@ -4,7 +4,8 @@ Per fold: the cell model predicts every test cell under each TTA symmetry (proba
 averaged over the symmetries); the fold's MIL head turns each image's averaged embeddings into image
 probabilities and attention. Folds are then blended as a groupby-mean on (image_id, cell_id) / image_id,
 after asserting that every fold predicted the same keys. A cell's confidence for class c is its own
-probability times its image's probability ** ``infer.image_power`` (the top 2021 solutions' product).
+probability times an image term ** ``infer.image_power`` (the top 2021 solutions' product; the term mixes
+the image's MIL probability with its best cell's, ``metrics.cell_confidence``).
 
 Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
 of the dataset's sample submission, masks at the original size, validated before it is written) and
@@ -26,7 +27,7 @@ from weakcell.config import Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
-from weakcell.metrics import sigmoid
+from weakcell.metrics import cell_confidence, sigmoid
 from weakcell.models import create_model
 from weakcell.submission import write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
@@ -189,7 +190,13 @@ def run(cfg: Config) -> Path:
     images = blend([p[0] for p in per_source], ["image_id"], weights)
     cells = blend([p[1] for p in per_source], ["image_id", "cell_id"], weights)
     image_of_cell = images.set_index("image_id").loc[cells["image_id"], prob_columns(n_classes)].to_numpy()
-    confidence = cells[prob_columns(n_classes)].to_numpy() * image_of_cell**cfg.infer.image_power
+    confidence = cell_confidence(
+        cells[prob_columns(n_classes)].to_numpy(),
+        image_of_cell,
+        cells["image_id"].to_numpy(),
+        cfg.infer.image_power,
+        cfg.infer.image_best_cell,
+    )
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
 
     out_dir = cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)

@@ -8,6 +8,7 @@ positive in ``y_true`` — a class absent from a fold says nothing about the mod
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -64,3 +65,22 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro F1 over the classes with at least one positive."""
     present = np.asarray(y_true).sum(0) > 0
     return float(f1_per_class(y_true, y_pred)[present].mean()) if present.any() else float("nan")
+
+
+def cell_confidence(
+    cell: np.ndarray, image: np.ndarray, image_ids: np.ndarray, power: float, best_cell: float
+) -> np.ndarray:
+    """The submitted confidence of each (cell, class): ``cell * image_term ** power`` with
+    ``image_term = (1 - best_cell) * image + best_cell * (the image's highest cell probability)``.
+
+    cell, image: (N, C) the cell's probability and its image's (MIL) probability; image_ids: (N,).
+    The image term ranks cells of likely images first; mixing in the best cell keeps it on the cell model's
+    scale, which the MIL head (trained on embeddings of its own training images) is not quite on. Measured
+    on the synthetic benchmark (benchmarks/leaderboard.md): power 3 with a quarter of the best cell beats
+    the plain product (power 1, 0) out of fold and on the held-out split, weakly and fully supervised alike.
+    """
+    term = image
+    if best_cell:
+        best = pd.DataFrame(cell).groupby(np.asarray(image_ids), sort=False).transform("max").to_numpy()
+        term = (1.0 - best_cell) * image + best_cell * best
+    return cell * term**power

@@ -100,7 +100,7 @@ def round_targets(
     )["threshold"].to_numpy()
     inherited = to_multi_hot(images.loc[oof_cell["image_id"], "labels"].tolist(), n_classes)
     targets, trainable = pseudo_labels(
-        cell_scores(cfg.refine.score, oof_cell, oof_image, n_classes),
+        cell_scores(cfg.refine.score, oof_cell, oof_image, n_classes, cfg.infer),
         oof_cell["image_id"].to_numpy(),
         inherited,
         oof_cell[prob_columns(n_classes, "att_")].to_numpy(),

@@ -33,13 +33,13 @@ from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
-from weakcell.config import Config, TrainConfig, changed_settings, save_config
+from weakcell.config import Config, InferConfig, TrainConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.engine import fit, predict
 from weakcell.folds import read_folds
-from weakcell.metrics import macro_f1, mean_average_precision, sigmoid
+from weakcell.metrics import cell_confidence, macro_f1, mean_average_precision, sigmoid
 from weakcell.models import create_model
 from weakcell.weights import load_state_dict
 
@@ -513,39 +513,63 @@ def _write_parquet(table: pd.DataFrame, path: Path) -> None:
 # -- scoring the out-of-fold predictions ----------------------------------------------------------------
 
 
-# The ways a cell's class score is formed from its OOF outputs: (p = stage-1 cell probability,
-# q = MIL instance probability, a = relative attention, image = the image's MIL probability) -> (N, C).
-CELL_SCORES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
-    "stage1": lambda p, q, a, image: p,
-    "mil_instance": lambda p, q, a, image: q,
-    "mil_attention": lambda p, q, a, image: image * np.clip(a, 0, 1),
-    "stage1_x_image": lambda p, q, a, image: p * image,
+@dataclass(frozen=True)
+class CellOutputs:
+    """A round's OOF outputs per cell, (N, C) each: p = stage-1 cell probability, q = MIL instance
+    probability, a = relative attention, image = the image's MIL probability; image_ids (N,)."""
+
+    p: np.ndarray
+    q: np.ndarray
+    a: np.ndarray
+    image: np.ndarray
+    image_ids: np.ndarray
+
+
+# The ways a cell's class score is formed from its OOF outputs; "confidence" is what inference submits.
+CELL_SCORES: dict[str, Callable[[CellOutputs, InferConfig], np.ndarray]] = {
+    "stage1": lambda o, infer: o.p,
+    "mil_instance": lambda o, infer: o.q,
+    "mil_attention": lambda o, infer: o.image * np.clip(o.a, 0, 1),
+    "stage1_x_image": lambda o, infer: o.p * o.image,
+    "confidence": lambda o, infer: cell_confidence(
+        o.p, o.image, o.image_ids, infer.image_power, infer.image_best_cell
+    ),
 }
 
 
-def cell_scores(name: str, oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int) -> np.ndarray:
-    """(len(oof_cell), C) scores of the ``CELL_SCORES`` entry ``name``, rows in ``oof_cell`` order."""
+def cell_scores(
+    name: str,
+    oof_cell: pd.DataFrame,
+    oof_image: pd.DataFrame,
+    n_classes: int,
+    infer: InferConfig | None = None,
+) -> np.ndarray:
+    """(len(oof_cell), C) scores of the ``CELL_SCORES`` entry ``name``, rows in ``oof_cell`` order;
+    ``infer`` (default: the defaults) sets the submitted confidence's formula."""
     if name not in CELL_SCORES:
         raise ValueError(f"unknown cell score {name!r}; choose one of {sorted(CELL_SCORES)}")
     p, q, a = (oof_cell[prob_columns(n_classes, prefix)].to_numpy() for prefix in ("p_", "mil_p_", "att_"))
     image = oof_image.set_index("image_id").loc[oof_cell["image_id"], prob_columns(n_classes)].to_numpy()
-    return CELL_SCORES[name](p, q, a, image)
+    outputs = CellOutputs(p, q, a, image, oof_cell["image_id"].to_numpy())
+    return CELL_SCORES[name](outputs, infer if infer is not None else InferConfig())
 
 
 def cell_score_variants(
-    oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int
+    oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int, infer: InferConfig | None = None
 ) -> dict[str, pd.DataFrame]:
     """Every ``CELL_SCORES`` entry as an ``image_id, cell_id, p_*`` table."""
     keys = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
     return {
         name: keys.assign(
-            **dict(zip(prob_columns(n_classes), cell_scores(name, oof_cell, oof_image, n_classes).T))
+            **dict(zip(prob_columns(n_classes), cell_scores(name, oof_cell, oof_image, n_classes, infer).T))
         )
         for name in CELL_SCORES
     }
 
 
-def score_oof(data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame) -> dict[str, float]:
+def score_oof(
+    data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame, infer: InferConfig | None = None
+) -> dict[str, float]:
     """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)."""
     n_classes = data.n_classes
     images = data.images.set_index("image_id").loc[oof_image["image_id"]]
@@ -557,7 +581,7 @@ def score_oof(data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame
     )
     metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
     if data.truth is not None and data.matches is not None:
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes).items():
+        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items():
             ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth)
             metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
     return metrics
@@ -615,7 +639,7 @@ def train_round(
         raise AssertionError("an image is out of fold in two folds: the folds file is inconsistent")
     _write_parquet(oof_image, run_dir / "oof_image.parquet")
     _write_parquet(oof_cell, run_dir / "oof_cell.parquet")
-    metrics = score_oof(data, oof_image, oof_cell)
+    metrics = score_oof(data, oof_image, oof_cell, cfg.infer)
     metrics.update(
         folds=len(folds),
         images=len(oof_image),
