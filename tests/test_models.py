@@ -211,6 +211,22 @@ def test_mil_loss_is_image_bce_plus_lambda_cell_bce_on_real_cells() -> None:
     torch.testing.assert_close(out["loss"], image + 0.3 * cells)
 
 
+def test_nan_targets_are_left_out_of_the_loss() -> None:
+    from weakcell.models.losses import MultiLabelLoss
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    targets = torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 1.0, 1.0]])
+    known = ~torch.isnan(targets)
+    expected = F.binary_cross_entropy_with_logits(logits[known], targets[known])
+    torch.testing.assert_close(MultiLabelLoss()(logits, targets), expected)
+    # with a row mask too: row 1 is padding, so only row 0's two known pairs count
+    mask = torch.tensor([True, False])
+    torch.testing.assert_close(
+        MultiLabelLoss()(logits, targets, mask),
+        F.binary_cross_entropy_with_logits(logits[0, [0, 2]], targets[0, [0, 2]]),
+    )
+
+
 def test_dual_head_ignores_padded_crops() -> None:
     torch.manual_seed(0)
     model = DualHeadModel(model_config(), MilConfig(), N_CLASSES).eval()  # eval: BatchNorm per cell

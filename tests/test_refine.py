@@ -68,6 +68,12 @@ def test_rule_floors_drop_and_soft_targets():
     soft = RefineConfig(relative=0.3, targets="soft")
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, soft)
     assert targets[:, 0] == pytest.approx([1.0, 0.375, 0.0])
+    # ignore: the image label the third cell does not keep is left out of the loss, not taught as 0;
+    # classes the image does not have stay 0, and the cell still learns Negative
+    ignored = RefineConfig(relative=0.3, uncertain="ignore")
+    targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, ignored)
+    assert targets[:2, 0].tolist() == [1, 1] and np.isnan(targets[2, 0])
+    assert np.isnan(targets).sum() == 1 and targets[2, NEGATIVE] == 1
 
 
 def test_label_quality_counts_localisation_classes_only():

@@ -403,7 +403,9 @@ class RefineConfig(Section):
     (t_c: the class's image threshold tuned on the previous round's OOF predictions) and the cell's MIL
     attention for c is at least ``min_attention`` (1 = an average share). A cell keeping no class becomes
     Negative (``unlabelled=negative``) or leaves the training set (``drop``). ``targets=soft`` trains on
-    ``s_c(i) / max_j s_c(j)`` for the kept classes instead of 1.
+    ``s_c(i) / max_j s_c(j)`` for the kept classes instead of 1. An image label a cell does not keep is a
+    0 target (``uncertain=negative``) or left out of the loss (``ignore``: the rule's misses, about half of
+    the true pairs of most classes, are not taught as absent).
 
     Defaults measured on the synthetic benchmark (pseudo-label F1 against the true cell labels, round 0 of
     the demo): the cell's own probability relative to its image's best cell (0.3) lifts precision from
@@ -425,6 +427,10 @@ class RefineConfig(Section):
     )
     unlabelled: Literal["negative", "drop"] = Field(
         "negative", description="cells that keep no class: learn Negative, or leave the training set"
+    )
+    uncertain: Literal["negative", "ignore"] = Field(
+        "negative",
+        description="an image label a cell does not keep: train it as 0, or leave the pair out of the loss",
     )
     targets: Literal["hard", "soft"] = "hard"
     epochs: int = Field(6, ge=1, description="backbone epochs per round")

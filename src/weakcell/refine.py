@@ -50,8 +50,8 @@ def pseudo_labels(
 
     scores, attention: (N, C) per cell; image_ids: (N,) the image of each cell; inherited: (N, C) 0/1 image
     labels of each cell's image; thresholds: (C,) tuned image thresholds.
-    Returns targets (N, C) float32 and trainable (N,) bool (False: the cell keeps no class and
-    ``rule.unlabelled`` is ``drop``).
+    Returns targets (N, C) float32 (NaN: a pair left out of the loss, ``rule.uncertain=ignore``) and
+    trainable (N,) bool (False: the cell keeps no class and ``rule.unlabelled`` is ``drop``).
     """
     best = pd.DataFrame(scores).groupby(image_ids, sort=False).transform("max").to_numpy()  # (N, C)
     kept = (
@@ -70,6 +70,8 @@ def pseudo_labels(
         targets[unlabelled, NEGATIVE] = 1.0
     else:
         trainable &= ~unlabelled
+    if rule.uncertain == "ignore":
+        targets[(inherited > 0) & ~kept] = np.nan  # the loss leaves these pairs out
     return targets.astype(np.float32), trainable
 
 

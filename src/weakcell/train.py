@@ -337,7 +337,7 @@ def train_fold(
     val_table = data.cache.cells.loc[val_cells]
 
     # -- stage 1: cells learn from their (inherited) labels
-    fold_targets = data.cell_targets[train_cells]
+    fold_targets = np.nan_to_num(data.cell_targets[train_cells])  # NaN: a pair refinement leaves out
     pos_weight = class_pos_weight(fold_targets) if cfg.train.class_weights == "sqrt_inverse" else None
     sample_weights = balanced_sample_weights(fold_targets) if cfg.train.sampler == "balanced" else None
     torch.manual_seed(cfg.seed + fold)

@@ -38,7 +38,8 @@ class MultiLabelLoss(nn.Module):
     kind: a ``LOSSES`` name (``bce`` or ``focal``); gamma: focal exponent; pos_weight: (C,) weight of the
     positive term per class (e.g. negatives / positives), kept as a buffer so it moves with the model.
     ``forward(logits, targets, mask=None)``: ``mask`` (...) bool leaves out padded rows (e.g. padded cells
-    of a bag); the mean is over the real rows and all classes.
+    of a bag), a NaN target leaves out that (row, class) pair (pseudo-labels too uncertain to train on); the
+    mean is over what is left.
     """
 
     def __init__(
@@ -59,10 +60,11 @@ class MultiLabelLoss(nn.Module):
         self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Scalar loss; computed in float32 whatever autocast gave the logits."""
-        losses = self.element_loss(logits.float(), targets.float(), self.pos_weight, self.gamma)  # (..., C)
-        if mask is None:
-            return losses.mean()
-        # Padded rows count for nothing (masked_fill, not a product: 0 * NaN is NaN); the clamp keeps a
-        # batch without a single real row at 0, not NaN.
-        losses = losses.masked_fill(~mask[..., None].bool(), 0.0)
-        return losses.sum() / (mask.sum() * losses.shape[-1]).clamp(min=1)
+        targets = targets.float()
+        known = ~torch.isnan(targets)  # (..., C); no .all() test: that would sync with the GPU every step
+        if mask is not None:
+            known = known & mask[..., None].bool()
+        losses = self.element_loss(logits.float(), targets.nan_to_num(0.0), self.pos_weight, self.gamma)
+        # Left-out pairs count for nothing (masked_fill, not a product: 0 * NaN is NaN); the clamp keeps a
+        # batch without a single known pair at 0, not NaN.
+        return losses.masked_fill(~known, 0.0).sum() / known.sum().clamp(min=1)
