@@ -109,3 +109,20 @@ def test_cli_validate_takes_a_file(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 2
     captured = capsys.readouterr()
     assert "row 0" in captured.err + captured.out
+
+
+def test_a_setting_added_later_counts_as_its_default_in_saved_runs(tmp_path) -> None:
+    import yaml
+
+    from weakcell.config import Config, changed_settings, save_config
+
+    cfg = Config()
+    save_config(cfg, tmp_path)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["refine"]["uncertain"]  # a run saved before the setting existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_settings(tmp_path, cfg, include=("refine.",)) == []
+    other = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"uncertain": "ignore"})})
+    assert changed_settings(tmp_path, other, include=("refine.",)) == [
+        "refine.uncertain: 'negative' -> 'ignore'"
+    ]

@@ -757,12 +757,17 @@ def changed_settings(
     exclude: tuple[str, ...] = (),
 ) -> list[str]:
     """Dotted keys (starting with one of ``include``, none of ``exclude``) whose value in the config saved
-    in ``folder/config.yaml`` differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved."""
+    in ``folder/config.yaml`` differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved.
+
+    A key the saved config lacks was added to the schema later: the run had its default (a new setting's
+    default keeps the old behaviour), so finished runs stay reusable when the code grows a setting."""
     saved_path = Path(folder) / "config.yaml"
     if not saved_path.is_file():
         return []
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     current = _flatten(cfg.model_dump(mode="json"))
+    saved = _flatten(Config().model_dump(mode="json")) | _flatten(
+        yaml.safe_load(saved_path.read_text()) or {}
+    )
     keys = sorted(
         key
         for key in set(saved) | set(current)
