@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from weakcell.cli import main, split_args
-from weakcell.config import ConfigError, all_keys, load_config, parse_overrides, save_config
+from weakcell.config import (
+    Config,
+    ConfigError,
+    all_keys,
+    changed_settings,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,11 +119,7 @@ def test_cli_validate_takes_a_file(tmp_path, capsys):
     assert "row 0" in captured.err + captured.out
 
 
-def test_a_setting_added_later_counts_as_its_default_in_saved_runs(tmp_path) -> None:
-    import yaml
-
-    from weakcell.config import Config, changed_settings, save_config
-
+def test_a_setting_added_later_counts_as_its_default_in_saved_runs(tmp_path: Path) -> None:
     cfg = Config()
     save_config(cfg, tmp_path)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
