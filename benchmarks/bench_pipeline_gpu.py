@@ -82,7 +82,7 @@ def main() -> int:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    return 0 if all(status in ("ok",) or status.startswith("skipped") for _, _, status in rows) else 1
+    return 0 if all(status == "ok" or status.startswith("skipped") for _, _, status in rows) else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ when that round is the final one, the submission ``make infer`` wrote from it:
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
-   image probability alone, and their product;
+   image probability alone, their plain product, and the submitted confidence recomputed;
 4. ``evaluation.json`` into the round folder and the report folder, ``reports/<name>/`` (a non-final
    round: ``reports/<name>/round<r>/``), with ``ap_per_class.png``, ``threshold_curves.png``,
    ``per_class.md`` + ``per_class.png`` and the attention maps of the best and worst OOF images by

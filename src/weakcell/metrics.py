@@ -67,6 +67,11 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1_per_class(y_true, y_pred)[present].mean()) if present.any() else float("nan")
 
 
+def image_best(values: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """(N, C): for each cell, the highest value of its image's cells (cells in any order)."""
+    return pd.DataFrame(values).groupby(np.asarray(image_ids), sort=False).transform("max").to_numpy()
+
+
 def cell_confidence(
     cell: np.ndarray, image: np.ndarray, image_ids: np.ndarray, power: float, best_cell: float
 ) -> np.ndarray:
@@ -81,6 +86,5 @@ def cell_confidence(
     """
     term = image
     if best_cell:
-        best = pd.DataFrame(cell).groupby(np.asarray(image_ids), sort=False).transform("max").to_numpy()
-        term = (1.0 - best_cell) * image + best_cell * best
+        term = (1.0 - best_cell) * image + best_cell * image_best(cell, image_ids)
     return cell * term**power

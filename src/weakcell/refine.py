@@ -20,6 +20,7 @@ import pandas as pd
 from weakcell.config import Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
+from weakcell.metrics import image_best
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
     RUNTIME_SETTINGS,
@@ -53,7 +54,7 @@ def pseudo_labels(
     Returns targets (N, C) float32 (NaN: a pair left out of the loss, ``rule.uncertain=ignore``) and
     trainable (N,) bool (False: the cell keeps no class and ``rule.unlabelled`` is ``drop``).
     """
-    best = pd.DataFrame(scores).groupby(image_ids, sort=False).transform("max").to_numpy()  # (N, C)
+    best = image_best(scores, image_ids)  # (N, C)
     kept = (
         (inherited > 0)
         & (scores >= rule.relative * best)
