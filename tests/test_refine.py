@@ -11,7 +11,7 @@ import pytest
 
 from weakcell.config import RefineConfig
 from weakcell.constants import NEGATIVE
-from weakcell.refine import label_quality, pseudo_labels
+from weakcell.refine import label_quality, negative_floor, pseudo_labels
 
 C = NEGATIVE + 1
 
@@ -36,7 +36,7 @@ def test_rule_keeps_image_classes_of_cells_near_the_best_cell():
     )
     attention = np.ones_like(scores)
     targets, trainable = pseudo_labels(
-        scores, ids, inherited, attention, np.full(C, 0.5), RefineConfig(relative=0.3)
+        scores, ids, inherited, attention, np.full(C, 0.5), RefineConfig(relative=0.3, negative_quantile=None)
     )
     # class 7 is not an image label: never kept, however high; class 0: 0.9 and 0.5 >= 0.3 * 0.9, 0.1 not
     assert targets[:, 7].sum() == 0
@@ -74,6 +74,34 @@ def test_rule_floors_drop_and_soft_targets():
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, ignored)
     assert targets[:2, 0].tolist() == [1, 1] and np.isnan(targets[2, 0])
     assert np.isnan(targets).sum() == 1 and targets[2, NEGATIVE] == 1
+
+
+def test_negative_floor_keeps_cells_that_outscore_images_without_the_class():
+    # image a has class 0 with one peaky best cell; images b, c lack it, so their cells are known negatives
+    labels = {"a": [0], "b": [5], "c": [5]}
+    scores, ids, inherited = _cells(
+        [{0: 0.9}, {0: 0.2}, {0: 0.05}, {0: 0.1, 5: 0.7}, {0: 0.12}, {0: 0.08}, {0: 0.02, 5: 0.6}],
+        ["a", "a", "a", "b", "b", "c", "c"],
+        labels,
+    )
+    floor = negative_floor(scores, inherited, 0.75)
+    assert floor[0] == pytest.approx(np.quantile([0.1, 0.12, 0.08, 0.02], 0.75))  # 0.105
+    # class 5: the negatives are a's three cells, all at 0 -> floor 0; a class every image has gets none
+    assert floor[5] == 0.0 and inherited[:, 8].sum() == 0 and np.isfinite(floor[8])
+    every = np.ones_like(inherited)
+    assert np.isinf(negative_floor(scores, every, 0.75)).all()
+    attention, thresholds = np.ones_like(scores), np.zeros(C)
+    relative = RefineConfig(
+        relative=0.3, negative_quantile=None
+    )  # keeps >= 0.27 of a's class 0: the best cell
+    targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, relative)
+    assert targets[:3, 0].tolist() == [1, 0, 0]
+    # with the floor, the 0.2 cell outscores the negatives and is kept too; 0.05 is not; b and c never get 0
+    either = RefineConfig(relative=0.3, negative_quantile=0.75)
+    targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, either)
+    assert targets[:, 0].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="negative_quantile"):
+        RefineConfig(negative_quantile=1.5)
 
 
 def test_label_quality_counts_localisation_classes_only():

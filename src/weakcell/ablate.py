@@ -82,7 +82,13 @@ def run_configs(cfg: Config) -> dict[str, Config]:
     configs = {WEAK: weak}
     if cfg.ablate.control and rounds > 0:
         keep_labels = cfg.refine.model_copy(
-            update={"rounds": rounds, "relative": 0.0, "threshold_scale": 0.0, "min_attention": 0.0}
+            update={
+                "rounds": rounds,
+                "relative": 0.0,
+                "negative_quantile": None,
+                "threshold_scale": 0.0,
+                "min_attention": 0.0,
+            }
         )
         configs[CONTROL] = cfg.model_copy(update={"name": f"{cfg.name}-control", "refine": keep_labels})
     if cfg.ablate.oracle:
