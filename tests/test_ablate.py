@@ -18,6 +18,7 @@ def test_run_configs_share_folds_and_give_the_oracle_the_weak_epochs():
     assert oracle.train.targets == "truth" and oracle.train.epochs == 5 + 2 * 2 and oracle.refine.rounds == 0
     # the control keeps every inherited label: relative 0 and no floors
     assert control.refine.relative == 0 and control.refine.threshold_scale == 0 and control.refine.rounds == 2
+    assert control.refine.negative_quantile is None and weak.refine.negative_quantile == 0.9
     assert {c.folds_file for c in configs.values()} == {cfg.folds_file} and {
         c.seed for c in configs.values()
     } == {42}
@@ -44,6 +45,11 @@ def test_targets_compare_the_final_round_with_inheritance_and_oracle():
     checks = {what: met for what, met, _ in ablate.targets(table, rounds=1)}
     assert checks["full weak cell mAP >= 0.90 x oracle"] is False
     assert checks["MIL + refinement >= inheritance + 0.05 cell mAP"] is False
+    # the tuned-threshold target is judged out of fold; the test split's figures are reported beside it
+    table["test_f1_tuned"], table["test_f1_at_05"] = [0.1, 0.7, 0.1], [0.1, 0.6, 0.1]
+    table.loc[1, "f1_tuned"] = 0.39
+    (tuned,) = [(met, numbers) for what, met, numbers in ablate.targets(table, rounds=1) if "tuned" in what]
+    assert tuned == (False, "0.390 vs 0.400 (OOF, cross-fitted); on the test split 0.700 vs 0.600")
 
 
 def test_grid_on_the_tiny_pipeline(tiny_run):
@@ -61,6 +67,10 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     }
     assert set(table["variant"]) == expected
     assert table[["f1_at_05", "image_map", "cell_map", "test_cell_map"]].notna().all().all()
+    # test image F1 for the rows whose image score is the MIL head's (what image_level.csv holds), only
+    mil_rows = table["variant"] != ablate.INHERIT
+    assert table.loc[mil_rows, ["test_f1_at_05", "test_f1_tuned"]].notna().all().all()
+    assert table.loc[~mil_rows, "test_f1_tuned"].isna().all()
     assert ((table["cell_map"] >= 0) & (table["cell_map"] <= 1)).all()
     # rows that differ only at test time share their out-of-fold figures
     by = table.set_index("variant")
@@ -71,5 +81,6 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     report = cfg.path(cfg.paths.reports) / "leaderboard.md"
     text = report.read_text()
     assert "| variant |" in text and "## Targets" in text and "oracle" in text
+    assert "test image F1 tuned" in text and "| - |" in text  # the inheritance row has no test image F1
     assert (report.with_suffix(".png")).stat().st_size > 0
     assert len(json.loads(report.with_suffix(".json").read_text())["rows"]) == len(table)
