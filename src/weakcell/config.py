@@ -436,7 +436,7 @@ class RefineConfig(Section):
         ge=0,
         le=1,
         description="or keep c for cells at least this quantile of c's scores over the cells of images "
-        "without c (None = the relative rule alone)",
+        "without c (null = the relative rule alone)",
     )
     unlabelled: Literal["negative", "drop"] = Field(
         "negative", description="cells that keep no class: learn Negative, or leave the training set"
