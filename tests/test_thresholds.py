@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from weakcell.config import load_config
+from weakcell.config import ThresholdsConfig, load_config
 from weakcell.metrics import f1_per_class
 from weakcell.thresholds import cross_fitted_f1, read_thresholds, run, tune_thresholds
 
@@ -20,9 +21,12 @@ def _scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return y, np.clip(probs, 0, 1)
 
 
+OWN = ThresholdsConfig(shrinkage=0)  # each class its own best threshold, rare classes the fallback
+
+
 def test_tuned_threshold_beats_half_and_rare_class_falls_back():
     y, probs = _scores()
-    table = tune_thresholds(y, probs, step=0.01, min_positives=5, fallback=0.5)
+    table = tune_thresholds(y, probs, OWN)
     row = table.iloc[0]
     assert 0.1 < row["threshold"] < 0.3
     assert row["f1"] > row["f1_at_05"]
@@ -32,11 +36,24 @@ def test_tuned_threshold_beats_half_and_rare_class_falls_back():
     assert not rare["tuned"] and rare["threshold"] == 0.5 and rare["positives"] == 3
 
 
+def test_shrinkage_pulls_each_class_toward_the_pooled_threshold_by_its_positives():
+    y, probs = _scores()
+    own = tune_thresholds(y, probs, OWN)["threshold"].to_numpy()
+    f1 = np.stack([f1_per_class(y, probs >= t) for t in np.arange(0.01, 1.0, 0.01)])
+    pooled = np.arange(0.01, 1.0, 0.01)[f1.mean(1).argmax()]  # best macro-F1 over both classes
+    table = tune_thresholds(y, probs, ThresholdsConfig(shrinkage=200))
+    # class 0 has 200 positives: half its own threshold, half the pooled one; the rare class: the pooled one
+    assert table["threshold"][0] == pytest.approx(0.5 * own[0] + 0.5 * pooled, abs=1e-6)
+    assert table["threshold"][1] == pytest.approx(pooled) and not table["tuned"][1]
+    assert own[1] == 0.5 and pooled != 0.5
+
+
 def test_cross_fitted_f1_is_not_above_in_sample():
     y, probs = _scores(seed=1)
     folds = np.arange(len(y)) % 5
-    in_sample = tune_thresholds(y, probs, 0.01, 1, 0.5)["f1"].mean()
-    assert cross_fitted_f1(y, probs, folds, 0.01, 1, 0.5) <= in_sample + 1e-9
+    tuning = ThresholdsConfig(min_positives=1, shrinkage=0)
+    in_sample = tune_thresholds(y, probs, tuning)["f1"].mean()
+    assert cross_fitted_f1(y, probs, folds, tuning) <= in_sample + 1e-9
 
 
 def test_stage_writes_thresholds_json(tmp_path):

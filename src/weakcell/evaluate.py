@@ -81,9 +81,7 @@ def image_level_scores(
     probs = np.asarray(probs, dtype=np.float64)
     cross_fitted = None
     if folds is not None and tuning is not None and len(np.unique(folds)) > 1:
-        cross_fitted = cross_fitted_f1(
-            y_true, probs, np.asarray(folds), tuning.step, tuning.min_positives, tuning.fallback
-        )
+        cross_fitted = cross_fitted_f1(y_true, probs, np.asarray(folds), tuning)
     return {
         "map": mean_average_precision(y_true, probs),
         "macro_f1_at_05": macro_f1(y_true, probs >= 0.5),

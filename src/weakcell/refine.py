@@ -116,10 +116,9 @@ def round_targets(
     n_classes = data.n_classes
     images = data.images.set_index("image_id")
     y_image = to_multi_hot(images.loc[oof_image["image_id"], "labels"].tolist(), n_classes)
-    t = cfg.thresholds
-    thresholds = tune_thresholds(
-        y_image, oof_image[prob_columns(n_classes)].to_numpy(), t.step, t.min_positives, t.fallback
-    )["threshold"].to_numpy()
+    thresholds = tune_thresholds(y_image, oof_image[prob_columns(n_classes)].to_numpy(), cfg.thresholds)[
+        "threshold"
+    ].to_numpy()
     inherited = to_multi_hot(images.loc[oof_cell["image_id"], "labels"].tolist(), n_classes)
     targets, trainable = pseudo_labels(
         cell_scores(cfg.refine.score, oof_cell, oof_image, n_classes, cfg.infer),
