@@ -346,16 +346,18 @@ class TrainConfig(Section):
 class ThresholdsConfig(Section):
     """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``).
 
-    Measured on 12 runs of the synthetic benchmark (weak rounds, controls, oracles), macro-F1 of thresholds
-    tuned on four folds' OOF images and applied to the fifth: each class's own best threshold -0.006 vs
-    0.5; shrunk toward the pooled threshold (``shrinkage`` 10-40) +0.014 to +0.016.
+    Measured over 12 trained rounds of the synthetic benchmark (weak, control and oracle runs; see
+    benchmarks/thresholds.md): macro-F1 of thresholds tuned on four folds' OOF images and applied to the
+    fifth, minus the F1 at 0.5, is -0.007 on average for each class's own best threshold and +0.018 to
+    +0.019 shrunk toward the pooled threshold (``shrinkage`` 10-40).
     """
 
     step: float = Field(0.01, gt=0, lt=1, description="grid step of the candidate thresholds")
     min_positives: int = Field(
         5,
         ge=1,
-        description="classes with fewer OOF positives keep the fallback (tuning on 2 images overfits)",
+        description="classes with fewer OOF positives take the pooled threshold, or the fallback when "
+        "shrinkage is 0 (tuning on 2 images overfits)",
     )
     fallback: float = Field(
         0.5, gt=0, lt=1, description="threshold of classes too rare to tune when shrinkage is 0"
@@ -419,16 +421,16 @@ class RefineConfig(Section):
     share). A cell keeping no class becomes
     Negative (``unlabelled=negative``) or leaves the training set (``drop``). ``targets=soft`` trains on
     ``s_c(i) / max_j s_c(j)`` for the kept classes instead of 1. An image label a cell does not keep is a
-    0 target (``uncertain=negative``) or left out of the loss (``ignore``: the rule's misses, about half of
-    the true pairs of most classes, are not taught as absent).
+    0 target (``uncertain=negative``) or left out of the loss (``ignore``: the rule's misses are not
+    taught as absent).
 
     Defaults measured on the synthetic benchmark (pseudo-label F1 against the true cell labels, round 0 of
     the demo): the cell's own probability relative to its image's best cell (0.3) lifts precision from
     0.52 (inheritance) to 0.72 at recall 0.81; absolute floors and attention (peaky softmax) cost recall.
     The relative rule alone keeps ever fewer cells as rounds make the best cells peaky (by round 2, a
     quarter of the true nucleoli and vesicle cells); the negative floor (0.9) keeps the cells that outscore
-    nine in ten known negatives: on round 1's OOF scores, macro pseudo-label F1 0.67 -> 0.75, and after
-    two rounds OOF cell mAP 0.536 -> 0.556 (benchmarks/leaderboard.md).
+    nine in ten known negatives: on round 1's OOF scores, macro pseudo-label F1 0.67 -> 0.75; after two
+    rounds OOF cell mAP +0.020, +0.015 and +0.000 over three seeds (benchmarks/refine-negative-floor.md).
     """
 
     rounds: int = Field(1, ge=0, description="refinement rounds; 0 = the inheritance + MIL run alone")
