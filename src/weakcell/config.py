@@ -346,7 +346,7 @@ class TrainConfig(Section):
 class ThresholdsConfig(Section):
     """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``).
 
-    Measured over 12 trained rounds of the synthetic benchmark (weak, control and oracle runs; see
+    Measured over 13 trained rounds (12 distinct) of the synthetic benchmark (weak, control, oracle; see
     benchmarks/thresholds.md): macro-F1 of thresholds tuned on four folds' OOF images and applied to the
     fifth, minus the F1 at 0.5, is -0.007 on average for each class's own best threshold and +0.018 to
     +0.019 shrunk toward the pooled threshold (``shrinkage`` 10-40).
