@@ -18,8 +18,10 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import ThresholdsConfig, load_config
+from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
-from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.data.labels import read_label_file
+from weakcell.evaluate import image_targets
 from weakcell.metrics import macro_f1
 from weakcell.thresholds import cross_fitted_f1
 
@@ -34,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, [])
     spec = get_dataset(cfg.data.dataset)
-    labels = read_label_file(cfg.data_dir / spec.label_file, spec).set_index("ID")
+    labels = read_label_file(cfg.data_dir / spec.label_file, spec)
     dirs = args.dirs or sorted(p.parent for p in cfg.path(cfg.paths.runs).glob("**/oof_image.parquet"))
     dirs = [d for d in dirs if not d.name.startswith("fold")]  # folds hold their own OOF share only
     if not dirs:
@@ -42,8 +44,8 @@ def main() -> None:
     rows = []
     for folder in dirs:
         oof = pd.read_parquet(folder / "oof_image.parquet")
-        y = to_multi_hot(labels.loc[oof["image_id"], "labels"].tolist(), spec.n_classes)
-        probs = oof[[f"p_{c}" for c in range(spec.n_classes)]].to_numpy()
+        y = image_targets(oof["image_id"], labels, spec.n_classes)
+        probs = oof[prob_columns(spec.n_classes)].to_numpy()
         row = {"round": str(folder), "at 0.5": macro_f1(y, probs >= 0.5)}
         for k in SHRINKAGE:
             tuning = ThresholdsConfig(shrinkage=k)
