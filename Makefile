@@ -18,7 +18,7 @@ TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal
 export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
-.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate ablate \
+.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
 	bench-synthetic bench-cache bench-train bench-thresholds bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
@@ -73,6 +73,14 @@ evaluate: $(STAMP) ## image/cell scores (competition mAP vs truth), per-class pl
 infer-hpa2021: $(STAMP) ## the demo run's models on the real images in ../shared/data/hpa2021 -> submissions/hpa2021/ (validated)
 	$(WEAKCELL) cache configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 "cache.splits=[train]" $(OVERRIDES)
 	$(WEAKCELL) infer configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 infer.split=train infer.models=demo $(OVERRIDES)
+
+# make score: any cell-level CSV against a truth folder (synthetic layout); SPLIT= scores every truth image
+SUBMISSION ?= submissions/$(or $(RUN),demo)/cell_level.csv
+TRUTH ?= data/synthetic/truth
+SPLIT ?= test
+VERIFIED ?= image
+score: $(STAMP) ## the organisers' 2021 metric of SUBMISSION= against TRUTH= (default: the demo's test split); JSON=out.json
+	$(WEAKCELL) score $(SUBMISSION) --truth $(TRUTH) --verified $(VERIFIED) $(if $(SPLIT),--split $(SPLIT)) $(if $(JSON),--json $(JSON))
 
 ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.md (+ .png); ARGS=ablate.subset=true is quicker
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)

@@ -1,4 +1,6 @@
-"""The 2021 competition metric: expectations are derived by hand from PR points, never from the code."""
+"""The 2021 competition metric as the organisers computed it: every expected value is derived by hand
+(precision/recall points written out in the comments), never from the code under test. The first cases
+are those of ``../shared/reference/hpa2021-metric.md``."""
 
 from __future__ import annotations
 
@@ -6,47 +8,41 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import weakcell.competition_metric as cm
-from weakcell.cell_truth import label_iou
 from weakcell.competition_metric import (
-    class_ap,
     competition_map,
     image_true_positives,
-    iou_table,
     open_images_ap,
+    score_submission,
+    truth_by_image,
 )
+from weakcell.constants import EMPTY_MASK_RLE
+from weakcell.submission import encode_mask, mask_pixels
 
 C = 19
-
-
-def _grid_mask(n_cells: int, size: int = 40, cell: int = 10) -> np.ndarray:
-    """Label image with ``n_cells`` disjoint ``cell x cell`` squares, ids 1..n_cells."""
-    mask = np.zeros((size, size), dtype=np.int32)
-    per_row = size // cell
-    for k in range(n_cells):
-        r, c = divmod(k, per_row)
-        mask[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = k + 1
-    return mask
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
-
-
-def _scores(image_id, cells, probs: dict[int, float] | list[dict[int, float]]) -> pd.DataFrame:
-    """Rows ``image_id, cell_id, p_0..p_18``; probs: per cell ``{class: p}`` (others 0)."""
-    rows = []
-    for cell, p in zip(cells, probs):
-        row = {"image_id": image_id, "cell_id": cell, **{f"p_{c}": 0.0 for c in range(C)}}
-        row.update({f"p_{c}": v for c, v in p.items()})
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def _labels(image_id, cell_labels: dict[int, list[int]]) -> pd.DataFrame:
     return pd.DataFrame(
         {"image_id": image_id, "cell_id": list(cell_labels), "labels": list(cell_labels.values())}
     )
+
+
+def _truth(masks: dict[str, np.ndarray], labels: dict[str, dict[int, list[int]]]):
+    return truth_by_image(masks, pd.concat([_labels(k, v) for k, v in labels.items()]), C)
+
+
+def _file(rows: dict[str, list[tuple[int, float, np.ndarray | str]]], size: tuple[int, int]) -> pd.DataFrame:
+    """A cell-level submission frame: per image, ``(class, confidence, bool mask or encoded text)``."""
+    strings = []
+    for predictions in rows.values():
+        parts = []
+        for label, confidence, mask in predictions:
+            text = mask if isinstance(mask, str) else encode_mask(mask)
+            parts.append(f"{label} {confidence!r} {text}")
+        strings.append(" ".join(parts))
+    return pd.DataFrame(
+        {"ID": list(rows), "ImageWidth": size[1], "ImageHeight": size[0], "PredictionString": strings}
+    ).astype(str)
 
 
 def _brute_ap(ranked_tp: list[bool], n_gt: int) -> float:
@@ -56,13 +52,55 @@ def _brute_ap(ranked_tp: list[bool], n_gt: int) -> float:
     return sum(precision[k:].max() for k in range(len(tp)) if tp[k]) / n_gt
 
 
-# ---- AP interpolation ------------------------------------------------------------------------------
+# ---- the reference file's cases: 4x4 images, "cell" = the top-left 2x2 square, "blob" = pixel (3, 3) ---
+
+TRUE_4 = np.zeros((4, 4), np.int32)
+TRUE_4[:2, :2] = 1
+CELL = TRUE_4 == 1
+BLOB = np.zeros((4, 4), bool)
+BLOB[3, 3] = True
+EMPTY_4 = encode_mask(np.zeros((4, 4), bool))
+
+
+def test_reference_empty_mask_is_dropped():
+    truth = _truth({"a": TRUE_4, "b": TRUE_4}, {"a": {1: [0]}, "b": {1: [0]}})
+    submission = _file({"a": [(0, 0.5, CELL)], "b": [(0, 1.0, EMPTY_4)]}, (4, 4))
+    # 2 true cells of class 0; the empty mask is neither TP nor FP: ranked TP -> recall 1/2 at precision 1
+    for reading in ("image", "all"):
+        result = score_submission(submission, truth, C, reading)
+        assert result["map"] == pytest.approx(0.5)
+        assert result["ignored"]["empty"] == 1 and result["n_predictions"] == 1
+
+
+def test_reference_verified_labels():
+    truth = _truth({"a": TRUE_4, "b": TRUE_4}, {"a": {1: [0]}, "b": {1: [1]}})
+    submission = _file({"a": [(0, 0.5, CELL)], "b": [(0, 0.9, CELL), (1, 0.9, CELL)]}, (4, 4))
+    # organisers: class 0 is not judged in b (no true class-0 cell there): class 0 AP 1, class 1 AP 1
+    organisers = score_submission(submission, truth, C, "image")
+    assert organisers["map"] == pytest.approx(1.0) and organisers["ignored"]["unverified"] == 1
+    # every class everywhere: class 0 ranks b's cell (0.9, FP) before a's (0.5, TP): precision 1/2 at
+    # recall 1 -> AP 0.5; class 1 AP 1 -> mAP 0.75
+    strict = score_submission(submission, truth, C, "all")
+    assert strict["ap"][[0, 1]] == pytest.approx([0.5, 1.0]) and strict["map"] == pytest.approx(0.75)
+
+
+def test_reference_ties_across_images_are_counted():
+    truth = _truth({"a": TRUE_4, "b": TRUE_4}, {"a": {1: [0]}, "b": {1: [0]}})
+    submission = _file({"a": [(0, 0.5, BLOB)], "b": [(0, 0.5, CELL)]}, (4, 4))
+    # the FP (blob) and the TP (b's cell) tie: TP first -> 1/2 * 1 = 0.5, FP first -> 1/2 * 1/2 = 0.25
+    result = score_submission(submission, truth, C)
+    assert result["map"] in (pytest.approx(0.5), pytest.approx(0.25))
+    assert result["n_ties"] == 1
+    untied = score_submission(_file({"a": [(0, 0.5, BLOB)], "b": [(0, 0.6, CELL)]}, (4, 4)), truth, C)
+    assert untied["map"] == pytest.approx(0.5) and untied["n_ties"] == 0
+
+
+# ---- AP ---------------------------------------------------------------------------------------------------
 
 
 def test_open_images_interpolation_by_hand():
     # ranked TP pattern 1 0 0 1 1 0 with 4 GT: precisions 1, 1/2, 1/3, 1/2, 3/5, 1/2; recalls .25 .25 .25 .5 .75 .75
     # monotone-from-right precision at the recall steps: 1, 3/5, 3/5 -> AP = .25 * (1 + .6 + .6) = 0.55
-    # (non-interpolated mean precision at hits would be (1 + .5 + .6) / 4 = 0.525)
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     tp = np.array([1, 0, 0, 1, 1, 0], dtype=bool)
     shuffle = np.array([3, 0, 5, 1, 4, 2])  # input order must not matter, only scores
@@ -82,214 +120,165 @@ def test_open_images_ap_matches_brute_force_on_random_rankings():
         assert open_images_ap(scores, tp, n_gt) == pytest.approx(_brute_ap(list(ranked), n_gt))
 
 
-# ---- matching ---------------------------------------------------------------------------------------
-
-
-def test_perfect_predictions_score_one():
-    true_a, true_b = _grid_mask(5), _grid_mask(3)
-    # predicted ids differ from true ids (reversed); wrong classes get probability 0
-    pred_a = np.where(true_a > 0, 6 - true_a, 0)
-    pred_b = np.where(true_b > 0, true_b + 10, 0)
-    truth_a = {1: [0], 2: [0, 3], 3: [16], 4: [3], 5: [0, 16]}
-    truth_b = {1: [18], 2: [0], 3: [5]}
-    scores = pd.concat(
-        [
-            _scores("a", [6 - k for k in truth_a], [dict.fromkeys(v, 0.9) for v in truth_a.values()]),
-            _scores("b", [k + 10 for k in truth_b], [dict.fromkeys(v, 0.8) for v in truth_b.values()]),
-        ]
-    )
-    labels = pd.concat([_labels("a", truth_a), _labels("b", truth_b)])
-    result = competition_map({"a": pred_a, "b": pred_b}, scores, {"a": true_a, "b": true_b}, labels)
-    present = [0, 3, 5, 16, 18]
-    assert result["map"] == pytest.approx(1.0)
-    np.testing.assert_allclose(result["ap"][present], 1.0)
-    assert np.isnan(np.delete(result["ap"], present)).all()
-    assert result["n_gt"][[0, 3, 5, 16, 18]].tolist() == [4, 2, 1, 2, 1]
-    np.testing.assert_array_equal(result["n_tp"], result["n_gt"])
-
-
-@pytest.mark.parametrize(
-    ("n_inside", "expected_iou", "is_tp"), [(59, 0.59, False), (60, 0.60, True), (61, 0.61, True)]
-)
-def test_iou_threshold_boundary(n_inside, expected_iou, is_tp):
-    true = np.zeros((20, 20), dtype=np.int32)
-    true[0:10, 0:10] = 1  # 100 px
-    pred = np.zeros_like(true)
-    pred.reshape(-1)[np.flatnonzero(true.ravel() == 1)[:n_inside]] = 7  # n_inside px of the true cell
-    assert _iou(pred == 7, true == 1) == pytest.approx(expected_iou)
-    ap = class_ap({"x": ([(0.9, 7)], pred)}, {"x": ({1}, true)})
-    assert ap == (1.0 if is_tp else 0.0)
-    result = competition_map({"x": pred}, _scores("x", [7], [{2: 0.9}]), {"x": true}, _labels("x", {1: [2]}))
-    assert result["ap"][2] == (1.0 if is_tp else 0.0)
-    assert result["n_tp"][2] == int(is_tp)
-
-
-def test_iou_above_threshold_with_extra_pixels_outside():
-    true = np.zeros((20, 20), dtype=np.int32)
-    true[0:10, 0:10] = 1
-    pred = np.zeros_like(true)
-    pred[0:10, 0:10] = 3
-    pred[10:14, 0:10] = 3  # 40 px outside: IoU 100/140 = 0.714
-    assert _iou(pred == 3, true == 1) == pytest.approx(100 / 140)
-    assert class_ap({"x": ([(0.5, 3)], pred)}, {"x": ({1}, true)}) == 1.0
-    pred[10:20, 0:10] = 3  # 100 px outside: IoU 0.5
-    assert class_ap({"x": ([(0.5, 3)], pred)}, {"x": ({1}, true)}) == 0.0
-
-
-def test_duplicate_prediction_is_false_positive():
-    true = _grid_mask(2)
-    pred = np.where(true > 0, true + 20, 0)  # same cells, other ids
-    # cell 1 predicted twice (0.9 and 0.8), cell 2 once (0.7): ranked TP FP TP, 2 GT
-    # precision 1, 1/2, 2/3; recall 1/2, 1/2, 1 -> monotone precision at steps: 1, 2/3 -> AP = 1/2 + 1/3
-    expected = 0.5 * 1.0 + 0.5 * (2 / 3)
-    with_dup = class_ap({"x": ([(0.9, 21), (0.8, 21), (0.7, 22)], pred)}, {"x": ({1, 2}, true)})
-    assert with_dup == pytest.approx(expected)
-    assert class_ap({"x": ([(0.9, 21), (0.7, 22)], pred)}, {"x": ({1, 2}, true)}) == pytest.approx(1.0)
-    # the same through competition_map: duplicated rows of pred_scores
-    scores = _scores("x", [21, 21, 22], [{4: 0.9}, {4: 0.8}, {4: 0.7}])
-    result = competition_map({"x": pred}, scores, {"x": true}, _labels("x", {1: [4], 2: [4]}))
-    assert result["ap"][4] == pytest.approx(expected)
-    assert result["n_tp"][4] == 2
-
-
-def test_false_positive_after_full_recall_is_free_before_it_is_not():
-    true = np.zeros((20, 20), dtype=np.int32)
-    true[0:10, 0:10] = 1
-    # one GT, ranked TP then duplicate FP: the FP comes after recall 1 -> AP 1
-    assert class_ap({"x": ([(0.9, 1), (0.8, 1)], true)}, {"x": ({1}, true)}) == 1.0
-    # first the low-IoU prediction is invalid: FP at 0.9, then TP at 0.8 -> AP 1/2
-    pred = np.zeros_like(true)
-    pred[0:10, 0:10] = 2
-    pred[0:2, 0:10] = 5  # cell 5 covers 20 px (IoU .2), cell 2 covers 80 px (IoU .8)
-    assert class_ap({"x": ([(0.9, 5), (0.8, 2)], pred)}, {"x": ({1}, true)}) == pytest.approx(0.5)
-
-
-def test_classes_missing_from_truth_are_ignored():
-    true = _grid_mask(4)
-    truth = {1: [0], 2: [3], 3: [3], 4: []}
-    # class 0: cell 1 perfect -> AP 1. class 3: cells 2, 3 are GT; ranked 4 (FP, 0.9), 2 (TP, 0.8), 3 (TP, 0.1)
-    # precision 0, 1/2, 2/3 at recall 0, 1/2, 1 -> monotone: 2/3, 2/3 -> AP 2/3
-    # classes 7 and 11 have no GT: confident garbage there must not change the mean
-    probs = [{0: 0.9, 7: 0.99}, {3: 0.8, 11: 0.5}, {3: 0.1}, {3: 0.9, 7: 0.2, 11: 0.9}]
-    result = competition_map({"x": true}, _scores("x", [1, 2, 3, 4], probs), {"x": true}, _labels("x", truth))
-    assert result["ap"][0] == pytest.approx(1.0)
-    assert result["ap"][3] == pytest.approx(2 / 3)
-    assert np.isnan(result["ap"][[7, 11]]).all()
-    assert result["map"] == pytest.approx((1.0 + 2 / 3) / 2)
-
-
-def test_confidence_ordering_matters():
-    true = _grid_mask(2)
-    truth = ({1}, true)  # only cell 1 is of the class; predicting cell 2 is a FP
-    fp_first = class_ap({"x": ([(0.9, 2), (0.8, 1)], true)}, {"x": truth})
-    tp_first = class_ap({"x": ([(0.8, 2), (0.9, 1)], true)}, {"x": truth})
-    assert fp_first == pytest.approx(0.5)  # TP at rank 2: precision 1/2, recall 1
-    assert tp_first == pytest.approx(1.0)
-
-
-def test_order_across_images_matters():
-    true = _grid_mask(2)
-    truths = {"x": ({1}, true), "y": ({1}, true)}
-    # FP in y (cell 2 at 0.95) ranks between the TPs: TP FP TP -> 1/2 * 1 + 1/2 * 2/3
-    preds = {"x": ([(0.99, 1)], true), "y": ([(0.95, 2), (0.5, 1)], true)}
-    assert class_ap(preds, truths) == pytest.approx(0.5 + 0.5 * 2 / 3)
-    preds = {"x": ([(0.99, 1)], true), "y": ([(0.05, 2), (0.5, 1)], true)}
-    assert class_ap(preds, truths) == pytest.approx(1.0)
-
-
-def test_image_without_predictions_lowers_recall():
-    true = _grid_mask(1)
-    truths = {"x": ({1}, true), "y": ({1}, true)}
-    # only x predicted: recall stops at 1/2 with precision 1 -> AP 1/2
-    assert class_ap({"x": ([(0.9, 1)], true)}, truths) == pytest.approx(0.5)
-    assert class_ap({"x": ([(0.9, 1)], true), "y": ([], true)}, truths) == pytest.approx(0.5)
-    labels = pd.concat([_labels("x", {1: [6]}), _labels("y", {1: [6]})])
-    scores = _scores("x", [1], [{6: 0.9}])
-    result = competition_map({"x": true}, scores, {"x": true, "y": true}, labels)
-    assert result["ap"][6] == pytest.approx(0.5)
-    assert result["n_gt"][6] == 2
-    assert result["map"] == pytest.approx(0.5)
-
-
 def test_argmax_rule_image_true_positives():
-    # prediction 0 (0.9) takes true 0; prediction 1 (0.8) best-overlaps true 0 too -> FP; prediction 2 below 0.6
+    # detection 0 (0.9) takes true 0; detection 1 (0.8) best-overlaps true 0 too -> FP; detection 2 below 0.6
     iou = np.array([[0.9, 0.0], [0.7, 0.1], [0.1, 0.55]])
     np.testing.assert_array_equal(image_true_positives([0.9, 0.8, 0.7], iou, 0.6), [True, False, False])
-    # reversed confidences: prediction 1 now takes true 0 first
+    # reversed confidences: detection 1 now takes true 0 first
     np.testing.assert_array_equal(image_true_positives([0.1, 0.8, 0.7], iou, 0.6), [False, True, False])
     assert image_true_positives([0.5], np.zeros((1, 0))).tolist() == [False]
 
 
-@pytest.mark.parametrize("scale", [1, 100_000])  # small ids: bincount path; huge ids: label_iou fallback
-def test_iou_table_matches_label_iou_and_pixel_counts(scale):
-    rng = np.random.default_rng(2)
-    pred = (rng.integers(0, 6, (30, 30)) * scale).astype(np.int64)
-    true = rng.integers(0, 5, (30, 30)).astype(np.uint16)
-    true[true == 3] = 0  # a missing id must not appear
-    pred_ids, true_ids, iou = iou_table(pred, true)
-    ref = label_iou(pred, true)
-    np.testing.assert_array_equal(pred_ids, ref[0])
-    np.testing.assert_array_equal(true_ids, ref[1])
-    np.testing.assert_allclose(iou, ref[2])
-    assert 3 not in true_ids.tolist()
-    i, j = 1, 2
-    assert iou[i, j] == pytest.approx(_iou(pred == pred_ids[i], true == true_ids[j]))
+# ---- matching on submission files ------------------------------------------------------------------------
+
+TRUE_20 = np.zeros((20, 20), np.int32)
+TRUE_20[:10, :10] = 1  # 100 px
+TRUE_20[:10, 10:20] = 2  # 100 px, touching cell 1
 
 
-def test_iou_table_computed_once_per_image(monkeypatch):
-    calls = []
-    real = cm.iou_table
-
-    def counting(pred, true):
-        calls.append(1)
-        return real(pred, true)
-
-    monkeypatch.setattr(cm, "iou_table", counting)
-    masks = {k: _grid_mask(4) for k in "abc"}
-    scores = pd.concat([_scores(k, [1, 2, 3, 4], [{c: 0.5 for c in range(C)}] * 4) for k in "abc"])
-    labels = pd.concat([_labels(k, {1: [0], 2: [5, 6]}) for k in "abc"])
-    competition_map(masks, scores, masks, labels)
-    assert len(calls) == 3
+def _square_part(n_inside: int, n_outside: int = 0) -> np.ndarray:
+    """The first ``n_inside`` pixels of true cell 1 (row-major) and ``n_outside`` pixels of rows 10-19."""
+    mask = np.zeros((20, 20), bool)
+    mask[:10, :10].flat[:n_inside] = True
+    mask[10:20, :10].flat[:n_outside] = True
+    return mask
 
 
-def test_competition_map_agrees_with_class_ap_on_random_data():
-    rng = np.random.default_rng(1)
-    true_masks, pred_masks, score_tables, label_tables = {}, {}, [], []
-    for i in range(6):
-        true = _grid_mask(12, size=40)
-        pred = np.roll(true, int(rng.integers(0, 4)), axis=1)  # shifts of 0-3 px: IoU 1 .. 0.54
-        true_masks[i], pred_masks[i] = true, pred
-        cells = np.unique(pred[pred > 0])
-        score_tables.append(_scores(i, cells, [{c: float(rng.random()) for c in range(C)} for _ in cells]))
-        label_tables.append(
-            _labels(
-                i,
-                {
-                    k: sorted(rng.choice(4, size=int(rng.integers(0, 3)), replace=False).tolist())
-                    for k in range(1, 13)
-                },
-            )
-        )
-    scores, labels = pd.concat(score_tables), pd.concat(label_tables)
-    result = competition_map(pred_masks, scores, true_masks, labels)
-    for c in range(4):
-        preds = {i: (list(zip(t[f"p_{c}"], t["cell_id"])), pred_masks[i]) for i, t in enumerate(score_tables)}
-        truths = {
-            i: ({k for k, v in zip(t["cell_id"], t["labels"]) if c in v}, true_masks[i])
-            for i, t in enumerate(label_tables)
-        }
-        assert result["ap"][c] == pytest.approx(class_ap(preds, truths))
-    assert np.isnan(result["ap"][4:]).all()
-    assert 0.0 < result["map"] < 1.0
+@pytest.mark.parametrize(
+    ("inside", "outside", "is_tp"),
+    [
+        (60, 0, True),  # IoU 60 / 100 = 0.6 exactly: >= 0.6 matches
+        (59, 0, False),  # 0.59
+        (75, 25, True),  # 75 / (100 + 25) = 0.6 exactly, with pixels outside the cell
+        (74, 25, False),  # 74 / 125 = 0.592
+    ],
+)
+def test_iou_exactly_at_the_threshold(inside, outside, is_tp):
+    truth = _truth({"x": TRUE_20}, {"x": {1: [2]}})
+    result = score_submission(_file({"x": [(2, 0.9, _square_part(inside, outside))]}, (20, 20)), truth, C)
+    assert result["ap"][2] == (1.0 if is_tp else 0.0) and result["n_tp"][2] == int(is_tp)
 
 
-def test_bad_inputs_raise():
-    true = _grid_mask(2)
-    with pytest.raises(ValueError, match="without truth"):
-        class_ap({"z": ([(0.9, 1)], true)}, {"x": ({1}, true)})
+def test_second_detection_of_a_matched_cell_is_a_false_positive():
+    truth = _truth({"x": TRUE_20}, {"x": {1: [4], 2: [4]}})
+    cell1, cell2 = TRUE_20 == 1, TRUE_20 == 2
+    # cell 1 predicted twice (0.9, 0.8), cell 2 once (0.7): ranked TP FP TP with 2 GT
+    # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> AP = 1/2 * 1 + 1/2 * 2/3
+    twice = _file({"x": [(4, 0.9, cell1), (4, 0.8, cell1), (4, 0.7, cell2)]}, (20, 20))
+    result = score_submission(twice, truth, C)
+    assert result["ap"][4] == pytest.approx(0.5 + 0.5 * 2 / 3) and result["n_tp"][4] == 2
+    # the duplicate ranked after full recall costs nothing: TP TP FP -> AP 1
+    late = _file({"x": [(4, 0.9, cell1), (4, 0.3, cell1), (4, 0.7, cell2)]}, (20, 20))
+    assert score_submission(late, truth, C)["ap"][4] == pytest.approx(1.0)
+
+
+def test_overlapping_masks_are_each_matched():
+    truth = _truth({"x": TRUE_20}, {"x": {1: [0], 2: [0]}})
+    wide = np.zeros((20, 20), bool)
+    wide[:10, 5:20] = True  # overlaps cell 1's mask; IoU with cell 2 = 100 / 150 = 0.667, with cell 1 0.33
+    result = score_submission(_file({"x": [(0, 0.9, TRUE_20 == 1), (0, 0.8, wide)]}, (20, 20)), truth, C)
+    assert result["ap"][0] == pytest.approx(1.0) and result["n_tp"][0] == 2
+
+
+def test_class_absent_from_the_truth_is_left_out_of_the_mean():
+    truth = _truth({"x": TRUE_20}, {"x": {1: [0], 2: [3]}})
+    # class 0: cell 1 at 0.9 -> AP 1. class 3: cell 1 (FP, 0.8) before cell 2 (TP, 0.4) -> AP 1/2.
+    # class 7 has no true cell: its confident predictions change nothing (ignored, not in the mean)
+    cell1, cell2 = TRUE_20 == 1, TRUE_20 == 2
+    rows = [(0, 0.9, cell1), (3, 0.8, cell1), (3, 0.4, cell2), (7, 0.99, cell1), (7, 0.98, cell2)]
+    for reading in ("image", "all"):
+        result = score_submission(_file({"x": rows}, (20, 20)), truth, C, reading)
+        assert result["ap"][[0, 3]] == pytest.approx([1.0, 0.5])
+        assert np.isnan(result["ap"][7]) and result["map"] == pytest.approx(0.75)
+
+
+def test_truth_image_without_a_row_predicts_nothing_and_extra_images_are_ignored():
+    truth = _truth({"x": TRUE_20, "y": TRUE_20}, {"x": {1: [6]}, "y": {1: [6]}})
+    # only x is predicted: recall stops at 1/2 with precision 1 -> AP 1/2; image z has no truth: ignored
+    submission = _file(
+        {"x": [(6, 0.9, TRUE_20 == 1)], "z": [(6, 1.0, TRUE_20 == 2), (6, 0.5, TRUE_20 == 1)]}, (20, 20)
+    )
+    result = score_submission(submission, truth, C)
+    assert result["ap"][6] == pytest.approx(0.5) and result["n_gt"][6] == 2
+    assert result["ignored"]["other_images"] == 2 and result["n_predictions"] == 1
+
+
+def test_order_across_images_matters():
+    truth = _truth({"x": TRUE_20, "y": TRUE_20}, {"x": {1: [5]}, "y": {1: [5]}})
+    cell1, cell2 = TRUE_20 == 1, TRUE_20 == 2
+    # y's FP (cell 2 at 0.95) ranks between the TPs: TP FP TP -> 1/2 * 1 + 1/2 * 2/3
+    between = _file({"x": [(5, 0.99, cell1)], "y": [(5, 0.95, cell2), (5, 0.5, cell1)]}, (20, 20))
+    assert score_submission(between, truth, C)["ap"][5] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    last = _file({"x": [(5, 0.99, cell1)], "y": [(5, 0.05, cell2), (5, 0.5, cell1)]}, (20, 20))
+    assert score_submission(last, truth, C)["ap"][5] == pytest.approx(1.0)
+
+
+def test_bad_rows_name_the_row():
+    truth = _truth({"x": TRUE_20}, {"x": {1: [0]}})
+    with pytest.raises(ValueError, match=r"row 0 \(ID x\).*differs from the true mask's 20x20"):
+        score_submission(_file({"x": [(0, 0.9, np.ones((10, 20), bool))]}, (10, 20)), truth, C)
+    with pytest.raises(ValueError, match=r"row 0 \(ID x\), prediction 0: mask does not decode"):
+        score_submission(_file({"x": [(0, 0.9, "not*base64")]}, (20, 20)), truth, C)
+    with pytest.raises(ValueError, match=r"row 0 \(ID x\), prediction 0: mask covers 16 pixels"):
+        score_submission(_file({"x": [(0, 0.9, EMPTY_4)]}, (20, 20)), truth, C)
+    with pytest.raises(ValueError, match=r"not in 0\.\.18"):
+        score_submission(_file({"x": [(19, 0.9, TRUE_20 == 1)]}, (20, 20)), truth, C)
+    frame = _file({"x": [(0, 0.9, TRUE_20 == 1)]}, (20, 20))
+    frame.loc[0, "PredictionString"] += " 0 0.5"
+    with pytest.raises(ValueError, match="not label-confidence-mask triples"):
+        score_submission(frame, truth, C)
+
+
+def test_sample_submission_placeholder_decodes_empty_at_2048():
+    assert len(mask_pixels(EMPTY_MASK_RLE, 2048, 2048)) == 0
+
+
+# ---- label images (what the pipeline holds) --------------------------------------------------------------
+
+
+def _scores(image_id, cells, probs: list[dict[int, float]], missing=np.nan) -> pd.DataFrame:
+    rows = []
+    for cell, p in zip(cells, probs):
+        row = {"image_id": image_id, "cell_id": cell, **{f"p_{c}": missing for c in range(C)}}
+        row.update({f"p_{c}": v for c, v in p.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_label_images_with_other_ids_score_as_their_regions():
+    true = np.zeros((20, 30), np.int32)
+    true[:10, :10], true[:10, 10:20], true[10:, :10] = 1, 2, 3
+    pred = np.where(true > 0, 40 - true, 0)  # the same regions under ids 39, 38, 37
+    labels = _labels("x", {1: [0], 2: [0, 3], 3: [16]})
+    scores = _scores("x", [39, 38, 37], [{0: 0.9}, {0: 0.8, 3: 0.7}, {16: 0.6}], missing=0.0)
+    result = competition_map({"x": pred}, scores, {"x": true}, labels, C)
+    assert result["map"] == pytest.approx(1.0) and result["n_gt"][[0, 3, 16]].tolist() == [2, 1, 1]
+    # organisers: 19 classes x 3 cells, only classes 0, 3 and 16 are verified in x -> 3 x 3 scored
+    assert result["n_predictions"] == 9 and result["ignored"]["unverified"] == 3 * 16
+    assert competition_map({"x": pred}, scores, {"x": true}, labels, C, verified="all")["n_predictions"] == 57
+
+
+def test_nan_is_no_prediction_and_a_missing_cell_an_empty_mask():
+    true = np.zeros((20, 30), np.int32)
+    true[:10, :10], true[:10, 10:20] = 1, 2
+    labels = _labels("x", {1: [0], 2: [0]})
+    # cell 2's class 0 is NaN: not a detection at confidence 0 (which would be a late TP: AP 1)
+    scores = _scores("x", [1, 2], [{0: 0.9}, {}])
+    assert competition_map({"x": true}, scores, {"x": true}, labels, C)["ap"][0] == pytest.approx(0.5)
+    # cell 5 is scored but absent from the predicted mask: an empty mask, dropped, not a FP
+    scores = _scores("x", [5, 1, 2], [{0: 0.99}, {0: 0.9}, {0: 0.8}])
+    result = competition_map({"x": true}, scores, {"x": true}, labels, C)
+    assert result["ap"][0] == pytest.approx(1.0) and result["ignored"]["empty"] == 1
+
+
+def test_bad_truth_raises():
+    true = np.zeros((20, 20), np.int32)
+    true[:10, :10] = 1
     with pytest.raises(ValueError, match="not in its true mask"):
-        class_ap({}, {"x": ({9}, true)})
+        truth_by_image({"x": true}, _labels("x", {9: [0]}), C)
     with pytest.raises(ValueError, match="without true mask"):
-        competition_map({"z": true}, _scores("z", [1], [{0: 1.0}]), {"x": true}, _labels("x", {1: [0]}))
-    with pytest.raises(ValueError, match="not in its true mask"):
-        competition_map({"x": true}, _scores("x", [1], [{0: 1.0}]), {"x": true}, _labels("x", {9: [0]}))
+        truth_by_image({"x": true}, _labels("z", {1: [0]}), C)
+    with pytest.raises(ValueError, match="listed twice"):
+        truth_by_image({"x": true}, pd.concat([_labels("x", {1: [0]}), _labels("x", {1: [2]})]), C)
+    with pytest.raises(ValueError, match="out of range"):
+        truth_by_image({"x": true}, _labels("x", {1: [19]}), C)

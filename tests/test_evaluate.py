@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from weakcell import evaluate, plots
+from weakcell.competition_metric import score_submission, truth_by_image
 from weakcell.config import load_config
 from weakcell.data.datasets import get_dataset
 from weakcell.submission import write_cell_level
@@ -142,9 +143,8 @@ def _sample(*image_ids: str) -> pd.DataFrame:
     return pd.DataFrame({"ID": list(image_ids), "ImageWidth": 40, "ImageHeight": 40, "PredictionString": ""})
 
 
-def _score_file(path, true_masks, true_labels) -> dict:
-    pred_masks, pred_scores = evaluate.read_cell_level(path, C)
-    return evaluate.score_cell_predictions(pred_masks, pred_scores, true_masks, true_labels, C)
+def _score_file(path, true_masks, true_labels, verified="image") -> dict:
+    return score_submission(path, truth_by_image(true_masks, true_labels, C), C, verified)
 
 
 TRUE_LABELS = pd.DataFrame({"image_id": ["a", "a"], "cell_id": [1, 2], "labels": [[0], [1]]})
@@ -160,7 +160,9 @@ def test_written_submission_iou_threshold(tmp_path, pixels, expected):
     # class 0 is always right; class 1's only prediction is a TP at IoU 0.61, a FP at 0.59
     assert result["map"] == pytest.approx(expected)
     assert result["ap"][0] == 1.0 and np.isnan(result["ap"][2:]).all()
-    assert result["n_gt"][:2].tolist() == [1, 1] and result["n_predictions"] == 2 * C
+    assert result["n_gt"][:2].tolist() == [1, 1]
+    # 2 cells x the 2 classes of the image's true cells are judged; the other 17 classes are not verified
+    assert result["n_predictions"] == 2 * 2 and result["ignored"]["unverified"] == 2 * (C - 2)
 
 
 def test_classes_a_cell_does_not_list_are_no_prediction(tmp_path):
@@ -178,9 +180,9 @@ def test_classes_a_cell_does_not_list_are_no_prediction(tmp_path):
     assert result["n_predictions"] == 2 and result["n_tp"][0] == 1
 
 
-def test_placeholder_row_is_a_false_positive(tmp_path):
+def test_placeholder_row_is_dropped(tmp_path):
     # image b has no prediction: the sample's placeholder "0 1 <empty mask>" predicts class 0 at
-    # confidence 1 with an empty mask, which Kaggle ranks first and counts as a false positive
+    # confidence 1 with an empty mask, which the organisers' evaluator drops before matching
     truth_b = np.zeros((40, 40), np.int32)
     truth_b[5:15, 5:15] = 1
     labels = pd.concat([TRUE_LABELS, pd.DataFrame({"image_id": ["b"], "cell_id": [1], "labels": [[1]]})])
@@ -190,27 +192,23 @@ def test_placeholder_row_is_a_false_positive(tmp_path):
         _sample("a", "b"),
         tmp_path / "cell_level.csv",
     )
-    result = _score_file(path, {"a": _truth_mask(), "b": truth_b}, labels)
-    assert result["ap"][0] == pytest.approx(0.5)  # FP at 1.0, then the TP at 0.9
-    assert result["ap"][1] == pytest.approx(0.5)  # 1 of 2 true class-1 cells found, at precision 1
+    for reading in ("image", "all"):
+        result = _score_file(path, {"a": _truth_mask(), "b": truth_b}, labels, reading)
+        assert result["ap"][0] == pytest.approx(1.0)  # the TP at 0.9 alone; the placeholder is no FP
+        assert result["ap"][1] == pytest.approx(0.5)  # 1 of 2 true class-1 cells found, at precision 1
+        assert result["ignored"]["empty"] == 1
 
 
-def test_read_cell_level_refuses_what_a_label_image_cannot_hold(tmp_path):
-    from weakcell.submission import encode_mask
-
-    square = np.zeros((40, 40), bool)
-    square[:10, :10] = True
-    shifted = np.roll(square, 5, axis=0)
-    frame = _sample("a").assign(PredictionString=f"0 0.9 {encode_mask(square)} 0 0.8 {encode_mask(shifted)}")
-    frame.to_csv(tmp_path / "overlap.csv", index=False)
-    with pytest.raises(ValueError, match="overlap"):
-        evaluate.read_cell_level(tmp_path / "overlap.csv", C)
-    text = encode_mask(square)
-    _sample("a").assign(PredictionString=f"0 0.9 {text} 0 0.8 {text}").to_csv(
-        tmp_path / "twice.csv", index=False
-    )
-    with pytest.raises(ValueError, match="twice"):
-        evaluate.read_cell_level(tmp_path / "twice.csv", C)
+def test_distinct_confidences_stay_distinct_through_the_file(tmp_path):
+    # neighbouring float32 values and values equal to 4 significant digits: each must read back exactly
+    close = [0.5, float(np.nextafter(np.float32(0.5), np.float32(1))), 0.123451, 0.123452, 1e-9, 2e-9]
+    cells = {1: dict(enumerate(close[:3])), 2: dict(enumerate(close[3:]))}
+    path = write_cell_level(_scores("a", cells), {"a": _truth_mask()}.get, _sample("a"), tmp_path / "c.csv")
+    tokens = pd.read_csv(path)["PredictionString"][0].split()
+    written = {(int(label), float(conf)) for label, conf in zip(tokens[0::3], tokens[1::3])}
+    expected = {(c, p) for probs in cells.values() for c, p in probs.items()}
+    assert expected <= written  # exactly the floats that went in (the other classes are 0.0)
+    assert len({conf for _, conf in written}) == len(close) + 1
 
 
 def _synthetic_layout(tmp_path):
@@ -239,7 +237,10 @@ def test_submission_cell_map_against_truth(tmp_path):
     cfg, submission = _synthetic_layout(tmp_path)
     result = evaluate.submission_cell_map(cfg, submission, masks_of={"a": _truth_mask()}.get)
     assert result["submission"]["map"] == 1.0 and result["masks_differ"] == 0
-    assert set(evaluate.submission_cell_map(cfg, submission, alternatives=False)) == {"submission"}
+    assert set(evaluate.submission_cell_map(cfg, submission, alternatives=False)) == {
+        "verified",
+        "submission",
+    }
     assert result["cell"]["map"] == 1.0 and result["cell_x_image"]["map"] == 1.0
     # every cell of an image gets the same image confidence: a tie, kept in input order, so class 1's
     # first prediction is cell 1 (FP), then cell 2 (TP): AP 1/2; class 0 ranks cell 1 first: AP 1
@@ -332,10 +333,15 @@ def test_stage_on_a_tiny_pipeline(evaluated):
     assert result["image_oof"]["macro_f1_tuned_cross_fitted"] == pytest.approx(
         tuned["macro_f1_tuned_cross_fitted"]
     )
-    # the submission is the confidence formula of infer.*, written with 4 significant digits
-    test = result["cell_test"]
+    # the submission is the confidence formula of infer.*, written exactly: the same mAP as the
+    # confidence recomputed from pred_cell.parquet, under both readings of the metric
+    test, other = result["cell_test"], result["cell_test_other"]
+    assert (test["verified"], other["verified"]) == ("image", "all") == tuple(result["verified"].values())
     assert test["masks_differ"] == 0 and 0 <= test["submission"]["map"] <= 1
-    assert test["submission"]["map"] == pytest.approx(test["confidence"]["map"], abs=0.005)
+    for reading in (test, other):
+        assert reading["submission"]["map"] == pytest.approx(reading["confidence"]["map"], abs=1e-6)
+        assert reading["submission"]["n_ties"] == 0
+    assert "cell_oof_other" in result
     assert result["image_test"]["images"] == 3
     for name in ("ap_per_class.png", "threshold_curves.png", "per_class.png"):
         assert _is_png(reports / name)

@@ -178,7 +178,7 @@ def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dic
                 )
             )
         )
-        ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth)
+        ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified)
         scores["cell_map"] = float(np.nanmean(ap))
     return scores
 

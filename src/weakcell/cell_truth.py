@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from weakcell.constants import Verified
 from weakcell.data.labels import to_multi_hot
-from weakcell.metrics import per_class_ap
+from weakcell.metrics import average_precision, per_class_ap
 
 MATCH_IOU = 0.5
 
@@ -93,12 +94,19 @@ def cell_truth_table(cache_masks, data_dir: str | os.PathLike[str], image_ids: l
 
 
 def cell_level_ap(
-    predictions: pd.DataFrame, score_columns: list[str], matches: pd.DataFrame, truth: pd.DataFrame
+    predictions: pd.DataFrame,
+    score_columns: list[str],
+    matches: pd.DataFrame,
+    truth: pd.DataFrame,
+    verified: Verified = "image",
 ) -> np.ndarray:
     """Per-class AP of cell scores against the true cells of the images in ``predictions``.
 
     predictions: ``image_id, cell_id`` + one score column per class (in class order).
     matches: ``cell_truth_table`` rows; truth: ``image_id, cell_id, labels`` of the true cells.
+    verified: the competition metric's reading (``weakcell.competition_metric``): with "image" class c
+    ranks only the cells of images that have a true cell of class c, as the organisers judge it; with
+    "all" every cell counts for every class.
     """
     n_classes = len(score_columns)
     images = set(predictions["image_id"])
@@ -115,4 +123,15 @@ def cell_level_ap(
     found = np.zeros(len(true_cells), dtype=bool)
     found[true_key.get_indexer(keys)] = True
     n_missed = true_hot[~found].sum(0)
-    return per_class_ap(y_true, scored[score_columns].to_numpy(np.float64), n_missed)
+    scores = scored[score_columns].to_numpy(np.float64)
+    if verified == "all":
+        return per_class_ap(y_true, scores, n_missed)
+    # (N, C): does the cell's image have a true cell of the class (missed true cells are in such images)
+    image_classes = pd.DataFrame(true_hot, index=true_cells["image_id"].to_numpy()).groupby(level=0).max()
+    judged = image_classes.reindex(scored["image_id"].to_numpy()).fillna(0).to_numpy().astype(bool)
+    return np.array(
+        [
+            average_precision(y_true[judged[:, c], c], scores[judged[:, c], c], int(n_missed[c]))
+            for c in range(n_classes)
+        ]
+    )

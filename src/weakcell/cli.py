@@ -69,6 +69,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "weakcell.submission:validate_main",
         "check a submission CSV (cell or image level); exit 0/2",
     ),
+    "score": (
+        "weakcell.score:score_main",
+        "the organisers' 2021 metric of any cell-level CSV against a truth folder; --json OUT",
+    ),
     "thresholds": (
         "weakcell.thresholds:run",
         "per-class thresholds tuned on OOF image predictions -> thresholds.json",
@@ -78,6 +82,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "image and cell scores, per-class plots, best/worst attention maps -> evaluation.json, reports/<name>/",
     ),
 }
+
+
+# Stages that take a file and flags of their own rather than a config.
+FILE_STAGES = ("validate", "score")
 
 
 def _resolve(target: str) -> Callable[[Config], object]:
@@ -141,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "keys":
         print("\n".join(all_keys()))
         return 0
-    if stage == "validate":  # takes a file, not a config
-        from weakcell.submission import validate_main
-
-        return validate_main(rest)
+    if stage in FILE_STAGES:  # take a file and flags, not a config
+        module, _, function = STAGES[stage][0].partition(":")
+        file_main: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+        return file_main(rest)
     if stage not in STAGES:
         import difflib
 

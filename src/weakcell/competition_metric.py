@@ -1,53 +1,62 @@
-"""The Kaggle HPA Single Cell Classification (2021) metric: instance-level mAP, Open Images style.
+"""The HPA Single Cell Classification (2021) metric, as its organisers computed it.
 
-For each class ``c`` every predicted ``(image, cell mask, confidence)`` of class ``c`` over all images is
-ranked by confidence. Inside one image, predictions are visited in descending confidence; a prediction
-is a true positive when its best-overlapping ground-truth cell of class ``c`` (argmax IoU over that
-image's true cells of class ``c``) has IoU >= ``iou_threshold`` and was not already taken by an earlier
-prediction; otherwise (already taken, or too little overlap) it is a false positive. This is the rule of
-the Open Images / TF object-detection evaluator (``per_image_evaluation``). Because true cells of one
-label image are disjoint, a mask can overlap at most one of them at IoU > 0.5, so at the competition's
-0.6 it is the same as "matches any not-yet-matched true cell"; below 0.5 the argmax rule can differ.
+The organisers scored submissions with the Open Images Challenge instance-segmentation evaluation of
+``tensorflow/models`` ``research/object_detection`` at IoU >= 0.6 (sources, semantics and hand-derived
+cases: ``../shared/reference/hpa2021-metric.md``). This module is that evaluation, nothing more:
 
-AP (``open_images_ap``) is the TF ``metrics.compute_average_precision`` rule: with ``tp``/``fp`` cumulated
-over the globally ranked predictions, ``recall = TP / n_gt`` and ``precision = TP / (TP + FP)``, pad
-``recall`` with 0 in front and 1 at the end and ``precision`` with 0 at both ends, make precision
-non-increasing from the right (``p[i] = max(p[i], p[i + 1])``), and sum ``(r[i] - r[i-1]) * p[i]`` over
-the indices where recall changes. The trailing padding contributes 0, so recall never reached (missed
-cells, cells of images without predictions) costs AP exactly as in the competition.
+- **verified labels** (``verified="image"``, the default): class c is judged only in images that have a
+  true cell of class c (the organisers' ground truth makes an image's verified labels exactly the classes
+  of its cells); a prediction of c elsewhere is ignored, neither true nor false positive.
+  ``verified="all"`` judges every class in every image, the stricter reading kept for comparison;
+- **empty masks are dropped** before matching (an empty mask's box is invalid, and the evaluator removes
+  invalid boxes), so the sample submission's placeholder ``0 1 <empty mask>`` costs nothing;
+- **matching**, per image and class: detections in descending confidence; each takes the true cell of
+  that class it overlaps most (argmax IoU) when IoU >= 0.6 and that cell is not taken yet, otherwise it is
+  a false positive (a second detection of a matched cell is one). IoU is computed in float64 here
+  (the reference uses float32; the two agree on ``>= 0.6`` for any union under 8 million pixels);
+- **AP** per class over all images' detections ranked by confidence: precision made non-increasing from
+  the right, summed over the recall steps (``open_images_ap``); true cells never matched lower recall;
+  a class with no true cell anywhere is left out of the mean;
+- **images**: truth images without predictions predict nothing; predictions for images absent from the
+  truth are ignored, as the organisers' driver only visits ground-truth images;
+- **ties**: the reference ranks equal confidences in numpy's (arbitrary) argsort order; here ties keep
+  input order. A submission should carry no ties it does not mean: ``n_ties`` counts them.
 
-Choices (documented, checked by tests):
-- a class with no true instance anywhere has AP NaN and is left out of the mean (``np.nanmean``), as the
-  TF evaluator skips classes with ``num_gt_instances == 0``; its predictions are then ignored;
-- every predicted cell predicts every class with its probability (how submissions work);
-- confidence ties keep input order (stable sort); the reference's tie order is an implementation detail;
-- a row of ``pred_scores`` whose cell id is absent from its predicted mask is an empty mask (a FP);
-- true cells present in the mask without a row in ``true_labels`` belong to no class; a ``true_labels``
-  row for a cell absent from its true mask, or predictions for an image without ``true_masks``, raise;
-- Open Images also ignores detections of classes outside an image's verified image-level labels and has
-  group-of boxes; neither is modelled here (every class counts as verified in every image).
+The engine (``score_images``) takes, per image, the true cells (``TrueCells``) and the detections
+(``Detections``: class, confidence and IoU with every true cell, per detection). Two adapters build them:
+``label_image_detections`` (a label image + one probability per cell and class, what the pipeline holds)
+and ``file_detections`` (the rows of a ``cell_level.csv``, any file Kaggle accepts: overlapping masks,
+a mask predicted twice for one class, extra images). ``competition_map`` and ``score_submission`` are the
+two entry points.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from weakcell.cell_truth import label_iou
+from weakcell.constants import READINGS, Verified, prob_columns
 
 IOU_THRESHOLD = 0.6
-N_CLASSES = 19
+
+
+# -- the evaluator ------------------------------------------------------------------------------------
 
 
 def image_true_positives(
     scores: np.ndarray, iou: np.ndarray, iou_threshold: float = IOU_THRESHOLD
 ) -> np.ndarray:
-    """TP flags (in input order) of one image's predictions of one class.
+    """TP flags (in input order) of one image's detections of one class.
 
-    scores: ``(n,)`` confidences; iou: ``(n, g)`` IoU of each prediction with each true instance of the
-    class in this image. Greedy in descending confidence with the Open Images argmax rule (module doc).
+    scores: ``(n,)`` confidences; iou: ``(n, g)`` IoU of each detection with each true cell of the class
+    in this image. Greedy in descending confidence with the argmax rule (module doc).
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     n = len(scores)
@@ -59,7 +68,7 @@ def image_true_positives(
     ranked = iou[order]
     best = ranked.argmax(1)
     valid = ranked[np.arange(n), best] >= iou_threshold
-    # a valid prediction takes its best true cell unless an earlier-ranked valid prediction took it
+    # a valid detection takes its best true cell unless an earlier-ranked valid detection took it
     ranks = np.flatnonzero(valid)
     _, first = np.unique(best[ranks], return_index=True)
     tp[order[ranks[first]]] = True
@@ -67,9 +76,9 @@ def image_true_positives(
 
 
 def open_images_ap(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
-    """AP of one class from all its predictions (any image order) and the number of true instances.
+    """AP of one class from all its detections (any image order) and the number of true cells.
 
-    NaN when ``n_gt == 0``; 0 when there are true instances but no prediction.
+    NaN when ``n_gt == 0``; 0 when there are true cells but no detection.
     """
     if n_gt <= 0:
         return float("nan")
@@ -88,6 +97,118 @@ def open_images_ap(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
     return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
 
 
+@dataclass(frozen=True)
+class TrueCells:
+    """One image's truth: the label image, its present cell ids ``(g,)`` (sorted) and their classes
+    ``(g, C)`` bool. Columns of every IoU table of the image follow ``ids``."""
+
+    mask: np.ndarray
+    ids: np.ndarray
+    classes: np.ndarray
+
+    @property
+    def verified(self) -> np.ndarray:
+        """``(C,)`` the classes judged in this image under the organisers' reading: those of its cells."""
+        return self.classes.any(0)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections, one entry each: ``classes`` ``(k,)`` int, ``scores`` ``(k,)`` float,
+    ``iou`` ``(k, g)`` with the image's true cells, ``empty`` ``(k,)`` True where the mask has no pixel."""
+
+    classes: np.ndarray
+    scores: np.ndarray
+    iou: np.ndarray
+    empty: np.ndarray
+
+    @staticmethod
+    def of_masks(
+        classes: np.ndarray,
+        scores: np.ndarray,
+        mask_index: np.ndarray,
+        mask_iou: np.ndarray,
+        mask_empty: np.ndarray,
+    ) -> Detections:
+        """Detections that refer to distinct masks: ``mask_index`` ``(k,)`` picks rows of ``mask_iou``
+        ``(m, g)`` and of ``mask_empty`` ``(m,)``."""
+        mask_index = np.asarray(mask_index, dtype=np.int64)
+        return Detections(
+            classes=np.asarray(classes, dtype=np.int64),
+            scores=np.asarray(scores, dtype=np.float64),
+            iou=np.asarray(mask_iou, dtype=np.float64)[mask_index],
+            empty=np.asarray(mask_empty, dtype=bool)[mask_index],
+        )
+
+
+def score_images(
+    detections: Mapping[Any, Detections],
+    truth: Mapping[Any, TrueCells],
+    n_classes: int,
+    verified: Verified = "image",
+    iou_threshold: float = IOU_THRESHOLD,
+) -> dict:
+    """The competition mAP of ``detections`` against ``truth`` (both keyed by image id).
+
+    Returns ``map`` (mean over classes with a true cell), ``ap`` ``(C,)`` (NaN where no true cell),
+    ``n_gt`` and ``n_tp`` ``(C,)``, ``n_predictions`` (detections scored), ``ignored`` (detections left
+    out: ``empty`` masks, ``unverified`` classes, ``other_images`` absent from the truth), ``n_ties``
+    (scored detections whose class and confidence equal an earlier one's), ``n_images`` and ``verified``.
+    """
+    if verified not in READINGS:
+        raise ValueError(f"verified must be one of {READINGS}, got {verified!r}")
+    scores: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
+    hits: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
+    n_gt = np.zeros(n_classes, dtype=np.int64)
+    ignored = {"empty": 0, "unverified": 0, "other_images": 0}
+    for image_id, cells in truth.items():
+        n_gt += cells.classes.sum(0)
+        found = detections.get(image_id)
+        if found is None or len(found.classes) == 0:
+            continue
+        if found.classes.min() < 0 or found.classes.max() >= n_classes:
+            raise ValueError(f"image {image_id}: a detection's class is not in 0..{n_classes - 1}")
+        judged = cells.verified[found.classes] if verified == "image" else np.ones(len(found.classes), bool)
+        ignored["empty"] += int(found.empty.sum())
+        ignored["unverified"] += int((~found.empty & ~judged).sum())
+        keep = judged & ~found.empty
+        for c in np.unique(found.classes[keep]):
+            rows = keep & (found.classes == c)
+            scores[c].append(found.scores[rows])
+            hits[c].append(
+                image_true_positives(
+                    found.scores[rows], found.iou[rows][:, cells.classes[:, c]], iou_threshold
+                )
+            )
+    for image_id in set(detections) - set(truth):
+        ignored["other_images"] += len(detections[image_id].classes)
+
+    ap = np.full(n_classes, np.nan)
+    n_tp = np.zeros(n_classes, dtype=np.int64)
+    n_predictions = n_ties = 0
+    for c in range(n_classes):
+        class_scores = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
+        class_hits = np.concatenate(hits[c]) if hits[c] else np.zeros(0, dtype=bool)
+        n_tp[c] = int(class_hits.sum())
+        n_predictions += len(class_scores)
+        n_ties += len(class_scores) - len(np.unique(class_scores))
+        ap[c] = open_images_ap(class_scores, class_hits, int(n_gt[c]))
+    return {
+        "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "ap": ap,
+        "n_gt": n_gt,
+        "n_tp": n_tp,
+        "n_predictions": n_predictions,
+        "ignored": ignored,
+        "n_ties": n_ties,
+        "n_images": len(truth),
+        "verified": verified,
+    }
+
+
+# -- truth ---------------------------------------------------------------------------------------------
+
+
 def _present_ids(mask: np.ndarray) -> np.ndarray:
     """Sorted non-zero labels of a label image."""
     mask = np.asarray(mask)
@@ -97,146 +218,225 @@ def _present_ids(mask: np.ndarray) -> np.ndarray:
     return ids[ids != 0]
 
 
-def iou_table(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``pred_ids, true_ids, iou`` of the present non-zero labels (``weakcell.cell_truth.label_iou``)."""
-    return label_iou(pred, true)
-
-
-def _iou_rows(pred_mask: np.ndarray, true_mask: np.ndarray, pred_cells: np.ndarray):
-    """IoU table ``(len(pred_cells), n_true)`` (zero rows for cells absent from the mask) and true ids."""
-    pred_ids, true_ids, iou = iou_table(pred_mask, true_mask)
-    rows = np.zeros((len(pred_cells), len(true_ids)), dtype=np.float64)
-    if len(pred_ids):
-        where = np.searchsorted(pred_ids, pred_cells)
-        where = np.minimum(where, len(pred_ids) - 1)
-        present = pred_ids[where] == pred_cells
-        rows[present] = iou[where[present]]
-    return rows, true_ids
-
-
-def class_ap(
-    predictions: Mapping[Hashable, tuple[Sequence[tuple[float, int]], np.ndarray]],
-    truths: Mapping[Hashable, tuple[Collection[int], np.ndarray]],
-    iou_threshold: float = IOU_THRESHOLD,
-) -> float:
-    """AP of one class.
-
-    predictions: ``image_id -> ([(confidence, pred cell id), ...], pred label mask)``;
-    truths: ``image_id -> (true cell ids of this class, true label mask)``. Images only in ``truths`` have
-    no prediction (their instances lower recall); images only in ``predictions`` raise ValueError.
-    """
-    unknown = set(predictions) - set(truths)
-    if unknown:
-        raise ValueError(f"predictions for images without truth: {sorted(map(str, unknown))[:5]}")
-    all_scores, all_tp, n_gt = [], [], 0
-    for image_id, (ids, true_mask) in truths.items():
-        true_mask = np.asarray(true_mask)
-        gt = np.unique(np.asarray(list(ids), dtype=np.int64))
-        present = np.isin(gt, _present_ids(true_mask))
-        if not present.all():
-            raise ValueError(f"image {image_id}: true ids {gt[~present].tolist()} are not in its true mask")
-        n_gt += len(gt)
-        if image_id not in predictions:
-            continue
-        pairs, pred_mask = predictions[image_id]
-        if len(pairs) == 0:
-            continue
-        scores = np.array([float(s) for s, _ in pairs])
-        cells = np.array([int(c) for _, c in pairs], dtype=np.int64)
-        rows, true_ids = _iou_rows(pred_mask, true_mask, cells)
-        all_scores.append(scores)
-        all_tp.append(image_true_positives(scores, rows[:, np.isin(true_ids, gt)], iou_threshold))
-    if not all_scores:
-        return open_images_ap(np.zeros(0), np.zeros(0, dtype=bool), n_gt)
-    return open_images_ap(np.concatenate(all_scores), np.concatenate(all_tp), n_gt)
-
-
-def _true_classes(true_ids: np.ndarray, labels: pd.DataFrame, n_classes: int, image_id) -> np.ndarray:
-    """``(len(true_ids), n_classes)`` bool: the classes of each true cell of the mask."""
-    hot = np.zeros((len(true_ids), n_classes), dtype=bool)
-    if labels is None or len(labels) == 0:
-        return hot
-    cells = labels["cell_id"].to_numpy(np.int64)
-    where = np.searchsorted(true_ids, cells)
-    ok = (where < len(true_ids)) & (true_ids[np.minimum(where, max(len(true_ids) - 1, 0))] == cells)
-    if len(true_ids) == 0 or not ok.all():
-        missing = cells[~ok] if len(true_ids) else cells
-        raise ValueError(f"image {image_id}: labelled true cells {missing.tolist()} are not in its true mask")
-    for row, cell_labels in zip(where, labels["labels"]):
-        classes = np.asarray(list(cell_labels), dtype=np.int64)
-        if classes.size and (classes.min() < 0 or classes.max() >= n_classes):
+def true_cells(mask: np.ndarray, labels: pd.DataFrame | None, n_classes: int, image_id: Any) -> TrueCells:
+    """``TrueCells`` of one image from its label image and its rows ``cell_id, labels`` (class int lists;
+    cells of the mask without a row belong to no class). Raises when a row names a cell absent from the
+    mask, a class out of range, or a cell twice."""
+    mask = np.asarray(mask)
+    ids = _present_ids(mask)
+    hot = np.zeros((len(ids), n_classes), dtype=bool)
+    if labels is not None and len(labels):
+        cells = labels["cell_id"].to_numpy(np.int64)
+        twice = pd.Index(cells)[pd.Index(cells).duplicated()]
+        if len(twice):
+            raise ValueError(f"image {image_id}: true cells {sorted(set(twice.tolist()))} are listed twice")
+        where = np.searchsorted(ids, cells)
+        ok = (
+            (where < len(ids)) & (ids[np.minimum(where, max(len(ids) - 1, 0))] == cells)
+            if len(ids)
+            else ~np.ones(len(cells), bool)
+        )
+        if not ok.all():
             raise ValueError(
-                f"image {image_id}: class out of range 0..{n_classes - 1} in {list(cell_labels)}"
+                f"image {image_id}: labelled true cells {cells[~ok].tolist()} are not in its true mask"
             )
-        hot[row, classes] = True
-    return hot
+        for row, cell_labels in zip(where, labels["labels"]):
+            classes = np.asarray(list(cell_labels), dtype=np.int64)
+            if classes.size and (classes.min() < 0 or classes.max() >= n_classes):
+                raise ValueError(
+                    f"image {image_id}: class out of range 0..{n_classes - 1} in {list(cell_labels)}"
+                )
+            hot[row, classes] = True
+    return TrueCells(mask=mask, ids=ids, classes=hot)
+
+
+def truth_by_image(
+    true_masks: Mapping[Any, np.ndarray], true_labels: pd.DataFrame, n_classes: int
+) -> dict[Any, TrueCells]:
+    """``TrueCells`` of every image of ``true_masks``; ``true_labels``: ``image_id, cell_id, labels``."""
+    by_image = dict(tuple(true_labels.groupby("image_id", sort=False)))
+    unknown = set(by_image) - set(true_masks)
+    if unknown:
+        raise ValueError(f"true labels for images without true mask: {sorted(map(str, unknown))[:5]}")
+    return {
+        image_id: true_cells(mask, by_image.get(image_id), n_classes, image_id)
+        for image_id, mask in true_masks.items()
+    }
+
+
+# -- detections from a label image ---------------------------------------------------------------------
+
+
+def label_image_detections(pred_mask: np.ndarray, scores: pd.DataFrame, cells: TrueCells) -> Detections:
+    """Every (cell, class) pair of ``scores`` (``cell_id, p_0..p_{C-1}``; NaN = not predicted) as a
+    detection of that cell's region of ``pred_mask``; a cell absent from the mask is an empty mask."""
+    pred_ids, true_ids, iou = label_iou(pred_mask, cells.mask)
+    columns = [c for c in scores.columns if c.startswith("p_") and c[2:].isdigit()]
+    probs = scores[columns].to_numpy(np.float64)
+    cell_ids = scores["cell_id"].to_numpy(np.int64)
+    # one IoU row per scored cell (columns: true_ids == cells.ids, both the mask's present labels)
+    where = np.searchsorted(pred_ids, cell_ids)
+    present = (where < len(pred_ids)) & (pred_ids[np.minimum(where, max(len(pred_ids) - 1, 0))] == cell_ids)
+    rows = np.zeros((len(cell_ids), len(true_ids)))
+    rows[present] = iou[where[present]]
+    cell_of, class_of = np.nonzero(np.isfinite(probs))
+    return Detections.of_masks(
+        classes=np.array([int(columns[c][2:]) for c in class_of], dtype=np.int64),
+        scores=probs[cell_of, class_of],
+        mask_index=cell_of,
+        mask_iou=rows,
+        mask_empty=~present,
+    )
 
 
 def competition_map(
-    pred_masks: Mapping[Hashable, np.ndarray],
+    pred_masks: Mapping[Any, np.ndarray],
     pred_scores: pd.DataFrame,
-    true_masks: Mapping[Hashable, np.ndarray],
+    true_masks: Mapping[Any, np.ndarray],
     true_labels: pd.DataFrame,
-    n_classes: int = N_CLASSES,
+    n_classes: int,
     iou_threshold: float = IOU_THRESHOLD,
+    verified: Verified = "image",
 ) -> dict:
-    """The competition mAP of cell predictions against true cells.
+    """The competition mAP of cell predictions held as label images and a probability table.
 
     pred_masks / true_masks: ``image_id -> (H, W)`` int label image (0 = background);
-    pred_scores: ``image_id, cell_id, p_0 .. p_{C-1}`` (one row per predicted cell; every row predicts
-    every class with its probability); true_labels: ``image_id, cell_id, labels`` (list of class ints).
-    Each image's IoU table (``iou_table``, one bincount) is computed once and reused for every class.
-
-    Returns ``map`` (mean over classes with a true instance), ``ap`` ``(C,)`` (NaN where no true
-    instance), ``n_gt``, ``n_tp`` ``(C,)``, ``n_predictions`` (cells predicted, each for every class),
-    ``n_images``.
+    pred_scores: ``image_id, cell_id, p_0..p_{C-1}``, one row per predicted cell, each (cell, class)
+    with a finite probability a detection (NaN: no prediction, as a file written with a minimum score);
+    true_labels: ``image_id, cell_id, labels`` (class int lists). Returns ``score_images``'s dict.
     """
-    score_columns = [f"p_{c}" for c in range(n_classes)]
-    missing = [c for c in ["image_id", "cell_id", *score_columns] if c not in pred_scores.columns]
+    missing = [c for c in ["image_id", "cell_id", *prob_columns(n_classes)] if c not in pred_scores.columns]
     if missing:
         raise ValueError(f"pred_scores lacks columns {missing}")
-    unknown = set(pred_scores["image_id"]) - set(true_masks)
-    if unknown:
-        raise ValueError(f"predictions for images without true mask: {sorted(map(str, unknown))[:5]}")
     unknown = set(pred_scores["image_id"]) - set(pred_masks)
     if unknown:
         raise ValueError(f"predictions for images without predicted mask: {sorted(map(str, unknown))[:5]}")
-    scores_by_image = dict(tuple(pred_scores.groupby("image_id", sort=False)))
-    labels_by_image = dict(tuple(true_labels.groupby("image_id", sort=False)))
-    unknown = set(labels_by_image) - set(true_masks)
-    if unknown:
-        raise ValueError(f"true labels for images without true mask: {sorted(map(str, unknown))[:5]}")
-
-    per_class_scores: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
-    per_class_tp: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
-    n_gt = np.zeros(n_classes, dtype=np.int64)
-    for image_id, true_mask in true_masks.items():
-        true_mask = np.asarray(true_mask)
-        true_ids = _present_ids(true_mask)
-        truth = _true_classes(true_ids, labels_by_image.get(image_id), n_classes, image_id)
-        n_gt += truth.sum(0)
-        rows = scores_by_image.get(image_id)
-        if rows is None or len(rows) == 0:
-            continue
-        cells = rows["cell_id"].to_numpy(np.int64)
-        probs = rows[score_columns].to_numpy(np.float64)
-        iou, _ = _iou_rows(pred_masks[image_id], true_mask, cells)  # once per image, columns = true_ids
-        for c in range(n_classes):
-            per_class_scores[c].append(probs[:, c])
-            per_class_tp[c].append(image_true_positives(probs[:, c], iou[:, truth[:, c]], iou_threshold))
-
-    ap = np.full(n_classes, np.nan)
-    n_tp = np.zeros(n_classes, dtype=np.int64)
-    for c in range(n_classes):
-        scores = np.concatenate(per_class_scores[c]) if per_class_scores[c] else np.zeros(0)
-        tp = np.concatenate(per_class_tp[c]) if per_class_tp[c] else np.zeros(0, dtype=bool)
-        n_tp[c] = int(tp.sum())
-        ap[c] = open_images_ap(scores, tp, int(n_gt[c]))
-    return {
-        "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
-        "ap": ap,
-        "n_gt": n_gt,
-        "n_tp": n_tp,
-        "n_predictions": len(pred_scores),
-        "n_images": len(true_masks),
+    truth = truth_by_image(true_masks, true_labels, n_classes)
+    columns = ["cell_id", *prob_columns(n_classes)]
+    detections = {
+        image_id: label_image_detections(pred_masks[image_id], rows[columns], truth[image_id])
+        for image_id, rows in pred_scores.groupby("image_id", sort=False)
+        if image_id in truth
     }
+    result = score_images(detections, truth, n_classes, verified, iou_threshold)
+    elsewhere = pred_scores[~pred_scores["image_id"].isin(list(truth))]
+    result["ignored"]["other_images"] += int(np.isfinite(elsewhere[prob_columns(n_classes)].to_numpy()).sum())
+    return result
+
+
+# -- detections from a submission file -----------------------------------------------------------------
+
+
+def mask_overlaps(pixels: np.ndarray, labels_f: np.ndarray, areas: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """IoU ``(len(ids),)`` of one mask, given as column-major pixel indices, with the cells ``ids`` of a
+    label image raveled column-major (``labels_f``) whose pixel counts per label are ``areas``."""
+    inter = np.bincount(labels_f[pixels], minlength=len(areas))[ids]
+    union = len(pixels) + areas[ids] - inter
+    return inter / np.maximum(union, 1)
+
+
+def file_detections(
+    predictions: Iterable[tuple[str, str, str]], height: int, width: int, cells: TrueCells, where: str
+) -> Detections:
+    """Detections of one submission row: ``predictions`` are its ``(label, confidence, mask)`` token
+    triples; each distinct mask is decoded once (``submission.mask_pixels``) and overlapped with the true
+    cells. ``where`` names the row in errors."""
+    from weakcell.submission import mask_pixels
+
+    if cells.mask.shape != (height, width):
+        raise ValueError(
+            f"{where}: ImageHeight x ImageWidth {height}x{width} differs from the true mask's "
+            f"{cells.mask.shape[0]}x{cells.mask.shape[1]}"
+        )
+    labels_f = cells.mask.ravel(order="F").astype(np.int64)
+    areas = np.bincount(labels_f)
+    masks: dict[str, int] = {}
+    classes, scores, mask_index, rows, mask_empty = [], [], [], [], []
+    for k, (label, confidence, text) in enumerate(predictions):
+        try:
+            classes.append(int(label))
+            scores.append(float(confidence))
+        except ValueError:
+            raise ValueError(
+                f"{where}, prediction {k}: {label!r} {confidence!r} is not a class and a confidence"
+            ) from None
+        if not np.isfinite(scores[-1]):
+            raise ValueError(f"{where}, prediction {k}: confidence {confidence!r} is not finite")
+        if text not in masks:
+            try:
+                pixels = mask_pixels(text, height, width)
+            except ValueError as err:
+                raise ValueError(f"{where}, prediction {k}: {err}") from None
+            masks[text] = len(masks)
+            rows.append(mask_overlaps(pixels, labels_f, areas, cells.ids))
+            mask_empty.append(len(pixels) == 0)
+        mask_index.append(masks[text])
+    return Detections.of_masks(
+        np.asarray(classes, dtype=np.int64),
+        np.asarray(scores, dtype=np.float64),
+        np.asarray(mask_index, dtype=np.int64),
+        np.asarray(rows, dtype=np.float64).reshape(len(rows), len(cells.ids)),
+        np.asarray(mask_empty, dtype=bool),
+    )
+
+
+def read_submission(path_or_frame: str | os.PathLike[str] | pd.DataFrame) -> pd.DataFrame:
+    """A ``cell_level.csv`` as strings, its columns checked."""
+    from weakcell.submission import CELL_COLUMNS
+
+    if isinstance(path_or_frame, pd.DataFrame):
+        frame, name = path_or_frame.astype(str), "submission"
+    else:
+        frame, name = pd.read_csv(path_or_frame, dtype=str, keep_default_na=False), str(path_or_frame)
+    if list(frame.columns) != CELL_COLUMNS:
+        raise ValueError(f"{name}: columns are {list(frame.columns)}, expected {CELL_COLUMNS}")
+    return frame
+
+
+def submission_detections(
+    path_or_frame: str | os.PathLike[str] | pd.DataFrame, truth: Mapping[Any, TrueCells]
+) -> tuple[dict[Any, Detections], int]:
+    """Detections of every row of a cell-level submission whose image is in ``truth``, and the number of
+    predictions in rows of other images (ignored). Several rows of one image add up."""
+    frame = read_submission(path_or_frame)
+    name = "submission" if isinstance(path_or_frame, pd.DataFrame) else Path(path_or_frame).name
+    parts: dict[Any, list[Detections]] = {}
+    other = 0
+    for i, (image_id, width, height, text) in enumerate(frame.itertuples(index=False)):
+        tokens = text.split()
+        where = f"{name} row {i} (ID {image_id})"
+        if len(tokens) % 3:
+            raise ValueError(f"{where}: {len(tokens)} tokens, not label-confidence-mask triples")
+        if image_id not in truth:
+            other += len(tokens) // 3
+            continue
+        try:
+            size = int(height), int(width)
+        except ValueError:
+            raise ValueError(f"{where}: size {width!r}x{height!r} is not two integers") from None
+        triples = zip(tokens[0::3], tokens[1::3], tokens[2::3])
+        parts.setdefault(image_id, []).append(file_detections(triples, *size, truth[image_id], where))
+    detections = {
+        image_id: Detections(
+            classes=np.concatenate([d.classes for d in found]),
+            scores=np.concatenate([d.scores for d in found]),
+            iou=np.concatenate([d.iou for d in found]),
+            empty=np.concatenate([d.empty for d in found]),
+        )
+        for image_id, found in parts.items()
+    }
+    return detections, other
+
+
+def score_submission(
+    path_or_frame: str | os.PathLike[str] | pd.DataFrame,
+    truth: Mapping[Any, TrueCells],
+    n_classes: int,
+    verified: Verified = "image",
+    iou_threshold: float = IOU_THRESHOLD,
+) -> dict:
+    """The competition mAP of a cell-level submission file against ``truth`` (``truth_by_image``)."""
+    detections, other = submission_detections(path_or_frame, truth)
+    result = score_images(detections, truth, n_classes, verified, iou_threshold)
+    result["ignored"]["other_images"] += other
+    return result

@@ -492,6 +492,12 @@ class EvaluateConfig(Section):
     attention_images: int = Field(
         4, ge=0, description="attention maps of this many best and worst OOF images (by image-level BCE)"
     )
+    verified: Literal["image", "all"] = Field(
+        "image",
+        description="reading of the 2021 metric for every cell score printed (evaluate, ablate, training "
+        "logs): image = the organisers' (class c judged only in images with a true cell of c), all = every "
+        "class judged in every image; the evaluation report shows both",
+    )
 
 
 class KaggleConfig(Section):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 # Channel order of every array in the kit: (4, H, W) = R microtubules, G protein, B nucleus, Y ER.
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 CHANNEL_ROLES: dict[str, str] = {
@@ -91,6 +93,11 @@ HPA2018_CLASSES: tuple[str, ...] = (
     "Cytoplasmic bodies",
     "Rods & rings",
 )
+
+# Readings of the 2021 metric (weakcell.competition_metric): "image" = the organisers' (class c is judged
+# only in images with a true cell of class c), "all" = every class judged in every image (stricter).
+Verified = Literal["image", "all"]
+READINGS: tuple[Verified, ...] = ("image", "all")
 
 # The empty mask as the 2021 competition encodes it (pycocotools RLE -> zlib level 9 -> base64); the
 # sample submission uses it as a placeholder.

@@ -38,12 +38,18 @@ import numpy as np
 import pandas as pd
 
 from weakcell.cell_truth import cell_level_ap, read_true_mask
-from weakcell.competition_metric import competition_map, iou_table
+from weakcell.competition_metric import (
+    competition_map,
+    mask_overlaps,
+    read_submission,
+    score_submission,
+    truth_by_image,
+)
 from weakcell.config import Config, InferConfig, ThresholdsConfig
-from weakcell.constants import prob_columns
+from weakcell.constants import READINGS, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.metrics import cell_confidence, f1_per_class, macro_f1, mean_average_precision, per_class_ap
-from weakcell.submission import CELL_COLUMNS, decode_mask
+from weakcell.submission import mask_pixels
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
 if TYPE_CHECKING:  # train imports torch: loaded only when a stage needs the training set
@@ -163,13 +169,15 @@ def oof_cell_ap(
     truth: pd.DataFrame,
     n_classes: int,
     infer: InferConfig | None = None,
+    verified: Verified = "image",
 ) -> dict[str, np.ndarray]:
     """Per-class cell AP ``(C,)`` of every ``train.cell_score_variants`` score against the matched true
-    cells (their NaN-mean is ``metrics.json``'s ``cell_map_<variant>``)."""
+    cells under the metric's ``verified`` reading (their NaN-mean is ``metrics.json``'s
+    ``cell_map_<variant>``)."""
     from weakcell.train import cell_score_variants  # torch: imported only when OOF cells are scored
 
     return {
-        name: cell_level_ap(table, prob_columns(n_classes), matches, truth)
+        name: cell_level_ap(table, prob_columns(n_classes), matches, truth, verified)
         for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items()
     }
 
@@ -177,77 +185,9 @@ def oof_cell_ap(
 # -- cell level, the competition metric on a submission ----------------------------------------------
 
 
-def read_cell_level(
-    path: str | os.PathLike[str], n_classes: int
-) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """A ``cell_level.csv`` read back: ``image_id -> (H, W)`` int32 label image (one id per distinct mask
-    of the row, in order of appearance) and ``image_id, cell_id, p_0..p_{C-1}`` with NaN where the file
-    has no prediction of that class for that mask. An empty mask (the placeholder ``0 1 <empty>``) gets
-    an id absent from the label image: a prediction that can only be a false positive, as on Kaggle.
-    Raises ValueError on overlapping masks or a mask predicted twice for one class (neither is
-    representable as one label image; ``weakcell infer`` writes neither)."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if list(frame.columns) != CELL_COLUMNS:
-        raise ValueError(f"{path}: columns are {list(frame.columns)}, expected {CELL_COLUMNS}")
-    masks: dict[str, np.ndarray] = {}
-    rows: list[dict[str, Any]] = []
-    for image_id, width, height, text in frame.itertuples(index=False):
-        labels = np.zeros((int(height), int(width)), dtype=np.int32)
-        scores: dict[str, np.ndarray] = {}  # mask text -> (C,) confidences, NaN = not predicted
-        tokens = text.split()
-        if len(tokens) % 3:
-            raise ValueError(
-                f"{path}: image {image_id}: {len(tokens)} tokens, not label-confidence-mask triples"
-            )
-        for j in range(0, len(tokens), 3):
-            label, confidence, mask_text = int(tokens[j]), float(tokens[j + 1]), tokens[j + 2]
-            if not 0 <= label < n_classes:
-                raise ValueError(f"{path}: image {image_id}: class {label} is not in 0..{n_classes - 1}")
-            if mask_text not in scores:
-                scores[mask_text] = np.full(n_classes, np.nan)
-                mask = decode_mask(mask_text, int(height), int(width))
-                if (labels[mask] != 0).any():
-                    raise ValueError(
-                        f"{path}: masks of image {image_id} overlap; scoring needs disjoint cells"
-                    )
-                labels[mask] = len(scores)
-            if not np.isnan(scores[mask_text][label]):
-                raise ValueError(f"{path}: image {image_id} predicts class {label} twice for one mask")
-            scores[mask_text][label] = confidence
-        masks[image_id] = labels
-        rows += [
-            {"image_id": image_id, "cell_id": k, **dict(zip(prob_columns(n_classes), probs))}
-            for k, probs in enumerate(scores.values(), start=1)
-        ]
-    columns = ["image_id", "cell_id", *prob_columns(n_classes)]
-    return masks, pd.DataFrame(rows, columns=columns).astype({"cell_id": np.int64})
-
-
-def score_cell_predictions(
-    pred_masks: Mapping[Any, np.ndarray],
-    pred_scores: pd.DataFrame,
-    true_masks: Mapping[Any, np.ndarray],
-    true_labels: pd.DataFrame,
-    n_classes: int,
-) -> dict[str, Any]:
-    """``competition_map`` of cell predictions, exact also where a cell predicts only some classes
-    (NaN in ``pred_scores``; a file written with ``infer.min_score > 0``, placeholders): a missing
-    (cell, class) pair is no prediction at all, not a prediction at confidence 0, which could still be a
-    true positive and add recall. Such classes are scored one at a time on the rows that predict them."""
-    columns = prob_columns(n_classes)
-    missing = pred_scores[columns].isna().to_numpy()
-    if not missing.any():
-        result = competition_map(pred_masks, pred_scores, true_masks, true_labels, n_classes)
-    else:
-        result = competition_map(pred_masks, pred_scores.fillna(0.0), true_masks, true_labels, n_classes)
-        for c in np.flatnonzero(missing.any(0)):
-            listed = pred_scores[~missing[:, c]].fillna(0.0)
-            alone = competition_map(pred_masks, listed, true_masks, true_labels, n_classes)
-            result["ap"][c], result["n_tp"][c] = alone["ap"][c], alone["n_tp"][c]
-        finite = np.isfinite(result["ap"])
-        result["map"] = float(np.mean(result["ap"][finite])) if finite.any() else float("nan")
-    result["n_predictions"] = int((~missing).sum())  # (cell, class) pairs
-    return result
+def other_reading(verified: Verified) -> Verified:
+    """The reading of the metric that is not ``verified`` (the report shows both)."""
+    return next(reading for reading in READINGS if reading != verified)
 
 
 def read_cell_truth(
@@ -262,18 +202,25 @@ def read_cell_truth(
     return {image_id: read_true_mask(data_dir, image_id) for image_id in image_ids}, truth
 
 
-def _same_cells(csv_masks: Mapping[Any, np.ndarray], cache_masks: Mapping[Any, np.ndarray]) -> int:
-    """How many masks of the submission are not exactly one cell of the cache (0 = same segmentation)."""
+def masks_differ(path: str | os.PathLike[str], cache_masks: Mapping[Any, np.ndarray]) -> int:
+    """How many distinct non-empty masks of a cell-level file are not exactly one cell of the cache
+    (0 = the submission used the cache's segmentation)."""
     differ = 0
-    for image_id, labels in csv_masks.items():
-        csv_ids, _, iou = iou_table(labels, np.asarray(cache_masks.get(image_id, np.zeros_like(labels))))
-        best = iou.max(1) if iou.size else np.zeros(len(csv_ids))
-        differ += int((best < 1.0 - 1e-9).sum())
+    for image_id, width, height, text in read_submission(path).itertuples(index=False):
+        labels = np.asarray(cache_masks.get(image_id, np.zeros((int(height), int(width)), np.int64)))
+        labels_f = labels.ravel(order="F").astype(np.int64)
+        areas = np.bincount(labels_f)
+        ids = np.flatnonzero(areas[1:]) + 1
+        for mask_text in set(text.split()[2::3]):
+            pixels = mask_pixels(mask_text, int(height), int(width))
+            if len(pixels):
+                iou = mask_overlaps(pixels, labels_f, areas, ids)
+                differ += int(not (iou.size and iou.max() >= 1.0 - 1e-9))
     return differ
 
 
 def _result_json(result: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("map", "ap", "n_gt", "n_tp", "n_predictions", "n_images")
+    keys = ("map", "ap", "n_gt", "n_tp", "n_predictions", "ignored", "n_ties", "n_images")
     return {key: result[key] for key in keys if key in result}
 
 
@@ -294,45 +241,45 @@ def submission_cell_map(
     folder: str | os.PathLike[str] | None = None,
     masks_of: Callable[[str], np.ndarray] | None = None,
     alternatives: bool = True,
+    verified: Verified | None = None,
 ) -> dict[str, Any]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
-    synthetic truth of its images and, with ``alternatives``, of the other confidences of its
-    ``pred_cell.parquet`` (``ALTERNATIVES``) on ``masks_of(image_id)`` (default the cache's masks, which
-    the CSV's masks must be: ``masks_differ`` counts the CSV masks that are not exactly one cache cell).
-
-    Returns ``{"submission": {...}, "cell": {...}, ...}`` with ``map``, ``ap`` (C,), ``n_gt``, ``n_tp``,
-    ``n_predictions``, ``n_images`` each, plus ``masks_differ``. Raises ValueError on a dataset without
-    per-cell truth."""
+    synthetic truth of its images, under the metric's ``verified`` reading (default
+    ``evaluate.verified``); with ``alternatives`` (and ``pred_cell.parquet`` beside it) also every
+    ``ALTERNATIVES`` confidence on the cache's masks (``masks_of``, default the run's cache), and
+    ``masks_differ`` (``masks_differ``). Returns ``{"verified", "submission": {...}, <alternative>:
+    {...}}``."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
     if not spec.has_truth:
-        raise ValueError(f"{spec.name} has no per-cell truth: the cell-level metric needs truth/")
+        raise ValueError(f"{spec.name} has no per-cell truth: only the synthetic set can be scored per cell")
+    reading = verified or cfg.evaluate.verified
     folder = Path(folder) if folder is not None else submission_dir(cfg)
     csv_path = folder / "cell_level.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"no {csv_path}; run `make infer` first")
     n = spec.n_classes
-    pred_masks, pred_scores = read_cell_level(csv_path, n)
-    true_masks, true_labels = read_cell_truth(cfg.data_dir, list(pred_masks))
+    image_ids = read_submission(csv_path)["ID"].tolist()
+    true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids)
+    truth = truth_by_image(true_masks, true_labels, n)
     results: dict[str, Any] = {
-        "submission": _result_json(
-            score_cell_predictions(pred_masks, pred_scores, true_masks, true_labels, n)
-        )
+        "verified": reading,
+        "submission": _result_json(score_submission(csv_path, truth, n, reading)),
     }
     cells_path = folder / "pred_cell.parquet"
     if alternatives and cells_path.is_file():
         cells = pd.read_parquet(cells_path)
         lookup = masks_of if masks_of is not None else _cache_masks(cfg)
         cache_masks = {i: np.asarray(lookup(i)) for i in cells["image_id"].unique()}
-        results["masks_differ"] = _same_cells(pred_masks, cache_masks)
+        results["masks_differ"] = masks_differ(csv_path, cache_masks)
         cell = cells[prob_columns(n)].to_numpy(np.float64)
         image = cells[prob_columns(n, "image_")].to_numpy(np.float64)
         keys = cells[["image_id", "cell_id"]].reset_index(drop=True)
         for name, combine in ALTERNATIVES.items():
             combined = combine(cell, image, keys["image_id"].to_numpy(), cfg.infer)
             scores = keys.assign(**dict(zip(prob_columns(n), combined.T)))
-            scored = score_cell_predictions(cache_masks, scores, true_masks, true_labels, n)
+            scored = competition_map(cache_masks, scores, true_masks, true_labels, n, verified=reading)
             results[name] = _result_json(scored)
     return results
 
@@ -419,8 +366,12 @@ def score_round(
     if data.truth is None or data.matches is None:
         notes.append(f"cell level skipped: {spec.name} has no per-cell truth (only the synthetic set has)")
     else:
-        cell_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer)
+        reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
+        cell_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer, reading)
         evaluation["cell_oof"] = {name: {"map": _nanmean(ap), "ap": ap} for name, ap in cell_ap.items()}
+        other_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer, other)
+        evaluation["cell_oof_other"] = {name: {"map": _nanmean(ap)} for name, ap in other_ap.items()}
+        evaluation["verified"] = {"default": reading, "other": other}
         evaluation["plotted_variant"] = PLOTTED_VARIANT
         table["cell_ap_oof"] = cell_ap[PLOTTED_VARIANT]
 
@@ -435,6 +386,7 @@ def score_round(
                 notes.append(f"{csv_path} is older than the round's OOF predictions: rerun `make infer`?")
             evaluation["submission"] = {"folder": str(submission), "split": cfg.infer.split}
             evaluation["cell_test"] = submission_cell_map(cfg, submission)
+            evaluation["cell_test_other"] = submission_cell_map(cfg, submission, verified=other)
             table["cell_ap_test"] = evaluation["cell_test"]["submission"]["ap"]
             if (submission / "pred_image.parquet").is_file():
                 evaluation["image_test"] = submission_image_scores(cfg, submission, thresholds)
@@ -524,14 +476,23 @@ def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:
             f"  image test ({test['images']} images)    mAP {f(test['map'])}   macro-F1 @0.5 "
             f"{f(test['macro_f1_at_05'])}  tuned {f(test['macro_f1_tuned'])}"
         )
-    if "cell_oof" in evaluation:
-        parts = "  ".join(f"{name} {f(v['map'])}" for name, v in evaluation["cell_oof"].items())
-        lines.append(f"  cell OOF mAP (matched truth)   {parts}")
-    if "cell_test" in evaluation:
-        parts = "  ".join(
-            f"{name} {f(v['map'])}" for name, v in evaluation["cell_test"].items() if isinstance(v, dict)
+    readings = evaluation.get("verified", {})
+    for key, title in (
+        ("cell_oof", "cell OOF mAP (matched truth)"),
+        ("cell_test", "cell test, competition mAP"),
+    ):
+        for suffix, reading in (("", readings.get("default")), ("_other", readings.get("other"))):
+            if key + suffix in evaluation:
+                scores = evaluation[key + suffix]
+                parts = "  ".join(
+                    f"{name} {f(v['map'])}" for name, v in scores.items() if isinstance(v, dict)
+                )
+                lines.append(f"  {title}, verified={reading}{'' if suffix else ' (default)'}:  {parts}")
+    if readings:
+        lines.append(
+            "  (verified=image: the organisers' reading, a class is judged only in images with a true cell of "
+            "it; verified=all: every class in every image)"
         )
-        lines.append(f"  cell test, competition mAP@IoU0.6   {parts}")
     return lines
 
 

@@ -76,6 +76,25 @@ def decode_mask(text: str, height: int, width: int) -> np.ndarray:
         return mask_utils.decode({"size": [int(height), int(width)], "counts": counts}).astype(bool)
 
 
+def mask_pixels(text: str, height: int, width: int) -> np.ndarray:
+    """The pixels of an encoded mask as sorted indices into the image raveled column-major (the RLE's own
+    order, ``mask.ravel(order="F")``), without building the (height, width) array: the work grows with
+    the mask's runs, not with the image. Raises ValueError when the text does not decode or its runs do
+    not cover exactly height * width pixels."""
+    try:
+        runs = rle_counts(_unpack(text))
+    except (binascii.Error, zlib.error, UnicodeEncodeError) as err:
+        raise ValueError(f"mask does not decode ({err})") from err
+    if runs.sum() != height * width:
+        raise ValueError(f"mask covers {int(runs.sum())} pixels, not {height}x{width} = {height * width}")
+    ends = np.cumsum(runs)
+    starts, lengths = ends[0::2][: len(runs[1::2])], runs[1::2]  # runs alternate off, on, off, ...
+    starts, lengths = starts[lengths > 0], lengths[lengths > 0]
+    # one arange over every "on" pixel, shifted so each run restarts at its own start
+    shift = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + shift
+
+
 def rle_counts(counts: bytes) -> np.ndarray:
     """Decode pycocotools' compressed counts string into run lengths (zeros first), vectorised.
     Mirrors ``rleFrString`` in maskApi.c; raises ValueError on malformed strings or negative runs.
@@ -155,9 +174,17 @@ def encode_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> 
 # ------------------------------------------------------------------------------- prediction strings
 
 
+def format_confidence(value: float) -> str:
+    """A confidence as the shortest text that reads back as the same float64 (``repr``): distinct model
+    outputs stay distinct in the file. Fewer digits would create ties the model did not produce, and the
+    organisers' evaluator ranks tied confidences in an arbitrary order. Whole numbers lose ``.0``."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
 def _format_cell(mask_text: str, probs: np.ndarray, min_score: float) -> list[str]:
     keep = np.flatnonzero(probs >= min_score) if min_score > 0 else range(len(probs))
-    return [f"{c} {probs[c]:.4g} {mask_text}" for c in keep]
+    return [f"{c} {format_confidence(probs[c])} {mask_text}" for c in keep]
 
 
 def cell_prediction_string(
@@ -168,8 +195,8 @@ def cell_prediction_string(
     """``label confidence mask`` triples for every scored cell and every class with confidence >=
     ``min_score``. ``cell_masks`` is either {cell_id: bool (H, W)} or an integer label image (H, W),
     where cells are cut out through their ``scipy.ndimage.find_objects`` boxes; each cell's mask is
-    encoded once, at full resolution. Confidences are clipped to [0, 1] and written with 4 significant
-    digits. Returns "" when nothing is kept (callers substitute ``placeholder(h, w)``)."""
+    encoded once, at full resolution. Confidences are clipped to [0, 1] and written exactly
+    (``format_confidence``). Returns "" when nothing is kept (callers substitute ``placeholder(h, w)``)."""
     parts: list[str] = []
     if isinstance(cell_masks, np.ndarray):
         from scipy import ndimage

@@ -34,7 +34,7 @@ from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
 from weakcell.config import Config, InferConfig, TrainConfig, changed_settings, save_config
-from weakcell.constants import NEGATIVE, prob_columns
+from weakcell.constants import NEGATIVE, Verified, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.engine import fit, predict
@@ -355,7 +355,11 @@ def train_fold(
         if data.truth is not None:
             table = val_table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
             scores["cell_map"] = float(
-                np.nanmean(cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth))
+                np.nanmean(
+                    cell_level_ap(
+                        table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified
+                    )
+                )
             )
         return scores
 
@@ -568,9 +572,14 @@ def cell_score_variants(
 
 
 def score_oof(
-    data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame, infer: InferConfig | None = None
+    data: TrainingSet,
+    oof_image: pd.DataFrame,
+    oof_cell: pd.DataFrame,
+    infer: InferConfig | None = None,
+    verified: Verified = "image",
 ) -> dict[str, float]:
-    """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)."""
+    """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)
+    under the metric's ``verified`` reading."""
     n_classes = data.n_classes
     images = data.images.set_index("image_id").loc[oof_image["image_id"]]
     y_true = to_multi_hot(images["labels"].tolist(), n_classes)
@@ -582,7 +591,7 @@ def score_oof(
     metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
     if data.truth is not None and data.matches is not None:
         for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items():
-            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth)
+            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, verified)
             metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
     return metrics
 
@@ -639,7 +648,7 @@ def train_round(
         raise AssertionError("an image is out of fold in two folds: the folds file is inconsistent")
     _write_parquet(oof_image, run_dir / "oof_image.parquet")
     _write_parquet(oof_cell, run_dir / "oof_cell.parquet")
-    metrics = score_oof(data, oof_image, oof_cell, cfg.infer)
+    metrics = score_oof(data, oof_image, oof_cell, cfg.infer, cfg.evaluate.verified)
     metrics.update(
         folds=len(folds),
         images=len(oof_image),

@@ -1,0 +1,131 @@
+"""``weakcell score`` and the OOF cell AP under both readings of the metric; expected values by hand."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from weakcell.cell_truth import cell_level_ap
+from weakcell.cli import main
+from weakcell.score import score_main
+from weakcell.submission import encode_mask
+
+# image a (16-bit PNG): cell 1 = rows 0-9 x cols 0-9, class 0; cell 2 = rows 0-9 x cols 10-19, no class.
+# image b (8-bit PNG): cell 1 = rows 10-19 x cols 0-9, class 1. image c (split train): cell 1, class 0.
+A = np.zeros((20, 20), np.uint16)
+A[:10, :10], A[:10, 10:] = 1, 2
+B = np.zeros((20, 20), np.uint8)
+B[10:, :10] = 1
+
+
+def _truth_folder(tmp_path):
+    folder = tmp_path / "truth"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "a_cells.png"), A)
+    cv2.imwrite(str(folder / "b_cells.png"), B)
+    cv2.imwrite(str(folder / "c_cells.png"), A.astype(np.uint8))
+    pd.DataFrame(
+        {
+            "image_id": ["a", "a", "b", "c"],
+            "cell_id": [1, 2, 1, 1],
+            "Label": ["0", "", "1", "0"],
+            "split": ["test", "test", "test", "train"],
+        }
+    ).to_csv(folder / "cells.csv", index=False)
+    return folder
+
+
+def _submission(tmp_path, size: int = 20):
+    a1, a2, b1 = (A == 1), (A == 2), (B == 1)
+    rows = {
+        "a": f"0 0.9 {encode_mask(a1)} 1 0.8 {encode_mask(a2)}",
+        "b": f"1 0.7 {encode_mask(b1)} 0 0.95 {encode_mask(b1)}",
+    }
+    path = tmp_path / f"cell_level_{size}.csv"
+    pd.DataFrame(
+        {"ID": list(rows), "ImageWidth": size, "ImageHeight": size, "PredictionString": list(rows.values())}
+    ).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("verified", "expected"),
+    [
+        # organisers: class 0 judged in a only (a's cell 1 at 0.9: AP 1), class 1 in b only (AP 1); a's
+        # class-1 and b's class-0 predictions are ignored
+        ("image", {"map": 1.0, "0": 1.0, "1": 1.0, "unverified": 2}),
+        # every class everywhere: class 0 ranks b (0.95, FP) before a's TP (0.9): 1/2; class 1 ranks a's
+        # classless cell 2 (0.8, FP) before b's TP (0.7): 1/2
+        ("all", {"map": 0.5, "0": 0.5, "1": 0.5, "unverified": 0}),
+    ],
+)
+def test_score_a_file_by_hand(tmp_path, capsys, verified, expected):
+    out = tmp_path / "score.json"
+    argv = [str(_submission(tmp_path)), "--truth", str(_truth_folder(tmp_path)), "--split", "test"]
+    assert score_main([*argv, "--verified", verified, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["verified"] == verified and result["map"] == pytest.approx(expected["map"])
+    assert result["ap"]["0"] == pytest.approx(expected["0"]) and result["ap"]["1"] == pytest.approx(
+        expected["1"]
+    )
+    assert set(result["ap"]) == {str(c) for c in range(19)} and result["ap"]["2"] is None
+    assert result["ignored"]["unverified"] == expected["unverified"]
+    assert f"mAP {expected['map']:.4f}" in capsys.readouterr().out
+
+
+def test_truth_images_without_rows_predict_nothing(tmp_path):
+    # without --split, image c (class 0, no submission row) counts: class 0 recall stops at 1/2 -> 0.5
+    out = tmp_path / "score.json"
+    assert (
+        main(
+            ["score", str(_submission(tmp_path)), "--truth", str(_truth_folder(tmp_path)), "--json", str(out)]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["ap"]["0"] == pytest.approx(0.5) and result["map"] == pytest.approx(0.75)
+    assert result["n_images"] == 3
+
+
+def test_bad_input_is_one_line_naming_the_file_or_row(tmp_path, capsys):
+    truth = _truth_folder(tmp_path)
+    submission = _submission(tmp_path)
+    (truth / "b_cells.png").unlink()
+    assert score_main([str(submission), "--truth", str(truth)]) == 2
+    assert "b_cells.png is missing" in capsys.readouterr().err
+    truth = _truth_folder(tmp_path / "again")
+    assert score_main([str(_submission(tmp_path, size=24)), "--truth", str(truth)]) == 2
+    assert "row 0 (ID a)" in capsys.readouterr().err
+    cells = pd.read_csv(truth / "cells.csv", dtype=str, keep_default_na=False)
+    cells.loc[2, "Label"] = "1|x"
+    cells.to_csv(truth / "cells.csv", index=False)
+    assert score_main([str(submission), "--truth", str(truth)]) == 2
+    assert "'x' is not a class index" in capsys.readouterr().err
+    assert score_main([str(tmp_path / "none.csv"), "--truth", str(_truth_folder(tmp_path / "third"))]) == 2
+    assert "no submission file" in capsys.readouterr().err
+    cv2.imwrite(str(truth / "a_cells.png"), np.zeros((20, 20, 3), np.uint8))
+    cells.loc[2, "Label"] = "1"
+    cells.to_csv(truth / "cells.csv", index=False)
+    assert score_main([str(submission), "--truth", str(truth)]) == 2
+    assert "single-channel label image" in capsys.readouterr().err
+
+
+def test_oof_cell_ap_under_both_readings():
+    # x: cell 1 is class 0, cell 2 is not; y has no class-0 cell. Segmented cells match true cells 1:1.
+    truth = pd.DataFrame({"image_id": ["x", "x", "y"], "cell_id": [1, 2, 1], "labels": [[0], [1], [1]]})
+    matches = pd.DataFrame({"image_id": ["x", "x", "y"], "cell_id": [1, 2, 1], "true_cell_id": [1, 2, 1]})
+    matches["iou"] = 1.0
+    predictions = pd.DataFrame(
+        {"image_id": ["x", "x", "y"], "cell_id": [1, 2, 1], "p_0": [0.5, 0.1, 0.9], "p_1": [0.2, 0.8, 0.7]}
+    )
+    # organisers: class 0 ranks only x's cells (0.5 TP, 0.1): AP 1; class 1 ranks x's and y's cells: 0.8 TP,
+    # 0.7 TP, 0.2 -> AP 1
+    image = cell_level_ap(predictions, ["p_0", "p_1"], matches, truth, "image")
+    assert image.tolist() == pytest.approx([1.0, 1.0])
+    # every class everywhere: class 0 ranks y's cell (0.9, negative) first: precision 1/2 at the hit
+    strict = cell_level_ap(predictions, ["p_0", "p_1"], matches, truth, "all")
+    assert strict.tolist() == pytest.approx([0.5, 1.0])
