@@ -178,6 +178,22 @@ def test_bf16_autocast_trains_every_stage() -> None:
         loss.backward()
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_heads_stay_float32_under_bf16_autocast(name: str) -> None:
+    # bf16 logits carry 8 bits of mantissa: most cells would tie in the submission. Every head output
+    # (logits, instance logits) must be float32 and hold values bf16 cannot represent.
+    torch.manual_seed(0)
+    model = create_model(name, Config(model=model_config()), N_CLASSES, in_dim=8).eval()
+    batch = {k: v for k, v in sample_batches()[name].items() if k != "targets"}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    for key in ("logits", "instance_logits"):
+        if key in out:
+            values = out[key]
+            assert values.dtype == torch.float32, key
+            assert (values != values.to(torch.bfloat16).float()).any(), key
+
+
 def sample_batches() -> dict[str, dict[str, torch.Tensor]]:
     mask = torch.tensor([[True, True, False], [True, False, False]])
     return {

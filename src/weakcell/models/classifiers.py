@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,16 @@ from weakcell.models.backbone import create_backbone, feature_dim
 from weakcell.models.losses import MultiLabelLoss
 
 PosWeight = torch.Tensor | Sequence[float] | None
+
+
+def in_float32(head: Callable[..., Any], features: torch.Tensor, *args: Any) -> Any:
+    """``head(features, *args)`` in float32 with autocast off, whatever precision the backbone ran in.
+
+    Heads are a sliver of the compute, and their outputs are what submissions rank: bf16 logits keep 8
+    bits of mantissa, so under bf16 autocast 200k cells' logits collapse to about 2,000 distinct values,
+    ties the model did not mean (the competition metric orders ties arbitrarily)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.float(), *args)
 
 
 class CropNormalizer(nn.Module):
@@ -90,7 +101,7 @@ class CellClassifier(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """See the class docstring."""
         embeddings = self.encoder(batch["crops"])  # (B, D)
-        out = {"logits": self.head(embeddings), "embeddings": embeddings}
+        out = {"logits": in_float32(self.head, embeddings), "embeddings": embeddings}
         if "targets" in batch:
             out["loss"] = self.criterion(out["logits"], batch["targets"])
         return out
@@ -141,7 +152,7 @@ class MilClassifier(nn.Module):
         mask = batch.get("mask")
         if mask is None:
             mask = torch.ones(bags.shape[:2], dtype=torch.bool, device=bags.device)
-        out = self.mil(bags, mask)
+        out = in_float32(self.mil, bags, mask)
         if "targets" in batch:
             out["loss"] = _mil_loss(out, batch["targets"], mask, self.criterion, self.cell_loss_weight)
         return out
