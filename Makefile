@@ -19,7 +19,7 @@ export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-synthetic bench-cache bench-train bench-thresholds bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-synthetic bench-cache bench-train bench-thresholds bench-confidence bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -115,6 +115,9 @@ bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs ca
 
 bench-thresholds: $(STAMP) ## cross-fitted image macro-F1 of tuned thresholds vs 0.5 over every trained round -> benchmarks/thresholds.md
 	$(PY) benchmarks/bench_thresholds.py
+
+bench-confidence: $(STAMP) ## the cell confidence formula re-tuned under both metric readings, OOF and test -> benchmarks/confidence.md
+	$(PY) benchmarks/bench_confidence.py --config $(CONFIG)
 
 bench-train-gpu: $(STAMP) ## on a GPU machine: competition config cells/s, model only vs with the loader
 	$(PY) benchmarks/bench_train_gpu.py
