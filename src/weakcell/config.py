@@ -582,6 +582,25 @@ class AblateConfig(Section):
     subset: bool = Field(False, description="the quick grid: 1 refinement round, no control run")
 
 
+class ChecksConfig(Section):
+    """Refusals that guard against losing work silently (``weakcell.outputs``, ``train.missing_images``).
+    They change whether a stage runs, never what it computes, so finished work stays reusable."""
+
+    max_missing_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="train and refine refuse when the cache lacks more than this share of the labelled "
+        "training images (no cells, failed to read, not cached); 1 = never refuse",
+    )
+    lock_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds a stage waits for another run to release its output folder before it "
+        "refuses; 0 = refuse at once",
+    )
+
+
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
@@ -603,6 +622,7 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     kaggle: KaggleConfig = Field(default_factory=KaggleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:
