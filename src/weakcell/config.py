@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -373,9 +373,11 @@ class ThresholdsConfig(Section):
 class InferConfig(Section):
     """Test-time prediction (``make infer``): TTA x folds, then the two Kaggle CSVs."""
 
-    tta: list[int] = Field(
+    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(
         default_factory=lambda: [0, 1, 2, 4],
-        description="square symmetries averaged per cell: 0 = identity, 1 = flip lr, 2 = flip ud, 4 = transpose",
+        min_length=1,
+        description="square symmetries averaged per cell (at least one): 0 = identity, 1 = flip lr, "
+        "2 = flip ud, 4 = transpose (codes 0..7 combine them)",
     )
     image_power: float = Field(
         3.0, ge=0, description="cell confidence = cell probability x image term ** image_power"
