@@ -222,9 +222,9 @@ def test_split_cache_parts_share_the_folder_but_not_a_part(tmp_path):
     assert whole.returncode == 1 and f"in use by `weakcell cache` (pid {os.getpid()}" in whole.stderr
 
 
-def race(dataset: Path, cache_dir: Path) -> tuple[list[int], list[str]]:
+def race(dataset: Path, cache_dir: Path, *more: str) -> tuple[list[int], list[str]]:
     """Two `weakcell cache` processes started together on one folder; their exit codes and stderr."""
-    command = weakcell_command("cache", *cache_args(dataset, cache_dir))
+    command = weakcell_command("cache", *cache_args(dataset, cache_dir, *more))
     runs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
@@ -232,11 +232,13 @@ def race(dataset: Path, cache_dir: Path) -> tuple[list[int], list[str]]:
     return [run.returncode for run in runs], [err for _, err in outputs]
 
 
-def check_race(dataset: Path, cache_dir: Path, reference: Path) -> tuple[int, ...]:
-    codes, errors = race(dataset, cache_dir)
-    assert 0 in codes, errors
+def check_race(dataset: Path, cache_dir: Path, reference: Path, wait: bool = False) -> tuple[int, ...]:
+    """A race ends in a complete cache: with ``wait`` both runs succeed (the second finds the work done),
+    without it the loser refuses in one line naming the winner (or the two did not overlap)."""
+    codes, errors = race(dataset, cache_dir, *(["checks.lock_wait_s=120"] if wait else []))
+    assert codes.count(0) == 2 if wait else 0 in codes, errors
     for code, err in zip(codes, errors):
-        if code:  # the loser refuses in one line naming the winner; it never half-writes
+        if code:  # it never half-writes
             assert code == 2 and len(err.strip().splitlines()) == 1, err
             assert "is in use by `weakcell cache` (pid" in err
     assert_same_cache(cache_dir, reference)  # every image, every cell, no skip
@@ -244,19 +246,22 @@ def check_race(dataset: Path, cache_dir: Path, reference: Path) -> tuple[int, ..
 
 
 def test_two_cache_runs_racing_lose_nothing(dataset, tmp_path, reference_cache):
-    for repetition in range(2):
-        check_race(dataset, tmp_path / f"race{repetition}", reference_cache)
+    check_race(dataset, tmp_path / "refuse", reference_cache)
+    check_race(dataset, tmp_path / "wait", reference_cache, wait=True)
 
 
 @pytest.mark.slow
 def test_two_cache_runs_racing_many_times(dataset, tmp_path, reference_cache):
-    """``WEAKCELL_RACE_REPS`` (default 20) races; prints how they ended."""
-    outcomes: dict[tuple[int, ...], int] = {}
+    """``WEAKCELL_RACE_REPS`` (default 20) races, every other one with ``checks.lock_wait_s``; prints how
+    they ended."""
+    outcomes: dict[str, int] = {}
     repetitions = int(os.environ.get("WEAKCELL_RACE_REPS", "20"))
     for repetition in range(repetitions):
-        ending = check_race(dataset, tmp_path / f"race{repetition}", reference_cache)
+        wait = repetition % 2 == 1
+        codes = check_race(dataset, tmp_path / f"race{repetition}", reference_cache, wait)
+        ending = f"{'wait' if wait else 'refuse'} {codes}"
         outcomes[ending] = outcomes.get(ending, 0) + 1
-    print(f"\n{repetitions} races, exit codes (sorted) -> count: {outcomes}; every cache complete")
+    print(f"\n{repetitions} races, mode and exit codes -> count: {outcomes}; every cache complete")
 
 
 # -- 2. output faults stop the stage ----------------------------------------------------------------------

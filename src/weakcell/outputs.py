@@ -134,13 +134,18 @@ def _record(stage: str) -> dict[str, object]:
     }
 
 
-def _read_record(fd: int) -> dict[str, object]:
-    try:
-        text = os.pread(fd, 4096, 0).decode()
-        record = json.loads(text) if text.strip() else {}
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+def _read_record(fd: int, patience_s: float = 0.0) -> dict[str, object]:
+    """The holder's record; ``patience_s``: a lock just taken has its record written a moment later."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            text = os.pread(fd, 4096, 0).decode()
+            record = json.loads(text) if text.strip() else {}
+        except (OSError, ValueError):  # half written
+            record = {}
+        if (record and isinstance(record, dict)) or time.monotonic() >= deadline:
+            return record if isinstance(record, dict) else {}
+        time.sleep(POLL_S / 4)
 
 
 def _describe(record: dict[str, object]) -> str:
@@ -163,24 +168,20 @@ def _try_lock(fd: int, shared: bool, path: Path) -> bool:
 
 
 def _holders(lock_path: Path) -> str:
-    """Who holds ``lock_path`` or, for a folder lock, the parts holding it shared."""
-    folder, records = lock_path.parent, []
-    for part_path in sorted(folder.glob(".weakcell.part*.lock")):
-        fd = os.open(part_path, os.O_RDONLY)
+    """Who holds ``lock_path``: its record or, for a folder that split parts share, theirs. Records are only
+    read (probing a part's lock could make that part fail to take it); a finished part empties its record."""
+    paths = [lock_path]
+    if lock_path.name == LOCK_FILE:
+        paths += sorted(lock_path.parent.glob(".weakcell.part*.lock"))
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
         try:
-            if _try_lock(fd, True, part_path):
-                fcntl.flock(fd, fcntl.LOCK_UN)  # free: that part is not running
-            else:
-                records.append(_describe(_read_record(fd)))
+            record = _read_record(fd, patience_s=2.0 if path == lock_path else 0.0)
         finally:
             os.close(fd)
-    if records and lock_path.name == LOCK_FILE:
-        return " and ".join(records)
-    fd = os.open(lock_path, os.O_RDONLY)
-    try:
-        return _describe(_read_record(fd))
-    finally:
-        os.close(fd)
+        if record:
+            return _describe(record)
+    return _describe({})
 
 
 def _acquire(lock_path: Path, stage: str, wait_s: float, shared: bool) -> None:
