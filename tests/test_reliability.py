@@ -578,6 +578,7 @@ def _truncated(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the corrupt file's header
 @pytest.mark.parametrize(
     "damage",
     [
