@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 
 import weakcell.cache.build as build
+from tests.conftest import TEST, TRAIN
 from weakcell.cache.crops import CELL_COLUMNS, cut_crops, label_boxes
 from weakcell.cache.loader import (
     BagSampler,
@@ -131,36 +132,6 @@ def fake_segment(image: np.ndarray, cfg) -> Segmentation:
     return Segmentation(
         cells=cells.astype(np.int32), nuclei=np.where(image[2] > 0, cells, 0).astype(np.int32)
     )
-
-
-def _blobs(rng: np.random.Generator, n: int, height: int = 40, width: int = 56) -> np.ndarray:
-    """A (4, H, W) image with n separated rectangles of random intensities (blue only in their centre)."""
-    image = np.zeros((4, height, width), np.uint8)
-    for k in range(n):
-        y, x = 2 + (k // 4) * 12, 2 + (k % 4) * 13
-        h, w = rng.integers(4, 10), rng.integers(4, 11)
-        image[:, y : y + h, x : x + w] = rng.integers(1, 256, (4, h, w))
-        image[2, y : y + h, x : x + w] = 0
-        image[2, y + 1 : y + h - 1, x + 1 : x + w - 1] = rng.integers(1, 256, (h - 2, w - 2))
-    return image
-
-
-TRAIN = {"img-a": 5, "img-b": 0, "img-c": 3, "img-d": 8, "img-e": 1}  # ID -> cells; img-b is all black
-TEST = {"tst-a": 2, "tst-b": 4}
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    """hpa2021 layout: train/ + train.csv, test/ without a sample submission."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for split, images in (("train", TRAIN), ("test", TEST)):
-        for image_id, n in images.items():
-            write_image(root / split, image_id, _blobs(rng, n))
-    pd.DataFrame({"ID": list(TRAIN), "Label": ["0|1", "18", "5", "7", "11"]}).to_csv(
-        root / "train.csv", index=False
-    )
-    return root
 
 
 @pytest.fixture(autouse=True)

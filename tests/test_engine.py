@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from weakcell.config import TrainConfig
 from weakcell.engine import TIMING_COLUMNS, ModelEma, cosine_lr, fit, load_checkpoint, predict
+from weakcell.weights import WeightsError
 
 DIM, CLASSES, SAMPLES = 8, 3, 64
 TEACHER = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(1234))  # (DIM, CLASSES)
@@ -254,9 +254,9 @@ class Payload:
 
 def test_checkpoints_load_weights_only(tmp_path: Path, capsys) -> None:
     torch.save({"model": {}, "extra": Payload()}, tmp_path / "last.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(WeightsError, match="weights-only load refuses"):
         load_checkpoint(tmp_path / "last.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(WeightsError, match="weights-only load refuses"):
         fit(toy(), Batches(), None, config(epochs=1), tmp_path, seed=0)
     assert "pickled code ran" not in capsys.readouterr().out
 

@@ -17,6 +17,7 @@ import pytest
 from weakcell.cli import main
 from weakcell.config import all_keys, changed_settings, load_config, save_config
 from weakcell.kagglekit import api, datasets, kernels, naming
+from weakcell.submission import publish
 
 SECRET = "f00dfeedc0ffee0123456789abcdef42"
 
@@ -265,12 +266,23 @@ def test_file_submission_dry_run_validates_first(tmp_path, capsys):
     assert "make infer" in capsys.readouterr().err
     path = tmp_path / "submissions" / "run1" / "image_level.csv"
     path.parent.mkdir(parents=True)
-    path.write_text("Id,Predicted\na,0 27\nb,\n")
+    staged = tmp_path / "staged.csv"
+    staged.write_text("Id,Predicted\na,0 27\nb,\n")
+    publish(path.parent, {"image_level.csv": staged})  # as `make infer` publishes it
+    assert main(["submit", *args]) == 2  # without the sample submission, the rows cannot be checked
+    assert "make download" in capsys.readouterr().err
+    sample = tmp_path / "data" / "hpa2018" / "sample_submission.csv"
+    sample.parent.mkdir(parents=True)
+    sample.write_text("Id,Predicted\na,0\nb,0\n")
     assert main(["submit", *args]) == 0
     out = capsys.readouterr().out
     assert f"kaggle competitions submit -c human-protein-atlas-image-classification -f {path}" in out
-    path.write_text("Id,Predicted\na,0 28\n")  # class 28 does not exist in 2018
+    staged.write_text("Id,Predicted\na,0 28\nb,\n")  # class 28 does not exist in 2018
+    publish(path.parent, {"image_level.csv": staged})
     assert main(["submit", *args]) == 2
+    path.write_text("Id,Predicted\na,0\nb,\n")  # valid, but not what `make infer` published
+    assert main(["submit", *args]) == 2
+    assert "is not the file" in capsys.readouterr().err
 
 
 def test_download_dry_run_and_finished_folders(tmp_path, no_credentials, capsys):

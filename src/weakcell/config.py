@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -373,9 +373,11 @@ class ThresholdsConfig(Section):
 class InferConfig(Section):
     """Test-time prediction (``make infer``): TTA x folds, then the two Kaggle CSVs."""
 
-    tta: list[int] = Field(
+    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(
         default_factory=lambda: [0, 1, 2, 4],
-        description="square symmetries averaged per cell: 0 = identity, 1 = flip lr, 2 = flip ud, 4 = transpose",
+        min_length=1,
+        description="square symmetries averaged per cell (at least one): 0 = identity, 1 = flip lr, "
+        "2 = flip ud, 4 = transpose (codes 0..7 combine them)",
     )
     image_power: float = Field(
         3.0, ge=0, description="cell confidence = cell probability x image term ** image_power"
@@ -588,6 +590,25 @@ class AblateConfig(Section):
     subset: bool = Field(False, description="the quick grid: 1 refinement round, no control run")
 
 
+class ChecksConfig(Section):
+    """Refusals that guard against losing work silently (``weakcell.outputs``, ``train.missing_images``).
+    They change whether a stage runs, never what it computes, so finished work stays reusable."""
+
+    max_missing_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="train and refine refuse when the cache lacks more than this share of the labelled "
+        "training images (no cells, failed to read, not cached); 1 = never refuse",
+    )
+    lock_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds a stage waits for another run to release its output folder before it "
+        "refuses; 0 = refuse at once",
+    )
+
+
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
@@ -609,6 +630,7 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     kaggle: KaggleConfig = Field(default_factory=KaggleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:

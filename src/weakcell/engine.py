@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from weakcell.config import TrainConfig
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
+from weakcell.weights import WeightsError, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +302,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint without running pickled code (``weights_only=True``), tensors on the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint without running pickled code (``weights_only=True``), tensors on the CPU. A file
+    that does not load (truncated, corrupt, holding pickled code) is one ``WeightsError`` line: delete it or
+    start over with FORCE=1."""
+    fix = f"delete {path} to start that training over, or rerun with FORCE=1"
+    state = load_weights_only(Path(path), "cpu", fix)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not a resumable weakcell checkpoint; {fix}")
+    return state
 
 
 def _rng_state() -> dict[str, Any]:

@@ -9,11 +9,15 @@ the image's MIL probability with its best cell's, ``metrics.cell_confidence``).
 
 Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
 of the dataset's sample submission, masks at the original size, validated before it is written) and
-``image_level.csv`` (classes above the tuned thresholds of ``runs/<run>/thresholds.json``).
+``image_level.csv`` (classes above the tuned thresholds of ``runs/<run>/thresholds.json``). The four are
+written into a staging folder, then published as one set (``submission.publish``: moved in place,
+``published.json`` with their SHA-256 last), so a killed run never leaves a new file beside an old one
+unnoticed; the folder's lock is held throughout and a killed run's temporaries are removed first.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +33,8 @@ from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
 from weakcell.metrics import cell_confidence, sigmoid
 from weakcell.models import create_model
-from weakcell.submission import write_cell_level, write_image_level
+from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
+from weakcell.submission import publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
 from weakcell.train import EmbeddingBags
 from weakcell.weights import load_state_dict
@@ -162,9 +167,24 @@ def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
     return run_dir, fold_dirs
 
 
+# What one inference publishes together (``submission.publish``), in the order they are moved in place.
+OUTPUT_FILES = ("pred_image.parquet", "pred_cell.parquet", "cell_level.csv", "image_level.csv")
+STAGING_DIR = ".staging.tmp"  # the next run's files, inside the output folder (a rename stays atomic)
+
+
 def run(cfg: Config) -> Path:
-    """Predict the images of ``infer.split`` with the trained folds and write ``submissions/<output>/``."""
+    """Predict the images of ``infer.split`` with the trained folds and write ``submissions/<output>/``,
+    holding that folder's lock."""
+    out_dir = cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
+    with folder_lock(out_dir, "infer", cfg.checks.lock_wait_s):
+        return _infer(cfg, out_dir)
+
+
+def _infer(cfg: Config, out_dir: Path) -> Path:
     start = time.perf_counter()
+    # under the lock, every temporary here is a killed run's
+    shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
+    clean_temporaries(out_dir)
     spec = get_dataset(cfg.data.dataset)
     sources = model_sources(cfg)
     models = {name: model_folds(cfg, name) for name in sources}  # every source checked before any work
@@ -199,17 +219,21 @@ def run(cfg: Config) -> Path:
     )
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
 
-    out_dir = cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images.to_parquet(out_dir / "pred_image.parquet", index=False)
-    cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)}).to_parquet(
-        out_dir / "pred_cell.parquet", index=False
-    )
+    # every file is written (each validated) into the staging folder, then all are published together
+    staging = out_dir / STAGING_DIR
+    staged = {name: staging / name for name in OUTPUT_FILES}
+    with writing(staging):
+        staging.mkdir(parents=True, exist_ok=True)
+    atomic_write(staged["pred_image.parquet"], lambda tmp: images.to_parquet(tmp, index=False))
+    cell_table = cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)})
+    atomic_write(staged["pred_cell.parquet"], lambda tmp: cell_table.to_parquet(tmp, index=False))
     write_cell_level(
-        scored, lambda i: cache.masks(i).cells, sample, out_dir / "cell_level.csv", cfg.infer.min_score
+        scored, lambda i: cache.masks(i).cells, sample, staged["cell_level.csv"], cfg.infer.min_score
     )
     # images come in the sample submission's order (image_ids above)
-    write_image_level(images, read_thresholds(thresholds_path), out_dir / "image_level.csv")
+    write_image_level(images, read_thresholds(thresholds_path), staged["image_level.csv"])
+    publish(out_dir, staged)
+    shutil.rmtree(staging, ignore_errors=True)
     print(
         f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
         f"{len(images)} images, "

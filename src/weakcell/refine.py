@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -21,14 +22,17 @@ from weakcell.config import Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.metrics import image_best
+from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
     RUNTIME_SETTINGS,
     TRAINING_SETTINGS,
     TrainingSet,
     cell_scores,
+    check_missing,
     is_main_process,
     load_training_set,
+    run_record,
     train_round,
     true_cell_targets,
 )
@@ -148,13 +152,21 @@ def round_targets(
 
 
 def run(cfg: Config) -> list[dict[str, float]]:
-    """Refinement rounds 1..``refine.rounds`` of the run ``name`` (finished rounds are reused)."""
+    """Refinement rounds 1..``refine.rounds`` of the run ``name`` (finished rounds are reused), holding the
+    run folder's lock."""
     if cfg.refine.rounds == 0:
         print("refine: refine.rounds=0, nothing to do (inference reads the run itself)")
         return []
+    with folder_lock(cfg.run_dir, "refine", cfg.checks.lock_wait_s):
+        return _refine(cfg)
+
+
+def _refine(cfg: Config) -> list[dict[str, float]]:
     # every round trains its backbone for refine.epochs; the rest of the training settings are the run's
     round_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": cfg.refine.epochs})})
     data = load_training_set(cfg)
+    if data.missing is not None:
+        check_missing(cfg, data.missing, "refine")
     training = data.cells.index.to_numpy()
     truth = (
         true_cell_targets(data.cells, data.truth, data.matches, data.n_classes)
@@ -193,9 +205,10 @@ def run(cfg: Config) -> list[dict[str, float]]:
                 {f"inherited_{k}": v for k, v in label_quality(data.cell_targets[training], truth).items()}
             )
         if is_main_process():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(this_round, out_dir)
-            table.to_parquet(out_dir / "pseudo_labels.parquet", index=False)
+            with writing(out_dir / "config.yaml"):
+                save_config(this_round, out_dir)
+            atomic_write(out_dir / "pseudo_labels.parquet", partial(table.to_parquet, index=False))
+            atomic_write_text(out_dir / "run.json", json.dumps(run_record(this_round, data), indent=2))
         init_dir = before if cfg.refine.init == "previous" else None
         metrics = train_round(
             this_round,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -24,6 +25,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from weakcell.constants import EMPTY_MASK_RLE, HPA2021_CLASSES
+from weakcell.outputs import atomic_write, atomic_write_text, writing
 
 log = logging.getLogger(__name__)
 
@@ -234,17 +236,59 @@ def prob_columns(frame: pd.DataFrame) -> list[str]:
 
 def _atomic_write(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+# -------------------------------------------------------------------------------------- publishing
+
+PUBLISHED_FILE = "published.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish(folder: str | os.PathLike, staged: Mapping[str, str | os.PathLike]) -> Path:
+    """Move the ``staged`` files (final name -> a written, validated temporary) into ``folder`` as one set.
+
+    Each rename is atomic but a set of them is not: ``published.json``, written last, records every file's
+    SHA-256, so a run killed between two renames leaves a folder whose record no longer matches its files
+    (``check_published`` refuses it) instead of a new file silently paired with an old one."""
+    folder = Path(folder)
+    record = {"files": {name: _sha256(Path(tmp)) for name, tmp in staged.items()}}
+    for name, tmp in staged.items():
+        with writing(folder / name):
+            os.replace(tmp, folder / name)
+    atomic_write_text(folder / PUBLISHED_FILE, json.dumps(record, indent=2))
+    return folder
+
+
+def check_published(path: str | os.PathLike) -> None:
+    """``path`` belongs to a completely published set: its folder's ``published.json`` lists it and every
+    listed file still has its recorded SHA-256. Raises ValueError (one line, the fix) otherwise."""
+    path = Path(path)
+    record_path = path.parent / PUBLISHED_FILE
+    rerun = "rerun `make infer` (an interrupted run leaves this state) and submit what it publishes"
+    if not record_path.is_file():
+        raise ValueError(f"{path.parent} has no {PUBLISHED_FILE}: {path.name} was never published; {rerun}")
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a submission is meant to be shared and uploaded
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        files = json.loads(record_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{record_path} is damaged ({type(err).__name__}); {rerun}") from err
+    if path.name not in files:
+        raise ValueError(f"{record_path} does not list {path.name}; {rerun}")
+    for name, digest in files.items():
+        member = path.parent / name
+        if not member.is_file() or _sha256(member) != digest:
+            raise ValueError(
+                f"{member} is not the file {record_path} published (a run was cut short); {rerun}"
+            )
 
 
 def write_cell_level(
@@ -468,8 +512,9 @@ def validate_image_level(
 
 
 def validate_main(argv: list[str] | None = None) -> int:
-    """``weakcell validate FILE [--sample SAMPLE_CSV] [--classes N]``: detects the format from the header,
-    prints a one-line summary, returns 0 when valid and 2 otherwise."""
+    """``weakcell validate FILE [--sample SAMPLE_CSV] [--classes N] [--published]``: detects the format from
+    the header, prints a one-line summary (naming the checks it could not do without the sample), returns 0
+    when valid and 2 otherwise."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="weakcell validate", description=validate_main.__doc__)
@@ -478,23 +523,33 @@ def validate_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--classes", type=int, default=None, help=f"number of classes (cell level: {N_CLASSES})"
     )
+    parser.add_argument(
+        "--published",
+        action="store_true",
+        help=f"also require FILE to be part of a completely published set ({PUBLISHED_FILE} beside it)",
+    )
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:
         return 0 if exit_.code == 0 else 2
     try:
+        if args.published:
+            check_published(args.file)
         header = pd.read_csv(args.file, nrows=0).columns.tolist()
         if header == CELL_COLUMNS:
             stats = validate_cell_level(args.file, args.sample, n_classes=args.classes or N_CLASSES)
             kind = "cell-level"
+            unchecked = "the rows (none missing or extra), their order and each image's width and height"
         else:
             stats = validate_image_level(args.file, args.sample, args.classes, id_column=header[0])
             kind = "image-level"
+            unchecked = "the rows (none missing or extra) and their order"
     except (SubmissionError, OSError, ValueError) as err:
         print(f"invalid: {args.file}: {err}", file=sys.stderr)
         return 2
     summary = ", ".join(f"{k} {v}" for k, v in stats.items())
-    print(f"valid {kind} submission {args.file}: {summary}")
+    skipped = "" if args.sample else f"; NOT checked without --sample SAMPLE_CSV: {unchecked}"
+    print(f"valid {kind} submission {args.file}: {summary}{skipped}")
     return 0
 
 

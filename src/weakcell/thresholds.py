@@ -18,6 +18,7 @@ from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.metrics import f1_per_class
+from weakcell.outputs import atomic_write_text, folder_lock
 
 
 def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsConfig) -> pd.DataFrame:
@@ -77,7 +78,13 @@ def read_thresholds(path: str | Path) -> np.ndarray:
 
 
 def run(cfg: Config) -> pd.DataFrame:
-    """Tune on ``runs/<name>/oof_image.parquet`` and write ``runs/<name>/thresholds.json``."""
+    """Tune on ``runs/<name>/oof_image.parquet`` and write ``runs/<name>/thresholds.json``, holding the run
+    folder's lock."""
+    with folder_lock(cfg.run_dir, "thresholds", cfg.checks.lock_wait_s):
+        return _tune(cfg)
+
+
+def _tune(cfg: Config) -> pd.DataFrame:
     spec = get_dataset(cfg.data.dataset)
     run_dir = cfg.model_dir  # the final refinement round
     oof_path = run_dir / "oof_image.parquet"
@@ -101,9 +108,8 @@ def run(cfg: Config) -> pd.DataFrame:
     }
     payload = {"summary": summary, "classes": table.to_dict(orient="records")}
     target = run_dir / "thresholds.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=lambda v: v.item() if hasattr(v, "item") else v))
-    tmp.replace(target)
+    text = json.dumps(payload, indent=2, default=lambda v: v.item() if hasattr(v, "item") else v)
+    atomic_write_text(target, text)
     with pd.option_context("display.width", 160):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import time
@@ -31,7 +32,7 @@ from torch.utils.data import Dataset
 
 from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
-from weakcell.cache.store import CellCache
+from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
 from weakcell.config import Config, InferConfig, TrainConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, Verified, prob_columns
@@ -41,6 +42,7 @@ from weakcell.engine import fit, predict
 from weakcell.folds import read_folds
 from weakcell.metrics import cell_confidence, macro_f1, mean_average_precision, sigmoid
 from weakcell.models import create_model
+from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
 from weakcell.weights import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class TrainingSet:
     truth: pd.DataFrame | None  # synthetic only: true cells (image_id, cell_id, labels)
     matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
     trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
+    missing: MissingImages | None = None  # labelled images that give training no cells, by reason
 
     @property
     def n_classes(self) -> int:
@@ -82,8 +85,76 @@ class TrainingSet:
         return [positions[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
 
 
+@dataclass(frozen=True)
+class MissingImages:
+    """Labelled training images (label file IDs) that give training no cell, by reason."""
+
+    labelled: int  # images in the label file
+    without_cells: list[str]  # cached, but segmentation found no cell
+    failed: list[str]  # cached as skipped: unreadable or failed to segment (skipped.csv says why)
+    not_cached: list[str]  # absent from the cache (not cached yet, or a cache built without them)
+
+    @property
+    def count(self) -> int:
+        return len(self.without_cells) + len(self.failed) + len(self.not_cached)
+
+    @property
+    def share(self) -> float:
+        return self.count / max(self.labelled, 1)
+
+    def describe(self) -> str:
+        return (
+            f"{self.count} of {self.labelled} labelled training images give no cells: "
+            f"{len(self.without_cells)} without cells, {len(self.failed)} failed to read or segment, "
+            f"{len(self.not_cached)} not cached"
+        )
+
+    def record(self) -> dict[str, object]:
+        """What ``run.json`` keeps: counts, the share and up to 5 IDs per reason."""
+        reasons = {"without_cells": self.without_cells, "failed": self.failed, "not_cached": self.not_cached}
+        return {
+            "labelled": self.labelled,
+            "missing": self.count,
+            "share": round(self.share, 6),
+            **{name: len(ids) for name, ids in reasons.items()},
+            "examples": {name: ids[:5] for name, ids in reasons.items() if ids},
+        }
+
+
+def missing_images(labelled: list[str], cache_images: pd.DataFrame) -> MissingImages:
+    """Which of the ``labelled`` IDs the cache's training images (``images.parquet`` rows) lack, and why."""
+    rows = cache_images[cache_images["split"] == "train"].set_index("image_id")
+    cached = [i for i in labelled if i in rows.index]
+    status, n_cells = rows["status"].to_dict(), rows["n_cells"].to_dict()
+    return MissingImages(
+        labelled=len(labelled),
+        without_cells=[i for i in cached if status[i] == "ok" and n_cells[i] == 0],
+        failed=[i for i in cached if status[i] != "ok"],
+        not_cached=[i for i in labelled if i not in rows.index],
+    )
+
+
+def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
+    """Print what the cache lacks; refuse above ``checks.max_missing_share`` (a silent loss otherwise)."""
+    limit = cfg.checks.max_missing_share
+    if missing.share > limit:
+        needed = math.ceil(missing.share * 100) / 100
+        raise ValueError(
+            f"{stage}: the cache {cfg.cache_dir} lacks too much: {missing.describe()} ({missing.share:.1%} > "
+            f"checks.max_missing_share={limit:g}); cache them (make cache; {cfg.cache_dir / SKIPPED_FILE} says "
+            f"why images failed), or train without them with checks.max_missing_share={needed:g}"
+        )
+    if missing.count:
+        print(
+            f"{stage}: {missing.describe()} ({missing.share:.1%}, within checks.max_missing_share={limit:g})"
+        )
+    else:
+        print(f"{stage}: every one of the {missing.labelled} labelled training images is cached with cells")
+
+
 def load_training_set(cfg: Config) -> TrainingSet:
-    """Join the cache, the label file and the folds file; every cached training image must have both."""
+    """Join the cache, the label file and the folds file; every cached training image must have both.
+    ``missing`` says which labelled images the cache lacks (``check_missing`` decides whether to go on)."""
     spec = get_dataset(cfg.data.dataset)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
     if not cfg.folds_file.is_file():
@@ -118,7 +189,8 @@ def load_training_set(cfg: Config) -> TrainingSet:
         if truth is None or matches is None:
             raise ValueError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes)
-    return TrainingSet(spec, cache, cells, images, targets, truth, matches)
+    missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
+    return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
 
 
 def true_cell_targets(
@@ -507,11 +579,8 @@ def is_main_process() -> bool:
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    if not is_main_process():
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    if is_main_process():
+        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 # -- scoring the out-of-fold predictions ----------------------------------------------------------------
@@ -608,8 +677,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_record(cfg: Config, data: TrainingSet) -> dict[str, object]:
+    """``run.json`` of a run or round: seed, git commit and the labelled images the cache lacked."""
+    record: dict[str, object] = {"seed": cfg.seed, "git_commit": git_commit()}
+    if data.missing is not None:
+        record["missing_images"] = data.missing.record()
+    return record
+
+
 def run(cfg: Config) -> dict[str, float]:
-    """Train every fold (or ``train.folds``), write OOF predictions and ``metrics.json`` into the run."""
+    """Train every fold (or ``train.folds``), write OOF predictions and ``metrics.json`` into the run,
+    holding the run folder's lock."""
+    with folder_lock(cfg.run_dir, "train", cfg.checks.lock_wait_s):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict[str, float]:
     run_dir = cfg.run_dir
     if not cfg.force:
         # finished folds are reused: only while what they computed from is the same
@@ -619,12 +702,14 @@ def run(cfg: Config) -> dict[str, float]:
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
                 "FORCE=1 or give the new run another name (name=...)"
             )
+    data = load_training_set(cfg)
+    if data.missing is not None:
+        check_missing(cfg, data.missing, "train")
     if is_main_process():
-        save_config(cfg, run_dir)
-        (run_dir / "run.json").write_text(
-            json.dumps({"seed": cfg.seed, "git_commit": git_commit()}, indent=2)
-        )
-    return train_round(cfg, load_training_set(cfg), run_dir)
+        with writing(run_dir / "config.yaml"):
+            save_config(cfg, run_dir)
+        atomic_write_text(run_dir / "run.json", json.dumps(run_record(cfg, data), indent=2))
+    return train_round(cfg, data, run_dir)
 
 
 def train_round(

@@ -158,17 +158,30 @@ def load_state_dict(
             return _unwrap(load_file(path, device=str(map_location)), path)
         except SafetensorError as err:
             raise WeightsError(f"{path} is not a valid safetensors file: {err}") from err
+    return _unwrap(load_weights_only(path, map_location, RESAVE_HINT), path)
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, without PyTorch's advice to load with ``weights_only=False`` (running the
+    file's pickled code is never the fix for a file that does not load)."""
+    lines = [line for line in str(err).splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0].strip()[:200] if lines else type(err).__name__
+
+
+def load_weights_only(path: Path, map_location: str | torch.device, fix: str) -> object:
+    """``torch.load(weights_only=True)``; any failure becomes one ``WeightsError`` line naming ``path``, why
+    and ``fix``."""
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower():
             raise WeightsError(
                 f"{path} contains pickled Python objects that a weights-only load refuses (loading them "
-                f"would run arbitrary code); {RESAVE_HINT}"
+                f"would run arbitrary code); {fix}"
             ) from err
-        raise WeightsError(f"{path} is not a PyTorch weights file: {err}") from err
+        raise WeightsError(f"{path} is not a PyTorch weights file ({_first_line(err)}); {fix}") from err
     except Exception as err:  # torch.load raises many types on non-checkpoint bytes (KeyError, EOFError, ...)
         raise WeightsError(
-            f"{path} is not a PyTorch weights file (or it is truncated): {type(err).__name__}: {err}"
+            f"{path} is not a PyTorch weights file or it is truncated ({type(err).__name__}: "
+            f"{_first_line(err)}); {fix}"
         ) from err
-    return _unwrap(obj, path)

@@ -10,6 +10,10 @@ the commit). A shard without its images index was cut short and is deleted on th
 counts as finished only once it is in a committed images index with status ``ok``, so a killed run is
 resumed by running again. Skipped images are retried on every run (their files may have been fixed).
 
+One run at a time: the stage holds the cache folder's lock (``weakcell.outputs.folder_lock``; each part of
+a split run its own part, beside the others). A write that fails for a reason of the machine (permissions,
+a full disk) stops the stage with an ``OutputError``; only faults of an image make it ``skipped``.
+
 Split runs: ``cache.shard_index`` / ``cache.num_shards`` give each machine every num_shards-th image; each
 part writes its own shards and, when done, ``parts/partPPP-of-NNN.json``. ``merge(cfg)`` joins the
 committed indexes into ``cells.parquet`` / ``images.parquet`` / ``skipped.csv`` once every part is done;
@@ -36,6 +40,7 @@ from weakcell.cache.store import (
     CELLS_FILE,
     IMAGES_COLUMNS,
     IMAGES_FILE,
+    MASKS_DIR,
     PARTS_DIR,
     SHARDS_DIR,
     SKIPPED_FILE,
@@ -46,6 +51,7 @@ from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
+from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
 from weakcell.parallel import n_workers, pool_context
 from weakcell.segment import segment_image
 
@@ -154,40 +160,50 @@ def _image_size(folder: str, image_id: str) -> tuple[int, int]:
     return 0, 0
 
 
+def mask_dtype(cells: np.ndarray) -> type[np.unsignedinteger]:
+    """uint8 when the mask holds under 256 cells, else uint16; more than a uint16 holds is an error."""
+    n_cells = int(cells.max(initial=0))
+    if n_cells > MASK_LIMIT:
+        raise ValueError(f"{n_cells} cells exceed the {MASK_LIMIT} a uint16 mask can hold")
+    return np.uint8 if n_cells <= np.iinfo(np.uint8).max else np.uint16
+
+
 def write_masks(cache_dir: Path, image_id: str, cells: np.ndarray, nuclei: np.ndarray) -> None:
     """Both instance masks as PNGs at full resolution (uint8 when under 256 cells, else uint16), atomically.
 
     Label maps are long constant runs: PNG without row filters and with zlib's RLE strategy encodes a
     2048² mask in ~6 ms instead of ~24 ms with the default filters, for ~35 kB.
     """
-    n_cells = int(cells.max(initial=0))
-    if n_cells > MASK_LIMIT:
-        raise ValueError(f"{n_cells} cells exceed the {MASK_LIMIT} a uint16 mask can hold")
-    dtype = np.uint8 if n_cells <= np.iinfo(np.uint8).max else np.uint16
+    dtype = mask_dtype(cells)
     for path, mask in zip(mask_paths(cache_dir, image_id), (cells, nuclei)):
         ok, encoded = cv2.imencode(".png", mask.astype(dtype), MASK_PNG_PARAMS)
         if not ok:
-            raise OSError(f"PNG encoding failed for {path}")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(encoded.tobytes())
-        tmp.replace(path)
+            raise ValueError(f"PNG encoding failed for {path}")
+        atomic_write(path, lambda tmp, data=encoded: tmp.write_bytes(data.tobytes()))
 
 
 def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
-    """Read, segment, store masks and cut crops of one image. With ``cache.on_error=skip`` any failure
-    becomes a ``skipped`` row that names the reason; with ``raise`` it propagates."""
+    """Read, segment, cut crops and store the masks of one image.
+
+    A fault of the image (unreadable, mismatched channels, a segmenter error) becomes, with
+    ``cache.on_error=skip``, a ``skipped`` row that names the reason; with ``raise`` it propagates. A fault
+    of the machine (the masks cannot be written, memory runs out) is no fault of the image: it stops the
+    stage (``OutputError``, ``MemoryError``) and the image is retried on the next run."""
     size = cfg.cache.crop_size
     try:
         image = read_image(task.folder, task.image_id)
         segmentation = segment_image(image, cfg.segment)
-        write_masks(cache_dir, task.image_id, segmentation.cells, segmentation.nuclei)
+        mask_dtype(segmentation.cells)
         crops, cells = cut_crops(image, segmentation.cells, segmentation.nuclei, size)
-    except Exception as err:  # readers, segmenters and writers raise many types; each is reported by ID
+    except MemoryError:
+        raise
+    except Exception as err:  # readers and segmenters raise many types; each is reported by ID
         if cfg.cache.on_error == "raise":
             raise
         width, height = _image_size(task.folder, task.image_id)
         row = _image_row(task, width, height, 0, "skipped", f"{type(err).__name__}: {err}")
         return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8))
+    write_masks(cache_dir, task.image_id, segmentation.cells, segmentation.nuclei)
     row = _image_row(task, image.shape[2], image.shape[1], len(cells), "ok", "")
     cells.insert(0, "image_id", task.image_id)
     cells.insert(2, "split", task.split)
@@ -232,9 +248,7 @@ def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: 
 
 
 def _atomic_parquet(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 class ShardWriter:
@@ -280,19 +294,21 @@ def _write_npy(blocks: list[np.ndarray], path: Path) -> None:
     """Stream equally shaped ``(n_i, 4, S, S)`` blocks into one ``.npy`` without concatenating them
     (no second copy of the shard in memory)."""
     shape = (sum(len(b) for b in blocks), *blocks[0].shape[1:])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream:
-        np.lib.format.write_array_header_1_0(
-            stream,
-            {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                "fortran_order": False,
-                "shape": shape,
-            },
-        )
-        for block in blocks:
-            stream.write(np.ascontiguousarray(block).data)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream:
+            np.lib.format.write_array_header_1_0(
+                stream,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False,
+                    "shape": shape,
+                },
+            )
+            for block in blocks:
+                stream.write(np.ascontiguousarray(block).data)
+
+    atomic_write(path, write)
 
 
 def shard_stem(part: int, sequence: int) -> str:
@@ -316,12 +332,24 @@ def clean_uncommitted(shards_dir: Path, part: int) -> int:
     return max(sequences, default=-1) + 1
 
 
+def _read_index(shards_dir: Path, stem: str, table: str) -> pd.DataFrame:
+    """One committed shard index; a damaged one names itself and the fix instead of a parquet error."""
+    path = shards_dir / f"{stem}.{table}.parquet"
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(
+            f"the cache index {path} is damaged ({type(err).__name__}); delete {shards_dir / stem}.* and rerun "
+            "make cache (its images are cached again), or rebuild the cache with FORCE=1"
+        ) from err
+
+
 def read_committed(shards_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All committed images and cells rows of every part, oldest shard first; column ``commit`` names the
     shard that committed each row, so cells are always taken from the commit of their image's row."""
     stems = _committed_stems(shards_dir)
-    images = [pd.read_parquet(shards_dir / f"{s}.images.parquet").assign(commit=s) for s in stems]
-    cells = [pd.read_parquet(shards_dir / f"{s}.cells.parquet").assign(commit=s) for s in stems]
+    images = [_read_index(shards_dir, s, "images").assign(commit=s) for s in stems]
+    cells = [_read_index(shards_dir, s, "cells").assign(commit=s) for s in stems]
     cells = [table for table in cells if len(table)]  # a shard of only cell-less images has no cells
     images_table = (
         pd.concat(images, ignore_index=True) if images else pd.DataFrame(columns=[*IMAGES_COLUMNS, "commit"])
@@ -366,23 +394,36 @@ def check_same_settings(cfg: Config, cache_dir: Path) -> None:
 
 def run(cfg: Config) -> Path:
     """Cache this part's images (``cache.shard_index`` of ``cache.num_shards``); merge when it is the only
-    part. Returns the cache folder."""
-    started = time.perf_counter()
+    part. Holds the cache folder's lock (a part's own lock when split). Returns the cache folder."""
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     if part >= n_parts:
         raise ValueError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
+    name = None if n_parts == 1 else _part_marker(cfg.cache_dir, part, n_parts).stem
+    with folder_lock(cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
+        return _cache_part(cfg)
+
+
+def _cache_part(cfg: Config) -> Path:
+    started = time.perf_counter()
+    part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     cache_dir = cfg.cache_dir
     shards_dir = cache_dir / SHARDS_DIR
     if cfg.force:
-        _remove_part(cache_dir, part, n_parts)
+        with writing(cache_dir):
+            _remove_part(cache_dir, part, n_parts)
     else:
         check_same_settings(cfg, cache_dir)
-    for folder in (shards_dir, cache_dir / PARTS_DIR, cache_dir / "masks"):
-        folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cache_dir)
+    for folder in (shards_dir, cache_dir / PARTS_DIR, cache_dir / MASKS_DIR):
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+    if n_parts == 1:  # the folder is this run's alone: a temporary there is a killed run's
+        clean_temporaries(cache_dir / MASKS_DIR)
+    with writing(cache_dir / "config.yaml"):
+        save_config(cfg, cache_dir)
 
     tasks = part_of(plan_images(cfg), part, n_parts)
-    next_sequence = clean_uncommitted(shards_dir, part)
+    with writing(shards_dir):
+        next_sequence = clean_uncommitted(shards_dir, part)
     done_images, _ = read_committed(shards_dir)
     # After ``force`` only this run's commits count, even where an earlier differently split run left some.
     finished = set() if cfg.force else set(done_images.loc[done_images["status"] == "ok", "image_id"])
@@ -412,9 +453,7 @@ def run(cfg: Config) -> Path:
         "new": len(todo),
         "seconds": seconds,
     }
-    marker = _part_marker(cache_dir, part, n_parts)
-    marker.with_suffix(".tmp").write_text(json.dumps(summary))
-    marker.with_suffix(".tmp").replace(marker)
+    atomic_write_text(_part_marker(cache_dir, part, n_parts), json.dumps(summary))
     if n_parts == 1:
         merge(cfg, quiet=True)
     per_image = n_cells / max(1, len(images) - n_skipped)
@@ -439,6 +478,11 @@ def merge(cfg: Config, quiet: bool = False) -> Path:
     """Join every part's committed indexes into ``cells.parquet``, ``images.parquet`` and ``skipped.csv``.
     Refuses while a part of ``cache.num_shards`` has not finished. Rows are ordered by split (as in
     ``cache.splits``), then image ID, then cell ID, so any split of the work merges to the same tables."""
+    with folder_lock(cfg.cache_dir, "cache-merge", cfg.checks.lock_wait_s):
+        return _merge(cfg, quiet)
+
+
+def _merge(cfg: Config, quiet: bool) -> Path:
     cache_dir = cfg.cache_dir
     n_parts = cfg.cache.num_shards
     missing = [p for p in range(n_parts) if not _part_marker(cache_dir, p, n_parts).is_file()]
@@ -459,9 +503,7 @@ def merge(cfg: Config, quiet: bool = False) -> Path:
     _atomic_parquet(cells.astype(_CELL_TYPES), cache_dir / CELLS_FILE)
     _atomic_parquet(images.astype(_IMAGE_TYPES), cache_dir / IMAGES_FILE)
     skipped = images.loc[images["status"] == "skipped", ["image_id", "split", "reason"]]
-    tmp = cache_dir / f"{SKIPPED_FILE}.tmp"
-    skipped.to_csv(tmp, index=False)
-    tmp.replace(cache_dir / SKIPPED_FILE)
+    atomic_write(cache_dir / SKIPPED_FILE, lambda tmp: skipped.to_csv(tmp, index=False))
     if not quiet:
         print(f"cache-merge: {n_parts} parts -> {len(images)} images, {len(cells)} cells in {cache_dir}")
     return cache_dir

@@ -11,6 +11,7 @@ Layout of a cache folder (written by ``weakcell.cache.build``)::
     shards/partPPP-SSSSS.npy        (n, 4, S, S) uint8 crops, R, G, B, Y
     shards/partPPP-SSSSS.*.parquet  the shard's own cells / images index (written after the .npy)
     parts/partPPP-of-NNN.json       a finished part of a split run (``cache.num_shards``)
+    .weakcell.lock                  the lock of the run writing the folder (``weakcell.outputs``)
 """
 
 from __future__ import annotations

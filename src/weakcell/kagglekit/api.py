@@ -228,18 +228,25 @@ def _submission_file(cfg: Config) -> Path:
 
 
 def submit_file(cfg: Config, slug: str) -> None:
-    """A file competition (the 2018 format ``Id,Predicted``): validate, then submit it."""
+    """A file competition (the 2018 format ``Id,Predicted``): validate against the sample submission (an
+    inferred file must also be completely published), then submit it."""
     from weakcell.data.datasets import get_dataset
-    from weakcell.submission import validate_image_level
+    from weakcell.submission import check_published, validate_image_level
 
     path = _submission_file(cfg)
     if not path.is_file():
         raise FileNotFoundError(
             f"no {path} to submit: run `make infer`, or name the file with kaggle.file=..."
         )
+    if not cfg.kaggle.file:
+        check_published(path)
     spec = get_dataset(competition_key(cfg))
     sample = download_dir(cfg, spec.name) / spec.sample_submission
-    stats = validate_image_level(path, sample if sample.is_file() else None, spec.n_classes)
+    if not sample.is_file():
+        raise FileNotFoundError(
+            f"no sample submission at {sample} to check the rows of {path} against: `make download` puts it there"
+        )
+    stats = validate_image_level(path, sample, spec.n_classes)
     message = cfg.kaggle.message.format(name=cfg.name)
     print(f"submit: {path} is valid ({stats['rows']} rows, {stats['labels']} labels)")
     if cfg.kaggle.dry_run:
@@ -287,13 +294,21 @@ def next_steps(metadata: dict[str, Any], slug: str, url: str | None = None) -> s
 
 def submit_kernel(cfg: Config, slug: str) -> None:
     """The code competition: check the generated kernel, push it, print what to click next."""
-    from weakcell.submission import validate_cell_level
+    from weakcell.data.datasets import get_dataset
+    from weakcell.submission import check_published, validate_cell_level
 
     folder = cfg.path(cfg.paths.kernels) / cfg.kaggle.submit_variant
     metadata = check_kernel(folder)
     local = cfg.path(cfg.paths.submissions) / cfg.name / "cell_level.csv"
-    if local.is_file():
-        stats = validate_cell_level(local)
+    if local.is_file():  # the kernel predicts on Kaggle; a local submission of the same run is checked too
+        check_published(local)
+        sample = cfg.data_dir / get_dataset(cfg.data.dataset).sample_submission
+        if not sample.is_file():
+            raise FileNotFoundError(
+                f"no sample submission at {sample} to check the rows of {local} against: `make download` "
+                "(or data.dir=...) puts it there"
+            )
+        stats = validate_cell_level(local, sample)
         print(
             f"submit: the local {local} is valid ({stats['rows']} rows, {stats['predictions']} predictions)"
         )
