@@ -5,7 +5,8 @@ averaged over the symmetries); the fold's MIL head turns each image's averaged e
 probabilities and attention. Folds are then blended as a groupby-mean on (image_id, cell_id) / image_id,
 after asserting that every fold predicted the same keys. A cell's confidence for class c is its own
 probability times an image term ** ``infer.image_power`` (the top 2021 solutions' product; the term mixes
-the image's MIL probability with its best cell's, ``metrics.cell_confidence``).
+the image's MIL probability with its best cell's, ``metrics.cell_confidence``); the default power 0 submits
+the cell probability alone, best under the organisers' reading of the metric.
 
 Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
 of the dataset's sample submission, masks at the original size, validated before it is written) and
