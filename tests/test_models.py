@@ -10,7 +10,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.models import adapt_input_conv
 
 from weakcell.config import Config, MilConfig, ModelConfig
 from weakcell.models import (
@@ -24,6 +23,7 @@ from weakcell.models import (
     create_model,
     feature_dim,
 )
+from weakcell.models.backbone import adapt_stem
 from weakcell.weights import WeightsError
 
 N_CLASSES, SIZE = 5, 32
@@ -82,11 +82,24 @@ def test_imagenet_checkpoint_loads_into_the_4_channel_stem(
     stems = backbone.pretrained_cfg["first_conv"]
     stem = f"{stems if isinstance(stems, str) else stems[0]}.weight"
     assert source[stem].shape[1] == 3 and loaded[stem].shape[1] == 4
-    torch.testing.assert_close(loaded[stem], adapt_input_conv(4, source[stem]))
+    rgb = source[stem]  # RGB filters -> R, G, B, R (the yellow channel takes red's), each scaled by 3/4
+    torch.testing.assert_close(loaded[stem], torch.cat([rgb, rgb[:, :1]], dim=1) * 0.75)
     for key, value in loaded.items():
         if key != stem:
             torch.testing.assert_close(value, source[key], msg=key)
     assert "stem adapted" in caplog.text and "missing 0" in caplog.text
+
+
+def test_adapt_stem_by_hand() -> None:
+    """Values worked out by hand from timm's rule (repeat the filters in order, scale by 3 / in_chans)."""
+    weight = torch.tensor([[1.0, 2.0, 4.0]]).reshape(1, 3, 1, 1)
+    four = adapt_stem(weight, 4)
+    assert four.flatten().tolist() == [0.75, 1.5, 3.0, 0.75]  # (1, 2, 4, 1) x 3/4
+    assert adapt_stem(weight, 1).flatten().tolist() == [7.0]
+    assert adapt_stem(weight, 2).flatten().tolist() == [1.5, 3.0]  # x 3/2, truncated to two channels
+    assert adapt_stem(weight, 3) is weight
+    half = adapt_stem(weight.half(), 4)
+    assert half.dtype == torch.float16 and half.flatten().tolist() == [0.75, 1.5, 3.0, 0.75]
 
 
 def test_safetensors_file_loads(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 file or folder only (Kaggle kernels have no internet).
 
 A 3-channel ImageNet checkpoint is adapted to the 4-channel stem the way timm adapts ``in_chans`` itself
-(``timm.models.adapt_input_conv``: the RGB filters repeated over the new channels, scaled by 3/4). The stem
-is found by shape, not by name: the one checkpoint conv whose input dimension differs from the model's
-while the model's equals ``in_chans``. That needs no table of stem names per architecture.
+(``adapt_stem``: the RGB filters repeated over the new channels, scaled by 3/4). The stem is found by
+shape, not by name: the one checkpoint conv whose input dimension differs from the model's while the
+model's equals ``in_chans``. That needs no table of stem names per architecture.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import adapt_input_conv
 from torch import nn
 
 from weakcell.weights import WeightsError, load_state_dict
@@ -79,6 +78,27 @@ def resolve_weights_file(path: str | os.PathLike[str], backbone: str) -> Path:
     )
 
 
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A conv weight ``(O, I, k, k)`` trained on I image channels, for ``in_chans`` channels: for 1, the sum
+    of the I filters; otherwise the I filters repeated in order over the new channels (RGB -> RGBR) and
+    scaled by I / in_chans, which keeps the stem's output on the scale it was trained at.
+
+    timm's ``adapt_input_conv(in_chans, weight, base_chans=I)`` does the same, but ``base_chans`` exists
+    only from timm 1.0.31 (Kaggle's image has 1.0.26), hence this copy of the rule."""
+    if weight.ndim != 4:
+        raise NotImplementedError(f"only 4-D conv weights can be adapted, got {tuple(weight.shape)}")
+    base = weight.shape[1]
+    if in_chans == base:
+        return weight
+    work = weight.float()  # half-precision checkpoints: sum and scale in float32
+    if in_chans == 1:
+        adapted = work.sum(dim=1, keepdim=True)
+    else:
+        repeat = -(-in_chans // base)  # ceil
+        adapted = work.repeat(1, repeat, 1, 1)[:, :in_chans] * (base / in_chans)
+    return adapted.to(weight.dtype)
+
+
 def _is_stem(source: torch.Tensor, target: torch.Tensor, in_chans: int) -> bool:
     """True for a conv weight (O, I, k, k) that only differs from the model's in I, the model's I being
     the image channels: the input stem of a checkpoint trained on another channel count."""
@@ -105,7 +125,7 @@ def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> None:
     for key, value in state.items():
         if key in own and _is_stem(value, own[key], in_chans):
             try:
-                state[key] = adapt_input_conv(in_chans, value, base_chans=value.shape[1])
+                state[key] = adapt_stem(value, in_chans)
             except NotImplementedError as err:
                 raise WeightsError(
                     f"{path}: cannot adapt the stem {key} {tuple(value.shape)} to {in_chans} channels: {err}"
