@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from weakcell.config import TrainConfig
+from weakcell.devices import auto_device
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
 from weakcell.weights import WeightsError, load_weights_only
 
@@ -107,7 +108,8 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     """
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.device!r}")
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # auto: a GPU only when this torch has kernels for it (weakcell.devices), else one warning and CPU
+    kind = auto_device().type if cfg.device == "auto" else cfg.device
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     world = setup(kind)

@@ -37,6 +37,7 @@ import torch
 
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
+from weakcell.devices import resolve_device
 from weakcell.segment import Segmentation
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
@@ -46,13 +47,6 @@ CONFIG_KEY = "segment.cellpose.weights"
 EXAMPLE = "/kaggle/input/cellpose-sam/cpsam"  # the official file, attached as a dataset named cellpose-sam
 TILE = 256  # Cellpose-SAM's position embeddings are sized for 256-px tiles of 8-px patches
 PATCH = 8
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else CPU; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -35,8 +35,9 @@ from scipy import ndimage as ndi
 
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
+from weakcell.devices import resolve_device
 from weakcell.segment import Segmentation
-from weakcell.segment.cellpose_backend import resize_image, resize_labels, resolve_device
+from weakcell.segment.cellpose_backend import resize_image, resize_labels
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
 log = logging.getLogger(__name__)
