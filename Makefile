@@ -17,6 +17,7 @@ WEAKCELL := $(PY) -m weakcell
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
+space := $(subst ,, )
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
 	bench-synthetic bench-cache bench-train bench-thresholds bench-confidence bench-train-gpu bench-pipeline-gpu test test-all lint clean
@@ -31,6 +32,37 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
+
+# A replica of Kaggle's Python image (its Python and versions, requirements/kaggle-image.txt): the offline
+# kernel tests run every kernel in it. Never holds weakcell: kernels install it from the wheels dataset.
+KAGGLE_PYTHON_VERSION ?= 3.12
+KAGGLE_VENV ?= .venv-kaggle
+KAGGLE_STAMP := $(KAGGLE_VENV)/.installed
+# the fast suite in the Kaggle image: weakcell (editable) + what the image lacks, at this repo's pins
+KAGGLE_TEST_VENV ?= .venv-kaggle-test
+KAGGLE_TEST_STAMP := $(KAGGLE_TEST_VENV)/.installed
+KAGGLE_LACKS := iterative-stratification cellpose fastremap fill_voids roifile imagecodecs
+
+$(KAGGLE_STAMP): requirements/kaggle-image.txt tools/find-python
+	rm -rf $(KAGGLE_VENV)
+	python=$$(tools/find-python $(KAGGLE_PYTHON_VERSION)) && "$$python" -m venv $(KAGGLE_VENV)
+	$(KAGGLE_VENV)/bin/pip install -q -r requirements/kaggle-image.txt
+	touch $@
+
+kaggle-env: $(KAGGLE_STAMP) ## build .venv-kaggle: Kaggle's image replica (Python 3.12, requirements/kaggle-image.txt)
+
+$(KAGGLE_TEST_STAMP): $(KAGGLE_STAMP) pyproject.toml requirements/constraints.txt
+	rm -rf $(KAGGLE_TEST_VENV)
+	$(KAGGLE_VENV)/bin/python -m venv --without-pip $(KAGGLE_TEST_VENV)
+	$(KAGGLE_TEST_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(KAGGLE_TEST_VENV)/.purelib
+	$(KAGGLE_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$$(cat $(KAGGLE_TEST_VENV)/.purelib)/kaggle_image.pth"
+	$(KAGGLE_TEST_VENV)/bin/python -m pip install -q --no-deps -e . \
+		$$(grep -iE '^($(subst $(space),|,$(KAGGLE_LACKS)))==' requirements/constraints.txt)
+	$(KAGGLE_TEST_VENV)/bin/python -m pip check
+	touch $@
+
+test-kaggle: $(KAGGLE_TEST_STAMP) ## the fast test suite in Kaggle's image replica (+ weakcell and what the image lacks); PYTEST_ARGS=...
+	$(KAGGLE_TEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: data preview folds cache train refine thresholds infer evaluate ## the main job on the embedded synthetic benchmark: data to validated submissions, scored
 
@@ -86,7 +118,7 @@ ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.m
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
 
 # -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
-.PHONY: download wheels weights-dataset kernels submit
+.PHONY: download wheels weights-dataset backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle
 
 download: $(STAMP) ## kaggle competitions download (kaggle.download) into data/<dataset>/, unzipped, resumable
 	$(WEAKCELL) download $(CONFIG) $(OVERRIDES)
@@ -97,11 +129,18 @@ wheels: $(STAMP) ## Kaggle dataset folder: weakcell wheel + wheels the Kaggle im
 weights-dataset: $(STAMP) ## Kaggle dataset folder of run RUN: weights only, thresholds, config -> dist/kaggle/weakcell-weights-<run>/
 	$(WEAKCELL) weights-dataset $(CONFIG) $(OVERRIDES)
 
+backbone-dataset: $(STAMP) ## Kaggle dataset folder of model.pretrained_file for the train kernel -> dist/kaggle/weakcell-backbone-<run>/
+	$(WEAKCELL) backbone-dataset $(CONFIG) $(OVERRIDES)
+
 kernels: $(STAMP) ## generate the offline kernels -> kernels/<variant>/ (kernel-metadata.json + script)
 	$(WEAKCELL) kernels $(CONFIG) $(OVERRIDES)
 
 submit: $(STAMP) ## 2018: kaggle competitions submit; 2021: kaggle kernels push of kernels/inference + next steps
 	$(WEAKCELL) submit $(CONFIG) $(OVERRIDES)
+
+VERSION ?=
+submit-kernel: $(STAMP) ## 2021: submit submission.csv of version VERSION=n of the pushed kernel (kaggle competitions submit -k -v)
+	$(WEAKCELL) submit-kernel $(CONFIG) $(if $(VERSION),kaggle.kernel_version=$(VERSION)) $(OVERRIDES)
 
 bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
 	$(PY) benchmarks/bench_synthetic.py
@@ -130,11 +169,11 @@ lint: $(STAMP) ## ruff + mypy on the core
 	$(PY) -m ruff format --check src tests
 	$(PY) -m mypy
 
-test: lint ## lint, then the fast test suite
-	$(PY) -m pytest -q
+test: lint $(KAGGLE_STAMP) ## lint, then the fast test suite (the offline kernel tests run in .venv-kaggle)
+	WEAKCELL_KAGGLE_PYTHON=$(KAGGLE_VENV)/bin/python $(PY) -m pytest -q
 
-test-all: lint ## lint, then every test including the slow ones
-	$(PY) -m pytest -q -m ''
+test-all: lint $(KAGGLE_STAMP) ## lint, then every test including the slow ones
+	WEAKCELL_KAGGLE_PYTHON=$(KAGGLE_VENV)/bin/python $(PY) -m pytest -q -m ''
 
 clean: ## remove generated data, caches and outputs (keeps .venv and committed folds)
 	rm -rf data cache runs preview reports/*.png submissions/*/

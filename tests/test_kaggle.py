@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from weakcell.cli import main
-from weakcell.config import all_keys, changed_settings, load_config, save_config
+from weakcell.config import ConfigError, all_keys, changed_settings, load_config, save_config
 from weakcell.kagglekit import api, datasets, kernels, naming
 from weakcell.submission import publish
+from weakcell.weights import WeightsError
 
 SECRET = "f00dfeedc0ffee0123456789abcdef42"
 
@@ -91,6 +92,7 @@ def test_kernel_metadata_is_offline_with_gpu_and_sources(tmp_path):
     meta = {variant: kernels.kernel_metadata(cfg, variant) for variant in kernels.VARIANTS}
     for variant, m in meta.items():
         assert m["enable_internet"] is False and m["enable_gpu"] is True, variant
+        assert m["machine_shape"] == "NvidiaTeslaT4", variant  # enable_gpu alone has given P100s
         assert m["competition_sources"] == ["hpa-single-cell-image-classification"]
         assert m["kernel_type"] == "script" and m["language"] == "python"
         assert m["id"] == f"tester/weakcell-{variant}" and naming.slugify(m["title"]) == f"weakcell-{variant}"
@@ -103,6 +105,125 @@ def test_kernel_metadata_is_offline_with_gpu_and_sources(tmp_path):
     assert "tester/cellpose-sam" in meta["cellpose"]["dataset_sources"]
     assert {"tester/cellpose-sam", "tester/segment-anything"} <= set(meta["cellpose-sam"]["dataset_sources"])
     assert "tester/weakcell-weights-run1" not in meta["train"]["dataset_sources"]
+
+
+def test_machine_shape_follows_the_gpu_switch(tmp_path):
+    assert (
+        kernels.kernel_metadata(make_cfg(tmp_path, "kaggle.machine_shape=NvidiaL4"), "train")["machine_shape"]
+        == "NvidiaL4"
+    )
+    assert "machine_shape" not in kernels.kernel_metadata(make_cfg(tmp_path, "kaggle.gpu=false"), "inference")
+    assert "machine_shape" not in kernels.kernel_metadata(
+        make_cfg(tmp_path, "kaggle.machine_shape=null"), "train"
+    )
+
+
+def test_train_kernel_reads_backbone_weights_from_a_dataset(tmp_path):
+    """A local model.pretrained_file never reaches the kernel: the backbone dataset is attached instead and
+    the key points at it; without a file, nothing is attached."""
+    local_file = tmp_path / "weights" / "resnet18.pth"
+    cfg = make_cfg(tmp_path, f"model.pretrained_file={local_file}")
+    meta = kernels.kernel_metadata(cfg, "train")
+    assert "tester/weakcell-backbone-run1" in meta["dataset_sources"]
+    assert "tester/weakcell-backbone-run1" not in kernels.kernel_metadata(cfg, "inference")["dataset_sources"]
+    script = kernels.kernel_script(cfg, "train")
+    assert str(local_file) not in script and str(tmp_path) not in script
+    assert '"model.pretrained_file": "weakcell-backbone-run1"' in script
+    assert "pretrained_file: null" in script
+    assert 'INSTALL = "weakcell"' in script  # backbone weights need no segmentation extras
+    other = make_cfg(tmp_path, f"model.pretrained_file={local_file}", "kaggle.backbone_dataset=bob/r18")
+    assert "bob/r18" in kernels.kernel_metadata(other, "train")["dataset_sources"]
+    plain = kernels.kernel_metadata(make_cfg(tmp_path), "train")
+    assert not any("backbone" in d for d in plain["dataset_sources"])
+
+
+def test_backbone_dataset_packs_the_weights_file(tmp_path):
+    import torch
+
+    with pytest.raises(ValueError, match=r"model\.pretrained_file is not set"):
+        datasets.backbone_dataset(make_cfg(tmp_path))
+    source = tmp_path / "weights" / "resnet18.pth"
+    source.parent.mkdir()
+    torch.save({"conv1.weight": torch.zeros(2, 3, 1, 1)}, source)
+    folder = datasets.backbone_dataset(make_cfg(tmp_path, f"model.pretrained_file={source.parent}"))
+    assert folder == tmp_path / "dist" / "kaggle" / "weakcell-backbone-run1"
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset-metadata.json", "resnet18.pth"]
+    metadata = json.loads((folder / "dataset-metadata.json").read_text())
+    assert metadata["id"] == "tester/weakcell-backbone-run1" and "1 tensors" in metadata["description"]
+    source.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError):
+        datasets.backbone_dataset(make_cfg(tmp_path, f"model.pretrained_file={source}"))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (None, ["3.12", "3.13"]),
+        ("kaggle.python_version=3.12", ["3.12"]),  # a YAML float
+        ("kaggle.python_version=[3.12,3.13]", ["3.12", "3.13"]),
+        ("kaggle.python_version='3.10'", ["3.10"]),
+        ("kaggle.python_version=3", ["3"]),
+    ],
+)
+def test_python_versions_accept_numbers(tmp_path, override, expected):
+    cfg = make_cfg(tmp_path, *([override] if override else []))
+    assert cfg.kaggle.python_version == expected
+
+
+def test_python_version_that_a_number_cannot_say_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"quote the version, e.g. '3.10'"):
+        make_cfg(tmp_path, "kaggle.python_version=3.10")
+    with pytest.raises(ConfigError, match="not a Python version"):
+        make_cfg(tmp_path, "kaggle.python_version=[py312]")
+
+
+def test_platform_tags_expand_glibc_downward():
+    tags = datasets.platform_tags(["manylinux_2_28_x86_64"])
+    assert tags[0] == "manylinux_2_28_x86_64" and tags[-1] == "manylinux1_x86_64"
+    assert {"manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"} <= set(tags)
+    assert "manylinux_2_29_x86_64" not in tags and len(tags) == 24 + 3  # 2.28 .. 2.5, three legacy names
+    assert datasets.platform_tags(["linux_x86_64"]) == ["linux_x86_64"]
+
+
+def fake_wheels(folder: Path, names: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+def test_every_compiled_wheel_must_match_every_target(tmp_path):
+    """Tags by hand: a cp311 wheel (what this machine downloads by itself) serves no 3.12 kernel; an abi3
+    wheel from cp311 serves both; a manylinux_2_34 wheel does not fit a 2.28 system."""
+    linux = ["manylinux_2_28_x86_64"]
+    good = fake_wheels(
+        tmp_path / "good",
+        [
+            "weakcell-0.1.0-py3-none-any.whl",
+            "fastremap-1.21.0-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+            "fastremap-1.21.0-cp313-cp313-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+            "imagecodecs-2026.3.6-cp311-abi3-manylinux_2_28_x86_64.whl",
+            "fill_voids-2.1.2-cp312-cp312-manylinux2014_x86_64.whl",
+            "Fill_Voids-2.1.2-cp313-cp313-manylinux_2_17_x86_64.whl",
+        ],
+    )
+    assert datasets.unmatched_wheels(good, ["3.12", "3.13"], linux) == []
+    bad = fake_wheels(
+        tmp_path / "bad",
+        [
+            "fastremap-1.21.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+            "fastremap-1.21.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+            "fill_voids-2.1.2-cp313-cp313-manylinux_2_34_x86_64.whl",
+            "roifile-2026.2.10-py3-none-any.whl",
+        ],
+    )
+    assert datasets.unmatched_wheels(bad, ["3.12", "3.13"], linux) == [
+        "fastremap: Python 3.13",
+        "fill-voids: Python 3.12",
+        "fill-voids: Python 3.13",
+    ]
+    assert datasets.unmatched_wheels(bad, ["3.11"], linux) == ["fill-voids: Python 3.11"]
+    assert datasets.unmatched_wheels(bad, ["3.13"], ["manylinux_2_35_x86_64"]) == ["fastremap: Python 3.13"]
 
 
 def test_kernel_scripts_install_offline_and_run_the_cli(tmp_path):
@@ -251,6 +372,38 @@ def test_submit_dry_run_pushes_nothing_and_prints_the_steps(tmp_path, no_credent
     assert "https://www.kaggle.com/code/tester/weakcell-inference" in out
     assert "https://www.kaggle.com/competitions/hpa-single-cell-image-classification/submit" in out
     assert "tester/weakcell-wheels, tester/weakcell-weights-run1" in out
+
+
+def test_submit_kernel_dry_run_names_kernel_and_version(tmp_path, no_credentials, capsys):
+    cfg_args = [f"paths.root={tmp_path}", "kaggle.owner=tester", "name=run1", "kaggle.dry_run=true"]
+    assert main(["submit-kernel", *cfg_args, "kaggle.kernel_version=3"]) == 2  # no kernels yet
+    assert "make kernels" in capsys.readouterr().err
+    assert main(["kernels", *cfg_args]) == 0
+    capsys.readouterr()
+    assert main(["submit-kernel", *cfg_args]) == 2
+    assert "make submit-kernel VERSION=<n>" in capsys.readouterr().err
+    assert main(["submit-kernel", *cfg_args, "kaggle.kernel_version=3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "would run `kaggle competitions submit hpa-single-cell-image-classification "
+        "-k tester/weakcell-inference -f submission.csv -v 3 -m 'weakcell run1'`"
+    ) in out
+    assert main(["submit-kernel", *cfg_args, "kaggle.kernel_version=3", "kaggle.competition=hpa2018"]) == 2
+    assert "make submit" in capsys.readouterr().err
+
+
+def test_make_submit_kernel_dry_run(tmp_path, no_credentials):
+    """`make submit-kernel VERSION=n` end to end, as a user types it (dry run: no network)."""
+    args = f"paths.root={tmp_path} kaggle.owner=tester name=run1"
+    assert main(["kernels", *args.split()]) == 0
+    result = subprocess.run(
+        ["make", "--no-print-directory", "submit-kernel", "VERSION=7", f"ARGS={args} kaggle.dry_run=true"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "-k tester/weakcell-inference -f submission.csv -v 7 " in result.stdout
 
 
 def test_submit_without_owner_refuses_before_any_network(tmp_path, no_credentials, capsys):

@@ -57,6 +57,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "weakcell.kagglekit.datasets:weights_dataset",
         "Kaggle dataset folder of a run: weights only, thresholds.json, config.yaml",
     ),
+    "backbone-dataset": (
+        "weakcell.kagglekit.datasets:backbone_dataset",
+        "Kaggle dataset folder of model.pretrained_file, the train kernel's initial backbone weights",
+    ),
     "kernels": (
         "weakcell.kagglekit.kernels:run",
         "generate offline Kaggle kernels -> kernels/<variant>/ (metadata + script)",
@@ -64,6 +68,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "submit": (
         "weakcell.kagglekit.api:submit",
         "2018: kaggle competitions submit; 2021: push the kernel, print the next steps",
+    ),
+    "submit-kernel": (
+        "weakcell.kagglekit.api:submit_kernel_output",
+        "2021: submit submission.csv of version kaggle.kernel_version of the pushed kernel",
     ),
     "validate": (
         "weakcell.submission:validate_main",

@@ -180,7 +180,9 @@ class CellposeSegmentConfig(Section):
     cellprob_threshold: float = Field(0.0, description="cellpose: logit above which a pixel is in a cell")
     min_size: int = Field(15, ge=0, description="smallest mask kept, pixels at working scale")
     batch_size: int = Field(8, ge=1, description="256-px tiles per forward pass")
-    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
+    device: str = Field(
+        "auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda | cuda:N"
+    )
 
 
 class SamRefineConfig(Section):
@@ -200,7 +202,9 @@ class SamRefineConfig(Section):
         description="keep the first-pass mask when SAM's mask overlaps it less (IoU) than this",
     )
     box_batch_size: int = Field(16, ge=1, description="box prompts decoded per batch (bounds memory)")
-    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
+    device: str = Field(
+        "auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda | cuda:N"
+    )
 
 
 class PostprocessConfig(Section):
@@ -339,7 +343,7 @@ class TrainConfig(Section):
         "inherit",
         description="cell targets: the image's labels (weak), or the true cell labels (oracle, synthetic)",
     )
-    device: str = Field("auto", description="auto | cpu | cuda")
+    device: str = Field("auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda")
     compile: bool = Field(False, description="torch.compile the model (CUDA only)")
 
 
@@ -561,19 +565,31 @@ class KaggleConfig(Section):
         description="packages the Kaggle image lacks: their wheels (versions pinned to this environment) "
         "join weakcell's in the wheels dataset",
     )
-    python_version: str | None = Field(
-        None,
-        description="target Python of the wheels, e.g. 3.11 (pip download --python-version); None = this one",
+    python_version: list[str] = Field(
+        default_factory=lambda: ["3.12", "3.13"],
+        description="target Pythons of the wheels dataset (Kaggle's image runs 3.12, 3.13 announced): every "
+        "compiled wheel is fetched for each; numbers are read as versions (3.12 -> '3.12')",
     )
     platforms: list[str] = Field(
-        default_factory=list,
-        description="target platform tags, e.g. [manylinux2014_x86_64]; [] = this machine",
+        default_factory=lambda: ["manylinux_2_28_x86_64"],
+        description="platform tags of the Kaggle image for compiled wheels; manylinux_2_N stands for every "
+        "glibc up to 2.N (PEP 600), so manylinux2014 wheels fit too",
     )
     datasets_dir: str = Field("dist/kaggle", description="where the dataset folders are written")
     kernel_overrides: list[str] = Field(
         default_factory=list, description="key=value overrides added to every weakcell command a kernel runs"
     )
     gpu: bool = Field(True, description="kernel-metadata enable_gpu")
+    machine_shape: str | None = Field(
+        "NvidiaTeslaT4",
+        description="kernel-metadata machine_shape when gpu: the accelerator asked for (enable_gpu alone "
+        "has been seen to give a P100, which Kaggle's torch cannot run); None = Kaggle's default",
+    )
+    backbone_dataset: str = Field(
+        "weakcell-backbone-{name}",
+        description="slug (or owner/slug) of the dataset holding model.pretrained_file for the train "
+        "kernel (`make backbone-dataset`); attached only when model.pretrained_file is set",
+    )
     private: bool = Field(
         True,
         description="kernels are private (datasets are, unless created with kaggle datasets create --public)",
@@ -583,6 +599,27 @@ class KaggleConfig(Section):
         None, description="file to submit (hpa2018); None = {paths.submissions}/{name}/image_level.csv"
     )
     dry_run: bool = Field(False, description="print what download / submit would do; no network")
+    kernel_version: int | None = Field(
+        None,
+        ge=1,
+        description="version of the pushed kernel whose submission.csv `make submit-kernel` submits",
+    )
+
+    @field_validator("python_version", mode="before")
+    @classmethod
+    def _versions_as_text(cls, value: Any) -> Any:
+        """``3.12`` (a YAML float), ``[3.12, 3.13]`` or ``"3.12"``: each becomes ``"3.12"``. A float cannot
+        say 3.10 (it reads 3.1), so that one must be quoted."""
+        values = value if isinstance(value, list) else [value]
+        versions = []
+        for item in values:
+            text = str(item).strip()
+            if isinstance(item, float) and text in ("3.1", "3.2"):
+                raise ValueError(f"{item} reads as the number {text}; quote the version, e.g. '3.10'")
+            if not (isinstance(item, (str, int, float)) and all(p.isdigit() for p in text.split("."))):
+                raise ValueError(f"{item!r} is not a Python version such as 3.12")
+            versions.append(text)
+        return versions
 
 
 class AblateConfig(Section):

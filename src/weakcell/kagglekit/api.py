@@ -34,6 +34,7 @@ from weakcell.kagglekit.naming import (
 
 COMPLETE_MARKER = ".kaggle-download-complete.json"
 TOKEN_URL = "https://www.kaggle.com/settings/api"
+SUBMISSION_FILE = "submission.csv"  # what every generated kernel writes into /kaggle/working
 
 
 class KaggleUnavailable(OSError):
@@ -285,8 +286,9 @@ def next_steps(metadata: dict[str, Any], slug: str, url: str | None = None) -> s
             f"  1. the datasets it attaches must exist there: {datasets} (upload commands: make wheels, make weights-dataset)",
             f"  2. open {url}; the pushed version runs once (Logs tab, or `kaggle kernels status {kernel_id}`);",
             "     when it finishes, its Output tab lists submission.csv",
-            f"  3. submit: https://www.kaggle.com/competitions/{slug}/submit -> Notebook -> {kernel_id.split('/')[-1]}, "
-            "the latest version, submission.csv -> Submit (or Output -> Submit on the kernel page)",
+            "  3. submit that version: `make submit-kernel VERSION=<n>` (n: the version pushed), or "
+            f"https://www.kaggle.com/competitions/{slug}/submit -> Notebook -> {kernel_id.split('/')[-1]}, "
+            "that version, submission.csv -> Submit",
             "  4. Kaggle reruns the kernel on the hidden test set; the score appears under My Submissions",
         ]
     )
@@ -330,6 +332,51 @@ def submit_kernel(cfg: Config, slug: str) -> None:
     version = getattr(response, "version_number", None) or getattr(response, "versionNumber", None)
     print(f"submit: pushed {metadata['id']}" + (f" (version {version})" if version else ""))
     print(next_steps(metadata, slug, getattr(response, "url", None)))
+
+
+def submit_kernel_output(cfg: Config) -> None:
+    """``make submit-kernel VERSION=n``: submit ``submission.csv`` of version ``kaggle.kernel_version`` of the
+    pushed kernel to the 2021 code competition (``kaggle competitions submit <competition> -k <owner>/<slug>
+    -f submission.csv -v <n>``); Kaggle then reruns that version on the hidden test set."""
+    key = competition_key(cfg)
+    if key != "hpa2021":
+        raise ValueError(
+            f"submit-kernel submits a kernel to the 2021 code competition; {key} takes a file: `make submit`"
+        )
+    slug = competition_slug(cfg, key)
+    metadata = check_kernel(cfg.path(cfg.paths.kernels) / cfg.kaggle.submit_variant)
+    kernel_id = metadata["id"]
+    version = cfg.kaggle.kernel_version
+    if version is None:
+        raise ValueError(
+            f"which version of {kernel_id}? `make submit-kernel VERSION=<n>` (kaggle.kernel_version=<n>): "
+            f"the number `make submit` printed, or `kaggle kernels status {kernel_id}`"
+        )
+    if kernel_id.startswith(f"{PLACEHOLDER_OWNER}/"):
+        raise ValueError(
+            f"{kernel_id} names no Kaggle account: `make kernels ARGS=kaggle.owner=<you>`, then submit again"
+        )
+    message = cfg.kaggle.message.format(name=cfg.name)
+    command = (
+        f"kaggle competitions submit {slug} -k {kernel_id} -f {SUBMISSION_FILE} -v {version} -m {message!r}"
+    )
+    if cfg.kaggle.dry_run:
+        print(f"submit-kernel (dry run): would run `{command}`")
+        return
+    by_hand = (
+        f"Or by hand: https://www.kaggle.com/competitions/{slug}/submit -> Notebook -> "
+        f"{kernel_id.split('/')[-1]}, version {version}, {SUBMISSION_FILE}."
+    )
+    api = connect(by_hand, slug)
+    call(
+        lambda: api.competition_submit_code(SUBMISSION_FILE, message, slug, kernel_id, version, quiet=True),
+        by_hand,
+        slug,
+    )
+    print(
+        f"submit-kernel: version {version} of {kernel_id} submitted to {slug}; Kaggle reruns it on the hidden "
+        f"test set, the score appears at https://www.kaggle.com/competitions/{slug}/submissions"
+    )
 
 
 def submit(cfg: Config) -> None:

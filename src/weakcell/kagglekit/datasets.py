@@ -1,14 +1,18 @@
-"""The two Kaggle datasets an offline kernel attaches, each a folder with its ``dataset-metadata.json``:
+"""The Kaggle datasets an offline kernel attaches, each a folder with its ``dataset-metadata.json``:
 
-* ``make wheels`` -> ``dist/kaggle/<wheels slug>/``: the weakcell wheel, built from this checkout, and one
-  wheel per package of ``kaggle.wheels`` (what the Kaggle image lacks) at the version installed here, so a
-  kernel runs ``pip install --no-index --find-links /kaggle/input/<wheels slug> weakcell``.
+* ``make wheels`` -> ``dist/kaggle/<wheels slug>/``: the weakcell wheel, built from this checkout, and the
+  wheels of ``kaggle.wheels`` (what the Kaggle image lacks) at the versions installed here, for every
+  Python of ``kaggle.python_version`` on ``kaggle.platforms`` (checked: each package has a wheel each
+  target installs), so a kernel runs ``pip install --no-index --find-links /kaggle/input/<wheels slug>
+  weakcell``.
 * ``make weights-dataset RUN=<run>`` -> ``dist/kaggle/<weights slug>/<run>/``: the weights inference loads
   (``fold<k>/{cell,mil}/model.pt`` of the final round, flat state dicts), ``thresholds.json``, the resolved
   ``config.yaml`` (``model.pretrained_file`` nulled, see ``portable_config``) and ``run.json``, at their
   paths relative to ``runs/`` so that ``paths.runs`` pointed at the mounted dataset reproduces
   ``cfg.model_dir``. Resumable checkpoints (``last.pt``, with optimizer
   state) stay behind.
+* ``make backbone-dataset`` -> ``dist/kaggle/<backbone slug>/``: ``model.pretrained_file``, the backbone's
+  initial weights, which the train kernel reads from the attached dataset.
 
 Upload either folder with ``kaggle datasets create -p <folder>`` (``--dir-mode zip`` for the weights, whose
 files sit in sub-folders; Kaggle unpacks the archive), or ``kaggle datasets version`` for a new version.
@@ -30,9 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.tags import Tag, compatible_tags, cpython_tags
+from packaging.utils import parse_wheel_filename
 
 from weakcell.config import Config
-from weakcell.kagglekit.naming import dataset_id, datasets_root, title_of, weights_slug, wheels_slug
+from weakcell.kagglekit.naming import (
+    backbone_id,
+    backbone_slug,
+    dataset_id,
+    datasets_root,
+    title_of,
+    weights_slug,
+    wheels_slug,
+)
 
 METADATA_FILE = "dataset-metadata.json"
 # What inference reads from a fold (weakcell.infer.predict_fold); nothing else of a run is a weight file.
@@ -136,24 +150,60 @@ def build_weakcell_wheel(out: Path) -> None:
         _pip(args, "building the weakcell wheel")
 
 
-def fetch_wheel(requirement: str, out: Path, cfg: Config) -> None:
-    """A binary wheel of ``requirement`` from the index (or pip's cache), for ``kaggle.python_version`` /
-    ``kaggle.platforms`` when set; a package without one for this machine is built here."""
-    target: list[str] = []
-    if cfg.kaggle.python_version:
-        target += ["--python-version", cfg.kaggle.python_version]
-    for platform in cfg.kaggle.platforms:
-        target += ["--platform", platform]
+def platform_tags(platforms: list[str]) -> list[str]:
+    """Every platform tag a system of ``platforms`` runs, best first: ``manylinux_2_N_<arch>`` stands for
+    each glibc 2.N down to 2.5 (PEP 600) and their legacy names (manylinux2014 = 2.17, manylinux2010 =
+    2.12, manylinux1 = 2.5), as pip does for the machine it runs on (``pip download --platform`` does not)."""
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    tags: list[str] = []
+    for platform in platforms:
+        match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+        if not match:
+            tags.append(platform)
+            continue
+        glibc, arch = int(match.group(1)), match.group(2)
+        for minor in range(glibc, 4, -1):
+            tags.append(f"manylinux_2_{minor}_{arch}")
+            if minor in legacy:
+                tags.append(f"{legacy[minor]}_{arch}")
+    return list(dict.fromkeys(tags))
+
+
+def fetch_wheels(requirements: list[str], out: Path, python_version: str, platforms: list[str]) -> None:
+    """Binary wheels of ``requirements`` for CPython ``python_version`` on ``platforms`` from the index (or
+    pip's cache): one wheel per package, compiled ones tagged for that interpreter, pure ones as they are.
+    A package without such a wheel fails with pip's message (a wheel for another interpreter cannot be
+    built here)."""
+    target = ["--python-version", python_version, "--implementation", "cp"]
+    for tag in platform_tags(platforms):
+        target += ["--platform", tag]
     download = ["download", "--no-deps", "--only-binary=:all:", "--quiet", "--disable-pip-version-check"]
-    try:
-        _pip([*download, "-d", str(out), *target, requirement], f"downloading a wheel of {requirement}")
-    except OSError:
-        if target:  # a wheel for another interpreter cannot be built here
-            raise
-        _pip(
-            ["wheel", "--no-deps", "--quiet", "-w", str(out), requirement],
-            f"building a wheel of {requirement}",
-        )
+    _pip(
+        [*download, "-d", str(out), *target, *requirements],
+        f"downloading wheels for Python {python_version} on {', '.join(platforms)}",
+    )
+
+
+def supported_tags(python_version: str, platforms: list[str]) -> set[Tag]:
+    """Every wheel tag CPython ``python_version`` on ``platforms`` installs (``packaging.tags``)."""
+    version = tuple(int(part) for part in python_version.split(".")[:2])
+    tags = platform_tags(platforms)
+    return set(cpython_tags(version, platforms=tags)) | set(compatible_tags(version, platforms=tags))
+
+
+def unmatched_wheels(folder: Path, python_versions: list[str], platforms: list[str]) -> list[str]:
+    """``package: Python x.y`` for each package of ``folder`` that has no wheel installable on one of the
+    targets; empty when every target can install every package."""
+    by_package: dict[str, set[Tag]] = {}
+    for wheel in folder.glob("*.whl"):
+        name, _, _, tags = parse_wheel_filename(wheel.name)
+        by_package.setdefault(normalize(name), set()).update(tags)
+    return [
+        f"{package}: Python {version}"
+        for package, tags in sorted(by_package.items())
+        for version in python_versions
+        if not tags & supported_tags(version, platforms)
+    ]
 
 
 def dataset_folders(cfg: Config, slug: str) -> tuple[Path, Path]:
@@ -175,12 +225,16 @@ def wheels(cfg: Config) -> Path:
     target, staging = dataset_folders(cfg, slug)
     build_weakcell_wheel(staging)
     requirements = pinned(cfg.kaggle.wheels)
-    for requirement in requirements:
-        fetch_wheel(requirement, staging, cfg)
+    versions, platforms = cfg.kaggle.python_version, cfg.kaggle.platforms
+    for version in versions:
+        fetch_wheels(requirements, staging, version, platforms)
     found = {wheel_name(p.name) for p in staging.glob("*.whl")}
     missing = [r for r in ["weakcell", *requirements] if normalize(r.split("==")[0]) not in found]
     if missing:
         raise OSError(f"pip left no wheel for {', '.join(missing)} in {staging}")
+    unmatched = unmatched_wheels(staging, versions, platforms)
+    if unmatched:
+        raise OSError(f"no wheel installable on {', '.join(platforms)} for {'; '.join(unmatched)}")
     install = f"pip install --no-index --find-links /kaggle/input/{slug} weakcell"
     description = (
         f"Offline install of weakcell and what the Kaggle image lacks: `{install}` "
@@ -190,7 +244,8 @@ def wheels(cfg: Config) -> Path:
     _swap_in(staging, target)
     names = sorted(p.name for p in target.glob("*.whl"))
     print(
-        f"wheels: {len(names)} wheels ({', '.join(n.split('-')[0] for n in names)}), "
+        f"wheels: {len(names)} wheels for Python {', '.join(versions)} "
+        f"({', '.join(n.split('-')[0] for n in names)}), "
         f"{folder_mb(target):.1f} MB, {time.perf_counter() - start:.0f} s -> {target}\n"
         f"  upload: kaggle datasets create -p {target}  (a new version: kaggle datasets version -p {target} -m ...)"
     )
@@ -271,5 +326,40 @@ def weights_dataset(cfg: Config) -> Path:
         f"config.yaml, {folder_mb(target):.1f} MB -> {target}\n"
         f"  upload: kaggle datasets create -p {target} --dir-mode zip  "
         f"(a new version: kaggle datasets version -p {target} -m ... --dir-mode zip)"
+    )
+    return target
+
+
+# ------------------------------------------------------------------------------------------ backbone
+
+
+def backbone_dataset(cfg: Config) -> Path:
+    """``make backbone-dataset``: the backbone's initial weights (``model.pretrained_file``) as a dataset
+    the train kernel attaches, since a local path means nothing on Kaggle. The file is checked to load
+    weights-only (and to be the one ``model.pretrained_file`` resolves to, for a folder) before packing."""
+    from weakcell.models.backbone import resolve_weights_file
+    from weakcell.weights import load_state_dict
+
+    if cfg.model.pretrained_file is None:
+        raise ValueError(
+            "model.pretrained_file is not set: the backbone starts from random weights and the train kernel "
+            "needs no backbone dataset (set model.pretrained_file=<local file> to pack one)"
+        )
+    source = resolve_weights_file(cfg.path(cfg.model.pretrained_file), cfg.model.backbone)
+    state = load_state_dict(source)
+    slug = backbone_slug(cfg)
+    target, staging = dataset_folders(cfg, slug)
+    _link_or_copy(source, staging / source.name)
+    description = (
+        f"Initial weights of the {cfg.model.backbone} backbone ({source.name}, {len(state)} tensors, weights "
+        "only) for the weakcell train kernel. Written by `make backbone-dataset`."
+    )
+    metadata = dataset_metadata(cfg, slug, description)
+    metadata["id"] = backbone_id(cfg)
+    _write_json(staging / METADATA_FILE, metadata)
+    _swap_in(staging, target)
+    print(
+        f"backbone-dataset: {source.name} ({cfg.model.backbone}), {folder_mb(target):.1f} MB -> {target}\n"
+        f"  upload: kaggle datasets create -p {target}  (a new version: kaggle datasets version -p {target} -m ...)"
     )
     return target

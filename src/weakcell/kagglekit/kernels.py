@@ -24,6 +24,7 @@ import weakcell
 from weakcell.config import Config
 from weakcell.kagglekit.naming import (
     PLACEHOLDER_OWNER,
+    backbone_id,
     competition_key,
     competition_slug,
     dataset_id,
@@ -75,7 +76,7 @@ def variant_of(name: str) -> Variant:
         raise KeyError(f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
 
 
-def weight_inputs(cfg: Config, variant: str) -> dict[str, str]:
+def segment_inputs(cfg: Config, variant: str) -> dict[str, str]:
     """Config key -> dataset id of each segmentation weights file the variant's backend reads."""
     backend = variant_of(variant).backend or cfg.segment.backend
     inputs = {}
@@ -83,6 +84,16 @@ def weight_inputs(cfg: Config, variant: str) -> dict[str, str]:
         if part.strip() in WEIGHT_KEYS:
             key, field = WEIGHT_KEYS[part.strip()]
             inputs[key] = dataset_id(cfg, getattr(cfg.kaggle, field))
+    return inputs
+
+
+def weight_inputs(cfg: Config, variant: str) -> dict[str, str]:
+    """Config key -> dataset id of every weights file the kernel reads from an attached dataset: the
+    segmentation weights, and for a kernel that trains, the backbone's initial weights
+    (``model.pretrained_file``, packed by ``make backbone-dataset``) when the config names them."""
+    inputs = segment_inputs(cfg, variant)
+    if variant_of(variant).train and cfg.model.pretrained_file is not None:
+        inputs["model.pretrained_file"] = backbone_id(cfg)
     return inputs
 
 
@@ -97,13 +108,15 @@ def stages(cfg: Config, variant: str) -> list[str]:
 
 
 def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
-    """``kernel-metadata.json``: a private script kernel, internet off, GPU on, the competition and every
-    dataset it reads (wheels, the run's weights, segmentation weights, ``kaggle.extra_datasets``)."""
+    """``kernel-metadata.json``: a private script kernel, internet off, GPU on (``kaggle.machine_shape``, a
+    T4 by default), the competition and every dataset it reads (wheels, the run's weights, segmentation
+    and backbone weights, ``kaggle.extra_datasets``)."""
     slug = kernel_slug(cfg, variant)
     datasets = [dataset_id(cfg, wheels_slug(cfg))]
     if not variant_of(variant).train:
         datasets.append(dataset_id(cfg, weights_slug(cfg)))
     datasets += [*weight_inputs(cfg, variant).values(), *cfg.kaggle.extra_datasets]
+    shape = {"machine_shape": cfg.kaggle.machine_shape} if cfg.kaggle.gpu and cfg.kaggle.machine_shape else {}
     return {
         "id": f"{resolve_owner(cfg)}/{slug}",
         "title": title_of(slug),
@@ -112,6 +125,7 @@ def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
         "kernel_type": "script",
         "is_private": cfg.kaggle.private,
         "enable_gpu": cfg.kaggle.gpu,
+        **shape,
         "enable_tpu": False,
         "enable_internet": False,
         "dataset_sources": list(dict.fromkeys(datasets)),
@@ -150,6 +164,8 @@ def kernel_script(cfg: Config, variant: str) -> str:
             update={
                 "paths": cfg.paths.model_copy(update={"root": "."}),
                 "data": cfg.data.model_copy(update={"dir": None}),
+                # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
+                "model": cfg.model.model_copy(update={"pretrained_file": None}),
             }
         )
         config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
@@ -158,7 +174,7 @@ def kernel_script(cfg: Config, variant: str) -> str:
         "COMPETITION": (competition_slug(cfg), "attached competition data"),
         "DATASET": (key, "its weakcell layout"),
         "WHEELS": (wheels_slug(cfg), "attached dataset: the weakcell wheel + the wheels the image lacks"),
-        "INSTALL": ("weakcell[segment]" if inputs else "weakcell", None),
+        "INSTALL": ("weakcell[segment]" if segment_inputs(cfg, variant) else "weakcell", None),
         "WEIGHTS": (
             None if spec.train else weights_slug(cfg),
             "none: trains its own"
@@ -168,7 +184,7 @@ def kernel_script(cfg: Config, variant: str) -> str:
         "RUN": (cfg.name, None),
         "WEIGHT_INPUTS": (
             {k: slug_of(v) for k, v in inputs.items()},
-            "config key -> attached dataset with segmentation weights",
+            "config key -> attached dataset with weights (segmentation, backbone)",
         ),
         "STAGES": (stages(cfg, variant), None),
         "OVERRIDES": (overrides, "on top of the run's config and the Kaggle paths"),

@@ -92,6 +92,17 @@ def weights_slug(cfg: Config) -> str:
     return _fill(cfg.kaggle.weights_dataset, cfg, "weights_dataset")
 
 
+def backbone_slug(cfg: Config) -> str:
+    """The slug part of ``kaggle.backbone_dataset`` (which may be ``owner/slug``)."""
+    return _fill(slug_of(cfg.kaggle.backbone_dataset), cfg, "backbone_dataset")
+
+
+def backbone_id(cfg: Config) -> str:
+    """``owner/slug`` of the backbone dataset: the owner given in ``kaggle.backbone_dataset``, else ours."""
+    owner, _, _ = cfg.kaggle.backbone_dataset.rpartition("/")
+    return f"{owner or resolve_owner(cfg)}/{backbone_slug(cfg)}"
+
+
 def kernel_slug(cfg: Config, variant: str) -> str:
     return _fill(cfg.kaggle.kernel, cfg, "kernel", variant)
 
