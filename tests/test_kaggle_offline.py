@@ -1,37 +1,51 @@
-"""The generated inference kernel, run as Kaggle runs it: internet off, a Python image that has torch & co.
-but neither weakcell nor the packages of ``kaggle.wheels``, and only attached inputs.
+"""Every generated kernel (inference, cellpose, cellpose-sam, train), run as Kaggle runs it: in a replica of
+Kaggle's Python image (``make kaggle-env``: Python 3.12 and the versions of requirements/kaggle-image.txt),
+internet off, nothing but the image's packages and the attached inputs.
 
-A tiny synthetic run is trained and predicted locally; ``make wheels``, ``make weights-dataset`` and
-``make kernels`` then fill a temporary ``input/`` laid out like a Kaggle session (the competition folder
-holds the synthetic test split in the 2021 layout), and the kernel script runs in a fresh virtual
-environment with the network cut (``unshare -rn`` where it works, and a socket guard in any case). Its
-``working/submission.csv`` must be valid and match the local ``cell_level.csv`` of the same images.
+A tiny synthetic run is trained and predicted locally (its backbone starts from a random 3-channel
+checkpoint, so the 4-channel stem adaptation runs too); ``make wheels``, ``make weights-dataset``,
+``make backbone-dataset`` and ``make kernels`` then fill an ``input/`` laid out like a Kaggle session: the
+competition folder (the synthetic set in the 2021 layout), the datasets, and random Cellpose-SAM (ViT-B) and
+SAM (ViT-B) weight files made here. Each kernel runs in a fresh environment on the image replica (a venv
+whose .pth names the image's site-packages: pip installs into the kernel's venv, never into the image),
+under ``unshare -rn`` (a network namespace without interfaces) plus a socket guard. Every
+``submission.csv`` must validate against the sample submission; the inference kernel's must equal the
+local inference. The image replica is required: without it these tests fail, naming ``make kaggle-env``.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import json
 import os
+import re
 import shutil
 import subprocess
-import sys
-import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import timm
+import torch
 
-from tests.test_train import TINY
+from tests.conftest import REPO, TINY
 from weakcell import folds as folds_stage
 from weakcell import infer as infer_stage
 from weakcell import thresholds as thresholds_stage
 from weakcell import train as train_stage
 from weakcell.cache import build as cache_stage
-from weakcell.config import load_config
+from weakcell.config import Config, load_config
 from weakcell.kagglekit import datasets, kernels, naming
 from weakcell.submission import validate_cell_level
 from weakcell.synthetic import writer as data_stage
+
+IMAGE_REQUIREMENTS = REPO / "requirements" / "kaggle-image.txt"
+KAGGLE_PYTHON = Path(os.environ.get("WEAKCELL_KAGGLE_PYTHON") or REPO / ".venv-kaggle" / "bin" / "python")
+# kernels run two at a time on a 2-core machine, each on one thread (WEAKCELL_KERNEL_JOBS=1: one by one)
+KERNEL_JOBS = int(os.environ.get("WEAKCELL_KERNEL_JOBS", "2"))
 
 # Loaded by the kernel's Python before anything else: any internet socket or name lookup fails.
 SOCKET_GUARD = '''"""Offline test: the Kaggle kernel must not touch the network."""
@@ -64,65 +78,184 @@ def unshare_prefix() -> list[str]:
     return ["unshare", "-rn"] if probe.returncode == 0 else []
 
 
-def kaggle_image(folder: Path, lacking: list[str]) -> Path:
-    """A fresh venv standing in for the Kaggle image; returns its python. It sees every package of this
-    environment except weakcell and ``lacking``, through a .pth naming a folder of symlinks outside the
-    venv (quick, and pip never uninstalls what lies outside the environment it installs into)."""
-    venv = folder / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    purelib = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    excluded = set()
-    for name in ["weakcell", *lacking]:
-        files = importlib.metadata.distribution(name).files or []
-        excluded |= {Path(str(f)).parts[0] for f in files if not str(f).startswith("..")}
-    image = folder / "kaggle-image"
-    image.mkdir()
-    # this environment's site-packages, then any others on the path (the first holding a name wins)
-    site_dirs = [Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")]
-    site_dirs += [Path(p) for p in sys.path if p.endswith("site-packages")]
-    for site_dir in dict.fromkeys(d for d in site_dirs if d.is_dir()):
-        for entry in site_dir.iterdir():
-            skip = entry.suffix == ".pth" or entry.name == "__pycache__" or entry.name in excluded
-            if skip or entry.name.startswith(("weakcell", "__editable__")) or (image / entry.name).exists():
-                continue
-            (image / entry.name).symlink_to(entry)
-    (Path(purelib) / "kaggle_image.pth").write_text(f"{image}\n")
-    (Path(purelib) / "sitecustomize.py").write_text(SOCKET_GUARD)
+def pins(path: Path) -> dict[str, str]:
+    """``name -> version`` of every ``name==version`` line (names PEP 503-normalized)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            found[datasets.normalize(name)] = version.strip()
+    return found
+
+
+def image_versions(python: Path) -> dict[str, str]:
+    """The Python and every distribution of an environment, as it reports them."""
+    code = (
+        "import importlib.metadata as m, json, platform; "
+        "d = {x.metadata['Name']: x.version for x in m.distributions()}; "
+        "d['python'] = platform.python_version(); print(json.dumps(d))"
+    )
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout
+    return {datasets.normalize(k): v for k, v in json.loads(out).items()}
+
+
+@pytest.fixture(scope="module")
+def image_python() -> Path:
+    """The image replica's python, checked against requirements/kaggle-image.txt; a failure (not a skip)
+    when it is missing or stale, so CI cannot pass without running the kernels."""
+    if not KAGGLE_PYTHON.is_file():
+        pytest.fail(
+            f"no Kaggle image replica at {KAGGLE_PYTHON}: `make kaggle-env` builds it (`make test` does it "
+            "first; it needs Python 3.12, see tools/find-python), or set WEAKCELL_KAGGLE_PYTHON"
+        )
+    installed = image_versions(KAGGLE_PYTHON)
+    wanted = pins(IMAGE_REQUIREMENTS)
+    stale = {name: (version, installed.get(name)) for name, version in wanted.items()}
+    stale = {name: pair for name, pair in stale.items() if pair[0] != pair[1]}
+    assert not stale, f"{KAGGLE_PYTHON} differs from {IMAGE_REQUIREMENTS} (wanted, installed): {stale}"
+    assert installed["python"].startswith("3.12."), installed["python"]
+    assert "weakcell" not in installed and "iterative-stratification" not in installed
+    print(
+        "kaggle image replica: Python "
+        + installed["python"]
+        + ", "
+        + ", ".join(f"{name} {installed[name]}" for name in sorted(wanted))
+    )
+    return KAGGLE_PYTHON
+
+
+def kernel_venv(folder: Path, image_python: Path) -> Path:
+    """A fresh environment for one kernel session on the image replica; returns its python. The image's
+    site-packages come in through a .pth (pip never uninstalls what lies outside the environment it
+    installs into, so the image stays as built)."""
+    subprocess.run([image_python, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    paths = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    image_site = subprocess.run([image_python, "-c", paths], check=True, capture_output=True, text=True)
+    own_site = subprocess.run([python, "-c", paths], check=True, capture_output=True, text=True)
+    site = Path(own_site.stdout.strip())
+    (site / "kaggle_image.pth").write_text(image_site.stdout.strip() + "\n")
+    (site / "sitecustomize.py").write_text(SOCKET_GUARD)
     return python
 
 
-def parse(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+def random_backbone_checkpoint(path: Path, name: str) -> Path:
+    """An ImageNet-like 3-channel checkpoint of timm model ``name`` (random weights, its classifier kept)."""
+    torch.manual_seed(0)
+    torch.save(timm.create_model(name, pretrained=False, in_chans=3).state_dict(), path)
+    return path
 
 
-def assert_same_predictions(kernel_csv: Path, local_csv: Path) -> None:
-    """Same IDs, sizes, labels and masks; confidences equal to the 4 printed digits (last-digit slack)."""
-    kernel, local = parse(kernel_csv), parse(local_csv)
-    assert kernel[["ID", "ImageWidth", "ImageHeight"]].equals(local[["ID", "ImageWidth", "ImageHeight"]])
-    for image_id, ours, theirs in zip(kernel["ID"], kernel["PredictionString"], local["PredictionString"]):
-        a, b = ours.split(), theirs.split()
-        assert len(a) == len(b), image_id
-        assert a[0::3] == b[0::3] and a[2::3] == b[2::3], f"labels or masks differ for {image_id}"
-        np.testing.assert_allclose(np.array(a[1::3], float), np.array(b[1::3], float), rtol=2e-3, atol=1e-6)
+def random_segmentation_weights(folder: Path) -> dict[str, Path]:
+    """A Cellpose-SAM (ViT-B encoder) and a SAM ViT-B file under their official names, random but for
+    Cellpose's readout: its zero weights and a bias that paints flows toward the centre of every 8-px
+    patch (cell probability logit 5), so Cellpose finds one cell per patch and SAM has cells to refine."""
+    from segment_anything import sam_model_registry
+
+    from weakcell.segment.cellpose_backend import PATCH, _cpsam_skeleton
+
+    torch.manual_seed(0)
+    net = _cpsam_skeleton("vit_b").to_empty(device="cpu")
+    for parameter in net.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    with torch.no_grad():
+        # W2 scatters readout channel c * 64 + 8 * i + j to output c at pixel (i, j) of the patch
+        net.W2.copy_(torch.eye(3 * PATCH**2).reshape(3 * PATCH**2, 3, PATCH, PATCH))
+        net.out.weight.zero_()
+        rows, cols = torch.meshgrid(torch.arange(PATCH) - 3.5, torch.arange(PATCH) - 3.5, indexing="ij")
+        length = torch.sqrt(rows**2 + cols**2)  # flows are unit vectors x 5 in Cellpose's units
+        net.out.bias.copy_(
+            torch.stack([-5 * rows / length, -5 * cols / length, torch.full_like(rows, 5.0)]).flatten()
+        )
+        net.diam_labels.fill_(30.0)
+        net.diam_mean.fill_(30.0)
+    cellpose = folder / "cellpose" / "cpsam"
+    cellpose.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), cellpose)
+    sam = folder / "sam" / "sam_vit_b_01ec64.pth"
+    sam.parent.mkdir(parents=True)
+    torch.save(sam_model_registry["vit_b"](None).state_dict(), sam)
+    return {"cellpose": cellpose.parent, "sam": sam.parent}
 
 
-def test_generated_kernel_reproduces_local_inference_offline(tmp_path):
-    local = tmp_path / "local"
+@dataclass
+class Session:
+    """What one kernel run left: its working folder, the kernel's venv, exit code, log and seconds."""
+
+    variant: str
+    working: Path
+    python: Path
+    returncode: int
+    log: str
+    seconds: float
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    local_csv: Path
+    input: Path
+    wheels: Path
+    sessions: dict[str, Session]
+    offline: list[str]
+
+
+def session_env(tmp: Path, working: Path, input_dir: Path) -> dict[str, str]:
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp / "home"),
+        "LANG": "C.UTF-8",
+        "KAGGLE_INPUT": str(input_dir),
+        "KAGGLE_WORKING": str(working),
+        "PIP_CONFIG_FILE": os.devnull,  # no index, find-links or constraints of this machine
+        "PYTHONNOUSERSITE": "1",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // KERNEL_JOBS)),
+    }
+
+
+def run_kernel(
+    variant: str, script: Path, tmp: Path, image_python: Path, input_dir: Path, offline: list[str]
+):
+    working = tmp / variant / "working"
+    working.mkdir(parents=True)
+    python = kernel_venv(tmp / variant / "venv", image_python)
+    start = time.perf_counter()
+    result = subprocess.run(
+        [*offline, str(python), str(script)],
+        cwd=working,
+        env=session_env(tmp, working, input_dir),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    return Session(
+        variant,
+        working,
+        python,
+        result.returncode,
+        result.stdout + result.stderr,
+        time.perf_counter() - start,
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, image_python) -> Prepared:
+    """The local run, the datasets, the kernels, and every kernel run once in its own offline session."""
+    tmp = tmp_path_factory.mktemp("kaggle-offline")
+    local = tmp / "local"
+    backbone = random_backbone_checkpoint(tmp / "test_resnet.pth", "test_resnet")
     cfg = load_config(
         None,
         [
             f"paths.root={local}",
             *TINY,
+            f"model.pretrained_file={backbone}",
             "name=kaggle-e2e",
             "refine.rounds=0",
             "kaggle.owner=tester",
-            "kaggle.variants=[inference]",
+            # the random segmentation weights are ViT-B sized (the official cpsam is ViT-L, 1.2 GB)
+            "kaggle.kernel_overrides=[segment.cellpose.backbone=vit_b]",
         ],
     )
     data_stage.run(cfg)
@@ -134,85 +267,156 @@ def test_generated_kernel_reproduces_local_inference_offline(tmp_path):
 
     wheels_dir = datasets.wheels(cfg)
     weights_dir = datasets.weights_dataset(cfg)
-    (kernel_dir,) = kernels.run(cfg)
-    script = kernel_dir / kernels.kernel_metadata(cfg, "inference")["code_file"]
+    backbone_dir = datasets.backbone_dataset(cfg)
+    folders = {folder.name: folder for folder in kernels.run(cfg)}
+    assert sorted(folders) == sorted(kernels.VARIANTS)
 
-    # /kaggle/input and /kaggle/working, as a session with the competition and both datasets attached
-    kaggle = tmp_path / "kaggle"
-    competition = kaggle / "input" / naming.competition_slug(cfg)
-    shutil.copytree(cfg.data_dir / "test", competition / "test")
+    # /kaggle/input as a session with the competition and every dataset attached
+    input_dir = tmp / "input"
+    competition = input_dir / naming.competition_slug(cfg)
+    for split in ("train", "test"):
+        shutil.copytree(cfg.data_dir / split, competition / split)
     for name in ("sample_submission.csv", "train.csv"):
         shutil.copy2(cfg.data_dir / name, competition / name)
-    shutil.copytree(wheels_dir, kaggle / "input" / naming.wheels_slug(cfg), copy_function=os.link)
-    shutil.copytree(weights_dir, kaggle / "input" / naming.weights_slug(cfg), copy_function=os.link)
-    working = kaggle / "working"
-    working.mkdir()
-
-    python = kaggle_image(tmp_path, cfg.kaggle.wheels)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path / "home"),
-        "LANG": "C.UTF-8",
-        "KAGGLE_INPUT": str(kaggle / "input"),
-        "KAGGLE_WORKING": str(working),
-        "PIP_CONFIG_FILE": os.devnull,  # no index, find-links or constraints of this machine
-        "PYTHONNOUSERSITE": "1",
+    segmentation = random_segmentation_weights(tmp / "segmentation")
+    attached = {
+        naming.wheels_slug(cfg): wheels_dir,
+        naming.weights_slug(cfg): weights_dir,
+        naming.backbone_slug(cfg): backbone_dir,
+        naming.slug_of(cfg.kaggle.cellpose_dataset): segmentation["cellpose"],
+        naming.slug_of(cfg.kaggle.sam_dataset): segmentation["sam"],
     }
+    for slug, folder in attached.items():
+        shutil.copytree(folder, input_dir / slug, copy_function=os.link)
+
+    offline = unshare_prefix()
+    scripts = {
+        variant: folder / kernels.kernel_metadata(cfg, variant)["code_file"]
+        for variant, folder in folders.items()
+    }
+    # the slowest first: with two at a time the pair ends closer together
+    order = ["cellpose-sam", "train", "cellpose", "inference"]
+    with ThreadPoolExecutor(max_workers=KERNEL_JOBS) as pool:
+        futures = {
+            variant: pool.submit(run_kernel, variant, scripts[variant], tmp, image_python, input_dir, offline)
+            for variant in order
+        }
+        sessions = {variant: future.result() for variant, future in futures.items()}
+    print(
+        f"kernels offline ({'unshare -rn' if offline else 'socket guard only'}, {KERNEL_JOBS} at a time): "
+        + ", ".join(f"{s.variant} {s.seconds:.0f} s" for s in sessions.values())
+    )
+    return Prepared(cfg, local_csv, input_dir, wheels_dir, sessions, offline)
+
+
+def parse(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def assert_same_predictions(kernel_csv: Path, local_csv: Path) -> None:
+    """Same IDs, sizes, labels and masks; confidences equal within float noise of another torch build."""
+    kernel, local = parse(kernel_csv), parse(local_csv)
+    assert kernel[["ID", "ImageWidth", "ImageHeight"]].equals(local[["ID", "ImageWidth", "ImageHeight"]])
+    for image_id, ours, theirs in zip(kernel["ID"], kernel["PredictionString"], local["PredictionString"]):
+        a, b = ours.split(), theirs.split()
+        assert len(a) == len(b), image_id
+        assert a[0::3] == b[0::3] and a[2::3] == b[2::3], f"labels or masks differ for {image_id}"
+        np.testing.assert_allclose(np.array(a[1::3], float), np.array(b[1::3], float), rtol=2e-3, atol=1e-6)
+
+
+def installed(python: Path) -> set[str]:
+    """Distributions installed into a kernel's own venv (not the image's)."""
+    site = next((python.parent.parent / "lib").glob("python3*/site-packages"))
+    return {datasets.normalize(p.name.split("-")[0]) for p in site.glob("*.dist-info")}
+
+
+def finished(prepared: Prepared, variant: str) -> Session:
+    session = prepared.sessions[variant]
+    assert session.returncode == 0, f"kernel {variant} failed:\n{session.log[-8000:]}"
+    submission = session.working / "submission.csv"
+    validate_cell_level(
+        submission, prepared.input / naming.competition_slug(prepared.cfg) / "sample_submission.csv"
+    )
+    return session
+
+
+def test_the_image_replica_is_offline_and_lacks_what_the_wheels_bring(tmp_path, image_python):
+    python = kernel_venv(tmp_path / "venv", image_python)
+    env = session_env(tmp_path, tmp_path, tmp_path)
     offline = unshare_prefix()
 
-    def image_runs(code: str) -> bool:
+    def runs(code: str) -> bool:
         return (
             subprocess.run([*offline, str(python), "-c", code], env=env, capture_output=True).returncode == 0
         )
 
-    # the stand-in image has torch but neither weakcell nor iterative-stratification, and no network
-    assert image_runs("import torch, timm, pandas") and not image_runs("import weakcell")
-    assert not image_runs("import iterstrat")
-    assert not image_runs("import socket; socket.create_connection(('pypi.org', 443), timeout=5)")
-    start = time.perf_counter()
-    result = subprocess.run(
-        [*offline, str(python), str(script)],
-        cwd=working,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    assert runs(
+        "import sys, torch, timm; assert sys.version_info[:2] == (3, 12); assert timm.__version__ == '1.0.26'"
     )
-    seconds = time.perf_counter() - start
-    log = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, log
-    print(result.stdout[-3000:])
-    print(f"kernel run offline ({'unshare -rn' if offline else 'socket guard'}): {seconds:.1f} s")
+    assert runs("import torch; assert torch.__version__.startswith('2.10.0')")
+    for missing in ("weakcell", "iterstrat", "cellpose", "fastremap", "fill_voids", "imagecodecs", "roifile"):
+        assert not runs(f"import {missing}"), f"{missing} must come from the wheels dataset"
+    assert not runs("import socket; socket.create_connection(('pypi.org', 443), timeout=5)")
+    assert not runs("import urllib.request; urllib.request.urlopen('https://pypi.org', timeout=5)")
 
-    # weakcell and iterative-stratification came from the wheels dataset, into the kernel's environment
-    purelib = next((tmp_path / "venv" / "lib").glob("python3*/site-packages"))
-    installed = {p.name.split("-")[0].lower() for p in purelib.glob("*.dist-info")}
-    assert {"weakcell", "iterative_stratification"} <= installed, installed
 
-    submission = working / "submission.csv"
-    validate_cell_level(submission, competition / "sample_submission.csv")
-    assert_same_predictions(submission, local_csv)
+def test_inference_kernel_equals_local_inference(prepared):
+    session = finished(prepared, "inference")
+    assert_same_predictions(session.working / "submission.csv", prepared.local_csv)
+    assert {"weakcell", "iterative-stratification"} <= installed(session.python)
+    assert "cellpose" not in installed(session.python)  # plain weakcell: no segmentation extras
 
-    # the segmentation kernels' requirements install offline from the same wheels dataset
-    install = ["-m", "pip", "install", "--no-index", "--find-links", str(wheels_dir), "--quiet"]
-    segment = subprocess.run(
-        [*offline, str(python), *install, "--disable-pip-version-check", "weakcell[segment]"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+
+@pytest.mark.parametrize("variant", ["cellpose", "cellpose-sam"])
+def test_segmentation_kernels_install_their_wheels_and_segment_with_the_attached_weights(prepared, variant):
+    session = finished(prepared, variant)
+    assert {"weakcell", "cellpose", "fastremap", "fill-voids", "imagecodecs", "roifile"} <= installed(
+        session.python
     )
-    assert segment.returncode == 0, segment.stdout[-3000:] + segment.stderr[-3000:]
-    imports = subprocess.run(
-        [
-            *offline,
-            str(python),
-            "-c",
-            "import cellpose, segment_anything, fastremap, fill_voids, imagecodecs",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    backend = "cellpose+sam" if variant == "cellpose-sam" else "cellpose"
+    cache = session.working / "cache" / "hpa2021" / backend
+    assert (cache / "images.parquet").is_file(), sorted(
+        p.name for p in (session.working / "cache").rglob("*")
     )
-    assert imports.returncode == 0, imports.stderr[-3000:]
+    assert len(pd.read_parquet(cache / "images.parquet")) == prepared.cfg.synthetic.n_test
+    cells = pd.read_parquet(cache / "cells.parquet")
+    assert cells["image_id"].nunique() == prepared.cfg.synthetic.n_test and len(cells) >= 30, len(cells)
+    predicted = parse(session.working / "submission.csv")["PredictionString"].str.split().str.len()
+    assert (predicted > 0).all()  # every image got cell predictions from the Cellpose cells
+    # the compiled wheels installed were the ones for this interpreter
+    site = next((session.python.parent.parent / "lib").glob("python3*/site-packages"))
+    wheel_tags = {p.name: (p / "WHEEL").read_text() for p in site.glob("fastremap-*.dist-info")}
+    assert any("cp312-cp312-manylinux" in text for text in wheel_tags.values()), wheel_tags
+
+
+def test_train_kernel_trains_from_the_attached_backbone_dataset(prepared):
+    session = finished(prepared, "train")
+    config = (session.working / "runs" / prepared.cfg.name / "config.yaml").read_text()
+    backbone_input = prepared.input / naming.backbone_slug(prepared.cfg)
+    match = re.search(r"pretrained_file: (.+)", config)
+    assert match and match.group(1).strip() == str(backbone_input), config
+    assert str(prepared.cfg.paths.root) not in config  # nothing of this machine's paths
+    # the 3-channel checkpoint went into the 4-channel stem on Kaggle's timm (no adapt_input_conv base_chans)
+    assert re.search(r"stem adapted: \S+ 3->4", session.log), session.log[-3000:]
+
+
+def test_wheels_dataset_serves_every_target_python(prepared):
+    versions, platforms = prepared.cfg.kaggle.python_version, prepared.cfg.kaggle.platforms
+    assert versions == ["3.12", "3.13"]
+    assert datasets.unmatched_wheels(prepared.wheels, versions, platforms) == []
+    names = sorted(p.name for p in prepared.wheels.glob("*.whl"))
+    compiled = [n for n in names if "-none-any" not in n]
+    for package in ("fastremap", "fill_voids"):  # compiled per interpreter: one wheel each
+        for tag in ("cp312", "cp313"):
+            assert any(n.startswith(f"{package}-") and f"-{tag}-" in n for n in compiled), (
+                package,
+                tag,
+                names,
+            )
+    print("wheels dataset:", ", ".join(names))
+
+
+def test_kernels_ran_without_network_interfaces(prepared):
+    if not prepared.offline:
+        pytest.skip("unshare -rn is not allowed here: the kernels ran behind the socket guard only")
+    assert prepared.offline == ["unshare", "-rn"]
