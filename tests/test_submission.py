@@ -198,6 +198,26 @@ def test_validator_checks_sample_order_and_columns():
         validate_cell_level(frame.rename(columns={"ID": "Id"}))
 
 
+def test_image_level_predicts_a_class_at_its_exact_threshold(tmp_path):
+    """image_level.csv reads thresholds as tuning and evaluation do: prob >= threshold is predicted."""
+    from weakcell.config import ThresholdsConfig
+    from weakcell.thresholds import tune_thresholds
+
+    # 0.25, 0.5 and 0.75 are exact in binary: equality is equality, not rounding luck
+    probs = pd.DataFrame({"image_id": ["x", "y"], "p_0": [0.5, 0.25], "p_1": [0.75, 0.5]})
+    path = write_image_level(probs, np.array([0.5, 0.75]), tmp_path / "img.csv")
+    assert list(pd.read_csv(path, keep_default_na=False)["Predicted"]) == ["0 1", ""]
+    # tuning on the same rows: class 0's lowest best threshold is 0.5 (0.5 -> positive, 0.25 -> negative),
+    # and the file must then predict exactly the positives the tuned F1 of 1.0 counted
+    y_true = np.array([[1], [0]])
+    tuned = tune_thresholds(
+        y_true, probs[["p_0"]].to_numpy(), ThresholdsConfig(step=0.25, min_positives=1, shrinkage=0)
+    )
+    assert tuned["threshold"].tolist() == [0.5] and tuned["f1"].tolist() == [1.0]
+    written = write_image_level(probs[["image_id", "p_0"]], tuned["threshold"].to_numpy(), tmp_path / "t.csv")
+    assert list(pd.read_csv(written, keep_default_na=False)["Predicted"]) == ["0", ""]
+
+
 def test_image_level_write_and_validate(tmp_path):
     probs = pd.DataFrame({"image_id": ["x", "y"], "p_0": [0.9, 0.1], "p_1": [0.6, 0.2], "p_2": [0.0, 0.3]})
     path = write_image_level(probs, np.array([0.5, 0.5, 0.25]), tmp_path / "img.csv")

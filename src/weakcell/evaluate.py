@@ -48,7 +48,14 @@ from weakcell.competition_metric import (
 from weakcell.config import Config, InferConfig, ThresholdsConfig
 from weakcell.constants import READINGS, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
-from weakcell.metrics import cell_confidence, f1_per_class, macro_f1, mean_average_precision, per_class_ap
+from weakcell.metrics import (
+    cell_confidence,
+    f1_per_class,
+    macro_f1,
+    mean_average_precision,
+    per_class_ap,
+    predicted_classes,
+)
 from weakcell.submission import mask_pixels
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
@@ -90,8 +97,10 @@ def image_level_scores(
         cross_fitted = cross_fitted_f1(y_true, probs, np.asarray(folds), tuning)
     return {
         "map": mean_average_precision(y_true, probs),
-        "macro_f1_at_05": macro_f1(y_true, probs >= 0.5),
-        "macro_f1_tuned": None if thresholds is None else macro_f1(y_true, probs >= thresholds[None, :]),
+        "macro_f1_at_05": macro_f1(y_true, predicted_classes(probs, 0.5)),
+        "macro_f1_tuned": None
+        if thresholds is None
+        else macro_f1(y_true, predicted_classes(probs, thresholds)),
         "macro_f1_tuned_cross_fitted": cross_fitted,
         "images": len(y_true),
         "classes_scored": int((y_true.sum(0) > 0).sum()),
@@ -107,7 +116,7 @@ def per_class_table(
     y_true = np.asarray(y_true).astype(bool)
     n_classes = y_true.shape[1]
     cut = np.full(n_classes, 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
-    predicted = np.asarray(probs) >= cut[None, :]
+    predicted = predicted_classes(probs, cut)
     tp = (y_true & predicted).sum(0)
     fp = (~y_true & predicted).sum(0)
     fn = (y_true & ~predicted).sum(0)
@@ -128,7 +137,7 @@ def per_class_table(
             "precision": precision,
             "recall": recall,
             "f1": np.where(positives > 0, f1_per_class(y_true, predicted), np.nan),
-            "f1_at_05": np.where(positives > 0, f1_per_class(y_true, np.asarray(probs) >= 0.5), np.nan),
+            "f1_at_05": np.where(positives > 0, f1_per_class(y_true, predicted_classes(probs, 0.5)), np.nan),
             "image_ap": per_class_ap(y_true, np.asarray(probs, dtype=np.float64)),
         }
     )

@@ -50,6 +50,13 @@ def mean_average_precision(
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
 
 
+def predicted_classes(probs: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
+    """The kit's one threshold rule: class c is predicted when its probability is at least its threshold
+    (``probs >= thresholds``), so tuning, evaluation and ``image_level.csv`` agree at the threshold itself.
+    probs: (N, C); thresholds: (C,) or a scalar. Returns (N, C) bool."""
+    return np.asarray(probs) >= np.asarray(thresholds)
+
+
 def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """``(C,)`` F1 per class from 0/1 matrices (0 where a class has neither positives nor predictions)."""
     y_true = np.asarray(y_true).astype(bool)

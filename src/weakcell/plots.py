@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from weakcell.metrics import f1_per_class
+from weakcell.metrics import f1_per_class, predicted_classes
 
 DPI = 110
 COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")  # one per bar series, in order
@@ -88,7 +88,7 @@ def threshold_curves(
     solid line (when given) and 0.5 dashed. y_true, probs: ``(N, C)``. Classes with fewer than
     ``min_positives`` positives are marked as keeping the fallback threshold (too rare to tune)."""
     grid = np.arange(step, 1.0, step)  # (T,)
-    f1 = np.stack([f1_per_class(y_true, probs >= t) for t in grid])  # (T, C)
+    f1 = np.stack([f1_per_class(y_true, predicted_classes(probs, t)) for t in grid])  # (T, C)
     n_classes = y_true.shape[1]
     positives = np.asarray(y_true).sum(0).astype(int)
     rows = -(-(n_classes + 1) // columns)  # one spare panel for the legend
@@ -109,7 +109,7 @@ def threshold_curves(
         ax.axvline(0.5, color="grey", ls="--", lw=0.8, label="0.5")
         if thresholds is not None:
             t = float(thresholds[c])
-            best = float(f1_per_class(y_true[:, c : c + 1], probs[:, c : c + 1] >= t)[0])
+            best = float(f1_per_class(y_true[:, c : c + 1], predicted_classes(probs[:, c : c + 1], t))[0])
             ax.axvline(t, color=COLOURS[1], lw=1.0, label="tuned")
             ax.plot([t], [best], "o", color=COLOURS[1], ms=3)
     legend_ax = axes[n_classes]

@@ -25,6 +25,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from weakcell.constants import EMPTY_MASK_RLE, HPA2021_CLASSES
+from weakcell.metrics import predicted_classes
 from weakcell.outputs import atomic_write, atomic_write_text, writing
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,8 @@ def write_image_level(
     id_column: str = "Id",
     sample_submission: pd.DataFrame | None = None,
 ) -> Path:
-    """2018-style ``Id,Predicted``: space-separated classes whose probability exceeds its threshold.
+    """2018-style ``Id,Predicted``: space-separated classes whose probability reaches its threshold
+    (``metrics.predicted_classes``, the rule thresholds are tuned by).
     Rows follow ``sample_submission`` when given (its IDs must all be predicted), else ``probs``."""
     cols = prob_columns(probs)
     thresholds = np.asarray(thresholds, dtype=float).reshape(-1)
@@ -352,9 +354,11 @@ def write_image_level(
         if missing:
             raise ValueError(f"{len(missing)} sample IDs have no prediction, e.g. {min(missing)}")
         table = table.loc[list(ids)]
-    above = table.to_numpy(float) > thresholds
-    predicted = [" ".join(map(str, np.flatnonzero(row))) for row in above]
-    frame = pd.DataFrame({id_column: table.index.astype(str), "Predicted": predicted})
+    labels = [
+        " ".join(map(str, np.flatnonzero(row)))
+        for row in predicted_classes(table.to_numpy(float), thresholds)
+    ]
+    frame = pd.DataFrame({id_column: table.index.astype(str), "Predicted": labels})
     validate_image_level(frame, sample_submission, n_classes=len(cols), id_column=id_column)
     return _atomic_write(frame, path)
 

@@ -17,7 +17,7 @@ import pandas as pd
 from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
-from weakcell.metrics import f1_per_class
+from weakcell.metrics import f1_per_class, predicted_classes
 from weakcell.outputs import atomic_write_text, folder_lock
 
 
@@ -33,7 +33,7 @@ def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsCon
     """
     grid = np.arange(tuning.step, 1.0, tuning.step)  # (T,) candidate thresholds
     # (T, C) F1 of every class at every threshold, one vectorised pass per threshold
-    f1 = np.stack([f1_per_class(y_true, probs >= t) for t in grid])
+    f1 = np.stack([f1_per_class(y_true, predicted_classes(probs, t)) for t in grid])
     positives = y_true.sum(0)
     own = grid[f1.argmax(0)]  # first maximum = lowest threshold among ties
     tunable = positives >= tuning.min_positives
@@ -49,8 +49,8 @@ def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsCon
         {
             "class": np.arange(y_true.shape[1]),
             "threshold": threshold,
-            "f1": f1_per_class(y_true, probs >= threshold[None, :]),
-            "f1_at_05": f1_per_class(y_true, probs >= 0.5),
+            "f1": f1_per_class(y_true, predicted_classes(probs, threshold)),
+            "f1_at_05": f1_per_class(y_true, predicted_classes(probs, 0.5)),
             "positives": positives.astype(int),
             "tuned": tunable,
         }
@@ -66,7 +66,7 @@ def cross_fitted_f1(
     for fold in np.unique(folds):
         held_out = folds == fold
         table = tune_thresholds(y_true[~held_out], probs[~held_out], tuning)
-        predicted[held_out] = probs[held_out] >= table["threshold"].to_numpy()[None, :]
+        predicted[held_out] = predicted_classes(probs[held_out], table["threshold"].to_numpy())
     present = y_true.sum(0) > 0
     return float(f1_per_class(y_true, predicted)[present].mean())
 
