@@ -115,6 +115,24 @@ def test_sixteen_bit_scaled_consistently(tmp_path):
     assert read_channel(tmp_path / "x_green.png").tolist() == [[0, 1, 128, 255]]
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_rgba_channel_file_reads_its_colour_not_its_alpha(tmp_path, suffix):
+    """An opaque RGBA channel file (alpha 255 everywhere) reads as its brightest colour component."""
+    stain = np.array([[0, 40], [200, 7]], dtype=np.uint8)
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[..., 1] = stain  # green in both BGR(A) and RGB(A) order
+    rgba[..., 0] = stain // 2  # a dimmer component that must not win
+    rgba[..., 3] = 255  # opaque
+    path = tmp_path / f"x_green{suffix}"
+    if suffix == ".png":
+        import cv2
+
+        assert cv2.imwrite(str(path), rgba)
+    else:
+        tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=["unassalpha"])
+    assert read_channel(path).tolist() == [[0, 40], [200, 7]]
+
+
 def test_missing_channel_names_file(tmp_path):
     planes = np.zeros((4, 8, 8), dtype=np.uint8)
     _write_set(tmp_path, "img", planes)

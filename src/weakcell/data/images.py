@@ -53,7 +53,8 @@ def to_uint8(array: np.ndarray, where: str = "image") -> np.ndarray:
 
 def read_channel(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode one channel file into ``(H, W)`` uint8. Colour files (some HPA JPGs) keep their brightest
-    component, which is the stain's own colour."""
+    colour component, which is the stain's own colour; an alpha channel is opacity, not stain, and is
+    left out (an opaque RGBA file would otherwise read as all 255)."""
     path = Path(path)
     decoded: np.ndarray | None
     try:
@@ -67,7 +68,7 @@ def read_channel(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(f"cannot decode {path}: corrupt or truncated; re-download or re-export the file")
     array = np.asarray(decoded)
     if array.ndim == 3:
-        array = array.max(axis=2) if array.shape[2] in (3, 4) else array[0]
+        array = array[..., :3].max(axis=2) if array.shape[2] in (3, 4) else array[0]  # RGB(A) -> max of RGB
     if array.ndim != 2:
         raise ImageReadError(f"{path}: expected a 2-D grayscale image, got shape {array.shape}")
     return to_uint8(array, where=str(path))
