@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 
@@ -26,6 +27,37 @@ def test_run_configs_share_folds_and_give_the_oracle_the_weak_epochs():
     assert set(ablate.run_configs(load_config(None, ["ablate.oracle=false", "ablate.control=false"]))) == {
         ablate.WEAK
     }
+
+
+def _replace(path, content: bytes) -> None:
+    """Write ``path`` as training does: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)
+
+
+def test_control_relinks_a_retrained_round_zero(tmp_path):
+    """After the weak run's round 0 is retrained (FORCE=1), the control's round 0 is the new one and its
+    rounds (fine-tuned from the old one) are gone; an unchanged round 0 is kept with its rounds."""
+    weak, control = tmp_path / "weak", tmp_path / "weak-control"
+    (weak / "fold0" / "cell").mkdir(parents=True)
+    (weak / "round1").mkdir()
+    for name in ("oof_image.parquet", "oof_cell.parquet", "fold0/cell/model.pt", "round1/oof_cell.parquet"):
+        (weak / name).write_bytes(b"old " + name.encode())
+    ablate.link_round_zero(weak, control)
+    assert (control / "fold0" / "cell" / "model.pt").read_bytes() == b"old fold0/cell/model.pt"
+    assert not (control / "round1").exists()  # the weak run's rounds are not the control's
+    (control / "round1").mkdir()
+    (control / "round1" / "model.pt").write_bytes(b"control round 1")
+
+    ablate.link_round_zero(weak, control)  # nothing changed: the control's round is kept
+    assert (control / "round1" / "model.pt").read_bytes() == b"control round 1"
+
+    _replace(weak / "fold0" / "cell" / "model.pt", b"retrained")
+    ablate.link_round_zero(weak, control)
+    assert (control / "fold0" / "cell" / "model.pt").read_bytes() == b"retrained"
+    assert os.path.samefile(weak / "oof_cell.parquet", control / "oof_cell.parquet")
+    assert not (control / "round1").exists()
 
 
 def test_targets_compare_the_final_round_with_inheritance_and_oracle():

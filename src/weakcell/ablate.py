@@ -4,7 +4,8 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
 
 - the weak run ``name``: round 0 (cells inherit image labels, then attention MIL) and pseudo-label
   refinement rounds 1..``ablate.rounds``;
-- ``<name>-control`` (``ablate.control``): round 0 of the weak run (hard links, not retrained) plus rounds
+- ``<name>-control`` (``ablate.control``): round 0 of the weak run (hard links, not retrained; relinked
+  when the weak run's round 0 was retrained) plus rounds
   of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
@@ -19,6 +20,7 @@ Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -106,10 +108,31 @@ def run_configs(cfg: Config) -> dict[str, Config]:
     return configs
 
 
+# What the control's rounds start from: round 0's out-of-fold tables (the rule reads them) and its fold
+# models (fine-tuned). ``target`` holds a current round 0 when each of these is ``source``'s own file.
+ROUND_ZERO_INPUTS = ("oof_image.parquet", "oof_cell.parquet", "fold*/cell/model.pt")
+
+
+def holds_round_zero(source: Path, target: Path) -> bool:
+    """Whether ``target`` holds ``source``'s current round 0: every ``ROUND_ZERO_INPUTS`` file of ``source``
+    is in ``target`` as the same file (a hard link) or an equal copy. A retrained round 0 (``FORCE=1``)
+    writes new files (atomic renames), so the old links no longer match."""
+    files = [path.relative_to(source) for pattern in ROUND_ZERO_INPUTS for path in source.glob(pattern)]
+    return bool(files) and all(
+        (target / name).is_file()
+        and (
+            os.path.samefile(source / name, target / name)
+            or filecmp.cmp(source / name, target / name, shallow=False)
+        )
+        for name in files
+    )
+
+
 def link_round_zero(source: Path, target: Path) -> None:
     """Round 0 of ``source`` into ``target`` as hard links (no copy, no retraining); refinement rounds
-    are not taken."""
-    if (target / "oof_image.parquet").is_file():
+    are not taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its
+    rounds were fine-tuned from the old round 0."""
+    if holds_round_zero(source, target):
         return
     if target.exists():
         shutil.rmtree(target)
