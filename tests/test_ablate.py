@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import typing
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from weakcell import ablate
-from weakcell.config import load_config
+from weakcell.config import RefineConfig, load_config
+from weakcell.refine import pseudo_labels
 
 
 def test_run_configs_share_folds_and_give_the_oracle_the_weak_epochs():
@@ -27,6 +32,50 @@ def test_run_configs_share_folds_and_give_the_oracle_the_weak_epochs():
     assert set(ablate.run_configs(load_config(None, ["ablate.oracle=false", "ablate.control=false"]))) == {
         ablate.WEAK
     }
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    return typing.get_args(RefineConfig.model_fields[field].annotation)
+
+
+# every closed choice of the rule the control inherits from the user's config, in every combination
+CONTROL_RULES = list(itertools.product(_choices("targets"), _choices("unlabelled"), _choices("uncertain")))
+
+
+@pytest.mark.parametrize(("targets", "unlabelled", "uncertain"), CONTROL_RULES)
+def test_control_targets_are_the_inherited_labels(targets, unlabelled, uncertain):
+    """Whatever rule the weak run uses, the control's rounds train on exactly the inherited labels.
+    ``refine.score`` only names which scores the rule reads: random scores in [0, 1] stand for any."""
+    cfg = load_config(
+        None,
+        [
+            "ablate.rounds=2",
+            f"refine.targets={targets}",
+            f"refine.unlabelled={unlabelled}",
+            f"refine.uncertain={uncertain}",
+            "refine.score=mil_attention",
+            "refine.relative=[0.5,0.8]",
+            "refine.negative_quantile=0.95",
+            "refine.threshold_scale=1.5",
+            "refine.min_attention=0.7",
+        ],
+    )
+    control = ablate.run_configs(cfg)[ablate.CONTROL]
+    rng = np.random.default_rng(0)
+    n_cells, n_classes = 40, 19  # 19: the Negative class (18) is among them
+    image_ids = np.repeat(np.arange(8), 5)  # 8 images of 5 cells
+    image_labels = rng.random((8, n_classes)) < 0.2
+    image_labels[np.arange(8), rng.integers(0, n_classes, 8)] = True  # every image has a label
+    inherited = image_labels[image_ids].astype(np.float64)  # (N, C)
+    scores = rng.random((n_cells, n_classes))  # any cell score is a probability or a product of them
+    scores[0] = 0.0  # a cell scoring exactly 0 keeps its labels too
+    attention = rng.random((n_cells, n_classes)) * 2  # relative attention, >= 0
+    for round_ in (1, 2):
+        targets_, trainable = pseudo_labels(
+            scores, image_ids, inherited, attention, rng.random(n_classes), control.refine.for_round(round_)
+        )
+        np.testing.assert_array_equal(targets_, inherited)
+        assert trainable.all()
 
 
 def _replace(path, content: bytes) -> None:

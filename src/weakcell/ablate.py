@@ -86,6 +86,8 @@ def run_configs(cfg: Config) -> dict[str, Config]:
     weak = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"rounds": rounds})})
     configs = {WEAK: weak}
     if cfg.ablate.control and rounds > 0:
+        # every inherited label is kept (scores and attention are >= 0) as a hard 1: soft targets would
+        # relabel the control by its scores
         keep_labels = cfg.refine.model_copy(
             update={
                 "rounds": rounds,
@@ -93,6 +95,7 @@ def run_configs(cfg: Config) -> dict[str, Config]:
                 "negative_quantile": None,
                 "threshold_scale": 0.0,
                 "min_attention": 0.0,
+                "targets": "hard",
             }
         )
         configs[CONTROL] = cfg.model_copy(update={"name": f"{cfg.name}-control", "refine": keep_labels})
