@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from weakcell.cli import main, split_args
+from weakcell.cli import main, split_args, stage_main
 from weakcell.config import (
     Config,
     ConfigError,
@@ -15,6 +16,7 @@ from weakcell.config import (
     parse_overrides,
     save_config,
 )
+from weakcell.errors import StageError, UnknownName
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +111,37 @@ def test_cli_lists_keys_and_rejects_unknown_stage(capsys):
 def test_cli_reports_config_errors_as_one_line(capsys):
     assert main(["folds", str(REPO / "configs/demo.yaml"), "folds.n_splits=one"]) == 2
     assert "folds.n_splits" in capsys.readouterr().err
+
+
+def _raising(error: BaseException):
+    def run(cfg: Config) -> None:
+        raise error
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StageError("run runs/x was trained with other settings; retrain it with FORCE=1"),
+        FileNotFoundError("no folds file folds/x.csv; run `make folds` first"),
+        UnknownName("unknown dataset 'hpa2019'; known: hpa2018, hpa2021"),
+    ],
+)
+def test_cli_reports_expected_errors_as_one_line(error, capsys):
+    assert stage_main(_raising(error), []) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {error.args[0]}\n"  # the message alone: no traceback, no KeyError quotes
+
+
+def test_cli_keeps_the_traceback_of_unexpected_errors(capsys):
+    """A ValueError or KeyError that is not the kit's own is a bug (here a library's): it propagates, so
+    Python prints where it came from, instead of one line that hides it."""
+    with pytest.raises(ValueError, match="reshape"):
+        stage_main(lambda cfg: np.zeros(2).reshape(3), [])
+    with pytest.raises(KeyError, match="p_19"):
+        stage_main(lambda cfg: {"p_0": 0.5}["p_19"], [])
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_validate_takes_a_file(tmp_path, capsys):

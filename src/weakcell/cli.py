@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from weakcell.config import Config, ConfigError, all_keys, load_config
+from weakcell.errors import WeakcellError
 
 # name -> (module:function, one-line help). Later stages register here.
 STAGES: dict[str, tuple[str, str]] = {
@@ -128,14 +129,20 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+# What a user can cause and fix: the kit's own errors (ConfigError among them) and files (OSError). A
+# plain ValueError or KeyError may be a bug in the kit or a library: its traceback says where.
+EXPECTED_ERRORS = (WeakcellError, OSError)
+
+
 def stage_main(run: Callable[[Config], object], argv: list[str] | None = None) -> int:
-    """Entry point shared by every stage: parse args, load config, run, turn known errors into one line."""
+    """Entry point shared by every stage: parse args, load config, run. Expected errors (``EXPECTED_ERRORS``)
+    become one ``error:`` line and exit status 2; anything else is a bug and propagates with its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config_path, overrides = split_args(list(sys.argv[1:] if argv is None else argv))
         cfg = load_config(config_path, overrides)
         run(cfg)
-    except (ConfigError, OSError, ValueError, KeyError) as err:
+    except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

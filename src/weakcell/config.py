@@ -14,8 +14,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from weakcell.errors import WeakcellError
 
-class ConfigError(ValueError):
+
+class ConfigError(WeakcellError, ValueError):
     """A config file or override that does not fit the schema; the message says which key and why."""
 
 

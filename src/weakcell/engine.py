@@ -62,6 +62,7 @@ from tqdm import tqdm
 from weakcell.config import TrainConfig
 from weakcell.devices import auto_device
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
+from weakcell.errors import StageError
 from weakcell.weights import WeightsError, load_weights_only
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,11 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     on CPU, where bf16 autocast is slower than fp32 without AMX and costs bitwise reproducibility.
     """
     if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.device!r}")
+        raise StageError(f"train.device must be auto, cpu or cuda, got {cfg.device!r}")
     # auto: a GPU only when this torch has kernels for it (weakcell.devices), else one warning and CPU
     kind = auto_device().type if cfg.device == "auto" else cfg.device
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise StageError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     world = setup(kind)
     if kind == "cuda":
         device = torch.device("cuda", world.local_rank if world.size > 1 else torch.cuda.current_device())
@@ -182,7 +183,7 @@ class EpochBatches(Sampler[list[int]]):
         weights: np.ndarray | None = None,
     ) -> None:
         if batch_size % (grad_accum * world.size):
-            raise ValueError(
+            raise StageError(
                 f"train.batch_size={batch_size} must be a multiple of train.grad_accum x processes "
                 f"= {grad_accum} x {world.size}"
             )
@@ -359,7 +360,7 @@ def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, see
     if state["world_size"] != world.size:
         problems.append(f"processes: {state['world_size']} -> {world.size}")
     if problems:
-        raise ValueError(
+        raise StageError(
             f"{path} belongs to another run ({'; '.join(problems)}); restore the settings to resume it, "
             "or start over with force (FORCE=1)"
         )
@@ -559,7 +560,7 @@ def fit(
     sampler = EpochBatches(_size(train_data), cfg.batch_size, cfg.grad_accum, world, seed, weights)
     steps_per_epoch = sampler.steps
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise StageError(
             f"{_size(train_data)} training samples make no full batch of train.batch_size={cfg.batch_size}"
         )
     loader = _loader(train_data, sampler, collate, cfg, runtime, seed)

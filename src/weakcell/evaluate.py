@@ -48,6 +48,7 @@ from weakcell.competition_metric import (
 from weakcell.config import Config, InferConfig, ThresholdsConfig
 from weakcell.constants import READINGS, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
+from weakcell.errors import StageError
 from weakcell.metrics import (
     cell_confidence,
     f1_per_class,
@@ -151,7 +152,7 @@ def image_targets(image_ids: pd.Series | list[str], labels: pd.DataFrame, n_clas
     ids = pd.Index([str(i) for i in image_ids])
     missing = ids.difference(lookup.index)
     if len(missing):
-        raise ValueError(f"{len(missing)} predicted images have no labels, e.g. {list(missing[:3])}")
+        raise StageError(f"{len(missing)} predicted images have no labels, e.g. {list(missing[:3])}")
     return to_multi_hot(lookup.loc[ids].tolist(), n_classes)
 
 
@@ -262,7 +263,7 @@ def submission_cell_map(
 
     spec = get_dataset(cfg.data.dataset)
     if not spec.has_truth:
-        raise ValueError(f"{spec.name} has no per-cell truth: only the synthetic set can be scored per cell")
+        raise StageError(f"{spec.name} has no per-cell truth: only the synthetic set can be scored per cell")
     reading = verified or cfg.evaluate.verified
     folder = Path(folder) if folder is not None else submission_dir(cfg)
     csv_path = folder / "cell_level.csv"

@@ -17,6 +17,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from weakcell.config import Config
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.errors import StageError, UnknownName
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,23 @@ def make_folds(
     Returns ``ID, fold`` in the input order.
     """
     if len(labels) < n_splits:
-        raise ValueError(f"{len(labels)} images cannot make {n_splits} folds")
+        raise StageError(f"{len(labels)} images cannot make {n_splits} folds")
     if group_column is None:
         units = labels["ID"].to_numpy()
         unit_of_image = np.arange(len(labels))
         targets = to_multi_hot(labels["labels"].tolist(), n_classes)
     else:
         if group_column not in labels.columns:
-            raise KeyError(f"group column {group_column!r} is not in the label file ({list(labels.columns)})")
+            raise UnknownName(
+                f"group column {group_column!r} is not in the label file ({list(labels.columns)})"
+            )
         codes, units = pd.factorize(labels[group_column], sort=True)
         unit_of_image = codes
         image_targets = to_multi_hot(labels["labels"].tolist(), n_classes)
         targets = np.zeros((len(units), n_classes), dtype=np.uint8)
         np.maximum.at(targets, codes, image_targets)  # a group carries every class any of its images has
         if len(units) < n_splits:
-            raise ValueError(f"{len(units)} groups in {group_column!r} cannot make {n_splits} folds")
+            raise StageError(f"{len(units)} groups in {group_column!r} cannot make {n_splits} folds")
     fold_of_unit = np.full(len(units), -1, dtype=np.int64)
     splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros((len(units), 1)), targets)):
@@ -67,10 +70,10 @@ def read_folds(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read ``ID,fold``, checking that every ID appears once."""
     folds = pd.read_csv(path, dtype={"ID": str, "fold": int})
     if list(folds.columns) != ["ID", "fold"]:
-        raise ValueError(f"{path}: expected columns ID,fold, found {list(folds.columns)}")
+        raise StageError(f"{path}: expected columns ID,fold, found {list(folds.columns)}")
     duplicated = folds["ID"][folds["ID"].duplicated()].tolist()
     if duplicated:
-        raise ValueError(f"{path}: IDs in more than one row, e.g. {duplicated[:3]}; rebuild with FORCE=1")
+        raise StageError(f"{path}: IDs in more than one row, e.g. {duplicated[:3]}; rebuild with FORCE=1")
     return folds
 
 
@@ -87,7 +90,7 @@ def run(cfg: Config) -> pd.DataFrame:
             )
             _print_counts(labels, folds, spec.n_classes)
             return folds
-        raise ValueError(
+        raise StageError(
             f"{target} does not match {cfg.data_dir / spec.label_file} ({len(folds)} vs {len(labels)} IDs); "
             "rebuild it with FORCE=1 (make folds FORCE=1)"
         )

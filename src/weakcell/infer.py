@@ -32,6 +32,7 @@ from weakcell.config import Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
+from weakcell.errors import StageError
 from weakcell.metrics import cell_confidence, sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
@@ -123,7 +124,7 @@ def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
     # images the cache skipped (listed in the label file, files missing or unreadable) have nothing to predict
     images = cache.images[(cache.images["split"] == cfg.infer.split) & (cache.images["status"] == "ok")]
     if images.empty:
-        raise ValueError(
+        raise StageError(
             f"the cache {cfg.cache_dir} holds no {cfg.infer.split!r} images; build it with "
             f'`make cache ARGS="cache.splits=[{cfg.infer.split}]"`'
         )
@@ -148,12 +149,12 @@ def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
     name, _, round_name = source_name.partition("/")
     source = cfg.model_copy(update={"name": name})
     if round_name and not (round_name.startswith("round") and round_name[5:].isdigit()):
-        raise ValueError(f"model source {source_name!r}: expected <run> or <run>/round<r>")
+        raise StageError(f"model source {source_name!r}: expected <run> or <run>/round<r>")
     run_dir = source.round_dir(int(round_name[5:])) if round_name else source.model_dir
     # the networks are built from this config: they must be the ones the weights were trained as
     differ = changed_settings(source.run_dir, cfg, include=MODEL_SETTINGS)
     if differ:
-        raise ValueError(
+        raise StageError(
             f"the models in {source.run_dir} were trained with other network settings ({', '.join(differ[:4])}); "
             f"infer with that run's config ({source.run_dir / 'config.yaml'}) or the same settings"
         )

@@ -21,6 +21,7 @@ import pandas as pd
 from weakcell.config import Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
+from weakcell.errors import StageError
 from weakcell.metrics import image_best
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
 from weakcell.thresholds import tune_thresholds
@@ -140,7 +141,7 @@ def round_targets(
     )
     rows = row_of.reindex(pd.MultiIndex.from_arrays([table["image_id"], table["cell_id"]]))
     if rows.isna().any():
-        raise ValueError(
+        raise StageError(
             "the previous round's OOF cells are not the cache's training cells; the cache was rebuilt "
             "after training: retrain the run (make train FORCE=1)"
         )
@@ -185,7 +186,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
         this_round = round_cfg.model_copy(update={"refine": cfg.refine.for_round(round_)})
         differ = changed_settings(out_dir, this_round, include=REFINE_SETTINGS, exclude=REFINE_RUNTIME)
         if differ and not cfg.force:
-            raise ValueError(
+            raise StageError(
                 f"round {out_dir} was trained with other settings ({', '.join(differ[:6])}); redo it with "
                 "FORCE=1 or give the run another name (name=...)"
             )

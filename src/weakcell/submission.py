@@ -25,6 +25,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from weakcell.constants import EMPTY_MASK_RLE, HPA2021_CLASSES
+from weakcell.errors import StageError, WeakcellError
 from weakcell.metrics import predicted_classes
 from weakcell.outputs import atomic_write, atomic_write_text, writing
 
@@ -38,7 +39,7 @@ PLACEHOLDER = f"0 1 {EMPTY_MASK_RLE}"
 MAX_PROBLEMS = 20
 
 
-class SubmissionError(ValueError):
+class SubmissionError(WeakcellError, ValueError):
     """A submission that Kaggle would reject or mis-score; the message lists the first problems."""
 
     def __init__(self, problems: list[str], total: int | None = None):
@@ -272,22 +273,22 @@ def publish(folder: str | os.PathLike, staged: Mapping[str, str | os.PathLike]) 
 
 def check_published(path: str | os.PathLike) -> None:
     """``path`` belongs to a completely published set: its folder's ``published.json`` lists it and every
-    listed file still has its recorded SHA-256. Raises ValueError (one line, the fix) otherwise."""
+    listed file still has its recorded SHA-256. Raises StageError (one line, the fix) otherwise."""
     path = Path(path)
     record_path = path.parent / PUBLISHED_FILE
     rerun = "rerun `make infer` (an interrupted run leaves this state) and submit what it publishes"
     if not record_path.is_file():
-        raise ValueError(f"{path.parent} has no {PUBLISHED_FILE}: {path.name} was never published; {rerun}")
+        raise StageError(f"{path.parent} has no {PUBLISHED_FILE}: {path.name} was never published; {rerun}")
     try:
         files = json.loads(record_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{record_path} is damaged ({type(err).__name__}); {rerun}") from err
+        raise StageError(f"{record_path} is damaged ({type(err).__name__}); {rerun}") from err
     if path.name not in files:
-        raise ValueError(f"{record_path} does not list {path.name}; {rerun}")
+        raise StageError(f"{record_path} does not list {path.name}; {rerun}")
     for name, digest in files.items():
         member = path.parent / name
         if not member.is_file() or _sha256(member) != digest:
-            raise ValueError(
+            raise StageError(
                 f"{member} is not the file {record_path} published (a run was cut short); {rerun}"
             )
 
@@ -307,7 +308,7 @@ def write_cell_level(
     sample = sample_submission[CELL_COLUMNS[:3]].reset_index(drop=True)
     unknown = set(predictions["image_id"]) - set(sample["ID"])
     if unknown:
-        raise ValueError(
+        raise StageError(
             f"{len(unknown)} predicted image(s) are not in the sample submission, e.g. {min(unknown)}"
         )
     groups = {k: g for k, g in predictions.groupby("image_id", sort=False)}
@@ -319,7 +320,7 @@ def write_cell_level(
             labels = masks_of(image_id)
             if labels is None or labels.shape != (int(height), int(width)):
                 shape = None if labels is None else labels.shape
-                raise ValueError(
+                raise StageError(
                     f"mask of {image_id} has shape {shape}, the submission needs (ImageHeight, ImageWidth) = "
                     f"({height}, {width}): masks must be at the original resolution"
                 )
@@ -346,13 +347,13 @@ def write_image_level(
     cols = prob_columns(probs)
     thresholds = np.asarray(thresholds, dtype=float).reshape(-1)
     if thresholds.size != len(cols):
-        raise ValueError(f"{thresholds.size} thresholds for {len(cols)} classes")
+        raise StageError(f"{thresholds.size} thresholds for {len(cols)} classes")
     table = probs.groupby("image_id", sort=False)[cols].mean()
     if sample_submission is not None:
         ids = sample_submission.iloc[:, 0].astype(str)
         missing = set(ids) - set(table.index)
         if missing:
-            raise ValueError(f"{len(missing)} sample IDs have no prediction, e.g. {min(missing)}")
+            raise StageError(f"{len(missing)} sample IDs have no prediction, e.g. {min(missing)}")
         table = table.loc[list(ids)]
     labels = [
         " ".join(map(str, np.flatnonzero(row)))

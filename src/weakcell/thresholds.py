@@ -17,6 +17,7 @@ import pandas as pd
 from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.errors import StageError
 from weakcell.metrics import f1_per_class, predicted_classes
 from weakcell.outputs import atomic_write_text, folder_lock
 
@@ -95,7 +96,7 @@ def _tune(cfg: Config) -> pd.DataFrame:
     labels = read_label_file(cfg.data_dir / spec.label_file, spec).set_index("ID")
     missing = sorted(set(oof["image_id"]) - set(labels.index))
     if missing:
-        raise ValueError(f"{len(missing)} OOF images are not in the label file, e.g. {missing[:3]}")
+        raise StageError(f"{len(missing)} OOF images are not in the label file, e.g. {missing[:3]}")
     y_true = to_multi_hot(labels.loc[oof["image_id"], "labels"].tolist(), spec.n_classes)
     probs = oof[[f"p_{c}" for c in range(spec.n_classes)]].to_numpy()
     table = tune_thresholds(y_true, probs, cfg.thresholds)

@@ -39,6 +39,7 @@ from weakcell.constants import NEGATIVE, Verified, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.engine import fit, predict
+from weakcell.errors import StageError
 from weakcell.folds import read_folds
 from weakcell.metrics import cell_confidence, macro_f1, mean_average_precision, sigmoid
 from weakcell.models import create_model
@@ -139,7 +140,7 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
     limit = cfg.checks.max_missing_share
     if missing.share > limit:
         needed = math.ceil(missing.share * 100) / 100
-        raise ValueError(
+        raise StageError(
             f"{stage}: the cache {cfg.cache_dir} lacks too much: {missing.describe()} ({missing.share:.1%} > "
             f"checks.max_missing_share={limit:g}); cache them (make cache; {cfg.cache_dir / SKIPPED_FILE} says "
             f"why images failed), or train without them with checks.max_missing_share={needed:g}"
@@ -166,7 +167,7 @@ def load_training_set(cfg: Config) -> TrainingSet:
     images = images.merge(folds.rename(columns={"ID": "image_id"}), how="left")
     missing = images[images["labels"].isna() | images["fold"].isna()]["image_id"].tolist()
     if missing:
-        raise ValueError(
+        raise StageError(
             f"{len(missing)} cached training images lack labels or a fold (e.g. {missing[:3]}); "
             f"rebuild the folds (make folds FORCE=1) or the cache (make cache FORCE=1)"
         )
@@ -187,7 +188,7 @@ def load_training_set(cfg: Config) -> TrainingSet:
         targets[cells.index] = np.stack([image_hot[i] for i in cells["image_id"]]) if len(cells) else 0
     else:  # the oracle: each segmented cell learns its matched true cell's labels
         if truth is None or matches is None:
-            raise ValueError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
+            raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes)
     missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
     return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
@@ -620,7 +621,7 @@ def cell_scores(
     """(len(oof_cell), C) scores of the ``CELL_SCORES`` entry ``name``, rows in ``oof_cell`` order;
     ``infer`` (default: the defaults) sets the submitted confidence's formula."""
     if name not in CELL_SCORES:
-        raise ValueError(f"unknown cell score {name!r}; choose one of {sorted(CELL_SCORES)}")
+        raise StageError(f"unknown cell score {name!r}; choose one of {sorted(CELL_SCORES)}")
     p, q, a = (oof_cell[prob_columns(n_classes, prefix)].to_numpy() for prefix in ("p_", "mil_p_", "att_"))
     image = oof_image.set_index("image_id").loc[oof_cell["image_id"], prob_columns(n_classes)].to_numpy()
     outputs = CellOutputs(p, q, a, image, oof_cell["image_id"].to_numpy())
@@ -698,7 +699,7 @@ def _train(cfg: Config) -> dict[str, float]:
         # finished folds are reused: only while what they computed from is the same
         differ = changed_settings(run_dir, cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
         if differ:
-            raise ValueError(
+            raise StageError(
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
                 "FORCE=1 or give the new run another name (name=...)"
             )

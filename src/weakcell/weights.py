@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from weakcell.errors import WeakcellError
+
 # Where Kaggle mounts attached datasets and models: /kaggle/input/<dataset>/ for datasets,
 # /kaggle/input/<model>/<framework>/<variation>/<version>/ for Kaggle Models. Globs, searched in order.
 KAGGLE_DIRS: tuple[str, ...] = (
@@ -33,7 +35,7 @@ WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model")
 RESAVE_HINT = "re-save it with torch.save(model.state_dict(), path)"
 
 
-class WeightsError(ValueError):
+class WeightsError(WeakcellError, ValueError):
     """A weights file that cannot be loaded safely; the message names the file and the fix."""
 
 

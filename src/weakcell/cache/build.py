@@ -51,6 +51,7 @@ from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
+from weakcell.errors import StageError
 from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
 from weakcell.parallel import n_workers, pool_context
 from weakcell.segment import segment_image
@@ -105,7 +106,7 @@ def split_folder(data_dir: Path, spec: DatasetSpec, split: str) -> Path:
     """``train/`` or ``test/`` of the dataset layout."""
     folders = {"train": spec.train_dir, "test": spec.test_dir}
     if split not in folders:
-        raise ValueError(f"unknown split {split!r} in cache.splits; known: {', '.join(folders)}")
+        raise StageError(f"unknown split {split!r} in cache.splits; known: {', '.join(folders)}")
     return data_dir / folders[split]
 
 
@@ -338,7 +339,7 @@ def _read_index(shards_dir: Path, stem: str, table: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(
+        raise StageError(
             f"the cache index {path} is damaged ({type(err).__name__}); delete {shards_dir / stem}.* and rerun "
             "make cache (its images are cached again), or rebuild the cache with FORCE=1"
         ) from err
@@ -386,7 +387,7 @@ def check_same_settings(cfg: Config, cache_dir: Path) -> None:
     would be silently kept. Names the keys that differ and the two ways out."""
     differ = changed_settings(cache_dir, cfg, include=CONTENT_KEYS)
     if differ:
-        raise ValueError(
+        raise StageError(
             f"the cache in {cache_dir} was built with other settings ({', '.join(differ[:6])}); rebuild it "
             "with FORCE=1 (make cache FORCE=1) or write the new one elsewhere with cache.dir=..."
         )
@@ -397,7 +398,7 @@ def run(cfg: Config) -> Path:
     part. Holds the cache folder's lock (a part's own lock when split). Returns the cache folder."""
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     if part >= n_parts:
-        raise ValueError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
+        raise StageError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
     name = None if n_parts == 1 else _part_marker(cfg.cache_dir, part, n_parts).stem
     with folder_lock(cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
         return _cache_part(cfg)
@@ -487,7 +488,7 @@ def _merge(cfg: Config, quiet: bool) -> Path:
     n_parts = cfg.cache.num_shards
     missing = [p for p in range(n_parts) if not _part_marker(cache_dir, p, n_parts).is_file()]
     if missing:
-        raise ValueError(
+        raise StageError(
             f"cannot merge {cache_dir}: part(s) {', '.join(str(p) for p in missing)} of {n_parts} have not finished "
             f"(run `weakcell cache ... cache.num_shards={n_parts} cache.shard_index=<part>` for each)"
         )

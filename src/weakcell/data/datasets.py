@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from weakcell.constants import HPA2018_CLASSES, HPA2021_CLASSES, NEGATIVE
+from weakcell.errors import UnknownName
 
 
 @dataclass(frozen=True)
@@ -41,4 +42,4 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+        raise UnknownName(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None

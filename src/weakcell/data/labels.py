@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from weakcell.data.datasets import DatasetSpec
+from weakcell.errors import WeakcellError
 
 
-class LabelError(ValueError):
+class LabelError(WeakcellError, ValueError):
     """A label file or string that cannot be trusted; the message names the file and row."""
 
 

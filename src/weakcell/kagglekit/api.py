@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from weakcell.config import Config
+from weakcell.errors import StageError
 from weakcell.kagglekit.kernels import METADATA_FILE
 from weakcell.kagglekit.naming import (
     PLACEHOLDER_OWNER,
@@ -167,7 +168,7 @@ def unzip(archive: Path, folder: Path) -> int:
         for member in tqdm(members, desc=f"unzip {archive.name}", unit="file", dynamic_ncols=True):
             target = (folder / member.filename).resolve()
             if not target.is_relative_to(root):
-                raise ValueError(
+                raise StageError(
                     f"{archive} holds {member.filename!r}, outside {folder}: refusing to extract"
                 )
             if target.is_file() and target.stat().st_size == member.file_size:
@@ -270,7 +271,7 @@ def check_kernel(folder: Path) -> dict[str, Any]:
     script = folder / metadata["code_file"]
     compile(script.read_text(), str(script), "exec")  # a SyntaxError is a bug of the template
     if metadata.get("enable_internet") is not False:
-        raise ValueError(
+        raise StageError(
             f"{meta_path} turns the internet on: code competitions run offline; `make kernels` again"
         )
     return metadata
@@ -319,7 +320,7 @@ def submit_kernel(cfg: Config, slug: str) -> None:
         print(f"submit (dry run): would run `{command}`\n{next_steps(metadata, slug)}")
         return
     if metadata["id"].startswith(f"{PLACEHOLDER_OWNER}/"):
-        raise ValueError(
+        raise StageError(
             f"{folder / METADATA_FILE} has no Kaggle username in its id ({metadata['id']}): "
             "`make kernels ARGS=kaggle.owner=<you>` (or set KAGGLE_USERNAME), then submit again"
         )
@@ -340,7 +341,7 @@ def submit_kernel_output(cfg: Config) -> None:
     -f submission.csv -v <n>``); Kaggle then reruns that version on the hidden test set."""
     key = competition_key(cfg)
     if key != "hpa2021":
-        raise ValueError(
+        raise StageError(
             f"submit-kernel submits a kernel to the 2021 code competition; {key} takes a file: `make submit`"
         )
     slug = competition_slug(cfg, key)
@@ -348,12 +349,12 @@ def submit_kernel_output(cfg: Config) -> None:
     kernel_id = metadata["id"]
     version = cfg.kaggle.kernel_version
     if version is None:
-        raise ValueError(
+        raise StageError(
             f"which version of {kernel_id}? `make submit-kernel VERSION=<n>` (kaggle.kernel_version=<n>): "
             f"the number `make submit` printed, or `kaggle kernels status {kernel_id}`"
         )
     if kernel_id.startswith(f"{PLACEHOLDER_OWNER}/"):
-        raise ValueError(
+        raise StageError(
             f"{kernel_id} names no Kaggle account: `make kernels ARGS=kaggle.owner=<you>`, then submit again"
         )
     message = cfg.kaggle.message.format(name=cfg.name)

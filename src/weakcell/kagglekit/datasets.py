@@ -38,6 +38,7 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
 from weakcell.config import Config
+from weakcell.errors import StageError
 from weakcell.kagglekit.naming import (
     backbone_id,
     backbone_slug,
@@ -69,7 +70,7 @@ def dataset_metadata(cfg: Config, slug: str, description: str) -> dict[str, Any]
     ``kaggle datasets create --public``)."""
     title = title_of(slug)
     if not 6 <= len(title) <= 50:
-        raise ValueError(
+        raise StageError(
             f"Kaggle dataset titles hold 6-50 characters; {title!r} (from slug {slug!r}) does not: "
             "set kaggle.wheels_dataset / kaggle.weights_dataset"
         )
@@ -120,7 +121,7 @@ def pinned(packages: list[str]) -> list[str]:
         try:
             version = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            raise ValueError(
+            raise StageError(
                 f"{package} (in kaggle.wheels) is not installed here, so its version is unknown: "
                 "`make install`, or remove it from kaggle.wheels"
             ) from None
@@ -341,7 +342,7 @@ def backbone_dataset(cfg: Config) -> Path:
     from weakcell.weights import load_state_dict
 
     if cfg.model.pretrained_file is None:
-        raise ValueError(
+        raise StageError(
             "model.pretrained_file is not set: the backbone starts from random weights and the train kernel "
             "needs no backbone dataset (set model.pretrained_file=<local file> to pack one)"
         )

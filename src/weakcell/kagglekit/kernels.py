@@ -22,6 +22,7 @@ import yaml
 
 import weakcell
 from weakcell.config import Config
+from weakcell.errors import UnknownName
 from weakcell.kagglekit.naming import (
     PLACEHOLDER_OWNER,
     backbone_id,
@@ -73,7 +74,7 @@ def variant_of(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise KeyError(f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
+        raise UnknownName(f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
 
 
 def segment_inputs(cfg: Config, variant: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from weakcell.config import Config
+from weakcell.errors import StageError, UnknownName
 
 PLACEHOLDER_OWNER = "your-kaggle-username"
 COMPETITION_LAYOUTS = ("hpa2021", "hpa2018")
@@ -33,7 +34,7 @@ def competition_slug(cfg: Config, key: str | None = None) -> str:
         return cfg.kaggle.competitions[key]
     except KeyError:
         known = ", ".join(f"{k} ({v})" for k, v in cfg.kaggle.competitions.items())
-        raise KeyError(
+        raise UnknownName(
             f"no Kaggle competition for dataset {key!r} in kaggle.competitions; known: {known}"
         ) from None
 
@@ -79,7 +80,7 @@ def _fill(template: str, cfg: Config, field: str, variant: str = "") -> str:
     try:
         return slugify(template.format(name=cfg.name, variant=variant))
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(
+        raise StageError(
             f"kaggle.{field}={template!r}: only {{name}} and {{variant}} may be filled in ({err})"
         ) from None
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from torch import nn
 
 from weakcell.config import Config
+from weakcell.errors import UnknownName
 from weakcell.models.backbone import create_backbone, feature_dim, load_backbone_weights, resolve_weights_file
 from weakcell.models.classifiers import (
     CellClassifier,
@@ -56,7 +57,7 @@ def create_model(
 ) -> nn.Module:
     """Build the ``MODELS[name]`` model from the resolved config; ``pos_weight`` (C,) weighs positives."""
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+        raise UnknownName(f"unknown model {name!r}; known: {sorted(MODELS)}")
     return MODELS[name](cfg, n_classes, in_dim=in_dim, pos_weight=pos_weight)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from weakcell.config import SegmentConfig
+from weakcell.errors import UnknownName
 
 
 @dataclass
@@ -48,7 +49,7 @@ REFINERS: dict[str, str] = {
 
 def _load(registry: dict[str, str], name: str, kind: str) -> Callable[..., Segmentation]:
     if name not in registry:
-        raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+        raise UnknownName(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
     module, _, function = registry[name].partition(":")
     return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
 

@@ -38,6 +38,7 @@ import torch
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
+from weakcell.errors import StageError
 from weakcell.segment import Segmentation
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
@@ -91,7 +92,7 @@ def _cpsam_skeleton(backbone: str) -> torch.nn.Module:
     from segment_anything import sam_model_registry
 
     if backbone not in sam_model_registry:
-        raise ValueError(
+        raise StageError(
             f"segment.cellpose.backbone={backbone!r} is not a SAM encoder size; known: {sorted(sam_model_registry)}"
         )
     with torch.device("meta"):

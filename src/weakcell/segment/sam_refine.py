@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
+from weakcell.errors import StageError
 from weakcell.segment import Segmentation
 from weakcell.segment.cellpose_backend import resize_image, resize_labels
 from weakcell.weights import WeightsError, find_weights, load_state_dict
@@ -90,7 +91,7 @@ def load_sam(path: str | Path, model_type: str, device: torch.device) -> torch.n
     from segment_anything import sam_model_registry
 
     if model_type not in sam_model_registry:
-        raise ValueError(
+        raise StageError(
             f"segment.sam.model_type={model_type!r} unknown; known: {sorted(sam_model_registry)}"
         )
     state = load_state_dict(path)

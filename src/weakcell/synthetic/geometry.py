@@ -15,6 +15,8 @@ from functools import cached_property
 import cv2
 import numpy as np
 
+from weakcell.errors import UnknownName
+
 
 @dataclass(frozen=True)
 class CellLine:
@@ -48,7 +50,7 @@ def get_cell_line(name: str) -> CellLine:
     try:
         return CELL_LINES[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownName(
             f"unknown cell line {name!r} in synthetic.cell_lines; known: {', '.join(CELL_LINES)}"
         ) from None
 

@@ -29,6 +29,7 @@ from weakcell.config import Config, SyntheticConfig, save_config
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.images import write_channel, write_image
 from weakcell.data.labels import format_labels
+from weakcell.errors import StageError
 from weakcell.parallel import n_workers, pool_context
 from weakcell.synthetic.generate import generate_image, image_seed
 from weakcell.synthetic.truth import SPEC, TRUTH
@@ -60,7 +61,7 @@ def _claim(data_dir: Path) -> None:
     other files and was never ours (a mistyped ``data.dir`` must not wipe real images)."""
     owner = data_dir / OWNER
     if data_dir.is_dir() and any(data_dir.iterdir()) and not owner.is_file():
-        raise ValueError(
+        raise StageError(
             f"{data_dir} holds files that the synthetic writer did not make (no {OWNER}); "
             "point data.dir at an empty or synthetic folder"
         )
@@ -113,7 +114,7 @@ def run(cfg: Config) -> Path:
     """Write the benchmark into ``cfg.data_dir`` unless an identical complete set is there (``force``
     regenerates). Prints one summary line; returns the folder."""
     if cfg.data.dataset != SPEC.name:
-        raise ValueError(
+        raise StageError(
             f"`weakcell data` generates the synthetic set only; data.dataset={cfg.data.dataset} is read as-is "
             f"from {cfg.data_dir} (run with data.dataset=synthetic, e.g. configs/demo.yaml)"
         )
