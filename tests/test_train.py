@@ -135,6 +135,42 @@ def test_infer_writes_valid_submissions(tiny_run):
     assert ((pred_cell["p_0"] * pred_cell["image_0"]) <= pred_cell["p_0"] + 1e-12).all()
 
 
+def test_every_mil_mode_has_a_stage2_contract():
+    """Training and inference read stage 2 from one registry: a mode the config accepts must be in it."""
+    import typing
+
+    from weakcell.config import MilConfig
+    from weakcell.stage2 import STAGE2
+
+    assert set(STAGE2) == set(typing.get_args(MilConfig.model_fields["mode"].annotation))
+
+
+def test_end_to_end_mode_trains_and_infers_a_valid_submission(tiny_run):
+    """mil.mode=end_to_end trains the dual-head model per fold; inference rebuilds that model (not the
+    frozen MIL head) from the run's weights and writes validated submissions."""
+    from weakcell import infer as infer_stage
+    from weakcell import thresholds as thresholds_stage
+    from weakcell.submission import validate_cell_level, validate_image_level
+
+    cfg, _ = tiny_run
+    e2e = cfg.model_copy(
+        update={"name": "end-to-end", "mil": cfg.mil.model_copy(update={"mode": "end_to_end", "epochs": 1})}
+    )
+    train_stage.run(e2e)
+    thresholds_stage.run(e2e)
+    out_dir = infer_stage.run(e2e)
+    sample = pd.read_csv(cfg.data_dir / "sample_submission.csv")
+    assert validate_cell_level(out_dir / "cell_level.csv", sample)["rows"] == len(sample)
+    validate_image_level(out_dir / "image_level.csv")
+    images = pd.read_parquet(out_dir / "pred_image.parquet")
+    assert sorted(images["image_id"]) == sorted(sample["ID"])
+    probs = images[[f"p_{c}" for c in range(19)]].to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()  # sigmoids of the dual head's logits, not placeholders
+    # the networks are built as the run trained them: a frozen-mode config refuses, naming the setting
+    with pytest.raises(ValueError, match=r"mil\.mode"):
+        infer_stage.run(e2e.model_copy(update={"mil": e2e.mil.model_copy(update={"mode": "frozen"})}))
+
+
 def test_blend_refuses_different_keys():
     from weakcell.infer import blend
 

@@ -36,13 +36,13 @@ from weakcell.errors import StageError
 from weakcell.metrics import cell_confidence, sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
+from weakcell.stage2 import load as load_stage2
 from weakcell.submission import publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
-from weakcell.train import EmbeddingBags
 from weakcell.weights import load_state_dict
 
 # What builds the networks whose weights inference loads.
-MODEL_SETTINGS = ("model.", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")
+MODEL_SETTINGS = ("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")
 
 
 class SymmetricCrops(CellCrops):
@@ -77,16 +77,19 @@ def predict_fold(
     probs = np.asarray(probs) / len(cfg.infer.tta)
     embeddings = np.asarray(embeddings, dtype=np.float32) / len(cfg.infer.tta)
 
-    # MIL over each image's averaged embeddings; ``EmbeddingBags`` indexes embeddings by cache row
+    # stage 2 as the run trained it (``mil.mode``): MIL over each image's TTA-averaged embeddings (frozen),
+    # or the end-to-end model over the image's crops (untransformed); embeddings are indexed by cache row
     table = np.zeros((len(cache.cells), embeddings.shape[1] if len(rows) else 1), dtype=np.float32)
     table[rows] = embeddings
     by_image = cells.groupby("image_id", sort=False).indices
     bags = [rows[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
-    mil = create_model("mil", cfg, n_classes, in_dim=table.shape[1])
-    mil.load_state_dict(load_state_dict(fold_dir / "mil" / "model.pt"))
+    mil, stage2 = load_stage2(cfg, fold_dir, n_classes, table.shape[1])
     n_max = max((len(b) for b in bags), default=1)
     targets = np.zeros((len(image_ids), n_classes), np.float32)
-    mil_out = predict(mil, EmbeddingBags(table, bags, targets, n_max), cfg.train, batch_keys=("bag",))
+    image_bags = stage2.bags(cfg, cache, table, bags, targets, n_max, False)
+    # batches of mil.batch_size images, as stage 2 trains (an end-to-end batch holds all their crops)
+    mil_predict = cfg.train.model_copy(update={"batch_size": cfg.mil.batch_size})
+    mil_out = predict(mil, image_bags, mil_predict, batch_keys=("bag",))
     image_probs = np.zeros((len(image_ids), n_classes))
     image_probs[mil_out["bag"]] = sigmoid(mil_out["logits"])
     images = pd.DataFrame(image_probs, columns=prob_columns(n_classes)).assign(image_id=image_ids)

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from weakcell.attention_maps import draw_attention_maps, pick_images
-from weakcell.cache.loader import CellCrops, CropAugment, augment_batch_
+from weakcell.cache.loader import CellCrops, CropAugment
 from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
 from weakcell.config import Config, InferConfig, TrainConfig, changed_settings, save_config
@@ -44,6 +43,7 @@ from weakcell.folds import read_folds
 from weakcell.metrics import cell_confidence, macro_f1, mean_average_precision, sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.stage2 import STAGE2
 from weakcell.weights import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -240,69 +240,6 @@ class LabelledCrops(CellCrops):
         return batch
 
 
-class EmbeddingBags(Dataset):
-    """One MIL bag per image: its cells' frozen embeddings, padded to ``n_max`` cells with a mask."""
-
-    def __init__(self, embeddings: np.ndarray, bags: list[np.ndarray], targets: np.ndarray, n_max: int):
-        self.embeddings, self.bags, self.targets, self.n_max = embeddings, bags, targets, max(n_max, 1)
-
-    def __len__(self) -> int:
-        return len(self.bags)
-
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        rows = self.bags[position][: self.n_max]
-        bag = np.zeros((self.n_max, self.embeddings.shape[1]), dtype=np.float32)  # (N, D)
-        bag[: len(rows)] = self.embeddings[rows]
-        mask = np.zeros(self.n_max, dtype=bool)
-        mask[: len(rows)] = True
-        return {
-            "bags": torch.from_numpy(bag),
-            "mask": torch.from_numpy(mask),
-            "targets": torch.from_numpy(self.targets[position]),
-            "bag": torch.tensor(position),
-        }
-
-
-class CropBags(Dataset):
-    """One bag of cell crops per image for end-to-end MIL: ``k`` cells sampled per visit when training
-    (``augment`` given), the first ``k`` in cell order otherwise; padded with a mask."""
-
-    def __init__(
-        self,
-        cache: CellCache,
-        bags: list[np.ndarray],
-        targets: np.ndarray,
-        k: int,
-        augment: CropAugment | None,
-    ):
-        self.cache, self.bags, self.targets, self.k, self.augment = cache, bags, targets, max(k, 1), augment
-
-    def __len__(self) -> int:
-        return len(self.bags)
-
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        rows = self.bags[position]
-        if self.augment is not None and len(rows) > self.k:
-            # torch's RNG is seeded per process/worker and checkpointed by the engine: resume stays exact
-            rows = np.sort(rows[torch.randperm(len(rows))[: self.k].numpy()])
-        rows = rows[: self.k]
-        size = self.cache.crop_size
-        crops = torch.zeros((self.k, 4, size, size), dtype=torch.uint8)  # (K, 4, S, S)
-        if len(rows):
-            chosen = self.cache.crops(rows)
-            crops[: len(rows)] = (
-                augment_batch_(chosen, self.augment) if self.augment else torch.from_numpy(chosen)
-            )
-        mask = torch.zeros(self.k, dtype=torch.bool)
-        mask[: len(rows)] = True
-        return {
-            "crops": crops,
-            "mask": mask,
-            "targets": torch.from_numpy(self.targets[position]),
-            "bag": torch.tensor(position),
-        }
-
-
 # -- class imbalance ------------------------------------------------------------------------------------
 
 
@@ -355,38 +292,6 @@ class BagSplit:
     @property
     def n_max(self) -> int:
         return max((len(b) for b in self.train + self.val), default=1)
-
-
-def mil_on_embeddings(
-    cfg: Config, data: TrainingSet, bags: BagSplit, embeddings: np.ndarray, fold_dir: Path
-) -> tuple[torch.nn.Module, Dataset, Dataset]:
-    """Stage 2 on frozen stage-1 embeddings: fast, the MIL head alone learns (seconds on CPU)."""
-    model = create_model("mil", cfg, data.n_classes, in_dim=embeddings.shape[1])
-    return (
-        model,
-        EmbeddingBags(embeddings, bags.train, bags.train_targets, bags.n_max),
-        EmbeddingBags(embeddings, bags.val, bags.val_targets, bags.n_max),
-    )
-
-
-def mil_end_to_end(
-    cfg: Config, data: TrainingSet, bags: BagSplit, embeddings: np.ndarray, fold_dir: Path
-) -> tuple[torch.nn.Module, Dataset, Dataset]:
-    """Stage 2 end to end (the 2021 2nd place "dual head"): ``mil.cells_per_bag`` sampled crops per image
-    through the backbone, loss = image BCE + lambda * cell BCE; the backbone starts from stage 1."""
-    model = create_model("dual", cfg, data.n_classes)
-    stage1 = load_state_dict(fold_dir / "cell" / "model.pt")
-    model.load_state_dict(stage1, strict=False)  # the shared encoder.* weights; the MIL head starts fresh
-    augment = CropAugment(symmetries=True, intensity=0.2)
-    return (
-        model,
-        CropBags(data.cache, bags.train, bags.train_targets, cfg.mil.cells_per_bag, augment),
-        CropBags(data.cache, bags.val, bags.val_targets, bags.n_max, None),  # every cell of a val image
-    )
-
-
-# mil.mode -> how stage 2 builds its model and data; both train through the same engine.
-STAGE2 = {"frozen": mil_on_embeddings, "end_to_end": mil_end_to_end}
 
 
 def train_fold(
@@ -496,7 +401,13 @@ def train_fold(
         return image_metrics(val_image_targets, probs)
 
     torch.manual_seed(cfg.seed + fold)
-    model, train_bag_data, val_bag_data = STAGE2[cfg.mil.mode](cfg, data, bags, embeddings, fold_dir)
+    stage2 = STAGE2[cfg.mil.mode]
+    model = stage2.build(cfg, n_classes, embeddings.shape[1])
+    stage2.start(model, fold_dir)
+    train_bag_data = stage2.bags(
+        cfg, data.cache, embeddings, bags.train, bags.train_targets, bags.n_max, True
+    )
+    val_bag_data = stage2.bags(cfg, data.cache, embeddings, bags.val, bags.val_targets, bags.n_max, False)
     fit(
         model,
         train_bag_data,
