@@ -36,7 +36,7 @@ from weakcell.errors import StageError
 from weakcell.metrics import cell_confidence, sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
-from weakcell.stage2 import load as load_stage2
+from weakcell.stage2 import BagRequest, load_trained
 from weakcell.submission import publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
 from weakcell.weights import load_state_dict
@@ -83,10 +83,10 @@ def predict_fold(
     table[rows] = embeddings
     by_image = cells.groupby("image_id", sort=False).indices
     bags = [rows[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
-    mil, stage2 = load_stage2(cfg, fold_dir, n_classes, table.shape[1])
+    mil, stage2 = load_trained(cfg, fold_dir, n_classes, table.shape[1])
     n_max = max((len(b) for b in bags), default=1)
     targets = np.zeros((len(image_ids), n_classes), np.float32)
-    image_bags = stage2.bags(cfg, cache, table, bags, targets, n_max, False)
+    image_bags = stage2.bags(BagRequest(cfg, cache, table, bags, targets, n_max, training=False))
     # batches of mil.batch_size images, as stage 2 trains (an end-to-end batch holds all their crops)
     mil_predict = cfg.train.model_copy(update={"batch_size": cfg.mil.batch_size})
     mil_out = predict(mil, image_bags, mil_predict, batch_keys=("bag",))

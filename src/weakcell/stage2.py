@@ -4,7 +4,7 @@ inference both use, so every mode that trains also infers.
 A mode says how its network is built (``build``), how it starts before training (``start``) and what one
 bag per image holds (``bags``: the cells' stage-1 embeddings, or their crops for the end-to-end model).
 Training fits ``build``'s network on ``bags(..., training=True)`` and saves ``fold<k>/mil/model.pt``;
-inference rebuilds the same network (``load``) and predicts ``bags(..., training=False)``.
+inference rebuilds the same network (``load_trained``) and predicts ``bags(..., training=False)``.
 """
 
 from __future__ import annotations
@@ -88,9 +88,17 @@ class CropBags(Dataset):
         }
 
 
-# Arguments of ``Stage2.bags``: config, cache, (len(cache.cells), D) stage-1 embeddings by cache row, the
-# cache rows of each image's cells, (n_images, C) image targets, the largest bag, and training or not.
-BagBuilder = Callable[[Config, CellCache, np.ndarray, list[np.ndarray], np.ndarray, int, bool], Dataset]
+@dataclass(frozen=True)
+class BagRequest:
+    """What ``Stage2.bags`` makes one bag per image from."""
+
+    cfg: Config
+    cache: CellCache
+    embeddings: np.ndarray  # (len(cache.cells), D) stage-1 embeddings by cache row (frozen mode reads them)
+    bags: list[np.ndarray]  # the cache rows of each image's cells
+    targets: np.ndarray  # (n_images, C) image targets (zeros when predicting)
+    n_max: int  # cells of the largest bag
+    training: bool
 
 
 @dataclass(frozen=True)
@@ -99,36 +107,19 @@ class Stage2:
 
     build: Callable[[Config, int, int], nn.Module]  # (cfg, n_classes, embedding size D) -> untrained network
     start: Callable[[nn.Module, Path], None]  # before training, from the fold folder's stage-1 model
-    bags: BagBuilder
+    bags: Callable[[BagRequest], Dataset]
 
 
-def _frozen_bags(
-    cfg: Config,
-    cache: CellCache,
-    embeddings: np.ndarray,
-    bags: list[np.ndarray],
-    targets: np.ndarray,
-    n_max: int,
-    training: bool,
-) -> Dataset:
-    return EmbeddingBags(embeddings, bags, targets, n_max)
+def _embedding_bags(request: BagRequest) -> Dataset:
+    return EmbeddingBags(request.embeddings, request.bags, request.targets, request.n_max)
 
 
-def _crop_bags(
-    cfg: Config,
-    cache: CellCache,
-    embeddings: np.ndarray,
-    bags: list[np.ndarray],
-    targets: np.ndarray,
-    n_max: int,
-    training: bool,
-) -> Dataset:
+def _crop_bags(request: BagRequest) -> Dataset:
     # training samples mil.cells_per_bag augmented crops per visit; prediction reads every cell once
-    if training:
-        return CropBags(
-            cache, bags, targets, cfg.mil.cells_per_bag, CropAugment(symmetries=True, intensity=0.2)
-        )
-    return CropBags(cache, bags, targets, n_max, None)
+    if request.training:
+        augment = CropAugment(symmetries=True, intensity=0.2)
+        return CropBags(request.cache, request.bags, request.targets, request.cfg.mil.cells_per_bag, augment)
+    return CropBags(request.cache, request.bags, request.targets, request.n_max, None)
 
 
 def _from_stage1(model: nn.Module, fold_dir: Path) -> None:
@@ -142,7 +133,7 @@ STAGE2: dict[str, Stage2] = {
     "frozen": Stage2(
         build=lambda cfg, n_classes, dim: create_model("mil", cfg, n_classes, in_dim=dim),
         start=lambda model, fold_dir: None,
-        bags=_frozen_bags,
+        bags=_embedding_bags,
     ),
     "end_to_end": Stage2(
         build=lambda cfg, n_classes, dim: create_model("dual", cfg, n_classes),
@@ -152,7 +143,7 @@ STAGE2: dict[str, Stage2] = {
 }
 
 
-def load(cfg: Config, fold_dir: Path, n_classes: int, embedding_dim: int) -> tuple[nn.Module, Stage2]:
+def load_trained(cfg: Config, fold_dir: Path, n_classes: int, embedding_dim: int) -> tuple[nn.Module, Stage2]:
     """The trained stage-2 network of ``fold_dir`` (``mil/model.pt``) as ``mil.mode`` builds it, and the
     mode's contract (whose ``bags`` it predicts)."""
     stage2 = STAGE2[cfg.mil.mode]

@@ -43,7 +43,7 @@ from weakcell.folds import read_folds
 from weakcell.metrics import cell_confidence, macro_f1, mean_average_precision, sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
-from weakcell.stage2 import STAGE2
+from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.weights import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -405,9 +405,11 @@ def train_fold(
     model = stage2.build(cfg, n_classes, embeddings.shape[1])
     stage2.start(model, fold_dir)
     train_bag_data = stage2.bags(
-        cfg, data.cache, embeddings, bags.train, bags.train_targets, bags.n_max, True
+        BagRequest(cfg, data.cache, embeddings, bags.train, bags.train_targets, bags.n_max, training=True)
     )
-    val_bag_data = stage2.bags(cfg, data.cache, embeddings, bags.val, bags.val_targets, bags.n_max, False)
+    val_bag_data = stage2.bags(
+        BagRequest(cfg, data.cache, embeddings, bags.val, bags.val_targets, bags.n_max, training=False)
+    )
     fit(
         model,
         train_bag_data,
