@@ -109,7 +109,7 @@ class TrueCells:
     @property
     def verified(self) -> np.ndarray:
         """``(C,)`` the classes judged in this image under the organisers' reading: those of its cells."""
-        return self.classes.any(0)
+        return np.asarray(self.classes.any(0))
 
 
 @dataclass(frozen=True)
