@@ -32,7 +32,7 @@ import pandas as pd
 
 from weakcell.cache.store import CellCache
 from weakcell.cell_truth import cell_level_ap
-from weakcell.competition_metric import READINGS, competition_map
+from weakcell.competition_metric import READINGS, label_detections, score_found, truth_by_image
 from weakcell.config import InferConfig, load_config
 from weakcell.constants import prob_columns
 from weakcell.evaluate import read_cell_truth, read_round, submission_dir
@@ -71,19 +71,21 @@ def main() -> None:
     keys = cells[["image_id", "cell_id"]].reset_index(drop=True)
 
     rows = []
+    truth = truth_by_image(true_masks, true_labels, n)
     for power, best in grid():
         infer = InferConfig(image_power=power, image_best_cell=best)
         row: dict[str, float] = {"power": power, "best cell": best}
+        tables = {}
+        for r, (oof_image, oof_cell) in oof.items():
+            scores = cell_scores("confidence", oof_cell, oof_image, n, infer)
+            tables[r] = oof_cell[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n), scores.T)))
+        confidence = cell_confidence(cell, image, keys["image_id"].to_numpy(), power, best)
+        found = label_detections(masks, keys.assign(**dict(zip(prob_columns(n), confidence.T))), truth, n)
         for reading in READINGS:
-            for r, (oof_image, oof_cell) in oof.items():
-                scores = cell_scores("confidence", oof_cell, oof_image, n, infer)
-                table = oof_cell[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n), scores.T)))
+            for r, table in tables.items():
                 ap = cell_level_ap(table, prob_columns(n), data.matches, data.truth, reading)
                 row[f"OOF r{r} {reading}"] = float(np.nanmean(ap))
-            confidence = cell_confidence(cell, image, keys["image_id"].to_numpy(), power, best)
-            submitted = keys.assign(**dict(zip(prob_columns(n), confidence.T)))
-            test = competition_map(masks, submitted, true_masks, true_labels, n, verified=reading)
-            row[f"test {reading}"] = test["map"]
+            row[f"test {reading}"] = score_found(found, truth, n, reading)["map"]
         rows.append(row)
         print(" ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     table = pd.DataFrame(rows)

@@ -267,26 +267,67 @@ def truth_by_image(
 # -- detections from a label image ---------------------------------------------------------------------
 
 
-def label_image_detections(pred_mask: np.ndarray, scores: pd.DataFrame, cells: TrueCells) -> Detections:
-    """Every (cell, class) pair of ``scores`` (``cell_id, p_0..p_{C-1}``; NaN = not predicted) as a
-    detection of that cell's region of ``pred_mask``; a cell absent from the mask is an empty mask."""
-    pred_ids, true_ids, iou = label_iou(pred_mask, cells.mask)
-    columns = [c for c in scores.columns if c.startswith("p_") and c[2:].isdigit()]
-    probs = scores[columns].to_numpy(np.float64)
-    cell_ids = scores["cell_id"].to_numpy(np.int64)
-    # one IoU row per scored cell (columns: true_ids == cells.ids, both the mask's present labels)
+def label_image_detections(
+    pred_mask: np.ndarray, cell_ids: np.ndarray, probs: np.ndarray, cells: TrueCells
+) -> Detections:
+    """Every (cell, class) pair with a finite probability in ``probs`` ``(n, C)`` (rows: ``cell_ids``;
+    NaN = not predicted) as a detection of that cell's region of ``pred_mask``; a cell absent from the
+    mask is an empty mask."""
+    pred_ids, _, iou = label_iou(pred_mask, cells.mask)  # columns: the mask's present labels = cells.ids
     where = np.searchsorted(pred_ids, cell_ids)
     present = (where < len(pred_ids)) & (pred_ids[np.minimum(where, max(len(pred_ids) - 1, 0))] == cell_ids)
-    rows = np.zeros((len(cell_ids), len(true_ids)))
+    rows = np.zeros((len(cell_ids), len(cells.ids)))
     rows[present] = iou[where[present]]
     cell_of, class_of = np.nonzero(np.isfinite(probs))
-    return Detections.of_masks(
-        classes=np.array([int(columns[c][2:]) for c in class_of], dtype=np.int64),
-        scores=probs[cell_of, class_of],
-        mask_index=cell_of,
-        mask_iou=rows,
-        mask_empty=~present,
-    )
+    return Detections.of_masks(class_of, probs[cell_of, class_of], cell_of, rows, ~present)
+
+
+Found = tuple[dict[Any, Detections], int]  # detections per truth image, predictions of other images
+
+
+def label_detections(
+    pred_masks: Mapping[Any, np.ndarray],
+    pred_scores: pd.DataFrame,
+    truth: Mapping[Any, TrueCells],
+    n_classes: int,
+) -> Found:
+    """``label_image_detections`` of every image of ``pred_scores`` (``image_id, cell_id,
+    p_0..p_{C-1}``) that is in ``truth``, and how many (cell, class) predictions other images hold."""
+    columns = prob_columns(n_classes)
+    missing = [c for c in ["image_id", "cell_id", *columns] if c not in pred_scores.columns]
+    if missing:
+        raise ValueError(f"pred_scores lacks columns {missing}")
+    unknown = set(pred_scores["image_id"]) - set(pred_masks)
+    if unknown:
+        raise ValueError(f"predictions for images without predicted mask: {sorted(map(str, unknown))[:5]}")
+    detections = {
+        image_id: label_image_detections(
+            pred_masks[image_id],
+            rows["cell_id"].to_numpy(np.int64),
+            rows[columns].to_numpy(np.float64),
+            truth[image_id],
+        )
+        for image_id, rows in pred_scores.groupby("image_id", sort=False)
+        if image_id in truth
+    }
+    elsewhere = pred_scores[~pred_scores["image_id"].isin(list(truth))]
+    return detections, int(np.isfinite(elsewhere[columns].to_numpy(np.float64)).sum())
+
+
+def score_found(
+    found: Found,
+    truth: Mapping[Any, TrueCells],
+    n_classes: int,
+    verified: Verified = "image",
+    iou_threshold: float = IOU_THRESHOLD,
+) -> dict:
+    """``score_images`` of ``label_detections`` or ``submission_detections`` output, the predictions of
+    images absent from the truth counted as ignored. Detections are built once and scored under any
+    number of readings."""
+    detections, other = found
+    result = score_images(detections, truth, n_classes, verified, iou_threshold)
+    result["ignored"]["other_images"] += other
+    return result
 
 
 def competition_map(
@@ -305,23 +346,9 @@ def competition_map(
     with a finite probability a detection (NaN: no prediction, as a file written with a minimum score);
     true_labels: ``image_id, cell_id, labels`` (class int lists). Returns ``score_images``'s dict.
     """
-    missing = [c for c in ["image_id", "cell_id", *prob_columns(n_classes)] if c not in pred_scores.columns]
-    if missing:
-        raise ValueError(f"pred_scores lacks columns {missing}")
-    unknown = set(pred_scores["image_id"]) - set(pred_masks)
-    if unknown:
-        raise ValueError(f"predictions for images without predicted mask: {sorted(map(str, unknown))[:5]}")
     truth = truth_by_image(true_masks, true_labels, n_classes)
-    columns = ["cell_id", *prob_columns(n_classes)]
-    detections = {
-        image_id: label_image_detections(pred_masks[image_id], rows[columns], truth[image_id])
-        for image_id, rows in pred_scores.groupby("image_id", sort=False)
-        if image_id in truth
-    }
-    result = score_images(detections, truth, n_classes, verified, iou_threshold)
-    elsewhere = pred_scores[~pred_scores["image_id"].isin(list(truth))]
-    result["ignored"]["other_images"] += int(np.isfinite(elsewhere[prob_columns(n_classes)].to_numpy()).sum())
-    return result
+    found = label_detections(pred_masks, pred_scores, truth, n_classes)
+    return score_found(found, truth, n_classes, verified, iou_threshold)
 
 
 # -- detections from a submission file -----------------------------------------------------------------
@@ -395,7 +422,7 @@ def read_submission(path_or_frame: str | os.PathLike[str] | pd.DataFrame) -> pd.
 
 def submission_detections(
     path_or_frame: str | os.PathLike[str] | pd.DataFrame, truth: Mapping[Any, TrueCells]
-) -> tuple[dict[Any, Detections], int]:
+) -> Found:
     """Detections of every row of a cell-level submission whose image is in ``truth``, and the number of
     predictions in rows of other images (ignored). Several rows of one image add up."""
     frame = read_submission(path_or_frame)
@@ -436,7 +463,5 @@ def score_submission(
     iou_threshold: float = IOU_THRESHOLD,
 ) -> dict:
     """The competition mAP of a cell-level submission file against ``truth`` (``truth_by_image``)."""
-    detections, other = submission_detections(path_or_frame, truth)
-    result = score_images(detections, truth, n_classes, verified, iou_threshold)
-    result["ignored"]["other_images"] += other
-    return result
+    found = submission_detections(path_or_frame, truth)
+    return score_found(found, truth, n_classes, verified, iou_threshold)

@@ -20,7 +20,7 @@ when that round is the final one, the submission ``make infer`` wrote from it:
    image-level BCE (``attention_best/``, ``attention_worst/``).
 
 Everything up to the plots is a pure function (``image_level_scores``, ``per_class_table``,
-``oof_cell_ap``, ``read_cell_level``, ``score_cell_predictions``, ``submission_cell_map``,
+``oof_cell_ap``, ``submission_cell_maps``, ``submission_cell_map``,
 ``evaluate_round``) that writes nothing, for stages such as an ablation grid to call.
 """
 
@@ -39,10 +39,11 @@ import pandas as pd
 
 from weakcell.cell_truth import cell_level_ap, read_true_mask
 from weakcell.competition_metric import (
-    competition_map,
+    label_detections,
     mask_overlaps,
     read_submission,
-    score_submission,
+    score_found,
+    submission_detections,
     truth_by_image,
 )
 from weakcell.config import Config, InferConfig, ThresholdsConfig
@@ -246,25 +247,24 @@ def submission_dir(cfg: Config) -> Path:
     return cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
 
 
-def submission_cell_map(
+def submission_cell_maps(
     cfg: Config,
     folder: str | os.PathLike[str] | None = None,
     masks_of: Callable[[str], np.ndarray] | None = None,
     alternatives: bool = True,
-    verified: Verified | None = None,
-) -> dict[str, Any]:
+    readings: tuple[Verified, ...] = READINGS,
+) -> dict[str, dict[str, Any]]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
-    synthetic truth of its images, under the metric's ``verified`` reading (default
-    ``evaluate.verified``); with ``alternatives`` (and ``pred_cell.parquet`` beside it) also every
-    ``ALTERNATIVES`` confidence on the cache's masks (``masks_of``, default the run's cache), and
-    ``masks_differ`` (``masks_differ``). Returns ``{"verified", "submission": {...}, <alternative>:
-    {...}}``."""
+    synthetic truth of its images under each of ``readings``; with ``alternatives`` (and
+    ``pred_cell.parquet`` beside it) also every ``ALTERNATIVES`` confidence on the cache's masks
+    (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and overlapped once,
+    then scored under every reading. Returns ``{reading: {"verified", "submission": {...},
+    <alternative>: {...}, "masks_differ"}}``."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
     if not spec.has_truth:
         raise StageError(f"{spec.name} has no per-cell truth: only the synthetic set can be scored per cell")
-    reading = verified or cfg.evaluate.verified
     folder = Path(folder) if folder is not None else submission_dir(cfg)
     csv_path = folder / "cell_level.csv"
     if not csv_path.is_file():
@@ -273,25 +273,41 @@ def submission_cell_map(
     image_ids = read_submission(csv_path)["ID"].tolist()
     true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids)
     truth = truth_by_image(true_masks, true_labels, n)
-    results: dict[str, Any] = {
-        "verified": reading,
-        "submission": _result_json(score_submission(csv_path, truth, n, reading)),
-    }
+    found = {"submission": submission_detections(csv_path, truth)}
+    extra: dict[str, Any] = {}
     cells_path = folder / "pred_cell.parquet"
     if alternatives and cells_path.is_file():
         cells = pd.read_parquet(cells_path)
         lookup = masks_of if masks_of is not None else _cache_masks(cfg)
         cache_masks = {i: np.asarray(lookup(i)) for i in cells["image_id"].unique()}
-        results["masks_differ"] = masks_differ(csv_path, cache_masks)
+        extra["masks_differ"] = masks_differ(csv_path, cache_masks)
         cell = cells[prob_columns(n)].to_numpy(np.float64)
         image = cells[prob_columns(n, "image_")].to_numpy(np.float64)
         keys = cells[["image_id", "cell_id"]].reset_index(drop=True)
         for name, combine in ALTERNATIVES.items():
             combined = combine(cell, image, keys["image_id"].to_numpy(), cfg.infer)
             scores = keys.assign(**dict(zip(prob_columns(n), combined.T)))
-            scored = competition_map(cache_masks, scores, true_masks, true_labels, n, verified=reading)
-            results[name] = _result_json(scored)
-    return results
+            found[name] = label_detections(cache_masks, scores, truth, n)
+    return {
+        reading: {
+            "verified": reading,
+            **{name: _result_json(score_found(f, truth, n, reading)) for name, f in found.items()},
+            **extra,
+        }
+        for reading in readings
+    }
+
+
+def submission_cell_map(
+    cfg: Config,
+    folder: str | os.PathLike[str] | None = None,
+    masks_of: Callable[[str], np.ndarray] | None = None,
+    alternatives: bool = True,
+    verified: Verified | None = None,
+) -> dict[str, Any]:
+    """``submission_cell_maps`` under one reading (default ``evaluate.verified``)."""
+    reading = verified or cfg.evaluate.verified
+    return submission_cell_maps(cfg, folder, masks_of, alternatives, (reading,))[reading]
 
 
 def submission_image_scores(
@@ -395,8 +411,8 @@ def score_round(
             if csv_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
                 notes.append(f"{csv_path} is older than the round's OOF predictions: rerun `make infer`?")
             evaluation["submission"] = {"folder": str(submission), "split": cfg.infer.split}
-            evaluation["cell_test"] = submission_cell_map(cfg, submission)
-            evaluation["cell_test_other"] = submission_cell_map(cfg, submission, verified=other)
+            both = submission_cell_maps(cfg, submission, readings=(reading, other))
+            evaluation["cell_test"], evaluation["cell_test_other"] = both[reading], both[other]
             table["cell_ap_test"] = evaluation["cell_test"]["submission"]["ap"]
             if (submission / "pred_image.parquet").is_file():
                 evaluation["image_test"] = submission_image_scores(cfg, submission, thresholds)
