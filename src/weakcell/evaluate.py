@@ -566,7 +566,8 @@ def write_report(
     legend = (
         "\n\ncell_ap_oof: OOF cell AP of the "
         f"{PLOTTED_VARIANT} score against the matched true cells; cell_ap_test: the competition metric "
-        "(IoU >= 0.6) of cell_level.csv on the test split"
+        "(IoU >= 0.6) of cell_level.csv on the test split; both read the metric as "
+        f"evaluate.verified={cfg.evaluate.verified}"
         if "cell_ap_oof" in table
         else ""
     )
