@@ -113,26 +113,44 @@ def test_label_quality_counts_localisation_classes_only():
     assert quality["precision"] == pytest.approx(0.5) and quality["recall"] == pytest.approx(0.5)
 
 
-def test_round_trains_from_oof_pseudo_labels(tiny_run):
+def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_run):
     from weakcell import refine as refine_stage
 
     cfg, _ = tiny_run
-    cfg = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"rounds": 1, "epochs": 1})})
+    # the inner models learn from one fold of the tiny set's 9 images: a batch of 4 cells still fits
+    cfg = cfg.model_copy(
+        update={
+            "refine": cfg.refine.model_copy(update={"rounds": 1, "epochs": 1}),
+            "train": cfg.train.model_copy(update={"batch_size": 4}),
+        }
+    )
     (metrics,) = refine_stage.run(cfg)
     round_dir = cfg.round_dir(1)
     assert round_dir == cfg.model_dir and round_dir.name == "round1"
     pseudo = pd.read_parquet(round_dir / "pseudo_labels.parquet")
+    folds = pd.read_csv(cfg.folds_file).set_index("ID")["fold"]
     oof_cell = pd.read_parquet(cfg.run_dir / "oof_cell.parquet")
-    # every training cell gets a pseudo-label row, each keyed like the OOF table
-    assert sorted(zip(pseudo["image_id"], pseudo["cell_id"])) == sorted(
-        zip(oof_cell["image_id"], oof_cell["cell_id"])
-    )
+    # each outer fold k's model gets a row for every training cell of the other folds, none of its own
+    for k in range(3):
+        rows = pseudo[pseudo["model_fold"] == k]
+        assert not (folds[rows["image_id"]].to_numpy() == k).any()
+        others = oof_cell[folds[oof_cell["image_id"]].to_numpy() != k]
+        assert sorted(zip(rows["image_id"], rows["cell_id"])) == sorted(zip(others["image_id"], others["cell_id"]))
+    # the models that labelled them held out the outer fold and the cell's own fold: one per pair of
+    # folds, and each predicted exactly its two held-out folds' images
+    inner = sorted(p.name for p in (cfg.run_dir / "inner").iterdir())
+    assert inner == ["fold0-1", "fold0-2", "fold1-2"]
+    for name in inner:
+        held_out = {int(f) for f in name.removeprefix("fold").split("-")}
+        predicted = pd.read_parquet(cfg.run_dir / "inner" / name / "oof_image.parquet")["image_id"]
+        assert set(folds[predicted]) == held_out
+        assert sorted(predicted) == sorted(folds.index[folds.isin(held_out)])
     # a pseudo-label never adds a class its image does not have (Negative aside)
     labels = pd.read_csv(cfg.data_dir / "train.csv").set_index("ID")["Label"]
     for row in pseudo.itertuples():
         kept = {c for c in range(C) if getattr(row, f"p_{c}") > 0.5} - {NEGATIVE}
         assert kept <= {int(v) for v in labels[row.image_id].split("|")}
-    assert 0 <= metrics["pseudo_precision"] <= 1 and metrics["cells_trainable"] == len(pseudo)
+    assert 0 <= metrics["pseudo_precision"] <= 1 and metrics["cells_trainable"] == pseudo["trainable"].sum()
     oof_image = pd.read_parquet(round_dir / "oof_image.parquet")
     assert sorted(oof_image["image_id"]) == sorted(labels.index)
     assert json.loads((round_dir / "metrics.json").read_text())["round"] == 1

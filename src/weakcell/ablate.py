@@ -133,17 +133,19 @@ def holds_round_zero(source: Path, target: Path) -> bool:
 
 def link_round_zero(source: Path, target: Path) -> None:
     """Round 0 of ``source`` into ``target`` as hard links (no copy, no retraining); refinement rounds
-    are not taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its
+    and round 0's inner models are not taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its
     rounds were fine-tuned from the old round 0."""
     if holds_round_zero(source, target):
         return
     if target.exists():
         shutil.rmtree(target)
     try:
-        shutil.copytree(source, target, copy_function=os.link, ignore=shutil.ignore_patterns("round*"))
+        shutil.copytree(
+            source, target, copy_function=os.link, ignore=shutil.ignore_patterns("round*", "inner")
+        )
     except OSError:  # another file system: copy instead
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("round*"))
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("round*", "inner"))
 
 
 def train_runs(configs: dict[str, Config]) -> dict[str, float]:

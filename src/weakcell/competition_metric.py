@@ -141,28 +141,56 @@ class Detections:
         )
 
 
-def score_images(
+@dataclass(frozen=True)
+class Matched:
+    """Every judged detection of a set of images, matched per image: per class, the detections'
+    ``scores``, TP ``hits`` and ``image`` (position in the truth's order), and ``n_gt`` ``(images, C)``
+    true cells per image and class. Matching is per image, so any multiset of the images (a bootstrap
+    resample) is scored from this without matching again."""
+
+    scores: list[np.ndarray]
+    hits: list[np.ndarray]
+    image: list[np.ndarray]
+    n_gt: np.ndarray
+    ignored: dict[str, int]
+
+    def ap(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """``(C,)`` AP per class (NaN: no true cell), each image counted ``weights[i]`` times (default
+        once; a resample's counts). Copies of a detection have equal scores and sit side by side in the
+        ranking, as the reference ranks the detections of repeated images."""
+        n_classes = self.n_gt.shape[1]
+        if weights is None:
+            n_gt = self.n_gt.sum(0)
+            return np.array(
+                [open_images_ap(self.scores[c], self.hits[c], int(n_gt[c])) for c in range(n_classes)]
+            )
+        n_gt = weights @ self.n_gt
+        ap = np.full(n_classes, np.nan)
+        for c in range(n_classes):
+            copies = weights[self.image[c]]
+            ap[c] = open_images_ap(
+                np.repeat(self.scores[c], copies), np.repeat(self.hits[c], copies), int(n_gt[c])
+            )
+        return ap
+
+
+def match_images(
     detections: Mapping[Any, Detections],
     truth: Mapping[Any, TrueCells],
     n_classes: int,
     verified: Verified = "image",
     iou_threshold: float = IOU_THRESHOLD,
-) -> dict:
-    """The competition mAP of ``detections`` against ``truth`` (both keyed by image id).
-
-    Returns ``map`` (mean over classes with a true cell), ``ap`` ``(C,)`` (NaN where no true cell),
-    ``n_gt`` and ``n_tp`` ``(C,)``, ``n_predictions`` (detections scored), ``ignored`` (detections left
-    out: ``empty`` masks, ``unverified`` classes, ``other_images`` absent from the truth), ``n_ties``
-    (scored detections whose class and confidence equal an earlier one's), ``n_images`` and ``verified``.
-    """
+) -> Matched:
+    """The detections of every truth image matched to its true cells under the ``verified`` reading."""
     if verified not in READINGS:
         raise ValueError(f"verified must be one of {READINGS}, got {verified!r}")
     scores: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
     hits: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
-    n_gt = np.zeros(n_classes, dtype=np.int64)
+    images: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
+    n_gt = np.zeros((len(truth), n_classes), dtype=np.int64)
     ignored = {"empty": 0, "unverified": 0, "other_images": 0}
-    for image_id, cells in truth.items():
-        n_gt += cells.classes.sum(0)
+    for position, (image_id, cells) in enumerate(truth.items()):
+        n_gt[position] = cells.classes.sum(0)
         found = detections.get(image_id)
         if found is None or len(found.classes) == 0:
             continue
@@ -180,30 +208,70 @@ def score_images(
                     found.scores[rows], found.iou[rows][:, cells.classes[:, c]], iou_threshold
                 )
             )
+            images[c].append(np.full(int(rows.sum()), position))
     for image_id in set(detections) - set(truth):
         ignored["other_images"] += len(detections[image_id].classes)
 
-    ap = np.full(n_classes, np.nan)
-    n_tp = np.zeros(n_classes, dtype=np.int64)
-    n_predictions = n_ties = 0
-    for c in range(n_classes):
-        class_scores = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
-        class_hits = np.concatenate(hits[c]) if hits[c] else np.zeros(0, dtype=bool)
-        n_tp[c] = int(class_hits.sum())
-        n_predictions += len(class_scores)
-        n_ties += len(class_scores) - len(np.unique(class_scores))
-        ap[c] = open_images_ap(class_scores, class_hits, int(n_gt[c]))
+    def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return Matched(
+        scores=[joined(p, np.float64) for p in scores],
+        hits=[joined(p, bool) for p in hits],
+        image=[joined(p, np.int64) for p in images],
+        n_gt=n_gt,
+        ignored=ignored,
+    )
+
+
+def score_images(
+    detections: Mapping[Any, Detections],
+    truth: Mapping[Any, TrueCells],
+    n_classes: int,
+    verified: Verified = "image",
+    iou_threshold: float = IOU_THRESHOLD,
+) -> dict:
+    """The competition mAP of ``detections`` against ``truth`` (both keyed by image id).
+
+    Returns ``map`` (mean over classes with a true cell), ``ap`` ``(C,)`` (NaN where no true cell),
+    ``n_gt`` and ``n_tp`` ``(C,)``, ``n_predictions`` (detections scored), ``ignored`` (detections left
+    out: ``empty`` masks, ``unverified`` classes, ``other_images`` absent from the truth), ``n_ties``
+    (scored detections whose class and confidence equal an earlier one's), ``n_images`` and ``verified``.
+    """
+    matched = match_images(detections, truth, n_classes, verified, iou_threshold)
+    ap = matched.ap()
     return {
-        "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "map": mean_ap(ap),
         "ap": ap,
-        "n_gt": n_gt,
-        "n_tp": n_tp,
-        "n_predictions": n_predictions,
-        "ignored": ignored,
-        "n_ties": n_ties,
+        "n_gt": matched.n_gt.sum(0),
+        "n_tp": np.array([int(h.sum()) for h in matched.hits], dtype=np.int64),
+        "n_predictions": sum(len(s) for s in matched.scores),
+        "ignored": matched.ignored,
+        "n_ties": sum(len(s) - len(np.unique(s)) for s in matched.scores),
         "n_images": len(truth),
         "verified": verified,
     }
+
+
+def mean_ap(ap: np.ndarray) -> float:
+    """The mean over classes with a true cell (NaN when none has one)."""
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
+def bootstrap_interval(
+    matched: Matched, n_resamples: int = 500, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of the mAP over ``n_resamples`` resamples of the images with replacement:
+    how far the score of a test split this size moves with the images drawn."""
+    rng = np.random.default_rng(seed)
+    n_images = len(matched.n_gt)
+    maps = [
+        mean_ap(matched.ap(np.bincount(rng.integers(0, n_images, n_images), minlength=n_images)))
+        for _ in range(n_resamples)
+    ]
+    tail = (1 - level) / 2
+    low, high = np.nanquantile(maps, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 # -- truth ---------------------------------------------------------------------------------------------

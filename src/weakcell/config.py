@@ -477,6 +477,13 @@ class RefineConfig(Section):
     init: Literal["previous", "scratch"] = Field(
         "previous", description="previous = fine-tune the previous round's fold model; scratch = start anew"
     )
+    inner_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="backbone epochs of the inner models that label each fold's training cells (refine.py: "
+        "round 0's inner models train like the run, later ones like their round); null = as many as the "
+        "outer models; fewer makes refinement cheaper (the demo)",
+    )
 
     @field_validator("relative")
     @classmethod
@@ -487,6 +494,18 @@ class RefineConfig(Section):
                 f"refine.relative must be a fraction in [0, 1] or a non-empty list of them, not {value}"
             )
         return value
+
+    @property
+    def keeps_inherited(self) -> bool:
+        """Whether the rule keeps every inherited label as a hard 1 whatever the scores (the ablation's
+        control): every score passes ``relative=0``, no floor or attention limit, hard targets."""
+        relatives = self.relative if isinstance(self.relative, list) else [self.relative]
+        return (
+            all(r == 0 for r in relatives)
+            and self.threshold_scale == 0
+            and self.min_attention == 0
+            and self.targets == "hard"
+        )
 
     def for_round(self, round_: int) -> RefineConfig:
         """The rule round ``round_`` (1-based) applies: ``relative`` resolved to one number."""
@@ -631,6 +650,17 @@ class AblateConfig(Section):
     control: bool = Field(True, description="also refine with labels kept: the extra epochs alone")
     oracle: bool = Field(True, description="also train on the true cell labels (synthetic only): the ceiling")
     subset: bool = Field(False, description="the quick grid: 1 refinement round, no control run")
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="training seeds: every run of the grid is trained once per seed (same folds and data) and "
+        "each row reported as mean +- sd over them; null = the config's seed alone",
+    )
+    bootstrap: int = Field(
+        500,
+        ge=0,
+        description="resamples of the test images for each row's 95% interval of test mAP (0 = none)",
+    )
 
 
 class ChecksConfig(Section):

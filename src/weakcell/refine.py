@@ -1,18 +1,33 @@
-"""``make refine``: pseudo-label refinement rounds on top of a trained run.
+"""``make refine``: pseudo-label refinement rounds on top of a trained run, leak-free.
 
-Round r reads round r-1's out-of-fold outputs (``cfg.round_dir(r - 1)``): every training cell was scored
-by the fold model that never saw its image, so no image labels its own cells. ``pseudo_labels`` turns
-those scores into per-cell targets by the rule documented in ``RefineConfig`` (the image's labels, the
-cell's score relative to its image's best cell, the tuned per-class thresholds, MIL attention). Then each
-fold's backbone is retrained on the selected cells (fine-tuned from round r-1's fold model by default) and
-its MIL head retrained on the new embeddings, through the same ``train_round`` as round 0. Round r lives in
-``runs/<name>/round<r>/`` with round 0's layout plus ``pseudo_labels.parquet``.
+Round r retrains fold k's model on pseudo-labels of the other folds' cells. Those labels come only from
+models that never saw fold k's labels, directly or through earlier pseudo-labels. Taking them from the
+other folds' out-of-fold models instead would be a stacking leak (fold k's labels -> fold j's model ->
+fold j's pseudo-labels -> fold k's model), flattering every refined round's out-of-fold figures, the
+thresholds tuned on them and the ablation. So refinement is nested:
+
+- round 0's inner models: for each pair of folds {a, b}, both stages trained on the other folds with the
+  run's own (inherited) labels, predicting folds a and b (``inner/fold<a>-<b>/``); outer folds a and b
+  share it, so K(K-1)/2 models;
+- round r's targets for outer fold k: the rule below applied to the predictions of fold k's inner models
+  of round r-1 (fold j's cells from the model that held out both k and j), with the thresholds and
+  negative floors the rule uses computed from those predictions alone;
+- round r's fold k model: fine-tuned from round r-1's fold k model on those targets, predicting fold k
+  out of fold exactly as round 0 does (``fold<k>/``, ``oof_*.parquet``);
+- round r's inner models of outer fold k (only when a round r+1 follows): fold j held out besides k, on
+  the same targets, fine-tuned from round r-1's inner model of (k, j) (``inner/fold<k>-<j>/``).
+
+``pseudo_labels`` turns predictions into per-cell targets by the rule documented in ``RefineConfig``. A
+rule that keeps every inherited label (the ablation's control) reads no prediction and trains no inner
+model. Round r lives in ``runs/<name>/round<r>/`` with round 0's layout plus ``pseudo_labels.parquet``
+(one row per outer fold and training cell of the other folds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -28,12 +43,15 @@ from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
     RUNTIME_SETTINGS,
     TRAINING_SETTINGS,
+    FoldModel,
     TrainingSet,
     cell_scores,
     check_missing,
+    fold_seconds,
     is_main_process,
     load_training_set,
     run_record,
+    train_model,
     train_round,
     true_cell_targets,
 )
@@ -111,29 +129,48 @@ def label_quality(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
-def round_targets(
-    cfg: Config, data: TrainingSet, oof_cell: pd.DataFrame, oof_image: pd.DataFrame
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Pseudo-labels of every training cell from one round's OOF tables.
+@dataclass(frozen=True)
+class FoldTargets:
+    """What the rule gives one outer fold's model: the ``pseudo_labels.parquet`` rows (image_id, cell_id,
+    p_* targets, trainable) of the other folds' cells, and the same laid out by cache row as
+    ``TrainingSet`` holds them (rows of fold k itself keep their inherited labels: never trained on)."""
 
-    Returns the ``pseudo_labels.parquet`` table (image_id, cell_id, p_* targets, trainable) and the same
-    targets / trainable flags laid out by cache row, as ``TrainingSet`` holds them."""
-    n_classes = data.n_classes
+    table: pd.DataFrame
+    targets: np.ndarray  # (len(cache.cells), C)
+    trainable: np.ndarray  # (len(cache.cells),) bool
+
+    def applied(self, data: TrainingSet) -> TrainingSet:
+        """``data`` training on these targets."""
+        return dataclasses.replace(data, cell_targets=self.targets, trainable=self.trainable)
+
+
+def fold_targets(
+    rule_cfg: Config, data: TrainingSet, predictions: tuple[pd.DataFrame, pd.DataFrame] | None
+) -> FoldTargets:
+    """Pseudo-labels of the cells of ``predictions`` (an ``oof_cell`` and an ``oof_image`` table from
+    models that never saw the outer fold), thresholds and floors from those tables alone.
+
+    predictions None: the rule reads no score (``RefineConfig.keeps_inherited``): every training cell
+    keeps its inherited labels."""
+    n_classes, rule = data.n_classes, rule_cfg.refine
     images = data.images.set_index("image_id")
-    y_image = to_multi_hot(images.loc[oof_image["image_id"], "labels"].tolist(), n_classes)
-    thresholds = tune_thresholds(y_image, oof_image[prob_columns(n_classes)].to_numpy(), cfg.thresholds)[
-        "threshold"
-    ].to_numpy()
-    inherited = to_multi_hot(images.loc[oof_cell["image_id"], "labels"].tolist(), n_classes)
+    if predictions is None:
+        cells = data.cells[["image_id", "cell_id"]].reset_index(drop=True)
+        scores = attention = np.ones((len(cells), n_classes))
+        thresholds = np.zeros(n_classes)
+    else:
+        cells, image_table = predictions
+        y_image = to_multi_hot(images.loc[image_table["image_id"], "labels"].tolist(), n_classes)
+        thresholds = tune_thresholds(
+            y_image, image_table[prob_columns(n_classes)].to_numpy(), rule_cfg.thresholds
+        )["threshold"].to_numpy()
+        scores = cell_scores(rule.score, cells, image_table, n_classes, rule_cfg.infer)
+        attention = cells[prob_columns(n_classes, "att_")].to_numpy()
+    inherited = to_multi_hot(images.loc[cells["image_id"], "labels"].tolist(), n_classes)
     targets, trainable = pseudo_labels(
-        cell_scores(cfg.refine.score, oof_cell, oof_image, n_classes, cfg.infer),
-        oof_cell["image_id"].to_numpy(),
-        inherited,
-        oof_cell[prob_columns(n_classes, "att_")].to_numpy(),
-        thresholds,
-        cfg.refine,
+        scores, cells["image_id"].to_numpy(), inherited, attention, thresholds, rule
     )
-    table = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
+    table = cells[["image_id", "cell_id"]].reset_index(drop=True)
     table = table.assign(**dict(zip(prob_columns(n_classes), targets.T)), trainable=trainable)
 
     row_of = pd.Series(
@@ -142,14 +179,51 @@ def round_targets(
     rows = row_of.reindex(pd.MultiIndex.from_arrays([table["image_id"], table["cell_id"]]))
     if rows.isna().any():
         raise StageError(
-            "the previous round's OOF cells are not the cache's training cells; the cache was rebuilt "
+            "the previous round's predicted cells are not the cache's training cells; the cache was rebuilt "
             "after training: retrain the run (make train FORCE=1)"
         )
-    by_row = np.zeros_like(data.cell_targets)
+    by_row = data.cell_targets.copy()
     by_row[rows.to_numpy(np.int64)] = targets
     trainable_by_row = np.zeros(len(data.cell_targets), dtype=bool)
     trainable_by_row[rows.to_numpy(np.int64)] = trainable
-    return table, by_row, trainable_by_row
+    return FoldTargets(table, by_row, trainable_by_row)
+
+
+def inner_plan(cfg: Config, round_: int, outer: int, inner: int) -> FoldModel:
+    """The model of round ``round_`` that holds out ``outer`` and ``inner``: round 0's is shared by the
+    pair (its labels are the inherited ones either way); later rounds' are outer fold ``outer``'s own
+    (trained on its targets, fine-tuned from its round ``round_ - 1`` inner model)."""
+    pair = tuple(sorted((outer, inner)))
+    first, second = pair if round_ == 0 else (outer, inner)
+    folder = cfg.round_dir(round_) / "inner" / f"fold{first}-{second}"
+    init = inner_plan(cfg, round_ - 1, outer, inner).folder / "cell" / "model.pt" if round_ > 0 else None
+    # seeds apart from the outer models' (seed + k) so that no two models of a run share one
+    seed = cfg.seed + 1000 * (round_ + 1) + 10 * first + second
+    return FoldModel(pair, folder, seed, init if cfg.refine.init == "previous" else None)
+
+
+def inner_predictions(
+    round_cfg: Config, data: TrainingSet, round_: int, outer: int, folds: list[int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predictions of every fold but ``outer`` from the round-``round_`` models that held out ``outer``
+    (trained here when missing): fold j's images and cells from the model that held out j as well."""
+    cells, images = [], []
+    for inner in folds:
+        if inner == outer:
+            continue
+        plan = inner_plan(round_cfg, round_, outer, inner)
+        # an inner model trained under other settings (e.g. refine.inner_epochs) is redone, not reused
+        stale = bool(
+            changed_settings(plan.folder, round_cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
+        )
+        model_cfg = round_cfg.model_copy(update={"force": True}) if stale else round_cfg
+        oof_image, oof_cell = train_model(model_cfg, data, plan)
+        if is_main_process() and (stale or not (plan.folder / "config.yaml").is_file()):
+            with writing(plan.folder / "config.yaml"):
+                save_config(round_cfg, plan.folder)
+        images.append(oof_image[oof_image["fold"] == inner])
+        cells.append(oof_cell[oof_cell["fold"] == inner])
+    return pd.concat(cells, ignore_index=True), pd.concat(images, ignore_index=True)
 
 
 def run(cfg: Config) -> list[dict[str, float]]:
@@ -162,62 +236,83 @@ def run(cfg: Config) -> list[dict[str, float]]:
         return _refine(cfg)
 
 
+def round_config(cfg: Config, round_: int) -> Config:
+    """The settings round ``round_`` trains with: round 0 is the run's own; every later round trains its
+    backbone for ``refine.epochs`` under the rule it applies (``relative`` may change by round)."""
+    if round_ == 0:
+        return cfg
+    train = cfg.train.model_copy(update={"epochs": cfg.refine.epochs})
+    return cfg.model_copy(update={"train": train, "refine": cfg.refine.for_round(round_)})
+
+
+def inner_config(cfg: Config, round_: int) -> Config:
+    """The settings round ``round_``'s inner models train with: the round's, with ``refine.inner_epochs``."""
+    inner = round_config(cfg, round_)
+    if cfg.refine.inner_epochs is None:
+        return inner
+    return inner.model_copy(
+        update={"train": inner.train.model_copy(update={"epochs": cfg.refine.inner_epochs})}
+    )
+
+
 def _refine(cfg: Config) -> list[dict[str, float]]:
-    # every round trains its backbone for refine.epochs; the rest of the training settings are the run's
-    round_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": cfg.refine.epochs})})
     data = load_training_set(cfg)
     if data.missing is not None:
         check_missing(cfg, data.missing, "refine")
-    training = data.cells.index.to_numpy()
+    all_folds = sorted(data.images["fold"].unique().tolist())
+    outer_folds = cfg.train.folds if cfg.train.folds is not None else all_folds
+    reads_scores = not cfg.refine.keeps_inherited
+    if reads_scores and len(all_folds) < 3:
+        raise StageError(
+            f"refinement needs at least 3 folds to label each fold's training cells with models that never "
+            f"saw that fold (nested); {cfg.folds_file} has {len(all_folds)}: make folds with folds.n_splits>=3"
+        )
     truth = (
         true_cell_targets(data.cells, data.truth, data.matches, data.n_classes)
         if data.truth is not None and data.matches is not None
         else None
     )
-    previous_targets = data.cell_targets[training]  # inherited labels: what round 1 changes
+    if not (cfg.run_dir / "oof_cell.parquet").is_file():
+        raise FileNotFoundError(f"no out-of-fold predictions in {cfg.run_dir}; run make train first")
+    previous: dict[int, FoldTargets] = {}  # round r-1's targets of each outer fold (round 0: inherited)
     results = []
     for round_ in range(1, cfg.refine.rounds + 1):
-        before, out_dir = cfg.round_dir(round_ - 1), cfg.round_dir(round_)
-        oof_paths = [before / "oof_cell.parquet", before / "oof_image.parquet"]
-        if not all(path.is_file() for path in oof_paths):
-            step = "make train" if round_ == 1 else f"refinement round {round_ - 1}"
-            raise FileNotFoundError(f"no out-of-fold predictions in {before}; run {step} first")
-        # each round saves and is checked against the rule it applies (``relative`` may change by round)
-        this_round = round_cfg.model_copy(update={"refine": cfg.refine.for_round(round_)})
+        this_round, before = round_config(cfg, round_), inner_config(cfg, round_ - 1)
+        out_dir = cfg.round_dir(round_)
         differ = changed_settings(out_dir, this_round, include=REFINE_SETTINGS, exclude=REFINE_RUNTIME)
         if differ and not cfg.force:
             raise StageError(
                 f"round {out_dir} was trained with other settings ({', '.join(differ[:6])}); redo it with "
                 "FORCE=1 or give the run another name (name=...)"
             )
-        table, targets, trainable = round_targets(
-            this_round, data, pd.read_parquet(oof_paths[0]), pd.read_parquet(oof_paths[1])
-        )
-        new = targets[training]
-        stats: dict[str, float] = {
-            "round": round_,
-            "labels_changed": int(((new > 0.5) != (previous_targets > 0.5)).sum()),
-            "cells_relabelled": int(((new > 0.5) != (previous_targets > 0.5)).any(axis=1).sum()),
-            "cells_trainable": int(trainable[training].sum()),
-        }
-        if truth is not None:
-            stats.update({f"pseudo_{k}": v for k, v in label_quality(new, truth).items()})
-            stats.update(
-                {f"inherited_{k}": v for k, v in label_quality(data.cell_targets[training], truth).items()}
-            )
+        current: dict[int, FoldTargets] = {}
+        for outer in outer_folds:
+            predictions = None
+            if reads_scores:
+                inner_data = data if round_ == 1 else previous[outer].applied(data)
+                predictions = inner_predictions(before, inner_data, round_ - 1, outer, all_folds)
+            current[outer] = fold_targets(this_round, data, predictions)
+        # what the inner models cost when they were trained (reused ones too), as fold_seconds counts
+        inner_dirs = (cfg.round_dir(round_ - 1) / "inner").glob("fold*") if reads_scores else []
+        inner_seconds = sum(fold_seconds(folder) for folder in inner_dirs)
+        stats = round_stats(round_, data, current, truth)
         if is_main_process():
             with writing(out_dir / "config.yaml"):
                 save_config(this_round, out_dir)
+            table = pd.concat([t.table.assign(model_fold=k) for k, t in current.items()], ignore_index=True)
             atomic_write(out_dir / "pseudo_labels.parquet", partial(table.to_parquet, index=False))
             atomic_write_text(out_dir / "run.json", json.dumps(run_record(this_round, data), indent=2))
-        init_dir = before if cfg.refine.init == "previous" else None
-        metrics = train_round(
-            this_round,
-            dataclasses.replace(data, cell_targets=targets, trainable=trainable),
-            out_dir,
-            init_dir,
-        )
-        metrics = {**stats, **metrics}
+        init_dir = cfg.round_dir(round_ - 1) if cfg.refine.init == "previous" else None
+        per_fold = {k: t.applied(data) for k, t in current.items()}
+        metrics = train_round(this_round, data, out_dir, init_dir, fold_data=per_fold.__getitem__)
+        # a round's cost includes the inner models its targets came from (the ablation's train seconds)
+        metrics = {
+            **stats,
+            **metrics,
+            "outer_seconds": metrics["seconds"],
+            "inner_seconds": inner_seconds,
+            "seconds": metrics["seconds"] + inner_seconds,
+        }
         if is_main_process():
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         quality = (
@@ -226,13 +321,43 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             if truth is not None
             else ""
         )
+        inner = f", inner models {inner_seconds:.0f} s" if reads_scores else ""
         print(
-            f"refine: round {round_}: {stats['labels_changed']} cell labels changed in "
-            f"{stats['cells_relabelled']} cells, {stats['cells_trainable']} cells trained on{quality} -> {out_dir}"
+            f"refine: round {round_}: {stats['labels_changed']} inherited cell labels changed in "
+            f"{stats['cells_relabelled']} cells over {len(current)} fold models, {stats['cells_trainable']} "
+            f"cells trained on{quality}{inner} -> {out_dir}"
         )
-        previous_targets = new
+        previous = current
         results.append(metrics)
     return results
+
+
+def round_stats(
+    round_: int, data: TrainingSet, targets: dict[int, FoldTargets], truth: np.ndarray | None
+) -> dict[str, float]:
+    """How far a round's pseudo-labels moved from the inherited ones, pooled over the outer folds (each
+    training cell counted once per fold model that trains on it), and their quality against the true cell
+    labels (synthetic)."""
+    position = pd.Series(np.arange(len(data.cells)), index=data.cells.index)
+    new, inherited, true = [], [], []
+    for fold_targets_ in targets.values():
+        rows = data.cells.index[fold_targets_.trainable[data.cells.index]]
+        new.append(fold_targets_.targets[rows])
+        inherited.append(data.cell_targets[rows])
+        if truth is not None:
+            true.append(truth[position[rows].to_numpy()])
+    pseudo, kept = np.concatenate(new), np.concatenate(inherited)
+    changed = (pseudo > 0.5) != (kept > 0.5)
+    stats: dict[str, float] = {
+        "round": round_,
+        "labels_changed": int(changed.sum()),
+        "cells_relabelled": int(changed.any(axis=1).sum()),
+        "cells_trainable": len(pseudo),
+    }
+    if truth is not None:
+        stats.update({f"pseudo_{k}": v for k, v in label_quality(pseudo, np.concatenate(true)).items()})
+        stats.update({f"inherited_{k}": v for k, v in label_quality(kept, np.concatenate(true)).items()})
+    return stats
 
 
 if __name__ == "__main__":

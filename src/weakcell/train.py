@@ -294,6 +294,28 @@ class BagSplit:
         return max((len(b) for b in self.train + self.val), default=1)
 
 
+@dataclass(frozen=True)
+class FoldModel:
+    """One model of a round: both stages trained on the images of every fold but ``held_out``, predicting
+    the held-out folds' images. The outer models of a round hold out one fold each (``fold<k>/``); the
+    inner models refinement trains hold out two (``inner/fold<k>-<j>/``: see ``weakcell.refine``)."""
+
+    held_out: tuple[int, ...]
+    folder: Path
+    seed: int
+    init: Path | None = None  # a cell ``model.pt`` stage 1 starts from (refinement fine-tunes)
+
+    @property
+    def name(self) -> str:
+        return "fold " + "+".join(str(f) for f in self.held_out)
+
+
+def outer_model(cfg: Config, fold: int, run_dir: Path, init_dir: Path | None = None) -> FoldModel:
+    """Fold ``fold``'s model of the round in ``run_dir`` (init: the same fold of ``init_dir``)."""
+    init = init_dir / f"fold{fold}" / "cell" / "model.pt" if init_dir is not None else None
+    return FoldModel((fold,), run_dir / f"fold{fold}", cfg.seed + fold, init)
+
+
 def train_fold(
     cfg: Config, data: TrainingSet, fold: int, run_dir: Path, init_dir: Path | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -301,28 +323,35 @@ def train_fold(
 
     init_dir: a previous round's folder whose ``fold<k>/cell/model.pt`` stage 1 starts from (refinement).
     """
-    fold_dir = run_dir / f"fold{fold}"
+    return train_model(cfg, data, outer_model(cfg, fold, run_dir, init_dir))
+
+
+def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both stages on every fold but ``plan.held_out``; image and cell predictions of the held-out images
+    (``oof_image.parquet``, ``oof_cell.parquet`` in ``plan.folder``; reused when finished)."""
+    fold_dir = plan.folder
     oof_image_path, oof_cell_path = fold_dir / "oof_image.parquet", fold_dir / "oof_cell.parquet"
     if oof_image_path.is_file() and oof_cell_path.is_file() and not cfg.force:
-        print(f"train: fold {fold} is finished in {fold_dir}, skipping (FORCE=1 redoes it)")
+        print(f"train: {plan.name} is finished in {fold_dir}, skipping (FORCE=1 redoes it)")
         return pd.read_parquet(oof_image_path), pd.read_parquet(oof_cell_path)
     fold_start = time.perf_counter()
     n_classes, config_dict = data.n_classes, cfg.model_dump(mode="json")
-    train_cells = data.cells.index[data.cells["fold"] != fold].to_numpy()
+    held_out = data.cells["fold"].isin(plan.held_out).to_numpy()
+    train_cells = data.cells.index[~held_out].to_numpy()
     if data.trainable is not None:  # refinement may leave cells without a reliable label out
         train_cells = train_cells[data.trainable[train_cells]]
-    val_cells = data.cells.index[data.cells["fold"] == fold].to_numpy()
+    val_cells = data.cells.index[held_out].to_numpy()
     val_table = data.cache.cells.loc[val_cells]
 
     # -- stage 1: cells learn from their (inherited) labels
     fold_targets = np.nan_to_num(data.cell_targets[train_cells])  # NaN: a pair refinement leaves out
     pos_weight = class_pos_weight(fold_targets) if cfg.train.class_weights == "sqrt_inverse" else None
     sample_weights = balanced_sample_weights(fold_targets) if cfg.train.sampler == "balanced" else None
-    torch.manual_seed(cfg.seed + fold)
+    torch.manual_seed(plan.seed)
     cell_model = create_model("cell", cfg, n_classes, pos_weight=pos_weight)
-    if init_dir is not None:
-        cell_model.load_state_dict(load_state_dict(init_dir / f"fold{fold}" / "cell" / "model.pt"))
-    val_images = data.images[data.images["fold"] == fold]
+    if plan.init is not None:
+        cell_model.load_state_dict(load_state_dict(plan.init))
+    val_images = data.images[data.images["fold"].isin(plan.held_out)]
     val_image_ids = val_images["image_id"].tolist()
     val_image_targets = to_multi_hot(val_images["labels"].tolist(), n_classes)
 
@@ -348,7 +377,7 @@ def train_fold(
         LabelledCrops(data.cache, val_cells, data.cell_targets, None),
         cfg.train,
         fold_dir / "cell",
-        seed=cfg.seed + fold,
+        seed=plan.seed,
         evaluate=score_cells,
         batch_keys=("index",),
         config=config_dict,
@@ -380,7 +409,7 @@ def train_fold(
         tmp.replace(fold_dir / "oof_embeddings.npz")
 
     # -- stage 2: attention MIL over each image's cells (frozen embeddings or end to end)
-    train_images = data.images[data.images["fold"] != fold]
+    train_images = data.images[~data.images["fold"].isin(plan.held_out)]
     bags = BagSplit(
         train=data.bags(train_images["image_id"].tolist()),
         train_targets=to_multi_hot(train_images["labels"].tolist(), n_classes).astype(np.float32),
@@ -400,7 +429,7 @@ def train_fold(
         probs[outputs["bag"]] = sigmoid(outputs["logits"])
         return image_metrics(val_image_targets, probs)
 
-    torch.manual_seed(cfg.seed + fold)
+    torch.manual_seed(plan.seed)
     stage2 = STAGE2[cfg.mil.mode]
     model = stage2.build(cfg, n_classes, embeddings.shape[1])
     stage2.start(model, fold_dir)
@@ -416,7 +445,7 @@ def train_fold(
         val_bag_data,
         mil_train,
         fold_dir / "mil",
-        seed=cfg.seed + fold,
+        seed=plan.seed,
         evaluate=score_images,
         batch_keys=("bag",),
         config=config_dict,
@@ -430,11 +459,12 @@ def train_fold(
     order = np.argsort(mil_out["bag"])
     image_probs = sigmoid(mil_out["logits"][order])  # (n_val_images, C)
     oof_image = pd.DataFrame(image_probs, columns=prob_columns(n_classes)).assign(
-        image_id=val_image_ids, fold=fold
+        image_id=val_image_ids, fold=val_images["fold"].to_numpy()
     )
     oof_image = oof_image[["image_id", *prob_columns(n_classes), "fold"]]
     instance_probs = sigmoid(mil_out["instance_logits"][order])  # (n_val_images, N, C)
     attention = mil_out["attention"][order]  # (n_val_images, C, N)
+    fold_of = dict(zip(val_images["image_id"], val_images["fold"]))
     pieces = []
     for position, rows in enumerate(val_bags):
         n = len(rows)
@@ -452,7 +482,7 @@ def train_fold(
                     pd.DataFrame(relative, columns=prob_columns(n_classes, "att_")),
                 ],
                 axis=1,
-            ).assign(attention=relative.max(axis=1), fold=fold)
+            ).assign(attention=relative.max(axis=1), fold=fold_of[cell_rows["image_id"].iloc[0]])
         )
     oof_cell = (
         pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=["image_id", "cell_id"])
@@ -627,9 +657,16 @@ def _train(cfg: Config) -> dict[str, float]:
 
 
 def train_round(
-    cfg: Config, data: TrainingSet, run_dir: Path, init_dir: Path | None = None
+    cfg: Config,
+    data: TrainingSet,
+    run_dir: Path,
+    init_dir: Path | None = None,
+    fold_data: Callable[[int], TrainingSet] | None = None,
 ) -> dict[str, float]:
-    """Every fold (or ``train.folds``) into ``run_dir``: OOF tables, ``metrics.json``, attention maps."""
+    """Every fold (or ``train.folds``) into ``run_dir``: OOF tables, ``metrics.json``, attention maps.
+
+    fold_data: the training set fold k's model learns from (refinement: each fold its own pseudo-labels);
+    default ``data`` for every fold."""
     start = time.perf_counter()
     folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
     finished = [
@@ -640,7 +677,9 @@ def train_round(
         # a finished round: its tables, scores and maps are on disk already (reruns of make, the ablation)
         print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
         return json.loads(saved.read_text())
-    results = [train_fold(cfg, data, fold, run_dir, init_dir) for fold in folds]
+    results = [
+        train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir) for fold in folds
+    ]
     oof_image = pd.concat([r[0] for r in results], ignore_index=True)
     oof_cell = pd.concat([r[1] for r in results], ignore_index=True)
     if oof_image["image_id"].duplicated().any():
