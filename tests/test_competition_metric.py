@@ -9,8 +9,12 @@ import pandas as pd
 import pytest
 
 from weakcell.competition_metric import (
+    Detections,
+    TrueCells,
+    bootstrap_interval,
     competition_map,
     image_true_positives,
+    match_images,
     open_images_ap,
     score_submission,
     truth_by_image,
@@ -282,3 +286,29 @@ def test_bad_truth_raises():
         truth_by_image({"x": true}, pd.concat([_labels("x", {1: [0]}), _labels("x", {1: [2]})]), C)
     with pytest.raises(ValueError, match="out of range"):
         truth_by_image({"x": true}, _labels("x", {1: [19]}), C)
+
+
+def _one_cell_image(score: float, iou: float) -> tuple[TrueCells, Detections]:
+    """An image with one true cell of class 0 and one detection of class 0 overlapping it by ``iou``."""
+    truth = TrueCells(mask=np.ones((2, 2), np.int32), ids=np.array([1]), classes=np.array([[True, False]]))
+    found = Detections(
+        classes=np.array([0]), scores=np.array([score]), iou=np.array([[iou]]), empty=np.array([False])
+    )
+    return truth, found
+
+
+def test_resampled_images_are_scored_as_repeated_copies():
+    (true_a, found_a), (true_b, found_b) = _one_cell_image(0.9, 0.8), _one_cell_image(0.8, 0.1)
+    matched = match_images({"a": found_a, "b": found_b}, {"a": true_a, "b": true_b}, n_classes=2)
+    # once each: a's TP ranks first (precision 1 at recall 1/2), b's FP adds no recall: AP 0.5
+    assert matched.ap()[0] == pytest.approx(0.5) and np.isnan(matched.ap()[1])
+    assert matched.ap(np.array([2, 0]))[0] == pytest.approx(1.0)  # two copies of a: both cells found
+    assert matched.ap(np.array([0, 2]))[0] == pytest.approx(0.0)
+    # a once, b twice: 3 true cells, one found at precision 1: AP 1/3
+    assert matched.ap(np.array([1, 2]))[0] == pytest.approx(1 / 3)
+    low, high = bootstrap_interval(matched, n_resamples=200, seed=1)
+    # resamples of two images give AP 1 (a, a), 0.5 (a, b in any order) or 0 (b, b): the 95% interval
+    # spans all three values' range
+    assert (low, high) == (0.0, 1.0)
+    same = match_images({"a": found_a, "c": found_a}, {"a": true_a, "c": true_a}, n_classes=2)
+    assert bootstrap_interval(same, n_resamples=50) == (1.0, 1.0)  # every resample finds every cell

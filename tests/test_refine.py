@@ -117,13 +117,7 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
     from weakcell import refine as refine_stage
 
     cfg, _ = tiny_run
-    # the inner models learn from one fold of the tiny set's 9 images: a batch of 4 cells still fits
-    cfg = cfg.model_copy(
-        update={
-            "refine": cfg.refine.model_copy(update={"rounds": 1, "epochs": 1}),
-            "train": cfg.train.model_copy(update={"batch_size": 4}),
-        }
-    )
+    cfg = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"rounds": 1, "epochs": 1})})
     (metrics,) = refine_stage.run(cfg)
     round_dir = cfg.round_dir(1)
     assert round_dir == cfg.model_dir and round_dir.name == "round1"
@@ -135,7 +129,9 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
         rows = pseudo[pseudo["model_fold"] == k]
         assert not (folds[rows["image_id"]].to_numpy() == k).any()
         others = oof_cell[folds[oof_cell["image_id"]].to_numpy() != k]
-        assert sorted(zip(rows["image_id"], rows["cell_id"])) == sorted(zip(others["image_id"], others["cell_id"]))
+        assert sorted(zip(rows["image_id"], rows["cell_id"])) == sorted(
+            zip(others["image_id"], others["cell_id"])
+        )
     # the models that labelled them held out the outer fold and the cell's own fold: one per pair of
     # folds, and each predicted exactly its two held-out folds' images
     inner = sorted(p.name for p in (cfg.run_dir / "inner").iterdir())

@@ -238,7 +238,11 @@ def score_images(
     out: ``empty`` masks, ``unverified`` classes, ``other_images`` absent from the truth), ``n_ties``
     (scored detections whose class and confidence equal an earlier one's), ``n_images`` and ``verified``.
     """
-    matched = match_images(detections, truth, n_classes, verified, iou_threshold)
+    return summarise(match_images(detections, truth, n_classes, verified, iou_threshold), verified)
+
+
+def summarise(matched: Matched, verified: Verified) -> dict:
+    """``score_images``'s dict of matched detections."""
     ap = matched.ap()
     return {
         "map": mean_ap(ap),
@@ -248,7 +252,7 @@ def score_images(
         "n_predictions": sum(len(s) for s in matched.scores),
         "ignored": matched.ignored,
         "n_ties": sum(len(s) - len(np.unique(s)) for s in matched.scores),
-        "n_images": len(truth),
+        "n_images": len(matched.n_gt),
         "verified": verified,
     }
 
@@ -388,13 +392,18 @@ def score_found(
     n_classes: int,
     verified: Verified = "image",
     iou_threshold: float = IOU_THRESHOLD,
+    bootstrap: int = 0,
 ) -> dict:
     """``score_images`` of ``label_detections`` or ``submission_detections`` output, the predictions of
     images absent from the truth counted as ignored. Detections are built once and scored under any
-    number of readings."""
+    number of readings. ``bootstrap`` > 0 adds ``interval``: the 95% percentile interval of the mAP over
+    that many resamples of the images (``bootstrap_interval``)."""
     detections, other = found
-    result = score_images(detections, truth, n_classes, verified, iou_threshold)
+    matched = match_images(detections, truth, n_classes, verified, iou_threshold)
+    result = summarise(matched, verified)
     result["ignored"]["other_images"] += other
+    if bootstrap:
+        result["interval"] = bootstrap_interval(matched, bootstrap)
     return result
 
 

@@ -231,7 +231,7 @@ def masks_differ(path: str | os.PathLike[str], cache_masks: Mapping[Any, np.ndar
 
 
 def _result_json(result: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("map", "ap", "n_gt", "n_tp", "n_predictions", "ignored", "n_ties", "n_images")
+    keys = ("map", "ap", "n_gt", "n_tp", "n_predictions", "ignored", "n_ties", "n_images", "interval")
     return {key: result[key] for key in keys if key in result}
 
 
@@ -253,13 +253,16 @@ def submission_cell_maps(
     masks_of: Callable[[str], np.ndarray] | None = None,
     alternatives: bool = True,
     readings: tuple[Verified, ...] = READINGS,
+    bootstrap: int = 0,
+    interval_of: str = "submission",
 ) -> dict[str, dict[str, Any]]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
     synthetic truth of its images under each of ``readings``; with ``alternatives`` (and
     ``pred_cell.parquet`` beside it) also every ``ALTERNATIVES`` confidence on the cache's masks
     (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and overlapped once,
     then scored under every reading. Returns ``{reading: {"verified", "submission": {...},
-    <alternative>: {...}, "masks_differ"}}``."""
+    <alternative>: {...}, "masks_differ"}}``; ``bootstrap`` > 0 adds the 95% interval over that many
+    resamples of the images to the ``interval_of`` entry."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
@@ -291,7 +294,12 @@ def submission_cell_maps(
     return {
         reading: {
             "verified": reading,
-            **{name: _result_json(score_found(f, truth, n, reading)) for name, f in found.items()},
+            **{
+                name: _result_json(
+                    score_found(f, truth, n, reading, bootstrap=bootstrap * (name == interval_of))
+                )
+                for name, f in found.items()
+            },
             **extra,
         }
         for reading in readings

@@ -375,7 +375,8 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
         cell_model,
         LabelledCrops(data.cache, train_cells, data.cell_targets, augment, sample_weights),
         LabelledCrops(data.cache, val_cells, data.cell_targets, None),
-        cfg.train,
+        # tiny sets (a test's inner models learn from one fold of 9 images) still make one batch
+        stage_config(cfg.train, batch_size=max(1, min(cfg.train.batch_size, len(train_cells)))),
         fold_dir / "cell",
         seed=plan.seed,
         evaluate=score_cells,
