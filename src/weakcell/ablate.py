@@ -11,6 +11,11 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
   as the weak run's backbone gets in total, then MIL: the ceiling.
 
+With ``ablate.seeds`` every run is trained once per seed (``<name>-seed<s>``; same folds and data) and each
+row is reported as mean +- sd over the seeds. The targets are judged on the held-out test split, each row's
+test mAP with its 95% bootstrap interval over the test images (``configs/bench.yaml`` makes that split
+large enough to tell variants apart); out-of-fold figures stay as columns.
+
 Each row of ``rows()`` names a run, a round, how cells and images are scored and the inference settings of
 its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with tuned thresholds
 (cross-fitted over folds, so tuning is not scored on the rows it was tuned on), image mAP, cell mAP

@@ -420,16 +420,16 @@ class InferConfig(Section):
 
 
 class RefineConfig(Section):
-    """Pseudo-label refinement (``make refine``): each round relabels the training cells from the previous
-    round's out-of-fold outputs only (no model that saw an image labels its cells), retrains the backbone
-    on the selected cells, then the MIL head.
+    """Pseudo-label refinement (``make refine``): each round relabels each fold model's training cells from
+    the predictions of inner models that never saw that fold (nested, ``weakcell.refine``), retrains the
+    backbone on the selected cells, then the MIL head.
 
     The rule, per cell i of an image labelled Y and per class c, with ``s_c(i)`` the cell score named by
     ``score`` (``weakcell.train.CELL_SCORES``): keep c when c is in Y and
     ``s_c(i) >= relative * max_j s_c(j)`` over the image's cells j (or, with ``negative_quantile`` q,
     ``s_c(i)`` is at least the q-quantile of ``s_c`` over the cells of images without c: known negatives),
-    ``s_c(i) >= threshold_scale * t_c`` (t_c: the class's image threshold tuned on the previous round's
-    OOF predictions) and the cell's MIL attention for c is at least ``min_attention`` (1 = an average
+    ``s_c(i) >= threshold_scale * t_c`` (t_c: the class's image threshold tuned on the same inner models'
+    predictions) and the cell's MIL attention for c is at least ``min_attention`` (1 = an average
     share). A cell keeping no class becomes
     Negative (``unlabelled=negative``) or leaves the training set (``drop``). ``targets=soft`` trains on
     ``s_c(i) / max_j s_c(j)`` for the kept classes instead of 1. An image label a cell does not keep is a
