@@ -141,6 +141,9 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
         predicted = pd.read_parquet(cfg.run_dir / "inner" / name / "oof_image.parquet")["image_id"]
         assert set(folds[predicted]) == held_out
         assert sorted(predicted) == sorted(folds.index[folds.isin(held_out)])
+        # the default rule reads each cell's own probability alone: the inner models skip stage 2
+        inner_cells = pd.read_parquet(cfg.run_dir / "inner" / name / "oof_cell.parquet")
+        assert inner_cells["attention"].isna().all() and inner_cells["p_0"].notna().all()
     # a pseudo-label never adds a class its image does not have (Negative aside)
     labels = pd.read_csv(cfg.data_dir / "train.csv").set_index("ID")["Label"]
     for row in pseudo.itertuples():
@@ -155,6 +158,13 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
     changed = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"relative": 0.9})})
     with pytest.raises(ValueError, match=r"refine\.relative.*FORCE=1"):
         refine_stage.run(changed)
+    # a rule that reads MIL attention has the inner models trained with stage 2
+    attending = cfg.model_copy(
+        update={"refine": cfg.refine.model_copy(update={"min_attention": 0.5}), "force": True}
+    )
+    refine_stage.run(attending)
+    inner_cells = pd.read_parquet(cfg.run_dir / "inner" / "fold0-1" / "oof_cell.parquet")
+    assert inner_cells["attention"].notna().all()
 
 
 def test_relative_schedule_by_round():

@@ -507,6 +507,12 @@ class RefineConfig(Section):
             and self.targets == "hard"
         )
 
+    @property
+    def reads_stage2(self) -> bool:
+        """Whether the rule reads anything beyond each cell's own stage-1 probability (the MIL head's
+        image probabilities, attention, thresholds tuned on them): else the inner models skip stage 2."""
+        return self.score != "stage1" or self.threshold_scale > 0 or self.min_attention > 0
+
     def for_round(self, round_: int) -> RefineConfig:
         """The rule round ``round_`` (1-based) applies: ``relative`` resolved to one number."""
         if not isinstance(self.relative, list):

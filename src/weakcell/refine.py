@@ -29,6 +29,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -81,12 +82,9 @@ def pseudo_labels(
     near_best = scores >= rule.relative * best
     if rule.negative_quantile is not None:
         near_best |= scores >= negative_floor(scores, inherited, rule.negative_quantile)[None, :]
-    kept = (
-        (inherited > 0)
-        & near_best
-        & (scores >= rule.threshold_scale * thresholds[None, :])
-        & (attention >= rule.min_attention)
-    )
+    kept = (inherited > 0) & near_best & (scores >= rule.threshold_scale * thresholds[None, :])
+    if rule.min_attention > 0:  # attention is NaN when the inner models skipped stage 2 (no limit to test)
+        kept &= attention >= rule.min_attention
     if rule.targets == "soft":
         targets = np.where(kept, np.clip(scores / np.maximum(best, 1e-12), 0.0, 1.0), 0.0)
     else:
@@ -199,7 +197,14 @@ def inner_plan(cfg: Config, round_: int, outer: int, inner: int) -> FoldModel:
     init = inner_plan(cfg, round_ - 1, outer, inner).folder / "cell" / "model.pt" if round_ > 0 else None
     # seeds apart from the outer models' (seed + k) so that no two models of a run share one
     seed = cfg.seed + 1000 * (round_ + 1) + 10 * first + second
-    return FoldModel(pair, folder, seed, init if cfg.refine.init == "previous" else None)
+    init = init if cfg.refine.init == "previous" else None
+    return FoldModel(pair, folder, seed, init, stage2=cfg.refine.reads_stage2)
+
+
+def lacks_stage2(folder: Path) -> bool:
+    """Whether a finished model's predictions were made without stage 2 (no attention)."""
+    path = folder / "oof_cell.parquet"
+    return path.is_file() and bool(pd.read_parquet(path, columns=["attention"])["attention"].isna().all())
 
 
 def inner_predictions(
@@ -215,7 +220,7 @@ def inner_predictions(
         # an inner model trained under other settings (e.g. refine.inner_epochs) is redone, not reused
         stale = bool(
             changed_settings(plan.folder, round_cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
-        )
+        ) or (plan.stage2 and lacks_stage2(plan.folder))
         model_cfg = round_cfg.model_copy(update={"force": True}) if stale else round_cfg
         oof_image, oof_cell = train_model(model_cfg, data, plan)
         if is_main_process() and (stale or not (plan.folder / "config.yaml").is_file()):

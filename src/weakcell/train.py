@@ -304,6 +304,7 @@ class FoldModel:
     folder: Path
     seed: int
     init: Path | None = None  # a cell ``model.pt`` stage 1 starts from (refinement fine-tunes)
+    stage2: bool = True  # False: stage 1 alone, images scored by their best cell (a rule that reads no more)
 
     @property
     def name(self) -> str:
@@ -386,8 +387,9 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
     )
     cell_model.load_state_dict(load_state_dict(fold_dir / "cell" / "model.pt"))
 
-    # -- embeddings + probabilities of every training-split cell from this fold's model
-    every_cell = data.cells.index.to_numpy()
+    # -- embeddings + probabilities of every training-split cell from this fold's model (stage 2 trains on
+    # them), or of the held-out cells alone when no stage 2 follows
+    every_cell = data.cells.index.to_numpy() if plan.stage2 else val_cells
     outputs = predict(
         cell_model,
         LabelledCrops(data.cache, every_cell, data.cell_targets, None),
@@ -408,6 +410,9 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
             embeddings=embeddings[val_cells].astype(np.float16),
         )
         tmp.replace(fold_dir / "oof_embeddings.npz")
+    if not plan.stage2:
+        oof_image, oof_cell = stage1_tables(val_table, cell_probs[val_cells], val_images, n_classes)
+        return _finish(plan, oof_image, oof_cell, fold_start)
 
     # -- stage 2: attention MIL over each image's cells (frozen embeddings or end to end)
     train_images = data.images[~data.images["fold"].isin(plan.held_out)]
@@ -488,12 +493,42 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
     oof_cell = (
         pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=["image_id", "cell_id"])
     )
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    _write_parquet(oof_cell, oof_cell_path)
-    _write_parquet(oof_image, oof_image_path)
+    return _finish(plan, oof_image, oof_cell, fold_start)
+
+
+def _finish(
+    plan: FoldModel, oof_image: pd.DataFrame, oof_cell: pd.DataFrame, start: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write a model's prediction tables (what makes it finished) and what it cost."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    _write_parquet(oof_cell, plan.folder / "oof_cell.parquet")
+    _write_parquet(oof_image, plan.folder / "oof_image.parquet")
     if is_main_process():  # a reused fold still reports what it cost (ablation wall times)
-        (fold_dir / "fold.json").write_text(json.dumps({"seconds": time.perf_counter() - fold_start}))
+        (plan.folder / "fold.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
     return oof_image, oof_cell
+
+
+def stage1_tables(
+    cells: pd.DataFrame, probs: np.ndarray, images: pd.DataFrame, n_classes: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prediction tables of a model without stage 2: each cell's probabilities, no MIL columns (NaN),
+    and each image's as the max over its cells."""
+    fold_of = dict(zip(images["image_id"], images["fold"]))
+    oof_cell = cells[["image_id", "cell_id"]].reset_index(drop=True)
+    missing = np.full_like(probs, np.nan)
+    oof_cell = pd.concat(
+        [
+            oof_cell,
+            pd.DataFrame(probs, columns=prob_columns(n_classes)),
+            pd.DataFrame(missing, columns=prob_columns(n_classes, "mil_p_")),
+            pd.DataFrame(missing, columns=prob_columns(n_classes, "att_")),
+        ],
+        axis=1,
+    ).assign(attention=np.nan, fold=oof_cell["image_id"].map(fold_of).to_numpy())
+    image_ids = images["image_id"].tolist()
+    oof_image = pd.DataFrame(max_pool_images(cells, probs, image_ids), columns=prob_columns(n_classes))
+    oof_image = oof_image.assign(image_id=image_ids, fold=images["fold"].to_numpy())
+    return oof_image[["image_id", *prob_columns(n_classes), "fold"]], oof_cell
 
 
 def fold_seconds(fold_dir: Path) -> float:
