@@ -158,12 +158,16 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
     changed = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"relative": 0.9})})
     with pytest.raises(ValueError, match=r"refine\.relative.*FORCE=1"):
         refine_stage.run(changed)
-    # a rule that reads MIL attention has the inner models trained with stage 2
+    # a rule that reads MIL attention has the inner models trained with stage 2 (on a linked copy of
+    # round 0, so that the shared tiny run keeps its round)
+    from weakcell.ablate import link_round_zero
+
     attending = cfg.model_copy(
-        update={"refine": cfg.refine.model_copy(update={"min_attention": 0.5}), "force": True}
+        update={"name": "attending", "refine": cfg.refine.model_copy(update={"min_attention": 0.5})}
     )
+    link_round_zero(cfg.run_dir, attending.run_dir)
     refine_stage.run(attending)
-    inner_cells = pd.read_parquet(cfg.run_dir / "inner" / "fold0-1" / "oof_cell.parquet")
+    inner_cells = pd.read_parquet(attending.run_dir / "inner" / "fold0-1" / "oof_cell.parquet")
     assert inner_cells["attention"].notna().all()
 
 
