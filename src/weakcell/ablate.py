@@ -306,8 +306,8 @@ def seed_leaderboard(cfg: Config) -> pd.DataFrame:
     inferred: dict[tuple[str, str], Path] = {}
     for row in rows(rounds):
         round_ = rounds if row.round == "final" else int(row.round)
-        if row.run not in configs:
-            continue
+        if row.run not in configs or (row.infer.get("tta") == [0] and cfg.infer.tta == [0]):
+            continue  # a run not trained, or a TTA-off row when the runs infer without TTA anyway
         run_cfg = with_round(configs[row.run], round_ if row.run != ORACLE else 0)
         record: dict[str, Any] = {"variant": row.label, "run": run_cfg.name, "round": round_}
         record.update(oof_scores(cfg, row, run_cfg.model_dir, data))
