@@ -22,14 +22,13 @@ from weakcell.config import Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
-from weakcell.metrics import image_best
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.scoring import cell_scores, image_best
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
     RUNTIME_SETTINGS,
     TRAINING_SETTINGS,
     TrainingSet,
-    cell_scores,
     check_missing,
     is_main_process,
     load_training_set,
