@@ -1,7 +1,7 @@
 """The submitted cell confidence, re-tuned under both readings of the 2021 metric.
 
 A cell's confidence for class c is ``cell * term ** infer.image_power`` with ``term = (1 - b) * image +
-b * best cell`` (``b = infer.image_best_cell``; ``weakcell.metrics.cell_confidence``). The formula was
+b * best cell`` (``b = infer.image_best_cell``; ``weakcell.scoring.cell_confidence``). The formula was
 chosen when the kit judged every class in every image; the organisers judge class c only in images with a
 true cell of class c (``evaluate.verified=image``), where the image term has less to do. For every
 (power, b) of a grid this scores:
@@ -36,8 +36,8 @@ from weakcell.competition_metric import READINGS, label_detections, score_found,
 from weakcell.config import InferConfig, load_config
 from weakcell.constants import prob_columns
 from weakcell.evaluate import read_cell_truth, read_round, submission_dir
-from weakcell.metrics import cell_confidence
-from weakcell.train import cell_scores, load_training_set
+from weakcell.scoring import cell_confidence, cell_scores
+from weakcell.train import load_training_set
 
 POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 BEST_CELL = (0.0, 0.25, 0.5, 1.0)

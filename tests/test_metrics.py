@@ -6,7 +6,6 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from weakcell.metrics import (
     average_precision,
-    cell_confidence,
     f1_per_class,
     macro_f1,
     mean_average_precision,
@@ -44,20 +43,3 @@ def test_f1_matches_sklearn():
     p = (rng.random((40, 5)) < 0.4).astype(int)
     assert f1_per_class(y, p) == pytest.approx(f1_score(y, p, average=None, zero_division=0))
     assert macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
-
-
-def test_cell_confidence_mixes_the_image_and_its_best_cell() -> None:
-    # three cells of image "b" around one of image "a", two classes; "b"'s best cells: 0.8 and 0.4
-    cell = np.array([[0.8, 0.1], [0.5, 0.2], [0.2, 0.9], [0.4, 0.4]])
-    image = np.array([[0.6, 0.5], [0.6, 0.5], [0.1, 0.3], [0.6, 0.5]])
-    ids = np.array(["b", "b", "a", "b"])
-    np.testing.assert_allclose(cell_confidence(cell, image, ids, 1.0, 0.0), cell * image)
-    best = np.array([[0.8, 0.4], [0.8, 0.4], [0.2, 0.9], [0.8, 0.4]])
-    np.testing.assert_allclose(cell_confidence(cell, image, ids, 1.0, 1.0), cell * best)
-    mixed = cell_confidence(cell, image, ids, 3.0, 0.25)
-    np.testing.assert_allclose(
-        mixed[0], [0.8 * (0.75 * 0.6 + 0.25 * 0.8) ** 3, 0.1 * (0.75 * 0.5 + 0.1) ** 3]
-    )
-    np.testing.assert_allclose(mixed[2], [0.2 * (0.75 * 0.1 + 0.05) ** 3, 0.9 * (0.75 * 0.3 + 0.225) ** 3])
-    # power 0: the cell's own probability, whatever the image says
-    np.testing.assert_allclose(cell_confidence(cell, image, ids, 0.0, 0.25), cell)

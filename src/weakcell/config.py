@@ -397,7 +397,7 @@ class InferConfig(Section):
         ge=0,
         le=1,
         description="image term = (1 - this) x the MIL image probability + this x the image's best cell "
-        "probability (weakcell.metrics.cell_confidence); no effect at image_power 0",
+        "probability (weakcell.scoring.cell_confidence); no effect at image_power 0",
     )
     min_score: float = Field(0.0, ge=0, le=1, description="drop cell predictions below this confidence")
     split: str = Field(
@@ -425,7 +425,7 @@ class RefineConfig(Section):
     backbone on the selected cells, then the MIL head.
 
     The rule, per cell i of an image labelled Y and per class c, with ``s_c(i)`` the cell score named by
-    ``score`` (``weakcell.train.CELL_SCORES``): keep c when c is in Y and
+    ``score`` (``weakcell.scoring.CELL_SCORES``): keep c when c is in Y and
     ``s_c(i) >= relative * max_j s_c(j)`` over the image's cells j (or, with ``negative_quantile`` q,
     ``s_c(i)`` is at least the q-quantile of ``s_c`` over the cells of images without c: known negatives),
     ``s_c(i) >= threshold_scale * t_c`` (t_c: the class's image threshold tuned on the same inner models'
@@ -446,7 +446,7 @@ class RefineConfig(Section):
     """
 
     rounds: int = Field(1, ge=0, description="refinement rounds; 0 = the inheritance + MIL run alone")
-    score: str = Field("stage1", description="cell score the rule reads (weakcell.train.CELL_SCORES)")
+    score: str = Field("stage1", description="cell score the rule reads (weakcell.scoring.CELL_SCORES)")
     relative: float | list[float] = Field(
         0.3,
         description="keep c for cells scoring at least this fraction of the image's best cell; a list gives "

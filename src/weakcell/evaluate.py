@@ -8,7 +8,7 @@ when that round is the final one, the submission ``make infer`` wrote from it:
    positive are left out, as the thresholds stage does. On the synthetic set also the test split's
    image predictions (``pred_image.parquet``) against ``truth/test.csv``;
 2. cell level, on the OOF predictions (synthetic set only): the cell AP of every score variant of
-   ``train.cell_score_variants`` against the matched true cells (``cell_truth.cell_level_ap``: what
+   ``scoring.cell_score_variants`` against the matched true cells (``cell_truth.cell_level_ap``: what
    ``metrics.json`` holds, per class);
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
@@ -51,13 +51,13 @@ from weakcell.constants import READINGS, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import (
-    cell_confidence,
     f1_per_class,
     macro_f1,
     mean_average_precision,
     per_class_ap,
     predicted_classes,
 )
+from weakcell.scoring import ALTERNATIVES, cell_score_variants
 from weakcell.submission import mask_pixels
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
@@ -66,16 +66,6 @@ if TYPE_CHECKING:  # train imports torch: loaded only when a stage needs the tra
 
 # The OOF cell score shown per class in the plots and table: the confidence inference submits.
 PLOTTED_VARIANT = "confidence"
-# pred_cell.parquet confidences scored beside the submission:
-# name -> (cell probs, image probs, image ids, infer settings) -> (N, C); "confidence" recomputes the submitted one
-ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, InferConfig], np.ndarray]] = {
-    "cell": lambda cell, image, ids, infer: cell,
-    "image": lambda cell, image, ids, infer: image,
-    "cell_x_image": lambda cell, image, ids, infer: cell * image,
-    "confidence": lambda cell, image, ids, infer: cell_confidence(
-        cell, image, ids, infer.image_power, infer.image_best_cell
-    ),
-}
 
 
 # -- image level --------------------------------------------------------------------------------------
@@ -182,11 +172,9 @@ def oof_cell_ap(
     infer: InferConfig | None = None,
     verified: Verified = "image",
 ) -> dict[str, np.ndarray]:
-    """Per-class cell AP ``(C,)`` of every ``train.cell_score_variants`` score against the matched true
+    """Per-class cell AP ``(C,)`` of every ``scoring.cell_score_variants`` score against the matched true
     cells under the metric's ``verified`` reading (their NaN-mean is ``metrics.json``'s
     ``cell_map_<variant>``)."""
-    from weakcell.train import cell_score_variants  # torch: imported only when OOF cells are scored
-
     return {
         name: cell_level_ap(table, prob_columns(n_classes), matches, truth, verified)
         for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items()

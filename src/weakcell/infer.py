@@ -5,7 +5,7 @@ averaged over the symmetries); the fold's MIL head turns each image's averaged e
 probabilities and attention. Folds are then blended as a groupby-mean on (image_id, cell_id) / image_id,
 after asserting that every fold predicted the same keys. A cell's confidence for class c is its own
 probability times an image term ** ``infer.image_power`` (the top 2021 solutions' product; the term mixes
-the image's MIL probability with its best cell's, ``metrics.cell_confidence``); the default power 0 submits
+the image's MIL probability with its best cell's, ``scoring.cell_confidence``); the default power 0 submits
 the cell probability alone, best under the organisers' reading of the metric.
 
 Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
@@ -33,9 +33,10 @@ from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
 from weakcell.errors import StageError
-from weakcell.metrics import cell_confidence, sigmoid
+from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
+from weakcell.scoring import cell_confidence
 from weakcell.stage2 import BagRequest, load_trained
 from weakcell.submission import publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds

@@ -8,7 +8,6 @@ positive in ``y_true`` — a class absent from a fold says nothing about the mod
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -72,29 +71,3 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro F1 over the classes with at least one positive."""
     present = np.asarray(y_true).sum(0) > 0
     return float(f1_per_class(y_true, y_pred)[present].mean()) if present.any() else float("nan")
-
-
-def image_best(values: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """(N, C): for each cell, the highest value of its image's cells (cells in any order)."""
-    return pd.DataFrame(values).groupby(np.asarray(image_ids), sort=False).transform("max").to_numpy()
-
-
-def cell_confidence(
-    cell: np.ndarray, image: np.ndarray, image_ids: np.ndarray, power: float, best_cell: float
-) -> np.ndarray:
-    """The submitted confidence of each (cell, class): ``cell * image_term ** power`` with
-    ``image_term = (1 - best_cell) * image + best_cell * (the image's highest cell probability)``.
-
-    cell, image: (N, C) the cell's probability and its image's (MIL) probability; image_ids: (N,).
-    The image term ranks cells of likely images first; mixing in the best cell keeps it on the cell model's
-    scale, which the MIL head (trained on embeddings of its own training images) is not quite on. Which
-    power wins depends on the metric's reading (benchmarks/confidence.md, ``make bench-confidence``): when
-    every class is judged in every image, power 3 with a quarter of the best cell beats the cell alone by
-    0.07 OOF and 0.09 on the test split; under the organisers' reading (class c judged only in images that
-    have it) telling images apart is no longer the cell score's job, and the cell alone (power 0, the
-    default) is best out of fold (0.776 vs 0.742) and level on the test split (0.652 vs 0.651).
-    """
-    term = image
-    if best_cell:
-        term = (1.0 - best_cell) * image + best_cell * image_best(cell, image_ids)
-    return cell * term**power

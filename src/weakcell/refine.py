@@ -38,15 +38,14 @@ from weakcell.config import Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
-from weakcell.metrics import image_best
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.scoring import cell_scores, image_best
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
     RUNTIME_SETTINGS,
     TRAINING_SETTINGS,
     FoldModel,
     TrainingSet,
-    cell_scores,
     check_missing,
     fold_seconds,
     is_main_process,

@@ -21,7 +21,6 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +32,17 @@ from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.loader import CellCrops, CropAugment
 from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
-from weakcell.config import Config, InferConfig, TrainConfig, changed_settings, save_config
-from weakcell.constants import NEGATIVE, Verified, prob_columns
+from weakcell.config import Config, TrainConfig, changed_settings, save_config
+from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.engine import fit, predict
 from weakcell.errors import StageError
 from weakcell.folds import read_folds
-from weakcell.metrics import cell_confidence, macro_f1, mean_average_precision, sigmoid
+from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.scoring import image_metrics, max_pool_images, score_oof
 from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.weights import load_state_dict
 
@@ -255,22 +255,6 @@ def balanced_sample_weights(targets: np.ndarray) -> np.ndarray:
     frequency = np.maximum(targets.mean(0), 1.0 / max(len(targets), 1))  # (C,)
     per_class = np.sqrt(1.0 / frequency)[None, :] * (targets > 0)  # (N, C)
     return np.where(per_class.max(1) > 0, per_class.max(1), 1.0)
-
-
-# -- scoring callbacks --------------------------------------------------------------------------------
-
-
-def max_pool_images(cells: pd.DataFrame, probs: np.ndarray, image_ids: list[str]) -> np.ndarray:
-    """Image scores as the max of their cells' probabilities ((n_images, C); 0 for images without cells)."""
-    table = pd.DataFrame(probs).groupby(cells["image_id"].to_numpy()).max()
-    return table.reindex(image_ids).fillna(0.0).to_numpy()
-
-
-def image_metrics(y_true: np.ndarray, probs: np.ndarray, prefix: str = "") -> dict[str, float]:
-    return {
-        f"{prefix}image_map": mean_average_precision(y_true, probs),
-        f"{prefix}f1_at_05": macro_f1(y_true, probs >= 0.5),
-    }
 
 
 # -- one fold -----------------------------------------------------------------------------------------
@@ -561,88 +545,6 @@ def is_main_process() -> bool:
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
     if is_main_process():
         atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
-
-
-# -- scoring the out-of-fold predictions ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CellOutputs:
-    """A round's OOF outputs per cell, (N, C) each: p = stage-1 cell probability, q = MIL instance
-    probability, a = relative attention, image = the image's MIL probability; image_ids (N,)."""
-
-    p: np.ndarray
-    q: np.ndarray
-    a: np.ndarray
-    image: np.ndarray
-    image_ids: np.ndarray
-
-
-# The ways a cell's class score is formed from its OOF outputs; "confidence" is what inference submits.
-CELL_SCORES: dict[str, Callable[[CellOutputs, InferConfig], np.ndarray]] = {
-    "stage1": lambda o, infer: o.p,
-    "mil_instance": lambda o, infer: o.q,
-    "mil_attention": lambda o, infer: o.image * np.clip(o.a, 0, 1),
-    "stage1_x_image": lambda o, infer: o.p * o.image,
-    "confidence": lambda o, infer: cell_confidence(
-        o.p, o.image, o.image_ids, infer.image_power, infer.image_best_cell
-    ),
-}
-
-
-def cell_scores(
-    name: str,
-    oof_cell: pd.DataFrame,
-    oof_image: pd.DataFrame,
-    n_classes: int,
-    infer: InferConfig | None = None,
-) -> np.ndarray:
-    """(len(oof_cell), C) scores of the ``CELL_SCORES`` entry ``name``, rows in ``oof_cell`` order;
-    ``infer`` (default: the defaults) sets the submitted confidence's formula."""
-    if name not in CELL_SCORES:
-        raise StageError(f"unknown cell score {name!r}; choose one of {sorted(CELL_SCORES)}")
-    p, q, a = (oof_cell[prob_columns(n_classes, prefix)].to_numpy() for prefix in ("p_", "mil_p_", "att_"))
-    image = oof_image.set_index("image_id").loc[oof_cell["image_id"], prob_columns(n_classes)].to_numpy()
-    outputs = CellOutputs(p, q, a, image, oof_cell["image_id"].to_numpy())
-    return CELL_SCORES[name](outputs, infer if infer is not None else InferConfig())
-
-
-def cell_score_variants(
-    oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int, infer: InferConfig | None = None
-) -> dict[str, pd.DataFrame]:
-    """Every ``CELL_SCORES`` entry as an ``image_id, cell_id, p_*`` table."""
-    keys = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
-    return {
-        name: keys.assign(
-            **dict(zip(prob_columns(n_classes), cell_scores(name, oof_cell, oof_image, n_classes, infer).T))
-        )
-        for name in CELL_SCORES
-    }
-
-
-def score_oof(
-    data: TrainingSet,
-    oof_image: pd.DataFrame,
-    oof_cell: pd.DataFrame,
-    infer: InferConfig | None = None,
-    verified: Verified = "image",
-) -> dict[str, float]:
-    """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)
-    under the metric's ``verified`` reading."""
-    n_classes = data.n_classes
-    images = data.images.set_index("image_id").loc[oof_image["image_id"]]
-    y_true = to_multi_hot(images["labels"].tolist(), n_classes)
-    probs = oof_image[prob_columns(n_classes)].to_numpy()
-    metrics = image_metrics(y_true, probs)
-    max_pooled = max_pool_images(
-        oof_cell, oof_cell[prob_columns(n_classes)].to_numpy(), oof_image["image_id"].tolist()
-    )
-    metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
-    if data.truth is not None and data.matches is not None:
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items():
-            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, verified)
-            metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
-    return metrics
 
 
 # -- the stage ----------------------------------------------------------------------------------------
