@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-synthetic bench-cache bench-train bench-thresholds bench-confidence bench-kaggle bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -151,6 +151,9 @@ bench-cache: $(STAMP) ## segmentation quality/speed and crop-reading throughput 
 
 bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs cache size -> benchmarks/train.md
 	$(PY) benchmarks/bench_train.py
+
+bench-mil-shift: $(STAMP) ## in-sample vs held-out stage-1 outputs of a trained run's fold models (the MIL head's input shift) -> benchmarks/mil-shift.md
+	$(PY) benchmarks/bench_mil_shift.py --config $(CONFIG)
 
 bench-thresholds: $(STAMP) ## cross-fitted image macro-F1 of tuned thresholds vs 0.5 over every trained round -> benchmarks/thresholds.md
 	$(PY) benchmarks/bench_thresholds.py

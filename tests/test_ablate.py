@@ -109,6 +109,36 @@ def test_control_relinks_a_retrained_round_zero(tmp_path):
     assert not (control / "round1").exists()
 
 
+def test_each_seed_trains_its_own_runs_on_the_same_folds_and_data():
+    cfg = load_config(
+        None,
+        [
+            "name=grid",
+            "seed=42",
+            "ablate.seeds=[42,7]",
+            "train.epochs=12",
+            "refine.epochs=6",
+            "ablate.rounds=2",
+        ],
+    )
+    first, other = ablate.seed_config(cfg, 42), ablate.seed_config(cfg, 7)
+    assert (first.name, first.seed) == ("grid", 42)  # the config's own seed keeps the single-seed runs
+    assert (other.name, other.seed) == ("grid-seed7", 7)
+    runs = ablate.run_configs(other)
+    # the oracle: 12 + 2 x 6 epochs
+    assert {c.name for c in runs.values()} == {"grid-seed7", "grid-seed7-control", "grid-seed7-oracle24"}
+    assert {c.seed for c in runs.values()} == {7}
+    assert (
+        len(
+            {
+                (c.folds_file, c.data_dir, c.cache_dir)
+                for c in [*runs.values(), *ablate.run_configs(first).values()]
+            }
+        )
+        == 1
+    )
+
+
 def test_rows_across_seeds_are_mean_and_sd_with_the_mean_interval():
     table = pd.DataFrame(
         {
