@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import Config, InferConfig
-from weakcell.constants import prob_columns
+from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
 from weakcell.scoring import cell_scores, max_pool_images
@@ -49,7 +49,7 @@ class Row:
     label: str
     run: str  # WEAK, CONTROL or ORACLE
     round: int | str  # a refinement round; "final" = ablate.rounds
-    cell_score: str = "confidence"  # scoring.CELL_SCORES entry for the OOF cell mAP
+    cell_score: CellScore = "confidence"  # scoring.CELL_SCORES entry for the OOF cell mAP
     image_source: str = "mil"  # mil = the MIL head's image probabilities; stage1_max = max over cells
     infer: dict[str, Any] = field(default_factory=dict)  # infer.* overrides of its test submission
 

@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from weakcell.config import Config, RefineConfig, changed_settings, save_config
+from weakcell.config import OUTPUT_INPUTS, Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
@@ -26,8 +26,6 @@ from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writi
 from weakcell.scoring import cell_scores, image_best
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
-    RUNTIME_SETTINGS,
-    TRAINING_SETTINGS,
     TrainingSet,
     check_missing,
     is_main_process,
@@ -36,11 +34,6 @@ from weakcell.train import (
     train_round,
     true_cell_targets,
 )
-
-# Refinement rounds are computed from the training settings and the rule; ``refine.rounds`` only says how
-# many there are, and ``refine.epochs`` reaches the rounds through ``train.epochs``.
-REFINE_SETTINGS = (*TRAINING_SETTINGS, "refine.", "thresholds.")
-REFINE_RUNTIME = (*RUNTIME_SETTINGS, "refine.rounds")
 
 
 def pseudo_labels(
@@ -183,7 +176,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             raise FileNotFoundError(f"no out-of-fold predictions in {before}; run {step} first")
         # each round saves and is checked against the rule it applies (``relative`` may change by round)
         this_round = round_cfg.model_copy(update={"refine": cfg.refine.for_round(round_)})
-        differ = changed_settings(out_dir, this_round, include=REFINE_SETTINGS, exclude=REFINE_RUNTIME)
+        differ = changed_settings(out_dir, this_round, OUTPUT_INPUTS["refine"])
         if differ and not cfg.force:
             raise StageError(
                 f"round {out_dir} was trained with other settings ({', '.join(differ[:6])}); redo it with "

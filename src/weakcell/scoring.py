@@ -22,7 +22,7 @@ import pandas as pd
 
 from weakcell.cell_truth import cell_level_ap
 from weakcell.config import InferConfig
-from weakcell.constants import Verified, prob_columns
+from weakcell.constants import CellScore, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import macro_f1, mean_average_precision
@@ -88,7 +88,7 @@ class CellOutputs:
 
 
 # The ways a cell's class score is formed from its OOF outputs; "confidence" is what inference submits.
-CELL_SCORES: dict[str, Callable[[CellOutputs, InferConfig], np.ndarray]] = {
+CELL_SCORES: dict[CellScore, Callable[[CellOutputs, InferConfig], np.ndarray]] = {
     "stage1": lambda o, infer: o.p,
     "mil_instance": lambda o, infer: o.q,
     "mil_attention": lambda o, infer: o.image * np.clip(o.a, 0, 1),
@@ -111,7 +111,7 @@ ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, InferConfi
 
 
 def cell_scores(
-    name: str,
+    name: CellScore,
     oof_cell: pd.DataFrame,
     oof_image: pd.DataFrame,
     n_classes: int,

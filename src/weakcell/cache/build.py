@@ -46,7 +46,7 @@ from weakcell.cache.store import (
     SKIPPED_FILE,
     mask_paths,
 )
-from weakcell.config import Config, changed_settings, save_config
+from weakcell.config import OUTPUT_INPUTS, Config, changed_settings, save_config
 from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
@@ -378,14 +378,10 @@ def _remove_part(cache_dir: Path, part: int, n_parts: int) -> None:
         (cache_dir / name).unlink(missing_ok=True)
 
 
-# What a cache's content depends on: reusing finished images is only right while these stay the same.
-CONTENT_KEYS = ("data", "segment", "cache.crop_size")
-
-
 def check_same_settings(cfg: Config, cache_dir: Path) -> None:
     """Refuse to add to a cache built with other segmentation / crop / data settings: its finished images
     would be silently kept. Names the keys that differ and the two ways out."""
-    differ = changed_settings(cache_dir, cfg, include=CONTENT_KEYS)
+    differ = changed_settings(cache_dir, cfg, OUTPUT_INPUTS["cache"])
     if differ:
         raise StageError(
             f"the cache in {cache_dir} was built with other settings ({', '.join(differ[:6])}); rebuild it "
