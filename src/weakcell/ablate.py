@@ -178,7 +178,7 @@ def row_infer(cfg: Config, row: Row) -> InferConfig:
     return cfg.infer.model_copy(update=row.infer)
 
 
-def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float]:
+def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float | int | None]:
     """Out-of-fold image and cell scores of one round, as the row reads them."""
     from weakcell.cell_truth import cell_level_ap
     from weakcell.data.labels import to_multi_hot

@@ -389,7 +389,7 @@ class InferConfig(Section):
     """Test-time prediction (``make infer``): TTA x folds, then the two Kaggle CSVs."""
 
     tta: list[TtaCode] = Field(
-        default_factory=lambda: [0, 1, 2, 4],
+        default_factory=lambda: list[TtaCode]([0, 1, 2, 4]),
         min_length=1,
         description="square symmetries averaged per cell (at least one): 0 = identity, 1 = flip lr, "
         "2 = flip ud, 4 = transpose (codes 0..7 combine them)",

@@ -66,7 +66,8 @@ def predict_fold(
     rows = cells.index.to_numpy()
     cell_model = create_model("cell", cfg, n_classes)
     cell_model.load_state_dict(load_state_dict(fold_dir / "cell" / "model.pt"))
-    probs, embeddings = 0.0, 0.0
+    probs: np.ndarray | float = 0.0  # sums over the views
+    embeddings: np.ndarray | float = 0.0
     for code in cfg.infer.tta:  # (N, C) and (N, D) summed over views, in ``rows`` order
         out = predict(cell_model, SymmetricCrops(cache, rows, code), cfg.train, batch_keys=("index",))
         order = pd.Index(out["index"]).get_indexer(rows)

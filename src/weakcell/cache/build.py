@@ -26,6 +26,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -128,7 +129,7 @@ def list_split_images(data_dir: Path, spec: DatasetSpec, split: str) -> list[str
 def plan_images(cfg: Config) -> list[ImageTask]:
     """Every image of ``cache.splits`` in label-file / submission order; a missing split is announced."""
     spec = get_dataset(cfg.data.dataset)
-    tasks = []
+    tasks: list[ImageTask] = []
     for split in cfg.cache.splits:
         ids = list_split_images(cfg.data_dir, spec, split)
         folder = split_folder(cfg.data_dir, spec, split)
@@ -180,7 +181,7 @@ def write_masks(cache_dir: Path, image_id: str, cells: np.ndarray, nuclei: np.nd
         ok, encoded = cv2.imencode(".png", mask.astype(dtype), MASK_PNG_PARAMS)
         if not ok:
             raise ValueError(f"PNG encoding failed for {path}")
-        atomic_write(path, lambda tmp, data=encoded: tmp.write_bytes(data.tobytes()))
+        atomic_write(path, partial(Path.write_bytes, data=encoded.tobytes()))
 
 
 def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
