@@ -289,8 +289,7 @@ class MilConfig(Section):
     """Attention MIL head (Ilse et al. 2018, one attention map per class) over each image's cells."""
 
     hidden: int = Field(128, ge=1, description="width of the attention network")
-    # gated: measured on the synthetic benchmark's round 2 (MIL heads retrained on the same embeddings):
-    # weak OOF cell mAP +0.010, image F1 at 0.5 +0.057; the oracle's within 0.005 either way.
+    # gated by default: what it changed on the synthetic benchmark is in the README (training section)
     gated: bool = Field(True, description="gated attention (tanh * sigmoid) instead of plain tanh")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the attention network's hidden layer")
     cells_per_bag: int = Field(16, ge=1, description="cells sampled per image when training end to end")
@@ -359,12 +358,8 @@ class TrainConfig(Section):
 
 
 class ThresholdsConfig(Section):
-    """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``).
-
-    Measured over 13 trained rounds (12 distinct) of the synthetic benchmark (weak, control, oracle; see
-    benchmarks/thresholds.md): macro-F1 of thresholds tuned on four folds' OOF images and applied to the
-    fifth, minus the F1 at 0.5, is -0.007 on average for each class's own best threshold and +0.018 to
-    +0.019 shrunk toward the pooled threshold (``shrinkage`` 10-40).
+    """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``). Why each
+    class's threshold is shrunk toward the pooled one: benchmarks/thresholds.md (``make bench-thresholds``).
     """
 
     step: float = Field(0.01, gt=0, lt=1, description="grid step of the candidate thresholds")
@@ -445,13 +440,9 @@ class RefineConfig(Section):
     0 target (``uncertain=negative``) or left out of the loss (``ignore``: the rule's misses are not
     taught as absent).
 
-    Defaults measured on the synthetic benchmark (pseudo-label F1 against the true cell labels, round 0 of
-    the demo): the cell's own probability relative to its image's best cell (0.3) lifts precision from
-    0.52 (inheritance) to 0.72 at recall 0.81; absolute floors and attention (peaky softmax) cost recall.
-    The relative rule alone keeps ever fewer cells as rounds make the best cells peaky (by round 2, a
-    quarter of the true nucleoli and vesicle cells); the negative floor (0.9) keeps the cells that outscore
-    nine in ten known negatives: on round 1's OOF scores, macro pseudo-label F1 0.67 -> 0.75; after two
-    rounds OOF cell mAP +0.020, +0.015 and +0.000 over three seeds (benchmarks/refine-negative-floor.md).
+    Why these defaults (the relative rule on the cell's own probability; no absolute floor or attention,
+    which cost recall; the negative floor, since the relative rule alone keeps ever fewer cells as rounds
+    make the best cells peaky): the README's refinement section and benchmarks/refine-negative-floor.md.
     """
 
     rounds: int = Field(1, ge=0, description="refinement rounds; 0 = the inheritance + MIL run alone")

@@ -44,11 +44,9 @@ def cell_confidence(
     cell, image: (N, C) the cell's probability and its image's (MIL) probability; image_ids: (N,).
     The image term ranks cells of likely images first; mixing in the best cell keeps it on the cell model's
     scale, which the MIL head (trained on embeddings of its own training images) is not quite on. Which
-    power wins depends on the metric's reading (benchmarks/confidence.md, ``make bench-confidence``): when
-    every class is judged in every image, power 3 with a quarter of the best cell beats the cell alone by
-    0.07 OOF and 0.09 on the test split; under the organisers' reading (class c judged only in images that
-    have it) telling images apart is no longer the cell score's job, and the cell alone (power 0, the
-    default) is best out of fold (0.776 vs 0.742) and level on the test split (0.652 vs 0.651).
+    power wins depends on the metric's reading: under the organisers' (class c judged only in images that
+    have it) telling images apart is not the cell score's job and the cell alone (power 0) is the default;
+    the figures are in benchmarks/confidence.md (``make bench-confidence``) and the README.
     """
     term = image
     if best_cell:
