@@ -170,7 +170,7 @@ bench-train-gpu: $(STAMP) ## on a GPU machine: competition config cells/s, model
 bench-pipeline-gpu: $(STAMP) ## on a GPU machine: wall time of each demo stage with train.device=cuda -> benchmarks/pipeline_gpu.md
 	$(PY) benchmarks/bench_pipeline_gpu.py train.device=cuda train.workers=6 $(OVERRIDES)
 
-lint: $(STAMP) ## ruff + mypy on the core
+lint: $(STAMP) ## ruff + mypy on the whole package
 	$(PY) -m ruff check src tests
 	$(PY) -m ruff format --check src tests
 	$(PY) -m mypy

@@ -9,11 +9,11 @@ import typing
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from weakcell import ablate
 from weakcell.config import RefineConfig, load_config
 from weakcell.refine import pseudo_labels
+from weakcell.scoring import cell_scores
 
 
 def test_run_configs_share_folds_and_give_the_oracle_the_weak_epochs():
@@ -40,42 +40,87 @@ def _choices(field: str) -> tuple[str, ...]:
 
 # every closed choice of the rule the control inherits from the user's config, in every combination
 CONTROL_RULES = list(itertools.product(_choices("targets"), _choices("unlabelled"), _choices("uncertain")))
-
-
-@pytest.mark.parametrize(("targets", "unlabelled", "uncertain"), CONTROL_RULES)
-def test_control_targets_are_the_inherited_labels(targets, unlabelled, uncertain):
-    """Whatever rule the weak run uses, the control's rounds train on exactly the inherited labels.
-    ``refine.score`` only names which scores the rule reads: random scores in [0, 1] stand for any."""
-    cfg = load_config(
-        None,
-        [
-            "ablate.rounds=2",
-            f"refine.targets={targets}",
-            f"refine.unlabelled={unlabelled}",
-            f"refine.uncertain={uncertain}",
-            "refine.score=mil_attention",
-            "refine.relative=[0.5,0.8]",
-            "refine.negative_quantile=0.95",
-            "refine.threshold_scale=1.5",
-            "refine.min_attention=0.7",
-        ],
+# ... and of its open settings the control must override, with each one's edge values
+OPEN_RULES = list(
+    itertools.product(
+        _choices("score"),  # every cell score the rule may read
+        ["null", "0.0", "0.5", "1.0"],  # negative_quantile: off, every cell, the median, the highest
+        ["0.0", "0.7", "5.0"],  # min_attention: any cell, about an average share, none
+        ["0.0", "1.5"],  # threshold_scale: no floor, above the tuned threshold
+        ["0.3", "[0.5,1.0]"],  # relative: one value, a schedule ending at the best cell alone
     )
-    control = ablate.run_configs(cfg)[ablate.CONTROL]
-    rng = np.random.default_rng(0)
-    n_cells, n_classes = 40, 19  # 19: the Negative class (18) is among them
-    image_ids = np.repeat(np.arange(8), 5)  # 8 images of 5 cells
-    image_labels = rng.random((8, n_classes)) < 0.2
-    image_labels[np.arange(8), rng.integers(0, n_classes, 8)] = True  # every image has a label
-    inherited = image_labels[image_ids].astype(np.float64)  # (N, C)
-    scores = rng.random((n_cells, n_classes))  # any cell score is a probability or a product of them
-    scores[0] = 0.0  # a cell scoring exactly 0 keeps its labels too
+)
+
+
+def _oof_round(rng: np.random.Generator, n_images: int, per_image: int, n_classes: int):
+    """OOF tables of a round as training writes them, with the scores' edge cases: a cell of 0 in every
+    column, an image whose cells all score 0, ties with the image's best cell and probabilities of 1."""
+    image_ids = np.repeat([f"img{i}" for i in range(n_images)], per_image)
+    n_cells = len(image_ids)
+    columns = {}
+    for prefix in ("p_", "mil_p_"):
+        values = rng.random((n_cells, n_classes))
+        values[0] = 0.0
+        values[per_image : 2 * per_image] = 0.0  # image 1: nothing scores
+        values[2 * per_image : 2 * per_image + 2] = 0.75  # image 2: two cells tie for the best
+        values[3 * per_image] = 1.0
+        columns.update({f"{prefix}{c}": values[:, c] for c in range(n_classes)})
     attention = rng.random((n_cells, n_classes)) * 2  # relative attention, >= 0
-    for round_ in (1, 2):
-        targets_, trainable = pseudo_labels(
-            scores, image_ids, inherited, attention, rng.random(n_classes), control.refine.for_round(round_)
+    attention[4 * per_image] = 0.0
+    columns.update({f"att_{c}": attention[:, c] for c in range(n_classes)})
+    oof_cell = pd.DataFrame({"image_id": image_ids, "cell_id": np.arange(n_cells), **columns})
+    image_probs = rng.random((n_images, n_classes))
+    image_probs[5] = 0.0
+    oof_image = pd.DataFrame({"image_id": [f"img{i}" for i in range(n_images)]}).assign(
+        **{f"p_{c}": image_probs[:, c] for c in range(n_classes)}
+    )
+    return oof_cell, oof_image
+
+
+def test_control_targets_are_the_inherited_labels():
+    """Whatever rule the weak run uses (every closed choice, every open setting at its edges), the control's
+    rounds train on exactly the inherited labels: every cell trainable, every image label a 1, nothing
+    else set. The scores are a round's OOF cell scores under each ``refine.score`` formula. Each distinct
+    rule the control ends up with is applied once (one per score when the control overrides the rest)."""
+    rng = np.random.default_rng(0)
+    n_images, per_image, n_classes = 8, 5, 19  # 19: the Negative class (18) is among them
+    oof_cell, oof_image = _oof_round(rng, n_images, per_image, n_classes)
+    image_labels = rng.random((n_images, n_classes)) < 0.2
+    image_labels[np.arange(n_images), rng.integers(0, n_classes, n_images)] = True  # every image has one
+    image_labels[:, 7] = True  # a class every image has: the negative floor has no negatives for it
+    inherited = np.repeat(image_labels, per_image, axis=0).astype(np.float64)  # (N, C)
+    thresholds = rng.random(n_classes)
+    thresholds[:2] = [0.0, 1.0]
+    attention = oof_cell[[f"att_{c}" for c in range(n_classes)]].to_numpy()
+
+    base = load_config(
+        None, ["ablate.rounds=2", "infer.image_power=3"]
+    )  # the confidence's image term at work
+    rules: dict[str, RefineConfig] = {}
+    for closed, open_ in itertools.product(CONTROL_RULES, OPEN_RULES):
+        score, quantile, attention_floor, threshold_scale, relative = open_
+        user_rule = RefineConfig.model_validate(
+            {
+                **dict(zip(("targets", "unlabelled", "uncertain"), closed)),
+                "score": score,
+                "negative_quantile": None if quantile == "null" else float(quantile),
+                "min_attention": float(attention_floor),
+                "threshold_scale": float(threshold_scale),
+                "relative": json.loads(relative),
+            }
         )
-        np.testing.assert_array_equal(targets_, inherited)
-        assert trainable.all()
+        control = ablate.run_configs(base.model_copy(update={"refine": user_rule}))[ablate.CONTROL]
+        for round_ in (1, 2):
+            rule = control.refine.for_round(round_)
+            rules[rule.model_dump_json()] = rule
+    assert len(rules) >= len(_choices("score"))
+    for rule in rules.values():
+        scores = cell_scores(rule.score, oof_cell, oof_image, n_classes, base.infer)
+        targets, trainable = pseudo_labels(
+            scores, oof_cell["image_id"].to_numpy(), inherited, attention, thresholds, rule
+        )
+        np.testing.assert_array_equal(targets, inherited, err_msg=str(rule))
+        assert trainable.all(), rule
 
 
 def _replace(path, content: bytes) -> None:

@@ -8,8 +8,10 @@ import yaml
 
 from weakcell.cli import main, split_args, stage_main
 from weakcell.config import (
+    OUTPUT_INPUTS,
     Config,
     ConfigError,
+    Inputs,
     all_keys,
     changed_settings,
     load_config,
@@ -158,8 +160,57 @@ def test_a_setting_added_later_counts_as_its_default_in_saved_runs(tmp_path: Pat
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del saved["refine"]["uncertain"]  # a run saved before the setting existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert changed_settings(tmp_path, cfg, include=("refine.",)) == []
+    assert changed_settings(tmp_path, cfg, Inputs(("refine.",))) == []
     other = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"uncertain": "ignore"})})
-    assert changed_settings(tmp_path, other, include=("refine.",)) == [
+    assert changed_settings(tmp_path, other, Inputs(("refine.",))) == [
         "refine.uncertain: 'negative' -> 'ignore'"
     ]
+
+
+@pytest.mark.parametrize(("override", "got"), [("infer.tta=[0,8]", "8"), ("infer.tta=[-1]", "-1")])
+def test_tta_codes_outside_the_eight_symmetries_are_one_line_config_errors(override, got):
+    """A code the symmetries of the square do not have (0..7) would predict from uninitialised memory."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert "\n" not in message and "infer.tta" in message and f"(got {got})" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.device=mps", "train.device"),
+        ("refine.score=stage2", "refine.score"),
+        ("infer.tta=[]", "infer.tta"),
+    ],
+)
+def test_closed_choices_are_checked_at_load(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_each_output_is_invalidated_by_its_inputs_only(tmp_path: Path) -> None:
+    """One finished output of each kind, saved with the defaults; which changed setting makes it stale."""
+    save_config(Config(), tmp_path)
+
+    def stale(output: str, override: str) -> bool:
+        return bool(changed_settings(tmp_path, load_config(None, [override]), OUTPUT_INPUTS[output]))
+
+    # round 0: what the folds compute from, not where they run nor the later stages' settings
+    assert stale("run", "train.lr=0.01") and stale("run", "mil.gated=false") and stale("run", "seed=1")
+    assert not stale("run", "train.workers=4") and not stale("run", "train.folds=[0]")
+    assert not stale("run", "thresholds.shrinkage=5") and not stale("run", "refine.relative=0.5")
+    assert not stale("run", "synthetic.workers=2") and not stale("run", "segment.cellpose.batch_size=2")
+    # a refinement round: round 0's inputs, the rule and the thresholds, but not how many rounds there are
+    assert stale("refine", "refine.relative=0.5") and stale("refine", "thresholds.shrinkage=5")
+    assert stale("refine", "train.lr=0.01") and not stale("refine", "refine.rounds=3")
+    assert not stale("refine", "train.device=cpu") and not stale("refine", "infer.image_power=3")
+    # the cache: images, masks and crop size; the networks inference builds: architecture only
+    assert stale("cache", "segment.backend=cellpose") and stale("cache", "cache.crop_size=32")
+    assert not stale("cache", "cache.workers=2") and not stale("cache", "model.backbone=resnet34")
+    assert not stale("cache", "segment.sam.device=cpu") and not stale("cache", "synthetic.workers=2")
+    assert stale("model", "model.backbone=resnet34") and stale("model", "mil.hidden=64")
+    assert not stale("model", "mil.lr=0.1") and not stale("model", "train.epochs=9")
+    # a data set and a checkpoint: the workers that make them change nothing they hold
+    assert stale("synthetic", "synthetic.n_train=10") and not stale("synthetic", "synthetic.workers=3")
+    assert stale("checkpoint", "train.lr=0.01") and not stale("checkpoint", "train.compile=true")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from weakcell.cli import main
-from weakcell.config import ConfigError, all_keys, changed_settings, load_config, save_config
+from weakcell.config import ConfigError, Inputs, all_keys, changed_settings, load_config, save_config
 from weakcell.kagglekit import api, datasets, kernels, naming
 from weakcell.submission import publish
 from weakcell.weights import WeightsError
@@ -307,7 +307,7 @@ def test_weights_dataset_config_builds_the_trained_networks_on_kaggle(tmp_path):
     packed = folder / "run1" / "config.yaml"
     kernel_cfg = load_config(packed, [f"paths.runs={folder}", "paths.root=/kaggle/working"])
     assert kernel_cfg.model.pretrained_file is None
-    assert changed_settings(kernel_cfg.run_dir, kernel_cfg, include=("model.", "mil.", "cache.")) == []
+    assert changed_settings(kernel_cfg.run_dir, kernel_cfg, Inputs(("model.", "mil.", "cache."))) == []
     assert changed_settings(trained.run_dir, kernel_cfg) == [
         "model.pretrained_file: 'weights/resnet18.pth' -> None",
         f"paths.root: {str(tmp_path)!r} -> '/kaggle/working'",

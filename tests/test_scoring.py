@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pandas as pd
 
-from weakcell.scoring import cell_confidence, cell_scores, max_pool_images
+from weakcell.constants import CellScore
+from weakcell.scoring import CELL_SCORES, cell_confidence, cell_scores, max_pool_images
 
 
 def test_cell_confidence_mixes_the_image_and_its_best_cell() -> None:
@@ -53,3 +56,7 @@ def test_cell_scores_join_each_cell_to_its_images_probability() -> None:
     np.testing.assert_allclose(
         cell_scores("stage1_x_image", oof_cell, oof_image, 1).ravel(), [0.4, 0.1, 0.16]
     )
+
+
+def test_every_cell_score_a_config_may_name_has_a_formula() -> None:
+    assert set(CELL_SCORES) == set(typing.get_args(CellScore))

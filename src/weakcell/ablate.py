@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import Config, InferConfig
-from weakcell.constants import prob_columns
+from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
 from weakcell.scoring import cell_scores, max_pool_images
@@ -54,7 +54,7 @@ class Row:
     label: str
     run: str  # WEAK, CONTROL or ORACLE
     round: int | str  # a refinement round; "final" = ablate.rounds
-    cell_score: str = "confidence"  # scoring.CELL_SCORES entry for the OOF cell mAP
+    cell_score: CellScore = "confidence"  # scoring.CELL_SCORES entry for the OOF cell mAP
     image_source: str = "mil"  # mil = the MIL head's image probabilities; stage1_max = max over cells
     infer: dict[str, Any] = field(default_factory=dict)  # infer.* overrides of its test submission
 
@@ -185,7 +185,7 @@ def row_infer(cfg: Config, row: Row) -> InferConfig:
     return cfg.infer.model_copy(update=row.infer)
 
 
-def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float]:
+def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float | int | None]:
     """Out-of-fold image and cell scores of one round, as the row reads them."""
     from weakcell.cell_truth import cell_level_ap
     from weakcell.data.labels import to_multi_hot

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from weakcell.constants import CellScore
 from weakcell.errors import WeakcellError
+
+# A symmetry of the square applied to a crop (``cache.loader.apply_symmetries``): bit 0 flips left-right,
+# bit 1 up-down, bit 2 transposes; there are 8.
+TtaCode = Literal[0, 1, 2, 3, 4, 5, 6, 7]
 
 
 class ConfigError(WeakcellError, ValueError):
@@ -282,8 +289,7 @@ class MilConfig(Section):
     """Attention MIL head (Ilse et al. 2018, one attention map per class) over each image's cells."""
 
     hidden: int = Field(128, ge=1, description="width of the attention network")
-    # gated: measured on the synthetic benchmark's round 2 (MIL heads retrained on the same embeddings):
-    # weak OOF cell mAP +0.010, image F1 at 0.5 +0.057; the oracle's within 0.005 either way.
+    # gated by default: what it changed on the synthetic benchmark is in the README (training section)
     gated: bool = Field(True, description="gated attention (tanh * sigmoid) instead of plain tanh")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the attention network's hidden layer")
     cells_per_bag: int = Field(16, ge=1, description="cells sampled per image when training end to end")
@@ -345,17 +351,15 @@ class TrainConfig(Section):
         "inherit",
         description="cell targets: the image's labels (weak), or the true cell labels (oracle, synthetic)",
     )
-    device: str = Field("auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda"
+    )
     compile: bool = Field(False, description="torch.compile the model (CUDA only)")
 
 
 class ThresholdsConfig(Section):
-    """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``).
-
-    Measured over 13 trained rounds (12 distinct) of the synthetic benchmark (weak, control, oracle; see
-    benchmarks/thresholds.md): macro-F1 of thresholds tuned on four folds' OOF images and applied to the
-    fifth, minus the F1 at 0.5, is -0.007 on average for each class's own best threshold and +0.018 to
-    +0.019 shrunk toward the pooled threshold (``shrinkage`` 10-40).
+    """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``). Why each
+    class's threshold is shrunk toward the pooled one: benchmarks/thresholds.md (``make bench-thresholds``).
     """
 
     step: float = Field(0.01, gt=0, lt=1, description="grid step of the candidate thresholds")
@@ -379,8 +383,8 @@ class ThresholdsConfig(Section):
 class InferConfig(Section):
     """Test-time prediction (``make infer``): TTA x folds, then the two Kaggle CSVs."""
 
-    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(
-        default_factory=lambda: [0, 1, 2, 4],
+    tta: list[TtaCode] = Field(
+        default_factory=lambda: list[TtaCode]([0, 1, 2, 4]),
         min_length=1,
         description="square symmetries averaged per cell (at least one): 0 = identity, 1 = flip lr, "
         "2 = flip ud, 4 = transpose (codes 0..7 combine them)",
@@ -436,17 +440,13 @@ class RefineConfig(Section):
     0 target (``uncertain=negative``) or left out of the loss (``ignore``: the rule's misses are not
     taught as absent).
 
-    Defaults measured on the synthetic benchmark (pseudo-label F1 against the true cell labels, round 0 of
-    the demo): the cell's own probability relative to its image's best cell (0.3) lifts precision from
-    0.52 (inheritance) to 0.72 at recall 0.81; absolute floors and attention (peaky softmax) cost recall.
-    The relative rule alone keeps ever fewer cells as rounds make the best cells peaky (by round 2, a
-    quarter of the true nucleoli and vesicle cells); the negative floor (0.9) keeps the cells that outscore
-    nine in ten known negatives: on round 1's OOF scores, macro pseudo-label F1 0.67 -> 0.75; after two
-    rounds OOF cell mAP +0.020, +0.015 and +0.000 over three seeds (benchmarks/refine-negative-floor.md).
+    Why these defaults (the relative rule on the cell's own probability; no absolute floor or attention,
+    which cost recall; the negative floor, since the relative rule alone keeps ever fewer cells as rounds
+    make the best cells peaky): the README's refinement section and benchmarks/refine-negative-floor.md.
     """
 
     rounds: int = Field(1, ge=0, description="refinement rounds; 0 = the inheritance + MIL run alone")
-    score: str = Field("stage1", description="cell score the rule reads (weakcell.scoring.CELL_SCORES)")
+    score: CellScore = Field("stage1", description="cell score the rule reads (weakcell.scoring.CELL_SCORES)")
     relative: float | list[float] = Field(
         0.3,
         description="keep c for cells scoring at least this fraction of the image's best cell; a list gives "
@@ -857,11 +857,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         return Config.model_validate(raw)
     except ValidationError as err:
         problems = [
-            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-            for e in err.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
         ]
         source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{source}:\n" + "\n".join(problems)) from None
+        raise ConfigError(f"invalid config{source}: " + "; ".join(problems)) from None
 
 
 def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
@@ -875,7 +874,7 @@ def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -885,27 +884,85 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_settings(
-    folder: str | os.PathLike[str],
-    cfg: Config,
-    include: tuple[str, ...] = ("",),
-    exclude: tuple[str, ...] = (),
-) -> list[str]:
-    """Dotted keys (starting with one of ``include``, none of ``exclude``) whose value in the config saved
-    in ``folder/config.yaml`` differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved.
+# -- which settings invalidate which finished outputs -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The settings a finished output is computed from: dotted keys starting with one of ``include`` and
+    none of ``exclude`` (settings that change where or how fast it is made, not what it holds)."""
+
+    include: tuple[str, ...] = ("",)
+    exclude: tuple[str, ...] = ()
+
+    def changed(self, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+        """``key: old -> new`` for each of these settings whose value differs between two nested config
+        dicts (``Config.model_dump(mode="json")`` shape), sorted by key."""
+        old, new = _flatten(saved), _flatten(current)
+        keys = sorted(
+            key
+            for key in set(old) | set(new)
+            if key.startswith(self.include)
+            and not key.startswith(self.exclude)
+            and old.get(key) != new.get(key)
+        )
+        return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
+
+
+# Settings that change where or how fast something is made, never what it holds: no output depends on them.
+_RUNTIME = (
+    "synthetic.workers",
+    "cache.workers",
+    "segment.cellpose.device",
+    "segment.cellpose.batch_size",
+    "segment.sam.device",
+    "segment.sam.box_batch_size",
+    "train.device",
+    "train.workers",
+    "train.compile",
+)
+# What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not, and
+# ``train.folds`` only says which folds this call trains.
+_ROUND_ZERO = (
+    "seed",
+    "data.",
+    "synthetic.",
+    "folds.",
+    "segment.",
+    "cache.crop_size",
+    "model.",
+    "mil.",
+    "train.",
+)
+
+# The one table of which settings invalidate which finished output. A stage reuses an output only while
+# none of its inputs changed (``changed_settings``), else it refuses and names FORCE=1 or another name.
+Output = Literal["synthetic", "cache", "checkpoint", "run", "refine", "model"]
+OUTPUT_INPUTS: dict[Output, Inputs] = {
+    # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
+    "synthetic": Inputs(("synthetic.",), _RUNTIME),
+    # the cell-crop cache (weakcell.cache.build): which images, their masks and the crop size
+    "cache": Inputs(("data.", "segment.", "cache.crop_size"), _RUNTIME),
+    # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine
+    "checkpoint": Inputs(("train.",), _RUNTIME),
+    # round 0 of a run, ``runs/<name>/`` (weakcell.train)
+    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds")),
+    # a refinement round (weakcell.refine): round 0's inputs plus the rule and the thresholds it reads;
+    # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
+    "refine": Inputs((*_ROUND_ZERO, "refine.", "thresholds."), (*_RUNTIME, "train.folds", "refine.rounds")),
+    # the networks inference builds to load a run's weights into (weakcell.infer)
+    "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
+}
+
+
+def changed_settings(folder: str | os.PathLike[str], cfg: Config, inputs: Inputs = Inputs()) -> list[str]:
+    """The ``inputs`` (default: every setting) whose value in the config saved in ``folder/config.yaml``
+    differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved.
 
     A key the saved config lacks was added to the schema later: the run had its default (a new setting's
     default keeps the old behaviour), so finished runs stay reusable when the code grows a setting."""
     saved_path = Path(folder) / "config.yaml"
     if not saved_path.is_file():
         return []
-    current = _flatten(cfg.model_dump(mode="json"))
-    saved = _flatten(Config().model_dump(mode="json")) | _flatten(
-        yaml.safe_load(saved_path.read_text()) or {}
-    )
-    keys = sorted(
-        key
-        for key in set(saved) | set(current)
-        if key.startswith(include) and not key.startswith(exclude) and saved.get(key) != current.get(key)
-    )
-    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys]
+    saved = _deep_merge(Config().model_dump(mode="json"), yaml.safe_load(saved_path.read_text()) or {})
+    return inputs.changed(saved, cfg.model_dump(mode="json"))

@@ -99,6 +99,10 @@ HPA2018_CLASSES: tuple[str, ...] = (
 Verified = Literal["image", "all"]
 READINGS: tuple[Verified, ...] = ("image", "all")
 
+# The ways a cell's class score is formed from a round's out-of-fold outputs (weakcell.scoring.CELL_SCORES
+# holds the formulas; a config names one, e.g. refine.score).
+CellScore = Literal["stage1", "mil_instance", "mil_attention", "stage1_x_image", "confidence"]
+
 # The empty mask as the 2021 competition encodes it (pycocotools RLE -> zlib level 9 -> base64); the
 # sample submission uses it as a placeholder.
 EMPTY_MASK_RLE = "eNoLCAgIMAEABJkBdQ=="

@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from weakcell.config import TrainConfig
+from weakcell.config import OUTPUT_INPUTS, TrainConfig
 from weakcell.devices import auto_device
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
 from weakcell.errors import StageError
@@ -68,8 +68,6 @@ from weakcell.weights import WeightsError, load_weights_only
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-# TrainConfig keys that may change between a run and its resume: where it runs, not what it computes.
-RUNTIME_KEYS = ("device", "workers", "compile")
 # Optimizer steps between progress-bar loss updates; reading the loss is a CPU-GPU sync point.
 POSTFIX_EVERY = 25
 # curves.png is redrawn at most this often during a fit (and always after its last epoch): a matplotlib
@@ -107,8 +105,6 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     ``amp=auto`` is bf16 on CUDA that supports it (Ampere+), fp16 with loss scaling on older GPUs, and fp32
     on CPU, where bf16 autocast is slower than fp32 without AMX and costs bitwise reproducibility.
     """
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise StageError(f"train.device must be auto, cpu or cuda, got {cfg.device!r}")
     # auto: a GPU only when this torch has kernels for it (weakcell.devices), else one warning and CPU
     kind = auto_device().type if cfg.device == "auto" else cfg.device
     if kind == "cuda" and not torch.cuda.is_available():
@@ -351,10 +347,10 @@ def _seed_everything(seed: int) -> None:
 
 def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, seed: int, world: World) -> None:
     """A checkpoint resumes only the run that wrote it: same train settings, data seed and world size."""
-    saved = {k: v for k, v in state["train"].items() if k not in RUNTIME_KEYS}
-    current = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
-    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    problems = [f"train.{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+    # the train settings may change where the run executes (device, workers), not what it computes
+    problems = OUTPUT_INPUTS["checkpoint"].changed(
+        {"train": state["train"]}, {"train": cfg.model_dump(mode="json")}
+    )
     if state["data_seed"] != seed:
         problems.append(f"seed: {state['data_seed']} -> {seed}")
     if state["world_size"] != world.size:

@@ -28,7 +28,7 @@ import torch
 
 from weakcell.cache.loader import CellCrops, apply_symmetries
 from weakcell.cache.store import CellCache
-from weakcell.config import Config, changed_settings
+from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.engine import predict
@@ -41,9 +41,6 @@ from weakcell.stage2 import BagRequest, load_trained
 from weakcell.submission import publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
 from weakcell.weights import load_state_dict
-
-# What builds the networks whose weights inference loads.
-MODEL_SETTINGS = ("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")
 
 
 class SymmetricCrops(CellCrops):
@@ -69,7 +66,8 @@ def predict_fold(
     rows = cells.index.to_numpy()
     cell_model = create_model("cell", cfg, n_classes)
     cell_model.load_state_dict(load_state_dict(fold_dir / "cell" / "model.pt"))
-    probs, embeddings = 0.0, 0.0
+    probs: np.ndarray | float = 0.0  # sums over the views
+    embeddings: np.ndarray | float = 0.0
     for code in cfg.infer.tta:  # (N, C) and (N, D) summed over views, in ``rows`` order
         out = predict(cell_model, SymmetricCrops(cache, rows, code), cfg.train, batch_keys=("index",))
         order = pd.Index(out["index"]).get_indexer(rows)
@@ -156,7 +154,7 @@ def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
         raise StageError(f"model source {source_name!r}: expected <run> or <run>/round<r>")
     run_dir = source.round_dir(int(round_name[5:])) if round_name else source.model_dir
     # the networks are built from this config: they must be the ones the weights were trained as
-    differ = changed_settings(source.run_dir, cfg, include=MODEL_SETTINGS)
+    differ = changed_settings(source.run_dir, cfg, OUTPUT_INPUTS["model"])
     if differ:
         raise StageError(
             f"the models in {source.run_dir} were trained with other network settings ({', '.join(differ[:4])}); "

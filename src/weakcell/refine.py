@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from weakcell.config import Config, RefineConfig, changed_settings, save_config
+from weakcell.config import OUTPUT_INPUTS, Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
@@ -42,8 +42,6 @@ from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writi
 from weakcell.scoring import cell_scores, image_best
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
-    RUNTIME_SETTINGS,
-    TRAINING_SETTINGS,
     FoldModel,
     TrainingSet,
     check_missing,
@@ -55,11 +53,6 @@ from weakcell.train import (
     train_round,
     true_cell_targets,
 )
-
-# Refinement rounds are computed from the training settings and the rule; ``refine.rounds`` only says how
-# many there are, and ``refine.epochs`` reaches the rounds through ``train.epochs``.
-REFINE_SETTINGS = (*TRAINING_SETTINGS, "refine.", "thresholds.")
-REFINE_RUNTIME = (*RUNTIME_SETTINGS, "refine.rounds")
 
 
 def pseudo_labels(
@@ -217,9 +210,9 @@ def inner_predictions(
             continue
         plan = inner_plan(round_cfg, round_, outer, inner)
         # an inner model trained under other settings (e.g. refine.inner_epochs) is redone, not reused
-        stale = bool(
-            changed_settings(plan.folder, round_cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
-        ) or (plan.stage2 and lacks_stage2(plan.folder))
+        stale = bool(changed_settings(plan.folder, round_cfg, OUTPUT_INPUTS["run"])) or (
+            plan.stage2 and lacks_stage2(plan.folder)
+        )
         model_cfg = round_cfg.model_copy(update={"force": True}) if stale else round_cfg
         oof_image, oof_cell = train_model(model_cfg, data, plan)
         if is_main_process() and (stale or not (plan.folder / "config.yaml").is_file()):
@@ -283,7 +276,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
     for round_ in range(1, cfg.refine.rounds + 1):
         this_round, before = round_config(cfg, round_), inner_config(cfg, round_ - 1)
         out_dir = cfg.round_dir(round_)
-        differ = changed_settings(out_dir, this_round, include=REFINE_SETTINGS, exclude=REFINE_RUNTIME)
+        differ = changed_settings(out_dir, this_round, OUTPUT_INPUTS["refine"])
         if differ and not cfg.force:
             raise StageError(
                 f"round {out_dir} was trained with other settings ({', '.join(differ[:6])}); redo it with "

@@ -22,7 +22,7 @@ import pandas as pd
 
 from weakcell.cell_truth import cell_level_ap
 from weakcell.config import InferConfig
-from weakcell.constants import Verified, prob_columns
+from weakcell.constants import CellScore, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import macro_f1, mean_average_precision
@@ -44,11 +44,9 @@ def cell_confidence(
     cell, image: (N, C) the cell's probability and its image's (MIL) probability; image_ids: (N,).
     The image term ranks cells of likely images first; mixing in the best cell keeps it on the cell model's
     scale, which the MIL head (trained on embeddings of its own training images) is not quite on. Which
-    power wins depends on the metric's reading (benchmarks/confidence.md, ``make bench-confidence``): when
-    every class is judged in every image, power 3 with a quarter of the best cell beats the cell alone by
-    0.07 OOF and 0.09 on the test split; under the organisers' reading (class c judged only in images that
-    have it) telling images apart is no longer the cell score's job, and the cell alone (power 0, the
-    default) is best out of fold (0.776 vs 0.742) and level on the test split (0.652 vs 0.651).
+    power wins depends on the metric's reading: under the organisers' (class c judged only in images that
+    have it) telling images apart is not the cell score's job and the cell alone (power 0) is the default;
+    the figures are in benchmarks/confidence.md (``make bench-confidence``) and the README.
     """
     term = image
     if best_cell:
@@ -88,7 +86,7 @@ class CellOutputs:
 
 
 # The ways a cell's class score is formed from its OOF outputs; "confidence" is what inference submits.
-CELL_SCORES: dict[str, Callable[[CellOutputs, InferConfig], np.ndarray]] = {
+CELL_SCORES: dict[CellScore, Callable[[CellOutputs, InferConfig], np.ndarray]] = {
     "stage1": lambda o, infer: o.p,
     "mil_instance": lambda o, infer: o.q,
     "mil_attention": lambda o, infer: o.image * np.clip(o.a, 0, 1),
@@ -111,7 +109,7 @@ ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, InferConfi
 
 
 def cell_scores(
-    name: str,
+    name: CellScore,
     oof_cell: pd.DataFrame,
     oof_image: pd.DataFrame,
     n_classes: int,

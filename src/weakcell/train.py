@@ -33,7 +33,7 @@ from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.loader import CellCrops, CropAugment
 from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
-from weakcell.config import Config, TrainConfig, changed_settings, save_config
+from weakcell.config import OUTPUT_INPUTS, Config, TrainConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
@@ -522,22 +522,6 @@ def fold_seconds(fold_dir: Path) -> float:
     return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
 
 
-# What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not.
-TRAINING_SETTINGS = (
-    "seed",
-    "data.",
-    "synthetic.",
-    "folds.",
-    "segment.",
-    "cache.crop_size",
-    "model.",
-    "mil.",
-    "train.",
-)
-# ... minus the keys that change where or how a run executes, not what it computes.
-RUNTIME_SETTINGS = ("train.device", "train.workers", "train.compile", "train.folds")
-
-
 def is_main_process() -> bool:
     """Under torchrun every process computes the same (gathered) outputs; rank 0 alone writes them."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -579,7 +563,7 @@ def _train(cfg: Config) -> dict[str, float]:
     run_dir = cfg.run_dir
     if not cfg.force:
         # finished folds are reused: only while what they computed from is the same
-        differ = changed_settings(run_dir, cfg, include=TRAINING_SETTINGS, exclude=RUNTIME_SETTINGS)
+        differ = changed_settings(run_dir, cfg, OUTPUT_INPUTS["run"])
         if differ:
             raise StageError(
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "

@@ -26,6 +26,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -46,7 +47,7 @@ from weakcell.cache.store import (
     SKIPPED_FILE,
     mask_paths,
 )
-from weakcell.config import Config, changed_settings, save_config
+from weakcell.config import OUTPUT_INPUTS, Config, changed_settings, save_config
 from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
@@ -128,7 +129,7 @@ def list_split_images(data_dir: Path, spec: DatasetSpec, split: str) -> list[str
 def plan_images(cfg: Config) -> list[ImageTask]:
     """Every image of ``cache.splits`` in label-file / submission order; a missing split is announced."""
     spec = get_dataset(cfg.data.dataset)
-    tasks = []
+    tasks: list[ImageTask] = []
     for split in cfg.cache.splits:
         ids = list_split_images(cfg.data_dir, spec, split)
         folder = split_folder(cfg.data_dir, spec, split)
@@ -180,7 +181,7 @@ def write_masks(cache_dir: Path, image_id: str, cells: np.ndarray, nuclei: np.nd
         ok, encoded = cv2.imencode(".png", mask.astype(dtype), MASK_PNG_PARAMS)
         if not ok:
             raise ValueError(f"PNG encoding failed for {path}")
-        atomic_write(path, lambda tmp, data=encoded: tmp.write_bytes(data.tobytes()))
+        atomic_write(path, partial(Path.write_bytes, data=encoded.tobytes()))
 
 
 def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
@@ -378,14 +379,10 @@ def _remove_part(cache_dir: Path, part: int, n_parts: int) -> None:
         (cache_dir / name).unlink(missing_ok=True)
 
 
-# What a cache's content depends on: reusing finished images is only right while these stay the same.
-CONTENT_KEYS = ("data", "segment", "cache.crop_size")
-
-
 def check_same_settings(cfg: Config, cache_dir: Path) -> None:
     """Refuse to add to a cache built with other segmentation / crop / data settings: its finished images
     would be silently kept. Names the keys that differ and the two ways out."""
-    differ = changed_settings(cache_dir, cfg, include=CONTENT_KEYS)
+    differ = changed_settings(cache_dir, cfg, OUTPUT_INPUTS["cache"])
     if differ:
         raise StageError(
             f"the cache in {cache_dir} was built with other settings ({', '.join(differ[:6])}); rebuild it "

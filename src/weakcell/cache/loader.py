@@ -228,7 +228,8 @@ def make_loader(
         shuffle=shuffle,
         drop_last=drop_last,
         num_workers=workers,
-        collate_fn=keep_batch,
+        # torch's stubs type collate_fn on a list of samples; __getitems__ hands it one collated batch
+        collate_fn=keep_batch,  # type: ignore[arg-type]
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         persistent_workers=workers > 0,

@@ -19,9 +19,8 @@ from weakcell.models.classifiers import (
     CropNormalizer,
     DualHeadModel,
     MilClassifier,
-    PosWeight,
 )
-from weakcell.models.losses import LOSSES, MultiLabelLoss
+from weakcell.models.losses import LOSSES, MultiLabelLoss, PosWeight
 
 ModelBuilder = Callable[..., nn.Module]
 

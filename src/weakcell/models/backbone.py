@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -29,7 +30,7 @@ def create_backbone(
     in_chans: int = 4,
     pretrained_file: str | os.PathLike[str] | None = None,
     drop_rate: float = 0.0,
-    **timm_kwargs: object,
+    **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm model that maps (B, in_chans, S, S) to globally pooled features (B, D).
 
@@ -49,7 +50,12 @@ def create_backbone(
 def feature_dim(model: nn.Module) -> int:
     """D of the pooled features a ``num_classes=0`` timm model returns. Models with a pre-logits layer
     (MobileNetV3's conv head) return ``head_hidden_size`` features, all others ``num_features``."""
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    features = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    if not features:
+        raise TypeError(
+            f"{type(model).__name__} has neither head_hidden_size nor num_features: not a timm model"
+        )
+    return int(features)
 
 
 def resolve_weights_file(path: str | os.PathLike[str], backbone: str) -> Path:
@@ -116,7 +122,8 @@ def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> None:
     classifier, fail on any shape that does not fit, log missing and unexpected keys in one line."""
     state = load_state_dict(path)
     own = model.state_dict()
-    classifiers = model.pretrained_cfg.get("classifier") or ()
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})  # timm's description of the model
+    classifiers = pretrained_cfg.get("classifier") or ()
     prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
     dropped = [key for key in state if key.startswith(prefixes) and key not in own]
     state = {key: value for key, value in state.items() if key not in dropped}
@@ -138,7 +145,7 @@ def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> None:
         if key in own and value.shape != own[key].shape
     ]
     matched = [key for key in state if key in own]
-    architecture = model.pretrained_cfg.get("architecture", type(model).__name__)
+    architecture = pretrained_cfg.get("architecture", type(model).__name__)
     if misfits or not matched:
         detail = f"{len(misfits)} tensors differ in shape, e.g. {'; '.join(misfits[:3])}"
         raise WeightsError(

@@ -22,9 +22,7 @@ from weakcell.config import MilConfig, ModelConfig
 from weakcell.constants import CHANNELS
 from weakcell.mil import AttentionMIL
 from weakcell.models.backbone import create_backbone, feature_dim
-from weakcell.models.losses import MultiLabelLoss
-
-PosWeight = torch.Tensor | Sequence[float] | None
+from weakcell.models.losses import MultiLabelLoss, PosWeight
 
 
 def in_float32(head: Callable[..., Any], features: torch.Tensor, *args: Any) -> Any:
@@ -43,6 +41,9 @@ class CropNormalizer(nn.Module):
     The data path stays uint8 (4x less to copy to the device); mean and std are buffers, folded to the
     0-255 scale so that this is one subtraction and one division. Keeps channels_last strides.
     """
+
+    offset: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ElementLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+
+
+# (C,) weight of each class's positive term, in any form torch.as_tensor reads
+PosWeight = torch.Tensor | np.ndarray | Sequence[float] | None
 
 
 def bce(
@@ -42,11 +47,13 @@ class MultiLabelLoss(nn.Module):
     mean is over what is left.
     """
 
+    pos_weight: torch.Tensor | None  # a buffer, registered in __init__
+
     def __init__(
         self,
         kind: str = "bce",
         gamma: float = 2.0,
-        pos_weight: torch.Tensor | Sequence[float] | None = None,
+        pos_weight: PosWeight = None,
     ) -> None:
         super().__init__()
         if kind not in LOSSES:

@@ -51,7 +51,7 @@ def _load(registry: dict[str, str], name: str, kind: str) -> Callable[..., Segme
     if name not in registry:
         raise UnknownName(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
     module, _, function = registry[name].partition(":")
-    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), function)
 
 
 def parse_backend(backend: str) -> tuple[str, list[str]]:

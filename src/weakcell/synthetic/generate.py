@@ -56,7 +56,9 @@ def image_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
 
 def image_id_for(seed_seq: np.random.SeedSequence) -> str:
     """An HPA-like UUID string drawn from its own stream of ``seed_seq`` (stable when knobs change)."""
-    words = [*np.atleast_1d(seed_seq.entropy).tolist(), *seed_seq.spawn_key, 0x1D]
+    if seed_seq.entropy is None:
+        raise ValueError("image_id_for needs a SeedSequence made from entropy (image_seed)")
+    words = [*np.atleast_1d(np.asarray(seed_seq.entropy)).tolist(), *seed_seq.spawn_key, 0x1D]
     stream = np.random.default_rng(np.random.SeedSequence(words))
     return str(uuid.UUID(bytes=stream.bytes(16), version=1))
 
@@ -81,7 +83,9 @@ def draw_image_classes(rng: np.random.Generator, cfg: SyntheticConfig) -> list[i
     k = min(1 + int(rng.poisson(cfg.labels_per_image_mean - 1.0)), MAX_CLASSES_PER_IMAGE)
     others = probabilities.copy()
     others[[first, NEGATIVE]] = 0
-    extra = rng.choice(len(others), size=k - 1, replace=False, p=others / others.sum()) if k > 1 else []
+    extra: list[int] = []
+    if k > 1:
+        extra = rng.choice(len(others), size=k - 1, replace=False, p=others / others.sum()).tolist()
     return sorted({first, *map(int, extra)})
 
 

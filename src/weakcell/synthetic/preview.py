@@ -94,7 +94,8 @@ def run(cfg: Config) -> Path:
 
     # A bare Figure renders with Agg and needs no pyplot state (safe in workers and headless).
     figure = Figure(figsize=(19, 18.5), facecolor="white")
-    top, middle, bottom = figure.subfigures(3, 1, height_ratios=[5.6, 8.6, 4.3])
+    # matplotlib's stubs type subfigures() as one SubFigure or an array; 3 rows give an array of 3
+    top, middle, bottom = figure.subfigures(3, 1, height_ratios=[5.6, 8.6, 4.3])  # type: ignore[misc]
     for ax, sample in zip(top.subplots(1, N_MONTAGE), samples):
         _show(ax, outlined(sample), f"{sample.cell_line}  image label {label_text(sample.image_labels)}")
         for cell_id, labels in sample.cell_labels.items():

@@ -21,7 +21,10 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     finer than ``sigma`` anyway, and a 2048² field at sigma 7 costs ~20x less this way."""
     factor = max(1, int(sigma // 2))
     coarse = (-(-shape[0] // factor), -(-shape[1] // factor))
-    field = cv2.GaussianBlur(rng.standard_normal(coarse, dtype=np.float32), (0, 0), max(sigma / factor, 0.3))
+    blurred = cv2.GaussianBlur(
+        rng.standard_normal(coarse, dtype=np.float32), (0, 0), max(sigma / factor, 0.3)
+    )
+    field = np.asarray(blurred, dtype=np.float32)  # no copy: cv2's stubs do not carry the dtype
     field /= max(float(field.std()), 1e-6)
     if factor == 1:
         return field
@@ -160,7 +163,7 @@ def microtubule_stain(rng: np.random.Generator, cell: Cell, scale: float) -> np.
         thickness,
         rng.uniform(0.2, 0.7, n),
     )
-    grain = 1.0 + 0.3 * smooth_noise(rng, canvas.shape, 2.0 * scale + 0.3)
+    grain = 1.0 + 0.3 * smooth_noise(rng, cell.mask.shape, 2.0 * scale + 0.3)
     # Microtubules reach the thin periphery, so they fade less than the ER (no nuclear dome here).
     edge = 1.0 - 0.7 * np.exp(-distance_inside(cell.mask) / (12.0 * scale + 0.5))
     signal = edge * (0.12 * grain + 0.6 * canvas)
@@ -216,9 +219,11 @@ def apply_optics(
     gaussian = rng.standard_normal(planes.shape[1:], dtype=np.float32)
     for index, plane in enumerate(planes):
         # In-place float32 steps: at 2048² every temporary array costs 16 MB and ~5 ms.
-        signal = cv2.multiply(plane, shading, scale=float(rng.uniform(0.8, 1.2)))
+        signal = np.asarray(
+            cv2.multiply(plane, shading, scale=float(rng.uniform(0.8, 1.2))), dtype=np.float32
+        )
         if sigma > 0:
-            signal = cv2.GaussianBlur(signal, (0, 0), sigma)
+            signal = np.asarray(cv2.GaussianBlur(signal, (0, 0), sigma), dtype=np.float32)
         np.maximum(signal, 0, out=signal)
         # Shot (variance ∝ signal) and read noise (flat) are independent: one normal draw with their
         # summed variance has the same distribution.

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from weakcell.config import Config, SyntheticConfig, save_config
+from weakcell.config import OUTPUT_INPUTS, Config, SyntheticConfig, save_config
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.images import write_channel, write_image
 from weakcell.data.labels import format_labels
@@ -38,13 +38,6 @@ MARKER = "COMPLETE"  # written last: its presence means the set is whole
 # Bump when the generator's output changes for the same config, so old sets are regenerated.
 GENERATOR_VERSION = "1"
 OWNER = ".weakcell-synthetic"  # written first: the folder is ours to clear and regenerate
-# Settings that change how fast the set is made, not what it holds.
-RUNTIME_KEYS = ("workers",)
-
-
-def _content_settings(synthetic: SyntheticConfig | dict[str, Any]) -> dict[str, Any]:
-    values = synthetic.model_dump(mode="json") if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
-    return {key: value for key, value in values.items() if key not in RUNTIME_KEYS}
 
 
 def is_complete(data_dir: Path, synthetic: SyntheticConfig) -> bool:
@@ -53,7 +46,8 @@ def is_complete(data_dir: Path, synthetic: SyntheticConfig) -> bool:
     if not marker.is_file() or not saved.is_file() or marker.read_text().strip() != _marker_text():
         return False
     stored = (yaml.safe_load(saved.read_text()) or {}).get("synthetic", {})
-    return _content_settings(stored) == _content_settings(synthetic)
+    current = {"synthetic": synthetic.model_dump(mode="json")}
+    return not OUTPUT_INPUTS["synthetic"].changed({"synthetic": stored}, current)
 
 
 def _claim(data_dir: Path) -> None:
