@@ -9,6 +9,7 @@ import typing
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from weakcell import ablate
 from weakcell.config import RefineConfig, load_config
