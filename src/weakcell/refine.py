@@ -51,6 +51,7 @@ def pseudo_labels(
     attention: np.ndarray,
     thresholds: np.ndarray,
     rule: RefineConfig,
+    negative: int | None = NEGATIVE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell targets from out-of-fold scores.
 
@@ -58,6 +59,8 @@ def pseudo_labels(
     labels of each cell's image; thresholds: (C,) tuned image thresholds.
     Returns targets (N, C) float32 (NaN: a pair left out of the loss, ``rule.uncertain=ignore``) and
     trainable (N,) bool (False: the cell keeps no class and ``rule.unlabelled`` is ``drop``).
+    ``negative``: the Negative class a cell that keeps no class is labelled with (``rule.unlabelled=negative``);
+    None for a class table without one (2018): the cell stays trainable with an all-zero target.
     """
     best = image_best(scores, image_ids)  # (N, C)
     near_best = scores >= rule.relative * best
@@ -76,7 +79,8 @@ def pseudo_labels(
     unlabelled = ~kept.any(axis=1)
     trainable = np.ones(len(scores), dtype=bool)
     if rule.unlabelled == "negative":
-        targets[unlabelled, NEGATIVE] = 1.0
+        if negative is not None:
+            targets[unlabelled, negative] = 1.0
     else:
         trainable &= ~unlabelled
     if rule.uncertain == "ignore":
@@ -100,10 +104,13 @@ def negative_floor(scores: np.ndarray, inherited: np.ndarray, quantile: float) -
     return floor
 
 
-def label_quality(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
+def label_quality(
+    predicted: np.ndarray, true: np.ndarray, negative: int | None = NEGATIVE
+) -> dict[str, float]:
     """Precision and recall of the (cell, class) positives of ``predicted`` against ``true`` ((N, C) 0/1),
-    over the localisation classes (Negative is what is left over, not a finding)."""
-    predicted, true = predicted[:, :NEGATIVE] > 0.5, true[:, :NEGATIVE] > 0.5
+    over the localisation classes (Negative, if the table has it, is what is left over, not a finding)."""
+    findings = np.arange(predicted.shape[1]) != negative
+    predicted, true = predicted[:, findings] > 0.5, true[:, findings] > 0.5
     tp = float((predicted & true).sum())
     return {
         "precision": tp / max(float(predicted.sum()), 1.0),
@@ -132,6 +139,7 @@ def round_targets(
         oof_cell[prob_columns(n_classes, "att_")].to_numpy(),
         thresholds,
         cfg.refine,
+        data.spec.negative,
     )
     table = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
     table = table.assign(**dict(zip(prob_columns(n_classes), targets.T)), trainable=trainable)
@@ -170,7 +178,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
         check_missing(cfg, data.missing, "refine")
     training = data.cells.index.to_numpy()
     truth = (
-        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes)
+        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes, data.spec.negative)
         if data.truth is not None and data.matches is not None
         else None
     )
@@ -201,9 +209,12 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             "cells_trainable": int(trainable[training].sum()),
         }
         if truth is not None:
-            stats.update({f"pseudo_{k}": v for k, v in label_quality(new, truth).items()})
+            stats.update({f"pseudo_{k}": v for k, v in label_quality(new, truth, data.spec.negative).items()})
             stats.update(
-                {f"inherited_{k}": v for k, v in label_quality(data.cell_targets[training], truth).items()}
+                {
+                    f"inherited_{k}": v
+                    for k, v in label_quality(data.cell_targets[training], truth, data.spec.negative).items()
+                }
             )
         if is_main_process():
             with writing(out_dir / "config.yaml"):
