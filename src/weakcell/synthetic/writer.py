@@ -6,9 +6,9 @@ hpa2018 one, ``Id,Target`` with space-separated labels and an ``Id,Predicted`` s
     train/{ID}_{red,green,blue,yellow}.png   train.csv (ID,Label)     sample_submission.csv
     test/{ID}_{...}.png                       truth/{ID}_cells.png, truth/{ID}_nuclei.png (uint16)
     truth/cells.csv (image_id,cell_id,split,Label,cell_line,mitotic,area)   truth/test.csv (ID,Label)
-
-A cell's ``Label`` in ``cells.csv`` is empty when it shows no class of a table without Negative.
     config.yaml (the resolved config)         COMPLETE (written last)   .weakcell-synthetic (first)
+
+A cell's ``Label`` in ``cells.csv`` is empty when it shows no class of a table without Negative (2018).
 
 A folder whose ``COMPLETE`` marker exists and whose ``config.yaml`` holds the same synthetic settings is
 trusted and skipped; anything else is regenerated from scratch.
