@@ -398,12 +398,13 @@ def _check_mask(text: str, height: int, width: int, cache: dict, empty_ok: bool)
 def validate_cell_level(
     path_or_frame: str | os.PathLike | pd.DataFrame,
     sample_submission: pd.DataFrame | str | os.PathLike | None = None,
-    n_classes: int | None = None,
+    n_classes: int | None = CELL_LEVEL_CLASSES,
 ) -> dict:
     """Check a cell-level submission as Kaggle reads it; every distinct mask is decoded back (its runs
     must cover exactly ImageHeight x ImageWidth and hold at least one pixel, except in a placeholder row:
     a single prediction with an empty mask, as the sample submission writes for every image). Labels must be
-    integers in 0..n_classes-1 (any non-negative integer when ``n_classes`` is None). Raises
+    integers in 0..n_classes-1 (default: the 2021 table, whose format this is; None: any non-negative
+    integer). Raises
     ``SubmissionError`` naming rows as ``row i`` (0-based data row; file line i + 2). Returns stats."""
     start = time.perf_counter()
     frame, size_mb = _read(path_or_frame)
