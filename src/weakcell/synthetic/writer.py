@@ -140,7 +140,7 @@ def run(cfg: Config) -> Path:
     regenerates). Prints one summary line; returns the folder."""
     if not get_dataset(cfg.data.dataset).has_truth:
         raise StageError(
-            f"`weakcell data` generates the synthetic sets only; data.dataset={cfg.data.dataset} is read as-is "
+            f"`weakcell data` generates a synthetic set only; data.dataset={cfg.data.dataset} is read as-is "
             f"from {cfg.data_dir} (run with data.dataset=synthetic or synthetic2018, e.g. configs/demo.yaml)"
         )
     table = class_table(cfg.data.dataset)
