@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -69,7 +69,7 @@ demo: data preview folds cache train refine thresholds infer evaluate ## the mai
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)
 
-preview: $(STAMP) ## montage of the synthetic set -> reports/preview_synthetic.png
+preview: $(STAMP) ## montage of the synthetic set -> reports/preview_<dataset>.png (synthetic: 2021, synthetic2018)
 	$(WEAKCELL) preview $(CONFIG) $(OVERRIDES)
 
 folds: $(STAMP) ## multilabel-stratified K folds -> folds/<dataset>.csv
@@ -163,6 +163,9 @@ bench-confidence: $(STAMP) ## the cell confidence formula re-tuned under both me
 
 bench-kaggle: $(STAMP) ## the inference kernel's cache + infer per real-size image, 559-image projection -> benchmarks/kaggle.md
 	$(PY) benchmarks/bench_kaggle.py
+
+bench-hpa2018: $(STAMP) ## 2018 demo: macro-F1 at 0.5 vs tuned vs a second backbone vs focal / class weights / balanced sampler -> benchmarks/hpa2018.md
+	$(PY) benchmarks/bench_hpa2018.py $(ARGS)
 
 bench-train-gpu: $(STAMP) ## on a GPU machine: competition config cells/s, model only vs with the loader
 	$(PY) benchmarks/bench_train_gpu.py

@@ -52,7 +52,7 @@ class PathsConfig(Section):
 class DataConfig(Section):
     """Which dataset a run reads. ``dir`` defaults to ``{paths.data}/{dataset}``."""
 
-    dataset: Literal["synthetic", "hpa2021", "hpa2018"] = "synthetic"
+    dataset: Literal["synthetic", "synthetic2018", "hpa2021", "hpa2018"] = "synthetic"
     dir: str | None = None
 
 

@@ -94,6 +94,40 @@ HPA2018_CLASSES: tuple[str, ...] = (
     "Rods & rings",
 )
 
+# Label counts over the 31,072 rows of the 2018 train.csv (../shared/data/hpa2018/train.csv; 1.63 labels per
+# image); the 2018-flavoured synthetic set draws image classes from these. 8, 9, 10, 15 and 27 are very rare.
+HPA2018_CLASS_COUNTS: tuple[int, ...] = (
+    12885,
+    1254,
+    3621,
+    1561,
+    1858,
+    2513,
+    1008,
+    2822,
+    53,
+    45,
+    28,
+    1093,
+    688,
+    537,
+    1066,
+    21,
+    530,
+    210,
+    902,
+    1482,
+    172,
+    3777,
+    802,
+    2965,
+    322,
+    8228,
+    328,
+    11,
+)
+HPA2018_N_IMAGES = 31072
+
 # Readings of the 2021 metric (weakcell.competition_metric): "image" = the organisers' (class c is judged
 # only in images with a true cell of class c), "all" = every class judged in every image (stricter).
 Verified = Literal["image", "all"]

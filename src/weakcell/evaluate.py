@@ -48,6 +48,7 @@ from weakcell.competition_metric import (
 )
 from weakcell.config import Config, InferConfig, ThresholdsConfig
 from weakcell.constants import READINGS, Verified, prob_columns
+from weakcell.data.datasets import DatasetSpec
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import (
@@ -190,13 +191,13 @@ def other_reading(verified: Verified) -> Verified:
 
 
 def read_cell_truth(
-    data_dir: str | os.PathLike[str], image_ids: list[str]
+    data_dir: str | os.PathLike[str], image_ids: list[str], spec: DatasetSpec | None = None
 ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """True instance masks and ``image_id, cell_id, labels`` of the listed images of a synthetic set
-    (any split: ``truth/`` holds every image's cells)."""
-    from weakcell.synthetic.truth import read_truth
+    """True instance masks and ``image_id, cell_id, labels`` of the listed images of a synthetic set of
+    layout ``spec`` (default the 2021 one; any split: ``truth/`` holds every image's cells)."""
+    from weakcell.synthetic.truth import SPEC, read_truth
 
-    truth = read_truth(data_dir)
+    truth = read_truth(data_dir, spec or SPEC)
     truth = truth[truth["image_id"].isin(image_ids)][["image_id", "cell_id", "labels"]]
     return {image_id: read_true_mask(data_dir, image_id) for image_id in image_ids}, truth
 
@@ -262,7 +263,7 @@ def submission_cell_maps(
         raise FileNotFoundError(f"no {csv_path}; run `make infer` first")
     n = spec.n_classes
     image_ids = read_submission(csv_path)["ID"].tolist()
-    true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids)
+    true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids, spec)
     truth = truth_by_image(true_masks, true_labels, n)
     found = {"submission": submission_detections(csv_path, truth)}
     extra: dict[str, Any] = {}
@@ -313,9 +314,10 @@ def submission_image_scores(
     from weakcell.data.datasets import get_dataset
     from weakcell.synthetic.truth import read_image_labels
 
-    n = get_dataset(cfg.data.dataset).n_classes
+    spec = get_dataset(cfg.data.dataset)
+    n = spec.n_classes
     predictions = pd.read_parquet(Path(folder) / "pred_image.parquet")
-    y_true = image_targets(predictions["image_id"], read_image_labels(cfg.data_dir), n)
+    y_true = image_targets(predictions["image_id"], read_image_labels(cfg.data_dir, spec), n)
     return image_level_scores(y_true, predictions[prob_columns(n)].to_numpy(), thresholds)
 
 

@@ -114,15 +114,16 @@ def blend(tables: list[pd.DataFrame], keys: list[str], weights: list[float] | No
 def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
     """``ID, ImageWidth, ImageHeight`` of the images to predict, in submission order.
 
-    ``infer.split=test``: the dataset's sample submission (its IDs, order and sizes are what Kaggle scores).
+    ``infer.split=test``: the dataset's sample submission (its IDs, order and sizes are what Kaggle scores;
+    a 2018 ``Id,Predicted`` sample has no sizes: they come from the cache, which must hold every test ID).
     Another split: that split's cached images, sizes from the cache, so a submission can be made for
     images without a sample submission (e.g. the real training images in ../shared/data)."""
     spec = get_dataset(cfg.data.dataset)
     if cfg.infer.split == "test":
-        sample_path = cfg.data_dir / spec.sample_submission
-        if not sample_path.is_file():
-            raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs and sizes")
-        return pd.read_csv(sample_path, dtype={"ID": str})
+        sample = read_sample(cfg)
+        if spec.submission == "cell":
+            return sample
+        return sizes_from_cache(sample[spec.id_column].tolist(), cache, cfg.cache_dir)
     # images the cache skipped (listed in the label file, files missing or unreadable) have nothing to predict
     images = cache.images[(cache.images["split"] == cfg.infer.split) & (cache.images["status"] == "ok")]
     if images.empty:
@@ -135,6 +136,35 @@ def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
             "ID": images["image_id"].astype(str).to_numpy(),
             "ImageWidth": images["width"].to_numpy(),
             "ImageHeight": images["height"].to_numpy(),
+            "PredictionString": "",
+        }
+    )
+
+
+def read_sample(cfg: Config) -> pd.DataFrame:
+    """The dataset's sample submission (IDs as strings), a clear error when it is missing."""
+    spec = get_dataset(cfg.data.dataset)
+    sample_path = cfg.data_dir / spec.sample_submission
+    if not sample_path.is_file():
+        raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs")
+    return pd.read_csv(sample_path, dtype={spec.id_column: str}, keep_default_na=False)
+
+
+def sizes_from_cache(image_ids: list[str], cache: CellCache, cache_dir: Path) -> pd.DataFrame:
+    """``ID, ImageWidth, ImageHeight`` of ``image_ids`` in their order, sizes as the cache read them."""
+    known = cache.images.drop_duplicates("image_id").set_index("image_id")
+    missing = [i for i in image_ids if i not in known.index]
+    if missing:
+        raise StageError(
+            f"{len(missing)} test ID(s) of the sample submission are not in the cache {cache_dir}, e.g. "
+            f"{missing[0]}; build it with `make cache` (cache.splits must include test)"
+        )
+    rows = known.loc[image_ids]
+    return pd.DataFrame(
+        {
+            "ID": image_ids,
+            "ImageWidth": rows["width"].to_numpy(),
+            "ImageHeight": rows["height"].to_numpy(),
             "PredictionString": "",
         }
     )
@@ -234,8 +264,16 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     write_cell_level(
         scored, lambda i: cache.masks(i).cells, sample, staged["cell_level.csv"], cfg.infer.min_score
     )
-    # images come in the sample submission's order (image_ids above)
-    write_image_level(images, read_thresholds(thresholds_path), staged["image_level.csv"])
+    # images come in the sample submission's order (image_ids above); a competition scored on image labels
+    # (2018) gets its file checked against its own sample submission, under its ID column
+    image_sample = read_sample(cfg) if spec.submission == "image" and cfg.infer.split == "test" else None
+    write_image_level(
+        images,
+        read_thresholds(thresholds_path),
+        staged["image_level.csv"],
+        id_column=spec.id_column if image_sample is not None else "Id",
+        sample_submission=image_sample,
+    )
     publish(out_dir, staged)
     shutil.rmtree(staging, ignore_errors=True)
     print(

@@ -62,6 +62,7 @@ def pseudo_labels(
     attention: np.ndarray,
     thresholds: np.ndarray,
     rule: RefineConfig,
+    negative: int | None = NEGATIVE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell targets from out-of-fold scores.
 
@@ -69,6 +70,8 @@ def pseudo_labels(
     labels of each cell's image; thresholds: (C,) tuned image thresholds.
     Returns targets (N, C) float32 (NaN: a pair left out of the loss, ``rule.uncertain=ignore``) and
     trainable (N,) bool (False: the cell keeps no class and ``rule.unlabelled`` is ``drop``).
+    ``negative``: the Negative class a cell that keeps no class is labelled with (``rule.unlabelled=negative``);
+    None for a class table without one (2018): the cell stays trainable with an all-zero target.
     """
     best = image_best(scores, image_ids)  # (N, C)
     near_best = scores >= rule.relative * best
@@ -84,7 +87,8 @@ def pseudo_labels(
     unlabelled = ~kept.any(axis=1)
     trainable = np.ones(len(scores), dtype=bool)
     if rule.unlabelled == "negative":
-        targets[unlabelled, NEGATIVE] = 1.0
+        if negative is not None:
+            targets[unlabelled, negative] = 1.0
     else:
         trainable &= ~unlabelled
     if rule.uncertain == "ignore":
@@ -108,10 +112,13 @@ def negative_floor(scores: np.ndarray, inherited: np.ndarray, quantile: float) -
     return floor
 
 
-def label_quality(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
+def label_quality(
+    predicted: np.ndarray, true: np.ndarray, negative: int | None = NEGATIVE
+) -> dict[str, float]:
     """Precision and recall of the (cell, class) positives of ``predicted`` against ``true`` ((N, C) 0/1),
-    over the localisation classes (Negative is what is left over, not a finding)."""
-    predicted, true = predicted[:, :NEGATIVE] > 0.5, true[:, :NEGATIVE] > 0.5
+    over the localisation classes (Negative, if the table has it, is what is left over, not a finding)."""
+    findings = np.arange(predicted.shape[1]) != negative
+    predicted, true = predicted[:, findings] > 0.5, true[:, findings] > 0.5
     tp = float((predicted & true).sum())
     return {
         "precision": tp / max(float(predicted.sum()), 1.0),
@@ -158,7 +165,7 @@ def fold_targets(
         attention = cells[prob_columns(n_classes, "att_")].to_numpy()
     inherited = to_multi_hot(images.loc[cells["image_id"], "labels"].tolist(), n_classes)
     targets, trainable = pseudo_labels(
-        scores, cells["image_id"].to_numpy(), inherited, attention, thresholds, rule
+        scores, cells["image_id"].to_numpy(), inherited, attention, thresholds, rule, data.spec.negative
     )
     table = cells[["image_id", "cell_id"]].reset_index(drop=True)
     table = table.assign(**dict(zip(prob_columns(n_classes), targets.T)), trainable=trainable)
@@ -265,7 +272,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             f"saw that fold (nested); {cfg.folds_file} has {len(all_folds)}: make folds with folds.n_splits>=3"
         )
     truth = (
-        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes)
+        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes, data.spec.negative)
         if data.truth is not None and data.matches is not None
         else None
     )
@@ -352,8 +359,9 @@ def round_stats(
         "cells_trainable": len(pseudo),
     }
     if truth is not None:
-        stats.update({f"pseudo_{k}": v for k, v in label_quality(pseudo, np.concatenate(true)).items()})
-        stats.update({f"inherited_{k}": v for k, v in label_quality(kept, np.concatenate(true)).items()})
+        true_labels, negative = np.concatenate(true), data.spec.negative
+        stats.update({f"pseudo_{k}": v for k, v in label_quality(pseudo, true_labels, negative).items()})
+        stats.update({f"inherited_{k}": v for k, v in label_quality(kept, true_labels, negative).items()})
     return stats
 
 

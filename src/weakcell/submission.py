@@ -24,15 +24,17 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from weakcell.constants import EMPTY_MASK_RLE, HPA2021_CLASSES
+from weakcell.constants import EMPTY_MASK_RLE
+from weakcell.data.datasets import get_dataset
 from weakcell.errors import StageError, WeakcellError
 from weakcell.metrics import predicted_classes
 from weakcell.outputs import atomic_write, atomic_write_text, writing
 
 log = logging.getLogger(__name__)
 
-N_CLASSES = len(HPA2021_CLASSES)
 CELL_COLUMNS = ["ID", "ImageWidth", "ImageHeight", "PredictionString"]
+# The cell-level format is the 2021 competition's: `weakcell validate` checks its labels against that table.
+CELL_LEVEL_CLASSES = get_dataset("hpa2021").n_classes
 # The sample submission's row for a 2048x2048 image without predictions: class 0, confidence 1, an empty
 # mask. Other sizes get the empty mask of their own size (``placeholder(h, w)``), as the sample does.
 PLACEHOLDER = f"0 1 {EMPTY_MASK_RLE}"
@@ -396,11 +398,13 @@ def _check_mask(text: str, height: int, width: int, cache: dict, empty_ok: bool)
 def validate_cell_level(
     path_or_frame: str | os.PathLike | pd.DataFrame,
     sample_submission: pd.DataFrame | str | os.PathLike | None = None,
-    n_classes: int = N_CLASSES,
+    n_classes: int | None = CELL_LEVEL_CLASSES,
 ) -> dict:
     """Check a cell-level submission as Kaggle reads it; every distinct mask is decoded back (its runs
     must cover exactly ImageHeight x ImageWidth and hold at least one pixel, except in a placeholder row:
-    a single prediction with an empty mask, as the sample submission writes for every image). Raises
+    a single prediction with an empty mask, as the sample submission writes for every image). Labels must be
+    integers in 0..n_classes-1 (default: the 2021 table, whose format this is; None: any non-negative
+    integer). Raises
     ``SubmissionError`` naming rows as ``row i`` (0-based data row; file line i + 2). Returns stats."""
     start = time.perf_counter()
     frame, size_mb = _read(path_or_frame)
@@ -448,10 +452,11 @@ def validate_cell_level(
         for j in range(0, len(tokens), 3):
             label, conf, mask = tokens[j : j + 3]
             k = j // 3
-            if not (label.isdigit() and int(label) < n_classes):
-                problems.append(
-                    f"{where}, prediction {k}: label {label!r} is not an integer in 0..{n_classes - 1}"
+            if not (label.isdigit() and (n_classes is None or int(label) < n_classes)):
+                allowed = (
+                    "a non-negative integer" if n_classes is None else f"an integer in 0..{n_classes - 1}"
                 )
+                problems.append(f"{where}, prediction {k}: label {label!r} is not {allowed}")
             try:
                 p = float(conf)
                 if not (np.isfinite(p) and 0.0 <= p <= 1.0):
@@ -526,7 +531,10 @@ def validate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("file")
     parser.add_argument("--sample", help="sample submission whose IDs and order must match")
     parser.add_argument(
-        "--classes", type=int, default=None, help=f"number of classes (cell level: {N_CLASSES})"
+        "--classes",
+        type=int,
+        default=None,
+        help=f"number of classes (default: cell level {CELL_LEVEL_CLASSES}, the 2021 format's; image level unchecked)",
     )
     parser.add_argument(
         "--published",
@@ -542,7 +550,7 @@ def validate_main(argv: list[str] | None = None) -> int:
             check_published(args.file)
         header = pd.read_csv(args.file, nrows=0).columns.tolist()
         if header == CELL_COLUMNS:
-            stats = validate_cell_level(args.file, args.sample, n_classes=args.classes or N_CLASSES)
+            stats = validate_cell_level(args.file, args.sample, n_classes=args.classes or CELL_LEVEL_CLASSES)
             kind = "cell-level"
             unchecked = "the rows (none missing or extra), their order and each image's width and height"
         else:

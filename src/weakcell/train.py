@@ -180,7 +180,7 @@ def load_training_set(cfg: Config) -> TrainingSet:
     if spec.has_truth:
         from weakcell.synthetic.truth import read_truth
 
-        truth = read_truth(cfg.data_dir)
+        truth = read_truth(cfg.data_dir, spec)
         matches = cell_truth_table(cache.masks, cfg.data_dir, images["image_id"].tolist())
 
     targets = np.zeros((len(cache.cells), spec.n_classes), dtype=np.float32)
@@ -190,15 +190,20 @@ def load_training_set(cfg: Config) -> TrainingSet:
     else:  # the oracle: each segmented cell learns its matched true cell's labels
         if truth is None or matches is None:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
-        targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes)
+        targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
     missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
     return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
 
 
 def true_cell_targets(
-    cells: pd.DataFrame, truth: pd.DataFrame, matches: pd.DataFrame, n_classes: int
+    cells: pd.DataFrame,
+    truth: pd.DataFrame,
+    matches: pd.DataFrame,
+    n_classes: int,
+    negative: int | None = NEGATIVE,
 ) -> np.ndarray:
-    """(len(cells), C) labels of the true cell each segmented cell matches; unmatched cells are Negative.
+    """(len(cells), C) labels of the true cell each segmented cell matches; unmatched cells are Negative
+    (all zero when the set has no Negative class, ``negative=None``).
 
     cells: ``image_id, cell_id`` rows; truth / matches: as in ``TrainingSet``."""
     own = truth.merge(matches, left_on=["image_id", "cell_id"], right_on=["image_id", "true_cell_id"])
@@ -208,7 +213,8 @@ def true_cell_targets(
     )
     found = position.reindex(pd.MultiIndex.from_arrays([own["image_id"], own["cell_id"]]))
     targets = np.zeros((len(cells), n_classes), dtype=np.float32)
-    targets[:, NEGATIVE] = 1.0
+    if negative is not None:
+        targets[:, negative] = 1.0
     known = found.notna().to_numpy()
     targets[found[known].to_numpy(np.int64)] = to_multi_hot(
         [labels for labels, k in zip(own["labels"], known) if k], n_classes

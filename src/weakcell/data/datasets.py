@@ -23,6 +23,9 @@ class DatasetSpec:
     test_dir: str = "test"
     sample_submission: str = "sample_submission.csv"
     has_truth: bool = False  # per-cell truth in truth/ (synthetic only)
+    # what the competition scores: "cell" = 2021 cell-level masks (``ID,ImageWidth,ImageHeight,
+    # PredictionString``), "image" = 2018 image labels (``Id,Predicted``); the sample submission has that form
+    submission: str = "cell"
 
     @property
     def n_classes(self) -> int:
@@ -31,9 +34,13 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "hpa2021": DatasetSpec("hpa2021", HPA2021_CLASSES, "ID", "Label", "|", NEGATIVE),
-    "hpa2018": DatasetSpec("hpa2018", HPA2018_CLASSES, "Id", "Target", " ", None),
+    "hpa2018": DatasetSpec("hpa2018", HPA2018_CLASSES, "Id", "Target", " ", None, submission="image"),
     # The embedded benchmark is written in the hpa2021 layout, plus truth/.
     "synthetic": DatasetSpec("synthetic", HPA2021_CLASSES, "ID", "Label", "|", NEGATIVE, has_truth=True),
+    # The 2018-flavoured benchmark: the hpa2018 layout and 28 classes (no Negative), plus truth/.
+    "synthetic2018": DatasetSpec(
+        "synthetic2018", HPA2018_CLASSES, "Id", "Target", " ", None, has_truth=True, submission="image"
+    ),
 }
 
 

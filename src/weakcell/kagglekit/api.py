@@ -311,7 +311,7 @@ def submit_kernel(cfg: Config, slug: str) -> None:
                 f"no sample submission at {sample} to check the rows of {local} against: `make download` "
                 "(or data.dir=...) puts it there"
             )
-        stats = validate_cell_level(local, sample)
+        stats = validate_cell_level(local, sample, n_classes=get_dataset(competition_key(cfg)).n_classes)
         print(
             f"submit: the local {local} is valid ({stats['rows']} rows, {stats['predictions']} predictions)"
         )

@@ -17,14 +17,19 @@ from weakcell.errors import StageError, UnknownName
 
 PLACEHOLDER_OWNER = "your-kaggle-username"
 COMPETITION_LAYOUTS = ("hpa2021", "hpa2018")
+# the competition whose test split each synthetic layout stands in for
+SYNTHETIC_STANDS_IN = {"synthetic": "hpa2021", "synthetic2018": "hpa2018"}
 
 
 def competition_key(cfg: Config) -> str:
     """The weakcell layout of the competition targeted: ``kaggle.competition``, else ``data.dataset`` when it
-    is a competition layout, else hpa2021 (the synthetic set stands in for the 2021 test split)."""
+    is a competition layout, else the competition a synthetic layout copies (``synthetic`` the 2021 one,
+    ``synthetic2018`` the 2018 one), else hpa2021."""
     if cfg.kaggle.competition:
         return cfg.kaggle.competition
-    return cfg.data.dataset if cfg.data.dataset in COMPETITION_LAYOUTS else "hpa2021"
+    if cfg.data.dataset in COMPETITION_LAYOUTS:
+        return cfg.data.dataset
+    return SYNTHETIC_STANDS_IN.get(cfg.data.dataset, "hpa2021")
 
 
 def competition_slug(cfg: Config, key: str | None = None) -> str:

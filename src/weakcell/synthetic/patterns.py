@@ -1,4 +1,4 @@
-"""The green channel: one renderer per HPA 2021 class, each tied to the expressing cell's own geometry.
+"""The green channel: one renderer per HPA 2021 class (2018-only classes: ``patterns2018``), each tied to the expressing cell's own geometry.
 
 A renderer takes a ``CellView`` (the cell's masks, its red and yellow stains, distance maps, all in the
 cell's box) and a generator, and returns a float32 map of the box in [0, ~1]; the caller multiplies it
@@ -35,6 +35,7 @@ class CellView:
     red: np.ndarray
     yellow: np.ndarray
     scale: float  # image px per real 2048² px
+    neighbours: np.ndarray | None = None  # bool box: pixels of the other cells (cell junctions need them)
 
     @cached_property
     def cytoplasm(self) -> np.ndarray:
@@ -76,14 +77,19 @@ class Pattern:
     render: Renderer
     interphase_only: bool = False
     mitotic_only: bool = False
+    touching_only: bool = False  # shown only by a cell that touches another (cell junctions)
 
     def __call__(self, view: CellView, rng: np.random.Generator) -> np.ndarray:
         """The pattern on ``view``'s cell: float32 box array, zero outside the cell."""
         return (self.render(view, rng) * view.cell.mask).astype(np.float32)
 
-    def allowed(self, mitotic: bool) -> bool:
-        """Whether a cell in (or out of) mitosis can show this pattern."""
-        return not (self.mitotic_only and not mitotic) and not (self.interphase_only and mitotic)
+    def allowed(self, mitotic: bool, touching: bool = True) -> bool:
+        """Whether a cell in (or out of) mitosis, touching another cell or not, can show this pattern."""
+        return (
+            not (self.mitotic_only and not mitotic)
+            and not (self.interphase_only and mitotic)
+            and (touching or not self.touching_only)
+        )
 
 
 def _canvas(view: CellView) -> np.ndarray:

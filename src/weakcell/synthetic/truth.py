@@ -15,36 +15,41 @@ from pathlib import Path
 
 import pandas as pd
 
-from weakcell.data.datasets import get_dataset
+from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import parse_labels, read_label_file
 
 SPEC = get_dataset("synthetic")
 TRUTH = "truth"  # folder of the per-cell truth inside a synthetic set
 
 
-def _parse_column(texts: pd.Series, where: Path) -> list[list[int]]:
+def _parse_column(texts: pd.Series, where: Path, spec: DatasetSpec) -> list[list[int]]:
+    """Cell label strings -> sorted int lists; an empty string is a cell without any class (a set
+    without Negative writes it so)."""
     return [
-        parse_labels(text, SPEC.label_sep, SPEC.n_classes, where=f"{where} row {row}")
+        parse_labels(text, spec.label_sep, spec.n_classes, where=f"{where} row {row}") if text.strip() else []
         for row, text in enumerate(texts, start=1)
     ]
 
 
-def read_truth(data_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``truth/cells.csv`` of a synthetic set, one row per cell, with ``labels`` as sorted int lists."""
+def read_truth(data_dir: str | os.PathLike[str], spec: DatasetSpec = SPEC) -> pd.DataFrame:
+    """``truth/cells.csv`` of a synthetic set of layout ``spec``, one row per cell, with ``labels`` as
+    sorted int lists."""
     path = Path(data_dir) / TRUTH / "cells.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no per-cell truth at {path}; generate the set with `make data`")
-    cells = pd.read_csv(path, dtype={"image_id": str, "Label": str, "split": str, "cell_line": str})
-    cells["labels"] = _parse_column(cells["Label"], path)
+    cells = pd.read_csv(
+        path, dtype={"image_id": str, "Label": str, "split": str, "cell_line": str}, keep_default_na=False
+    )
+    cells["labels"] = _parse_column(cells["Label"], path, spec)
     return cells
 
 
-def read_image_labels(data_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def read_image_labels(data_dir: str | os.PathLike[str], spec: DatasetSpec = SPEC) -> pd.DataFrame:
     """Image labels of both splits (``train.csv`` and ``truth/test.csv``): ``ID``, ``labels``, ``split``."""
     root = Path(data_dir)
-    splits = {"train": root / SPEC.label_file, "test": root / TRUTH / "test.csv"}
+    splits = {"train": root / spec.label_file, "test": root / TRUTH / "test.csv"}
     tables = [
-        read_label_file(path, SPEC).assign(split=split) for split, path in splits.items() if path.is_file()
+        read_label_file(path, spec).assign(split=split) for split, path in splits.items() if path.is_file()
     ]
     return pd.concat(tables, ignore_index=True)
 
