@@ -153,7 +153,10 @@ class ClassicalSegmentConfig(Section):
         1.0, gt=0, description="multiplies the Otsu threshold of the log cytoplasm signal"
     )
     distance_weight: float = Field(
-        0.5, ge=0, description="watershed elevation: weight of distance-to-nucleus vs inverted log cytoplasm"
+        0.25,
+        ge=0,
+        description="watershed elevation: weight of distance-to-nucleus vs inverted log cytoplasm "
+        "(small, so borders follow dim gaps between cells)",
     )
 
 
