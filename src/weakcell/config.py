@@ -152,6 +152,12 @@ class ClassicalSegmentConfig(Section):
     cell_threshold_scale: float = Field(
         1.0, gt=0, description="multiplies the Otsu threshold of the log cytoplasm signal"
     )
+    cell_border_smoothing: float = Field(
+        0.1,
+        ge=0,
+        description="straighten cell borders: Gaussian sigma of the per-label majority vote, in nucleus "
+        "diameters (0 = raw watershed borders)",
+    )
     distance_weight: float = Field(
         0.25,
         ge=0,
