@@ -10,7 +10,14 @@ import pytest
 
 from weakcell.config import PostprocessConfig, SegmentConfig
 from weakcell.segment import Segmentation, segment_image
-from weakcell.segment.classical import _upscale_labels, _upscale_weights, segment, segment_nuclei
+from weakcell.segment.classical import (
+    _upscale_labels,
+    _upscale_weights,
+    segment,
+    segment_cells,
+    segment_nuclei,
+    smooth_borders,
+)
 from weakcell.segment.metrics import match_at_thresholds, match_instances
 from weakcell.segment.postprocess import fill_holes, mark_postprocessed, postprocess
 
@@ -127,6 +134,86 @@ def test_nuclei_local_contrast_keeps_a_dim_nucleus_beside_a_bright_one():
         segment_nuclei(blurred_nuclei(shape, discs), diameter=24), truth_of(shape, discs)
     )
     assert result["tp"] == 2 and result["fp"] == 0 and result["mean_iou"] > 0.8, result
+
+
+# -- cell borders ------------------------------------------------------------------------------------------
+
+# Two cells side by side in one band of cytoplasm (rows 8-55): bar-shaped nuclei (so the distance to the
+# nearest nucleus depends on the column only) with inner edges at columns 37 and 92, and a dim gap at
+# columns 78-81, off the halfway column 65 (27 px from both nuclei) towards nucleus 2 (14 px from it).
+GAP = (78, 81)
+DIAMETER = 16.0
+
+
+def gap_image() -> tuple[np.ndarray, np.ndarray]:
+    """``(4, 64, 130)`` uint8 image (red = yellow = 150 in the band, 30 in the gap, 0 outside) and its
+    nuclei labels (1: columns 24-37, 2: columns 92-105, rows 16-47)."""
+    image = np.zeros((4, 64, 130), dtype=np.uint8)
+    for channel in (0, 3):  # red, yellow
+        image[channel, 8:56, 4:126] = 150
+        image[channel, 8:56, GAP[0] : GAP[1] + 1] = 30
+    nuclei = np.zeros((64, 130), dtype=np.int32)
+    nuclei[16:48, 24:38], nuclei[16:48, 92:106] = 1, 2
+    image[2][nuclei > 0] = 200
+    return image, nuclei
+
+
+def border_columns(cells: np.ndarray, rows: slice) -> set[int]:
+    """Last column of cell 1 in each of ``rows`` (where cell 2 begins, one further)."""
+    return {int(np.flatnonzero(row == 1).max()) for row in cells[rows]}
+
+
+def test_cell_border_falls_in_the_dim_gap_not_halfway_between_nuclei():
+    """By hand: the relief is ``w * d / diameter - log1p(s) / log1p(300)`` (``d`` = px to the nearest
+    nucleus, ``s`` = red + yellow). Cell 1's front reaches every bright pixel left of the gap by crossing
+    the halfway ridge, ``w * 27 / 16 - 1``; cell 2's must climb onto the gap, ``w * 14 / 16 - 0.72``
+    (log1p(60) / log1p(300) = 0.72). Cell 1 wins the bright side while ``w * 13 / 16 < 0.28``: w = 0.25
+    (the default) puts the border in the gap, w = 0.5 lets cell 2 cross it and meet cell 1 halfway."""
+    image, nuclei = gap_image()
+    cfg = SegmentConfig().classical
+    assert cfg.distance_weight == 0.25
+    on_gap = segment_cells(image, nuclei, cfg, DIAMETER)
+    assert border_columns(on_gap, slice(16, 48)) <= set(range(GAP[0] - 1, GAP[1] + 1))
+    heavy_tilt = segment_cells(image, nuclei, cfg.model_copy(update={"distance_weight": 0.5}), DIAMETER)
+    assert max(border_columns(heavy_tilt, slice(16, 48))) < GAP[0] - 4
+
+
+def test_gap_enclosed_by_several_cells_stays_background_hole_in_one_cell_is_filled():
+    """Four cells in a 2x2 block of cytoplasm around a dark square (a gap between cells): it stays
+    background. A dark square inside one cell's body (a dim spot of its own cytoplasm) becomes that cell
+    once the ``fill_holes`` rule runs (``segment``)."""
+    image = np.zeros((4, 96, 96), dtype=np.uint8)
+    image[0, 8:88, 8:88] = image[3, 8:88, 8:88] = 150
+    image[0, 42:54, 42:54] = image[3, 42:54, 42:54] = 0  # the gap between the four cells
+    nuclei = np.zeros((96, 96), dtype=np.int32)
+    for label, (row, col) in enumerate([(24, 24), (24, 72), (72, 24), (72, 72)], start=1):
+        nuclei[disc((96, 96), (row, col), 6)] = label
+    image[2][nuclei > 0] = 200
+    cells = segment_cells(image, nuclei, SegmentConfig().classical, 12.0)
+    assert set(np.unique(cells)) == {0, 1, 2, 3, 4}
+    assert not cells[43:53, 43:53].any()  # the gap (one pixel in from its edge: borders are smoothed)
+    image[0, 42:54, 42:54] = image[3, 42:54, 42:54] = 150  # gap closed ...
+    image[0, 12:18, 12:18] = image[3, 12:18, 12:18] = 0  # ... and a dark spot inside cell 1
+    seg = segment(image, SegmentConfig(classical={"nucleus_diameter": 12.0, "working_scale": 1.0}))
+    assert seg.n_cells == 4 and (seg.cells[12:18, 12:18] == seg.cells[24, 24]).all()
+
+
+def test_smooth_borders_removes_a_one_pixel_tooth_and_keeps_straight_borders():
+    """Labels 1 | 2 split at column 9.5, a tooth of 2 at (10, 9), a pinhole of background at (4, 3), and
+    background below row 16. Gaussian sigma 1 (cv2's 7-tap kernel: centre weight 0.40, the taps beyond
+    half a pixel on one side sum to 0.30): at the tooth, label 2 weighs 0.30 + 0.40**2 = 0.46 < 0.5, so
+    it goes to 1; on a straight border the near side weighs 0.70 and keeps it; the pinhole goes to 1
+    (0.84). A nucleus pixel keeps its cell whatever the vote."""
+    cells = np.zeros((22, 20), dtype=np.int32)
+    cells[:16, :10], cells[:16, 10:] = 1, 2
+    cells[10, 9], cells[4, 3] = 2, 0
+    expected = cells.copy()
+    expected[10, 9], expected[4, 3] = 1, 1
+    np.testing.assert_array_equal(smooth_borders(cells, np.zeros_like(cells), 1.0), expected)
+    nuclei = np.zeros_like(cells)
+    nuclei[10, 9] = 2
+    assert smooth_borders(cells, nuclei, 1.0)[10, 9] == 2
+    np.testing.assert_array_equal(smooth_borders(cells, nuclei, 0.0), cells)  # 0 = off
 
 
 # -- post-processing ----------------------------------------------------------------------------------------

@@ -159,8 +159,17 @@ class ClassicalSegmentConfig(Section):
     cell_threshold_scale: float = Field(
         1.0, gt=0, description="multiplies the Otsu threshold of the log cytoplasm signal"
     )
+    cell_border_smoothing: float = Field(
+        0.1,
+        ge=0,
+        description="straighten cell borders: Gaussian sigma of the per-label majority vote, in nucleus "
+        "diameters (0 = raw watershed borders)",
+    )
     distance_weight: float = Field(
-        0.5, ge=0, description="watershed elevation: weight of distance-to-nucleus vs inverted log cytoplasm"
+        0.25,
+        ge=0,
+        description="watershed elevation: weight of distance-to-nucleus vs inverted log cytoplasm "
+        "(small, so borders follow dim gaps between cells)",
     )
 
 

@@ -15,7 +15,8 @@
    red + yellow + green). Cytoplasm intensity spans two orders of magnitude between a cell's centre and its
    thin edges, so a linear threshold cuts cells short; the log scale keeps the dim periphery. Cell bodies
    grow from the nuclei by watershed over the inverted log intensity (dim valleys between cells become
-   borders), blended with the distance to the nearest nucleus so that flat regions split halfway.
+   borders), tilted a little by the distance to the nearest nucleus so that flat regions split halfway.
+   Background enclosed by several cells (the dark gaps of a dense field) stays background.
 4. The post-processing rules run on the small labels, each pixel weighted by the full-resolution pixels it
    becomes, so they decide exactly as on the full-resolution masks; the labels then go back to full
    resolution by nearest-neighbour upscaling (whole-row repeats, cell k still holds nucleus k), and the
@@ -198,15 +199,62 @@ def segment_cells(
     """Cell labels ``(H, W)`` int32 grown from ``nuclei`` (cell k holds nucleus k) over a ``(4, H, W)``
     image at working resolution; ``diameter`` is the nucleus diameter in working pixels."""
     signal = np.log1p(_smooth(cytoplasm_signal(image, cfg), cfg.cell_smoothing * diameter))
-    # Holes of the foreground are dim cytoplasm inside or between cells: flood them too, which also leaves
-    # no enclosed background for the full-resolution hole filling to examine.
-    foreground = _fill_holes((signal > _otsu(signal) * cfg.cell_threshold_scale) | (nuclei > 0))
-    # Elevation: bright cytoplasm is low, dim valleys between cells high; the distance to the nearest
-    # nucleus (in nucleus diameters) breaks ties where the cytoplasm is flat.
+    # Enclosed background is not flooded here: in dense fields the dark gaps between cell bodies are
+    # enclosed by several cells, and flooding them handed each gap to whichever front reached it first.
+    # A hole inside one cell is dim cytoplasm, and the ``fill_holes`` rule gives it to that cell.
+    foreground = (signal > _otsu(signal) * cfg.cell_threshold_scale) | (nuclei > 0)
+    elevation = cell_elevation(signal, nuclei, cfg.distance_weight, diameter)
+    cells = watershed(elevation, nuclei, mask=foreground).astype(np.int32)
+    return smooth_borders(cells, nuclei, cfg.cell_border_smoothing * diameter)
+
+
+def cell_elevation(
+    signal: np.ndarray, nuclei: np.ndarray, distance_weight: float, diameter: float
+) -> np.ndarray:
+    """Watershed relief for growing cells from ``nuclei`` over the log cytoplasm ``signal``: bright
+    cytoplasm is low and the dim gaps between cell bodies are ridges, so two fronts meet on a gap, not
+    where they happen to collide. The distance to the nearest nucleus (in nucleus diameters, times
+    ``distance_weight``) only tilts the relief, so that flat cytoplasm still splits about halfway; kept
+    small, since one diameter of it outweighs the few tenths of the normalised log signal a real gap dips.
+    """
     scale = max(float(signal.max()), 1e-6)
     distance = cv2.distanceTransform((nuclei == 0).view(np.uint8), cv2.DIST_L2, 5) / diameter
-    elevation = cfg.distance_weight * distance - signal / scale
-    return watershed(elevation, nuclei, mask=foreground).astype(np.int32)
+    return (distance_weight * distance - signal / scale).astype(np.float32)
+
+
+def smooth_borders(cells: np.ndarray, nuclei: np.ndarray, sigma: float) -> np.ndarray:
+    """Each pixel goes to the label (background included) whose Gaussian-blurred indicator is highest there.
+
+    A watershed border follows single-pixel texture of the cytoplasm (microtubule fibres, ER mesh), so it
+    zig-zags on the scale of a working pixel; that is noise, not cell shape. The majority vote under a
+    Gaussian of ``sigma`` working pixels (0 = off) straightens it, a plurality filter for labels: at most
+    a few pixels move, always to a label present nearby. Each cell is blurred inside its own box plus a
+    3-sigma margin, and the background's blurred indicator is one minus the sum of the cells' (blurring
+    is linear and keeps a constant), so the cost grows with the cells' area, not with their number times
+    the image. Nucleus pixels keep their cell, so nucleus k stays inside cell k.
+    """
+    if sigma <= 0 or not cells.any():
+        return cells
+    margin = int(np.ceil(3 * sigma))
+    best = np.zeros(cells.shape, dtype=np.float32)  # highest blurred cell indicator so far
+    total = np.zeros(cells.shape, dtype=np.float32)  # sum of every cell's blurred indicator
+    smoothed = np.zeros_like(cells)
+    for label, box in enumerate(ndi.find_objects(cells), start=1):
+        if box is None:
+            continue
+        window = tuple(
+            slice(max(0, side.start - margin), min(size, side.stop + margin))
+            for side, size in zip(box, cells.shape, strict=True)
+        )
+        # Reflecting at the window's edge equals reflecting at the image's where the window reaches it,
+        # and adds nothing elsewhere (the indicator is zero over the 3-sigma margin).
+        blurred = cv2.GaussianBlur((cells[window] == label).astype(np.float32), (0, 0), sigma)
+        total[window] += blurred
+        wins = blurred > best[window]
+        best[window][wins] = blurred[wins]
+        smoothed[window][wins] = label
+    smoothed[1 - total > best] = 0
+    return np.where(nuclei > 0, nuclei, smoothed)
 
 
 def _resize(plane: np.ndarray, shape: tuple[int, int], interpolation: int) -> np.ndarray:
