@@ -495,6 +495,33 @@ class RefineConfig(Section):
         return self.model_copy(update={"relative": self.relative[min(round_, len(self.relative)) - 1]})
 
 
+FetchItem = Literal["backbone", "cellpose", "sam"]
+
+
+class WeightsConfig(Section):
+    """Pretrained weights fetched by ``make weights`` (``weakcell.pretrained``) into ``dir``, each recorded
+    with its sha256 and source in ``dir/MANIFEST.json``; ``make pretrained-datasets`` packs them for Kaggle.
+    The only stage that downloads: every other stage reads local files."""
+
+    dir: str = Field(
+        "weights", description="where the weights and MANIFEST.json live (relative to paths.root)"
+    )
+    fetch: list[FetchItem] = Field(
+        default_factory=lambda: list[FetchItem](["backbone"]),
+        description="backbone = model.backbone through timm's own pretrained source (saved as safetensors); "
+        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint",
+    )
+    mirror: str | None = Field(
+        None,
+        description="a folder URL (http://, https://, file://) holding the official file names (cpsam, "
+        "sam_vit_b_01ec64.pth), used instead of the official URLs; the pinned sha256 still applies",
+    )
+    backbone_url: str | None = Field(
+        None, description="a checkpoint URL used instead of timm's own source for model.backbone (a mirror)"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="network timeout per connection attempt, seconds")
+
+
 class EvaluateConfig(Section):
     """Scores, per-class plots and attention maps of a finished run (``make evaluate``)."""
 
@@ -673,6 +700,7 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     kaggle: KaggleConfig = Field(default_factory=KaggleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
 
     # -- derived locations -------------------------------------------------------------------------
@@ -706,6 +734,11 @@ class Config(Section):
     def model_dir(self) -> Path:
         """The final round's folder: what thresholds, inference, evaluation and Kaggle datasets read."""
         return self.round_dir(self.refine.rounds)
+
+    @property
+    def weights_dir(self) -> Path:
+        """``weights/``: what ``make weights`` fetched, with its MANIFEST.json."""
+        return self.path(self.weights.dir)
 
     @property
     def folds_file(self) -> Path:
