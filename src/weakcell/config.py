@@ -332,6 +332,12 @@ class TrainConfig(Section):
     loss: Literal["bce", "focal"] = "bce"
     focal_gamma: float = Field(2.0, ge=0)
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"name": "symmetries"}, {"name": "gain", "limit": 0.2}],
+        description="training augmentations in order (weakcell.cache.augment): batched symmetries / gain "
+        "(limit), then albumentations transforms by class name with their arguments, per_channel: true "
+        "for independent draws per channel, e.g. {name: Affine, rotate: [-15, 15], p: 0.5}; [] = none",
+    )
     folds: list[int] | None = Field(None, description="train only these folds; None = all")
     class_weights: Literal["none", "sqrt_inverse"] = Field(
         "none", description="BCE pos_weight per class: sqrt(negatives / positives) of the fold's cells, 1..50"

@@ -351,7 +351,10 @@ def _seed_everything(seed: int) -> None:
 
 def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, seed: int, world: World) -> None:
     """A checkpoint resumes only the run that wrote it: same train settings, data seed and world size."""
-    saved = {k: v for k, v in state["train"].items() if k not in RUNTIME_KEYS}
+    # a key the checkpoint lacks was added to the schema later: the run had its default (which keeps the
+    # old behaviour), so checkpoints written before a new setting still resume
+    defaults = type(cfg)().model_dump(mode="json")
+    saved = {k: v for k, v in (defaults | dict(state["train"])).items() if k not in RUNTIME_KEYS}
     current = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
     changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     problems = [f"train.{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
