@@ -32,7 +32,10 @@ def test_an_empty_list_changes_nothing() -> None:
         ({"name": "Rotate90x"}, r"train.augment\[1\]: 'Rotate90x' is not an albumentations transform"),
         ({"name": "Compose"}, "is not an albumentations transform"),
         ({"name": "__class__"}, "is not an albumentations transform"),
-        ({"name": "RandomGamma", "gamma_limits": [80, 120]}, r"train.augment\[1\]: RandomGamma takes no gamma_limits"),
+        (
+            {"name": "RandomGamma", "gamma_limits": [80, 120]},
+            r"train.augment\[1\]: RandomGamma takes no gamma_limits",
+        ),
         ({"name": "RandomGamma", "gamma_limit": "x"}, r"train.augment\[1\]: RandomGamma\(.*\) is invalid"),
         ({"limit": 0.2}, "each step needs a name"),
         ({"name": "gain", "limit": 1.5}, r"gain limit must be in \[0, 1\]"),
