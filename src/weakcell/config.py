@@ -333,7 +333,9 @@ class TrainConfig(Section):
     focal_gamma: float = Field(2.0, ge=0)
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     augment: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{"name": "symmetries"}, {"name": "gain", "limit": 0.2}],
+        default_factory=lambda: list[dict[str, Any]](
+            [{"name": "symmetries"}, {"name": "gain", "limit": 0.2}]
+        ),
         description="training augmentations in order (weakcell.cache.augment): batched symmetries / gain "
         "(limit), then albumentations transforms by class name with their arguments, per_channel: true "
         "for independent draws per channel, e.g. {name: Affine, rotate: [-15, 15], p: 0.5}; [] = none",

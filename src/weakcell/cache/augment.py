@@ -93,7 +93,7 @@ def _albumentations_step(spec: dict[str, Any], where: str) -> tuple[Any, bool]:
     kwargs = {
         k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k not in ("name", "per_channel")
     }
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:  # albumentations only warns about them, and the step would silently run its defaults
         valid = ", ".join(p for p in accepted if p not in ("self", "args", "kwargs"))
