@@ -10,8 +10,8 @@ default); the same two steps done per crop by albumentations (``D4`` + a per-cha
 to show where the batched path wins; and the batched path + the albumentations list of
 ``configs/demo-augment.yaml``. Medians of ``--repeats``, ``--batches`` batches of 256 each.
 
-Part 2, quality (``--quality runs/<name>=<label>``): each run's OOF cell mAP (``metrics.json``) and test cell
-mAP (``evaluation.json``), runs trained at equal epochs by the caller (the commands go in the report).
+Part 2, quality (``--quality runs/<name>=<label>``): each run's OOF cell mAP, test cell mAP and OOF image mAP from
+its ``evaluation.json`` (``make evaluate``), runs trained at equal epochs by the caller.
 """
 
 from __future__ import annotations
@@ -84,15 +84,15 @@ def loader_cells_per_s(
 
 
 def quality_rows(pairs: list[str]) -> list[str]:
+    """One row per ``runs/<name>=<label>``: scores from the run's ``evaluation.json`` (``make evaluate``)."""
     rows = []
     for pair in pairs:
         run, _, label = pair.partition("=")
-        folder = REPO / run
-        metrics = json.loads((folder / "metrics.json").read_text())
-        evaluation = json.loads((folder / "evaluation.json").read_text())
-        oof = metrics.get("cell_map", metrics.get("oof_cell_map"))
-        test = evaluation.get("cell", {}).get("map", evaluation.get("cell_map"))
-        rows.append(f"| {label or run} | `{run}` | {oof} | {test} |")
+        evaluation = json.loads((REPO / run / "evaluation.json").read_text())
+        oof = evaluation["cell_oof"][evaluation["plotted_variant"]]["map"]
+        test = evaluation["cell_test"]["submission"]["map"]
+        image = evaluation["image_oof"]["map"]
+        rows.append(f"| {label or run} | `{run}` | {oof:.4f} | {test:.4f} | {image:.4f} |")
     return rows
 
 
@@ -122,13 +122,13 @@ def main() -> int:
         "",
         f"`CellCrops.__getitems__` on a fake {args.cells}-cell memmap cache: read + augment + collate, batches of "
         f"{BATCH}, timed in CPU seconds of the process (the machine is shared: wall time would measure the "
-        "other jobs), median of {args.repeats} x {args.batches} batches (per-repeat figures in parentheses). Each "
+        f"other jobs), median of {args.repeats} x {args.batches} batches (per-repeat figures in parentheses). Each "
         "DataLoader worker runs this; `train.workers` multiplies it.",
         "",
     ]
     sizes = [int(s) for s in args.sizes.split(",")]
     lines += [
-        "| variant | " + " | ".join(f"{s} px cells/s" for s in sizes) + " |",
+        "| variant | " + " | ".join(f"{s} px cells/CPU-s" for s in sizes) + " |",
         "|---|" + "---|" * len(sizes),
     ]
     table: dict[str, dict[int, list[float]]] = {}
@@ -153,8 +153,8 @@ def main() -> int:
             "",
             "## Quality at equal epochs",
             "",
-            "| variant | run | OOF cell mAP | test cell mAP |",
-            "|---|---|---|---|",
+            "| variant | run | OOF cell mAP | test cell mAP | OOF image mAP |",
+            "|---|---|---|---|---|",
             *quality_rows(args.quality),
         ]
     text = "\n".join(lines) + "\n"
