@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 import urllib.error
@@ -224,6 +225,8 @@ def fetch_backbone(cfg: Config, folder: Path) -> dict[str, Any]:
             tensors = to_safetensors(placed, target)
             return _entry(folder, target.name, f"{placed.name} (placed by hand)", tensors=tensors)
     overlay = {"hf_hub_id": None, "url": cfg.weights.backbone_url} if cfg.weights.backbone_url else None
+    # the hub logs each failed request as a warning; the one error line below says what to do instead
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         model = timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay=overlay, cache_dir=folder / ".cache" / "timm"
