@@ -118,7 +118,7 @@ ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.m
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
 
 # -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
-.PHONY: download wheels weights-dataset backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle
+.PHONY: download wheels weights weights-dataset pretrained-datasets backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle
 
 download: $(STAMP) ## kaggle competitions download (kaggle.download) into data/<dataset>/, unzipped, resumable
 	$(WEAKCELL) download $(CONFIG) $(OVERRIDES)
@@ -128,6 +128,12 @@ wheels: $(STAMP) ## Kaggle dataset folder: weakcell wheel + wheels the Kaggle im
 
 weights-dataset: $(STAMP) ## Kaggle dataset folder of run RUN: weights only, thresholds, config -> dist/kaggle/weakcell-weights-<run>/
 	$(WEAKCELL) weights-dataset $(CONFIG) $(OVERRIDES)
+
+weights: $(STAMP) ## pretrained weights of weights.fetch (backbone via timm, Cellpose-SAM, SAM ViT-B) -> weights/ + MANIFEST.json (sha256, source)
+	$(WEAKCELL) weights $(CONFIG) $(OVERRIDES)
+
+pretrained-datasets: $(STAMP) ## Kaggle dataset folders of what `make weights` fetched (checked against weights/MANIFEST.json) -> dist/kaggle/
+	$(WEAKCELL) pretrained-datasets $(CONFIG) $(OVERRIDES)
 
 backbone-dataset: $(STAMP) ## Kaggle dataset folder of model.pretrained_file for the train kernel -> dist/kaggle/weakcell-backbone-<run>/
 	$(WEAKCELL) backbone-dataset $(CONFIG) $(OVERRIDES)

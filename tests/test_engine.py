@@ -235,6 +235,33 @@ def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
         fit(toy(), Batches(), None, config(epochs=1), tmp_path, seed=1)
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default(tmp_path: Path) -> None:
+    """train.augment joined the schema after checkpoints existed: one without it had the default and resumes;
+    one that recorded another value does not."""
+
+    def crash_at_step_3(step: int) -> None:
+        if step == 3:
+            raise Crash
+
+    cfg = config(epochs=2, checkpoint_every=2)
+    with pytest.raises(Crash):
+        fit(toy(), Batches(), None, cfg, tmp_path / "old", seed=0, on_step=crash_at_step_3)
+    path = tmp_path / "old" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["train"]["augment"]
+    torch.save(state, path)
+    assert fit(toy(), Batches(), None, cfg, tmp_path / "old", seed=0).resumed
+
+    with pytest.raises(Crash):
+        fit(toy(), Batches(), None, cfg, tmp_path / "other", seed=0, on_step=crash_at_step_3)
+    path = tmp_path / "other" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["train"]["augment"] = []
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"train.augment: \[\] -> \[\{'name': 'symmetries'\}"):
+        fit(toy(), Batches(), None, cfg, tmp_path / "other", seed=0)
+
+
 def test_finished_run_is_skipped_unless_forced(tmp_path: Path) -> None:
     first = fit(toy(), Batches(), None, config(epochs=1), tmp_path, seed=0)
     stamp = first.weights.stat().st_mtime_ns

@@ -62,6 +62,14 @@ STAGES: dict[str, tuple[str, str]] = {
         "weakcell.kagglekit.datasets:backbone_dataset",
         "Kaggle dataset folder of model.pretrained_file, the train kernel's initial backbone weights",
     ),
+    "weights": (
+        "weakcell.pretrained:run",
+        "fetch pretrained weights (backbone via timm, Cellpose-SAM, SAM) -> weights/ + MANIFEST.json",
+    ),
+    "pretrained-datasets": (
+        "weakcell.kagglekit.datasets:pretrained_datasets",
+        "Kaggle dataset folders of what `weights` fetched (backbone, cellpose-sam, segment-anything)",
+    ),
     "kernels": (
         "weakcell.kagglekit.kernels:run",
         "generate offline Kaggle kernels -> kernels/<variant>/ (metadata + script)",

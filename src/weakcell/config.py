@@ -347,6 +347,14 @@ class TrainConfig(Section):
     loss: Literal["bce", "focal"] = "bce"
     focal_gamma: float = Field(2.0, ge=0)
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: list[dict[str, Any]] = Field(
+        default_factory=lambda: list[dict[str, Any]](
+            [{"name": "symmetries"}, {"name": "gain", "limit": 0.2}]
+        ),
+        description="training augmentations in order (weakcell.cache.augment): batched symmetries / gain "
+        "(limit), then albumentations transforms by class name with their arguments, per_channel: true "
+        "for independent draws per channel, e.g. {name: Affine, rotate: [-15, 15], p: 0.5}; [] = none",
+    )
     folds: list[int] | None = Field(None, description="train only these folds; None = all")
     class_weights: Literal["none", "sqrt_inverse"] = Field(
         "none", description="BCE pos_weight per class: sqrt(negatives / positives) of the fold's cells, 1..50"
@@ -527,6 +535,33 @@ class RefineConfig(Section):
         if not isinstance(self.relative, list):
             return self
         return self.model_copy(update={"relative": self.relative[min(round_, len(self.relative)) - 1]})
+
+
+FetchItem = Literal["backbone", "cellpose", "sam"]
+
+
+class WeightsConfig(Section):
+    """Pretrained weights fetched by ``make weights`` (``weakcell.pretrained``) into ``dir``, each recorded
+    with its sha256 and source in ``dir/MANIFEST.json``; ``make pretrained-datasets`` packs them for Kaggle.
+    The only stage that downloads: every other stage reads local files."""
+
+    dir: str = Field(
+        "weights", description="where the weights and MANIFEST.json live (relative to paths.root)"
+    )
+    fetch: list[FetchItem] = Field(
+        default_factory=lambda: list[FetchItem](["backbone"]),
+        description="backbone = model.backbone through timm's own pretrained source (saved as safetensors); "
+        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint",
+    )
+    mirror: str | None = Field(
+        None,
+        description="a folder URL (http://, https://, file://) holding the official file names (cpsam, "
+        "sam_vit_b_01ec64.pth), used instead of the official URLs; the pinned sha256 still applies",
+    )
+    backbone_url: str | None = Field(
+        None, description="a checkpoint URL used instead of timm's own source for model.backbone (a mirror)"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="network timeout per connection attempt, seconds")
 
 
 class EvaluateConfig(Section):
@@ -718,6 +753,7 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     kaggle: KaggleConfig = Field(default_factory=KaggleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
 
     # -- derived locations -------------------------------------------------------------------------
@@ -751,6 +787,11 @@ class Config(Section):
     def model_dir(self) -> Path:
         """The final round's folder: what thresholds, inference, evaluation and Kaggle datasets read."""
         return self.round_dir(self.refine.rounds)
+
+    @property
+    def weights_dir(self) -> Path:
+        """``weights/``: what ``make weights`` fetched, with its MANIFEST.json."""
+        return self.path(self.weights.dir)
 
     @property
     def folds_file(self) -> Path:

@@ -347,10 +347,11 @@ def _seed_everything(seed: int) -> None:
 
 def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, seed: int, world: World) -> None:
     """A checkpoint resumes only the run that wrote it: same train settings, data seed and world size."""
-    # the train settings may change where the run executes (device, workers), not what it computes
-    problems = OUTPUT_INPUTS["checkpoint"].changed(
-        {"train": state["train"]}, {"train": cfg.model_dump(mode="json")}
-    )
+    # a key the checkpoint lacks was added to the schema later: the run had its default (which keeps the
+    # old behaviour), so checkpoints written before a new setting still resume; the train settings may
+    # change where the run executes (device, workers), not what it computes
+    saved = type(cfg)().model_dump(mode="json") | dict(state["train"])
+    problems = OUTPUT_INPUTS["checkpoint"].changed({"train": saved}, {"train": cfg.model_dump(mode="json")})
     if state["data_seed"] != seed:
         problems.append(f"seed: {state['data_seed']} -> {seed}")
     if state["world_size"] != world.size:

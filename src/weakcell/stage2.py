@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from weakcell.cache.augment import crop_augment
 from weakcell.cache.loader import CropAugment, augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.config import Config
@@ -117,7 +118,7 @@ def _embedding_bags(request: BagRequest) -> Dataset:
 def _crop_bags(request: BagRequest) -> Dataset:
     # training samples mil.cells_per_bag augmented crops per visit; prediction reads every cell once
     if request.training:
-        augment = CropAugment(symmetries=True, intensity=0.2)
+        augment = crop_augment(request.cfg.train.augment)
         return CropBags(request.cache, request.bags, request.targets, request.cfg.mil.cells_per_bag, augment)
     return CropBags(request.cache, request.bags, request.targets, request.n_max, None)
 

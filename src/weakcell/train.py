@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from weakcell.attention_maps import draw_attention_maps, pick_images
+from weakcell.cache.augment import crop_augment
 from weakcell.cache.loader import CellCrops, CropAugment
 from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
@@ -362,7 +363,7 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
             )
         return scores
 
-    augment = CropAugment(symmetries=True, intensity=0.2)
+    augment = crop_augment(cfg.train.augment)
     fit(
         cell_model,
         LabelledCrops(data.cache, train_cells, data.cell_targets, augment, sample_weights),

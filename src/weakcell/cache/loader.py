@@ -20,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from weakcell.cache.store import CellCache
+
+if TYPE_CHECKING:
+    from weakcell.cache.augment import CropPipeline
 
 # Gains are applied in 6-bit fixed point (steps of 1/64): uint8 * round(gain * 64) stays inside int16
 # for gains up to 2 (255 * 128 = 32640 < 32767).
@@ -34,10 +38,12 @@ GAIN_BITS = 6
 
 @dataclass(frozen=True)
 class CropAugment:
-    """Batch augmentations of cell crops; every one keeps the crop's content and its value range."""
+    """Batch augmentations of cell crops; every one keeps the crop's content and its value range. Built from
+    ``train.augment`` by ``weakcell.cache.augment.crop_augment``."""
 
     symmetries: bool = True  # random flips and 90° rotations: the 8 symmetries of the square
     intensity: float = 0.2  # per-channel gain drawn uniformly from [1 - intensity, 1 + intensity]
+    pipeline: CropPipeline | None = None  # per-crop albumentations steps, after the batched ones
 
     def __post_init__(self) -> None:
         if not 0 <= self.intensity <= 1:
@@ -119,7 +125,7 @@ def augment_batch_(
     crops: np.ndarray, augment: CropAugment, codes: np.ndarray | None = None, scratch: Scratch | None = None
 ) -> torch.Tensor:
     """Randomly augment a ``(B, 4, S, S)`` uint8 batch IN PLACE (``crops`` must be the caller's own,
-    writable array) and return it as a tensor. ``codes`` are the symmetries to apply (drawn when None)."""
+    writable array) and return it as a tensor: the batched steps, then ``augment.pipeline`` crop by crop. ``codes`` are the symmetries to apply (drawn when None)."""
     scratch = scratch or Scratch()
     batch = torch.from_numpy(crops)
     moved = crops
@@ -132,6 +138,8 @@ def augment_batch_(
         scale_channels(torch.from_numpy(moved), gains, out=batch, work=work)
     elif moved is not crops:
         np.copyto(crops, moved)
+    if augment.pipeline is not None:  # per crop, after the batched steps; crops is the batch's memory
+        augment.pipeline.apply_batch_(crops)
     return batch
 
 

@@ -44,6 +44,7 @@ from weakcell.kagglekit.naming import (
     backbone_slug,
     dataset_id,
     datasets_root,
+    slug_of,
     title_of,
     weights_slug,
     wheels_slug,
@@ -364,3 +365,49 @@ def backbone_dataset(cfg: Config) -> Path:
         f"  upload: kaggle datasets create -p {target}  (a new version: kaggle datasets version -p {target} -m ...)"
     )
     return target
+
+
+# ---------------------------------------------------------------------------------- pretrained weights
+
+
+def pretrained_datasets(cfg: Config) -> list[Path]:
+    """``make pretrained-datasets``: a Kaggle dataset folder per item ``make weights`` fetched, each with its
+    file (verified against ``weights/MANIFEST.json`` first) and that item's manifest entry: the backbone as
+    the backbone dataset the train kernel attaches, Cellpose-SAM and SAM as ``kaggle.cellpose_dataset`` /
+    ``kaggle.sam_dataset``, the folders the kernels search for ``cpsam*`` / ``sam_vit_b*``."""
+    from weakcell.pretrained import MANIFEST, read_manifest, verified
+
+    folder = cfg.weights_dir
+    manifest = read_manifest(folder)
+    targets = {
+        f"backbone:{cfg.model.backbone}": (backbone_slug(cfg), backbone_id(cfg)),
+        "cellpose": (slug_of(cfg.kaggle.cellpose_dataset), dataset_id(cfg, cfg.kaggle.cellpose_dataset)),
+        "sam": (slug_of(cfg.kaggle.sam_dataset), dataset_id(cfg, cfg.kaggle.sam_dataset)),
+    }
+    wanted = [f"backbone:{cfg.model.backbone}" if item == "backbone" else item for item in cfg.weights.fetch]
+    missing = [key for key in wanted if key not in manifest or not verified(folder, manifest[key])]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder / MANIFEST} lacks {', '.join(missing)} (weights.fetch): run `make weights` first"
+        )
+    written = []
+    for key in wanted:
+        entry = manifest[key]
+        slug, identifier = targets[key]
+        target, staging = dataset_folders(cfg, slug)
+        _link_or_copy(folder / entry["file"], staging / entry["file"])
+        _write_json(staging / MANIFEST, {key: entry})
+        description = (
+            f"{entry['file']} ({key}, sha256 {entry['sha256']}, from {entry['source']}; licence "
+            f"{entry.get('licence', 'see the source')}), weights only. Written by `make pretrained-datasets`."
+        )
+        metadata = dataset_metadata(cfg, slug, description)
+        metadata["id"] = identifier
+        _write_json(staging / METADATA_FILE, metadata)
+        _swap_in(staging, target)
+        print(
+            f"pretrained-datasets: {key} {entry['file']}, {folder_mb(target):.1f} MB -> {target}\n"
+            f"  upload: kaggle datasets create -p {target}"
+        )
+        written.append(target)
+    return written

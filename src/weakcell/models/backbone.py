@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,33 @@ def _is_stem(source: torch.Tensor, target: torch.Tensor, in_chans: int) -> bool:
     )
 
 
-def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> None:
-    """Load ``path`` into ``model``: adapt the input stem to ``in_chans``, drop the checkpoint's
-    classifier, fail on any shape that does not fit, log missing and unexpected keys in one line."""
-    state = load_state_dict(path)
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``load_backbone_weights`` did with each tensor of the file: loaded (stems adapted among them) or
+    dropped as the checkpoint's classifier; ``layout`` is the naming the file came in (``weakcell.models.layouts``)."""
+
+    loaded: tuple[str, ...]
+    adapted: tuple[str, ...]
+    dropped: tuple[str, ...]
+    layout: str
+
+
+# Buffers a checkpoint may lack without losing anything learned: BatchNorm's step counter (older PyTorch
+# checkpoints and some exports leave it out; it only matters for momentum=None).
+UNLEARNED_SUFFIXES: tuple[str, ...] = (".num_batches_tracked",)
+
+
+def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> LoadReport:
+    """Load ``path`` into ``model``: rename a foreign layout to timm's names, adapt the input stem to
+    ``in_chans``, drop the checkpoint's classifier, and account for every tensor: a shape that does not fit,
+    a file tensor the model has no place for, or a model tensor the file lacks is a ``WeightsError``
+    (nothing is skipped silently; only BatchNorm's ``num_batches_tracked`` counters may be absent)."""
+    from weakcell.models.layouts import to_timm_names
+
+    try:
+        state, layout = to_timm_names(load_state_dict(path), model)
+    except KeyError as err:
+        raise WeightsError(f"{path}: cannot map its keys to {type(model).__name__}: {err.args[0]}") from err
     own = model.state_dict()
     pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})  # timm's description of the model
     classifiers = pretrained_cfg.get("classifier") or ()
@@ -153,20 +177,23 @@ def load_backbone_weights(model: nn.Module, path: Path, in_chans: int) -> None:
             f"{detail if misfits else 'no parameter name in common'}. "
             f"Is it a checkpoint of another architecture? Set model.backbone to the one it was trained with."
         )
+    unexpected = [key for key in state if key not in own]
+    missing = [key for key in own if key not in state and not key.endswith(UNLEARNED_SUFFIXES)]
+    if unexpected or missing:
+        raise WeightsError(
+            f"{path} does not cover backbone {architecture!r}: {len(missing)} model tensors missing "
+            f"{missing[:3]}, {len(unexpected)} file tensors without a place {unexpected[:3]}. Is it a "
+            f"checkpoint of another variant? Set model.backbone to the one it was trained with."
+        )
 
-    result = model.load_state_dict(state, strict=False)
-    level = logging.WARNING if result.missing_keys or result.unexpected_keys else logging.INFO
-    log.log(
-        level,
-        "loaded %s into %s: %d tensors; stem adapted: %s; classifier dropped: %d; missing %d %s; "
-        "unexpected %d %s",
+    model.load_state_dict(state, strict=False)
+    log.info(
+        "loaded %s into %s: %d tensors (%s layout); stem adapted: %s; classifier dropped: %d",
         path,
         architecture,
         len(matched),
+        layout,
         ", ".join(adapted) or "none",
         len(dropped),
-        len(result.missing_keys),
-        result.missing_keys[:5],
-        len(result.unexpected_keys),
-        result.unexpected_keys[:5],
     )
+    return LoadReport(tuple(matched), tuple(adapted), tuple(dropped), layout)
