@@ -263,6 +263,12 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     by = table.set_index("variant")
     assert by.loc["full weak, TTA off", "cell_map"] == by.loc["+ refinement, 1 round", "cell_map"]
     # the control reused round 0 of the weak run instead of retraining it
+    # the control relabels nothing: each fold model's rows are the other folds' cells with their inherited labels
+    control_labels = pd.read_parquet(
+        cfg.path(cfg.paths.runs) / f"{cfg.name}-control" / "round1" / "pseudo_labels.parquet"
+    )
+    folds = pd.read_csv(cfg.folds_file).set_index("ID")["fold"]
+    assert (folds[control_labels["image_id"]].to_numpy() != control_labels["model_fold"].to_numpy()).all()
     control_oof = pd.read_parquet(cfg.path(cfg.paths.runs) / f"{cfg.name}-control" / "oof_cell.parquet")
     assert control_oof.equals(pd.read_parquet(cfg.run_dir / "oof_cell.parquet"))
     report = cfg.path(cfg.paths.reports) / "leaderboard.md"

@@ -142,17 +142,17 @@ class FoldTargets:
 
 
 def fold_targets(
-    rule_cfg: Config, data: TrainingSet, predictions: tuple[pd.DataFrame, pd.DataFrame] | None
+    rule_cfg: Config, data: TrainingSet, predictions: tuple[pd.DataFrame, pd.DataFrame] | None, outer: int
 ) -> FoldTargets:
     """Pseudo-labels of the cells of ``predictions`` (an ``oof_cell`` and an ``oof_image`` table from
     models that never saw the outer fold), thresholds and floors from those tables alone.
 
-    predictions None: the rule reads no score (``RefineConfig.keeps_inherited``): every training cell
-    keeps its inherited labels."""
+    predictions None: the rule reads no score (``RefineConfig.keeps_inherited``): every training cell of
+    the folds but ``outer`` keeps its inherited labels."""
     n_classes, rule = data.n_classes, rule_cfg.refine
     images = data.images.set_index("image_id")
-    if predictions is None:
-        cells = data.cells[["image_id", "cell_id"]].reset_index(drop=True)
+    if predictions is None:  # the other folds' cells, as the inner models would have predicted
+        cells = data.cells.loc[data.cells["fold"] != outer, ["image_id", "cell_id"]].reset_index(drop=True)
         scores = attention = np.ones((len(cells), n_classes))
         thresholds = np.zeros(n_classes)
     else:
@@ -295,7 +295,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             if reads_scores:
                 inner_data = data if round_ == 1 else previous[outer].applied(data)
                 predictions = inner_predictions(before, inner_data, round_ - 1, outer, all_folds)
-            current[outer] = fold_targets(this_round, data, predictions)
+            current[outer] = fold_targets(this_round, data, predictions, outer)
         # what the inner models cost when they were trained (reused ones too), as fold_seconds counts
         inner_dirs = (cfg.round_dir(round_ - 1) / "inner").glob("fold*") if reads_scores else []
         inner_seconds = sum(fold_seconds(folder) for folder in inner_dirs)
