@@ -154,7 +154,11 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
     assert sorted(oof_image["image_id"]) == sorted(labels.index)
     assert json.loads((round_dir / "metrics.json").read_text())["round"] == 1
     # a second call reuses the finished round; another rule refuses to
-    assert refine_stage.run(cfg)[0]["round"] == 1
+    again = refine_stage.run(cfg)[0]
+    assert again["round"] == 1
+    # what the round cost: its outer folds plus the inner models, counted once however often it is read
+    assert again["seconds"] == pytest.approx(metrics["outer_seconds"] + metrics["inner_seconds"])
+    assert again["seconds"] == pytest.approx(metrics["seconds"]) and metrics["inner_seconds"] > 0
     changed = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"relative": 0.9})})
     with pytest.raises(ValueError, match=r"refine\.relative.*FORCE=1"):
         refine_stage.run(changed)

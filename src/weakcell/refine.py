@@ -309,13 +309,15 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
         init_dir = cfg.round_dir(round_ - 1) if cfg.refine.init == "previous" else None
         per_fold = {k: t.applied(data) for k, t in current.items()}
         metrics = train_round(this_round, data, out_dir, init_dir, fold_data=per_fold.__getitem__)
-        # a round's cost includes the inner models its targets came from (the ablation's train seconds)
+        # a round's cost includes the inner models its targets came from (the ablation's train seconds);
+        # from the folds' records, so a finished round read back is not counted twice
+        outer_seconds = sum(fold_seconds(out_dir / f"fold{k}") for k in outer_folds)
         metrics = {
             **stats,
             **metrics,
-            "outer_seconds": metrics["seconds"],
+            "outer_seconds": outer_seconds,
             "inner_seconds": inner_seconds,
-            "seconds": metrics["seconds"] + inner_seconds,
+            "seconds": outer_seconds + inner_seconds,
         }
         if is_main_process():
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
