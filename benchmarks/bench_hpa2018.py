@@ -2,9 +2,10 @@
 changes under imbalance" (the source design), on the 2018-flavoured synthetic benchmark.
 
 Every variant trains round 0 (cells inherit image labels, then attention MIL; ``refine.rounds=0``) on the
-same data, cache and folds as ``configs/hpa2018-demo.yaml``, with the same epochs, batch and learning rate:
+same data, cache and folds (``configs/hpa2018-bench.yaml``: the 2018 demo's training images and settings,
+1,000 test images), with the same epochs, batch and learning rate, once per seed of ``ablate.seeds``:
 
-- baseline: the demo's backbone and plain BCE (round 0 of the demo run itself, reused when trained);
+- baseline: the demo's backbone and plain BCE (round 0 of the config's own run);
 - a second backbone at the same budget (``--backbone``, default efficientnet_lite0);
 - the kit's class-imbalance options: ``train.loss=focal``, ``train.class_weights=sqrt_inverse``,
   ``train.sampler=balanced``.
@@ -12,12 +13,12 @@ same data, cache and folds as ``configs/hpa2018-demo.yaml``, with the same epoch
 For each: image macro-F1 of the out-of-fold images at 0.5 and with per-class thresholds cross-fitted over
 the folds (tuned on four folds' images, applied to the fifth), and of the test split at 0.5 and at the
 thresholds tuned on all OOF images (``make thresholds``). The claim holds when tuning the baseline's
-thresholds gains more than any variant gains over the baseline at 0.5.
+thresholds gains more than any variant gains over the baseline at 0.5, on the seeds' mean and at each seed.
 
-    python benchmarks/bench_hpa2018.py [--config configs/hpa2018-demo.yaml] [--only NAME ...] [ARGS key=value]
+    python benchmarks/bench_hpa2018.py [--config configs/hpa2018-bench.yaml] [--only NAME ...] [ARGS key=value]
 
-Finished variants are reused (their runs are ``runs/<name>-bench-<variant>/``). Writes
-``benchmarks/hpa2018.md`` from every variant that has finished.
+Finished variants are reused (their runs are ``runs/<name>-<variant>[-seed<s>]/``). Writes
+``benchmarks/hpa2018.md`` from every variant and seed that has finished.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 
 from weakcell import folds as folds_stage
@@ -40,12 +43,18 @@ from weakcell.cache import build as cache_stage
 from weakcell.config import Config, load_config
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
+from weakcell.data.images import list_image_ids, read_image
 from weakcell.evaluate import image_level_scores, image_targets, submission_image_scores
+from weakcell.segment import segment_image
+from weakcell.segment.metrics import match_at_thresholds
 from weakcell.synthetic import writer as data_stage
 from weakcell.synthetic.truth import read_image_labels
 from weakcell.thresholds import read_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
+REAL_2021 = REPO.parent / "shared" / "data" / "hpa2021"
+REAL_CONFIG = REPO / "configs" / "hpa2018.yaml"
+SIZE_2018 = 512
 BASELINE = "baseline"
 IMBALANCE = {
     "focal": ["train.loss=focal"],
@@ -59,22 +68,31 @@ def variants(backbone: str) -> dict[str, list[str]]:
     return {BASELINE: [], f"backbone_{backbone}": [f"model.backbone={backbone}"], **IMBALANCE}
 
 
-def variant_config(config: str, base: list[str], name: str, overrides: list[str]) -> Config:
-    """The variant's config: round 0 of run ``<name>-bench-<variant>``. The baseline is round 0 of the
-    config's own run (``make demo`` trained it already), its test predictions written beside, not over,
-    the demo's submission."""
-    run = load_config(config, base).name
-    own = [f"infer.output={run}-bench-{name}"] if name == BASELINE else [f"name={run}-bench-{name}"]
-    return load_config(config, [*base, *own, "refine.rounds=0", *overrides])
+def variant_config(config: str, base: list[str], name: str, overrides: list[str], seed: int) -> Config:
+    """The variant's config for one training seed: round 0 of run ``<name>-<variant>``, with ``-seed<s>``
+    for a seed other than the config's. The baseline is the config's own run (its test predictions go to
+    ``submissions/<run>-baseline``, beside, not over, the run's own submission)."""
+    plain = load_config(config, base)
+    run = plain.name if seed == plain.seed else f"{plain.name}-seed{seed}"
+    own = [f"name={run}", f"infer.output={run}-{name}"] if name == BASELINE else [f"name={run}-{name}"]
+    return load_config(config, [*base, f"seed={seed}", *own, "refine.rounds=0", *overrides])
 
 
-def measure(cfg: Config) -> dict[str, float | None]:
+SCORES = {
+    "oof_f1_at_05": "OOF F1 @0.5",
+    "oof_f1_tuned_cross_fitted": "OOF F1 tuned (cross-fitted)",
+    "test_f1_at_05": "test F1 @0.5",
+    "test_f1_tuned": "test F1 tuned",
+    "oof_map": "OOF image mAP",
+    "test_map": "test image mAP",
+}
+
+
+def measure(cfg: Config) -> dict[str, float | int | None]:
     """Train (or reuse) one variant, tune its thresholds, infer the test split; its image scores."""
-    start = time.perf_counter()
     train_stage.run(cfg)
     thresholds_stage.run(cfg)
     out_dir = infer_stage.run(cfg)
-    seconds = time.perf_counter() - start
     spec = get_dataset(cfg.data.dataset)
     n = spec.n_classes
     oof = pd.read_parquet(cfg.model_dir / "oof_image.parquet")
@@ -84,78 +102,163 @@ def measure(cfg: Config) -> dict[str, float | None]:
     )
     thresholds = read_thresholds(cfg.model_dir / "thresholds.json")
     test = submission_image_scores(cfg, out_dir, thresholds)
+    metrics = json.loads((cfg.model_dir / "metrics.json").read_text())
     return {
         "oof_f1_at_05": oof_scores["macro_f1_at_05"],
         "oof_f1_tuned_cross_fitted": oof_scores["macro_f1_tuned_cross_fitted"],
-        "oof_map": oof_scores["map"],
         "test_f1_at_05": test["macro_f1_at_05"],
         "test_f1_tuned": test["macro_f1_tuned"],
+        "oof_map": oof_scores["map"],
+        "test_map": test["map"],
         "oof_classes": oof_scores["classes_scored"],
         "test_classes": test["classes_scored"],
-        "seconds_this_call": round(seconds, 1),
+        "train_seconds": round(float(metrics.get("seconds", 0.0))),  # the fold records: reused runs too
     }
 
 
-def verdict(table: pd.DataFrame) -> str:
-    """Whether tuning the baseline's thresholds gains more than any other variant gains at 0.5."""
-    if BASELINE not in table.index or len(table) < 2:
-        return "_not decided: the baseline and at least one variant must have finished_"
-    base = table.loc[BASELINE]
-    lines = []
+def real_segmentation() -> str:
+    """``configs/hpa2018.yaml``'s segmentation on real images at the 2018 size: the shared 2048² HPA 2021
+    training images (their IDs are 2018 training images too) area-downscaled to 512², as the 2018 set
+    distributed them, against the HPA-Cell-Segmentation masks downscaled by nearest neighbour. The config's
+    settings are the full-size defaults scaled by 1/4 (nuclei ~45 px), not tuned on these images."""
+    if not (REAL_2021 / "hpacellseg_masks").is_dir():
+        return f"_skipped: no real images and reference masks at {REAL_2021}_"
+    segment_cfg = load_config(REAL_CONFIG, []).segment
+    rows = []
+    for image_id in list_image_ids(REAL_2021 / "train"):
+        image = read_image(REAL_2021 / "train", image_id)
+        small = np.stack([cv2.resize(p, (SIZE_2018, SIZE_2018), interpolation=cv2.INTER_AREA) for p in image])
+        mask_path = REAL_2021 / "hpacellseg_masks" / f"{image_id}_predictedmask.png"
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise SystemExit(f"bench_hpa2018: cannot read the reference mask {mask_path}")
+        reference = cv2.resize(mask, (SIZE_2018, SIZE_2018), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+        segment_image(small, segment_cfg)  # warm-up: the first call loads OpenCV / scikit-image paths
+        start = time.process_time()
+        cells = segment_image(small, segment_cfg).cells
+        cpu_ms = 1000 * (time.process_time() - start)
+        at_05, at_06 = match_at_thresholds(cells, reference, (0.5, 0.6))
+        rows.append(
+            [
+                image_id[:8],
+                at_05["n_pred"],
+                at_05["n_true"],
+                at_05["f1"],
+                at_06["f1"],
+                at_05["mean_iou"],
+                cpu_ms,
+            ]
+        )
+    frame = pd.DataFrame(
+        rows, columns=["image", "cells", "reference cells", "F1@0.5", "F1@0.6", "mean IoU", "CPU ms"]
+    ).set_index("image")
+    means = frame[["F1@0.5", "F1@0.6", "mean IoU", "CPU ms"]].mean()
+    frame.loc["**mean**"] = ["", "", *means.to_list()]
+    frame["CPU ms"] = frame["CPU ms"].map(lambda v: f"{v:.1f}")
+    return markdown(frame.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v), "image")
+
+
+def gains(seed_rows: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """One seed's gains over the baseline at 0.5: tuning the baseline's thresholds, and each other
+    variant at 0.5, per split (``oof``: tuned cross-fitted; ``test``: tuned on every OOF image)."""
+    base = seed_rows.loc[BASELINE]
+    out = {}
     for split, at05, tuned in (
-        ("OOF (cross-fitted)", "oof_f1_at_05", "oof_f1_tuned_cross_fitted"),
+        ("oof", "oof_f1_at_05", "oof_f1_tuned_cross_fitted"),
         ("test", "test_f1_at_05", "test_f1_tuned"),
     ):
-        tuning_gain = base[tuned] - base[at05]
-        others = (table[at05] - base[at05]).drop(BASELINE)
+        row = {"tuning the baseline's thresholds": base[tuned] - base[at05]}
+        row.update((seed_rows[at05] - base[at05]).drop(BASELINE).to_dict())
+        out[split] = row
+    return out
+
+
+def verdict(table: pd.DataFrame) -> str:
+    """Whether tuning the baseline's thresholds gains more macro-F1 than any other variant gains at 0.5:
+    on the seeds' mean, and at how many seeds."""
+    seeds = [s for s, rows in table.groupby("seed") if BASELINE in set(rows["variant"]) and len(rows) > 1]
+    if not seeds:
+        return "_not decided: the baseline and at least one variant must have finished at a seed_"
+    per_seed = {s: gains(table[table["seed"] == s].set_index("variant")) for s in seeds}
+    tuning = "tuning the baseline's thresholds"
+    lines = []
+    for split, label in (("oof", "OOF (cross-fitted)"), ("test", "test")):
+        frame = pd.DataFrame({s: per_seed[s][split] for s in seeds}).T  # seeds x gains
+        mean, sd = frame.mean(), frame.std(ddof=1) if len(seeds) > 1 else frame.mean() * 0
+        others = mean.drop(tuning)
         best = others.idxmax()
-        holds = tuning_gain > others.max()
+        holds_at = sum(bool(frame.loc[s, tuning] > frame.loc[s].drop(tuning).max()) for s in seeds)
         lines.append(
-            f"- {split}: tuning the baseline's thresholds {tuning_gain:+.3f} macro-F1; the best other variant "
-            f"at 0.5, {best}, {others.max():+.3f} (all: "
-            + ", ".join(f"{k} {v:+.3f}" for k, v in others.items())
-            + f"). The claim {'holds' if holds else 'does not hold'} here."
+            f"- {label}: tuning the baseline's thresholds gains {mean[tuning]:+.3f} ± {sd[tuning]:.3f} "
+            f"macro-F1; the best other variant at 0.5, {best}, {others[best]:+.3f} ± {sd[best]:.3f} (all: "
+            + ", ".join(f"{k} {mean[k]:+.3f}" for k in others.index)
+            + f"). The claim {'holds' if mean[tuning] > others.max() else 'does not hold'} on the mean, "
+            f"and at {holds_at} of {len(seeds)} seeds."
         )
     return "\n".join(lines)
 
 
-def write_report(table: pd.DataFrame, cfg: Config, command: str, out: Path, total_s: float) -> None:
-    columns = [
-        "oof_f1_at_05",
-        "oof_f1_tuned_cross_fitted",
-        "test_f1_at_05",
-        "test_f1_tuned",
-        "oof_map",
-        "oof_classes",
-        "test_classes",
-        "seconds_this_call",
-    ]
-    header = "| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-    body = "\n".join(
-        f"| {name} | "
-        + " | ".join(
-            "-" if pd.isna(row[c]) else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]))
-            for c in columns
-        )
-        + " |"
-        for name, row in table.iterrows()
-    )
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd over the seeds per variant (variants in the bench's order)."""
+    order = list(dict.fromkeys(table["variant"]))
+    grouped = table.groupby("variant", sort=False)
+    rows = {}
+    for name in order:
+        group = grouped.get_group(name)
+        cells = {}
+        for column, label in SCORES.items():
+            values = group[column].dropna().to_numpy(dtype=float)
+            if not len(values):
+                cells[label] = "-"
+            elif len(values) == 1:
+                cells[label] = f"{values[0]:.3f}"
+            else:
+                cells[label] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        cells["seeds"] = str(len(group))
+        cells["train s (median)"] = f"{group['train_seconds'].median():.0f}"
+        rows[name] = cells
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def markdown(frame: pd.DataFrame, index: str) -> str:
+    header = f"| {index} | " + " | ".join(frame.columns) + " |\n|---|" + "---|" * len(frame.columns)
+    body = [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in frame.iterrows()]
+    return "\n".join([header, *body])
+
+
+def write_report(
+    table: pd.DataFrame, cfg: Config, command: str, out: Path, total_s: float, segmentation: str
+) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    per_seed = table.set_index(["variant", "seed"])[[*SCORES, "oof_classes", "test_classes", "train_seconds"]]
+    per_seed.index = [f"{v} (seed {s})" for v, s in per_seed.index]
     text = (
         "# The 2018 competition: threshold tuning vs architecture vs imbalance options (`make bench-hpa2018`)\n\n"
-        f"`{command}` ({when}; {platform.node()}, {os.cpu_count()} CPUs shared with other jobs). Data: the "
-        f"2018-flavoured synthetic set of `{cfg.data_dir}` ({cfg.synthetic.n_train} train / "
-        f"{cfg.synthetic.n_test} test images, 28 classes drawn with the real 2018 frequencies, so the rarest "
-        f"classes are absent from so small a set), {cfg.folds.n_splits} folds, round 0 only (inheritance + "
-        f"attention MIL), {cfg.train.epochs} epochs stage 1, {cfg.mil.epochs} epochs MIL, crops "
-        f"{cfg.cache.crop_size} px. Macro-F1 over the classes with a positive among the scored images "
-        "(`*_classes`); OOF tuned = per-class thresholds tuned on four folds' images and applied to the fifth; "
-        "test tuned = thresholds tuned on every OOF image (`make thresholds`). `seconds_this_call`: wall time "
-        "of this call for the variant (train + thresholds + infer; near 0 when the run was reused).\n\n"
-        + header
-        + body
+        f"`{command}` ({when}; {platform.node()}, {os.cpu_count()} CPUs, no GPU). Data: the 2018-flavoured "
+        f"synthetic set of `{cfg.data_dir}` ({cfg.synthetic.n_train} train / {cfg.synthetic.n_test} test "
+        "images, 28 classes drawn with the real 2018 frequencies, so the rarest classes are absent from so "
+        f"small a training set), {cfg.folds.n_splits} folds, round 0 only (inheritance + attention MIL), "
+        f"{cfg.train.epochs} epochs stage 1, {cfg.mil.epochs} epochs MIL, crops {cfg.cache.crop_size} px, "
+        "every variant at the same epochs, batch and learning rate, trained once per seed (same data and "
+        "folds). Image macro-F1 over the classes with a positive among the scored images (`*_classes`); "
+        "OOF tuned = per-class thresholds tuned on the other folds' images and applied to each fold's "
+        "(cross-fitted); test tuned = thresholds tuned on every OOF image (`make thresholds`), applied to the "
+        "test split. `train s`: training wall time from the runs' fold records.\n\n"
+        "## Mean ± sd over the seeds\n\n"
+        + markdown(summary(table), "variant")
         + "\n\n## Does the claim hold here?\n\n"
+        'The claim (the source design): "threshold tuning has a stronger impact than architectural changes '
+        "under imbalance\". It holds when tuning the baseline's thresholds gains more macro-F1 than any other "
+        "variant gains over the baseline at 0.5 (gains paired by seed).\n\n"
         + verdict(table)
+        + "\n\n## Every run\n\n"
+        + markdown(
+            per_seed.map(lambda v: "-" if pd.isna(v) else (f"{v:.3f}" if isinstance(v, float) else v)), "run"
+        )
+        + "\n\n## Real images at the 2018 size: `configs/hpa2018.yaml`'s segmentation\n\n"
+        + (real_segmentation.__doc__ or "").split("\n\n")[0].replace("\n    ", " ")
+        + "\n\n"
+        + segmentation
         + f"\n\nTotal wall time of this call: {total_s:.0f} s.\n"
     )
     out.write_text(text)
@@ -163,35 +266,50 @@ def write_report(table: pd.DataFrame, cfg: Config, command: str, out: Path, tota
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "hpa2018-demo.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "hpa2018-bench.yaml"))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument(
         "--only", nargs="*", default=None, help="variants to train now (others: reused if done)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=None, help="default: the config's ablate.seeds"
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "hpa2018.md")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every variant")
     args = parser.parse_args()
     start = time.perf_counter()
     base_cfg = load_config(args.config, args.overrides)
+    seeds = args.seeds or base_cfg.ablate.seeds or [base_cfg.seed]
+    unknown = set(args.only or []) - set(variants(args.backbone))
+    if unknown:
+        raise SystemExit(
+            f"bench_hpa2018: --only {sorted(unknown)}: no such variant ({', '.join(variants(args.backbone))})"
+        )
+    segmentation = real_segmentation()
+    print(segmentation, flush=True)
     # the shared inputs: data, folds and cache (each reused when finished)
     data_stage.run(base_cfg)
     folds_stage.run(base_cfg)
     cache_stage.run(base_cfg)
-    rows = {}
-    for name, overrides in variants(args.backbone).items():
-        cfg = variant_config(args.config, args.overrides, name, overrides)
-        finished = (cfg.model_dir / "oof_image.parquet").is_file()
-        if args.only is not None and name not in args.only and not finished:
-            continue
-        print(f"bench_hpa2018: {name} ({' '.join(overrides) or 'the config as is'})", flush=True)
-        rows[name] = measure(cfg)
-        print(f"bench_hpa2018: {name} {json.dumps(rows[name])}", flush=True)
-    table = pd.DataFrame.from_dict(rows, orient="index")
+    records = []
+    for seed in seeds:
+        for name, overrides in variants(args.backbone).items():
+            cfg = variant_config(args.config, args.overrides, name, overrides, seed)
+            finished = (cfg.model_dir / "oof_image.parquet").is_file()
+            if args.only is not None and name not in args.only and not finished:
+                continue
+            print(
+                f"bench_hpa2018: {name} seed {seed} ({' '.join(overrides) or 'the config as is'})", flush=True
+            )
+            record = {"variant": name, "seed": seed, **measure(cfg)}
+            print(f"bench_hpa2018: {json.dumps(record)}", flush=True)
+            records.append(record)
+    table = pd.DataFrame(records)
     command = "python benchmarks/bench_hpa2018.py " + " ".join(
         [*(f"--only {' '.join(args.only)}".split() if args.only else []), *args.overrides]
     )
-    write_report(table, base_cfg, command.strip(), args.out, time.perf_counter() - start)
-    print(table.to_string())
+    write_report(table, base_cfg, command.strip(), args.out, time.perf_counter() - start, segmentation)
+    print(summary(table).to_string())
     print(verdict(table))
     print(f"bench_hpa2018 -> {args.out}")
 

@@ -238,3 +238,64 @@ def test_tiny_2018_demo_end_to_end(tmp_path):
     assert 0.0 <= test["macro_f1_at_05"] <= 1.0
     assert 0.0 <= evaluation["cell_test"]["submission"]["map"] <= 1.0
     assert len(json.loads((cfg.model_dir / "evaluation.json").read_text())["per_class"]) == C
+
+
+# -- the claim's benchmark ---------------------------------------------------------------------------------
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_hpa2018", REPO / "benchmarks" / "bench_hpa2018.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_claim_verdict_pairs_gains_by_seed():
+    """Gains by hand: seed 42 tuning +0.10 vs focal +0.05 (holds), seed 43 tuning +0.02 vs focal +0.05
+    (fails); means +0.06 vs +0.05 (holds on the mean, at 1 of 2 seeds). The test split: tuning +0.01 at
+    both seeds vs focal +0.03: fails on the mean and at 0 seeds."""
+    bench = _bench_module()
+    rows = []
+    for seed, tuned_oof in ((42, 0.20), (43, 0.12)):
+        rows.append(
+            dict(
+                variant="baseline",
+                seed=seed,
+                oof_f1_at_05=0.10,
+                oof_f1_tuned_cross_fitted=tuned_oof,
+                test_f1_at_05=0.30,
+                test_f1_tuned=0.31,
+            )
+        )
+        rows.append(
+            dict(
+                variant="focal",
+                seed=seed,
+                oof_f1_at_05=0.15,
+                oof_f1_tuned_cross_fitted=0.0,
+                test_f1_at_05=0.33,
+                test_f1_tuned=0.0,
+            )
+        )
+    oof_line, test_line = bench.verdict(pd.DataFrame(rows)).splitlines()
+    assert "gains +0.060 ± 0.057" in oof_line and "focal, +0.050 ± 0.000" in oof_line
+    assert oof_line.endswith("holds on the mean, and at 1 of 2 seeds.")
+    assert "gains +0.010" in test_line and "focal, +0.030" in test_line
+    assert test_line.endswith("does not hold on the mean, and at 0 of 2 seeds.")
+
+
+def test_claim_variants_train_round_0_under_their_own_names():
+    bench = _bench_module()
+    config = str(REPO / "configs" / "hpa2018-bench.yaml")
+    base = bench.variant_config(config, [], "baseline", [], 42)
+    assert (base.name, base.infer.output, base.refine.rounds) == (
+        "hpa2018-bench",
+        "hpa2018-bench-baseline",
+        0,
+    )
+    focal = bench.variant_config(config, [], "focal", bench.variants("efficientnet_lite0")["focal"], 43)
+    assert (focal.name, focal.seed, focal.train.loss) == ("hpa2018-bench-seed43-focal", 43, "focal")
+    assert (focal.data_dir, focal.folds.file) == (base.data_dir, base.folds.file)
