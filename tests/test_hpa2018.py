@@ -254,37 +254,45 @@ def _bench_module():
 
 
 def test_claim_verdict_pairs_gains_by_seed():
-    """Gains by hand: seed 42 tuning +0.10 vs focal +0.05 (holds), seed 43 tuning +0.02 vs focal +0.05
-    (fails); means +0.06 vs +0.05 (holds on the mean, at 1 of 2 seeds). The test split: tuning +0.01 at
-    both seeds vs focal +0.03: fails on the mean and at 0 seeds."""
+    """Gains by hand. OOF: seed 42 tuning +0.10 vs focal +0.05, seed 43 tuning +0.02 vs focal +0.05; the
+    paired margins +0.05 and -0.03 have mean +0.01 and sd 0.0566: a tie, tuning ahead at 1 of 2 seeds.
+    Test: tuning +0.05 vs focal +0.03 at both seeds: margin +0.02 ± 0, the claim holds at 2 of 2; with
+    the two variants' test gains swapped it does not hold."""
     bench = _bench_module()
-    rows = []
-    for seed, tuned_oof in ((42, 0.20), (43, 0.12)):
-        rows.append(
-            dict(
-                variant="baseline",
-                seed=seed,
-                oof_f1_at_05=0.10,
-                oof_f1_tuned_cross_fitted=tuned_oof,
-                test_f1_at_05=0.30,
-                test_f1_tuned=0.31,
+
+    def table(test_tuned: float, focal_test: float) -> pd.DataFrame:
+        rows = []
+        for seed, tuned_oof in ((42, 0.20), (43, 0.12)):
+            rows.append(
+                dict(
+                    variant="baseline",
+                    seed=seed,
+                    oof_f1_at_05=0.10,
+                    oof_f1_tuned_cross_fitted=tuned_oof,
+                    test_f1_at_05=0.30,
+                    test_f1_tuned=test_tuned,
+                )
             )
-        )
-        rows.append(
-            dict(
-                variant="focal",
-                seed=seed,
-                oof_f1_at_05=0.15,
-                oof_f1_tuned_cross_fitted=0.0,
-                test_f1_at_05=0.33,
-                test_f1_tuned=0.0,
+            rows.append(
+                dict(
+                    variant="focal",
+                    seed=seed,
+                    oof_f1_at_05=0.15,
+                    oof_f1_tuned_cross_fitted=0.0,
+                    test_f1_at_05=focal_test,
+                    test_f1_tuned=0.0,
+                )
             )
-        )
-    oof_line, test_line = bench.verdict(pd.DataFrame(rows)).splitlines()
+        return pd.DataFrame(rows)
+
+    oof_line, test_line = bench.verdict(table(0.35, 0.33)).splitlines()
     assert "gains +0.060 ± 0.057" in oof_line and "focal, +0.050 ± 0.000" in oof_line
-    assert oof_line.endswith("holds on the mean, and at 1 of 2 seeds.")
-    assert "gains +0.010" in test_line and "focal, +0.030" in test_line
-    assert test_line.endswith("does not hold on the mean, and at 0 of 2 seeds.")
+    assert "Margin, paired by seed: +0.010 ± 0.057; tuning gains more at 1 of 2 seeds" in oof_line
+    assert oof_line.endswith("The claim is a tie (the margin is within its seeds' sd).")
+    assert "gains +0.050" in test_line and "focal, +0.030" in test_line
+    assert test_line.endswith("+0.020 ± 0.000; tuning gains more at 2 of 2 seeds. The claim holds.")
+    _, swapped = bench.verdict(table(0.33, 0.35)).splitlines()
+    assert swapped.endswith("-0.020 ± 0.000; tuning gains more at 0 of 2 seeds. The claim does not hold.")
 
 
 def test_claim_variants_train_round_0_under_their_own_names():
