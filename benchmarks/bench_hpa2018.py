@@ -257,7 +257,8 @@ def write_report(
         "images, 28 classes drawn with the real 2018 frequencies, so the rarest classes are absent from so "
         f"small a training set), {cfg.folds.n_splits} folds, round 0 only (inheritance + attention MIL), "
         f"{cfg.train.epochs} epochs stage 1, {cfg.mil.epochs} epochs MIL, crops {cfg.cache.crop_size} px, "
-        "every variant at the same epochs, batch and learning rate, trained once per seed (same data and "
+        "every variant at the same epochs, batch and learning rate except `*_same_time` (the second backbone at "
+        "fewer epochs, so that it trains in about the baseline's time: see `train s`), trained once per seed (same data and "
         "folds). Image macro-F1 over the classes with a positive among the scored images (`*_classes`); "
         "OOF tuned = per-class thresholds tuned on the other folds' images and applied to each fold's "
         "(cross-fitted); test tuned = thresholds tuned on every OOF image (`make thresholds`), applied to the "
@@ -267,7 +268,8 @@ def write_report(
         + "\n\n## Does the claim hold here?\n\n"
         'The claim (the source design): "threshold tuning has a stronger impact than architectural changes '
         "under imbalance\". It holds when tuning the baseline's thresholds gains more macro-F1 than any other "
-        "variant gains over the baseline at 0.5 (gains paired by seed).\n\n"
+        "variant gains over the baseline at 0.5. The margin between the two is paired by seed: the claim holds "
+        "when the margin's mean exceeds its sd over the seeds, and is a tie when it lies within it.\n\n"
         + verdict(table)
         + "\n\n## Every run\n\n"
         + markdown(
@@ -277,7 +279,7 @@ def write_report(
         + (real_segmentation.__doc__ or "").split("\n\n")[0].replace("\n    ", " ")
         + "\n\n"
         + segmentation
-        + f"\n\nTotal wall time of this call: {total_s:.0f} s.\n"
+        + f"\n\nWall time of the call(s) that trained and scored these runs: {total_s:.0f} s.\n"
     )
     out.write_text(text)
 
