@@ -239,6 +239,22 @@ def test_tiny_2018_demo_end_to_end(tmp_path):
     assert 0.0 <= evaluation["cell_test"]["submission"]["map"] <= 1.0
     assert len(json.loads((cfg.model_dir / "evaluation.json").read_text())["per_class"]) == C
 
+    # the ablation grid on the same run: every row scored with 28 classes and no Negative
+    from weakcell import ablate
+
+    grid = cfg.model_copy(
+        update={
+            "ablate": cfg.ablate.model_copy(update={"rounds": 1}),
+            "refine": cfg.refine.model_copy(update={"epochs": 1}),
+        }
+    )
+    table = ablate.run(grid)
+    assert set(table["variant"]) == {row.label for row in ablate.rows(1)}
+    assert table[["cell_map", "test_cell_map"]].notna().all().all()
+    assert ((table["test_cell_map"] >= 0) & (table["test_cell_map"] <= 1)).all()
+    oracle = pd.read_parquet(next(cfg.path(cfg.paths.runs).glob(f"{cfg.name}-oracle*")) / "oof_cell.parquet")
+    assert set(prob_columns(C)) <= set(oracle.columns) and f"p_{C}" not in oracle.columns
+
 
 # -- the claim's benchmark ---------------------------------------------------------------------------------
 
