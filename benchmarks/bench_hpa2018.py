@@ -204,7 +204,7 @@ def cell_level(config: str, base: list[str]) -> list[dict[str, object]]:
             {
                 "run": label,
                 "test cell mAP": evaluation["cell_test"]["submission"]["map"],
-                "OOF cell mAP": evaluation["cell_oof"][evaluation["plotted_variant"]],
+                "OOF cell mAP": evaluation["cell_oof"][evaluation["plotted_variant"]]["map"],
                 "test F1 @0.5": evaluation["image_test"]["macro_f1_at_05"],
                 "test F1 tuned": evaluation["image_test"]["macro_f1_tuned"],
                 "OOF F1 tuned (cross-fitted)": evaluation["image_oof"]["macro_f1_tuned_cross_fitted"],

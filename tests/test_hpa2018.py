@@ -323,3 +323,23 @@ def test_claim_variants_train_round_0_under_their_own_names():
     focal = bench.variant_config(config, [], "focal", bench.variants("efficientnet_lite0")["focal"], 43)
     assert (focal.name, focal.seed, focal.train.loss) == ("hpa2018-bench-seed43-focal", 43, "focal")
     assert (focal.data_dir, focal.folds.file) == (base.data_dir, base.folds.file)
+
+
+def test_claim_report_holds_the_tables(tmp_path):
+    bench = _bench_module()
+    row = dict(oof_f1_at_05=0.1, oof_f1_tuned_cross_fitted=0.2, test_f1_at_05=0.1, test_f1_tuned=0.2)
+    row.update(oof_map=0.3, test_map=0.3, oof_classes=20, test_classes=25, train_seconds=100)
+    table = pd.DataFrame(
+        [
+            {"variant": "baseline", "seed": 42, **row},
+            {"variant": "focal", "seed": 42, **row, "oof_f1_at_05": 0.25},
+        ]
+    )
+    cells = [{"run": "oracle", "test cell mAP": 0.7291, "OOF cell mAP": 0.75}]
+    out = tmp_path / "hpa2018.md"
+    cfg = load_config(REPO / "configs" / "hpa2018-bench.yaml", [])
+    bench.write_report(table, cfg, "cmd", out, 1.0, "SEGMENTATION", cells)
+    text = out.read_text()
+    assert "| oracle | 0.729 | 0.750 |" in text and "SEGMENTATION" in text
+    assert "| focal | 0.250 | 0.200 |" in text and "| focal (seed 42) | 0.250 |" in text
+    assert "focal, +0.150" in text  # 0.25 - 0.10 at 0.5 beats tuning's 0.2 - 0.1
