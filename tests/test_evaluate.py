@@ -245,6 +245,16 @@ def test_submission_cell_map_against_truth(tmp_path):
     # every cell of an image gets the same image confidence: a tie, kept in input order, so class 1's
     # first prediction is cell 1 (FP), then cell 2 (TP): AP 1/2; class 0 ranks cell 1 first: AP 1
     assert result["image"]["ap"][:2] == pytest.approx([1.0, 0.5]) and result["image"]["map"] == 0.75
+    # rescoring one formula: only it, without decoding the CSV (the image formula's AP as above)
+    only = evaluate.submission_cell_maps(
+        cfg,
+        submission,
+        {"a": _truth_mask()}.get,
+        alternatives=("image",),
+        readings=("image",),
+        submission=False,
+    )["image"]
+    assert set(only) == {"verified", "image"} and only["image"]["map"] == 0.75
     other = _truth_mask()
     other[20:30, 25:30] = 0  # the cache's cell 2 is half of the submission's
     assert evaluate.submission_cell_map(cfg, submission, masks_of={"a": other}.get)["masks_differ"] == 1

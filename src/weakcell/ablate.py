@@ -251,16 +251,19 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
     scores: dict[str, Any] = {"infer_seconds": seconds, "inferred": str(folder)}
     if not get_dataset(cfg.data.dataset).has_truth:
         return scores
-    # the file this row wrote, or the same predictions under the row's confidence formula
-    entry = "submission" if inferred is None else "confidence"
+    # the file this row wrote, or the same predictions under the row's confidence formula (only that
+    # formula is scored: the shared inference's own CSV was scored with its row)
+    rescored = inferred is not None
+    entry = "confidence" if rescored else "submission"
     reading = cfg.evaluate.verified
     result = submission_cell_maps(
         infer_cfg,
         folder,
-        alternatives=inferred is not None,
+        alternatives=(entry,) if rescored else False,
         readings=(reading,),
         bootstrap=cfg.ablate.bootstrap,
         interval_of=entry,
+        submission=not rescored,
     )[reading][entry]
     scores["test_cell_map"] = result["map"]
     if "interval" in result:

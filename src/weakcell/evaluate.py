@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,18 +240,20 @@ def submission_cell_maps(
     cfg: Config,
     folder: str | os.PathLike[str] | None = None,
     masks_of: Callable[[str], np.ndarray] | None = None,
-    alternatives: bool = True,
+    alternatives: bool | Collection[str] = True,
     readings: tuple[Verified, ...] = READINGS,
     bootstrap: int = 0,
     interval_of: str = "submission",
+    submission: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
-    synthetic truth of its images under each of ``readings``; with ``alternatives`` (and
-    ``pred_cell.parquet`` beside it) also every ``ALTERNATIVES`` confidence on the cache's masks
-    (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and overlapped once,
-    then scored under every reading. Returns ``{reading: {"verified", "submission": {...},
-    <alternative>: {...}, "masks_differ"}}``; ``bootstrap`` > 0 adds the 95% interval over that many
-    resamples of the images to the ``interval_of`` entry."""
+    synthetic truth of its images under each of ``readings``; with ``alternatives`` (True: every one of
+    ``ALTERNATIVES``, or their names; ``pred_cell.parquet`` beside the CSV) also those confidences on the
+    cache's masks (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and
+    overlapped once, then scored under every reading. Returns ``{reading: {"verified", "submission":
+    {...}, <alternative>: {...}, "masks_differ"}}``; ``bootstrap`` > 0 adds the 95% interval over that
+    many resamples of the images to the ``interval_of`` entry. ``submission=False`` leaves the CSV's
+    masks undecoded (rescoring another formula over the same predictions needs only the alternatives)."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
@@ -265,19 +267,21 @@ def submission_cell_maps(
     image_ids = read_submission(csv_path)["ID"].tolist()
     true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids, spec)
     truth = truth_by_image(true_masks, true_labels, n)
-    found = {"submission": submission_detections(csv_path, truth)}
+    found = {"submission": submission_detections(csv_path, truth)} if submission else {}
     extra: dict[str, Any] = {}
     cells_path = folder / "pred_cell.parquet"
-    if alternatives and cells_path.is_file():
+    names = list(ALTERNATIVES) if alternatives is True else list(alternatives or ())
+    if names and cells_path.is_file():
         cells = pd.read_parquet(cells_path)
         lookup = masks_of if masks_of is not None else _cache_masks(cfg)
         cache_masks = {i: np.asarray(lookup(i)) for i in cells["image_id"].unique()}
-        extra["masks_differ"] = masks_differ(csv_path, cache_masks)
+        if submission:
+            extra["masks_differ"] = masks_differ(csv_path, cache_masks)
         cell = cells[prob_columns(n)].to_numpy(np.float64)
         image = cells[prob_columns(n, "image_")].to_numpy(np.float64)
         keys = cells[["image_id", "cell_id"]].reset_index(drop=True)
-        for name, combine in ALTERNATIVES.items():
-            combined = combine(cell, image, keys["image_id"].to_numpy(), cfg.infer)
+        for name in names:
+            combined = ALTERNATIVES[name](cell, image, keys["image_id"].to_numpy(), cfg.infer)
             scores = keys.assign(**dict(zip(prob_columns(n), combined.T)))
             found[name] = label_detections(cache_masks, scores, truth, n)
     return {
@@ -299,7 +303,7 @@ def submission_cell_map(
     cfg: Config,
     folder: str | os.PathLike[str] | None = None,
     masks_of: Callable[[str], np.ndarray] | None = None,
-    alternatives: bool = True,
+    alternatives: bool | Collection[str] = True,
     verified: Verified | None = None,
 ) -> dict[str, Any]:
     """``submission_cell_maps`` under one reading (default ``evaluate.verified``)."""
