@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from weakcell import ablate
 from weakcell import evaluate as evaluate_stage
 from weakcell import folds as folds_stage
 from weakcell import infer as infer_stage
@@ -263,25 +264,21 @@ def verdict(table: pd.DataFrame) -> str:
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± sd over the seeds per variant (variants in the bench's order)."""
-    order = list(dict.fromkeys(table["variant"]))
-    grouped = table.groupby("variant", sort=False)
-    rows = {}
-    for name in order:
-        group = grouped.get_group(name)
-        cells = {}
-        for column, label in SCORES.items():
-            values = group[column].dropna().to_numpy(dtype=float)
-            if not len(values):
-                cells[label] = "-"
-            elif len(values) == 1:
-                cells[label] = f"{values[0]:.3f}"
-            else:
-                cells[label] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
-        cells["seeds"] = str(len(group))
-        cells["train s (median)"] = f"{group['train_seconds'].median():.0f}"
-        rows[name] = cells
-    return pd.DataFrame.from_dict(rows, orient="index")
+    """Mean ± sd over the seeds per variant, in the bench's order (``ablate.across_seeds``, shown as the
+    leaderboard shows it), with the median training time."""
+    stats = ablate.across_seeds(table).set_index("variant")
+    frame = pd.DataFrame(
+        {
+            label: [ablate.mean_sd_text(row, column) for _, row in stats.iterrows()]
+            for column, label in SCORES.items()
+        },
+        index=stats.index,
+    )
+    frame["seeds"] = stats["seeds"].astype(str)
+    frame["train s (median)"] = (
+        table.groupby("variant", sort=False)["train_seconds"].median().map("{:.0f}".format)
+    )
+    return frame
 
 
 def markdown(frame: pd.DataFrame, index: str) -> str:

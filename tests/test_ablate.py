@@ -203,8 +203,8 @@ def test_rows_across_seeds_are_mean_and_sd_with_the_mean_interval():
     assert summary.loc["a", "test_cell_map_sd"] == pytest.approx(0.1)
     assert summary.loc["a", "test_ci"] == pytest.approx(0.05 / 3)
     assert summary.loc["b", "test_cell_map_sd"] == pytest.approx(0.0) and summary.loc["b", "seeds"] == 3
-    assert ablate._cell(summary.loc["a"], "test_cell_map") == "0.600 ± 0.100"
-    assert ablate._cell(summary.loc["a"], "test_ci") == "±0.017"
+    assert ablate.mean_sd_text(summary.loc["a"], "test_cell_map") == "0.600 ± 0.100"
+    assert ablate.mean_sd_text(summary.loc["a"], "test_ci") == "±0.017"
 
 
 def test_targets_are_judged_on_the_test_split_against_the_seed_spread():

@@ -414,7 +414,8 @@ COLUMNS = {
 }
 
 
-def _cell(summary_row: pd.Series, column: str) -> str:
+def mean_sd_text(summary_row: pd.Series, column: str) -> str:
+    """A summary line's ``column`` as the leaderboard shows it: ``mean ± sd`` (the mean alone with one seed)."""
     value = summary_row.get(column)
     if value is None or pd.isna(value):
         return "-"
@@ -430,7 +431,7 @@ def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
     shown = [c for c in COLUMNS if c in summary]
     header = "| " + " | ".join(COLUMNS[c] for c in shown) + " |\n|" + "---|" * len(shown) + "\n"
     lines = [
-        "| " + " | ".join(row["variant"] if c == "variant" else _cell(row, c) for c in shown) + " |"
+        "| " + " | ".join(row["variant"] if c == "variant" else mean_sd_text(row, c) for c in shown) + " |"
         for _, row in summary.iterrows()
     ]
     target_lines = [
