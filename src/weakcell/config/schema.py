@@ -1,31 +1,24 @@
-"""One typed config for every stage: YAML files in ``configs/``, a pydantic schema here, ``key=value``
-overrides on the command line. Unknown or mistyped keys fail with their name and the closest valid keys.
+"""The config's schema: one pydantic section per stage and ``Config``, the whole pipeline's settings.
 
-A YAML file may start with ``base: other.yaml`` (relative to itself) and then only say what changes.
+Over 400 lines on purpose: it is one declarative list of fields (name, default, bounds, description), one
+class per config section, read top to bottom like the YAML files; splitting it by section would scatter one
+schema over many files without separating any logic. Loading and overrides live in
+``weakcell.config.loading``, which settings invalidate which output in ``weakcell.config.lineage``.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from weakcell.constants import CellScore
-from weakcell.errors import WeakcellError
 
 # A symmetry of the square applied to a crop (``cache.loader.apply_symmetries``): bit 0 flips left-right,
 # bit 1 up-down, bit 2 transposes; there are 8.
 TtaCode = Literal[0, 1, 2, 3, 4, 5, 6, 7]
-
-
-class ConfigError(WeakcellError, ValueError):
-    """A config file or override that does not fit the schema; the message says which key and why."""
 
 
 class Section(BaseModel):
@@ -796,223 +789,3 @@ class Config(Section):
     @property
     def folds_file(self) -> Path:
         return self.path(self.folds.file or Path(self.paths.folds) / f"{self.data.dataset}.csv")
-
-
-# -- loading ------------------------------------------------------------------------------------------
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a config file, following ``base:`` links (each relative to the file that names it)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
-    if path.resolve() in seen:
-        raise ConfigError(f"config {path} names itself as a base (chain: {' -> '.join(map(str, seen))})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    return _deep_merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _section_at(keys: list[str]) -> type[BaseModel] | None:
-    """The schema class reached by following ``keys`` from the root, or None past a leaf."""
-    model: type[BaseModel] = Config
-    for key in keys:
-        field = model.model_fields.get(key)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. ``synthetic.n_train``."""
-    keys = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(all_keys(annotation, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _unknown_key_message(dotted: str) -> str:
-    keys = all_keys()
-    sections = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
-    close = difflib.get_close_matches(dotted, keys + sections, n=3, cutoff=0.6)
-    if not close:  # a wrong section name: suggest by the last part alone
-        leaf = dotted.rsplit(".", 1)[-1]
-        close = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
-    hint = f"; did you mean {' or '.join(repr(k) for k in close[:3])}?" if close else ""
-    return f"unknown config key {dotted!r}{hint} (list every key with `weakcell keys`)"
-
-
-def _check_keys(raw: dict[str, Any], prefix: list[str]) -> None:
-    model = _section_at(prefix)
-    if model is None:
-        return
-    for key, value in raw.items():
-        dotted = [*prefix, str(key)]
-        if key not in model.model_fields:
-            raise ConfigError(_unknown_key_message(".".join(dotted)))
-        if isinstance(value, dict):
-            _check_keys(value, dotted)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.epochs=3", "data.dataset=hpa2021"]`` -> nested dict; values are parsed as YAML scalars
-    or lists (``3`` is an int, ``[64,128]`` a list, ``null`` None); nothing is ever evaluated."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. synthetic.n_train=100)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        parts = key.strip().split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node[parts[-1]] = value
-    return nested
-
-
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the defaults), apply ``overrides`` and validate against the schema."""
-    raw = _read_yaml(Path(path)) if path else {}
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
-    _check_keys(raw, [])
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
-        ]
-        source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{source}: " + "; ".join(problems)) from None
-
-
-def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
-    """Write the resolved config as ``folder/config.yaml`` (every output folder gets one)."""
-    target = Path(folder) / "config.yaml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
-    return target
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# -- which settings invalidate which finished outputs -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The settings a finished output is computed from: dotted keys starting with one of ``include`` and
-    none of ``exclude`` (settings that change where or how fast it is made, not what it holds)."""
-
-    include: tuple[str, ...] = ("",)
-    exclude: tuple[str, ...] = ()
-
-    def changed(self, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-        """``key: old -> new`` for each of these settings whose value differs between two nested config
-        dicts (``Config.model_dump(mode="json")`` shape), sorted by key."""
-        old, new = _flatten(saved), _flatten(current)
-        keys = sorted(
-            key
-            for key in set(old) | set(new)
-            if key.startswith(self.include)
-            and not key.startswith(self.exclude)
-            and old.get(key) != new.get(key)
-        )
-        return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
-
-
-# Settings that change where or how fast something is made, never what it holds: no output depends on them.
-_RUNTIME = (
-    "synthetic.workers",
-    "cache.workers",
-    "segment.cellpose.device",
-    "segment.cellpose.batch_size",
-    "segment.sam.device",
-    "segment.sam.box_batch_size",
-    "train.device",
-    "train.workers",
-    "train.compile",
-)
-# What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not, and
-# ``train.folds`` only says which folds this call trains.
-_ROUND_ZERO = (
-    "seed",
-    "data.",
-    "synthetic.",
-    "folds.",
-    "segment.",
-    "cache.crop_size",
-    "model.",
-    "mil.",
-    "train.",
-)
-
-# The one table of which settings invalidate which finished output. A stage reuses an output only while
-# none of its inputs changed (``changed_settings``), else it refuses and names FORCE=1 or another name.
-Output = Literal["synthetic", "cache", "checkpoint", "run", "refine", "model"]
-OUTPUT_INPUTS: dict[Output, Inputs] = {
-    # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
-    "synthetic": Inputs(("synthetic.",), _RUNTIME),
-    # the cell-crop cache (weakcell.cache.build): which images, their masks and the crop size
-    "cache": Inputs(("data.", "segment.", "cache.crop_size"), _RUNTIME),
-    # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine
-    "checkpoint": Inputs(("train.",), _RUNTIME),
-    # round 0 of a run, ``runs/<name>/`` (weakcell.train)
-    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds")),
-    # a refinement round (weakcell.refine): round 0's inputs plus the rule and the thresholds it reads;
-    # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
-    "refine": Inputs((*_ROUND_ZERO, "refine.", "thresholds."), (*_RUNTIME, "train.folds", "refine.rounds")),
-    # the networks inference builds to load a run's weights into (weakcell.infer)
-    "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
-}
-
-
-def changed_settings(folder: str | os.PathLike[str], cfg: Config, inputs: Inputs = Inputs()) -> list[str]:
-    """The ``inputs`` (default: every setting) whose value in the config saved in ``folder/config.yaml``
-    differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved.
-
-    A key the saved config lacks was added to the schema later: the run had its default (a new setting's
-    default keeps the old behaviour), so finished runs stay reusable when the code grows a setting."""
-    saved_path = Path(folder) / "config.yaml"
-    if not saved_path.is_file():
-        return []
-    saved = _deep_merge(Config().model_dump(mode="json"), yaml.safe_load(saved_path.read_text()) or {})
-    return inputs.changed(saved, cfg.model_dump(mode="json"))
