@@ -37,7 +37,7 @@ from weakcell.config import InferConfig, load_config
 from weakcell.constants import prob_columns
 from weakcell.evaluate import read_cell_truth, read_round, submission_dir
 from weakcell.scoring import cell_confidence, cell_scores
-from weakcell.train import load_training_set
+from weakcell.training_set import load_training_set
 
 POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 BEST_CELL = (0.0, 0.25, 0.5, 1.0)

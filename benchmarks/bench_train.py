@@ -137,8 +137,8 @@ def _training_parts(overrides: list[str], cache_dir: Path | None = None):
     from weakcell.data.datasets import get_dataset
     from weakcell.data.labels import read_label_file, to_multi_hot
     from weakcell.engine import _prepare, make_optimizer, resolve_runtime
+    from weakcell.labelled_crops import LabelledCrops
     from weakcell.models import create_model
-    from weakcell.train import LabelledCrops
 
     cfg = load_config(CONFIG, overrides)
     spec = get_dataset(cfg.data.dataset)
@@ -410,7 +410,7 @@ def report(parts: dict[str, dict]) -> str:
             "",
             f"`{part['command']}` ({part['date']}). {part['steps']} steps x {part['repeats']} repeats per variant "
             f"after 2 warm-up steps ({part['config']}), AdamW. *with loader*: the engine's DataLoader "
-            "(`EpochBatches`, `train.workers=0`) over `train.LabelledCrops` (memmap read + symmetries + intensity "
+            "(`EpochBatches`, `train.workers=0`) over `labelled_crops.LabelledCrops` (memmap read + symmetries + intensity "
             "jitter) then the step; *model only*: the same batches, already in memory, again; *loader alone*: "
             "batch size / load time. Loader share = load time / step time (target < 10%).",
             "",

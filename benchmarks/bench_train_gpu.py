@@ -6,7 +6,7 @@ ResNet-50, 128 px crops, bf16 autocast, channels_last, batch 256, AdamW, the eng
 Three numbers in cells/s, medians of ``--repeats``:
 
 * model only: forward/backward/optimizer step on batches already on the GPU;
-* loader only: the engine's DataLoader over ``train.LabelledCrops`` (random crops in a fake memmap cache in
+* loader only: the engine's DataLoader over ``labelled_crops.LabelledCrops`` (random crops in a fake memmap cache in
   the real format, symmetries + intensity jitter, ``--workers`` worker processes, pinned memory);
 * with loader: both, as ``fit`` runs them.
 
@@ -71,8 +71,8 @@ def main() -> int:
     from weakcell.cache.store import CellCache
     from weakcell.config import load_config
     from weakcell.engine import EpochBatches, _loader, _prepare, make_optimizer, resolve_runtime, to_device
+    from weakcell.labelled_crops import LabelledCrops
     from weakcell.models import create_model
-    from weakcell.train import LabelledCrops
 
     overrides = [*COMPETITION, f"train.workers={args.workers}", f"train.compile={str(args.compile).lower()}"]
     if args.smoke_cpu:  # tiny and on the CPU: checks the code path, measures nothing

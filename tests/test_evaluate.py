@@ -78,7 +78,7 @@ def _write_round(folder, thresholds: np.ndarray | None) -> list[str]:
 
 
 def test_evaluate_round_on_a_fake_run_folder(tmp_path):
-    from weakcell.train import TrainingSet
+    from weakcell.training_set import TrainingSet
 
     cfg = load_config(
         None, [f"paths.root={tmp_path}", "data.dataset=hpa2021", "name=fake", "refine.rounds=0"]

@@ -489,7 +489,7 @@ def test_submit_checks_the_published_set_and_the_sample(tiny_run, tmp_path, caps
 
 
 def test_missing_images_are_counted_by_reason():
-    from weakcell.train import missing_images
+    from weakcell.training_set import missing_images
 
     images = pd.DataFrame(
         {

@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import TINY  # noqa: F401  (re-exported: other test modules import it from here)
 from weakcell import train as train_stage
 from weakcell.cell_truth import label_iou, match_cells
+from weakcell.labelled_crops import balanced_sample_weights, class_pos_weight
+from weakcell.training_set import load_training_set
 
 
 def test_oof_covers_every_image_once(tiny_run):
@@ -56,8 +58,8 @@ def test_rerun_skips_finished_folds(tiny_run, capsys):
 def test_oracle_targets_come_from_truth(tiny_run):
     cfg, _ = tiny_run
     oracle = cfg.model_copy(update={"train": cfg.train.model_copy(update={"targets": "truth"})})
-    data = train_stage.load_training_set(oracle)
-    weak = train_stage.load_training_set(cfg)
+    data = load_training_set(oracle)
+    weak = load_training_set(cfg)
     rows = data.cells.index
     # inherited targets are a superset of the truth for matched cells, and differ somewhere
     assert (data.cell_targets[rows] <= weak.cell_targets[rows] + (np.arange(19) == 18)).all()
@@ -81,9 +83,9 @@ def test_rare_classes_weigh_more():
     targets = np.zeros((100, 3), np.float32)
     targets[:90, 0] = 1  # common
     targets[90:, 1] = 1  # rare
-    pos_weight = train_stage.class_pos_weight(targets)
+    pos_weight = class_pos_weight(targets)
     assert pos_weight[2] >= pos_weight[1] > pos_weight[0] >= 1.0  # rarer (or absent) weighs more
-    weights = train_stage.balanced_sample_weights(targets)
+    weights = balanced_sample_weights(targets)
     assert weights[95] > weights[0]
     # drawn in proportion: the rare tenth of the cells gets about half of the draws
     from weakcell.engine import epoch_order

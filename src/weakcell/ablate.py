@@ -42,7 +42,7 @@ from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
 from weakcell.scoring import cell_scores, max_pool_images
-from weakcell.train import TrainingSet, load_training_set
+from weakcell.training_set import TrainingSet, load_training_set
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
 

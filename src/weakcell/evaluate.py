@@ -63,7 +63,7 @@ from weakcell.submission import mask_pixels
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
 if TYPE_CHECKING:  # train imports torch: loaded only when a stage needs the training set
-    from weakcell.train import TrainingSet
+    from weakcell.training_set import TrainingSet
 
 # The OOF cell score shown per class in the plots and table: the confidence inference submits.
 PLOTTED_VARIANT = "confidence"
@@ -358,7 +358,7 @@ def evaluate_round(
     folder = Path(round_dir) if round_dir is not None else cfg.round_dir(evaluated_round(cfg))
     oof_image, oof_cell, thresholds = read_round(folder)
     if data is None:
-        from weakcell.train import load_training_set
+        from weakcell.training_set import load_training_set
 
         data = load_training_set(cfg)
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
@@ -603,7 +603,7 @@ def write_report(
 
 def run(cfg: Config) -> dict[str, Any]:
     """Score the evaluated round, write ``evaluation.json`` and the report, print a summary."""
-    from weakcell.train import load_training_set
+    from weakcell.training_set import load_training_set
 
     start = time.perf_counter()
     round_ = evaluated_round(cfg)

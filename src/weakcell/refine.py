@@ -37,22 +37,15 @@ import pandas as pd
 from weakcell.config import OUTPUT_INPUTS, Config, RefineConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
+from weakcell.distributed import is_main_process
 from weakcell.errors import StageError
-from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.fold_model import FoldModel, fold_seconds, train_model
+from weakcell.outputs import atomic_write, folder_lock, writing
+from weakcell.round_report import record_round
 from weakcell.scoring import cell_scores, image_best
 from weakcell.thresholds import tune_thresholds
-from weakcell.train import (
-    FoldModel,
-    TrainingSet,
-    check_missing,
-    fold_seconds,
-    is_main_process,
-    load_training_set,
-    run_record,
-    train_model,
-    train_round,
-    true_cell_targets,
-)
+from weakcell.train import train_round
+from weakcell.training_set import TrainingSet, open_training_set
 
 
 def pseudo_labels(
@@ -260,9 +253,7 @@ def inner_config(cfg: Config, round_: int) -> Config:
 
 
 def _refine(cfg: Config) -> list[dict[str, float]]:
-    data = load_training_set(cfg)
-    if data.missing is not None:
-        check_missing(cfg, data.missing, "refine")
+    data = open_training_set(cfg, "refine")
     all_folds = sorted(data.images["fold"].unique().tolist())
     outer_folds = cfg.train.folds if cfg.train.folds is not None else all_folds
     reads_scores = not cfg.refine.keeps_inherited
@@ -271,11 +262,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             f"refinement needs at least 3 folds to label each fold's training cells with models that never "
             f"saw that fold (nested); {cfg.folds_file} has {len(all_folds)}: make folds with folds.n_splits>=3"
         )
-    truth = (
-        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes, data.spec.negative)
-        if data.truth is not None and data.matches is not None
-        else None
-    )
+    truth = data.true_targets()
     if not (cfg.run_dir / "oof_cell.parquet").is_file():
         raise FileNotFoundError(f"no out-of-fold predictions in {cfg.run_dir}; run make train first")
     previous: dict[int, FoldTargets] = {}  # round r-1's targets of each outer fold (round 0: inherited)
@@ -300,12 +287,10 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
         inner_dirs = (cfg.round_dir(round_ - 1) / "inner").glob("fold*") if reads_scores else []
         inner_seconds = sum(fold_seconds(folder) for folder in inner_dirs)
         stats = round_stats(round_, data, current, truth)
+        record_round(this_round, data, out_dir)
         if is_main_process():
-            with writing(out_dir / "config.yaml"):
-                save_config(this_round, out_dir)
             table = pd.concat([t.table.assign(model_fold=k) for k, t in current.items()], ignore_index=True)
             atomic_write(out_dir / "pseudo_labels.parquet", partial(table.to_parquet, index=False))
-            atomic_write_text(out_dir / "run.json", json.dumps(run_record(this_round, data), indent=2))
         init_dir = cfg.round_dir(round_ - 1) if cfg.refine.init == "previous" else None
         per_fold = {k: t.applied(data) for k, t in current.items()}
         metrics = train_round(this_round, data, out_dir, init_dir, fold_data=per_fold.__getitem__)
