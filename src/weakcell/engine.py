@@ -45,7 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -537,24 +537,129 @@ def fit(
     """
     out_dir = Path(out_dir)
     runtime = resolve_runtime(cfg)
-    world = runtime.world
     last_path, weights_path = out_dir / "last.pt", out_dir / "model.pt"
-
     state = None
     if last_path.exists() and not force:
         state = load_checkpoint(last_path)
-        _check_resumable(state, last_path, cfg, seed, world)
+        _check_resumable(state, last_path, cfg, seed, runtime.world)
         if state["epoch"] >= cfg.epochs and weights_path.exists():
-            if world.is_main:
+            if runtime.world.is_main:
                 print(f"fit: {out_dir} is finished ({cfg.epochs} epochs), skipping (force to redo)")
             return FitResult(weights_path, state["history"], skipped=True)
-    if world.is_main:
+    if runtime.world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # -- data: the epoch's global batches, cut into this process's micro-batches
+    run = _set_up(model, train_data, val_data, cfg, runtime, seed, collate, config, last_path)
+    _start_or_resume(run, state)
+    validation = _Validation(val_data, evaluate, batch_keys, collate)
+    global_step = run.start_epoch * run.steps_per_epoch + run.done_steps
+    step = _Progress(
+        global_step, cosine_lr(max(global_step - 1, 0), run.total_steps, run.warmup_steps, cfg.lr)
+    )
+    started = last_plot = time.perf_counter()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        epoch_started, train_seconds = _train_epoch(run, epoch, step, on_step)
+        row = _end_epoch(run, epoch, step, validation, epoch_started, train_seconds)
+        last_plot = _log_epoch(run, row, epoch, last_plot)
+    return _finish(run, weights_path, started, resumed=state is not None)
+
+
+@dataclass
+class _Fit:
+    """Everything the steps of one ``fit`` share: what trains, on which batches, and where it stands.
+
+    ``loss_sum``, ``history``, ``done_steps`` and ``epoch_seconds`` are the resumable position (last.pt)."""
+
+    cfg: TrainConfig
+    runtime: Runtime
+    seed: int
+    config: Mapping[str, Any] | None
+    last_path: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    sampler: EpochBatches
+    loader: DataLoader
+    val_plan: tuple[list[list[int]], DataLoader] | None  # one loader over the val set for every epoch
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    loss_sum: torch.Tensor  # sum of micro-batch mean losses, this process, on the device
+    trained: Callable[[Batch], dict[str, torch.Tensor]]  # what the training forward calls
+    ddp: DistributedDataParallel | None = None
+    start_epoch: int = 0
+    done_steps: int = 0  # optimizer steps of the current epoch done before a resume
+    epoch_seconds: float = 0.0  # time spent on the current epoch before a resume
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def world(self) -> World:
+        return self.runtime.world
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validation and ``model.pt`` use: the EMA copy when on."""
+        return self.ema.module if self.ema else self.model
+
+    def save(self, epoch: int, done_steps: int, seconds: float) -> None:
+        """Write last.pt; a collective (every process sends its RNG state), rank 0 writes."""
+        processes = all_gather({"rng": _rng_state(), "loss_sum": self.loss_sum.detach().cpu()}, self.world)
+        if not self.world.is_main:
+            return
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "epoch": epoch,
+            "step_in_epoch": done_steps,
+            "epoch_seconds": seconds,
+            "history": self.history,
+            "processes": processes,
+            "data_seed": self.seed,
+            "world_size": self.world.size,
+            "train": self.cfg.model_dump(mode="json"),
+            "config": dict(self.config) if self.config is not None else None,
+        }
+        atomic_save(payload, self.last_path)
+
+
+@dataclass
+class _Progress:
+    """Where the optimizer stands: its global step and the last learning rate it used."""
+
+    global_step: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class _Validation:
+    """What validating after an epoch needs: the data, the scorer and the batch entries it reads."""
+
+    data: Dataset | None
+    evaluate: Evaluate | None
+    batch_keys: Sequence[str]
+    collate: Collate | None
+
+
+def _set_up(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    seed: int,
+    collate: Collate | None,
+    config: Mapping[str, Any] | None,
+    last_path: Path,
+) -> _Fit:
+    """The epoch's global batches cut into this process's micro-batches, the model on its device, the
+    optimizer, the loss scaler (fp16 only: bf16 has fp32's exponent range) and the EMA copy."""
     # A dataset may carry ``sample_weights`` (one per sample) to be drawn in proportion to them.
     weights = getattr(train_data, "sample_weights", None)
-    sampler = EpochBatches(_size(train_data), cfg.batch_size, cfg.grad_accum, world, seed, weights)
+    sampler = EpochBatches(_size(train_data), cfg.batch_size, cfg.grad_accum, runtime.world, seed, weights)
     steps_per_epoch = sampler.steps
     if steps_per_epoch == 0:
         raise StageError(
@@ -562,158 +667,191 @@ def fit(
         )
     loader = _loader(train_data, sampler, collate, cfg, runtime, seed)
     val_plan = _prediction_plan(val_data, runtime, cfg, collate) if val_data is not None else None
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-
-    # -- model, optimizer, loss scaler (fp16 only: bf16 has fp32's exponent range), EMA
     model = _prepare(model, runtime)
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     ema = ModelEma(model, cfg.ema) if cfg.ema else None
+    return _Fit(
+        cfg=cfg,
+        runtime=runtime,
+        seed=seed,
+        config=config,
+        last_path=last_path,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        ema=ema,
+        sampler=sampler,
+        loader=loader,
+        val_plan=val_plan,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        loss_sum=torch.zeros((), device=runtime.device),
+        trained=model,  # compiled or wrapped for DDP once the weights are in place (_start_or_resume)
+    )
 
-    start_epoch, done_steps, history = 0, 0, []
-    loss_sum = torch.zeros((), device=runtime.device)  # sum of micro-batch mean losses, this process
-    epoch_seconds = 0.0  # time spent on the current epoch before a resume
+
+def _start_or_resume(run: _Fit, state: dict[str, Any] | None) -> None:
+    """Seed a fresh run, or restore a checkpoint's weights, optimizer, position and RNG states exactly;
+    then wrap the model for the training forward (compiled on CUDA when asked, DDP under torchrun)."""
+    world = run.world
     if state is None:
-        _seed_everything(seed + world.rank)
+        _seed_everything(run.seed + world.rank)
     else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, done_steps, history = state["epoch"], state["step_in_epoch"], state["history"]
-        epoch_seconds = state["epoch_seconds"]
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        if run.ema is not None:
+            run.ema.module.load_state_dict(state["ema"])
+        run.start_epoch, run.done_steps, run.history = (
+            state["epoch"],
+            state["step_in_epoch"],
+            state["history"],
+        )
+        run.epoch_seconds = state["epoch_seconds"]
         mine = state["processes"][world.rank]
-        loss_sum += mine["loss_sum"].to(runtime.device)
+        run.loss_sum += mine["loss_sum"].to(run.runtime.device)
         _set_rng_state(mine["rng"])
         if world.is_main:
-            print(f"fit: resuming {out_dir} at epoch {start_epoch + 1}, step {done_steps}/{steps_per_epoch}")
-
-    trained: Callable[[Batch], dict[str, torch.Tensor]] = model  # what the training forward calls
-    if cfg.compile and runtime.device.type == "cuda":
-        trained = torch.compile(model)
-    ddp = None
+            print(
+                f"fit: resuming {run.last_path.parent} at epoch {run.start_epoch + 1}, "
+                f"step {run.done_steps}/{run.steps_per_epoch}"
+            )
+    if run.cfg.compile and run.runtime.device.type == "cuda":
+        run.trained = torch.compile(run.model)
     if world.size > 1:
-        trained = ddp = DistributedDataParallel(
-            trained, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        device_ids = [run.runtime.device.index] if run.runtime.device.type == "cuda" else None
+        run.trained = run.ddp = DistributedDataParallel(run.trained, device_ids=device_ids)
+
+
+def _train_epoch(
+    run: _Fit, epoch: int, step: _Progress, on_step: Callable[[int], None] | None
+) -> tuple[float, float]:
+    """The optimizer steps of epoch ``epoch`` from ``run.done_steps`` on (a resume skips the steps done),
+    checkpointing every ``cfg.checkpoint_every`` steps. Returns when the epoch's batches started
+    (``perf_counter``) and the epoch's training seconds (with the time before a resume)."""
+    cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
+    model.train()
+    run.sampler.set_epoch(epoch, start_step=run.done_steps)
+    micro_batches = iter(run.loader)
+    epoch_started = time.perf_counter()
+    progress = tqdm(
+        total=run.steps_per_epoch,
+        initial=run.done_steps,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not run.world.is_main or not sys.stderr.isatty(),
+    )
+    for step_in_epoch in range(run.done_steps, run.steps_per_epoch):
+        step.lr = cosine_lr(step.global_step, run.total_steps, run.warmup_steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = step.lr
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(micro_batches), run.runtime)
+            # DDP all-reduces gradients only on the step's last micro-batch
+            last_micro = micro == cfg.grad_accum - 1
+            with run.ddp.no_sync() if run.ddp is not None and not last_micro else nullcontext():
+                with run.runtime.autocast():
+                    loss = run.trained(batch)["loss"]
+                # loss is a batch mean: / grad_accum makes the sum of micro-steps the global-batch mean
+                scaler.scale(loss / cfg.grad_accum).backward()
+            run.loss_sum += loss.detach().float()  # stays on the device: no sync per step
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(model, step.global_step)
+        step.global_step += 1
+        progress.update()
+        if not progress.disable and step.global_step % POSTFIX_EVERY == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")  # a CPU-GPU sync point
+        if (
+            cfg.checkpoint_every
+            and step.global_step % cfg.checkpoint_every == 0
+            and step_in_epoch + 1 < run.steps_per_epoch
+        ):
+            run.save(epoch, step_in_epoch + 1, run.epoch_seconds + time.perf_counter() - epoch_started)
+        if on_step is not None:
+            on_step(step.global_step)
+    progress.close()
+    return epoch_started, run.epoch_seconds + time.perf_counter() - epoch_started
+
+
+def _end_epoch(
+    run: _Fit,
+    epoch: int,
+    step: _Progress,
+    validation: _Validation,
+    epoch_started: float,
+    train_seconds: float,
+) -> dict[str, float]:
+    """Reduce the train loss over processes, validate, append the epoch's row to the history and
+    checkpoint the epoch's end; the row."""
+    cfg = run.cfg
+    micro_steps = run.steps_per_epoch * cfg.grad_accum * run.world.size
+    train_loss = all_reduce_sum(run.loss_sum.clone(), run.world).item() / micro_steps
+    row: dict[str, float] = {
+        "epoch": epoch + 1,
+        "step": step.global_step,
+        "lr": step.lr,
+        "train_loss": train_loss,
+    }
+    if validation.data is not None:
+        outputs = _predict(
+            run.evaluated,
+            validation.data,
+            run.runtime,
+            cfg,
+            validation.collate,
+            validation.batch_keys,
+            run.val_plan,
         )
+        if "loss" in outputs:
+            row["val_loss"] = float(outputs["loss"])
+        if validation.evaluate is not None:
+            row.update({name: float(value) for name, value in validation.evaluate(outputs).items()})
+    row["seconds"] = round(run.epoch_seconds + time.perf_counter() - epoch_started, 3)  # with validation
+    # training alone: validation is not in samples_per_s
+    row["samples_per_s"] = round(run.steps_per_epoch * cfg.batch_size / max(train_seconds, 1e-9), 1)
+    run.history.append(row)
+    run.loss_sum.zero_()
+    run.done_steps, run.epoch_seconds = 0, 0.0
+    run.save(epoch + 1, 0, 0.0)
+    return row
 
-    def save(epoch: int, done_steps: int, seconds: float) -> None:
-        """Write last.pt; a collective (every process sends its RNG state), rank 0 writes."""
-        processes = all_gather({"rng": _rng_state(), "loss_sum": loss_sum.detach().cpu()}, world)
-        if not world.is_main:
-            return
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.module.state_dict() if ema else None,
-            "epoch": epoch,
-            "step_in_epoch": done_steps,
-            "epoch_seconds": seconds,
-            "history": history,
-            "processes": processes,
-            "data_seed": seed,
-            "world_size": world.size,
-            "train": cfg.model_dump(mode="json"),
-            "config": dict(config) if config is not None else None,
-        }
-        atomic_save(payload, last_path)
 
-    global_step = start_epoch * steps_per_epoch + done_steps
-    lr = cosine_lr(max(global_step - 1, 0), total_steps, warmup_steps, cfg.lr)
-    started = last_plot = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        sampler.set_epoch(epoch, start_step=done_steps)
-        micro_batches = iter(loader)
-        epoch_started = time.perf_counter()
-        progress = tqdm(
-            total=steps_per_epoch,
-            initial=done_steps,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not world.is_main or not sys.stderr.isatty(),
-        )
-        for step in range(done_steps, steps_per_epoch):
-            lr = cosine_lr(global_step, total_steps, warmup_steps, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.grad_accum):
-                batch = to_device(next(micro_batches), runtime)
-                # DDP all-reduces gradients only on the step's last micro-batch
-                last_micro = micro == cfg.grad_accum - 1
-                with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
-                    with runtime.autocast():
-                        loss = trained(batch)["loss"]
-                    # loss is a batch mean: / grad_accum makes the sum of micro-steps the global-batch mean
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()  # stays on the device: no sync per step
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model, global_step)
-            global_step += 1
-            progress.update()
-            if not progress.disable and global_step % POSTFIX_EVERY == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}")  # a CPU-GPU sync point
-            if (
-                cfg.checkpoint_every
-                and global_step % cfg.checkpoint_every == 0
-                and step + 1 < steps_per_epoch
-            ):
-                save(epoch, step + 1, epoch_seconds + time.perf_counter() - epoch_started)
-            if on_step is not None:
-                on_step(global_step)
-        progress.close()
-        train_seconds = epoch_seconds + time.perf_counter() - epoch_started
+def _log_epoch(run: _Fit, row: dict[str, float], epoch: int, last_plot: float) -> float:
+    """Rewrite ``epochs.csv``, redraw ``curves.png`` (at most every ``PLOT_EVERY_S`` and after the last
+    epoch) and log the row (rank 0); when the curves were last drawn."""
+    if not run.world.is_main:
+        return last_plot
+    out_dir = run.last_path.parent
+    write_epoch_log(run.history, out_dir)
+    if epoch + 1 == run.cfg.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_S:
+        plot_curves(run.history, out_dir)
+        last_plot = time.perf_counter()
+    log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return last_plot
 
-        # -- epoch end: reduce the train loss over processes, validate, log, checkpoint
-        micro_steps = steps_per_epoch * cfg.grad_accum * world.size
-        train_loss = all_reduce_sum(loss_sum.clone(), world).item() / micro_steps
-        row: dict[str, float] = {"epoch": epoch + 1, "step": global_step, "lr": lr, "train_loss": train_loss}
-        if val_data is not None:
-            outputs = _predict(
-                ema.module if ema else model, val_data, runtime, cfg, collate, batch_keys, val_plan
-            )
-            if "loss" in outputs:
-                row["val_loss"] = float(outputs["loss"])
-            if evaluate is not None:
-                row.update({name: float(value) for name, value in evaluate(outputs).items()})
-        row["seconds"] = round(epoch_seconds + time.perf_counter() - epoch_started, 3)  # with validation
-        row["samples_per_s"] = round(
-            steps_per_epoch * cfg.batch_size / max(train_seconds, 1e-9), 1
-        )  # training
-        history.append(row)
-        loss_sum.zero_()
-        done_steps, epoch_seconds = 0, 0.0
-        save(epoch + 1, 0, 0.0)
-        if world.is_main:
-            write_epoch_log(history, out_dir)
-            if epoch + 1 == cfg.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_S:
-                plot_curves(history, out_dir)
-                last_plot = time.perf_counter()
-            log.info(
-                "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            )
 
-    if world.is_main:
-        atomic_save((ema.module if ema else model).state_dict(), weights_path)
+def _finish(run: _Fit, weights_path: Path, started: float, resumed: bool) -> FitResult:
+    """Write ``model.pt`` (the EMA copy when on) and the one-line summary (rank 0); every process waits
+    for it."""
+    if run.world.is_main:
+        atomic_save(run.evaluated.state_dict(), weights_path)
         scores = "  ".join(
             f"{k} {v:.4g}"
-            for k, v in history[-1].items()
+            for k, v in run.history[-1].items()
             if k not in ("epoch", "step", "lr", *TIMING_COLUMNS)
         )
         print(
-            f"fit: {cfg.epochs} epochs ({total_steps} steps) in {time.perf_counter() - started:.1f} s, {scores}"
-            f" -> {weights_path}, epochs.csv, curves.png"
+            f"fit: {run.cfg.epochs} epochs ({run.total_steps} steps) in {time.perf_counter() - started:.1f} s, "
+            f"{scores} -> {weights_path}, epochs.csv, curves.png"
         )
-    barrier(world)  # rank 0 has written model.pt: every process may read it from here on
-    return FitResult(weights_path, history, resumed=state is not None)
+    barrier(run.world)  # rank 0 has written model.pt: every process may read it from here on
+    return FitResult(weights_path, run.history, resumed=resumed)
