@@ -131,7 +131,7 @@ def quality(folds: list[int] | None, quick: bool) -> dict[str, dict[str, float]]
 
 def _training_parts(overrides: list[str], cache_dir: Path | None = None):
     """Model, optimizer, runtime and the real training dataset (LabelledCrops, inherited targets)."""
-    from weakcell.cache.loader import CropAugment
+    from weakcell.cache.augment import CropAugment
     from weakcell.cache.store import CellCache
     from weakcell.config import load_config
     from weakcell.data.datasets import get_dataset

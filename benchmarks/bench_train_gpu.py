@@ -67,7 +67,7 @@ def main() -> int:
 
     from bench_train import write_fake_cache
 
-    from weakcell.cache.loader import CropAugment
+    from weakcell.cache.augment import CropAugment
     from weakcell.cache.store import CellCache
     from weakcell.config import load_config
     from weakcell.engine import EpochBatches, _loader, _prepare, make_optimizer, resolve_runtime, to_device

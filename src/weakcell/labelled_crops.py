@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from weakcell.cache.loader import CellCrops, CropAugment
+from weakcell.cache.augment import CropAugment
+from weakcell.cache.loader import CellCrops
 from weakcell.cache.store import CellCache
 
 
