@@ -412,19 +412,7 @@ def validate_cell_level(
     if list(frame.columns) != CELL_COLUMNS:
         raise SubmissionError([f"columns are {list(frame.columns)}, expected {CELL_COLUMNS}"])
     if sample_submission is not None:
-        sample, _ = _read(sample_submission)
-        if list(frame["ID"]) != list(sample["ID"]):
-            missing = set(sample["ID"]) - set(frame["ID"])
-            extra = set(frame["ID"]) - set(sample["ID"])
-            problems.append(
-                f"IDs differ from the sample submission ({len(frame)} vs {len(sample)} rows, "
-                f"{len(missing)} missing, {len(extra)} extra"
-                + (", same set in another order)" if not missing and not extra else ")")
-            )
-        else:
-            for col in ("ImageWidth", "ImageHeight"):
-                bad = np.flatnonzero(frame[col].to_numpy() != sample[col].to_numpy())
-                problems += [f"row {i} (ID {frame['ID'][i]}): {col} differs from the sample" for i in bad[:5]]
+        problems += _sample_problems(frame, _read(sample_submission)[0])
     duplicated = frame["ID"].duplicated(keep="first").to_numpy()
     cache: dict = {}
     n_predictions = n_placeholders = 0
@@ -451,24 +439,10 @@ def validate_cell_level(
         n_predictions += len(tokens) // 3
         for j in range(0, len(tokens), 3):
             label, conf, mask = tokens[j : j + 3]
-            k = j // 3
-            if not (label.isdigit() and (n_classes is None or int(label) < n_classes)):
-                allowed = (
-                    "a non-negative integer" if n_classes is None else f"an integer in 0..{n_classes - 1}"
-                )
-                problems.append(f"{where}, prediction {k}: label {label!r} is not {allowed}")
-            try:
-                p = float(conf)
-                if not (np.isfinite(p) and 0.0 <= p <= 1.0):
-                    raise ValueError
-            except ValueError:
-                problems.append(
-                    f"{where}, prediction {k}: confidence {conf!r} is not a finite number in [0, 1]"
-                )
+            found = _prediction_problems(label, conf, n_classes)
             error = _check_mask(mask, h, w, cache, empty_ok=len(tokens) == 3)
-            if error:
-                problems.append(f"{where}, prediction {k}: {error}")
-            elif cache[(mask, h, w)] == "empty":
+            problems += [f"{where}, prediction {j // 3}: {problem}" for problem in [*found, error] if problem]
+            if not error and cache[(mask, h, w)] == "empty":
                 n_placeholders += 1
         if len(problems) > 10 * MAX_PROBLEMS:
             problems.append("(stopped checking)")
@@ -483,6 +457,38 @@ def validate_cell_level(
         "size_mb": round(size_mb, 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _sample_problems(frame: pd.DataFrame, sample: pd.DataFrame) -> list[str]:
+    """How a cell-level submission's IDs and image sizes differ from the sample submission's."""
+    if list(frame["ID"]) != list(sample["ID"]):
+        missing = set(sample["ID"]) - set(frame["ID"])
+        extra = set(frame["ID"]) - set(sample["ID"])
+        return [
+            f"IDs differ from the sample submission ({len(frame)} vs {len(sample)} rows, "
+            f"{len(missing)} missing, {len(extra)} extra"
+            + (", same set in another order)" if not missing and not extra else ")")
+        ]
+    problems = []
+    for col in ("ImageWidth", "ImageHeight"):
+        bad = np.flatnonzero(frame[col].to_numpy() != sample[col].to_numpy())
+        problems += [f"row {i} (ID {frame['ID'][i]}): {col} differs from the sample" for i in bad[:5]]
+    return problems
+
+
+def _prediction_problems(label: str, conf: str, n_classes: int | None) -> list[str]:
+    """What is wrong with one prediction's label and confidence tokens (its mask is ``_check_mask``'s)."""
+    problems = []
+    if not (label.isdigit() and (n_classes is None or int(label) < n_classes)):
+        allowed = "a non-negative integer" if n_classes is None else f"an integer in 0..{n_classes - 1}"
+        problems.append(f"label {label!r} is not {allowed}")
+    try:
+        p = float(conf)
+        if not (np.isfinite(p) and 0.0 <= p <= 1.0):
+            raise ValueError
+    except ValueError:
+        problems.append(f"confidence {conf!r} is not a finite number in [0, 1]")
+    return problems
 
 
 def validate_image_level(
