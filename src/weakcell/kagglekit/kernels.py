@@ -141,11 +141,9 @@ def _literal(value: Any) -> str:
     return "None" if value is None else json.dumps(value)
 
 
-def kernel_script(cfg: Config, variant: str) -> str:
-    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
-    spec = variant_of(variant)
-    key = competition_key(cfg)
-    inputs = weight_inputs(cfg, variant)
+def kernel_overrides(cfg: Config, spec: Variant) -> list[str]:
+    """The ``key=value`` overrides a kernel runs its stages with, on top of the run's config and the Kaggle
+    paths."""
     overrides = []
     if not spec.train:
         # the test split only, predicted by this run's packed round into submissions/<run>/
@@ -158,18 +156,39 @@ def kernel_script(cfg: Config, variant: str) -> str:
         ]
     if spec.backend:
         overrides.append(f"segment.backend={spec.backend}")
-    overrides += cfg.kaggle.kernel_overrides
-    config_yaml = None
-    if spec.train:  # local locations mean nothing on Kaggle: the kernel sets its own
-        portable = cfg.model_copy(
-            update={
-                "paths": cfg.paths.model_copy(update={"root": "."}),
-                "data": cfg.data.model_copy(update={"dir": None}),
-                # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
-                "model": cfg.model.model_copy(update={"pretrained_file": None}),
-            }
-        )
-        config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    return overrides + cfg.kaggle.kernel_overrides
+
+
+_NO_CONFIG_LINE = "CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset"
+
+
+def _config_line(cfg: Config) -> str:
+    """``CONFIG_YAML = ...``: the resolved config a training kernel trains with, without local locations
+    (they mean nothing on Kaggle: the kernel sets its own)."""
+    portable = cfg.model_copy(
+        update={
+            "paths": cfg.paths.model_copy(update={"root": "."}),
+            "data": cfg.data.model_copy(update={"dir": None}),
+            # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
+            "model": cfg.model.model_copy(update={"pretrained_file": None}),
+        }
+    )
+    config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    # a readable block unless the text could end the literal early or holds escapes
+    literal = (
+        f'"""\\\n{config_yaml}"""'
+        if '"""' not in config_yaml and "\\" not in config_yaml
+        else _literal(config_yaml)
+    )
+    return f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}"
+
+
+def kernel_script(cfg: Config, variant: str) -> str:
+    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
+    spec = variant_of(variant)
+    key = competition_key(cfg)
+    inputs = weight_inputs(cfg, variant)
+    overrides = kernel_overrides(cfg, spec)
     settings = {
         "VARIANT": (variant, None),
         "COMPETITION": (competition_slug(cfg), "attached competition data"),
@@ -198,16 +217,7 @@ def kernel_script(cfg: Config, variant: str) -> str:
         f"{name} = {_literal(value)}" + (f"  # {comment}" if comment else "")
         for name, (value, comment) in settings.items()
     ]
-    if config_yaml is None:
-        lines.append("CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset")
-    else:
-        # a readable block unless the text could end the literal early or holds escapes
-        literal = (
-            f'"""\\\n{config_yaml}"""'
-            if '"""' not in config_yaml and "\\" not in config_yaml
-            else _literal(config_yaml)
-        )
-        lines.append(f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}")
+    lines.append(_config_line(cfg) if spec.train else _NO_CONFIG_LINE)
     where_weights = (
         "it trains its own models"
         if spec.train
