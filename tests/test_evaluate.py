@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from weakcell import evaluate, plots
+from weakcell import evaluate, evaluate_report, plots
 from weakcell.competition_metric import score_submission, truth_by_image
 from weakcell.config import load_config
 from weakcell.data.datasets import get_dataset
@@ -278,26 +278,26 @@ def test_plots_are_written_as_pngs(tmp_path):
         plots.threshold_curves(Y_TRUE, PROBS, THRESHOLDS, names, tmp_path / "t.png", min_positives=2)
     )
     assert _is_png(plots.threshold_curves(Y_TRUE, PROBS, None, names, tmp_path / "untuned.png"))
-    table = evaluate.per_class_table(Y_TRUE, PROBS, THRESHOLDS, names).map(evaluate._format)
+    table = evaluate.per_class_table(Y_TRUE, PROBS, THRESHOLDS, names).map(evaluate_report._format)
     assert _is_png(plots.table_figure(table, tmp_path / "table.png", "per class"))
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary file
 
 
 def test_best_and_worst_images():
-    losses = evaluate.image_bce(Y_TRUE, PROBS)
+    losses = evaluate_report.image_bce(Y_TRUE, PROBS)
     # image 3 (no label; 0.4, 0.1, 0): -(log 0.6 + log 0.9) / 3; image 1 (class 0; 0.6, 0.1, 0.6):
     # -(log 0.6 + log 0.9 + log 0.4) / 3, the highest
     assert losses[3] == pytest.approx(-(np.log(0.6) + np.log(0.9)) / 3)
     assert losses[1] == pytest.approx(-(np.log(0.6) + np.log(0.9) + np.log(0.4)) / 3)
-    best, worst = evaluate.best_and_worst([f"i{k}" for k in range(6)], losses, 2)
+    best, worst = evaluate_report.best_and_worst([f"i{k}" for k in range(6)], losses, 2)
     assert best[0] == "i3" and worst[0] == "i1" and not set(best) & set(worst)
-    best, worst = evaluate.best_and_worst(["x", "y", "z"], np.array([0.1, 0.3, 0.2]), 2)
+    best, worst = evaluate_report.best_and_worst(["x", "y", "z"], np.array([0.1, 0.3, 0.2]), 2)
     assert best == ["x", "z"] and worst == ["y"]  # disjoint when there are fewer than 2k images
 
 
 def test_markdown_table():
     table = pd.DataFrame({"class": [0, 1], "f1": [0.5, np.nan]})
-    assert evaluate.markdown_table(table).splitlines() == [
+    assert evaluate_report.markdown_table(table).splitlines() == [
         "| class | f1 |",
         "|---|---|",
         "| 0 | 0.500 |",
