@@ -88,7 +88,7 @@ def test_rare_classes_weigh_more():
     weights = balanced_sample_weights(targets)
     assert weights[95] > weights[0]
     # drawn in proportion: the rare tenth of the cells gets about half of the draws
-    from weakcell.engine import epoch_order
+    from weakcell.batches import epoch_order
 
     order = epoch_order(100, 10, seed=0, epoch=0, weights=weights)
     assert np.array_equal(order, epoch_order(100, 10, seed=0, epoch=0, weights=weights))

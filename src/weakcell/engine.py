@@ -32,6 +32,13 @@ Run folder (``out_dir``, written by rank 0 only)::
 
 Exact resume holds for ``cfg.workers == 0``; with worker processes the data order is still exact, but
 random augmentations drawn inside the workers restart from the workers' seeds.
+
+Its parts: ``weakcell.runtime`` (device, precision), ``weakcell.batches`` (the data order),
+``weakcell.checkpoints`` (``last.pt``, RNG states, what may resume), ``weakcell.epoch_log`` (``epochs.csv``,
+``curves.png``). Here: the optimisation, ``predict`` and ``fit``, whose steps (``_set_up``,
+``_start_or_resume``, ``_train_epoch``, ``_end_epoch``, ``_log_epoch``, ``_finish``) share one ``_Fit``
+state. Over 400 lines on purpose: those steps are one loop read top to bottom, and ``predict`` is the
+same loop's forward pass (validation runs it every epoch); splitting them apart would scatter the loop.
 """
 
 from __future__ import annotations
@@ -40,205 +47,45 @@ import copy
 import logging
 import math
 import os
-import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from weakcell.config import OUTPUT_INPUTS, TrainConfig
-from weakcell.devices import auto_device
-from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
+from weakcell.batches import Collate, EpochBatches, batch_loader, dataset_size
+from weakcell.checkpoints import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from weakcell.config import TrainConfig
+from weakcell.distributed import World, all_gather, all_reduce_sum, barrier
+from weakcell.epoch_log import TIMING_COLUMNS, plot_curves, write_epoch_log
 from weakcell.errors import StageError
-from weakcell.weights import WeightsError, load_weights_only
+from weakcell.runtime import Batch, Runtime, prepare, resolve_runtime, to_device
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 # Optimizer steps between progress-bar loss updates; reading the loss is a CPU-GPU sync point.
 POSTFIX_EVERY = 25
 # curves.png is redrawn at most this often during a fit (and always after its last epoch): a matplotlib
 # save costs ~0.25 s on a laptop core, twice a MIL epoch, so drawing it every epoch was ~15 % of a fold.
 PLOT_EVERY_S = 30.0
-# Columns of epochs.csv that measure the machine, not the training (they differ between identical runs).
-TIMING_COLUMNS = ("seconds", "samples_per_s")
-
-Batch = dict[str, Any]
 Evaluate = Callable[[dict[str, np.ndarray]], Mapping[str, float]]
-Collate = Callable[[Any], Batch]
-
-
-# -- device, precision --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how tensors are computed: device, autocast dtype (None = fp32), memory format, world."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    world: World
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
-        )
-
-
-def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    """Resolve ``cfg.device`` and ``cfg.amp`` on this machine and join the torchrun group if launched by it.
-
-    ``amp=auto`` is bf16 on CUDA that supports it (Ampere+), fp16 with loss scaling on older GPUs, and fp32
-    on CPU, where bf16 autocast is slower than fp32 without AMX and costs bitwise reproducibility.
-    """
-    # auto: a GPU only when this torch has kernels for it (weakcell.devices), else one warning and CPU
-    kind = auto_device().type if cfg.device == "auto" else cfg.device
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise StageError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    world = setup(kind)
-    if kind == "cuda":
-        device = torch.device("cuda", world.local_rank if world.size > 1 else torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    amp = cfg.amp
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if kind == "cuda" else "off"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    return Runtime(device, dtype, cfg.channels_last, world)
-
-
-def to_device(batch: Batch, runtime: Runtime) -> Batch:
-    """Move a batch's tensors to the device (asynchronously from pinned memory); 4-D tensors become
-    channels_last when asked. Other values (lists of IDs...) pass through."""
-    moved = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            layout = (
-                torch.channels_last if runtime.channels_last and value.ndim == 4 else torch.preserve_format
-            )
-            value = value.to(runtime.device, non_blocking=True, memory_format=layout)
-        moved[name] = value
-    return moved
-
-
-def _prepare(model: nn.Module, runtime: Runtime) -> nn.Module:
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)  # only 4-D weights (convolutions) change layout
-    return model
-
-
-# -- data order ---------------------------------------------------------------------------------------
-
-
-def epoch_order(
-    n_samples: int, batch_size: int, seed: int, epoch: int, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """The global batches of one epoch: ``(steps, batch_size)`` positions, a pure function of
-    (seed, epoch); the last incomplete batch is dropped. With ``weights`` (one per sample) positions are
-    drawn with replacement in proportion to them (oversampling rare classes), still a pure function."""
-    steps = n_samples // batch_size
-    rng = np.random.default_rng((seed, epoch))
-    if weights is None:
-        drawn = rng.permutation(n_samples)[: steps * batch_size]
-    else:
-        drawn = rng.choice(n_samples, size=steps * batch_size, replace=True, p=weights / weights.sum())
-    return drawn.reshape(steps, batch_size)
-
-
-class EpochBatches(Sampler[list[int]]):
-    """Batch sampler of this process's micro-batches, from step ``start_step`` of epoch ``epoch``.
-
-    Each global batch of ``epoch_order`` is cut into ``grad_accum`` micro-batches, and each micro-batch
-    into ``world.size`` equal shards; rank r takes shard r. So the samples of one optimizer step are the
-    same whatever the number of processes or accumulation steps (DistributedSampler shards an epoch instead,
-    which changes the batches with the world size).
-    """
-
-    def __init__(
-        self,
-        n_samples: int,
-        batch_size: int,
-        grad_accum: int,
-        world: World,
-        seed: int,
-        weights: np.ndarray | None = None,
-    ) -> None:
-        if batch_size % (grad_accum * world.size):
-            raise StageError(
-                f"train.batch_size={batch_size} must be a multiple of train.grad_accum x processes "
-                f"= {grad_accum} x {world.size}"
-            )
-        self.n_samples, self.batch_size, self.grad_accum = n_samples, batch_size, grad_accum
-        self.world, self.seed, self.weights = world, seed, weights
-        self.epoch, self.start_step = 0, 0
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps per epoch."""
-        return self.n_samples // self.batch_size
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Iterate epoch ``epoch`` from optimizer step ``start_step`` (a resume skips the steps done)."""
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.grad_accum
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_order(self.n_samples, self.batch_size, self.seed, self.epoch, self.weights)
-        micro = self.batch_size // (self.grad_accum * self.world.size)
-        for batch in order[self.start_step :]:
-            # (grad_accum, world, micro): micro-batch j of rank r is shards[j, r]
-            shards = batch.reshape(self.grad_accum, self.world.size, micro)
-            for positions in shards[:, self.world.rank]:
-                yield positions.tolist()
-
-
-def _loader(
-    data: Dataset,
-    batches: Sampler[list[int]] | list[list[int]],
-    collate: Collate | None,
-    cfg: TrainConfig,
-    runtime: Runtime,
-    seed: int,
-) -> DataLoader:
-    """A DataLoader over explicit batches of positions; ``__getitems__`` datasets are already collated."""
-    if collate is None:
-        collate = _keep if hasattr(data, "__getitems__") else default_collate
-    return DataLoader(
-        data,
-        batch_sampler=batches,
-        collate_fn=collate,
-        num_workers=cfg.workers,
-        pin_memory=runtime.device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        # The workers' base seed comes from this generator, not from the global RNG, so starting an
-        # epoch consumes no global randomness (needed for exact resume).
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-def _keep(batch: Any) -> Any:
-    return batch
-
-
-def _size(data: Dataset) -> int:
-    return len(data)  # type: ignore[arg-type]  # torch's Dataset type omits the __len__ every map-style one has
 
 
 # -- optimisation -------------------------------------------------------------------------------------
@@ -290,115 +137,6 @@ class ModelEma:
 # -- checkpoints --------------------------------------------------------------------------------------
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint without running pickled code (``weights_only=True``), tensors on the CPU. A file
-    that does not load (truncated, corrupt, holding pickled code) is one ``WeightsError`` line: delete it or
-    start over with FORCE=1."""
-    fix = f"delete {path} to start that training over, or rerun with FORCE=1"
-    state = load_weights_only(Path(path), "cpu", fix)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise WeightsError(f"{path} is not a resumable weakcell checkpoint; {fix}")
-    return state
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as tensors and plain values (weights-only loadable)."""
-    version, internal, gauss = random.getstate()
-    # the legacy global numpy RNG is the one third-party augmentations draw from
-    _, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    return {
-        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-        "numpy": [
-            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            int(position),
-            int(has_gauss),
-            float(cached),
-        ],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal.tolist()), gauss))
-    keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002
-    torch.manual_seed(seed)
-
-
-def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, seed: int, world: World) -> None:
-    """A checkpoint resumes only the run that wrote it: same train settings, data seed and world size."""
-    # a key the checkpoint lacks was added to the schema later: the run had its default (which keeps the
-    # old behaviour), so checkpoints written before a new setting still resume; the train settings may
-    # change where the run executes (device, workers), not what it computes
-    saved = type(cfg)().model_dump(mode="json") | dict(state["train"])
-    problems = OUTPUT_INPUTS["checkpoint"].changed({"train": saved}, {"train": cfg.model_dump(mode="json")})
-    if state["data_seed"] != seed:
-        problems.append(f"seed: {state['data_seed']} -> {seed}")
-    if state["world_size"] != world.size:
-        problems.append(f"processes: {state['world_size']} -> {world.size}")
-    if problems:
-        raise StageError(
-            f"{path} belongs to another run ({'; '.join(problems)}); restore the settings to resume it, "
-            "or start over with force (FORCE=1)"
-        )
-
-
-# -- logs ---------------------------------------------------------------------------------------------
-
-
-def write_epoch_log(history: list[dict[str, float]], out_dir: Path) -> None:
-    """``epochs.csv``, one row per epoch, rewritten whole (atomically) after each epoch."""
-    target = out_dir / "epochs.csv"
-    tmp = target.with_name(target.name + ".tmp")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, target)
-
-
-def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
-    """``curves.png``: losses, other val metrics and the learning rate against epochs."""
-    frame = pd.DataFrame(history)
-    losses = [c for c in frame.columns if c.endswith("loss")]
-    metrics = [c for c in frame.columns if c not in {"epoch", "step", "lr", *losses, *TIMING_COLUMNS}]
-    figure = Figure(figsize=(13, 3.8))  # the OO API: no pyplot, no GUI backend
-    # a fixed layout: matplotlib's constrained layout costs ~0.5 s per save on a laptop core
-    axes = figure.subplots(1, 3, gridspec_kw={"left": 0.05, "right": 0.98, "bottom": 0.14, "wspace": 0.25})
-    for ax, columns, title in (
-        (axes[0], losses, "loss"),
-        (axes[1], metrics, "validation"),
-        (axes[2], ["lr"], "lr"),
-    ):
-        for column in columns:
-            ax.plot(frame["epoch"], frame[column], marker="o", label=column)
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if columns:
-            ax.legend(fontsize=8)
-    target = out_dir / "curves.png"
-    tmp = target.with_name(target.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, target)
-
-
 # -- inference ----------------------------------------------------------------------------------------
 
 
@@ -412,11 +150,11 @@ def _prediction_plan(
 ) -> tuple[list[list[int]], DataLoader]:
     """This process's batches of ``data`` in order, and a loader over them (iterable again and again)."""
     world = runtime.world
-    shard = np.array_split(np.arange(_size(data)), world.size)[world.rank]
+    shard = np.array_split(np.arange(dataset_size(data)), world.size)[world.rank]
     # No activations are kept for a backward pass, so evaluation runs the process's whole share of a batch.
     size = max(1, cfg.batch_size // world.size)
     batches = [shard[i : i + size].tolist() for i in range(0, len(shard), size)]
-    return batches, _loader(data, batches, collate, cfg, runtime, seed=0)
+    return batches, batch_loader(data, batches, collate, cfg, runtime, seed=0)
 
 
 @torch.inference_mode()
@@ -485,7 +223,7 @@ def predict(
     outputs are float32. The model is moved to the configured device (and memory format) in place.
     """
     runtime = resolve_runtime(cfg)
-    return _predict(_prepare(model, runtime), data, runtime, cfg, collate, batch_keys)
+    return _predict(prepare(model, runtime), data, runtime, cfg, collate, batch_keys)
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -541,7 +279,7 @@ def fit(
     state = None
     if last_path.exists() and not force:
         state = load_checkpoint(last_path)
-        _check_resumable(state, last_path, cfg, seed, runtime.world)
+        check_resumable(state, last_path, cfg, seed, runtime.world)
         if state["epoch"] >= cfg.epochs and weights_path.exists():
             if runtime.world.is_main:
                 print(f"fit: {out_dir} is finished ({cfg.epochs} epochs), skipping (force to redo)")
@@ -604,7 +342,7 @@ class _Fit:
 
     def save(self, epoch: int, done_steps: int, seconds: float) -> None:
         """Write last.pt; a collective (every process sends its RNG state), rank 0 writes."""
-        processes = all_gather({"rng": _rng_state(), "loss_sum": self.loss_sum.detach().cpu()}, self.world)
+        processes = all_gather({"rng": rng_state(), "loss_sum": self.loss_sum.detach().cpu()}, self.world)
         if not self.world.is_main:
             return
         payload = {
@@ -659,15 +397,17 @@ def _set_up(
     optimizer, the loss scaler (fp16 only: bf16 has fp32's exponent range) and the EMA copy."""
     # A dataset may carry ``sample_weights`` (one per sample) to be drawn in proportion to them.
     weights = getattr(train_data, "sample_weights", None)
-    sampler = EpochBatches(_size(train_data), cfg.batch_size, cfg.grad_accum, runtime.world, seed, weights)
+    sampler = EpochBatches(
+        dataset_size(train_data), cfg.batch_size, cfg.grad_accum, runtime.world, seed, weights
+    )
     steps_per_epoch = sampler.steps
     if steps_per_epoch == 0:
         raise StageError(
-            f"{_size(train_data)} training samples make no full batch of train.batch_size={cfg.batch_size}"
+            f"{dataset_size(train_data)} training samples make no full batch of train.batch_size={cfg.batch_size}"
         )
-    loader = _loader(train_data, sampler, collate, cfg, runtime, seed)
+    loader = batch_loader(train_data, sampler, collate, cfg, runtime, seed)
     val_plan = _prediction_plan(val_data, runtime, cfg, collate) if val_data is not None else None
-    model = _prepare(model, runtime)
+    model = prepare(model, runtime)
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     ema = ModelEma(model, cfg.ema) if cfg.ema else None
@@ -697,7 +437,7 @@ def _start_or_resume(run: _Fit, state: dict[str, Any] | None) -> None:
     then wrap the model for the training forward (compiled on CUDA when asked, DDP under torchrun)."""
     world = run.world
     if state is None:
-        _seed_everything(run.seed + world.rank)
+        seed_everything(run.seed + world.rank)
     else:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -712,7 +452,7 @@ def _start_or_resume(run: _Fit, state: dict[str, Any] | None) -> None:
         run.epoch_seconds = state["epoch_seconds"]
         mine = state["processes"][world.rank]
         run.loss_sum += mine["loss_sum"].to(run.runtime.device)
-        _set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"])
         if world.is_main:
             print(
                 f"fit: resuming {run.last_path.parent} at epoch {run.start_epoch + 1}, "
