@@ -113,7 +113,8 @@ def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
 def test_infer_writes_valid_submissions(tiny_run):
     from weakcell import infer as infer_stage
     from weakcell import thresholds as thresholds_stage
-    from weakcell.submission import decode_mask, validate_cell_level, validate_image_level
+    from weakcell.rle import decode_mask
+    from weakcell.submission import validate_cell_level, validate_image_level
 
     cfg, _ = tiny_run
     thresholds_stage.run(cfg)

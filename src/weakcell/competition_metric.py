@@ -443,9 +443,9 @@ def file_detections(
     predictions: Iterable[tuple[str, str, str]], height: int, width: int, cells: TrueCells, where: str
 ) -> Detections:
     """Detections of one submission row: ``predictions`` are its ``(label, confidence, mask)`` token
-    triples; each distinct mask is decoded once (``submission.mask_pixels``) and overlapped with the true
+    triples; each distinct mask is decoded once (``rle.mask_pixels``) and overlapped with the true
     cells. ``where`` names the row in errors."""
-    from weakcell.submission import mask_pixels
+    from weakcell.rle import mask_pixels
 
     if cells.mask.shape != (height, width):
         raise ValueError(

@@ -59,8 +59,8 @@ from weakcell.metrics import (
     per_class_ap,
     predicted_classes,
 )
+from weakcell.rle import mask_pixels
 from weakcell.scoring import ALTERNATIVES, cell_score_variants
-from weakcell.submission import mask_pixels
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
 if TYPE_CHECKING:  # loaded only when a stage needs the training set
