@@ -21,7 +21,11 @@ when that round is the final one, the submission ``make infer`` wrote from it:
 
 Everything up to the plots is a pure function (``image_level_scores``, ``per_class_table``,
 ``oof_cell_ap``, ``submission_cell_maps``, ``submission_cell_map``,
-``evaluate_round``) that writes nothing, for stages such as an ablation grid to call.
+``evaluate_round``) that writes nothing, for stages such as an ablation grid to call. The report (4.: plots,
+table, attention maps, the printed summary) is ``weakcell.evaluate_report``.
+
+Over 400 lines on purpose: what is left is the scoring of one round, the three parts above and
+``score_round`` that assembles them into ``evaluation.json``; they share the round's tables and readings.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ anything is uploaded.
 
 ``weakcell validate FILE [--sample SAMPLE_CSV] [--classes N]`` (or ``python -m weakcell.submission FILE``)
 checks a written file and prints a one-line summary; exit code 0 when valid, 2 otherwise.
+
+Over 400 lines on purpose: the writers and the validators are two sides of one format (its columns, the
+placeholder row, how labels and confidences are written and read back), kept together so they cannot drift.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ Split runs: ``cache.shard_index`` / ``cache.num_shards`` give each machine every
 part writes its own shards and, when done, ``parts/partPPP-of-NNN.json``. ``merge(cfg)`` joins the
 committed indexes into ``cells.parquet`` / ``images.parquet`` / ``skipped.csv`` once every part is done;
 with one part ``run`` merges at the end itself.
+
+Over 400 lines on purpose: which images, one image in a worker, the shard writer and the two entry points
+(``run``, ``merge``) share one commit protocol (the order of a flush's three files, what counts as finished,
+what a restart deletes); kept in one file so that protocol reads in one place.
 """
 
 from __future__ import annotations
