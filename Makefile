@@ -28,7 +28,7 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle]'
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle,external]'
 	touch $@
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)

@@ -17,6 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytest.importorskip(
+    "urllib3", reason="the downloader's extra (pip install weakcell[external]) is not installed"
+)
+
 from tests.conftest import REPO, SHARED_DATA
 from tests.fake_hpa import FakeSite, Route, jpeg, serve, source_images, tif_gz
 from weakcell.cli import split_args

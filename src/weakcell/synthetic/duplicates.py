@@ -9,6 +9,7 @@ import gzip
 import io
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -20,14 +21,14 @@ from weakcell.outputs import atomic_write
 
 
 def _png(plane: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", plane, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(plane), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError("PNG encoding failed")
     return data.tobytes()
 
 
 def _jpeg(plane: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", plane, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(plane), [cv2.IMWRITE_JPEG_QUALITY, 75])
     if not ok:
         raise OSError("JPEG encoding failed")
     return data.tobytes()
@@ -70,5 +71,4 @@ def plant_copy(image: np.ndarray, folder: str | os.PathLike[str], image_id: str,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for color, plane in zip(CHANNELS, image):
-        data = encode(np.ascontiguousarray(plane))
-        atomic_write(folder / f"{image_id}_{color}{suffix}", lambda tmp, data=data: tmp.write_bytes(data))
+        atomic_write(folder / f"{image_id}_{color}{suffix}", partial(Path.write_bytes, data=encode(plane)))
