@@ -31,7 +31,9 @@ def real_images() -> dict[str, np.ndarray]:
     images = {}
     for image_id in ids:
         full = read_image(train, image_id)
-        images[image_id[:8]] = np.stack([cv2.resize(c, (SIDE, SIDE), interpolation=cv2.INTER_AREA) for c in full])
+        images[image_id[:8]] = np.stack(
+            [cv2.resize(c, (SIDE, SIDE), interpolation=cv2.INTER_AREA) for c in full]
+        )
     return images
 
 
@@ -98,7 +100,9 @@ def test_folder_errors_and_incomplete_images(tmp_path, capsys):
     write_image(tmp_path / "a", "partial", rng.integers(0, 255, (4, 32, 32), dtype=np.uint8))
     (tmp_path / "a" / f"partial_{CHANNELS[-1]}.png").unlink()
     out = str(tmp_path / "d.json")
-    assert cli_main(["duplicates", str(tmp_path / "a"), str(tmp_path / "b"), "--json", out, "--cache", ""]) == 2
+    assert (
+        cli_main(["duplicates", str(tmp_path / "a"), str(tmp_path / "b"), "--json", out, "--cache", ""]) == 2
+    )
     assert "image same is in both" in capsys.readouterr().err
     assert main([str(tmp_path / "a"), "--json", out, "--cache", ""]) == 0
     assert "skipped 1 image(s)" in capsys.readouterr().out
