@@ -35,43 +35,41 @@ STAIN_BGR = {"red": (0, 0, 1), "green": (0, 1, 0), "blue": (1, 0, 0), "yellow": 
 LISTS = {"hosts' v21 list (all)": 83_762, "2nd place's external set": 41_101}
 
 
+# (row, which version of the channel, file type, OpenCV parameter, its value)
+ENCODINGS = [
+    *(
+        (f"JPEG q{q}, {look}", look, ".jpg", cv2.IMWRITE_JPEG_QUALITY, q)
+        for q in (85, 90, 95)
+        for look in ("grey", "stain colour")
+    ),
+    *(
+        (f"PNG level {level}, {side}²", side, ".png", cv2.IMWRITE_PNG_COMPRESSION, level)
+        for level in (1, 3, 6)
+        for side in (2048, 1024)
+    ),
+]
+
+
 def measure() -> dict[str, float]:
     """Bytes per pixel of one channel, mean over every channel of the 5 images."""
     sizes: dict[str, list[float]] = {}
-
-    def add(key: str, nbytes: int, pixels: int) -> None:
-        sizes.setdefault(key, []).append(nbytes / pixels)
-
     for image_id in list_image_ids(TRAIN):
         for color, plane in zip(CHANNELS, read_image(TRAIN, image_id)):
-            pixels = plane.size
-            coloured = np.stack([plane * w for w in STAIN_BGR[color]], axis=-1).astype(np.uint8)
-            for quality in (85, 90, 95):
-                add(
-                    f"JPEG q{quality}, grey",
-                    len(cv2.imencode(".jpg", plane, [cv2.IMWRITE_JPEG_QUALITY, quality])[1]),
-                    pixels,
-                )
-                add(
-                    f"JPEG q{quality}, stain colour",
-                    len(cv2.imencode(".jpg", coloured, [cv2.IMWRITE_JPEG_QUALITY, quality])[1]),
-                    pixels,
-                )
+            versions = {
+                "grey": plane,
+                2048: plane,
+                "stain colour": np.stack([plane * w for w in STAIN_BGR[color]], axis=-1).astype(np.uint8),
+                1024: cv2.resize(plane, (1024, 1024), interpolation=cv2.INTER_AREA),
+            }
+            for row, version, suffix, parameter, value in ENCODINGS:
+                pixels = versions[version]
+                nbytes = len(cv2.imencode(suffix, pixels, [parameter, value])[1])
+                sizes.setdefault(row, []).append(nbytes / (pixels.shape[0] * pixels.shape[1]))
             buffer = io.BytesIO()
             tifffile.imwrite(buffer, plane.astype(np.uint16) * 257)
-            add("16-bit .tif.gz", len(gzip.compress(buffer.getvalue(), 6)), pixels)
-            small = cv2.resize(plane, (1024, 1024), interpolation=cv2.INTER_AREA)
-            for level in (1, 3, 6):
-                add(
-                    f"PNG level {level}, 2048²",
-                    len(cv2.imencode(".png", plane, [cv2.IMWRITE_PNG_COMPRESSION, level])[1]),
-                    pixels,
-                )
-                add(
-                    f"PNG level {level}, 1024²",
-                    len(cv2.imencode(".png", small, [cv2.IMWRITE_PNG_COMPRESSION, level])[1]),
-                    small.size,
-                )
+            sizes.setdefault("16-bit .tif.gz", []).append(
+                len(gzip.compress(buffer.getvalue(), 6)) / plane.size
+            )
     return {key: float(np.mean(values)) for key, values in sizes.items()}
 
 

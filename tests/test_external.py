@@ -82,7 +82,7 @@ def planes() -> list[np.ndarray]:
 def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
     site = FakeSite()
     stems = ["10001/1_A1_1", "10002/1_B2_1", "10003/1_C3_1", "10004/1_D4_1", "10005/1_E5_1", "10006/1_F6_1"]
-    for stem, image in zip([*stems, "10011/1_K1_1"], planes):
+    for stem, image in zip([*stems, "10011/1_K1_1", "10012/1_L2_1"], planes):
         site.add_image(stem, image)
     green_b = site.routes["/10002/1_B2_1_green.jpg"].body
     assert green_b is not None
@@ -93,6 +93,7 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
     site.routes["/10004/1_D4_1_red.jpg"].fault, site.routes["/10004/1_D4_1_red.jpg"].fail = "500", 1
     site.routes["/10005/1_E5_1_yellow.jpg"].fault, site.routes["/10005/1_E5_1_yellow.jpg"].fail = "stall", -1
     site.routes["/10006/1_F6_1_green.jpg"].fault, site.routes["/10006/1_F6_1_green.jpg"].fail = "truncate", 1
+    site.routes["/10012/1_L2_1_red.jpg"].fault, site.routes["/10012/1_L2_1_red.jpg"].fail = "truncate", -1
     image_list = write_list(
         tmp_path / "kaggle_2021.tsv",
         [
@@ -107,6 +108,7 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
             (f"{HOST}/10009/1_I9_1", "U-2 OS", "False", "Rods & Rings"),  # no 2021 class
             (f"{HOST}/10010/1_J1_1", "MCF7", "False", "Cytosol"),  # another cell line
             (f"{HOST}/10011/1_K1_1", "MCF7", "False", "Mitotic spindle"),  # kept: class 11 from any line
+            (f"{HOST}/10012/1_L2_1", "HeLa", "False", "Cytosol"),
         ],
     )
     with serve(site):
@@ -114,7 +116,7 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
         tally = stage.run(cfg)
         out = capsys.readouterr().out
         first_counts = dict(site.requests)
-        assert tally is not None and tally.stored == 6 and tally.fallback == 2
+        assert tally is not None and tally.stored == 7 and tally.fallback == 3
         folder = tmp_path / "data" / "hpa2021-external"
         labels = pd.read_csv(folder / "train.csv", dtype=str)
         assert labels.to_dict("list") == {
@@ -125,13 +127,18 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
                 "10005_1_E5_1",
                 "10006_1_F6_1",
                 "10011_1_K1_1",
+                "10012_1_L2_1",
             ],
-            "Label": ["0|17", "13", "18", "2", "9", "11"],
+            "Label": ["0|17", "13", "18", "2", "9", "11", "16"],
         }
         sources = pd.read_csv(folder / "sources.csv", dtype=str, keep_default_na=False).set_index("ID")
         assert sources.loc["10003_1_C3_1", "status"] == "failed"
         assert sources.loc["10003_1_C3_1", "reason"] == "blue: jpg: HTTP 404; tif.gz: HTTP 404"
         assert sources.loc["10002_1_B2_1", "format"] == "jpg|tif.gz|jpg|jpg"
+        assert sources.loc["10002_1_B2_1", "reason"] == "green: jpg: does not decode"
+        assert sources.loc["10005_1_E5_1", "reason"] == "yellow: jpg: timeout"
+        assert sources.loc["10004_1_D4_1", "reason"] == ""  # retried, not a fallback
+        assert sources.loc["10012_1_L2_1", "reason"] == "red: jpg: broken or truncated body"
         assert sources.loc["10005_1_E5_1", "format"] == "jpg|jpg|jpg|tif.gz"
         assert (
             sources.loc["10002_1_B2_1", "bit_depth"] == "16"
@@ -154,6 +161,7 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
         assert first_counts["/10006/1_F6_1_green.jpg"] == 2
         assert first_counts["/10005/1_E5_1_yellow.jpg"] == 3
         assert first_counts["/10005/1_E5_1_yellow.tif.gz"] == 1
+        assert first_counts["/10012/1_L2_1_red.jpg"] == 3
         # a failed channel stops its image: the yellow of 10003 is never asked for
         assert site.count("10003/1_C3_1") == 4 and "/10003/1_C3_1_yellow.jpg" not in first_counts
         assert site.count("10007/1_G7_1") == 0 and site.count("10010/1_J1_1") == 0
@@ -163,7 +171,7 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
             "dropped 1: no location of the class table",
             "dropped 1: other cell lines",
             "Rods & Rings (2)",
-            "6 images stored (2 with a TIFF fallback)",
+            "7 images stored (3 with a TIFF fallback)",
             "1 failed (blue: jpg: HTTP 404; tif.gz: HTTP 404: 1)",
         ):
             assert line in out, line
@@ -177,7 +185,7 @@ def test_faults_fallbacks_filters_and_a_rerun(tmp_path, planes, capsys):
             "/10003/1_C3_1_blue.jpg",
             "/10003/1_C3_1_blue.tif.gz",
         }
-        assert "6 already done" in capsys.readouterr().out
+        assert "7 already done" in capsys.readouterr().out
 
 
 def test_a_killed_run_resumes_without_refetching(tmp_path, planes):

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import urllib3
-from urllib3.exceptions import HTTPError, MaxRetryError
+from urllib3.exceptions import (
+    HTTPError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    SSLError,
+    TimeoutError,
+)
 from urllib3.util.retry import Retry
 
 from weakcell import __version__
@@ -98,7 +105,8 @@ class Fetcher:
 
     def get(self, url: str) -> tuple[int, bytes, int]:
         """GET ``url`` -> (status, body, retries spent). Raises ``HTTPError`` once retries are spent on
-        timeouts or broken connections (``MaxRetryError``, its ``reason`` the last fault)."""
+        timeouts or broken connections (``MaxRetryError``, its ``reason`` the last fault). The rate applies
+        to each call; urllib3's retries inside it are spaced by the backoff instead."""
         self.limiter.wait()
         response = self.pool.request("GET", url, preload_content=True)
         history = response.retries.history if response.retries is not None else ()
@@ -130,14 +138,16 @@ class Fetcher:
         raise ChannelFailed(url_stem + f"_{color}", reasons)
 
 
+# The last fault of a request that got no answer, by urllib3's exception type -> a short reason.
+FAULTS: tuple[tuple[type[Exception], str], ...] = (
+    (TimeoutError, "timeout"),  # urllib3's: ReadTimeoutError, ConnectTimeoutError
+    (NewConnectionError, "no connection"),
+    (ProtocolError, "broken or truncated body"),
+    (SSLError, "TLS error"),
+)
+
+
 def _describe(err: HTTPError) -> str:
-    """A short reason for a request that failed without an answer: 'read timeout', 'truncated body', ..."""
+    """A short reason for a request that failed without an answer."""
     reason = err.reason if isinstance(err, MaxRetryError) and err.reason is not None else err
-    text = str(reason)
-    if "timed out" in text.lower():
-        return "timeout"
-    if "IncompleteRead" in text or "Connection broken" in text:
-        return "truncated body"
-    if "refused" in text.lower():
-        return "connection refused"
-    return type(reason).__name__
+    return next((text for kind, text in FAULTS if isinstance(reason, kind)), type(reason).__name__)

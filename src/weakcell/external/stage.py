@@ -6,7 +6,8 @@ Output folder (``external.dir``, default ``{paths.data}/{data.dataset}-external`
     train.csv                the labels in the data set's own numbering (hpa2021: ID,Label with '|')
     sources.csv              one row per image tried: ID, url_stem, antibody, cell_line, locations, format,
                              bit_depth, width, height (native), stored_width, stored_height,
-                             sha256_<color> of each stored PNG, status (ok | failed), reason
+                             sha256_<color> of each stored PNG, status (ok | failed), reason (why
+                             it failed, or why a channel took the TIFF)
     source.json              the list it came from (path, sha256, form), the settings, what each filter dropped
     fetch-log.jsonl          one line per finished image, appended as it finishes: what a rerun skips
 
@@ -166,6 +167,9 @@ def fetch_image(fetcher: Fetcher, row: Any, folder: Path, settings: ExternalConf
     formats = [c.source for c in channels]
     record.update(
         status="ok",
+        reason=", ".join(
+            f"{color}: {'; '.join(c.reasons)}" for color, c in zip(CHANNELS, channels) if c.reasons
+        ),
         format=formats[0] if len(set(formats)) == 1 else "|".join(formats),
         fallback=any(c.source != "jpg" for c in channels),
         bit_depth=converted.bit_depth,
