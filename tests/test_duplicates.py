@@ -25,25 +25,24 @@ from weakcell.synthetic.duplicates import TRANSFORMS, plant_copy
 SIDE = 512  # the real 2048 px images area-reduced, so that the suite stays fast; ratios are the real ones
 
 
-def real_images() -> dict[str, np.ndarray]:
+def real_images(side: int | None) -> dict[str, np.ndarray]:
+    """The 5 real images, area-reduced to ``side`` (None = their own 2048²), by the first 8 ID characters."""
     train = shared_path("hpa2021", "train")
     ids = sorted({p.name.rsplit("_", 1)[0] for p in train.glob("*_green.png")})
     images = {}
     for image_id in ids:
-        full = read_image(train, image_id)
-        images[image_id[:8]] = np.stack(
-            [cv2.resize(c, (SIDE, SIDE), interpolation=cv2.INTER_AREA) for c in full]
-        )
+        image = read_image(train, image_id)
+        if side is not None:
+            image = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in image])
+        images[image_id[:8]] = image
     return images
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+def plant_all(root: Path, side: int | None) -> tuple[Path, Path, dict[str, str]]:
     """A 'train' folder of originals (and their copies turned a quarter: different images), an 'external'
     folder of every transformed copy. Returns the folders and each ID's original."""
-    root = tmp_path_factory.mktemp("planted")
     origin: dict[str, str] = {}
-    for name, image in real_images().items():
+    for name, image in real_images(side).items():
         write_image(root / "train", name, image)
         write_image(root / "train", f"{name}-turned", np.rot90(image, 1, axes=(1, 2)).copy())
         origin[name] = name
@@ -54,6 +53,18 @@ def planted(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     return root / "train", root / "external", origin
 
 
+def precision_recall(found_json: Path, origin: dict[str, str]) -> tuple[float, float, set, set]:
+    pairs = {(p["a"], p["b"]) for p in json.loads(found_json.read_text())["pairs"]}
+    truth = {tuple(sorted(ab)) for ab in combinations(origin, 2) if origin[ab[0]] == origin[ab[1]]}
+    hits = len(pairs & truth)
+    return hits / max(len(pairs), 1), hits / len(truth), pairs, truth
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    return plant_all(tmp_path_factory.mktemp("planted"), SIDE)
+
+
 def test_every_true_pair_and_no_false_one(planted, tmp_path, capsys):
     train, external, origin = planted
     out = tmp_path / "duplicates.json"
@@ -61,10 +72,7 @@ def test_every_true_pair_and_no_false_one(planted, tmp_path, capsys):
     assert main([str(train), str(external), "--json", str(out), "--cache", str(cache), "--workers", "2"]) == 0
     found = json.loads(out.read_text())
     assert set(found) == {"pairs", "clusters"}
-    pairs = {(p["a"], p["b"]) for p in found["pairs"]}
-    truth = {tuple(sorted(ab)) for ab in combinations(origin, 2) if origin[ab[0]] == origin[ab[1]]}
-    precision = len(pairs & truth) / len(pairs)
-    recall = len(pairs & truth) / len(truth)
+    precision, recall, pairs, truth = precision_recall(out, origin)
     assert (precision, recall) == (1.0, 1.0), (sorted(pairs - truth), sorted(truth - pairs))
     assert len(truth) == 5 * 15  # each original and its 5 copies: 15 pairs
     assert all(p["a"] < p["b"] and 0 <= p["distance"] <= MAX_DISTANCE for p in found["pairs"])
@@ -72,6 +80,16 @@ def test_every_true_pair_and_no_false_one(planted, tmp_path, capsys):
     groups = sorted(sorted(k for k in origin if origin[k] == name) for name in {origin[k] for k in origin})
     assert found["clusters"] == [g for g in groups if len(g) > 1]
     assert "35 images in 2 folder(s) (0 from the cache), 75 pairs" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_size_copies_pair_up(tmp_path):
+    """The same at the real size: 2048² originals, 1728² and 3072² copies (about 30 s)."""
+    train, external, origin = plant_all(tmp_path / "full", None)
+    out = tmp_path / "duplicates.json"
+    assert main([str(train), str(external), "--json", str(out), "--cache", ""]) == 0
+    precision, recall, pairs, truth = precision_recall(out, origin)
+    assert (precision, recall) == (1.0, 1.0), (sorted(pairs - truth), sorted(truth - pairs))
 
 
 def test_hashes_come_from_the_cache_by_content(planted, tmp_path, monkeypatch, capsys):

@@ -74,7 +74,7 @@ def served(site: FakeSite, path: str) -> np.ndarray:
     return decode_channel(body, path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def planes() -> list[np.ndarray]:
     return source_images(REAL_TRAIN if REAL_TRAIN.is_dir() else None, 8)
 
