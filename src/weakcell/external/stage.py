@@ -12,7 +12,7 @@ Output folder (``external.dir``, default ``{paths.data}/{data.dataset}-external`
     fetch-log.jsonl          one line per finished image, appended as it finishes: what a rerun skips
 
 A killed run resumes: an image whose line says ``ok`` and whose four PNGs exist is never requested again;
-failed images are tried again. ``--dry-run`` (``external.dry_run=true``) prints the counts, bytes, disk
+failed images are tried again (``FORCE=1`` fetches every image again). ``--dry-run`` (``external.dry_run=true``) prints the counts, bytes, disk
 space and time at the chosen rate and fetches nothing.
 """
 
@@ -318,7 +318,7 @@ def run(cfg: Config) -> Tally | None:
     )
     folder = external_dir(cfg)
     log = FetchLog(folder / LOG)
-    done = log.done(folder / spec.train_dir)
+    done = set() if cfg.force else log.done(folder / spec.train_dir)  # FORCE=1 fetches everything again
     todo = selection.images[~selection.images["ID"].isin(done)]
     _print_selection(list_path, fmt.name, len(images), selection)
     estimate = Estimate.of(len(todo), settings)
