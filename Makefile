@@ -28,7 +28,7 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle]'
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle,external]'
 	touch $@
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
@@ -116,6 +116,27 @@ score: $(STAMP) ## the organisers' 2021 metric of SUBMISSION= against TRUTH= (de
 
 ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.md (+ .png); ARGS=ablate.subset=true is quicker
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
+
+# -- External data (weakcell.external, weakcell.duplicates): README "External data" -------------------
+.PHONY: external duplicates bench-duplicates bench-folds bench-external-sizes
+
+external: $(STAMP) ## public HPA images of external.image_list -> data/<dataset>-external/ (train/, train.csv, sources.csv); ARGS="... --dry-run" first
+	$(WEAKCELL) external $(CONFIG) $(OVERRIDES)
+
+# make duplicates: every folder of channel files in DUPLICATE_DIRS, the pairs and clusters into DUPLICATES
+DUPLICATE_DIRS ?= $(wildcard data/hpa2021/train data/hpa2021/test data/hpa2021-external/train)
+DUPLICATES ?= reports/duplicates.json
+duplicates: $(STAMP) ## near-duplicate pairs and clusters of DUPLICATE_DIRS="a/train a/test b/train" -> DUPLICATES=reports/duplicates.json (make folds reads it: folds.duplicates)
+	$(WEAKCELL) duplicates $(DUPLICATE_DIRS) --json $(DUPLICATES)
+
+bench-duplicates: $(STAMP) ## hashing speed, pairing of the real images' copies, pair search over 100k hashes -> benchmarks/duplicates.md
+	$(PY) benchmarks/bench_duplicates.py
+
+bench-folds: $(STAMP) ## pairs straddling folds, plain vs grouped, on a synthetic set with planted near-duplicates -> benchmarks/folds.md
+	$(PY) benchmarks/bench_folds.py
+
+bench-external-sizes: $(STAMP) ## JPEG/PNG bytes of the real images and the dry run's arithmetic for the real lists -> benchmarks/external-sizes.md
+	$(PY) benchmarks/bench_external_sizes.py
 
 # -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
 .PHONY: download wheels weights weights-dataset pretrained-datasets backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle

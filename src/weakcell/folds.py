@@ -2,6 +2,15 @@
 
 Folds are computed once and committed for real data sets, so every run, ablation and blend sees the
 same split. Cells inherit their image's fold, so cells of one image never straddle folds.
+
+Grouped folds (``folds.duplicates``, ``folds.external``): images of one near-duplicate cluster (the JSON of
+``weakcell duplicates``) and external images of one antibody (``sources.csv`` of ``make external``) form one
+group, and groups are stratified over the union of their labels, so no near-duplicate pair straddles
+folds. External images join the folds file: fold -1 (trained on in every fold, never validated) when
+``folds.external_mode=train_only`` and nothing ties them to a competition image, else their group's fold.
+The folds report (``folds.report``) counts the pairs that straddle folds beside plain multilabel
+stratification of the same images, and lists test images that are near-duplicates of training images.
+Without ``folds.duplicates`` and ``folds.external`` the folds are exactly those of plain stratification.
 """
 
 from __future__ import annotations
@@ -18,6 +27,16 @@ from weakcell.config import Config
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.errors import StageError, UnknownName
+from weakcell.fold_groups import (
+    FoldInputs,
+    FoldsReport,
+    fold_inputs,
+    group_codes,
+    split_antibodies,
+    straddling,
+    twins_in_test,
+)
+from weakcell.outputs import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +96,101 @@ def read_folds(path: str | os.PathLike[str]) -> pd.DataFrame:
     return folds
 
 
+def grouped_folds(inputs: FoldInputs, n_classes: int, n_splits: int, seed: int) -> pd.DataFrame:
+    """The kit's folds: groups (near-duplicate clusters, external antibodies) stratified over the union of
+    their labels; train-only external images whose group holds no competition image get fold -1.
+    Returns ``ID, fold`` in ``inputs.images`` order."""
+    images = inputs.images
+    groups = group_codes(images["ID"], images["antibody"], inputs.pairs)
+    tied = np.isin(groups, groups[~inputs.external])  # the group holds a competition image
+    folded = ~inputs.train_only | tied
+    # group codes grow with first appearance: singletons alone give plain stratification's order and folds
+    table = images[folded].assign(group=groups[folded])
+    fold = np.full(len(images), -1, dtype=np.int64)
+    fold[folded] = make_folds(table, n_classes, n_splits, seed, group_column="group")["fold"].to_numpy()
+    return pd.DataFrame({"ID": images["ID"].to_numpy(), "fold": fold})
+
+
+def plain_folds(inputs: FoldInputs, n_classes: int, n_splits: int, seed: int) -> pd.DataFrame:
+    """What the teams did, on the same images: plain multilabel stratification of the images that are
+    folded, every train-only external image at fold -1."""
+    images = inputs.images
+    folded = ~inputs.train_only
+    fold = np.full(len(images), -1, dtype=np.int64)
+    fold[folded] = make_folds(images[folded], n_classes, n_splits, seed)["fold"].to_numpy()
+    return pd.DataFrame({"ID": images["ID"].to_numpy(), "fold": fold})
+
+
+def folds_report(
+    inputs: FoldInputs, folds: pd.DataFrame, n_classes: int, n_splits: int, seed: int
+) -> FoldsReport:
+    """Pairs straddling ``folds`` beside plain stratification's, antibodies split, test-set twins."""
+    images = inputs.images
+    kit = folds.set_index("ID")["fold"].reindex(images["ID"])
+    plain = plain_folds(inputs, n_classes, n_splits, seed).set_index("ID")["fold"]
+    kit_split, in_folds = straddling(kit, inputs.pairs)
+    plain_split, _ = straddling(plain, inputs.pairs)
+    groups = pd.Series(group_codes(images["ID"], images["antibody"], inputs.pairs)).value_counts()
+    return FoldsReport(
+        n_splits=n_splits,
+        seed=seed,
+        duplicates_file=inputs.duplicates_file,
+        pairs_in_folds=in_folds,
+        pairs_elsewhere=len(inputs.pairs) - in_folds,
+        plain_straddling=plain_split,
+        kit_straddling=kit_split,
+        plain_split_antibodies=split_antibodies(images, plain),
+        kit_split_antibodies=split_antibodies(images, kit),
+        images=len(images),
+        groups=len(groups),
+        largest_group=int(groups.max()) if len(groups) else 0,
+        external=int(inputs.external.sum()),
+        train_only=int((kit.to_numpy() == -1).sum()),
+        test_twins=twins_in_test(inputs.pairs, set(images["ID"]), inputs.test_ids),
+    )
+
+
 def run(cfg: Config) -> pd.DataFrame:
-    """Entry point: read the dataset's label file, write the folds file (once), print per-fold counts."""
+    """Entry point: read the label files, write the folds file (once), print per-fold counts; with groups
+    configured (``folds.duplicates``, ``folds.external``), print and write the folds report too."""
     spec = get_dataset(cfg.data.dataset)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
-    target = cfg.folds_file
+    inputs = fold_inputs(cfg, spec, labels)
+    images = labels if inputs is None else inputs.images
+    settings, target = cfg.folds, cfg.folds_file
     if target.is_file() and not cfg.force:
         folds = read_folds(target)
-        if set(folds["ID"]) == set(labels["ID"]):
-            print(
-                f"folds: {target} already covers the {len(labels)} images of {spec.label_file}; FORCE=1 redoes it"
+        if set(folds["ID"]) != set(images["ID"]):
+            raise StageError(
+                f"{target} does not match {cfg.data_dir / spec.label_file}"
+                f"{' and folds.external' if settings.external else ''} ({len(folds)} vs {len(images)} IDs); "
+                "rebuild it with FORCE=1 (make folds FORCE=1)"
             )
-            _print_counts(labels, folds, spec.n_classes)
-            return folds
-        raise StageError(
-            f"{target} does not match {cfg.data_dir / spec.label_file} ({len(folds)} vs {len(labels)} IDs); "
-            "rebuild it with FORCE=1 (make folds FORCE=1)"
-        )
-    folds = make_folds(labels, spec.n_classes, cfg.folds.n_splits, cfg.folds.seed, cfg.folds.group_column)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{target}.tmp")
-    folds.to_csv(tmp, index=False)
-    tmp.replace(target)
-    _print_counts(labels, folds, spec.n_classes)
-    print(f"folds: {len(folds)} images in {cfg.folds.n_splits} folds (seed {cfg.folds.seed}) -> {target}")
+        print(f"folds: {target} already covers the {len(images)} images; FORCE=1 redoes it")
+        _print_counts(images, folds, spec.n_classes)
+    else:
+        if inputs is None:
+            folds = make_folds(
+                labels, spec.n_classes, settings.n_splits, settings.seed, settings.group_column
+            )
+        else:
+            folds = grouped_folds(inputs, spec.n_classes, settings.n_splits, settings.seed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: folds.to_csv(tmp, index=False))
+        _print_counts(images, folds, spec.n_classes)
+        print(f"folds: {len(folds)} images in {settings.n_splits} folds (seed {settings.seed}) -> {target}")
+    if inputs is not None:
+        report = folds_report(inputs, folds, spec.n_classes, settings.n_splits, settings.seed)
+        report_path = cfg.path(settings.report or Path(cfg.paths.reports) / f"folds-{cfg.data.dataset}.md")
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(report_path, report.markdown(spec.name) + "\n")
+        print("\n".join(report.lines()))
+        print(f"folds: report -> {report_path}")
+        if report.kit_straddling:
+            raise StageError(
+                f"{target} splits {report.kit_straddling} near-duplicate pair(s) across folds (it was made "
+                "without these groups); rebuild it with FORCE=1 (make folds FORCE=1)"
+            )
     return folds
 
 

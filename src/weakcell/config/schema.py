@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from weakcell.constants import CellScore
+from weakcell.constants import HPA2021_CELL_LINES, CellScore
 
 # A symmetry of the square applied to a crop (``cache.loader.apply_symmetries``): bit 0 flips left-right,
 # bit 1 up-down, bit 2 transposes; there are 8.
@@ -112,6 +112,25 @@ class FoldsConfig(Section):
         None, description="column of the label file whose equal values must share a fold"
     )
     file: str | None = Field(None, description="defaults to {paths.folds}/{data.dataset}.csv")
+    # -- grouped folds (weakcell.folds.fold_groups): near-duplicates and external sets (issue 23) --
+    duplicates: str | None = Field(
+        None,
+        description="near-duplicates JSON of `weakcell duplicates`: each cluster shares a fold; null = no "
+        "duplicate groups (the folds stay those of plain multilabel stratification)",
+    )
+    external: list[str] = Field(
+        default_factory=list,
+        description="external data sets (folders of `make external`: train.csv, sources.csv) whose images "
+        "join the folds file; images of one antibody share a fold",
+    )
+    external_mode: Literal["train_only", "folded"] = Field(
+        "train_only",
+        description="train_only = external images get fold -1 (always trained on, never validated) unless "
+        "a near-duplicate ties them to a competition image, whose fold they take; folded = stratified too",
+    )
+    report: str | None = Field(
+        None, description="folds report (markdown); defaults to {paths.reports}/folds-{data.dataset}.md"
+    )
 
 
 class ClassicalSegmentConfig(Section):
@@ -725,6 +744,53 @@ class ChecksConfig(Section):
     )
 
 
+class ExternalConfig(Section):
+    """Public HPA images as an extra training set (``make external``, ``weakcell.external``): a list of the
+    hosts' form or the 2018 one, fetched politely, converted and labelled into the competition's layout."""
+
+    image_list: str | None = Field(
+        None, description="the public list: the hosts' kaggle_2021.tsv or the 2018 HPAv18RBGY_wodpl.csv"
+    )
+    list_format: Literal["auto", "hpa2021", "hpav18"] = Field(
+        "auto", description="the list's form; auto = from its columns"
+    )
+    base_url: str | None = Field(
+        None,
+        description="where the images live, replacing the list's host (a mirror); null = the list's URLs "
+        "(hpav18: http://v18.proteinatlas.org/images)",
+    )
+    dir: str | None = Field(
+        None, description="output data set; defaults to {paths.data}/{data.dataset}-external"
+    )
+    dry_run: bool = Field(
+        False, description="print counts, bytes, disk and time at the chosen rate; fetch nothing (--dry-run)"
+    )
+    drop_in_trainset: bool = Field(True, description="drop images already in the competition's train set")
+    cell_lines: list[str] | None = Field(
+        default_factory=lambda: list(HPA2021_CELL_LINES),
+        description="keep these cell lines (default: the competition's 17); null = every cell line",
+    )
+    keep_classes: list[int] = Field(
+        default_factory=list,
+        description="classes kept from any cell line (one 2021 team kept 11 Mitotic spindle and 15 Aggresome)",
+    )
+    max_images: int | None = Field(None, ge=1, description="fetch only the first this many selected images")
+    size: int | None = Field(
+        None, ge=64, description="store images at this side (area resampling); null = native size"
+    )
+    png_compression: int = Field(1, ge=0, le=9, description="zlib level of the stored PNGs")
+    workers: int = Field(4, ge=1, description="images fetched at once (threads)")
+    rate: float = Field(8.0, gt=0, description="requests per second at most, over all workers")
+    timeout_s: float = Field(30.0, gt=0, description="connect and read timeout of one request, seconds")
+    retries: int = Field(5, ge=0, description="retries of a request on timeouts, broken bodies, 429 and 5xx")
+    backoff_s: float = Field(
+        1.0, ge=0, description="exponential backoff factor between retries: backoff_s * 2**(n-1) seconds"
+    )
+    check_disk: bool = Field(
+        True, description="refuse when the estimated storage exceeds the free disk space"
+    )
+
+
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
@@ -748,6 +814,7 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    external: ExternalConfig = Field(default_factory=ExternalConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:

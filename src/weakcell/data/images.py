@@ -66,12 +66,17 @@ def read_channel(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(f"cannot decode {path}: {err}; re-download or re-export the file") from err
     if decoded is None:  # cv2 returns None for corrupt or truncated files
         raise ImageReadError(f"cannot decode {path}: corrupt or truncated; re-download or re-export the file")
-    array = np.asarray(decoded)
+    return to_uint8(grayscale_plane(np.asarray(decoded), str(path)), where=str(path))
+
+
+def grayscale_plane(array: np.ndarray, where: str) -> np.ndarray:
+    """A decoded channel file as one ``(H, W)`` plane at its own bit depth: colour files keep their
+    brightest colour component (the stain's own colour), alpha is left out."""
     if array.ndim == 3:
         array = array[..., :3].max(axis=2) if array.shape[2] in (3, 4) else array[0]  # RGB(A) -> max of RGB
     if array.ndim != 2:
-        raise ImageReadError(f"{path}: expected a 2-D grayscale image, got shape {array.shape}")
-    return to_uint8(array, where=str(path))
+        raise ImageReadError(f"{where}: expected a 2-D grayscale image, got shape {array.shape}")
+    return array
 
 
 def read_image(folder: str | os.PathLike[str], image_id: str) -> np.ndarray:
