@@ -104,14 +104,32 @@ class SyntheticConfig(Section):
 
 
 class FoldsConfig(Section):
-    """Multilabel-stratified K-fold at image level (``make folds``)."""
+    """Multilabel-stratified K-fold at image level (``make folds``). Each setting has its own file (see
+    ``file``), so folds of other settings never replace a committed one."""
 
     n_splits: int = Field(5, ge=2)
     seed: int = 42
     group_column: str | None = Field(
         None, description="column of the label file whose equal values must share a fold"
     )
-    file: str | None = Field(None, description="defaults to {paths.folds}/{data.dataset}.csv")
+    file: str | None = Field(
+        None,
+        description="defaults to {paths.folds}/{data.dataset}.csv at the default settings (5 folds, seed "
+        "42, no groups; the committed real-data folds), else {paths.folds}/{data.dataset}-<n_splits>x<seed>"
+        "[-by-<group_column>].csv",
+    )
+
+    def own_name(self) -> str:
+        """What names these settings' folds file after the data set: '' at the defaults, else
+        ``-<n_splits>x<seed>`` plus ``-by-<group_column>``. A setting added later that is not in the name
+        is still recorded beside the file (``weakcell.folds``), which refuses a file of other settings."""
+        settings, defaults = (self.n_splits, self.seed, self.group_column), FoldsConfig()
+        if settings == (defaults.n_splits, defaults.seed, defaults.group_column):
+            return ""
+        name = f"-{self.n_splits}x{self.seed}"
+        if self.group_column is not None:
+            name += "-by-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in self.group_column)
+        return name
 
 
 class ClassicalSegmentConfig(Section):
@@ -788,4 +806,7 @@ class Config(Section):
 
     @property
     def folds_file(self) -> Path:
-        return self.path(self.folds.file or Path(self.paths.folds) / f"{self.data.dataset}.csv")
+        """``folds.file``, else the folds file of these fold settings (``FoldsConfig.own_name``)."""
+        if self.folds.file:
+            return self.path(self.folds.file)
+        return self.path(self.paths.folds) / f"{self.data.dataset}{self.folds.own_name()}.csv"
