@@ -32,18 +32,20 @@ import torch
 from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.augment import crop_augment
 from weakcell.cache.loader import CellCrops, CropAugment
-from weakcell.cache.store import SKIPPED_FILE, CellCache
+from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
-from weakcell.config import OUTPUT_INPUTS, Config, TrainConfig, changed_settings, save_config
+from weakcell.config import Config, TrainConfig, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.data.manifest import folder_hash, table_hash
 from weakcell.engine import fit, predict
 from weakcell.errors import StageError
-from weakcell.folds import read_folds
+from weakcell.folds import load_folds
+from weakcell.lineage import Lineage, is_legacy, stale, write_lineage
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
-from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.outputs import atomic_parquet, atomic_write, atomic_write_json, folder_lock, writing
 from weakcell.scoring import image_metrics, max_pool_images, score_oof
 from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.weights import load_state_dict
@@ -72,6 +74,7 @@ class TrainingSet:
     matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
     trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
     missing: MissingImages | None = None  # labelled images that give training no cells, by reason
+    inputs: dict[str, str | None] | None = None  # fingerprints of what it was read from (training_inputs)
 
     @property
     def n_classes(self) -> int:
@@ -155,14 +158,31 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
         print(f"{stage}: every one of the {missing.labelled} labelled training images is cached with cells")
 
 
+def training_inputs(cfg: Config) -> dict[str, str | None]:
+    """Fingerprints of what a run is trained from (the upstream of its ``weakcell.lineage`` record): the
+    cache (its settings and every image's content), the folds file and the label file as they are now,
+    and the synthetic truth (None for real data). Cheap: hashes of small files and the cache's record."""
+    spec = get_dataset(cfg.data.dataset)
+    truth = None
+    if spec.has_truth:  # the synthetic package is imported for synthetic sets only
+        from weakcell.synthetic.truth import TRUTH
+
+        truth = folder_hash(cfg.data_dir / TRUTH)
+    return {
+        "cache": cache_fingerprint(cfg.cache_dir),
+        "folds": load_folds(cfg)[1],
+        "labels": table_hash(cfg.data_dir / spec.label_file),
+        "truth": truth,
+    }
+
+
 def load_training_set(cfg: Config) -> TrainingSet:
     """Join the cache, the label file and the folds file; every cached training image must have both.
     ``missing`` says which labelled images the cache lacks (``check_missing`` decides whether to go on)."""
     spec = get_dataset(cfg.data.dataset)
+    inputs = training_inputs(cfg)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
-    if not cfg.folds_file.is_file():
-        raise FileNotFoundError(f"no folds file {cfg.folds_file}; run `make folds` first")
-    folds = read_folds(cfg.folds_file)
+    folds, _ = load_folds(cfg)
     cache = CellCache(cfg.cache_dir)
     images = cache.images[cache.images["split"] == "train"][["image_id"]]
     images = images.merge(labels.rename(columns={"ID": "image_id"})[["image_id", "labels"]], how="left")
@@ -193,7 +213,7 @@ def load_training_set(cfg: Config) -> TrainingSet:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
     missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
-    return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
+    return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing, inputs=inputs)
 
 
 def true_cell_targets(
@@ -393,15 +413,18 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
     cell_probs = np.zeros((len(data.cache.cells), n_classes), dtype=np.float64)
     cell_probs[outputs["index"]] = sigmoid(outputs["logits"])
     fold_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id); atomic
-        tmp = fold_dir / "oof_embeddings.tmp.npz"
-        np.savez(
-            tmp,
-            image_id=val_table["image_id"].to_numpy(str),
-            cell_id=val_table["cell_id"].to_numpy(np.int64),
-            embeddings=embeddings[val_cells].astype(np.float16),
-        )
-        tmp.replace(fold_dir / "oof_embeddings.npz")
+    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id)
+
+        def write_embeddings(tmp: Path) -> None:
+            with open(tmp, "wb") as stream:  # a stream: np.savez would append .npz to a file name
+                np.savez(
+                    stream,
+                    image_id=val_table["image_id"].to_numpy(str),
+                    cell_id=val_table["cell_id"].to_numpy(np.int64),
+                    embeddings=embeddings[val_cells].astype(np.float16),
+                )
+
+        atomic_write(fold_dir / "oof_embeddings.npz", write_embeddings)
     if not plan.stage2:
         oof_image, oof_cell = stage1_tables(val_table, cell_probs[val_cells], val_images, n_classes)
         return _finish(plan, oof_image, oof_cell, fold_start)
@@ -496,7 +519,7 @@ def _finish(
     _write_parquet(oof_cell, plan.folder / "oof_cell.parquet")
     _write_parquet(oof_image, plan.folder / "oof_image.parquet")
     if is_main_process():  # a reused fold still reports what it cost (ablation wall times)
-        (plan.folder / "fold.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        atomic_write_json(plan.folder / "fold.json", {"seconds": time.perf_counter() - start}, indent=None)
     return oof_image, oof_cell
 
 
@@ -536,7 +559,7 @@ def is_main_process() -> bool:
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
     if is_main_process():
-        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+        atomic_parquet(path, table)
 
 
 # -- the stage ----------------------------------------------------------------------------------------
@@ -566,23 +589,38 @@ def run(cfg: Config) -> dict[str, float]:
         return _train(cfg)
 
 
+def check_run(cfg: Config, lineage: Lineage, stage: str) -> None:
+    """Refuse a run folder whose finished folds were made from other settings or data than ``lineage``
+    (retraining would discard them: the user says so with FORCE=1 or another name)."""
+    run_dir = cfg.run_dir
+    differ = stale(run_dir, lineage, cfg)
+    if differ:
+        redo = "retrain it with FORCE=1 or give the new run another name (name=...)"
+        if stage != "train":
+            redo = "retrain it (make train FORCE=1) or refine a run trained on them (name=...)"
+        raise StageError(
+            f"run {run_dir} was trained with other settings or data ({', '.join(differ[:6])}); {redo}"
+        )
+    if is_legacy(run_dir):
+        print(
+            f"{stage}: {run_dir} has no lineage record (an older weakcell); its settings match, so it is "
+            "taken as made from the current cache, folds and labels"
+        )
+
+
 def _train(cfg: Config) -> dict[str, float]:
     run_dir = cfg.run_dir
-    if not cfg.force:
-        # finished folds are reused: only while what they computed from is the same
-        differ = changed_settings(run_dir, cfg, OUTPUT_INPUTS["run"])
-        if differ:
-            raise StageError(
-                f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
-                "FORCE=1 or give the new run another name (name=...)"
-            )
+    lineage = Lineage.of("run", cfg, **training_inputs(cfg))
+    if not cfg.force:  # finished folds are reused: only while what they were made from is the same
+        check_run(cfg, lineage, "train")
     data = load_training_set(cfg)
     if data.missing is not None:
         check_missing(cfg, data.missing, "train")
     if is_main_process():
         with writing(run_dir / "config.yaml"):
             save_config(cfg, run_dir)
-        atomic_write_text(run_dir / "run.json", json.dumps(run_record(cfg, data), indent=2))
+            write_lineage(run_dir, lineage)
+        atomic_write_json(run_dir / "run.json", run_record(cfg, data))
     return train_round(cfg, data, run_dir)
 
 
@@ -626,7 +664,7 @@ def train_round(
     )
     if not is_main_process():
         return metrics
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(run_dir / "metrics.json", metrics)
     maps = draw_attention_maps(
         cfg.data_dir,
         data.spec.train_dir,
