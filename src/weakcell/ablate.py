@@ -41,6 +41,7 @@ from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
+from weakcell.outputs import atomic_savefig, atomic_write_text
 from weakcell.scoring import cell_scores, max_pool_images
 from weakcell.train import TrainingSet, load_training_set
 
@@ -494,10 +495,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # off the bars
     axis.set_title("weakcell ablations")
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    atomic_savefig(path, figure, dpi=110)
     plt.close(figure)
-    tmp.replace(path)
 
 
 def run(cfg: Config) -> pd.DataFrame:
@@ -511,8 +510,9 @@ def run(cfg: Config) -> pd.DataFrame:
     checks = targets(summary, cfg.ablate.rounds)
     reports = cfg.path(cfg.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "leaderboard.md").write_text(markdown(summary, cfg, checks, seconds))
-    (reports / "leaderboard.json").write_text(
+    atomic_write_text(reports / "leaderboard.md", markdown(summary, cfg, checks, seconds))
+    atomic_write_text(
+        reports / "leaderboard.json",
         json.dumps(
             {
                 "rows": summary.to_dict(orient="records"),
@@ -522,7 +522,7 @@ def run(cfg: Config) -> pd.DataFrame:
             },
             indent=2,
             default=float,
-        )
+        ),
     )
     plot(summary, reports / "leaderboard.png")
     shown = ["variant", *[c for c in COLUMNS if c in summary and c != "variant"]]

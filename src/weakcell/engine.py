@@ -63,6 +63,7 @@ from weakcell.config import OUTPUT_INPUTS, TrainConfig
 from weakcell.devices import auto_device
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
 from weakcell.errors import StageError
+from weakcell.outputs import atomic_csv, atomic_savefig, atomic_write
 from weakcell.weights import WeightsError, load_weights_only
 
 log = logging.getLogger(__name__)
@@ -292,12 +293,7 @@ class ModelEma:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path.tmp``, flushed to disk, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -368,10 +364,7 @@ def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, see
 
 def write_epoch_log(history: list[dict[str, float]], out_dir: Path) -> None:
     """``epochs.csv``, one row per epoch, rewritten whole (atomically) after each epoch."""
-    target = out_dir / "epochs.csv"
-    tmp = target.with_name(target.name + ".tmp")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, target)
+    atomic_csv(out_dir / "epochs.csv", pd.DataFrame(history))
 
 
 def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
@@ -393,10 +386,7 @@ def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if columns:
             ax.legend(fontsize=8)
-    target = out_dir / "curves.png"
-    tmp = target.with_name(target.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, target)
+    atomic_savefig(out_dir / "curves.png", figure, dpi=90)
 
 
 # -- inference ----------------------------------------------------------------------------------------

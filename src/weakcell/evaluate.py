@@ -58,6 +58,7 @@ from weakcell.metrics import (
     per_class_ap,
     predicted_classes,
 )
+from weakcell.outputs import atomic_write_text
 from weakcell.scoring import ALTERNATIVES, cell_score_variants
 from weakcell.submission import mask_pixels
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
@@ -480,10 +481,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def _write_text(text: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:
