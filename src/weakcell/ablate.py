@@ -40,6 +40,7 @@ import pandas as pd
 from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
+from weakcell.folds import describe_folds
 from weakcell.kagglekit.naming import slugify
 from weakcell.outputs import atomic_savefig, atomic_write_text
 from weakcell.scoring import cell_scores, max_pool_images
@@ -449,7 +450,7 @@ def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
     spread = "mean ± sd over the seeds" if len(seeds) > 1 else "one seed"
     return (
         f"# Leaderboard: {cfg.name} on {cfg.data.dataset} (`make ablate`)\n\n"
-        f"Same folds ({cfg.folds_file.name}, fold seed {cfg.folds.seed}) and data for every row; training seeds "
+        f"Same folds ({describe_folds(cfg.folds_file)}) and data for every row; training seeds "
         f"{', '.join(map(str, seeds))} ({spread}); {cfg.model.backbone}, crops {cfg.cache.crop_size} px, "
         f"{cfg.train.epochs} epochs + {cfg.refine.epochs} per refinement round (pseudo-labels from nested inner "
         f"models: no fold's labels reach its own model); the oracle trains "

@@ -260,6 +260,19 @@ def inner_config(cfg: Config, round_: int) -> Config:
     )
 
 
+def check_round(this_round: Config, out_dir: Path, previous: Lineage) -> Lineage:
+    """The lineage of a round continuing ``previous`` (the run or the round before); a finished round made
+    from anything else is refused in one line naming what changed, unless ``force``."""
+    lineage = Lineage.of("refine", this_round, previous=previous.fingerprint)
+    differ = stale(out_dir, lineage, this_round)
+    if differ and not this_round.force:
+        raise StageError(
+            f"round {out_dir} was trained with other settings or data ({', '.join(differ[:6])}); redo it "
+            "with FORCE=1 or give the run another name (name=...)"
+        )
+    return lineage
+
+
 def _refine(cfg: Config) -> list[dict[str, float]]:
     data = load_training_set(cfg)
     if data.missing is not None:
@@ -287,13 +300,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
     for round_ in range(1, cfg.refine.rounds + 1):
         this_round, before = round_config(cfg, round_), inner_config(cfg, round_ - 1)
         out_dir = cfg.round_dir(round_)
-        lineage = Lineage.of("refine", this_round, previous=upstream.fingerprint)
-        differ = stale(out_dir, lineage, this_round)
-        if differ and not cfg.force:
-            raise StageError(
-                f"round {out_dir} was trained with other settings or data ({', '.join(differ[:6])}); redo it "
-                "with FORCE=1 or give the run another name (name=...)"
-            )
+        lineage = check_round(this_round, out_dir, previous=upstream)
         current: dict[int, FoldTargets] = {}
         for outer in outer_folds:
             predictions = None

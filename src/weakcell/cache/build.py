@@ -37,6 +37,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from weakcell.cache.content import current_images, finished_images
 from weakcell.cache.crops import cut_crops
 from weakcell.cache.store import (
     CELLS_COLUMNS,
@@ -55,7 +56,7 @@ from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
-from weakcell.data.manifest import FileHasher, FileRecord, hash_image_files, image_files, memo_path
+from weakcell.data.manifest import FileRecord, hash_image_files
 from weakcell.errors import StageError
 from weakcell.lineage import RECORD as LINEAGE_FILE
 from weakcell.lineage import write_lineage
@@ -393,62 +394,6 @@ def read_committed(shards_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # -- stage entry points ---------------------------------------------------------------------------------
 
 
-# -- which images are finished -----------------------------------------------------------------------
-
-
-def recorded_hashes(images: pd.DataFrame) -> pd.Series:
-    """The content hash each committed images row records, '' for rows from before hashes were recorded
-    (shard indexes without the column, or concatenated with ones that have it)."""
-    if "content_hash" not in images:
-        return pd.Series("", index=images.index, dtype=object)
-    return images["content_hash"].astype(object).where(images["content_hash"].notna(), "")
-
-
-def current_rows(
-    images: pd.DataFrame, hashes: dict[str, str], shards_dir: Path, folders: dict[str, str]
-) -> np.ndarray:
-    """(len(images),) bool: whether each committed images row describes its image as its files are now.
-
-    An ``ok`` row does when its content hash is the files' current one (``hashes``); a row committed before
-    hashes were recorded, when none of the image's channel files was modified after its commit (a data
-    set regenerated since is cached again). Skipped rows (retried on every run anyway) and rows of images
-    this run does not list (another split, an image since dropped from the label file) are kept as they are.
-    """
-    recorded = recorded_hashes(images).to_numpy()
-    now = images["image_id"].map(hashes).to_numpy()
-    judged = (images["status"] == "ok").to_numpy() & images["image_id"].isin(hashes.keys()).to_numpy()
-    current = ~judged | (recorded == now)
-    for position in np.flatnonzero(judged & (recorded == "")):
-        image_id, commit = images["image_id"].iat[position], images["commit"].iat[position]
-        committed_at = (shards_dir / f"{commit}.images.parquet").stat().st_mtime_ns
-        files = [path for path in image_files(folders[image_id], image_id) if path is not None]
-        current[position] = all(path.stat().st_mtime_ns <= committed_at for path in files)
-    return current
-
-
-def content_now(
-    cfg: Config, cache_dir: Path, images: pd.DataFrame, tasks: list[ImageTask]
-) -> tuple[FileHasher, dict[str, str]]:
-    """The current content hash of every image of ``tasks`` with an ``ok`` row in ``images`` (the others
-    are hashed by the worker that caches them), read from the memo where the files are unchanged."""
-    hasher = FileHasher(cfg.data_dir, memo_path(cache_dir, cfg.data_dir))
-    cached = set(images.loc[images["status"] == "ok", "image_id"])
-    hashes = hasher.image_hashes((t.image_id, t.folder) for t in tasks if t.image_id in cached)
-    return hasher, hashes
-
-
-def finished_images(
-    cfg: Config, cache_dir: Path, tasks: list[ImageTask], done: pd.DataFrame
-) -> tuple[set[str], set[str], FileHasher]:
-    """Which of ``tasks`` are finished (an ``ok`` row for their current content) and which were cached from
-    content their files no longer hold (to be cached again); with the hasher that judged them."""
-    hasher, hashes = content_now(cfg, cache_dir, done, tasks)
-    folders = {t.image_id: t.folder for t in tasks}
-    ok = done[(done["status"] == "ok") & done["image_id"].isin(hashes.keys())]
-    finished = set(ok.loc[current_rows(ok, hashes, cache_dir / SHARDS_DIR, folders), "image_id"])
-    return finished, set(hashes) - finished, hasher
-
-
 def _part_marker(cache_dir: Path, part: int, n_parts: int) -> Path:
     return cache_dir / PARTS_DIR / f"part{part:03d}-of-{n_parts:03d}.json"
 
@@ -510,7 +455,8 @@ def _cache_part(cfg: Config) -> Path:
     # After ``force`` only this run's commits count, even where an earlier differently split run left some.
     if cfg.force:
         done_images = done_images.iloc[:0]
-    finished, changed, hasher = finished_images(cfg, cache_dir, tasks, done_images)
+    folders = {t.image_id: t.folder for t in tasks}
+    finished, changed, hasher = finished_images(cfg.data_dir, cache_dir, folders, done_images)
     todo = [t for t in tasks if t.image_id not in finished]
 
     size = cfg.cache.crop_size
@@ -530,8 +476,9 @@ def _cache_part(cfg: Config) -> Path:
             hasher.save()
 
     images, _ = read_committed(shards_dir)
-    ids = {t.image_id for t in tasks}
-    images = current_images(cfg, images[images["image_id"].isin(ids)], tasks)
+    images = _latest(
+        current_images(cfg.data_dir, cache_dir, images[images["image_id"].isin(folders)], folders)
+    )
     n_cells = int(images["n_cells"].sum())
     n_skipped = int((images["status"] == "skipped").sum())
     seconds = time.perf_counter() - started
@@ -554,20 +501,6 @@ def _cache_part(cfg: Config) -> Path:
         f"{seconds:.1f} s -> {where}"
     )
     return cache_dir
-
-
-def current_images(cfg: Config, images: pd.DataFrame, tasks: list[ImageTask]) -> pd.DataFrame:
-    """One committed row per image as its files are now (``current_rows``, then ``_latest``); a row of an
-    image cached before content hashes were recorded gets its current hash."""
-    _, hashes = content_now(cfg, cfg.cache_dir, images, tasks)
-    folders = {t.image_id: t.folder for t in tasks}
-    images = images[current_rows(images, hashes, cfg.cache_dir / SHARDS_DIR, folders)]
-    images = images.assign(content_hash=recorded_hashes(images))
-    adopted = (
-        (images["content_hash"] == "") & images["image_id"].isin(hashes.keys()) & (images["status"] == "ok")
-    )
-    images.loc[adopted, "content_hash"] = images.loc[adopted, "image_id"].map(hashes)
-    return _latest(images)
 
 
 def _latest(images: pd.DataFrame) -> pd.DataFrame:
@@ -596,7 +529,8 @@ def _merge(cfg: Config, quiet: bool) -> Path:
             f"(run `weakcell cache ... cache.num_shards={n_parts} cache.shard_index=<part>` for each)"
         )
     images, cells = read_committed(cache_dir / SHARDS_DIR)
-    images = current_images(cfg, images, plan_images(cfg))
+    folders = {t.image_id: t.folder for t in plan_images(cfg)}
+    images = _latest(current_images(cfg.data_dir, cache_dir, images, folders))
     split_rank = {split: i for i, split in enumerate(cfg.cache.splits)}
     images = images.assign(_split=images["split"].map(split_rank)).sort_values(["_split", "image_id"])
     ok = images.loc[images["status"] == "ok", ["image_id", "commit"]]
