@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-lineage bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -75,7 +75,7 @@ preview: $(STAMP) ## montage of the synthetic set -> reports/preview_<dataset>.p
 folds: $(STAMP) ## multilabel-stratified K folds -> folds/<dataset>.csv
 	$(WEAKCELL) folds $(CONFIG) $(OVERRIDES)
 
-folds-hpa2021: $(STAMP) ## rebuild the committed folds/hpa2021.csv from ../shared/data/hpa2021/train.csv
+folds-hpa2021: $(STAMP) ## check the committed folds/hpa2021.csv (and its record) against ../shared/data/hpa2021/train.csv; other settings get their own file
 	$(WEAKCELL) folds configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 $(OVERRIDES)
 
 cache: $(STAMP) ## segment every image, cache cell crops -> cache/<dataset>/<backend>/ (--shard-index/--num-shards via ARGS)
@@ -168,6 +168,9 @@ submit: $(STAMP) ## 2018: kaggle competitions submit; 2021: kaggle kernels push 
 VERSION ?=
 submit-kernel: $(STAMP) ## 2021: submit submission.csv of version VERSION=n of the pushed kernel (kaggle competitions submit -k -v)
 	$(WEAKCELL) submit-kernel $(CONFIG) $(if $(VERSION),kaggle.kernel_version=$(VERSION)) $(OVERRIDES)
+
+bench-lineage: $(STAMP) ## content hashing speed on real PNGs, the demo's manifest and cache cost -> benchmarks/lineage.md
+	$(PY) benchmarks/bench_lineage.py
 
 bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
 	$(PY) benchmarks/bench_synthetic.py

@@ -5,6 +5,7 @@ are configured."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,12 +13,20 @@ import pytest
 
 from tests.conftest import REPO, shared_path
 from tests.test_folds import N_CLASSES, _random_labels
-from weakcell.config import load_config
+from weakcell.config import Config, load_config
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file
 from weakcell.errors import StageError
-from weakcell.fold_groups import COMPETITION, FoldInputs, group_codes, straddling, twins_in_test
+from weakcell.fold_groups import (
+    COMPETITION,
+    FoldInputs,
+    fold_inputs,
+    group_codes,
+    straddling,
+    twins_in_test,
+)
 from weakcell.folds import grouped_folds, make_folds, plain_folds, read_folds, run
+from weakcell.folds_record import FoldsRecord
 
 NO_PAIRS = pd.DataFrame({"a": [], "b": [], "distance": []})
 
@@ -111,13 +120,16 @@ def test_make_folds_writes_the_report_warns_of_test_twins_and_refuses_leaky_file
     pairs += [{"a": "e3", "b": "img0050", "distance": 2}, {"a": "img0007", "b": "t2", "distance": 6}]
     duplicates.write_text(json.dumps({"pairs": pairs, "clusters": []}))
     base = [f"paths.root={tmp_path}", "data.dataset=hpa2021"]
-    plain = run(load_config(None, base))  # today's folds first: the file the report must refuse
+    plain_cfg = load_config(None, base)
+    plain = run(plain_cfg)  # today's folds first
     assert len(plain) == 100
+    plain_bytes = plain_cfg.folds_file.read_bytes()
     capsys.readouterr()
     grouped = [*base, f"folds.duplicates={duplicates}", f"folds.external=[{tmp_path / 'ext'}]"]
-    with pytest.raises(StageError, match="FORCE=1"):
-        run(load_config(None, grouped))
-    folds = run(load_config(None, [*grouped, "force=true"])).set_index("ID")["fold"]
+    grouped_cfg = load_config(None, grouped)
+    # grouped settings get a file of their own, which records the groups' inputs; the plain file stays
+    assert grouped_cfg.folds_file == tmp_path / "folds" / "hpa2021-5x42-dups-ext.csv"
+    folds = run(grouped_cfg).set_index("ID")["fold"]
     out = capsys.readouterr().out
     assert folds["e3"] == folds["img0050"] and folds["e1"] == folds["e2"] == -1
     assert "21 near-duplicate pairs among the folded images (1 more name other images)" in out
@@ -127,3 +139,34 @@ def test_make_folds_writes_the_report_warns_of_test_twins_and_refuses_leaky_file
     assert "| kit: grouped by antibody and near-duplicate cluster | 0 | 0% | 0 |" in report
     assert "| t2 | img0007 | 6 |" in report
     assert "103 images in" in report and "3 external images, 2 train-only (fold -1)" in report
+    assert plain_cfg.folds_file.read_bytes() == plain_bytes
+    record = FoldsRecord.read(grouped_cfg.folds_file)
+    assert record is not None and set(record.lineage.upstream) == {"labels", "duplicates", "external"}
+    assert record.describe() == "5 folds, seed 42, near-duplicates of dups.json, 1 external set(s) train_only"
+    assert "reused" in _rerun(grouped_cfg, capsys)
+    # a file of one's own that splits pairs (plain stratification over the same images) is refused
+    mine = tmp_path / "mine.csv"
+    plain_folds(fold_inputs(grouped_cfg, get_dataset("hpa2021"), _labels(data)), N_CLASSES, 5, 42).to_csv(
+        mine, index=False
+    )
+    with pytest.raises(StageError, match=r"splits \d+ near-duplicate pair.*FORCE=1"):
+        run(load_config(None, [*grouped, f"folds.file={mine}"]))
+    assert run(load_config(None, [*grouped, f"folds.file={mine}", "force=true"])).equals(
+        read_folds(grouped_cfg.folds_file)
+    )
+    # a duplicates file from elsewhere: the same file name, but its record refuses it
+    elsewhere = tmp_path / "other" / "dups.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(duplicates.read_text())
+    other = [*base, f"folds.duplicates={elsewhere}", f"folds.external=[{tmp_path / 'ext'}]"]
+    with pytest.raises(StageError, match=r"folds\.duplicates: .* point folds\.file at another file"):
+        run(load_config(None, other))
+
+
+def _rerun(cfg: Config, capsys: pytest.CaptureFixture[str]) -> str:
+    run(cfg)
+    return capsys.readouterr().out
+
+
+def _labels(data: Path) -> pd.DataFrame:
+    return read_label_file(data / "train.csv", get_dataset("hpa2021"))

@@ -42,6 +42,7 @@ from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
+from weakcell.outputs import atomic_write_text
 from weakcell.scoring import cell_scores, max_pool_images
 from weakcell.training_set import TrainingSet, load_training_set
 
@@ -351,8 +352,9 @@ def run(cfg: Config) -> pd.DataFrame:
     checks = targets(summary, cfg.ablate.rounds)
     reports = cfg.path(cfg.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "leaderboard.md").write_text(markdown(summary, cfg, checks, seconds))
-    (reports / "leaderboard.json").write_text(
+    atomic_write_text(reports / "leaderboard.md", markdown(summary, cfg, checks, seconds))
+    atomic_write_text(
+        reports / "leaderboard.json",
         json.dumps(
             {
                 "rows": summary.to_dict(orient="records"),
@@ -362,7 +364,7 @@ def run(cfg: Config) -> pd.DataFrame:
             },
             indent=2,
             default=float,
-        )
+        ),
     )
     plot(summary, reports / "leaderboard.png")
     shown = ["variant", *[c for c in COLUMNS if c in summary and c != "variant"]]

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import Config
+from weakcell.folds_record import describe_folds
+from weakcell.outputs import atomic_savefig
 
 ORACLE_ROW = "oracle: true cell labels"
 
@@ -120,7 +122,7 @@ def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
     spread = "mean ± sd over the seeds" if len(seeds) > 1 else "one seed"
     return (
         f"# Leaderboard: {cfg.name} on {cfg.data.dataset} (`make ablate`)\n\n"
-        f"Same folds ({cfg.folds_file.name}, fold seed {cfg.folds.seed}) and data for every row; training seeds "
+        f"Same folds ({describe_folds(cfg.folds_file)}) and data for every row; training seeds "
         f"{', '.join(map(str, seeds))} ({spread}); {cfg.model.backbone}, crops {cfg.cache.crop_size} px, "
         f"{cfg.train.epochs} epochs + {cfg.refine.epochs} per refinement round (pseudo-labels from nested inner "
         f"models: no fold's labels reach its own model); the oracle trains "
@@ -166,7 +168,5 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # off the bars
     axis.set_title("weakcell ablations")
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    atomic_savefig(path, figure, dpi=110)
     plt.close(figure)
-    tmp.replace(path)

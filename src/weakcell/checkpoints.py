@@ -16,6 +16,7 @@ import torch
 from weakcell.config import OUTPUT_INPUTS, TrainConfig
 from weakcell.distributed import World
 from weakcell.errors import StageError
+from weakcell.outputs import atomic_write
 from weakcell.weights import WeightsError, load_weights_only
 
 CHECKPOINT_FORMAT = 1
@@ -23,12 +24,7 @@ CHECKPOINT_FORMAT = 1
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path.tmp``, flushed to disk, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from weakcell.outputs import atomic_csv, atomic_savefig
 
 # Columns of epochs.csv that measure the machine, not the training (they differ between identical runs).
 TIMING_COLUMNS = ("seconds", "samples_per_s")
@@ -15,10 +16,7 @@ TIMING_COLUMNS = ("seconds", "samples_per_s")
 
 def write_epoch_log(history: list[dict[str, float]], out_dir: Path) -> None:
     """``epochs.csv``, one row per epoch, rewritten whole (atomically) after each epoch."""
-    target = out_dir / "epochs.csv"
-    tmp = target.with_name(target.name + ".tmp")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, target)
+    atomic_csv(out_dir / "epochs.csv", pd.DataFrame(history))
 
 
 def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
@@ -40,7 +38,4 @@ def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if columns:
             ax.legend(fontsize=8)
-    target = out_dir / "curves.png"
-    tmp = target.with_name(target.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, target)
+    atomic_savefig(out_dir / "curves.png", figure, dpi=90)

@@ -5,7 +5,6 @@ attention maps, and the summary printed at the end. Scoring is ``weakcell.evalua
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ import pandas as pd
 
 from weakcell.config import Config
 from weakcell.constants import prob_columns
+from weakcell.outputs import atomic_write_text
 
 if TYPE_CHECKING:
     from weakcell.training_set import TrainingSet
@@ -51,10 +51,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 def write_text(text: str, path: Path) -> Path:
     """Write ``text`` to ``path`` atomically (its folder made when missing); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:

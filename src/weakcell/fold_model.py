@@ -37,7 +37,7 @@ from weakcell.engine import fit, predict
 from weakcell.labelled_crops import LabelledCrops, balanced_sample_weights, class_pos_weight
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
-from weakcell.outputs import atomic_write
+from weakcell.outputs import atomic_parquet, atomic_write, atomic_write_json
 from weakcell.scoring import image_metrics, max_pool_images
 from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.training_set import TrainingSet
@@ -229,16 +229,23 @@ def embed(
     cell_probs = np.zeros((len(data.cache.cells), data.n_classes), dtype=np.float64)
     cell_probs[outputs["index"]] = sigmoid(outputs["logits"])
     plan.folder.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id); atomic
-        tmp = plan.folder / "oof_embeddings.tmp.npz"
-        np.savez(
-            tmp,
-            image_id=held_out.table["image_id"].to_numpy(str),
-            cell_id=held_out.table["cell_id"].to_numpy(np.int64),
-            embeddings=embeddings[held_out.cells].astype(np.float16),
+    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id)
+        atomic_write(
+            plan.folder / "oof_embeddings.npz",
+            partial(_write_embeddings, held_out.table, embeddings[held_out.cells].astype(np.float16)),
         )
-        tmp.replace(plan.folder / "oof_embeddings.npz")
     return Embedded(embeddings, cell_probs)
+
+
+def _write_embeddings(table: pd.DataFrame, embeddings: np.ndarray, tmp: Path) -> None:
+    """``oof_embeddings.npz`` (image_id, cell_id, embeddings) into ``tmp``, the temporary of an atomic write."""
+    with open(tmp, "wb") as stream:  # a stream: np.savez would append .npz to a file name
+        np.savez(
+            stream,
+            image_id=table["image_id"].to_numpy(str),
+            cell_id=table["cell_id"].to_numpy(np.int64),
+            embeddings=embeddings,
+        )
 
 
 def stage2(
@@ -359,7 +366,7 @@ def _finish(plan: FoldModel, oof_image: pd.DataFrame, oof_cell: pd.DataFrame, st
     write_parquet(oof_cell, plan.folder / "oof_cell.parquet")
     write_parquet(oof_image, plan.folder / "oof_image.parquet")
     if is_main_process():  # a reused fold still reports what it cost (ablation wall times)
-        (plan.folder / "fold.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        atomic_write_json(plan.folder / "fold.json", {"seconds": time.perf_counter() - start}, indent=None)
     return oof_image, oof_cell
 
 
@@ -372,4 +379,4 @@ def fold_seconds(fold_dir: Path) -> float:
 def write_parquet(table: pd.DataFrame, path: Path) -> None:
     """Write ``table`` atomically, from the main process alone."""
     if is_main_process():
-        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+        atomic_parquet(path, table)

@@ -1,10 +1,10 @@
 """What a round of fold models leaves besides its predictions: the run record (``config.yaml``,
-``run.json``: seed, git commit, the labelled images the cache lacked), and its report (attention maps of a
-few out-of-fold images, the one-line summary). Training computes; this module records and shows."""
+``lineage.json``, ``run.json``: seed, git commit, the labelled images the cache lacked), and its report
+(attention maps of a few out-of-fold images, the one-line summary). Training computes; this module
+records and shows."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -13,7 +13,8 @@ import pandas as pd
 from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.config import Config, save_config
 from weakcell.distributed import is_main_process
-from weakcell.outputs import atomic_write_text, writing
+from weakcell.lineage import Lineage, write_lineage
+from weakcell.outputs import atomic_write_json, writing
 from weakcell.training_set import TrainingSet
 
 
@@ -34,13 +35,15 @@ def run_record(cfg: Config, data: TrainingSet) -> dict[str, object]:
     return record
 
 
-def record_round(cfg: Config, data: TrainingSet, round_dir: Path) -> None:
-    """Write the settings a run or round trains with (``config.yaml``) and its ``run.json`` (main process)."""
+def record_round(cfg: Config, data: TrainingSet, round_dir: Path, lineage: Lineage) -> None:
+    """Write the settings a run or round trains with (``config.yaml``), what it is made from
+    (``lineage.json``: ``weakcell.lineage``) and its ``run.json`` (main process)."""
     if not is_main_process():
         return
     with writing(round_dir / "config.yaml"):
         save_config(cfg, round_dir)
-    atomic_write_text(round_dir / "run.json", json.dumps(run_record(cfg, data), indent=2))
+        write_lineage(round_dir, lineage)
+    atomic_write_json(round_dir / "run.json", run_record(cfg, data))
 
 
 def report_round(

@@ -16,7 +16,6 @@ cell). Exit code 0, or 2 with one line naming the file or row at fault.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ import pandas as pd
 from weakcell.competition_metric import READINGS, TrueCells, Verified, score_submission, true_cells
 from weakcell.constants import HPA2021_CLASSES
 from weakcell.data.labels import LabelError, parse_labels
+from weakcell.outputs import atomic_write_json
 
 TRUTH_COLUMNS = ("image_id", "cell_id", "Label")
 
@@ -163,7 +163,7 @@ def score_main(argv: list[str] | None = None) -> int:
         }
         target = Path(args.json)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(target, payload)
         print(f"score: -> {target}")
     return 0
 

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
+from weakcell.config import Config
 from weakcell.distributed import is_main_process
 from weakcell.errors import StageError
 from weakcell.fold_model import fold_seconds, train_fold, write_parquet
-from weakcell.outputs import folder_lock
+from weakcell.lineage import Lineage, is_legacy, stale
+from weakcell.outputs import atomic_write_json, folder_lock
 from weakcell.round_report import record_round, report_round
 from weakcell.scoring import score_oof
-from weakcell.training_set import TrainingSet, open_training_set
+from weakcell.training_set import TrainingSet, open_training_set, training_inputs
 
 
 def run(cfg: Config) -> dict[str, float]:
@@ -33,18 +34,32 @@ def run(cfg: Config) -> dict[str, float]:
         return _train(cfg)
 
 
+def check_run(cfg: Config, lineage: Lineage, stage: str) -> None:
+    """Refuse a run folder whose finished folds were made from other settings or data than ``lineage``
+    (retraining would discard them: the user says so with FORCE=1 or another name)."""
+    run_dir = cfg.run_dir
+    differ = stale(run_dir, lineage, cfg)
+    if differ:
+        redo = "retrain it with FORCE=1 or give the new run another name (name=...)"
+        if stage != "train":
+            redo = "retrain it (make train FORCE=1) or refine a run trained on them (name=...)"
+        raise StageError(
+            f"run {run_dir} was trained with other settings or data ({', '.join(differ[:6])}); {redo}"
+        )
+    if is_legacy(run_dir):
+        print(
+            f"{stage}: {run_dir} has no lineage record (an older weakcell); its settings match, so it is "
+            "taken as made from the current cache, folds and labels"
+        )
+
+
 def _train(cfg: Config) -> dict[str, float]:
     run_dir = cfg.run_dir
-    if not cfg.force:
-        # finished folds are reused: only while what they computed from is the same
-        differ = changed_settings(run_dir, cfg, OUTPUT_INPUTS["run"])
-        if differ:
-            raise StageError(
-                f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
-                "FORCE=1 or give the new run another name (name=...)"
-            )
+    lineage = Lineage.of("run", cfg, **training_inputs(cfg))
+    if not cfg.force:  # finished folds are reused: only while what they were made from is the same
+        check_run(cfg, lineage, "train")
     data = open_training_set(cfg, "train")
-    record_round(cfg, data, run_dir)
+    record_round(cfg, data, run_dir, lineage)
     return train_round(cfg, data, run_dir)
 
 
@@ -88,7 +103,7 @@ def train_round(
     )
     if not is_main_process():
         return metrics
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(run_dir / "metrics.json", metrics)
     report_round(cfg, data, run_dir, oof_image, oof_cell, metrics)
     return metrics
 

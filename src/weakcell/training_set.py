@@ -1,6 +1,7 @@
 """What training reads: the training split of the cell-crop cache joined with the label file and the folds
-file (``TrainingSet``), the targets each cell learns from (inherited image labels, or the synthetic set's
-true cell labels for the oracle), and which labelled images give training no cells (``MissingImages``).
+file (``TrainingSet``, with the fingerprints of what it was read from: ``training_inputs``), the targets
+each cell learns from (inherited image labels, or the synthetic set's true cell labels for the oracle),
+and which labelled images give training no cells (``MissingImages``).
 
 Training (``weakcell.train``), refinement, evaluation and the ablation all start from ``load_training_set``.
 """
@@ -13,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from weakcell.cache.store import SKIPPED_FILE, CellCache
+from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
 from weakcell.cell_truth import cell_truth_table
 from weakcell.config import Config
 from weakcell.constants import NEGATIVE
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.data.manifest import folder_hash, table_hash
 from weakcell.errors import StageError
-from weakcell.folds import read_folds
+from weakcell.folds_record import load_folds
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TrainingSet:
     matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
     trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
     missing: MissingImages | None = None  # labelled images that give training no cells, by reason
+    inputs: dict[str, str | None] | None = None  # fingerprints of what it was read from (training_inputs)
 
     @property
     def n_classes(self) -> int:
@@ -139,14 +142,31 @@ def open_training_set(cfg: Config, stage: str) -> TrainingSet:
     return data
 
 
+def training_inputs(cfg: Config) -> dict[str, str | None]:
+    """Fingerprints of what a run is trained from (the upstream of its ``weakcell.lineage`` record): the
+    cache (its settings and every image's content), the folds file and the label file as they are now,
+    and the synthetic truth (None for real data). Cheap: hashes of small files and the cache's record."""
+    spec = get_dataset(cfg.data.dataset)
+    truth = None
+    if spec.has_truth:  # the synthetic package is imported for synthetic sets only
+        from weakcell.synthetic.truth import TRUTH
+
+        truth = folder_hash(cfg.data_dir / TRUTH)
+    return {
+        "cache": cache_fingerprint(cfg.cache_dir),
+        "folds": load_folds(cfg)[1],
+        "labels": table_hash(cfg.data_dir / spec.label_file),
+        "truth": truth,
+    }
+
+
 def load_training_set(cfg: Config) -> TrainingSet:
     """Join the cache, the label file and the folds file; every cached training image must have both.
     ``missing`` says which labelled images the cache lacks (``check_missing`` decides whether to go on)."""
     spec = get_dataset(cfg.data.dataset)
+    inputs = training_inputs(cfg)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
-    if not cfg.folds_file.is_file():
-        raise FileNotFoundError(f"no folds file {cfg.folds_file}; run `make folds` first")
-    folds = read_folds(cfg.folds_file)
+    folds, _ = load_folds(cfg)
     cache = CellCache(cfg.cache_dir)
     images = cache.images[cache.images["split"] == "train"][["image_id"]]
     images = images.merge(labels.rename(columns={"ID": "image_id"})[["image_id", "labels"]], how="left")
@@ -177,7 +197,7 @@ def load_training_set(cfg: Config) -> TrainingSet:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
     missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
-    return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
+    return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing, inputs=inputs)
 
 
 def true_cell_targets(

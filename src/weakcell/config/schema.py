@@ -104,14 +104,21 @@ class SyntheticConfig(Section):
 
 
 class FoldsConfig(Section):
-    """Multilabel-stratified K-fold at image level (``make folds``)."""
+    """Multilabel-stratified K-fold at image level (``make folds``), optionally grouped (near-duplicates,
+    external sets). Each setting has its own file (see ``file``), so folds of other settings never replace
+    a committed one."""
 
     n_splits: int = Field(5, ge=2)
     seed: int = 42
     group_column: str | None = Field(
         None, description="column of the label file whose equal values must share a fold"
     )
-    file: str | None = Field(None, description="defaults to {paths.folds}/{data.dataset}.csv")
+    file: str | None = Field(
+        None,
+        description="defaults to {paths.folds}/{data.dataset}.csv at the default settings (5 folds, seed "
+        "42, no groups; the committed real-data folds), else {paths.folds}/{data.dataset}-<n_splits>x<seed>"
+        "[-by-<group_column>][-dups][-ext[-folded]].csv",
+    )
     # -- grouped folds (weakcell.folds.fold_groups): near-duplicates and external sets (issue 23) --
     duplicates: str | None = Field(
         None,
@@ -131,6 +138,28 @@ class FoldsConfig(Section):
     report: str | None = Field(
         None, description="folds report (markdown); defaults to {paths.reports}/folds-{data.dataset}.md"
     )
+
+    def own_name(self) -> str:
+        """What names these settings' folds file after the data set: '' at the defaults, else
+        ``-<n_splits>x<seed>`` plus ``-by-<group_column>``, ``-dups`` with near-duplicate groups and
+        ``-ext`` (``-ext-folded``) with external sets. Which duplicates file or external sets is not in the
+        name: it is recorded beside the file (``weakcell.folds_record``), which refuses a file of other settings."""
+        defaults = FoldsConfig()
+        plain = (self.n_splits, self.seed, self.group_column) == (
+            defaults.n_splits,
+            defaults.seed,
+            defaults.group_column,
+        )
+        if plain and self.duplicates is None and not self.external:
+            return ""
+        name = f"-{self.n_splits}x{self.seed}"
+        if self.group_column is not None:
+            name += "-by-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in self.group_column)
+        if self.duplicates is not None:
+            name += "-dups"
+        if self.external:
+            name += "-ext" if self.external_mode == "train_only" else "-ext-folded"
+        return name
 
 
 class ClassicalSegmentConfig(Section):
@@ -855,4 +884,7 @@ class Config(Section):
 
     @property
     def folds_file(self) -> Path:
-        return self.path(self.folds.file or Path(self.paths.folds) / f"{self.data.dataset}.csv")
+        """``folds.file``, else the folds file of these fold settings (``FoldsConfig.own_name``)."""
+        if self.folds.file:
+            return self.path(self.folds.file)
+        return self.path(self.paths.folds) / f"{self.data.dataset}{self.folds.own_name()}.csv"

@@ -15,6 +15,7 @@ import numpy as np
 import tifffile
 
 from weakcell.constants import CHANNEL_COLORS, CHANNELS
+from weakcell.outputs import atomic_write_bytes
 
 # Looked for in this order; the first that exists wins.
 EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -99,9 +100,7 @@ def write_channel(path: str | os.PathLike[str], channel: np.ndarray, compression
     )
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encoded.tobytes())
-    tmp.replace(path)
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def write_image(

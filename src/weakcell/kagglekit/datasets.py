@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ from weakcell.kagglekit.naming import (
     weights_slug,
     wheels_slug,
 )
+from weakcell.outputs import atomic_write_json, atomic_write_text
 
 METADATA_FILE = "dataset-metadata.json"
 # What inference reads from a fold (weakcell.infer.predict_fold); nothing else of a run is a weight file.
@@ -87,7 +87,7 @@ def dataset_metadata(cfg: Config, slug: str, description: str) -> dict[str, Any]
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    atomic_write_json(path, content)
 
 
 def folder_mb(folder: Path) -> float:
@@ -315,7 +315,7 @@ def weights_dataset(cfg: Config) -> Path:
     for source, relative in manifest:
         if source.name == "config.yaml":
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            (staging / relative).write_text(portable_config(source.read_text()))
+            atomic_write_text(staging / relative, portable_config(source.read_text()))
         else:
             _link_or_copy(source, staging / relative)
     n_folds = sum(1 for _, relative in manifest if relative.as_posix().endswith(FOLD_WEIGHTS[1]))

@@ -36,6 +36,7 @@ from weakcell.kagglekit.naming import (
     weights_slug,
     wheels_slug,
 )
+from weakcell.outputs import atomic_write_json, atomic_write_text
 
 METADATA_FILE = "kernel-metadata.json"
 TEMPLATE = Path(__file__).with_name("kernel.py.tmpl")
@@ -241,8 +242,8 @@ def write_kernel(cfg: Config, variant: str) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     metadata = kernel_metadata(cfg, variant)
-    (folder / metadata["code_file"]).write_text(kernel_script(cfg, variant))
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(folder / metadata["code_file"], kernel_script(cfg, variant))
+    atomic_write_json(folder / METADATA_FILE, metadata)
     return folder
 
 

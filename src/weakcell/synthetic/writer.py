@@ -34,6 +34,7 @@ from weakcell.data.datasets import get_dataset
 from weakcell.data.images import write_channel, write_image
 from weakcell.data.labels import format_labels
 from weakcell.errors import StageError
+from weakcell.outputs import atomic_csv, atomic_write_text
 from weakcell.parallel import n_workers, pool_context
 from weakcell.synthetic.classes import ClassTable, class_table
 from weakcell.synthetic.generate import generate_image, image_seed
@@ -67,18 +68,11 @@ def _claim(data_dir: Path) -> None:
             "point data.dir at an empty or synthetic folder"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
-    owner.write_text("made by weakcell.synthetic.writer; the folder may be regenerated\n")
+    atomic_write_text(owner, "made by weakcell.synthetic.writer; the folder may be regenerated\n")
 
 
 def _marker_text() -> str:
     return f"synthetic set complete, generator version {GENERATOR_VERSION}"
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """Atomic CSV write: temp file, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)
 
 
 def make_one(task: tuple[SyntheticConfig, str, int, str, str]) -> dict[str, Any]:
@@ -170,13 +164,13 @@ def run(cfg: Config) -> Path:
     images = pd.DataFrame([{k: v for k, v in row.items() if k != "cells"} for row in rows])
     train, test = (images[images["split"] == split] for split in ("train", "test"))
     layout = {"ID": spec.id_column, "Label": spec.label_column}
-    _write_csv(train[["ID", "Label"]].rename(columns=layout), data_dir / spec.label_file)
-    _write_csv(test[["ID", "Label"]].rename(columns=layout), data_dir / TRUTH / "test.csv")
-    _write_csv(sample_submission(test, table), data_dir / spec.sample_submission)
+    atomic_csv(data_dir / spec.label_file, train[["ID", "Label"]].rename(columns=layout))
+    atomic_csv(data_dir / TRUTH / "test.csv", test[["ID", "Label"]].rename(columns=layout))
+    atomic_csv(data_dir / spec.sample_submission, sample_submission(test, table))
     cells = pd.DataFrame([cell for row in rows for cell in row["cells"]])
-    _write_csv(cells, data_dir / TRUTH / "cells.csv")
+    atomic_csv(data_dir / TRUTH / "cells.csv", cells)
     save_config(cfg, data_dir)
-    (data_dir / MARKER).write_text(_marker_text() + "\n")
+    atomic_write_text(data_dir / MARKER, _marker_text() + "\n")
     seconds = time.perf_counter() - start
     print(
         f"synthetic: {len(images)} images ({len(train)} train, {len(test)} test), {len(cells)} cells in "
