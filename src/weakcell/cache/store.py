@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from weakcell.data.ids import inside
 from weakcell.segment import Segmentation
 
 CELLS_FILE = "cells.parquet"
@@ -53,7 +54,7 @@ IMAGES_COLUMNS: tuple[str, ...] = ("image_id", "split", "width", "height", "n_ce
 def mask_paths(folder: str | os.PathLike[str], image_id: str) -> tuple[Path, Path]:
     """``(cells, nuclei)`` mask files of ``image_id`` inside the cache ``folder``."""
     masks = Path(folder) / MASKS_DIR
-    return masks / f"{image_id}_cells.png", masks / f"{image_id}_nuclei.png"
+    return inside(masks, f"{image_id}_cells.png"), inside(masks, f"{image_id}_nuclei.png")
 
 
 def read_masks(folder: str | os.PathLike[str], image_id: str) -> Segmentation:
