@@ -63,11 +63,27 @@ from weakcell.config import OUTPUT_INPUTS, TrainConfig
 from weakcell.devices import auto_device
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier, setup
 from weakcell.errors import StageError
+from weakcell.outputs import atomic_write
 from weakcell.weights import WeightsError, load_weights_only
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+# What a resumable checkpoint holds besides its format (``fit``'s ``save``): a resume reads every one.
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "epoch",
+    "step_in_epoch",
+    "epoch_seconds",
+    "history",
+    "processes",
+    "data_seed",
+    "world_size",
+    "train",
+)
 # Optimizer steps between progress-bar loss updates; reading the loss is a CPU-GPU sync point.
 POSTFIX_EVERY = 25
 # curves.png is redrawn at most this often during a fit (and always after its last epoch): a matplotlib
@@ -291,13 +307,34 @@ class ModelEma:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed (``outputs.atomic_write``): a reader
+    never sees half a file, a failed save leaves no temporary, and a write the machine refuses (a full
+    disk) is one ``OutputError`` line naming ``path``."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as err:  # torch's zip writer: "[enforce fail at inline_container.cc] ..."
+                cause = _os_error_behind(err)
+                if cause is None:
+                    raise
+                raise cause from err
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, write)
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The ``OSError`` (a full disk, a vanished folder) that made torch's writer fail, if one did: torch
+    reports a failed write of its file handle as a ``RuntimeError`` raised while handling that error."""
+    seen = err.__cause__ or err.__context__
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -308,6 +345,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     state = load_weights_only(Path(path), "cpu", fix)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a resumable weakcell checkpoint; {fix}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise WeightsError(
+            f"{path} lacks {', '.join(missing)}: not a whole weakcell checkpoint (edited, or written by "
+            f"another program); {fix}"
+        )
     return state
 
 
@@ -368,10 +411,7 @@ def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, see
 
 def write_epoch_log(history: list[dict[str, float]], out_dir: Path) -> None:
     """``epochs.csv``, one row per epoch, rewritten whole (atomically) after each epoch."""
-    target = out_dir / "epochs.csv"
-    tmp = target.with_name(target.name + ".tmp")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, target)
+    atomic_write(out_dir / "epochs.csv", lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
 
 
 def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
@@ -393,10 +433,7 @@ def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if columns:
             ax.legend(fontsize=8)
-    target = out_dir / "curves.png"
-    tmp = target.with_name(target.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, target)
+    atomic_write(out_dir / "curves.png", lambda tmp: figure.savefig(tmp, format="png", dpi=90))
 
 
 # -- inference ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
   file and the fix. ``writing(path)`` turns an ``OSError`` into it; ``atomic_write`` writes through a
   temporary file and a rename, removing the temporary when anything fails.
 * ``clean_temporaries(folder)``: the ``*.tmp`` files of a killed run, removed under the lock.
+* ``read_json(path)``: a JSON record a stage wrote (``metrics.json``, ...); a damaged one is one line.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from weakcell.errors import StageError
 
 LOCK_FILE = ".weakcell.lock"
 # Seconds between two tries while waiting for a busy folder.
@@ -99,6 +103,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """``atomic_write`` of a text file."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | os.PathLike[str], fix: str = "rerun the stage that wrote it with FORCE=1") -> Any:
+    """The JSON a stage wrote at ``path``. A damaged file (emptied, cut short, not JSON) is one
+    ``StageError`` line naming it and ``fix``: only a fault of the machine or a hand edit makes one."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        reason = "it is empty" if not path.read_bytes().strip() else f"not JSON ({err})"
+        raise StageError(f"{path} is damaged: {reason}; {fix}") from err
 
 
 def clean_temporaries(folder: str | os.PathLike[str], recursive: bool = False) -> int:
