@@ -44,7 +44,6 @@ from weakcell.thresholds import tune_thresholds
 from weakcell.train import (
     FoldModel,
     TrainingSet,
-    check_missing,
     fold_seconds,
     is_main_process,
     load_training_set,
@@ -260,9 +259,7 @@ def inner_config(cfg: Config, round_: int) -> Config:
 
 
 def _refine(cfg: Config) -> list[dict[str, float]]:
-    data = load_training_set(cfg)
-    if data.missing is not None:
-        check_missing(cfg, data.missing, "refine")
+    data = load_training_set(cfg, check="refine")
     all_folds = sorted(data.images["fold"].unique().tolist())
     outer_folds = cfg.train.folds if cfg.train.folds is not None else all_folds
     reads_scores = not cfg.refine.keeps_inherited

@@ -23,7 +23,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +33,7 @@ import torch
 
 from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.augment import crop_augment
+from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.loader import CellCrops, CropAugment
 from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.cell_truth import cell_level_ap, cell_truth_table
@@ -43,7 +46,7 @@ from weakcell.errors import StageError
 from weakcell.folds import read_folds
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
-from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, read_json, writing
 from weakcell.scoring import image_metrics, max_pool_images, score_oof
 from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.weights import load_state_dict
@@ -88,55 +91,6 @@ class TrainingSet:
         return [positions[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
 
 
-@dataclass(frozen=True)
-class MissingImages:
-    """Labelled training images (label file IDs) that give training no cell, by reason."""
-
-    labelled: int  # images in the label file
-    without_cells: list[str]  # cached, but segmentation found no cell
-    failed: list[str]  # cached as skipped: unreadable or failed to segment (skipped.csv says why)
-    not_cached: list[str]  # absent from the cache (not cached yet, or a cache built without them)
-
-    @property
-    def count(self) -> int:
-        return len(self.without_cells) + len(self.failed) + len(self.not_cached)
-
-    @property
-    def share(self) -> float:
-        return self.count / max(self.labelled, 1)
-
-    def describe(self) -> str:
-        return (
-            f"{self.count} of {self.labelled} labelled training images give no cells: "
-            f"{len(self.without_cells)} without cells, {len(self.failed)} failed to read or segment, "
-            f"{len(self.not_cached)} not cached"
-        )
-
-    def record(self) -> dict[str, object]:
-        """What ``run.json`` keeps: counts, the share and up to 5 IDs per reason."""
-        reasons = {"without_cells": self.without_cells, "failed": self.failed, "not_cached": self.not_cached}
-        return {
-            "labelled": self.labelled,
-            "missing": self.count,
-            "share": round(self.share, 6),
-            **{name: len(ids) for name, ids in reasons.items()},
-            "examples": {name: ids[:5] for name, ids in reasons.items() if ids},
-        }
-
-
-def missing_images(labelled: list[str], cache_images: pd.DataFrame) -> MissingImages:
-    """Which of the ``labelled`` IDs the cache's training images (``images.parquet`` rows) lack, and why."""
-    rows = cache_images[cache_images["split"] == "train"].set_index("image_id")
-    cached = [i for i in labelled if i in rows.index]
-    status, n_cells = rows["status"].to_dict(), rows["n_cells"].to_dict()
-    return MissingImages(
-        labelled=len(labelled),
-        without_cells=[i for i in cached if status[i] == "ok" and n_cells[i] == 0],
-        failed=[i for i in cached if status[i] != "ok"],
-        not_cached=[i for i in labelled if i not in rows.index],
-    )
-
-
 def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
     """Print what the cache lacks; refuse above ``checks.max_missing_share`` (a silent loss otherwise)."""
     limit = cfg.checks.max_missing_share
@@ -144,8 +98,9 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
         needed = math.ceil(missing.share * 100) / 100
         raise StageError(
             f"{stage}: the cache {cfg.cache_dir} lacks too much: {missing.describe()} ({missing.share:.1%} > "
-            f"checks.max_missing_share={limit:g}); cache them (make cache; {cfg.cache_dir / SKIPPED_FILE} says "
-            f"why images failed), or train without them with checks.max_missing_share={needed:g}"
+            f"checks.max_missing_share={limit:g}), e.g. {missing.example()}; fix or cache them (make cache; "
+            f"{cfg.cache_dir / SKIPPED_FILE} says why images failed), or train without them with "
+            f"checks.max_missing_share={needed:g}"
         )
     if missing.count:
         print(
@@ -155,23 +110,34 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
         print(f"{stage}: every one of the {missing.labelled} labelled training images is cached with cells")
 
 
-def load_training_set(cfg: Config) -> TrainingSet:
+def load_training_set(cfg: Config, check: str | None = None) -> TrainingSet:
     """Join the cache, the label file and the folds file; every cached training image must have both.
-    ``missing`` says which labelled images the cache lacks (``check_missing`` decides whether to go on)."""
+    ``missing`` says which labelled images the cache lacks; with ``check`` (the stage's name) they are
+    counted and refused above ``checks.max_missing_share`` (``check_missing``) before any per-cell table is
+    built, so the count and its advice come first."""
     spec = get_dataset(cfg.data.dataset)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
     if not cfg.folds_file.is_file():
         raise FileNotFoundError(f"no folds file {cfg.folds_file}; run `make folds` first")
     folds = read_folds(cfg.folds_file)
     cache = CellCache(cfg.cache_dir)
+    missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
+    if check is not None:
+        check_missing(cfg, missing, check)
     images = cache.images[cache.images["split"] == "train"][["image_id"]]
     images = images.merge(labels.rename(columns={"ID": "image_id"})[["image_id", "labels"]], how="left")
     images = images.merge(folds.rename(columns={"ID": "image_id"}), how="left")
-    missing = images[images["labels"].isna() | images["fold"].isna()]["image_id"].tolist()
-    if missing:
+    unlabelled = images.loc[images["labels"].isna(), "image_id"].tolist()
+    if unlabelled:  # the cache was built from another label file
         raise StageError(
-            f"{len(missing)} cached training images lack labels or a fold (e.g. {missing[:3]}); "
-            f"rebuild the folds (make folds FORCE=1) or the cache (make cache FORCE=1)"
+            f"{len(unlabelled)} cached training images are not in {spec.label_file} (e.g. {unlabelled[:3]}): "
+            f"the cache {cfg.cache_dir} was built from another label file; rebuild it (make cache FORCE=1)"
+        )
+    without_fold = images.loc[images["fold"].isna(), "image_id"].tolist()
+    if without_fold:  # the folds were made from another label file
+        raise StageError(
+            f"{len(without_fold)} labelled training images have no fold in {cfg.folds_file} (e.g. "
+            f"{without_fold[:3]}): it was made from another label file; rebuild it (make folds FORCE=1)"
         )
     images = images.astype({"fold": np.int64}).reset_index(drop=True)
     cells = cache.cells[cache.cells["split"] == "train"].copy()
@@ -182,7 +148,11 @@ def load_training_set(cfg: Config) -> TrainingSet:
         from weakcell.synthetic.truth import read_truth
 
         truth = read_truth(cfg.data_dir, spec)
-        matches = cell_truth_table(cache.masks, cfg.data_dir, images["image_id"].tolist())
+        # a skipped image has no masks: nothing of it to match (``missing`` counts it)
+        segmented = set(cache.images.loc[cache.images["status"] == "ok", "image_id"])
+        matches = cell_truth_table(
+            cache.masks, cfg.data_dir, [i for i in images["image_id"] if i in segmented]
+        )
 
     targets = np.zeros((len(cache.cells), spec.n_classes), dtype=np.float32)
     if cfg.train.targets == "inherit":
@@ -192,7 +162,6 @@ def load_training_set(cfg: Config) -> TrainingSet:
         if truth is None or matches is None:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
-    missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
     return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
 
 
@@ -393,15 +362,14 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
     cell_probs = np.zeros((len(data.cache.cells), n_classes), dtype=np.float64)
     cell_probs[outputs["index"]] = sigmoid(outputs["logits"])
     fold_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id); atomic
-        tmp = fold_dir / "oof_embeddings.tmp.npz"
-        np.savez(
-            tmp,
-            image_id=val_table["image_id"].to_numpy(str),
-            cell_id=val_table["cell_id"].to_numpy(np.int64),
-            embeddings=embeddings[val_cells].astype(np.float16),
-        )
-        tmp.replace(fold_dir / "oof_embeddings.npz")
+    if is_main_process():  # the held-out cells' embeddings, keyed by (image_id, cell_id)
+        held_out_embeddings = {
+            "image_id": val_table["image_id"].to_numpy(str),
+            "cell_id": val_table["cell_id"].to_numpy(np.int64),
+            "embeddings": embeddings[val_cells].astype(np.float16),
+        }
+        # through an open file: np.savez appends ".npz" to a name without it
+        atomic_write(fold_dir / "oof_embeddings.npz", partial(_save_npz, arrays=held_out_embeddings))
     if not plan.stage2:
         oof_image, oof_cell = stage1_tables(val_table, cell_probs[val_cells], val_images, n_classes)
         return _finish(plan, oof_image, oof_cell, fold_start)
@@ -496,7 +464,7 @@ def _finish(
     _write_parquet(oof_cell, plan.folder / "oof_cell.parquet")
     _write_parquet(oof_image, plan.folder / "oof_image.parquet")
     if is_main_process():  # a reused fold still reports what it cost (ablation wall times)
-        (plan.folder / "fold.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        atomic_write_text(plan.folder / "fold.json", json.dumps({"seconds": time.perf_counter() - start}))
     return oof_image, oof_cell
 
 
@@ -532,6 +500,11 @@ def fold_seconds(fold_dir: Path) -> float:
 def is_main_process() -> bool:
     """Under torchrun every process computes the same (gathered) outputs; rank 0 alone writes them."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _save_npz(tmp: Path, arrays: dict[str, Any]) -> None:
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
@@ -576,9 +549,7 @@ def _train(cfg: Config) -> dict[str, float]:
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
                 "FORCE=1 or give the new run another name (name=...)"
             )
-    data = load_training_set(cfg)
-    if data.missing is not None:
-        check_missing(cfg, data.missing, "train")
+    data = load_training_set(cfg, check="train")
     if is_main_process():
         with writing(run_dir / "config.yaml"):
             save_config(cfg, run_dir)
@@ -605,8 +576,13 @@ def train_round(
     saved = run_dir / "metrics.json"
     if not cfg.force and saved.is_file() and all(path.is_file() for path in finished):
         # a finished round: its tables, scores and maps are on disk already (reruns of make, the ablation)
-        print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
-        return json.loads(saved.read_text())
+        try:
+            metrics = read_json(saved)
+        except StageError:  # emptied or cut short: the folds are whole, only their scores are computed again
+            print(f"train: {saved} is damaged; scoring the finished folds again")
+        else:
+            print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
+            return metrics
     results = [
         train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir) for fold in folds
     ]
@@ -626,7 +602,7 @@ def train_round(
     )
     if not is_main_process():
         return metrics
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     maps = draw_attention_maps(
         cfg.data_dir,
         data.spec.train_dir,
