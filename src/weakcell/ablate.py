@@ -4,8 +4,9 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
 
 - the weak run ``name``: round 0 (cells inherit image labels, then attention MIL) and pseudo-label
   refinement rounds 1..``ablate.rounds``;
-- ``<name>-control`` (``ablate.control``): round 0 of the weak run (hard links, not retrained; relinked
-  when the weak run's round 0 was retrained) plus rounds
+- ``<name>-control`` (``ablate.control``): round 0 of the weak run (not retrained: its weights and tables
+  hard-linked, which is safe because they are only ever replaced by a rename, never rewritten in place; every
+  other file copied, the lock never; taken again when the weak run's round 0 was retrained) plus rounds
   of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
@@ -20,7 +21,8 @@ Each row of ``rows()`` names a run, a round, how cells and images are scored and
 its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with tuned thresholds
 (cross-fitted over folds, so tuning is not scored on the rows it was tuned on), image mAP, cell mAP
 against the synthetic truth, the competition metric of the test-split submission, and wall time.
-Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
+Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``). The grid holds the locks of the runs it
+builds while it trains and scores them (``weakcell.outputs``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
+from weakcell.outputs import LOCK_FILE, atomic_write, atomic_write_text, folder_lock, read_json
 from weakcell.scoring import cell_scores, max_pool_images
 from weakcell.train import TrainingSet, load_training_set
 
@@ -137,21 +141,48 @@ def holds_round_zero(source: Path, target: Path) -> bool:
     )
 
 
+# Round 0's files the control shares with the weak run by hard link: the large ones, which every writer
+# replaces by an atomic rename and none rewrites in place (a retrained weak run gets new files; the links keep
+# the old ones). Anything else (metrics.json, config.yaml, run.json, thresholds.json, logs, plots) is copied,
+# so a stage of one run never changes the other's; locks and temporaries are never taken.
+SHARED_SUFFIXES = (".pt", ".parquet", ".npz")
+NOT_TAKEN = ("round*", "inner", LOCK_FILE, ".weakcell.*.lock", "*.tmp")
+
+
+def _share(source: str, target: str) -> str:
+    """``shutil.copytree``'s copy function: a hard link for ``SHARED_SUFFIXES`` (a copy across file
+    systems), a copy otherwise."""
+    if Path(source).suffix in SHARED_SUFFIXES:
+        try:
+            os.link(source, target)
+            return target
+        except OSError:
+            pass
+    return str(shutil.copy2(source, target))
+
+
+def clear_folder(folder: Path) -> None:
+    """Delete everything in ``folder`` but its lock file, which a waiting run may hold open (deleting it
+    would let two runs lock two different files)."""
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def link_round_zero(source: Path, target: Path) -> None:
-    """Round 0 of ``source`` into ``target`` as hard links (no copy, no retraining); refinement rounds
-    and round 0's inner models are not taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its
-    rounds were fine-tuned from the old round 0."""
+    """Round 0 of ``source`` into ``target`` (no retraining): weights and tables as hard links, the rest
+    copied (``SHARED_SUFFIXES``); refinement rounds, round 0's inner models, locks and temporaries are not
+    taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its rounds were
+    fine-tuned from the old round 0. Call it holding ``target``'s lock."""
     if holds_round_zero(source, target):
         return
-    if target.exists():
-        shutil.rmtree(target)
-    try:
-        shutil.copytree(
-            source, target, copy_function=os.link, ignore=shutil.ignore_patterns("round*", "inner")
-        )
-    except OSError:  # another file system: copy instead
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("round*", "inner"))
+    clear_folder(target)
+    ignore = shutil.ignore_patterns(*NOT_TAKEN)
+    shutil.copytree(source, target, copy_function=_share, ignore=ignore, dirs_exist_ok=True)
 
 
 def train_runs(configs: dict[str, Config]) -> dict[str, float]:
@@ -281,7 +312,7 @@ def round_seconds(run_cfg: Config, round_: int) -> float:
     for r in range(round_ + 1):
         path = run_cfg.round_dir(r) / "metrics.json"
         if path.is_file():
-            total += float(json.loads(path.read_text()).get("seconds", 0.0))
+            total += float(read_json(path).get("seconds", 0.0))
     return total
 
 
@@ -301,8 +332,15 @@ def leaderboard(cfg: Config) -> pd.DataFrame:
 
 
 def seed_leaderboard(cfg: Config) -> pd.DataFrame:
-    """Train what the grid needs, then score every row."""
+    """Train what the grid needs, then score every row, holding the lock of every run it builds."""
     configs = run_configs(cfg)
+    with ExitStack() as held:
+        for run_cfg in configs.values():
+            held.enter_context(folder_lock(run_cfg.run_dir, "ablate", cfg.checks.lock_wait_s))
+        return _seed_leaderboard(cfg, configs)
+
+
+def _seed_leaderboard(cfg: Config, configs: dict[str, Config]) -> pd.DataFrame:
     train_runs(configs)
     data = load_training_set(configs[WEAK])
     rounds = cfg.ablate.rounds
@@ -494,10 +532,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # off the bars
     axis.set_title("weakcell ablations")
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
-    tmp.replace(path)
 
 
 def run(cfg: Config) -> pd.DataFrame:
@@ -511,8 +547,9 @@ def run(cfg: Config) -> pd.DataFrame:
     checks = targets(summary, cfg.ablate.rounds)
     reports = cfg.path(cfg.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "leaderboard.md").write_text(markdown(summary, cfg, checks, seconds))
-    (reports / "leaderboard.json").write_text(
+    atomic_write_text(reports / "leaderboard.md", markdown(summary, cfg, checks, seconds))
+    atomic_write_text(
+        reports / "leaderboard.json",
         json.dumps(
             {
                 "rows": summary.to_dict(orient="records"),
@@ -522,7 +559,7 @@ def run(cfg: Config) -> pd.DataFrame:
             },
             indent=2,
             default=float,
-        )
+        ),
     )
     plot(summary, reports / "leaderboard.png")
     shown = ["variant", *[c for c in COLUMNS if c in summary and c != "variant"]]

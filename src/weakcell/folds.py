@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from weakcell.config import Config
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.errors import StageError, UnknownName
+from weakcell.outputs import atomic_write, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,13 @@ def read_folds(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def run(cfg: Config) -> pd.DataFrame:
-    """Entry point: read the dataset's label file, write the folds file (once), print per-fold counts."""
+    """Entry point: read the dataset's label file, write the folds file (once), print per-fold counts;
+    holds the lock of the folds file's folder."""
+    with folder_lock(cfg.folds_file.parent, "folds", cfg.checks.lock_wait_s):
+        return _write_folds(cfg)
+
+
+def _write_folds(cfg: Config) -> pd.DataFrame:
     spec = get_dataset(cfg.data.dataset)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
     target = cfg.folds_file
@@ -95,10 +101,7 @@ def run(cfg: Config) -> pd.DataFrame:
             "rebuild it with FORCE=1 (make folds FORCE=1)"
         )
     folds = make_folds(labels, spec.n_classes, cfg.folds.n_splits, cfg.folds.seed, cfg.folds.group_column)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{target}.tmp")
-    folds.to_csv(tmp, index=False)
-    tmp.replace(target)
+    atomic_write(target, lambda tmp: folds.to_csv(tmp, index=False))
     _print_counts(labels, folds, spec.n_classes)
     print(f"folds: {len(folds)} images in {cfg.folds.n_splits} folds (seed {cfg.folds.seed}) -> {target}")
     return folds
