@@ -796,13 +796,19 @@ def _cache_with_skipped(cfg, tmp_path: Path, split: str, count: int):
     return [f"cache.dir={copy}"], skipped
 
 
-def test_infer_refuses_a_test_image_the_cache_skipped(tiny_run, tmp_path, capsys):
+def _infer_skipping(cfg, tmp_path: Path, count: int) -> tuple[list[str], list[str]]:
+    """``weakcell infer`` arguments of the tiny run (thresholds tuned) on a cache that skipped ``count``
+    test images, and those images."""
     from weakcell import thresholds as thresholds_stage
 
-    cfg, _ = tiny_run
     thresholds_stage.run(cfg)
-    cache_args, skipped = _cache_with_skipped(cfg, tmp_path, "test", 1)
-    args = [f"paths.root={cfg.paths.root}", *TINY, f"paths.submissions={tmp_path}", *cache_args]
+    cache_args, skipped = _cache_with_skipped(cfg, tmp_path, "test", count)
+    return [f"paths.root={cfg.paths.root}", *TINY, f"paths.submissions={tmp_path}", *cache_args], skipped
+
+
+def test_infer_refuses_a_test_image_the_cache_skipped(tiny_run, tmp_path, capsys):
+    cfg, _ = tiny_run
+    args, skipped = _infer_skipping(cfg, tmp_path, 1)
     capsys.readouterr()
     assert main(["infer", *args]) == 2
     err = one_error_line(capsys)
@@ -986,12 +992,8 @@ def test_an_emptied_metrics_file_is_scored_again_or_named(tiny_run, tmp_path, ca
 
 
 def test_infer_after_an_all_skipped_cache_is_one_line(tiny_run, tmp_path, capsys):
-    from weakcell import thresholds as thresholds_stage
-
     cfg, _ = tiny_run
-    thresholds_stage.run(cfg)
-    cache_args, _ = _cache_with_skipped(cfg, tmp_path, "test", 3)
-    args = [f"paths.root={cfg.paths.root}", *TINY, f"paths.submissions={tmp_path}", *cache_args]
+    args, _ = _infer_skipping(cfg, tmp_path, 3)
     capsys.readouterr()
     for allowed in ([], ["checks.allow_empty_rows=true"]):  # empty rows allowed or not, nothing to predict
         assert main(["infer", *args, *allowed]) == 2
