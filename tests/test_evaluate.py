@@ -14,7 +14,7 @@ from weakcell import evaluate, evaluate_report, plots
 from weakcell.competition_metric import score_submission, truth_by_image
 from weakcell.config import load_config
 from weakcell.data.datasets import get_dataset
-from weakcell.submission import write_cell_level
+from weakcell.submission import publish, write_cell_level
 
 C = 19
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -224,12 +224,15 @@ def _synthetic_layout(tmp_path):
     # cell 1 is class 0, cell 2 class 1; the image probabilities alone cannot tell its cells apart
     cells = _scores("a", {1: {0: 0.9, 1: 0.2}, 2: {0: 0.3, 1: 0.8}})
     cells = cells.assign(**{f"image_{c}": 0.0 for c in range(C)}).assign(image_0=0.9, image_1=0.7)
-    submission.mkdir(parents=True)
-    cells.to_parquet(submission / "pred_cell.parquet")
+    staging = tmp_path / "staging"  # published as one set, as infer does: evaluate reads nothing else
+    staging.mkdir()
+    cells.to_parquet(staging / "pred_cell.parquet")
     product = cells[["image_id", "cell_id"]].assign(
         **{f"p_{c}": cells[f"p_{c}"] * cells[f"image_{c}"] for c in range(C)}
     )
-    write_cell_level(product, {"a": _truth_mask()}.get, _sample("a"), submission / "cell_level.csv")
+    write_cell_level(product, {"a": _truth_mask()}.get, _sample("a"), staging / "cell_level.csv")
+    submission.mkdir(parents=True)
+    publish(submission, {name: staging / name for name in ("pred_cell.parquet", "cell_level.csv")})
     return cfg, submission
 
 

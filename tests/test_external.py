@@ -26,6 +26,7 @@ from tests.fake_hpa import FakeSite, Route, jpeg, serve, source_images, tif_gz
 from weakcell.cli import split_args
 from weakcell.config import load_config
 from weakcell.constants import CHANNELS
+from weakcell.data.datasets import get_dataset
 from weakcell.data.decode import decode_channel
 from weakcell.data.images import ImageReadError
 from weakcell.errors import StageError
@@ -288,6 +289,25 @@ def test_hpav18_list_and_unsafe_rows(tmp_path):
         channel_file(tmp_path, "../x_1_1", "red")
     with pytest.raises(ListError, match="unsafe file name"):
         channel_file(tmp_path, "1_2_A1_1", "red/../../x")
+
+
+def test_external_ids_follow_the_one_id_rule(tmp_path):
+    """An external image's ID is ``weakcell.data.ids.safe_stem`` of its public name, never cut short; its
+    channel files are built by ``inside``; a ``sources.csv`` read back is checked like any label file."""
+    from weakcell.data.ids import IdError, is_safe_id, safe_stem
+    from weakcell.external.lists import image_id
+    from weakcell.fold_groups import read_external_set
+
+    assert image_id("10580", "1717_F9_1") == safe_stem("10580/1717_F9_1") == "10580_1717_F9_1"
+    assert is_safe_id(image_id("10580", "1717_F9_1"))
+    with pytest.raises(ListError, match="longer than an image ID may be"):
+        image_id("1" * 64, "_".join(["2" * 64] * 3))
+    assert channel_file(tmp_path, "10580_1717_F9_1", "red") == tmp_path / "10580_1717_F9_1_red.png"
+    spec = get_dataset("hpa2021")
+    (tmp_path / spec.label_file).write_text("ID,Label\n10580_1717_F9_1,0\n")
+    (tmp_path / "sources.csv").write_text("ID,antibody\n10580_1717_F9_1,10580\n../../evil,1\n")
+    with pytest.raises(IdError, match=r"sources\.csv row 2: ID '\.\./\.\./evil' is not a safe image ID"):
+        read_external_set(tmp_path, spec)
 
 
 def test_location_tables_by_hand():

@@ -4,9 +4,10 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
 
 - the weak run ``name``: round 0 (cells inherit image labels, then attention MIL) and pseudo-label
   refinement rounds 1..``ablate.rounds``;
-- ``<name>-control`` (``ablate.control``): round 0 of the weak run (hard links, not retrained; relinked
-  when the weak run's round 0 was retrained) plus rounds
-  of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
+- ``<name>-control`` (``ablate.control``): round 0 of the weak run (not retrained: its weights and tables
+  hard-linked, which is safe because they are only ever replaced by a rename, never rewritten in place; every
+  other file copied, the lock never: ``weakcell.ablate_control``; taken again when the weak run's round 0 was
+  retrained) plus rounds of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
   as the weak run's backbone gets in total, then MIL: the ceiling.
@@ -20,16 +21,15 @@ Each row of ``rows()`` names a run, a round, how cells and images are scored and
 its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with tuned thresholds
 (cross-fitted over folds, so tuning is not scored on the rows it was tuned on), image mAP, cell mAP
 against the synthetic truth, the competition metric of the test-split submission, and wall time.
-Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
+Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``). The grid holds the locks of the runs it
+builds while it trains and scores them (``weakcell.outputs``).
 """
 
 from __future__ import annotations
 
-import filecmp
 import json
-import os
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from weakcell.ablate_control import link_round_zero
 from weakcell.ablate_report import COLUMNS, ORACLE_ROW, markdown, plot, refined, targets
 from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
-from weakcell.outputs import atomic_write_text
+from weakcell.outputs import atomic_write_text, folder_lock, read_json
 from weakcell.scoring import cell_scores, max_pool_images
 from weakcell.training_set import TrainingSet, load_training_set
 
@@ -112,43 +113,6 @@ def run_configs(cfg: Config) -> dict[str, Config]:
             }
         )
     return configs
-
-
-# What the control's rounds start from: round 0's out-of-fold tables (the rule reads them) and its fold
-# models (fine-tuned). ``target`` holds a current round 0 when each of these is ``source``'s own file.
-ROUND_ZERO_INPUTS = ("oof_image.parquet", "oof_cell.parquet", "fold*/cell/model.pt")
-
-
-def holds_round_zero(source: Path, target: Path) -> bool:
-    """Whether ``target`` holds ``source``'s current round 0: every ``ROUND_ZERO_INPUTS`` file of ``source``
-    is in ``target`` as the same file (a hard link) or an equal copy. A retrained round 0 (``FORCE=1``)
-    writes new files (atomic renames), so the old links no longer match."""
-    files = [path.relative_to(source) for pattern in ROUND_ZERO_INPUTS for path in source.glob(pattern)]
-    return bool(files) and all(
-        (target / name).is_file()
-        and (
-            os.path.samefile(source / name, target / name)
-            or filecmp.cmp(source / name, target / name, shallow=False)
-        )
-        for name in files
-    )
-
-
-def link_round_zero(source: Path, target: Path) -> None:
-    """Round 0 of ``source`` into ``target`` as hard links (no copy, no retraining); refinement rounds
-    and round 0's inner models are not taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its
-    rounds were fine-tuned from the old round 0."""
-    if holds_round_zero(source, target):
-        return
-    if target.exists():
-        shutil.rmtree(target)
-    try:
-        shutil.copytree(
-            source, target, copy_function=os.link, ignore=shutil.ignore_patterns("round*", "inner")
-        )
-    except OSError:  # another file system: copy instead
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("round*", "inner"))
 
 
 def train_runs(configs: dict[str, Config]) -> dict[str, float]:
@@ -278,7 +242,7 @@ def round_seconds(run_cfg: Config, round_: int) -> float:
     for r in range(round_ + 1):
         path = run_cfg.round_dir(r) / "metrics.json"
         if path.is_file():
-            total += float(json.loads(path.read_text()).get("seconds", 0.0))
+            total += float(read_json(path).get("seconds", 0.0))
     return total
 
 
@@ -298,8 +262,15 @@ def leaderboard(cfg: Config) -> pd.DataFrame:
 
 
 def seed_leaderboard(cfg: Config) -> pd.DataFrame:
-    """Train what the grid needs, then score every row."""
+    """Train what the grid needs, then score every row, holding the lock of every run it builds."""
     configs = run_configs(cfg)
+    with ExitStack() as held:
+        for run_cfg in configs.values():
+            held.enter_context(folder_lock(run_cfg.run_dir, "ablate", cfg.checks.lock_wait_s))
+        return _seed_leaderboard(cfg, configs)
+
+
+def _seed_leaderboard(cfg: Config, configs: dict[str, Config]) -> pd.DataFrame:
     train_runs(configs)
     data = load_training_set(configs[WEAK])
     rounds = cfg.ablate.rounds

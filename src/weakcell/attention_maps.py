@@ -30,6 +30,7 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from weakcell.data.ids import inside
 from weakcell.data.images import composite_rgb, read_image
 from weakcell.outputs import atomic_savefig
 
@@ -266,5 +267,7 @@ def draw_attention_maps(
             plan = PanelPlan(plan.image_id, plan.classes, plan.probs, has_cells=False)
             cells = np.zeros(image.shape[1:], dtype=np.int32)
         truth = lookup.get(image_id) if lookup is not None else None
-        paths.append(draw_one(image, cells, table, plan, class_names, truth, out_dir / f"{image_id}.png"))
+        paths.append(
+            draw_one(image, cells, table, plan, class_names, truth, inside(out_dir, f"{image_id}.png"))
+        )
     return paths

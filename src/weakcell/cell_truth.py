@@ -17,6 +17,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from weakcell.constants import Verified
+from weakcell.data.ids import inside
 from weakcell.data.labels import to_multi_hot
 from weakcell.metrics import per_class_ap
 
@@ -70,7 +71,7 @@ def match_cells(pred: np.ndarray, true: np.ndarray, min_iou: float = MATCH_IOU) 
 
 
 def read_true_mask(data_dir: str | os.PathLike[str], image_id: str) -> np.ndarray:
-    path = Path(data_dir) / "truth" / f"{image_id}_cells.png"
+    path = inside(Path(data_dir) / "truth", f"{image_id}_cells.png")
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise FileNotFoundError(f"true mask {path} is missing or unreadable; regenerate with `make data`")

@@ -20,11 +20,51 @@ from weakcell.outputs import atomic_write
 from weakcell.weights import WeightsError, load_weights_only
 
 CHECKPOINT_FORMAT = 1
+# What a resumable checkpoint holds besides its format (``engine``'s ``save``): a resume reads every one.
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "epoch",
+    "step_in_epoch",
+    "epoch_seconds",
+    "history",
+    "processes",
+    "data_seed",
+    "world_size",
+    "train",
+)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed: a reader never sees half a file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
+    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed (``outputs.atomic_write``): a reader
+    never sees half a file, a failed save leaves no temporary, and a write the machine refuses (a full
+    disk) is one ``OutputError`` line naming ``path``."""
+
+    def write(tmp: Path) -> None:
+        # through a Python file handle: a failed write is then an OSError that torch's error chains
+        with open(tmp, "wb") as handle:
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as err:  # torch's zip writer: "[enforce fail at inline_container.cc] ..."
+                cause = _os_error_behind(err)
+                if cause is None:
+                    raise
+                raise cause from err
+
+    atomic_write(path, write, durable=True)
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The ``OSError`` (a full disk, a vanished folder) that made torch's writer fail, if one did: torch
+    reports a failed write of its file handle as a ``RuntimeError`` raised while handling that error."""
+    seen = err.__cause__ or err.__context__
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -35,6 +75,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     state = load_weights_only(Path(path), "cpu", fix)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a resumable weakcell checkpoint; {fix}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise WeightsError(
+            f"{path} lacks {', '.join(missing)}: not a whole weakcell checkpoint (edited, or written by "
+            f"another program); {fix}"
+        )
     return state
 
 

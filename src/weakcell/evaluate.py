@@ -13,7 +13,8 @@ when that round is the final one, the submission ``make infer`` wrote from it:
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
-   image probability alone, their plain product, and the submitted confidence recomputed;
+   image probability alone, their plain product, and the submitted confidence recomputed. The folder
+   must be one completely published inference (``submission.check_published``);
 4. ``evaluation.json`` into the round folder and the report folder, ``reports/<name>/`` (a non-final
    round: ``reports/<name>/round<r>/``), with ``ap_per_class.png``, ``threshold_curves.png``,
    ``per_class.md`` + ``per_class.png`` and the attention maps of the best and worst OOF images by
@@ -63,8 +64,10 @@ from weakcell.metrics import (
     per_class_ap,
     predicted_classes,
 )
+from weakcell.outputs import folder_lock
 from weakcell.rle import mask_pixels
 from weakcell.scoring import ALTERNATIVES, cell_score_variants
+from weakcell.submission import check_published
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
 if TYPE_CHECKING:  # loaded only when a stage needs the training set
@@ -268,6 +271,7 @@ def submission_cell_maps(
     csv_path = folder / "cell_level.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"no {csv_path}; run `make infer` first")
+    check_published(csv_path)  # one complete inference's files, never an old CSV beside new tables
     n = spec.n_classes
     image_ids = read_submission(csv_path)["ID"].tolist()
     true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids, spec)
@@ -325,6 +329,7 @@ def submission_image_scores(
 
     spec = get_dataset(cfg.data.dataset)
     n = spec.n_classes
+    check_published(Path(folder) / "pred_image.parquet")
     predictions = pd.read_parquet(Path(folder) / "pred_image.parquet")
     y_true = image_targets(predictions["image_id"], read_image_labels(cfg.data_dir, spec), n)
     return image_level_scores(y_true, predictions[prob_columns(n)].to_numpy(), thresholds)
@@ -453,11 +458,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Score the evaluated round, write ``evaluation.json`` and the report, print a summary."""
+    """Score the evaluated round, write ``evaluation.json`` and the report, print a summary; holds the
+    run folder's lock (``evaluation.json`` goes into its round) and the report folder's."""
+    round_ = evaluated_round(cfg)
+    wait = cfg.checks.lock_wait_s
+    with folder_lock(cfg.run_dir, "evaluate", wait), folder_lock(report_dir(cfg, round_), "evaluate", wait):
+        return _evaluate(cfg, round_)
+
+
+def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
     from weakcell.training_set import load_training_set
 
     start = time.perf_counter()
-    round_ = evaluated_round(cfg)
     folder = cfg.round_dir(round_)
     oof_image, oof_cell, thresholds = read_round(folder)
     data = load_training_set(cfg)

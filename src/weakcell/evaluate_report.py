@@ -14,7 +14,7 @@ import pandas as pd
 
 from weakcell.config import Config
 from weakcell.constants import prob_columns
-from weakcell.outputs import atomic_write_text
+from weakcell.outputs import atomic_write_text, writing
 
 if TYPE_CHECKING:
     from weakcell.training_set import TrainingSet
@@ -50,7 +50,8 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def write_text(text: str, path: Path) -> Path:
     """Write ``text`` to ``path`` atomically (its folder made when missing); returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, text)
 
 

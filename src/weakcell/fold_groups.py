@@ -18,6 +18,7 @@ from scipy.sparse.csgraph import connected_components
 
 from weakcell.config import Config
 from weakcell.data.datasets import DatasetSpec
+from weakcell.data.ids import check_ids
 from weakcell.data.images import list_image_ids
 from weakcell.data.labels import read_label_file
 from weakcell.errors import StageError
@@ -67,6 +68,7 @@ def read_external_set(folder: Path, spec: DatasetSpec) -> pd.DataFrame:
         raise StageError(f"folds.external: {folder} has no sources.csv; make it with `make external`")
     labels = read_label_file(folder / spec.label_file, spec)
     sources = pd.read_csv(sources_path, dtype=str, keep_default_na=False, usecols=["ID", "antibody"])
+    check_ids(sources["ID"], str(sources_path))
     images = labels[["ID", "labels"]].merge(sources, on="ID", how="left", validate="one_to_one")
     unknown = images["antibody"].isna()
     if unknown.any():

@@ -39,7 +39,7 @@ from weakcell.fold_groups import (
 )
 from weakcell.folds_record import FoldsRecord, folds_upstream, judge_existing, read_folds, record_path
 from weakcell.lineage import Lineage
-from weakcell.outputs import atomic_csv, atomic_write_text, writing
+from weakcell.outputs import atomic_csv, atomic_write_text, folder_lock, writing
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,12 @@ def folds_report(
 def run(cfg: Config) -> pd.DataFrame:
     """Entry point: read the label files, write the folds file of these settings (once, with its record),
     print per-fold counts; with groups configured (``folds.duplicates``, ``folds.external``), print and
-    write the folds report too."""
+    write the folds report too. Holds the lock of the folds file's folder."""
+    with folder_lock(cfg.folds_file.parent, "folds", cfg.checks.lock_wait_s):
+        return _write_folds(cfg)
+
+
+def _write_folds(cfg: Config) -> pd.DataFrame:
     spec = get_dataset(cfg.data.dataset)
     label_file = cfg.data_dir / spec.label_file
     labels = read_label_file(label_file, spec)

@@ -17,6 +17,7 @@
   through it or one of the helpers beside it (text, bytes, JSON, parquet, CSV, a matplotlib figure);
   ``tests/test_outputs.py`` lists the writers of the package so that a new bare write fails it.
 * ``clean_temporaries(folder)``: the ``*.tmp`` files of a killed run, removed under the lock.
+* ``read_json(path)``: a JSON record a stage wrote (``metrics.json``, ...); a damaged one is one line.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
+
+from weakcell.errors import StageError
 
 LOCK_FILE = ".weakcell.lock"
 # Seconds between two tries while waiting for a busy folder.
@@ -164,6 +167,17 @@ def atomic_savefig(path: str | os.PathLike[str], figure: _Figure, **savefig_kwar
     path = Path(path)
     kwargs = {"format": path.suffix.lstrip(".") or "png", **savefig_kwargs}
     return atomic_write(path, lambda tmp: figure.savefig(tmp, **kwargs))
+
+
+def read_json(path: str | os.PathLike[str], fix: str = "rerun the stage that wrote it with FORCE=1") -> Any:
+    """The JSON a stage wrote at ``path``. A damaged file (emptied, cut short, not JSON) is one
+    ``StageError`` line naming it and ``fix``: only a fault of the machine or a hand edit makes one."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        reason = "it is empty" if not path.read_bytes().strip() else f"not JSON ({err})"
+        raise StageError(f"{path} is damaged: {reason}; {fix}") from err
 
 
 def clean_temporaries(folder: str | os.PathLike[str], recursive: bool = False) -> int:

@@ -12,6 +12,10 @@ import zlib
 import numpy as np
 from pycocotools import mask as mask_utils
 
+# No mask has a run (or a difference of runs) this long: pycocotools keeps counts as 32-bit unsigned
+# ints, and 2**31 pixels is a 46k x 46k image. The bound keeps sums of runs far from int64 overflow.
+MAX_RUN = 2**31
+
 
 def _pack(counts: bytes) -> str:
     return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
@@ -68,9 +72,11 @@ def mask_pixels(text: str, height: int, width: int) -> np.ndarray:
 
 def rle_counts(counts: bytes) -> np.ndarray:
     """Decode pycocotools' compressed counts string into run lengths (zeros first), vectorised.
-    Mirrors ``rleFrString`` in maskApi.c; raises ValueError on malformed strings or negative runs.
-    Checking the runs before ``mask_utils.decode`` matters: pycocotools writes past its buffer when the
-    runs sum to more than height * width."""
+    Mirrors ``rleFrString`` in maskApi.c; raises ValueError on malformed strings, negative runs and runs of
+    ``MAX_RUN`` pixels or more. Checking the runs before ``mask_utils.decode`` matters: pycocotools writes
+    past its buffer when the runs sum to more than height * width. Bounding each number first keeps every
+    sum below int64's range: 64 runs of 2**58 would otherwise wrap their sum to any value, e.g. exactly
+    height * width."""
     chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
     if chars.size == 0:
         raise ValueError("empty RLE counts")
@@ -88,11 +94,15 @@ def rle_counts(counts: bytes) -> np.ndarray:
     values = np.add.reduceat((chars & 0x1F) << (5 * shift), starts)
     negative = (chars[ends] & 0x10) != 0
     values[negative] -= np.left_shift(1, 5 * (shift[ends][negative] + 1))
+    if np.abs(values).max() >= MAX_RUN:
+        raise ValueError(f"RLE counts hold a run of {int(np.abs(values).max())} pixels (at least 2**31)")
     runs = values.copy()
     runs[1::2] = np.cumsum(values[1::2])  # counts[m] = x + counts[m - 2] for m > 2
     runs[2::2] = np.cumsum(values[2::2])
     if runs.min() < 0:
         raise ValueError("RLE counts decode to a negative run")
+    if runs.max() >= MAX_RUN:  # the differences were bounded, their sums need not be
+        raise ValueError(f"RLE counts hold a run of {int(runs.max())} pixels (at least 2**31)")
     return runs
 
 

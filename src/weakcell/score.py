@@ -27,6 +27,7 @@ import pandas as pd
 
 from weakcell.competition_metric import READINGS, TrueCells, Verified, score_submission, true_cells
 from weakcell.constants import HPA2021_CLASSES
+from weakcell.data.ids import check_ids, inside
 from weakcell.data.labels import LabelError, parse_labels
 from weakcell.outputs import atomic_write_json
 
@@ -78,10 +79,11 @@ def read_truth_folder(
             )
         except LabelError as err:
             raise ValueError(str(err)) from None
+    check_ids(table["image_id"], str(table_path))
     rows = pd.DataFrame({"image_id": table["image_id"].to_numpy(), "cell_id": cell_ids, "labels": labels})
     return {
         str(image_id): true_cells(
-            read_true_mask_file(folder / f"{image_id}_cells.png"),
+            read_true_mask_file(inside(folder, f"{image_id}_cells.png")),
             cells,
             n_classes,
             f"{image_id} ({table_path})",

@@ -9,7 +9,6 @@ Refinement rounds (``weakcell.refine``) are rounds too, on pseudo-labels. What t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from weakcell.distributed import is_main_process
 from weakcell.errors import StageError
 from weakcell.fold_model import fold_seconds, train_fold, write_parquet
 from weakcell.lineage import Lineage, is_legacy, stale
-from weakcell.outputs import atomic_write_json, folder_lock
+from weakcell.outputs import atomic_write_json, folder_lock, read_json
 from weakcell.round_report import record_round, report_round
 from weakcell.scoring import score_oof
 from weakcell.training_set import TrainingSet, open_training_set, training_inputs
@@ -82,8 +81,13 @@ def train_round(
     saved = run_dir / "metrics.json"
     if not cfg.force and saved.is_file() and all(path.is_file() for path in finished):
         # a finished round: its tables, scores and maps are on disk already (reruns of make, the ablation)
-        print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
-        return json.loads(saved.read_text())
+        try:
+            metrics = read_json(saved)
+        except StageError:  # emptied or cut short: the folds are whole, only their scores are computed again
+            print(f"train: {saved} is damaged; scoring the finished folds again")
+        else:
+            print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
+            return metrics
     results = [
         train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir) for fold in folds
     ]

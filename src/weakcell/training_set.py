@@ -1,7 +1,8 @@
 """What training reads: the training split of the cell-crop cache joined with the label file and the folds
 file (``TrainingSet``, with the fingerprints of what it was read from: ``training_inputs``), the targets
 each cell learns from (inherited image labels, or the synthetic set's true cell labels for the oracle),
-and which labelled images give training no cells (``MissingImages``).
+and which labelled images give training no cells (``weakcell.cache.coverage.MissingImages``, refused
+above ``checks.max_missing_share`` before any per-cell table is built).
 
 Training (``weakcell.train``), refinement, evaluation and the ablation all start from ``load_training_set``.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
 from weakcell.cell_truth import cell_truth_table
 from weakcell.config import Config
@@ -67,55 +69,6 @@ class TrainingSet:
         return [positions[by_image[i]] if i in by_image else np.zeros(0, np.int64) for i in image_ids]
 
 
-@dataclass(frozen=True)
-class MissingImages:
-    """Labelled training images (label file IDs) that give training no cell, by reason."""
-
-    labelled: int  # images in the label file
-    without_cells: list[str]  # cached, but segmentation found no cell
-    failed: list[str]  # cached as skipped: unreadable or failed to segment (skipped.csv says why)
-    not_cached: list[str]  # absent from the cache (not cached yet, or a cache built without them)
-
-    @property
-    def count(self) -> int:
-        return len(self.without_cells) + len(self.failed) + len(self.not_cached)
-
-    @property
-    def share(self) -> float:
-        return self.count / max(self.labelled, 1)
-
-    def describe(self) -> str:
-        return (
-            f"{self.count} of {self.labelled} labelled training images give no cells: "
-            f"{len(self.without_cells)} without cells, {len(self.failed)} failed to read or segment, "
-            f"{len(self.not_cached)} not cached"
-        )
-
-    def record(self) -> dict[str, object]:
-        """What ``run.json`` keeps: counts, the share and up to 5 IDs per reason."""
-        reasons = {"without_cells": self.without_cells, "failed": self.failed, "not_cached": self.not_cached}
-        return {
-            "labelled": self.labelled,
-            "missing": self.count,
-            "share": round(self.share, 6),
-            **{name: len(ids) for name, ids in reasons.items()},
-            "examples": {name: ids[:5] for name, ids in reasons.items() if ids},
-        }
-
-
-def missing_images(labelled: list[str], cache_images: pd.DataFrame) -> MissingImages:
-    """Which of the ``labelled`` IDs the cache's training images (``images.parquet`` rows) lack, and why."""
-    rows = cache_images[cache_images["split"] == "train"].set_index("image_id")
-    cached = [i for i in labelled if i in rows.index]
-    status, n_cells = rows["status"].to_dict(), rows["n_cells"].to_dict()
-    return MissingImages(
-        labelled=len(labelled),
-        without_cells=[i for i in cached if status[i] == "ok" and n_cells[i] == 0],
-        failed=[i for i in cached if status[i] != "ok"],
-        not_cached=[i for i in labelled if i not in rows.index],
-    )
-
-
 def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
     """Print what the cache lacks; refuse above ``checks.max_missing_share`` (a silent loss otherwise)."""
     limit = cfg.checks.max_missing_share
@@ -123,8 +76,9 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
         needed = math.ceil(missing.share * 100) / 100
         raise StageError(
             f"{stage}: the cache {cfg.cache_dir} lacks too much: {missing.describe()} ({missing.share:.1%} > "
-            f"checks.max_missing_share={limit:g}); cache them (make cache; {cfg.cache_dir / SKIPPED_FILE} says "
-            f"why images failed), or train without them with checks.max_missing_share={needed:g}"
+            f"checks.max_missing_share={limit:g}), e.g. {missing.example()}; fix or cache them (make cache; "
+            f"{cfg.cache_dir / SKIPPED_FILE} says why images failed), or train without them with "
+            f"checks.max_missing_share={needed:g}"
         )
     if missing.count:
         print(
@@ -135,11 +89,9 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
 
 
 def open_training_set(cfg: Config, stage: str) -> TrainingSet:
-    """``load_training_set``, then ``check_missing`` under ``stage``'s name: what a training stage starts with."""
-    data = load_training_set(cfg)
-    if data.missing is not None:
-        check_missing(cfg, data.missing, stage)
-    return data
+    """``load_training_set`` with ``check_missing`` under ``stage``'s name, before any per-cell table is
+    built: what a training stage starts with."""
+    return load_training_set(cfg, check=stage)
 
 
 def training_inputs(cfg: Config) -> dict[str, str | None]:
@@ -160,22 +112,33 @@ def training_inputs(cfg: Config) -> dict[str, str | None]:
     }
 
 
-def load_training_set(cfg: Config) -> TrainingSet:
+def load_training_set(cfg: Config, check: str | None = None) -> TrainingSet:
     """Join the cache, the label file and the folds file; every cached training image must have both.
-    ``missing`` says which labelled images the cache lacks (``check_missing`` decides whether to go on)."""
+    ``missing`` says which labelled images the cache lacks; with ``check`` (the stage's name) they are
+    counted and refused above ``checks.max_missing_share`` (``check_missing``) before any per-cell table is
+    built, so the count and its advice come first."""
     spec = get_dataset(cfg.data.dataset)
     inputs = training_inputs(cfg)
     labels = read_label_file(cfg.data_dir / spec.label_file, spec)
     folds, _ = load_folds(cfg)
     cache = CellCache(cfg.cache_dir)
+    missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
+    if check is not None:
+        check_missing(cfg, missing, check)
     images = cache.images[cache.images["split"] == "train"][["image_id"]]
     images = images.merge(labels.rename(columns={"ID": "image_id"})[["image_id", "labels"]], how="left")
     images = images.merge(folds.rename(columns={"ID": "image_id"}), how="left")
-    missing = images[images["labels"].isna() | images["fold"].isna()]["image_id"].tolist()
-    if missing:
+    unlabelled = images.loc[images["labels"].isna(), "image_id"].tolist()
+    if unlabelled:  # the cache was built from another label file
         raise StageError(
-            f"{len(missing)} cached training images lack labels or a fold (e.g. {missing[:3]}); "
-            f"rebuild the folds (make folds FORCE=1) or the cache (make cache FORCE=1)"
+            f"{len(unlabelled)} cached training images are not in {spec.label_file} (e.g. {unlabelled[:3]}): "
+            f"the cache {cfg.cache_dir} was built from another label file; rebuild it (make cache FORCE=1)"
+        )
+    without_fold = images.loc[images["fold"].isna(), "image_id"].tolist()
+    if without_fold:  # the folds were made from another label file
+        raise StageError(
+            f"{len(without_fold)} labelled training images have no fold in {cfg.folds_file} (e.g. "
+            f"{without_fold[:3]}): it was made from another label file; rebuild it (make folds FORCE=1)"
         )
     images = images.astype({"fold": np.int64}).reset_index(drop=True)
     cells = cache.cells[cache.cells["split"] == "train"].copy()
@@ -186,7 +149,11 @@ def load_training_set(cfg: Config) -> TrainingSet:
         from weakcell.synthetic.truth import read_truth
 
         truth = read_truth(cfg.data_dir, spec)
-        matches = cell_truth_table(cache.masks, cfg.data_dir, images["image_id"].tolist())
+        # a skipped image has no masks: nothing of it to match (``missing`` counts it)
+        segmented = set(cache.images.loc[cache.images["status"] == "ok", "image_id"])
+        matches = cell_truth_table(
+            cache.masks, cfg.data_dir, [i for i in images["image_id"] if i in segmented]
+        )
 
     targets = np.zeros((len(cache.cells), spec.n_classes), dtype=np.float32)
     if cfg.train.targets == "inherit":
@@ -196,7 +163,6 @@ def load_training_set(cfg: Config) -> TrainingSet:
         if truth is None or matches is None:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
-    missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
     return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing, inputs=inputs)
 
 

@@ -58,6 +58,7 @@ from weakcell.cache.store import (
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings, save_config
 from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
+from weakcell.data.ids import check_ids, inside
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
 from weakcell.data.manifest import FileRecord, hash_image_files
@@ -151,8 +152,12 @@ def list_split_images(data_dir: Path, spec: DatasetSpec, split: str) -> list[str
         return read_label_file(data_dir / spec.label_file, spec)["ID"].tolist()
     sample = data_dir / spec.sample_submission
     if sample.is_file():
-        return pd.read_csv(sample, dtype=str, usecols=[spec.id_column])[spec.id_column].tolist()
-    return list_image_ids(folder)
+        ids = pd.read_csv(sample, dtype=str, usecols=[spec.id_column])[spec.id_column].tolist()
+        check_ids(ids, str(sample))
+        return ids
+    ids = list_image_ids(folder)
+    check_ids(ids, f"the image files of {folder}")
+    return ids
 
 
 def plan_images(cfg: Config) -> list[ImageTask]:
@@ -182,7 +187,7 @@ def _image_size(folder: str, image_id: str) -> tuple[int, int]:
     image keep its size for the submission without decoding it."""
     for channel in CHANNELS:
         for ext in EXTENSIONS:
-            path = Path(folder) / f"{image_id}_{channel}{ext}"
+            path = inside(folder, f"{image_id}_{channel}{ext}")
             try:
                 with Image.open(path) as header:
                     return header.size

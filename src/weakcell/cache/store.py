@@ -28,6 +28,7 @@ import yaml
 
 from weakcell.config import Config
 from weakcell.config.lineage import reads, saved_config
+from weakcell.data.ids import inside
 from weakcell.lineage import Lineage, digest, read_lineage
 from weakcell.segment import Segmentation
 
@@ -67,7 +68,7 @@ IMAGES_COLUMNS: tuple[str, ...] = (
 def mask_paths(folder: str | os.PathLike[str], image_id: str) -> tuple[Path, Path]:
     """``(cells, nuclei)`` mask files of ``image_id`` inside the cache ``folder``."""
     masks = Path(folder) / MASKS_DIR
-    return masks / f"{image_id}_cells.png", masks / f"{image_id}_nuclei.png"
+    return inside(masks, f"{image_id}_cells.png"), inside(masks, f"{image_id}_nuclei.png")
 
 
 def read_masks(folder: str | os.PathLike[str], image_id: str) -> Segmentation:

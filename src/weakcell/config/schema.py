@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from weakcell.constants import HPA2021_CELL_LINES, CellScore
 
+
+def _integer_code(value: object) -> object:
+    """A literal of ints alone would take ``true`` as 1 and ``1.0`` as 1 (equal in Python): a code is an int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a TTA code is an integer 0..7, not a {type(value).__name__}")
+    return value
+
+
 # A symmetry of the square applied to a crop (``cache.loader.apply_symmetries``): bit 0 flips left-right,
 # bit 1 up-down, bit 2 transposes; there are 8.
-TtaCode = Literal[0, 1, 2, 3, 4, 5, 6, 7]
+TtaCode = Annotated[Literal[0, 1, 2, 3, 4, 5, 6, 7], BeforeValidator(_integer_code)]
 
 
 class Section(BaseModel):
@@ -755,7 +763,7 @@ class AblateConfig(Section):
 
 
 class ChecksConfig(Section):
-    """Refusals that guard against losing work silently (``weakcell.outputs``, ``train.missing_images``).
+    """Refusals that guard against losing work silently (``weakcell.outputs``, ``weakcell.cache.coverage``).
     They change whether a stage runs, never what it computes, so finished work stays reusable."""
 
     max_missing_share: float = Field(
@@ -770,6 +778,12 @@ class ChecksConfig(Section):
         ge=0,
         description="seconds a stage waits for another run to release its output folder before it "
         "refuses; 0 = refuse at once",
+    )
+    allow_empty_rows: bool = Field(
+        False,
+        description="infer refuses when an image to predict gives no cells (none found, unreadable, not "
+        "cached): its row would be an empty placeholder, on Kaggle a lost image; true = write those rows "
+        "empty and count them in the summary",
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import tifffile
 
 from weakcell.constants import CHANNEL_COLORS, CHANNELS
+from weakcell.data.ids import inside
 from weakcell.outputs import atomic_write_bytes
 
 # Looked for in this order; the first that exists wins.
@@ -29,7 +30,7 @@ def channel_path(folder: str | os.PathLike[str], image_id: str, channel: str) ->
     """Path of one channel file, trying each known extension; raises ImageReadError if none exists."""
     folder = Path(folder)
     for ext in EXTENSIONS:
-        candidate = folder / f"{image_id}_{channel}{ext}"
+        candidate = inside(folder, f"{image_id}_{channel}{ext}")
         if candidate.is_file():
             return candidate
     raise ImageReadError(
@@ -112,7 +113,7 @@ def write_image(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for channel, plane in zip(CHANNELS, image):
-        write_channel(folder / f"{image_id}_{channel}.png", plane, compression)
+        write_channel(inside(folder, f"{image_id}_{channel}.png"), plane, compression)
 
 
 def list_image_ids(folder: str | os.PathLike[str]) -> list[str]:

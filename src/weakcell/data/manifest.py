@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from weakcell.constants import CHANNELS
+from weakcell.data.ids import inside
 from weakcell.data.images import EXTENSIONS
 from weakcell.lineage import digest
 from weakcell.outputs import atomic_parquet
@@ -43,7 +44,7 @@ def image_files(folder: str | os.PathLike[str], image_id: str) -> list[Path | No
     folder = Path(folder)
     found: list[Path | None] = []
     for channel in CHANNELS:
-        candidates = (folder / f"{image_id}_{channel}{ext}" for ext in EXTENSIONS)
+        candidates = (inside(folder, f"{image_id}_{channel}{ext}") for ext in EXTENSIONS)
         found.append(next((path for path in candidates if path.is_file()), None))
     return found
 

@@ -8,8 +8,10 @@ Two forms are read (``external.list_format``, or detected from the header):
 * ``hpav18``: the 2018 ``HPAv18RBGY_wodpl.csv``: ``Id`` = ``<antibody>_<plate>_<well>_<field>`` and ``Target``,
   2018 class numbers separated by spaces; images under ``http://v18.proteinatlas.org/images/<antibody>/``.
 
-An image's ID is ``<antibody>_<plate>_<well>_<field>`` (``/`` cannot be in a file name); every part is
-checked against a safe character set (``SAFE_PART``) so that no path built from an ID leaves its folder.
+An image's ID is ``<antibody>_<plate>_<well>_<field>`` (``/`` cannot be in a file name): a list's name is
+first checked to have that form (``NAME_PART``, ``NAME_FIELD``: letters, digits and ``-`` per part), then
+mapped to its file stem by the kit's one ID rule (``weakcell.data.ids.safe_stem``); every channel file path
+goes through ``weakcell.data.ids.inside``, so no path built from an ID leaves its folder.
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from weakcell.constants import CHANNELS, HPA2018_CLASSES
+from weakcell.data.ids import RULE, IdError, inside, is_safe_id, safe_stem
 from weakcell.errors import StageError, UnknownName
 from weakcell.external.locations import map_locations
 
-# One part of an ID: the antibody (a number on the HPA's servers) or plate, well, field. No '/', '.', '\\'
-# or spaces, so an ID joined from parts is a plain file stem.
-SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
-# <plate>_<well>_<field>: two to four safe parts joined by '_'; an ID is the antibody and those.
-SAFE_FIELD = re.compile(rf"{SAFE_PART.pattern}(?:_{SAFE_PART.pattern}){{1,3}}")
-SAFE_ID = re.compile(rf"{SAFE_PART.pattern}(?:_{SAFE_PART.pattern}){{2,4}}")
+# The form of a public HPA image name (not the path rule, which is ``weakcell.data.ids``'): one part is the
+# antibody (a number on the HPA's servers) or plate, well, field, without '/', '.', '_' or spaces;
+# <plate>_<well>_<field> is two to four parts joined by '_'.
+NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+NAME_FIELD = re.compile(rf"{NAME_PART.pattern}(?:_{NAME_PART.pattern}){{1,3}}")
 # Columns of the image table every list form is read into.
 COLUMNS = ("ID", "url_stem", "antibody", "cell_line", "in_trainset", "locations")
 
@@ -53,21 +55,30 @@ class ListFormat:
 
 
 def image_id(antibody: str, plate_well_field: str) -> str:
-    """``("10005", "921_B9_1")`` -> ``"10005_921_B9_1"``; raises ListError when a part is not safe."""
-    if not SAFE_PART.fullmatch(antibody) or not SAFE_FIELD.fullmatch(plate_well_field):
+    """``("10005", "921_B9_1")`` -> ``"10005_921_B9_1"`` (``safe_stem`` of ``10005/921_B9_1``); raises
+    ListError when a part is not of the public form or the stem would be cut to the ID rule's length."""
+    name = f"{antibody}/{plate_well_field}"
+    if not NAME_PART.fullmatch(antibody) or not NAME_FIELD.fullmatch(plate_well_field):
         raise ListError(
             f"unsafe image name {antibody!r}/{plate_well_field!r}: expected <antibody>/<plate>_<well>_<field> "
             "of letters, digits and '-'"
         )
-    return f"{antibody}_{plate_well_field}"
+    stem = safe_stem(name)
+    if len(stem) != len(name):  # safe_stem keeps at most 200 characters: two names could share one stem
+        raise ListError(f"image name {name!r} is longer than an image ID may be ({RULE})")
+    return stem
 
 
 def channel_file(folder: Path, image: str, color: str, suffix: str = ".png") -> Path:
-    """``folder/<image>_<color><suffix>``, refusing any name that would leave ``folder``."""
-    path = folder / f"{image}_{color}{suffix}"
-    if not SAFE_ID.fullmatch(image) or color not in CHANNELS or path.parent != folder:
-        raise ListError(f"unsafe file name {path.name!r} for image {image!r}")
-    return path
+    """``folder/<image>_<color><suffix>`` for an ID of the kit's rule (``weakcell.data.ids``), refusing any
+    name that would leave ``folder`` (``inside``)."""
+    name = f"{image}_{color}{suffix}"
+    if not is_safe_id(image) or color not in CHANNELS:
+        raise ListError(f"unsafe file name {name!r} for image {image!r}")
+    try:
+        return inside(folder, name)
+    except IdError as err:
+        raise ListError(f"unsafe file name {name!r} for image {image!r}") from err
 
 
 def _stem(antibody: str, plate_well_field: str, listed: str | None, base_url: str | None) -> str:

@@ -10,6 +10,7 @@ committed (their ids name the user's Kaggle account).
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import textwrap
@@ -36,7 +37,7 @@ from weakcell.kagglekit.naming import (
     weights_slug,
     wheels_slug,
 )
-from weakcell.outputs import atomic_write_json, atomic_write_text
+from weakcell.outputs import atomic_write_json, atomic_write_text, folder_lock
 
 METADATA_FILE = "kernel-metadata.json"
 TEMPLATE = Path(__file__).with_name("kernel.py.tmpl")
@@ -138,8 +139,14 @@ def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
 
 
 def _literal(value: Any) -> str:
-    """A Python literal of a str / list / dict of str (JSON spells them the same way) or None."""
-    return "None" if value is None else json.dumps(value)
+    """A Python literal of a str / list / dict of str or None: its JSON text where Python reads that back
+    as the same value (``["cache", "infer"]``), else ``repr`` (JSON spells a character beyond the BMP as a
+    surrogate pair, which Python reads as two characters). Never the bare text: a user's string (a run
+    name, an override) is always quoted, whatever quotes or backslashes it holds."""
+    if value is None:
+        return "None"
+    text = json.dumps(value)
+    return text if ast.literal_eval(text) == value else repr(value)
 
 
 def kernel_overrides(cfg: Config, spec: Variant) -> list[str]:
@@ -225,8 +232,10 @@ def kernel_script(cfg: Config, variant: str) -> str:
         else "the run's weights, thresholds and resolved config come from the weights dataset"
     )
     about = (
-        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__}, "
-        f'config "{cfg.name}". Internet is off: weakcell and the packages the Kaggle image lacks install from '
+        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__} "
+        # the run's name is a user string: it appears only as the quoted literal RUN, never in this docstring
+        "for the run named by RUN below. Internet is off: weakcell and the packages the Kaggle image lacks "
+        "install from "
         f"the attached wheels dataset; {where_weights}. Writes /kaggle/working/submission.csv with the same "
         "CLI as a local run."
     )
@@ -248,9 +257,14 @@ def write_kernel(cfg: Config, variant: str) -> Path:
 
 
 def run(cfg: Config) -> list[Path]:
-    """``make kernels``: every variant of ``kaggle.variants``."""
+    """``make kernels``: every variant of ``kaggle.variants``, holding the kernels folder's lock."""
     for variant in cfg.kaggle.variants:
         variant_of(variant)  # fail before writing anything
+    with folder_lock(cfg.path(cfg.paths.kernels), "kernels", cfg.checks.lock_wait_s):
+        return _write_kernels(cfg)
+
+
+def _write_kernels(cfg: Config) -> list[Path]:
     folders = []
     for variant in cfg.kaggle.variants:
         folder = write_kernel(cfg, variant)

@@ -34,7 +34,7 @@ from weakcell.data.datasets import get_dataset
 from weakcell.data.images import write_channel, write_image
 from weakcell.data.labels import format_labels
 from weakcell.errors import StageError
-from weakcell.outputs import atomic_csv, atomic_write_text
+from weakcell.outputs import LOCK_FILE, atomic_csv, atomic_write_text, folder_lock
 from weakcell.parallel import n_workers, pool_context
 from weakcell.synthetic.classes import ClassTable, class_table
 from weakcell.synthetic.generate import generate_image, image_seed
@@ -62,7 +62,8 @@ def _claim(data_dir: Path) -> None:
     """Mark ``data_dir`` as a synthetic set before anything in it is deleted; refuse a folder that holds
     other files and was never ours (a mistyped ``data.dir`` must not wipe real images)."""
     owner = data_dir / OWNER
-    if data_dir.is_dir() and any(data_dir.iterdir()) and not owner.is_file():
+    others = [p for p in data_dir.iterdir() if p.name != LOCK_FILE] if data_dir.is_dir() else []
+    if others and not owner.is_file():
         raise StageError(
             f"{data_dir} holds files that the synthetic writer did not make (no {OWNER}); "
             "point data.dir at an empty or synthetic folder"
@@ -125,12 +126,17 @@ def sample_submission(test: pd.DataFrame, table: ClassTable) -> pd.DataFrame:
 
 def run(cfg: Config) -> Path:
     """Write the benchmark into ``cfg.data_dir`` unless an identical complete set is there (``force``
-    regenerates). Prints one summary line; returns the folder."""
+    regenerates), holding the folder's lock. Prints one summary line; returns the folder."""
     if not get_dataset(cfg.data.dataset).has_truth:
         raise StageError(
             f"`weakcell data` generates a synthetic set only; data.dataset={cfg.data.dataset} is read as-is "
             f"from {cfg.data_dir} (run with data.dataset=synthetic or synthetic2018, e.g. configs/demo.yaml)"
         )
+    with folder_lock(cfg.data_dir, "data", cfg.checks.lock_wait_s):
+        return _write(cfg)
+
+
+def _write(cfg: Config) -> Path:
     table = class_table(cfg.data.dataset)
     spec = table.spec
     data_dir = cfg.data_dir
