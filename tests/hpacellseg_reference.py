@@ -143,7 +143,9 @@ def touching_borders(labels: np.ndarray, width: int) -> np.ndarray:
 def _probabilities(labels: np.ndarray, sigma: float, noise: float, rng: np.random.Generator) -> np.ndarray:
     """(H, W, 3) float32 softmax-like maps of one label image: background, touching border, foreground."""
     foreground = cv2.GaussianBlur((labels > 0).astype(np.float32), (0, 0), sigma)
-    border = cv2.GaussianBlur(touching_borders(labels, max(1, round(sigma / 2))).astype(np.float32), (0, 0), sigma)
+    border = cv2.GaussianBlur(
+        touching_borders(labels, max(1, round(sigma / 2))).astype(np.float32), (0, 0), sigma
+    )
     border = np.clip(1.6 * border, 0, 0.95)
     jitter = cv2.GaussianBlur(rng.normal(0, noise, labels.shape).astype(np.float32), (0, 0), sigma / 2)
     foreground = np.clip(foreground + jitter, 0, 1) * (1 - border)

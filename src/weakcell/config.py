@@ -225,6 +225,35 @@ class SamRefineConfig(Section):
     )
 
 
+class HpaCellSegConfig(Section):
+    """HPA-Cell-Segmentation (the organisers' DPN-92 U-Nets, ``weakcell.segment.hpacellseg``) from local
+    weights only. Scales are fractions of full resolution, as in every backend (``segment.reference_size``
+    turns them into fractions of the reference image)."""
+
+    weights: str | None = Field(
+        None,
+        description="folder holding dpn_unet_nuclei_v1 and the cell model (.safetensors from make weights, "
+        "or the published .pth); else $WEAKCELL_HPACELLSEG_WEIGHTS, then /kaggle/input/*",
+    )
+    cell_model: Literal["3ch", "2ch"] = Field(
+        "3ch", description="3ch = dpn_unet_cell_3ch_v1 (red, yellow, blue); 2ch = dpn_unet_cell_v2 (red, blue)"
+    )
+    network_scale: float = Field(
+        0.25, gt=0, le=1, description="the U-Nets read the image at this scale (upstream: 0.25, 2048 -> 512)"
+    )
+    label_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="label_cell runs at this scale with its sizes scaled (1 = upstream's full resolution)",
+    )
+    padding: bool = Field(True, description="upstream's 32-px reflected border around the network input")
+    batch_size: int = Field(8, ge=1, description="images per forward pass of each U-Net")
+    device: str = Field(
+        "auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda | cuda:N"
+    )
+
+
 class PostprocessConfig(Section):
     """Rules applied after any backend, as the top 2021 teams did; each one a switch."""
 
@@ -248,6 +277,13 @@ class SegmentConfig(Section):
     cellpose: CellposeSegmentConfig = Field(default_factory=CellposeSegmentConfig)
     sam: SamRefineConfig = Field(default_factory=SamRefineConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    hpacellseg: HpaCellSegConfig = Field(default_factory=HpaCellSegConfig)
+    reference_size: int | None = Field(
+        None,
+        gt=0,
+        description="image side (px) at which pixel sizes and scales hold; an image of side S scales "
+        "them by S / reference_size, so every size segments the same cells (None = absolute pixels)",
+    )
 
 
 class CacheConfig(Section):
@@ -262,6 +298,12 @@ class CacheConfig(Section):
     num_shards: int = Field(1, ge=1, description="how many parts caching is split into")
     shard_mb: float = Field(
         256, gt=0, description="crops are flushed to a new shard file every this many MiB (bounds memory)"
+    )
+    queue_images: int = Field(
+        0,
+        ge=0,
+        description="learned backends: images between the decoding workers and the one process that runs "
+        "the network (bounds memory); 0 = two batches plus one per worker",
     )
 
 
@@ -537,7 +579,7 @@ class RefineConfig(Section):
         return self.model_copy(update={"relative": self.relative[min(round_, len(self.relative)) - 1]})
 
 
-FetchItem = Literal["backbone", "cellpose", "sam"]
+FetchItem = Literal["backbone", "cellpose", "sam", "hpacellseg"]
 
 
 class WeightsConfig(Section):
@@ -551,7 +593,8 @@ class WeightsConfig(Section):
     fetch: list[FetchItem] = Field(
         default_factory=lambda: list[FetchItem](["backbone"]),
         description="backbone = model.backbone through timm's own pretrained source (saved as safetensors); "
-        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint",
+        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint; hpacellseg = "
+        "HPA-Cell-Segmentation's nuclei model and segment.hpacellseg.cell_model",
     )
     mirror: str | None = Field(
         None,
@@ -618,6 +661,10 @@ class KaggleConfig(Section):
     )
     sam_dataset: str = Field(
         "segment-anything", description="dataset (slug or owner/slug) holding the SAM checkpoint"
+    )
+    hpacellseg_dataset: str = Field(
+        "hpa-cell-segmentation",
+        description="dataset (slug or owner/slug) holding HPA-Cell-Segmentation's nuclei and cell models",
     )
     extra_datasets: list[str] = Field(
         default_factory=list, description="more owner/slug datasets attached to every kernel"
@@ -967,6 +1014,9 @@ _RUNTIME = (
     "segment.cellpose.batch_size",
     "segment.sam.device",
     "segment.sam.box_batch_size",
+    "segment.hpacellseg.device",
+    "segment.hpacellseg.batch_size",
+    "cache.queue_images",
     "train.device",
     "train.workers",
     "train.compile",

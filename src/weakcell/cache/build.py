@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -55,7 +57,9 @@ from weakcell.data.labels import read_label_file
 from weakcell.errors import StageError
 from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
 from weakcell.parallel import n_workers, pool_context
-from weakcell.segment import segment_image
+from weakcell.segment import Segmentation, for_image, refiners_of, segment_image
+from weakcell.segment.batched import NetworkInput, network_stage
+from weakcell.segment.postprocess import postprocess
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
 MASK_PNG_PARAMS = [
@@ -191,25 +195,47 @@ def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
     ``cache.on_error=skip``, a ``skipped`` row that names the reason; with ``raise`` it propagates. A fault
     of the machine (the masks cannot be written, memory runs out) is no fault of the image: it stops the
     stage (``OutputError``, ``MemoryError``) and the image is retried on the next run."""
-    size = cfg.cache.crop_size
     try:
         image = read_image(task.folder, task.image_id)
         segmentation = segment_image(image, cfg.segment)
-        mask_dtype(segmentation.cells)
-        crops, cells = cut_crops(image, segmentation.cells, segmentation.nuclei, size)
+        crops, cells = cut_cells(image, segmentation, cfg)
     except MemoryError:
         raise
     except Exception as err:  # readers and segmenters raise many types; each is reported by ID
-        if cfg.cache.on_error == "raise":
-            raise
-        width, height = _image_size(task.folder, task.image_id)
-        row = _image_row(task, width, height, 0, "skipped", f"{type(err).__name__}: {err}")
-        return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8))
+        return skipped(task, cfg, err)
+    return store(task, image, segmentation, crops, cells, cache_dir)
+
+
+def cut_cells(image: np.ndarray, segmentation: Segmentation, cfg: Config) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crops and cells rows of a segmented image (its masks checked to fit a PNG)."""
+    mask_dtype(segmentation.cells)
+    return cut_crops(image, segmentation.cells, segmentation.nuclei, cfg.cache.crop_size)
+
+
+def store(
+    task: ImageTask,
+    image: np.ndarray,
+    segmentation: Segmentation,
+    crops: np.ndarray,
+    cells: pd.DataFrame,
+    cache_dir: Path,
+) -> CachedImage:
+    """Write the masks of a segmented image; its images row, cells rows and crops."""
     write_masks(cache_dir, task.image_id, segmentation.cells, segmentation.nuclei)
     row = _image_row(task, image.shape[2], image.shape[1], len(cells), "ok", "")
     cells.insert(0, "image_id", task.image_id)
     cells.insert(2, "split", task.split)
     return CachedImage(row, cells, crops)
+
+
+def skipped(task: ImageTask, cfg: Config, err: Exception) -> CachedImage:
+    """The ``skipped`` row of an image that failed (``cache.on_error=skip``), or ``err`` raised again."""
+    if cfg.cache.on_error == "raise":
+        raise err
+    size = cfg.cache.crop_size
+    width, height = _image_size(task.folder, task.image_id)
+    row = _image_row(task, width, height, 0, "skipped", f"{type(err).__name__}: {err}")
+    return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8))
 
 
 def _image_row(task: ImageTask, width: int, height: int, n_cells: int, status: str, reason: str) -> dict:
@@ -221,12 +247,192 @@ def _empty_cells() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=_CELL_TYPES[column]) for column in CELLS_COLUMNS[:-2]})
 
 
+# -- learned backends: one process runs the network, workers decode and post-process -------------------
+
+
+@dataclass
+class Decoded:
+    """A worker's image ready for the network: the task, the decoded ``(4, H, W)`` image, its input."""
+
+    task: ImageTask
+    image: np.ndarray
+    item: NetworkInput
+
+
+def prepare_image(task: ImageTask, cfg: Config) -> Decoded | CachedImage:
+    """Decode one image and build its network input; a ``skipped`` row when the image is at fault."""
+    stage = network_stage(cfg.segment)
+    assert stage is not None
+    try:
+        image = read_image(task.folder, task.image_id)
+        return Decoded(task, image, stage.prepare(image, for_image(cfg.segment, image.shape[1:])))
+    except MemoryError:
+        raise
+    except Exception as err:
+        return skipped(task, cfg, err)
+
+
+def finish_image(
+    decoded: Decoded, output: Any, segmentation: Segmentation | None, cfg: Config, cache_dir: Path
+) -> CachedImage:
+    """The rest of one image after its network pass: labels (unless ``segmentation`` came refined from the
+    model process), the post-processing rules, crops and masks."""
+    image_cfg = for_image(cfg.segment, decoded.image.shape[1:])
+    try:
+        if segmentation is None:
+            stage = network_stage(cfg.segment)
+            assert stage is not None
+            segmentation = stage.finish(decoded.image, decoded.item, output, image_cfg)
+        segmentation = postprocess(segmentation, image_cfg.postprocess)
+        crops, cells = cut_cells(decoded.image, segmentation, cfg)
+    except MemoryError:
+        raise
+    except Exception as err:
+        return skipped(decoded.task, cfg, err)
+    return store(decoded.task, decoded.image, segmentation, crops, cells, cache_dir)
+
+
+def run_network(
+    decoded: list[Decoded], cfg: Config
+) -> list[tuple[Decoded, Any, Segmentation | None] | CachedImage]:
+    """The network over one batch of same-shape inputs, in this process, then the refiners (they hold
+    models too). A batch that fails is retried image by image, so that one faulty image is skipped alone."""
+    stage = network_stage(cfg.segment)
+    assert stage is not None
+    image_cfg = for_image(cfg.segment, decoded[0].image.shape[1:])
+    try:
+        outputs = stage.predict([item.item for item in decoded], image_cfg)
+    except MemoryError:
+        raise
+    except Exception as err:
+        if len(decoded) == 1:
+            return [skipped(decoded[0].task, cfg, err)]
+        return [result for item in decoded for result in run_network([item], cfg)]
+    refiners = refiners_of(image_cfg)
+    results: list[tuple[Decoded, Any, Segmentation | None] | CachedImage] = []
+    for item, output in zip(decoded, outputs):
+        if not refiners:
+            results.append((item, output, None))
+            continue
+        try:
+            segmentation = stage.finish(item.image, item.item, output, image_cfg)
+            for refine in refiners:
+                segmentation = refine(item.image, segmentation, image_cfg)
+            results.append((item, None, segmentation))
+        except MemoryError:
+            raise
+        except Exception as err:
+            results.append(skipped(item.task, cfg, err))
+    return results
+
+
+class _Done:
+    """A result already at hand, with the interface of ``multiprocessing``'s ``AsyncResult``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self) -> Any:
+        return self.value
+
+
+def cache_images_batched(
+    tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: int
+) -> Iterator[CachedImage]:
+    """Results of a backend with a network, in about the order of ``tasks``: workers decode and prepare
+    images, this process runs the network on batches of same-shape inputs (the only process that loads the
+    model), workers finish them. At most ``cache.queue_images`` images are between the two at any time, so
+    memory stays bounded. With one worker, everything runs here, in the same order."""
+    stage = network_stage(cfg.segment)
+    assert stage is not None
+    batch = stage.batch_size(cfg.segment)
+    limit = cfg.cache.queue_images or 2 * batch + workers
+    if workers <= 1:
+        yield from _batched(tasks, cfg, batch, limit, _InProcess(cfg, cache_dir))
+        return
+    with pool_context().Pool(workers, initializer=_init_worker, initargs=(cfg, cache_dir)) as pool:
+        yield from _batched(tasks, cfg, batch, limit, _InPool(pool))
+
+
+class _InProcess:
+    """Runs the worker steps here, at once."""
+
+    def __init__(self, cfg: Config, cache_dir: Path) -> None:
+        self.cfg, self.cache_dir = cfg, cache_dir
+
+    def prepare(self, task: ImageTask) -> _Done:
+        return _Done(prepare_image(task, self.cfg))
+
+    def finish(self, decoded: Decoded, output: Any, segmentation: Segmentation | None) -> _Done:
+        return _Done(finish_image(decoded, output, segmentation, self.cfg, self.cache_dir))
+
+
+class _InPool:
+    """Sends the worker steps to a process pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def prepare(self, task: ImageTask) -> Any:
+        return self.pool.apply_async(_prepare_in_worker, (task,))
+
+    def finish(self, decoded: Decoded, output: Any, segmentation: Segmentation | None) -> Any:
+        return self.pool.apply_async(_finish_in_worker, (decoded, output, segmentation))
+
+
+def _batched(
+    tasks: list[ImageTask], cfg: Config, batch: int, limit: int, workers: Any
+) -> Iterator[CachedImage]:
+    """The scheduling of ``cache_images_batched``: keep up to ``limit`` images decoding, waiting for a batch
+    or finishing; run a batch as soon as ``batch`` inputs of one shape are ready (all that is left once
+    nothing more is coming); yield finished images as they complete, oldest first."""
+    queue = iter(tasks)
+    decoding: deque[Any] = deque()
+    waiting: dict[Any, list[Decoded]] = {}
+    finishing: deque[Any] = deque()
+    more = True
+    while True:
+        while more and len(decoding) + sum(map(len, waiting.values())) + len(finishing) < limit:
+            task = next(queue, None)
+            if task is None:
+                more = False
+            else:
+                decoding.append(workers.prepare(task))
+        if decoding:
+            result = decoding.popleft().get()  # the oldest; the others keep decoding meanwhile
+            if isinstance(result, CachedImage):
+                finishing.append(_Done(result))
+            else:
+                waiting.setdefault(result.item.key, []).append(result)
+        last = not more and not decoding
+        for key in list(waiting):
+            while waiting.get(key) and (len(waiting[key]) >= batch or last):
+                group, waiting[key] = waiting[key][:batch], waiting[key][batch:]
+                for outcome in run_network(group, cfg):
+                    finishing.append(
+                        _Done(outcome) if isinstance(outcome, CachedImage) else workers.finish(*outcome)
+                    )
+            if not waiting.get(key):
+                waiting.pop(key, None)
+        while finishing and (finishing[0].ready() or last):
+            yield finishing.popleft().get()
+        if last and not waiting and not finishing:
+            return
+
+
 # Worker processes get the config once (pool initializer) rather than with every task.
 _WORKER: dict[str, object] = {}
 
 
 def _init_worker(cfg: Config, cache_dir: Path) -> None:
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
+    if network_stage(cfg.segment) is not None:  # the parent runs the network: a worker's torch is for glue
+        import torch
+
+        torch.set_num_threads(1)
     _WORKER.update(cfg=cfg, cache_dir=cache_dir)
 
 
@@ -234,10 +440,22 @@ def _cache_in_worker(task: ImageTask) -> CachedImage:
     return cache_image(task, _WORKER["cfg"], _WORKER["cache_dir"])  # type: ignore[arg-type]
 
 
+def _prepare_in_worker(task: ImageTask) -> Decoded | CachedImage:
+    return prepare_image(task, _WORKER["cfg"])  # type: ignore[arg-type]
+
+
+def _finish_in_worker(decoded: Decoded, output: Any, segmentation: Segmentation | None) -> CachedImage:
+    return finish_image(decoded, output, segmentation, _WORKER["cfg"], _WORKER["cache_dir"])  # type: ignore[arg-type]
+
+
 def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: int) -> Iterator[CachedImage]:
     """Results in completion order, one image at a time; only the small task records are queued ahead, and
     the caller flushes crops into shards as they arrive. One worker runs in this process (no pickling,
-    easy to debug and profile)."""
+    easy to debug and profile). A backend with a network goes through ``cache_images_batched``: one model,
+    in this process, never one per worker."""
+    if network_stage(cfg.segment) is not None:
+        yield from cache_images_batched(tasks, cfg, cache_dir, workers)
+        return
     if workers <= 1:
         for task in tasks:
             yield cache_image(task, cfg, cache_dir)

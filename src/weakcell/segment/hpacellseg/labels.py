@@ -114,7 +114,7 @@ def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, n
 def _remove_small_regions(mask: np.ndarray, min_area: float, connectivity: int = 4) -> np.ndarray:
     """``mask`` without its connected components of fewer than ``min_area`` pixels (4-connected, as
     ``remove_small_objects`` of a bool array)."""
-    n, regions, stats = _components(mask, connectivity)
+    _, regions, stats = _components(mask, connectivity)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area
     keep[0] = False
     if keep[1:].all():
@@ -167,7 +167,11 @@ def _relabel_pieces(labels: np.ndarray) -> np.ndarray:
             continue
         n, regions, stats = _components(labels[box] == value, 8)
         for k in range(1, n):
-            top, left, span = stats[k, cv2.CC_STAT_TOP], stats[k, cv2.CC_STAT_LEFT], stats[k, cv2.CC_STAT_WIDTH]
+            top, left, span = (
+                stats[k, cv2.CC_STAT_TOP],
+                stats[k, cv2.CC_STAT_LEFT],
+                stats[k, cv2.CC_STAT_WIDTH],
+            )
             column = left + int(np.argmax(regions[top, left : left + span] == k))
             first = (box[0].start + top) * width + box[1].start + column
             pieces.append((first, box, regions, k))
@@ -191,7 +195,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
     """``remove_small_holes(mask, max_area)``: 4-connected background regions of fewer than ``max_area``
     pixels become foreground, wherever they are (one touching the image edge too)."""
-    n, regions, stats = _components(~mask, 4)
+    _, regions, stats = _components(~mask, 4)
     small = stats[:, cv2.CC_STAT_AREA] < max_area
     small[0] = False
     return mask | small[regions] if small.any() else mask
@@ -252,7 +256,9 @@ def _erase_boundaries_fill_holes(labels: np.ndarray) -> np.ndarray:
 # -- watersheds -------------------------------------------------------------------------------------------------
 
 
-def _neighbour_pairs(frontier: np.ndarray, regions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _neighbour_pairs(
+    frontier: np.ndarray, regions: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """``(region, label)`` of every 4-neighbour pair of a ``frontier`` pixel (labelled) and a pixel of a
     region (``regions > 0``): which labels touch which regions. Flat, with repeats."""
     height, width = regions.shape
@@ -260,7 +266,12 @@ def _neighbour_pairs(frontier: np.ndarray, regions: np.ndarray, labels: np.ndarr
     rows, cols = np.divmod(index, width)
     flat_regions, flat_labels = regions.ravel(), labels.ravel()
     found_regions, found_labels = [], []
-    for offset, inside in ((-width, rows > 0), (width, rows < height - 1), (-1, cols > 0), (1, cols < width - 1)):
+    for offset, inside in (
+        (-width, rows > 0),
+        (width, rows < height - 1),
+        (-1, cols > 0),
+        (1, cols < width - 1),
+    ):
         source = index[inside]
         region = flat_regions[source + offset]
         touching = region > 0
@@ -330,7 +341,9 @@ def _flood(
 
 def _nuclei(nuclei_pred: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.ndarray:
     """Step 1: int32 nuclei, numbered as upstream's ``measure.label`` numbers them."""
-    border_sum = np.add(nuclei_pred[..., BORDER], cell_pred[..., BORDER], dtype=np.uint8)  # wraps, as upstream
+    border_sum = np.add(
+        nuclei_pred[..., BORDER], cell_pred[..., BORDER], dtype=np.uint8
+    )  # wraps, as upstream
     foreground = np.ascontiguousarray(nuclei_pred[..., FOREGROUND])
     seeds = _lookup(_SEED, foreground) & _lookup(_NOT_BORDER, border_sum)
     seeds = _remove_small_regions(seeds, sizes.seed)
