@@ -96,11 +96,12 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 def load_network(path: Path, device: torch.device) -> DPNUnet:
     """A ``DPNUnet`` holding the tensors of ``path``, on ``device``, in eval mode."""
     state = read_state(path)
-    network = DPNUnet()
+    with torch.device("meta"):  # no memory and no random init for tensors about to be replaced
+        network = DPNUnet()
     try:
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[0][:300]
+        first = " ".join(line.strip() for line in str(err).splitlines())[:300]
         raise WeightsError(
             f"{path} does not fit HPA-Cell-Segmentation's DPN-92 U-Net ({first}); use the published "
             "dpn_unet_*.pth files (Zenodo record 4665863) or their conversion by `make weights`"

@@ -95,6 +95,29 @@ class Storage:
         return len(self.data) // self.dtype.itemsize
 
 
+class PendingTensor:
+    """A tensor record: storage, offset, size, stride. Materialised by ``tensor()`` once the file is read
+    (the legacy format stores the bytes after the pickle)."""
+
+    def __init__(self, storage: Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def tensor(self) -> torch.Tensor:
+        """A new contiguous tensor, every index checked to lie inside the storage."""
+        storage, offset, size, stride = self.storage, self.offset, self.size, self.stride
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+        if last >= storage.numel:
+            raise pickle.UnpicklingError(f"a tensor reaches element {last} of a storage of {storage.numel}")
+        elements = np.frombuffer(storage.data, dtype=storage.dtype)
+        if not size:  # a scalar (as_strided reads an empty shape as "keep the shape")
+            view = elements[offset : offset + 1].reshape(())
+        else:
+            strides = [step * storage.dtype.itemsize for step in stride]
+            view = np.lib.stride_tricks.as_strided(elements[offset:], shape=size, strides=strides, writeable=False)
+        # a C-ordered copy in native byte order (ascontiguousarray would turn a scalar into shape (1,))
+        return torch.from_numpy(np.array(view, dtype=storage.dtype.newbyteorder("="), order="C", copy=True))
+
+
 def _rebuild_tensor(
     storage: object,
     offset: int,
@@ -103,28 +126,20 @@ def _rebuild_tensor(
     requires_grad: bool = False,
     hooks: object = None,
     metadata: object = None,
-) -> torch.Tensor:
-    """``torch._utils._rebuild_tensor_v2`` on a ``Storage``: a new contiguous tensor, every index checked to
-    lie inside the storage."""
+) -> PendingTensor:
+    """``torch._utils._rebuild_tensor_v2``: the record of a tensor in ``storage`` (checked for shape)."""
     if not isinstance(storage, Storage):
         raise pickle.UnpicklingError(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
     if not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride)) or len(size) != len(stride):
-        raise pickle.UnpicklingError(
-            f"invalid tensor geometry: offset {offset}, size {size}, stride {stride}"
-        )
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if last >= storage.numel:
-        raise pickle.UnpicklingError(f"a tensor reaches element {last} of a storage of {storage.numel}")
-    elements = np.frombuffer(storage.data, dtype=storage.dtype)
-    view = np.lib.stride_tricks.as_strided(
-        elements[offset:], shape=size, strides=[s * storage.dtype.itemsize for s in stride], writeable=False
-    )
-    return torch.from_numpy(np.ascontiguousarray(view).astype(storage.dtype.newbyteorder("="), copy=True))
+        raise pickle.UnpicklingError(f"invalid tensor geometry: offset {offset}, size {size}, stride {stride}")
+    return PendingTensor(storage, offset, tuple(size), tuple(stride))
 
 
-def _rebuild_parameter(data: object, requires_grad: bool = False, hooks: object = None, state: object = None):
+def _rebuild_parameter(
+    data: object, requires_grad: bool = False, hooks: object = None, state: object = None
+) -> PendingTensor:
     """``torch._utils._rebuild_parameter(_with_state)``: the parameter's tensor."""
-    if not isinstance(data, torch.Tensor):
+    if not isinstance(data, PendingTensor):
         raise pickle.UnpicklingError(f"a parameter wraps a {type(data).__name__}, not a tensor")
     return data
 
@@ -159,12 +174,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.storages: dict[str, Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # Python 2 names, which pickle protocol 2 writes
+            module = "builtins"
         path = f"{module}.{name}"
         if path not in ALLOWED:
             raise pickle.UnpicklingError(f"global {path} is not one of the classes such a file holds")
         return ALLOWED[path]
 
-    def persistent_load(self, pid: Any) -> Storage:
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # The legacy format names each module class with its source text: the class (a stand-in) only.
+            if not (isinstance(pid[1], type) and issubclass(pid[1], PickledModule)):
+                raise pickle.UnpicklingError(f"a module record names {pid[1]!r}")
+            return pid[1]
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent record {str(pid)[:80]}")
         dtype, key, numel = pid[1], str(pid[2]), pid[4]
@@ -184,8 +206,11 @@ def _walk(module: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]
     skipped = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
         for name, tensor in (state.get(group) or {}).items():
-            if tensor is not None and not (group == "_buffers" and name in skipped):
-                yield prefix + name, tensor
+            if tensor is None or (group == "_buffers" and name in skipped):
+                continue
+            if not isinstance(tensor, PendingTensor):
+                raise pickle.UnpicklingError(f"{prefix}{name} is a {type(tensor).__name__}, not a tensor")
+            yield prefix + name, tensor.tensor()
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
             yield from _walk(child, f"{prefix}{name}.")
@@ -250,7 +275,7 @@ def load_whole_model(path: str | Path) -> dict[str, torch.Tensor]:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 data, fetch = _zip_storages(archive)
-            model = RestrictedUnpickler(io.BytesIO(data), fetch).load()
+                model = RestrictedUnpickler(io.BytesIO(data), fetch).load()
         else:
             with path.open("rb") as stream:
                 model = _legacy_state(stream)
