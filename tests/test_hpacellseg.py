@@ -27,7 +27,6 @@ from tests.hpacellseg_models import (
     save_weights,
     thresholding_state,
     upstream_classes,
-    upstream_like,
 )
 from tests.hpacellseg_reference import label_cell_reference, network_like_maps
 from weakcell.config import SegmentConfig, load_config
@@ -150,7 +149,7 @@ def test_network_has_upstreams_parameter_names_shapes_and_order() -> None:
         network = DPNUnet()
     ours = [
         [name, list(value.shape), str(value.dtype).removeprefix("torch.")]
-        for name, value in DPNUnet().state_dict().items()
+        for name, value in network.state_dict().items()
     ]
     assert ours == fixture["parameters"]
     assert set(fixture["module_classes"]) <= MODULE_CLASSES
