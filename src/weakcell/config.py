@@ -236,7 +236,8 @@ class HpaCellSegConfig(Section):
         "or the published .pth); else $WEAKCELL_HPACELLSEG_WEIGHTS, then /kaggle/input/*",
     )
     cell_model: Literal["3ch", "2ch"] = Field(
-        "3ch", description="3ch = dpn_unet_cell_3ch_v1 (red, yellow, blue); 2ch = dpn_unet_cell_v2 (red, blue)"
+        "3ch",
+        description="3ch = dpn_unet_cell_3ch_v1 (red, yellow, blue); 2ch = dpn_unet_cell_v2 (red, blue)",
     )
     network_scale: float = Field(
         0.25, gt=0, le=1, description="the U-Nets read the image at this scale (upstream: 0.25, 2048 -> 512)"
@@ -652,7 +653,7 @@ class KaggleConfig(Section):
     weights_dataset: str = Field("weakcell-weights-{name}", description="slug of a run's weights dataset")
     kernel: str = Field("weakcell-{variant}", description="kernel slug (its title is the slug with spaces)")
     variants: list[str] = Field(
-        default_factory=lambda: ["inference", "cellpose", "cellpose-sam", "train"],
+        default_factory=lambda: ["inference", "cellpose", "cellpose-sam", "hpacellseg", "train"],
         description="kernels `make kernels` writes (weakcell.kagglekit.kernels.VARIANTS)",
     )
     submit_variant: str = Field("inference", description="the kernel `make submit` pushes (code competition)")
@@ -695,7 +696,9 @@ class KaggleConfig(Section):
     )
     datasets_dir: str = Field("dist/kaggle", description="where the dataset folders are written")
     kernel_overrides: list[str] = Field(
-        default_factory=list, description="key=value overrides added to every weakcell command a kernel runs"
+        default_factory=list,
+        description="key=value overrides added to every weakcell command a kernel runs; <variant>:key=value "
+        "only to that variant's",
     )
     gpu: bool = Field(True, description="kernel-metadata enable_gpu")
     machine_shape: str | None = Field(

@@ -372,41 +372,53 @@ def backbone_dataset(cfg: Config) -> Path:
 
 def pretrained_datasets(cfg: Config) -> list[Path]:
     """``make pretrained-datasets``: a Kaggle dataset folder per item ``make weights`` fetched, each with its
-    file (verified against ``weights/MANIFEST.json`` first) and that item's manifest entry: the backbone as
-    the backbone dataset the train kernel attaches, Cellpose-SAM and SAM as ``kaggle.cellpose_dataset`` /
-    ``kaggle.sam_dataset``, the folders the kernels search for ``cpsam*`` / ``sam_vit_b*``."""
-    from weakcell.pretrained import MANIFEST, read_manifest, verified
+    files (verified against ``weights/MANIFEST.json`` first) and their manifest entries: the backbone as
+    the backbone dataset the train kernel attaches, Cellpose-SAM, SAM and HPA-Cell-Segmentation (both of
+    its files) as ``kaggle.cellpose_dataset`` / ``kaggle.sam_dataset`` / ``kaggle.hpacellseg_dataset``, the
+    folders the kernels search for ``cpsam*`` / ``sam_vit_b*`` / ``dpn_unet_*``."""
+    from weakcell.pretrained import MANIFEST, manifest_keys, read_manifest, verified
 
     folder = cfg.weights_dir
     manifest = read_manifest(folder)
-    targets = {
-        f"backbone:{cfg.model.backbone}": (backbone_slug(cfg), backbone_id(cfg)),
+    datasets = {
+        "backbone": (backbone_slug(cfg), backbone_id(cfg)),
         "cellpose": (slug_of(cfg.kaggle.cellpose_dataset), dataset_id(cfg, cfg.kaggle.cellpose_dataset)),
         "sam": (slug_of(cfg.kaggle.sam_dataset), dataset_id(cfg, cfg.kaggle.sam_dataset)),
+        "hpacellseg": (
+            slug_of(cfg.kaggle.hpacellseg_dataset),
+            dataset_id(cfg, cfg.kaggle.hpacellseg_dataset),
+        ),
     }
-    wanted = [f"backbone:{cfg.model.backbone}" if item == "backbone" else item for item in cfg.weights.fetch]
+    wanted = manifest_keys(cfg)
     missing = [key for key in wanted if key not in manifest or not verified(folder, manifest[key])]
     if missing:
         raise FileNotFoundError(
             f"{folder / MANIFEST} lacks {', '.join(missing)} (weights.fetch): run `make weights` first"
         )
-    written = []
+    groups: dict[str, list[str]] = {}  # dataset kind -> its manifest keys, in order
     for key in wanted:
-        entry = manifest[key]
-        slug, identifier = targets[key]
+        groups.setdefault(key.partition(":")[0], []).append(key)
+    written = []
+    for kind, keys in groups.items():
+        slug, identifier = datasets[kind]
         target, staging = dataset_folders(cfg, slug)
-        _link_or_copy(folder / entry["file"], staging / entry["file"])
-        _write_json(staging / MANIFEST, {key: entry})
-        description = (
-            f"{entry['file']} ({key}, sha256 {entry['sha256']}, from {entry['source']}; licence "
-            f"{entry.get('licence', 'see the source')}), weights only. Written by `make pretrained-datasets`."
+        for key in keys:
+            _link_or_copy(folder / manifest[key]["file"], staging / manifest[key]["file"])
+        _write_json(staging / MANIFEST, {key: manifest[key] for key in keys})
+        description = "; ".join(
+            f"{manifest[key]['file']} ({key}, sha256 {manifest[key]['sha256']}, from {manifest[key]['source']}; "
+            f"licence {manifest[key].get('licence', 'see the source')})"
+            for key in keys
         )
-        metadata = dataset_metadata(cfg, slug, description)
+        metadata = dataset_metadata(
+            cfg, slug, f"{description}, weights only. Written by `make pretrained-datasets`."
+        )
         metadata["id"] = identifier
         _write_json(staging / METADATA_FILE, metadata)
         _swap_in(staging, target)
+        files = ", ".join(manifest[key]["file"] for key in keys)
         print(
-            f"pretrained-datasets: {key} {entry['file']}, {folder_mb(target):.1f} MB -> {target}\n"
+            f"pretrained-datasets: {', '.join(keys)} {files}, {folder_mb(target):.1f} MB -> {target}\n"
             f"  upload: kaggle datasets create -p {target}"
         )
         written.append(target)

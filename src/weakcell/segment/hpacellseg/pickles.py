@@ -113,7 +113,9 @@ class PendingTensor:
             view = elements[offset : offset + 1].reshape(())
         else:
             strides = [step * storage.dtype.itemsize for step in stride]
-            view = np.lib.stride_tricks.as_strided(elements[offset:], shape=size, strides=strides, writeable=False)
+            view = np.lib.stride_tricks.as_strided(
+                elements[offset:], shape=size, strides=strides, writeable=False
+            )
         # a C-ordered copy in native byte order (ascontiguousarray would turn a scalar into shape (1,))
         return torch.from_numpy(np.array(view, dtype=storage.dtype.newbyteorder("="), order="C", copy=True))
 
@@ -131,7 +133,9 @@ def _rebuild_tensor(
     if not isinstance(storage, Storage):
         raise pickle.UnpicklingError(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
     if not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride)) or len(size) != len(stride):
-        raise pickle.UnpicklingError(f"invalid tensor geometry: offset {offset}, size {size}, stride {stride}")
+        raise pickle.UnpicklingError(
+            f"invalid tensor geometry: offset {offset}, size {size}, stride {stride}"
+        )
     return PendingTensor(storage, offset, tuple(size), tuple(stride))
 
 
