@@ -327,7 +327,7 @@ def _flood(
     np.copyto(output, filled, where=filled > 0)
     touched = np.zeros(n, dtype=bool)
     touched[regions_of] = True
-    for region in np.flatnonzero(touched & (single == 0)):
+    for region in np.flatnonzero(touched & (single == 0)).tolist():
         box = _box(stats, region, regions.shape)
         inside = regions[box] == region
         seeds = np.where(inside, 0, markers[box])  # the labels around it (and others in the box)

@@ -15,6 +15,8 @@ and the test holds this network to it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -54,7 +56,7 @@ def dpn92_stages() -> nn.ModuleList:
     """timm's DPN-92 (random init, nothing downloaded) cut into upstream's five encoder stages."""
     import timm
 
-    features = timm.create_model("dpn92", pretrained=False).features
+    features: Any = timm.create_model("dpn92", pretrained=False).features
     stem = features.conv1_1  # conv + batch norm with its ReLU (timm's BatchNormAct2d)
     stages = [nn.Sequential(stem.conv, stem.bn, nn.Identity())]  # index 2 stands for upstream's ReLU
     for index, prefix in enumerate(STAGE_PREFIXES):
