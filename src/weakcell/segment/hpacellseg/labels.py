@@ -45,6 +45,8 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
+from weakcell.segment.classical import fill_binary_holes  # ndi.binary_fill_holes by one cv2 labelling
+
 BORDER, FOREGROUND = 1, 2  # channels of the network outputs (channel 0, the background, is unused)
 # Upstream's constants, at the full resolution of an HPA 2048² image.
 NUCLEUS_THRESHOLD = 0.4  # nucleus mask: foreground above this
@@ -133,19 +135,22 @@ def _remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
     return np.where(small[labels], 0, labels).astype(labels.dtype, copy=False)
 
 
+def _first_pixel(regions: np.ndarray, stats: np.ndarray, k: int) -> tuple[int, int]:
+    """(row, column) of cv2 component ``k``'s first pixel in a raster scan: in its top row, the first
+    column of that row holding it."""
+    top, left, span = stats[k, cv2.CC_STAT_TOP], stats[k, cv2.CC_STAT_LEFT], stats[k, cv2.CC_STAT_WIDTH]
+    return int(top), int(left + np.argmax(regions[top, left : left + span] == k))
+
+
 def _raster_order(regions: np.ndarray, stats: np.ndarray) -> np.ndarray:
     """LUT renumbering cv2 components 1..n-1 in the order of their first pixel in a raster scan, the order
-    of ``ndi.label`` and ``skimage.measure.label`` (cv2's parallel labelling numbers otherwise). The first
-    pixel lies in the component's top row, at the first column of that row holding it."""
+    of ``ndi.label`` and ``skimage.measure.label`` (cv2's parallel labelling numbers otherwise)."""
     n = len(stats)
-    first = np.empty(n - 1, dtype=np.int64)
-    width = regions.shape[1]
-    for k in range(1, n):
-        top, left, span = stats[k, cv2.CC_STAT_TOP], stats[k, cv2.CC_STAT_LEFT], stats[k, cv2.CC_STAT_WIDTH]
-        column = left + int(np.argmax(regions[top, left : left + span] == k))
-        first[k - 1] = top * width + column
+    first = [_first_pixel(regions, stats, k) for k in range(1, n)]
     lut = np.zeros(n, dtype=np.int32)
-    lut[1 + np.argsort(first, kind="stable")] = np.arange(1, n, dtype=np.int32)
+    lut[1 + np.array(sorted(range(n - 1), key=first.__getitem__), dtype=np.int64)] = np.arange(
+        1, n, dtype=np.int32
+    )
     return lut
 
 
@@ -160,36 +165,18 @@ def _relabel_pieces(labels: np.ndarray) -> np.ndarray:
     """``skimage.measure.label`` of a label image: each 8-connected piece of one value becomes its own
     label (neighbouring values stay apart), numbered in raster order of the pieces' first pixels. Works
     inside each label's bounding box."""
-    pieces: list[tuple[int, tuple[slice, slice], np.ndarray, int]] = []  # first pixel, box, mask of piece
-    width = labels.shape[1]
+    pieces: list[tuple[tuple[int, int], tuple[slice, slice], np.ndarray, int]] = []  # first pixel, box, piece
     for value, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
         n, regions, stats = _components(labels[box] == value, 8)
         for k in range(1, n):
-            top, left, span = (
-                stats[k, cv2.CC_STAT_TOP],
-                stats[k, cv2.CC_STAT_LEFT],
-                stats[k, cv2.CC_STAT_WIDTH],
-            )
-            column = left + int(np.argmax(regions[top, left : left + span] == k))
-            first = (box[0].start + top) * width + box[1].start + column
-            pieces.append((first, box, regions, k))
+            row, column = _first_pixel(regions, stats, k)
+            pieces.append(((box[0].start + row, box[1].start + column), box, regions, k))
     relabelled = np.zeros(labels.shape, dtype=np.int32)
     for new, (_, box, regions, k) in enumerate(sorted(pieces, key=lambda piece: piece[0]), start=1):
         relabelled[box][regions == k] = new
     return relabelled
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``ndi.binary_fill_holes`` (default structure): background not 4-connected to the image edge becomes
-    foreground."""
-    n, regions = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
-    outside = np.zeros(n, dtype=bool)
-    for edge in (regions[0], regions[-1], regions[:, 0], regions[:, -1]):
-        outside[edge] = True
-    outside[0] = False  # label 0 is the foreground itself
-    return ~outside[regions]
 
 
 def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
@@ -250,7 +237,9 @@ def _erase_boundaries_fill_holes(labels: np.ndarray) -> np.ndarray:
     grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
     shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
     interior = (labels > 0) & (grown == shrunk)
-    return cv2.connectedComponents(_fill_holes(interior).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)[1]
+    return cv2.connectedComponents(
+        fill_binary_holes(interior).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )[1]
 
 
 # -- watersheds -------------------------------------------------------------------------------------------------
@@ -346,10 +335,13 @@ def _nuclei(nuclei_pred: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.
     )  # wraps, as upstream
     foreground = np.ascontiguousarray(nuclei_pred[..., FOREGROUND])
     seeds = _lookup(_SEED, foreground) & _lookup(_NOT_BORDER, border_sum)
-    seeds = _remove_small_regions(seeds, sizes.seed)
+    # Seed components (4-connected, as ndi.label) under the seed area go; the markers' numbering does not
+    # matter (the flood compares labels, the nuclei are renumbered below).
+    _, seed_labels, stats = _components(seeds, 4)
+    small = stats[:, cv2.CC_STAT_AREA] < sizes.seed
     mask = _fill_small_holes(_lookup(_NUCLEUS_MASK, foreground), sizes.hole)
     mask = _remove_small_regions(mask, sizes.mask)
-    markers = np.where(mask, _label(seeds, 4), 0)
+    markers = np.where(mask & ~small[seed_labels], seed_labels, 0)
     # The flooded image is the mask itself (1 inside): every marker floods at the same height.
     nuclei = _flood(mask.view(np.uint8), _LEVELS, markers, mask, watershed_line=True)
     return _relabel_pieces(_remove_small_labels(nuclei, sizes.nucleus))
