@@ -2,7 +2,8 @@
 
 Encoder: DPN-92, taken from timm's ``dpn92`` (same layers and parameter names inside each block: a dual
 path block's ``c1x1_w_s1`` / ``c1x1_w_s2`` / ``c1x1_a`` / ``c3x3_b`` / ``c1x1_c``, each a batch norm + ReLU
-+ conv; timm keeps the two paths concatenated, upstream as a tuple, which is the same tensor once joined),
++ conv; timm 1.0.31 keeps the two paths concatenated, older timm and upstream as a tuple, which is the same
+tensor once joined),
 cut into upstream's five stages: stride-2 stem (conv, bn, relu), then max-pool + ``conv2_*``, ``conv3_*``,
 ``conv4_*``, ``conv5_*`` + the final batch norm. Decoder: upstream's own modules, rewritten here: at each
 scale, a nearest x2 upsample + 3x3 conv + ReLU, concatenated with the encoder stage of that scale and
@@ -86,7 +87,9 @@ class DPNUnet(nn.Module):
         encoded = []
         for stage in self.encoder_stages:
             x = stage(x)
-            encoded.append(x)
+            # timm before 1.0.31 (Kaggle's image has 1.0.26) passes the two paths as a tuple, like upstream
+            encoded.append(torch.cat(x, dim=1) if isinstance(x, tuple) else x)
+        x = encoded[-1]
         # Deepest first: stage 4 (1/32) is upsampled and merged with stage 3 (1/16), ... down to the stem (1/2).
         for depth, bottleneck in enumerate(self.bottlenecks):
             x = bottleneck(self.decoder_stages[-(depth + 1)](x), encoded[-(depth + 2)])
