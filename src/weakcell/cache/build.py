@@ -388,12 +388,22 @@ def _batched(
 ) -> Iterator[CachedImage]:
     """The scheduling of ``cache_images_batched``: keep up to ``limit`` images decoding, waiting for a batch
     or finishing; run a batch as soon as ``batch`` inputs of one shape are ready (all that is left once
-    nothing more is coming); yield finished images as they complete, oldest first."""
+    nothing more is coming); yield finished images as they complete, oldest first. At the limit with
+    nothing decoding, room is made by waiting for the oldest finishing image, or else by running the
+    largest partial batch (several shapes may each hold less than a batch)."""
     queue = iter(tasks)
     decoding: deque[Any] = deque()
     waiting: dict[Any, list[Decoded]] = {}
     finishing: deque[Any] = deque()
     more = True
+
+    def run(key: Any, size: int) -> None:
+        group, waiting[key] = waiting[key][:size], waiting[key][size:]
+        if not waiting[key]:
+            del waiting[key]
+        for outcome in run_network(group, cfg):
+            finishing.append(_Done(outcome) if isinstance(outcome, CachedImage) else workers.finish(*outcome))
+
     while True:
         while more and len(decoding) + sum(map(len, waiting.values())) + len(finishing) < limit:
             task = next(queue, None)
@@ -407,20 +417,19 @@ def _batched(
                 finishing.append(_Done(result))
             else:
                 waiting.setdefault(result.item.key, []).append(result)
-        last = not more and not decoding
-        for key in list(waiting):
-            while waiting.get(key) and (len(waiting[key]) >= batch or last):
-                group, waiting[key] = waiting[key][:batch], waiting[key][batch:]
-                for outcome in run_network(group, cfg):
-                    finishing.append(
-                        _Done(outcome) if isinstance(outcome, CachedImage) else workers.finish(*outcome)
-                    )
-            if not waiting.get(key):
-                waiting.pop(key, None)
+        last = not more and not decoding  # nothing else will arrive
+        for key in [key for key, group in waiting.items() if len(group) >= batch or last]:
+            while key in waiting and (len(waiting[key]) >= batch or last):
+                run(key, batch)
         while finishing and (finishing[0].ready() or last):
             yield finishing.popleft().get()
         if last and not waiting and not finishing:
             return
+        if more and not decoding:  # at the limit: make room
+            if finishing:
+                yield finishing.popleft().get()
+            elif waiting:
+                run(max(waiting, key=lambda key: len(waiting[key])), batch)
 
 
 # Worker processes get the config once (pool initializer) rather than with every task.
