@@ -404,6 +404,7 @@ def test_cache_runs_the_network_in_one_process_and_the_rest_in_workers(tmp_path:
                 f"data.dir={data}",
                 "cache.splits=[train]",
                 f"cache.workers={workers}",
+                "cache.batched=always",  # on a CPU, auto runs the whole backend in each worker
                 "cache.crop_size=32",
                 "segment.backend=hpacellseg",
                 f"segment.hpacellseg.weights={weights}",

@@ -300,11 +300,17 @@ class CacheConfig(Section):
     shard_mb: float = Field(
         256, gt=0, description="crops are flushed to a new shard file every this many MiB (bounds memory)"
     )
+    batched: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="learned backends: always = one process runs the network on batches while the workers "
+        "decode and finish; never = each worker runs the whole backend with its own model; auto = batched "
+        "when the network runs on a GPU (one model there, never one per worker), per worker on a CPU",
+    )
     queue_images: int = Field(
         0,
         ge=0,
-        description="learned backends: images between the decoding workers and the one process that runs "
-        "the network (bounds memory); 0 = two batches plus one per worker",
+        description="batched: images between the decoding workers and the one process that runs the network "
+        "(bounds memory); 0 = two batches plus one per worker",
     )
 
 
@@ -1020,6 +1026,7 @@ _RUNTIME = (
     "segment.hpacellseg.device",
     "segment.hpacellseg.batch_size",
     "cache.queue_images",
+    "cache.batched",
     "train.device",
     "train.workers",
     "train.compile",

@@ -58,7 +58,7 @@ from weakcell.errors import StageError
 from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
 from weakcell.parallel import n_workers, pool_context
 from weakcell.segment import Segmentation, for_image, refiners_of, segment_image
-from weakcell.segment.batched import NetworkInput, network_stage
+from weakcell.segment.batched import NetworkInput, network_stage, runs_on_gpu
 from weakcell.segment.postprocess import postprocess
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
@@ -438,7 +438,7 @@ _WORKER: dict[str, object] = {}
 
 def _init_worker(cfg: Config, cache_dir: Path) -> None:
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
-    if network_stage(cfg.segment) is not None:  # the parent runs the network: a worker's torch is for glue
+    if network_stage(cfg.segment) is not None:  # one process per core: torch's threads would oversubscribe
         import torch
 
         torch.set_num_threads(1)
@@ -457,12 +457,22 @@ def _finish_in_worker(decoded: Decoded, output: Any, segmentation: Segmentation 
     return finish_image(decoded, output, segmentation, _WORKER["cfg"], _WORKER["cache_dir"])  # type: ignore[arg-type]
 
 
+def batched(cfg: Config) -> bool:
+    """Whether the cache runs the backend's network in this process on batches (``cache.batched``): always
+    on a GPU with ``auto``, where one model serves every worker; on a CPU each worker running the whole
+    backend was measured faster (``benchmarks/segmentation.md``, section 7), at one model per worker."""
+    stage = network_stage(cfg.segment)
+    if stage is None or cfg.cache.batched == "never":
+        return False
+    return cfg.cache.batched == "always" or runs_on_gpu(stage, cfg.segment)
+
+
 def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: int) -> Iterator[CachedImage]:
     """Results in completion order, one image at a time; only the small task records are queued ahead, and
     the caller flushes crops into shards as they arrive. One worker runs in this process (no pickling,
-    easy to debug and profile). A backend with a network goes through ``cache_images_batched``: one model,
-    in this process, never one per worker."""
-    if network_stage(cfg.segment) is not None:
+    easy to debug and profile). A backend with a network on a GPU goes through ``cache_images_batched``:
+    one model, in this process, never one per worker (``batched``)."""
+    if batched(cfg):
         yield from cache_images_batched(tasks, cfg, cache_dir, workers)
         return
     if workers <= 1:

@@ -50,6 +50,7 @@ class NetworkStage:
     predict: Callable[[Sequence[NetworkInput], SegmentConfig], list[Any]]
     finish: Callable[[np.ndarray, NetworkInput, Any, SegmentConfig], Segmentation]
     batch_size: Callable[[SegmentConfig], int]
+    device: Callable[[SegmentConfig], str]  # the configured device (auto, cpu, cuda, cuda:N)
 
 
 def network_stage(cfg: SegmentConfig) -> NetworkStage | None:
@@ -59,6 +60,13 @@ def network_stage(cfg: SegmentConfig) -> NetworkStage | None:
         return None
     module, _, attribute = NETWORK_STAGES[first].partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def runs_on_gpu(stage: NetworkStage, cfg: SegmentConfig) -> bool:
+    """Whether the stage's network would run on a GPU here (``device: auto`` resolved)."""
+    from weakcell.devices import resolve_device
+
+    return resolve_device(stage.device(cfg)).type == "cuda"
 
 
 def batches(keys: Sequence[Any], size: int) -> list[list[int]]:

@@ -217,4 +217,10 @@ def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
     return finish(image, item, predict([item], cfg)[0], cfg)
 
 
-STAGE = NetworkStage(prepare, predict, finish, batch_size=lambda cfg: cfg.cellpose.batch_size)
+STAGE = NetworkStage(
+    prepare,
+    predict,
+    finish,
+    batch_size=lambda cfg: cfg.cellpose.batch_size,
+    device=lambda cfg: cfg.cellpose.device,
+)
