@@ -165,6 +165,29 @@ def upstream_like(
     return nn.DataParallel(model) if parallel else model
 
 
+def tiny_upstream_like(
+    classes: dict, parallel: bool = False
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A small module tree with upstream's class paths (the file format, not the size, is under test)."""
+    torch.manual_seed(0)
+    model = classes["DPNUnet"]()
+    block = classes["DualPathBlock"]()
+    block.c1x1_a = classes["BnActConv2d"]()
+    block.c1x1_a.bn, block.c1x1_a.act, block.c1x1_a.conv = (
+        torch.nn.BatchNorm2d(4, eps=0.001),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 1, bias=False),
+    )
+    model.encoder_stages = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.MaxPool2d(3, 2, 1), block)])
+    model.final = torch.nn.Sequential(torch.nn.Conv2d(6, 3, 3, padding=1))
+    model.decoder_block = classes["UnetDecoderBlock"]  # upstream keeps classes as attributes
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.copy_(torch.randn(value.shape) * 10 if value.is_floating_point() else torch.tensor(7))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    return (torch.nn.DataParallel(model) if parallel else model), state
+
+
 # -- files ------------------------------------------------------------------------------------------------------
 
 
