@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -227,9 +229,12 @@ def test_an_allowed_class_called_with_arguments_is_refused(tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """The two model files (safetensors) of a thresholding U-Net (``tests/hpacellseg_models.py``)."""
-    return save_weights(tmp_path_factory.mktemp("hpacellseg"), thresholding_state(), thresholding_state())
+def weights(tmp_path_factory) -> Iterator[Path]:
+    """The two model files (safetensors) of a thresholding U-Net (``tests/hpacellseg_models.py``); 1 GB,
+    removed after the module (pytest keeps its last temporary folders)."""
+    folder = save_weights(tmp_path_factory.mktemp("hpacellseg"), thresholding_state(), thresholding_state())
+    yield folder
+    shutil.rmtree(folder)
 
 
 def config(weights: Path | None, *overrides: str) -> SegmentConfig:
@@ -268,11 +273,16 @@ def test_missing_weights_name_both_files_and_every_place(monkeypatch, tmp_path: 
 
 
 def test_weights_of_another_network_fail_naming_the_file(tmp_path: Path) -> None:
-    state = thresholding_state()
-    state["final.0.weight"] = state["final.0.weight"][:2]  # a 2-class head
+    state = {
+        "final.0.weight": torch.zeros(2, 64, 3, 3),
+        "final.0.bias": torch.zeros(2),
+    }  # a 2-class head only
     save_weights(tmp_path, state, state)
     backend._networks.cache_clear()
-    with pytest.raises(WeightsError, match=r"dpn_unet_nuclei_v1.safetensors does not fit .*size mismatch"):
+    with pytest.raises(
+        WeightsError,
+        match=r"dpn_unet_nuclei_v1.safetensors does not fit HPA-Cell-Segmentation's DPN-92 U-Net",
+    ):
         segment_image(np.zeros((4, 64, 64), np.uint8), config(tmp_path))
 
 
@@ -297,7 +307,10 @@ def test_the_published_whole_model_files_work_as_weights(tmp_path: Path, weights
         warnings.simplefilter("ignore")
         save_weights(tmp_path, thresholding_state(), thresholding_state(), whole_model=True)
     image = hpa_image(256)
-    pickled = segment_image(image, config(tmp_path, *QUICK))
+    try:
+        pickled = segment_image(image, config(tmp_path, *QUICK))
+    finally:
+        shutil.rmtree(tmp_path)
     converted = segment_image(image, config(weights, *QUICK))
     np.testing.assert_array_equal(pickled.cells, converted.cells)
     assert pickled.n_cells > 0
@@ -317,7 +330,10 @@ def test_batching_gives_each_image_its_own_masks(weights: Path) -> None:
 
 def test_random_weights_run_end_to_end(tmp_path: Path) -> None:
     save_weights(tmp_path, random_state(1), random_state(2), cell_model="dpn_unet_cell_v2")
-    seg = segment_image(hpa_image(128), config(tmp_path, "segment.hpacellseg.cell_model=2ch", *QUICK))
+    try:
+        seg = segment_image(hpa_image(128), config(tmp_path, "segment.hpacellseg.cell_model=2ch", *QUICK))
+    finally:
+        shutil.rmtree(tmp_path)  # 1 GB: pytest keeps its last temporary folders
     assert seg.cells.shape == (128, 128)
 
 

@@ -312,6 +312,9 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
         f"kernels offline ({'unshare -rn' if offline else 'socket guard only'}, {KERNEL_JOBS} at a time): "
         + ", ".join(f"{s.variant} {s.seconds:.0f} s" for s in sessions.values())
     )
+    # the HPA-Cell-Segmentation U-Nets are 1 GB; the kernels have run (pytest keeps its last folders)
+    shutil.rmtree(segmentation["hpacellseg"])
+    shutil.rmtree(input_dir / naming.slug_of(cfg.kaggle.hpacellseg_dataset))
     return Prepared(cfg, local_csv, input_dir, wheels_dir, sessions, offline)
 
 
