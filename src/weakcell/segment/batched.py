@@ -51,6 +51,14 @@ class NetworkStage:
     finish: Callable[[np.ndarray, NetworkInput, Any, SegmentConfig], Segmentation]
     batch_size: Callable[[SegmentConfig], int]
     device: Callable[[SegmentConfig], str]  # the configured device (auto, cpu, cuda, cuda:N)
+    ready: Callable[[SegmentConfig], object]  # fails at once when the weights are missing
+
+    def segment(self, image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
+        """One ``(4, H, W)`` uint8 image through the three steps in this process (the backend's
+        ``Segmenter``); a missing weights file fails before the image is resampled."""
+        self.ready(cfg)
+        item = self.prepare(image, cfg)
+        return self.finish(image, item, self.predict([item], cfg)[0], cfg)
 
 
 def network_stage(cfg: SegmentConfig) -> NetworkStage | None:

@@ -210,17 +210,12 @@ def finish(image: np.ndarray, item: NetworkInput, masks: np.ndarray, cfg: Segmen
     return Segmentation(cells=cells, nuclei=nuclei_in_cells(image[CHANNELS.index("blue")], cells))
 
 
-def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
-    """Segment one ``(4, H, W)`` uint8 image with Cellpose-SAM; masks at full resolution, int32."""
-    locate_weights(cfg.cellpose.weights)  # fails at once, before the image is resampled
-    item = prepare(image, cfg)
-    return finish(image, item, predict([item], cfg)[0], cfg)
-
-
 STAGE = NetworkStage(
     prepare,
     predict,
     finish,
     batch_size=lambda cfg: cfg.cellpose.batch_size,
     device=lambda cfg: cfg.cellpose.device,
+    ready=lambda cfg: locate_weights(cfg.cellpose.weights),
 )
+segment = STAGE.segment  # the registry's Segmenter: one image, masks at full resolution

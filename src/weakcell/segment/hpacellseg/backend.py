@@ -212,17 +212,12 @@ def finish(
     return Segmentation(cells=cells, nuclei=nuclei)
 
 
-def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
-    """Segment one ``(4, H, W)`` uint8 image with HPA-Cell-Segmentation (the three steps in this process)."""
-    networks(cfg.hpacellseg)  # a missing weights file fails before the image is resampled
-    item = prepare(image, cfg)
-    return finish(image, item, predict([item], cfg)[0], cfg)
-
-
 STAGE = NetworkStage(
     prepare,
     predict,
     finish,
     batch_size=lambda cfg: cfg.hpacellseg.batch_size,
     device=lambda cfg: cfg.hpacellseg.device,
+    ready=lambda cfg: networks(cfg.hpacellseg),
 )
+segment = STAGE.segment  # the registry's Segmenter: one image, masks at full resolution
