@@ -41,7 +41,7 @@ from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
-from weakcell.scoring import cell_scores, max_pool_images
+from weakcell.scoring import cell_score_table, max_pool_images
 from weakcell.train import TrainingSet, load_training_set
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
@@ -186,8 +186,9 @@ def row_infer(cfg: Config, row: Row) -> InferConfig:
 
 
 def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float | int | None]:
-    """Out-of-fold image and cell scores of one round, as the row reads them."""
-    from weakcell.cell_truth import cell_level_ap
+    """Out-of-fold image and cell scores of one round, as the row reads them: the cell mAP is the
+    competition metric of the row's cell score (the submitted confidence as its file would carry it)
+    against the true cells of the training images."""
     from weakcell.data.labels import to_multi_hot
     from weakcell.evaluate import image_level_scores
 
@@ -206,17 +207,10 @@ def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dic
         "f1_tuned": image["macro_f1_tuned_cross_fitted"],
         "image_map": image["map"],
     }
-    if data.truth is not None and data.matches is not None:
-        table = oof_cell[["image_id", "cell_id"]].assign(
-            **dict(
-                zip(
-                    prob_columns(n_classes),
-                    cell_scores(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row)).T,
-                )
-            )
-        )
-        ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified)
-        scores["cell_map"] = float(np.nanmean(ap))
+    if data.cell_truth is not None:
+        table = cell_score_table(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row))
+        folds = set(oof_image["fold"].tolist())
+        scores["cell_map"] = data.cell_truth.score(table, cfg.evaluate.verified, folds)["map"]
     return scores
 
 
@@ -251,8 +245,9 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
     scores: dict[str, Any] = {"infer_seconds": seconds, "inferred": str(folder)}
     if not get_dataset(cfg.data.dataset).has_truth:
         return scores
-    # the file this row wrote, or the same predictions under the row's confidence formula (only that
-    # formula is scored: the shared inference's own CSV was scored with its row)
+    # the file this row wrote, or the same predictions under the row's confidence formula as its file
+    # would carry it (infer.min_score applied: ALTERNATIVES["confidence"]); only that formula is scored,
+    # the shared inference's own CSV was scored with its row
     rescored = inferred is not None
     entry = "confidence" if rescored else "submission"
     reading = cfg.evaluate.verified

@@ -272,8 +272,8 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             f"saw that fold (nested); {cfg.folds_file} has {len(all_folds)}: make folds with folds.n_splits>=3"
         )
     truth = (
-        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes, data.spec.negative)
-        if data.truth is not None and data.matches is not None
+        true_cell_targets(data.cells, data.cell_truth, data.spec.negative)
+        if data.cell_truth is not None
         else None
     )
     if not (cfg.run_dir / "oof_cell.parquet").is_file():

@@ -33,7 +33,7 @@ from weakcell.attention_maps import draw_attention_maps, pick_images
 from weakcell.cache.augment import crop_augment
 from weakcell.cache.loader import CellCrops, CropAugment
 from weakcell.cache.store import SKIPPED_FILE, CellCache
-from weakcell.cell_truth import cell_level_ap, cell_truth_table
+from weakcell.cell_truth import CellTruth, build_cell_truth
 from weakcell.config import OUTPUT_INPUTS, Config, TrainConfig, changed_settings, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
@@ -68,8 +68,7 @@ class TrainingSet:
     cells: pd.DataFrame
     images: pd.DataFrame
     cell_targets: np.ndarray
-    truth: pd.DataFrame | None  # synthetic only: true cells (image_id, cell_id, labels)
-    matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
+    cell_truth: CellTruth | None  # synthetic only: true cells and their IoU with the segmented ones
     trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
     missing: MissingImages | None = None  # labelled images that give training no cells, by reason
 
@@ -177,49 +176,38 @@ def load_training_set(cfg: Config) -> TrainingSet:
     cells = cache.cells[cache.cells["split"] == "train"].copy()
     cells["fold"] = cells["image_id"].map(dict(zip(images["image_id"], images["fold"])))
 
-    truth = matches = None
-    if spec.has_truth:
-        from weakcell.synthetic.truth import read_truth
+    cell_truth = None
+    if spec.has_truth:  # each image's IoU table, once: every epoch's and round's OOF score reads it
+        from weakcell.synthetic.truth import TRUTH
 
-        truth = read_truth(cfg.data_dir, spec)
-        matches = cell_truth_table(cache.masks, cfg.data_dir, images["image_id"].tolist())
+        segmented = set(cache.images.loc[cache.images["status"] == "ok", "image_id"])
+        cell_truth = build_cell_truth(
+            cfg.data_dir / TRUTH,
+            spec.n_classes,
+            lambda image_id: cache.masks(image_id).cells if image_id in segmented else None,
+            dict(zip(folds["ID"].astype(str), folds["fold"].astype(int))),
+        )
 
     targets = np.zeros((len(cache.cells), spec.n_classes), dtype=np.float32)
     if cfg.train.targets == "inherit":
         image_hot = dict(zip(images["image_id"], to_multi_hot(images["labels"].tolist(), spec.n_classes)))
         targets[cells.index] = np.stack([image_hot[i] for i in cells["image_id"]]) if len(cells) else 0
     else:  # the oracle: each segmented cell learns its matched true cell's labels
-        if truth is None or matches is None:
+        if cell_truth is None:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
-        targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
+        targets[cells.index] = true_cell_targets(cells, cell_truth, spec.negative)
     missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
-    return TrainingSet(spec, cache, cells, images, targets, truth, matches, missing=missing)
+    return TrainingSet(spec, cache, cells, images, targets, cell_truth, missing=missing)
 
 
-def true_cell_targets(
-    cells: pd.DataFrame,
-    truth: pd.DataFrame,
-    matches: pd.DataFrame,
-    n_classes: int,
-    negative: int | None = NEGATIVE,
-) -> np.ndarray:
-    """(len(cells), C) labels of the true cell each segmented cell matches; unmatched cells are Negative
-    (all zero when the set has no Negative class, ``negative=None``).
-
-    cells: ``image_id, cell_id`` rows; truth / matches: as in ``TrainingSet``."""
-    own = truth.merge(matches, left_on=["image_id", "cell_id"], right_on=["image_id", "true_cell_id"])
-    own = own.rename(columns={"cell_id_y": "cell_id"})[["image_id", "cell_id", "labels"]]
-    position = pd.Series(
-        np.arange(len(cells)), index=pd.MultiIndex.from_arrays([cells["image_id"], cells["cell_id"]])
-    )
-    found = position.reindex(pd.MultiIndex.from_arrays([own["image_id"], own["cell_id"]]))
-    targets = np.zeros((len(cells), n_classes), dtype=np.float32)
+def true_cell_targets(cells: pd.DataFrame, truth: CellTruth, negative: int | None = NEGATIVE) -> np.ndarray:
+    """(len(cells), C) labels of the true cell each segmented cell overlaps at IoU > 0.5
+    (``CellTruth.assigned``); cells without one are Negative (all zero when the set has no Negative
+    class, ``negative=None``). cells: ``image_id, cell_id`` rows."""
+    classes, found = truth.assigned(cells)
+    targets = classes.astype(np.float32)
     if negative is not None:
-        targets[:, negative] = 1.0
-    known = found.notna().to_numpy()
-    targets[found[known].to_numpy(np.int64)] = to_multi_hot(
-        [labels for labels, k in zip(own["labels"], known) if k], n_classes
-    )
+        targets[~found, negative] = 1.0
     return targets
 
 
@@ -352,15 +340,9 @@ def train_model(cfg: Config, data: TrainingSet, plan: FoldModel) -> tuple[pd.Dat
         order = pd.Index(outputs["index"]).get_indexer(val_cells)  # back to val_cells order
         probs = sigmoid(outputs["logits"])[order]
         scores = image_metrics(val_image_targets, max_pool_images(val_table, probs, val_image_ids), "max_")
-        if data.truth is not None:
+        if data.cell_truth is not None:  # the competition metric on the held-out folds' true cells
             table = val_table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
-            scores["cell_map"] = float(
-                np.nanmean(
-                    cell_level_ap(
-                        table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified
-                    )
-                )
-            )
+            scores["cell_map"] = data.cell_truth.score(table, cfg.evaluate.verified, plan.held_out)["map"]
         return scores
 
     augment = crop_augment(cfg.train.augment)
