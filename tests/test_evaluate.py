@@ -270,7 +270,7 @@ def test_submission_cell_map_against_truth(tmp_path):
 
 def test_rescored_ablation_rows_apply_min_score_as_the_submission_does(tmp_path, monkeypatch):
     from weakcell import ablate
-    from weakcell.score import score_file
+    from weakcell.score import score_main
 
     # true cells 1 and 2 of image a are both class 0; the cell model gives class 0 0.9 to cell 1 and 0.3 to
     # cell 2, nothing else; infer.min_score 0.5 leaves 0.3 out of the file: recall 1/2 at precision 1 -> 0.5
@@ -295,7 +295,18 @@ def test_rescored_ablation_rows_apply_min_score_as_the_submission_does(tmp_path,
         inferred / "cell_level.csv",
         cfg.infer.min_score,
     )
-    assert score_file(own, data_dir / "truth", C, "test")["image"]["map"] == pytest.approx(0.5)
+    argv = [
+        str(own),
+        "--truth",
+        str(data_dir / "truth"),
+        "--split",
+        "test",
+        "--json",
+        str(tmp_path / "own.json"),
+    ]
+    assert score_main(argv) == 0 and json.loads((tmp_path / "own.json").read_text())["map"] == pytest.approx(
+        0.5
+    )
     # a row rescored from another row's inference: the same predictions, the same min_score
     monkeypatch.setattr(evaluate, "_cache_masks", lambda cfg: {"a": _truth_mask()}.get)
     row = ablate.rows(1)[0]  # the inheritance row: confidence = the cell probability (image_power 0)
