@@ -218,16 +218,18 @@ class CellTruth:
         missing = [c for c in ["image_id", "cell_id", *columns] if c not in scores.columns]
         if missing:
             raise ValueError(f"cell scores lack columns {missing}")
+        probs = scores[columns].to_numpy(np.float64)  # one conversion: per-image pandas slicing is slow
+        cell_ids = scores["cell_id"].to_numpy(np.int64)
         detections: dict[Any, Detections] = {}
         other = 0
-        for image_id, rows in scores.groupby("image_id", sort=False):
+        for image_id, rows in scores.groupby("image_id", sort=False).indices.items():
             image = self.images.get(str(image_id))
-            probs = rows[columns].to_numpy(np.float64)
             if image is None or (folds is not None and image.fold not in folds):
-                other += int(np.isfinite(probs).sum())
+                other += int(np.isfinite(probs[rows]).sum())
                 continue
-            cell_ids = rows["cell_id"].to_numpy(np.int64)
-            detections[str(image_id)] = table_detections(image.cell_ids, image.iou, cell_ids, probs)
+            detections[str(image_id)] = table_detections(
+                image.cell_ids, image.iou, cell_ids[rows], probs[rows]
+            )
         return detections, other
 
     def score(

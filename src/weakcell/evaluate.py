@@ -16,7 +16,7 @@ when that round is the final one, the submission ``make infer`` wrote from it:
    see it, with the test submission's masks (the cache's label images), confidence formula and
    ``infer.min_score``. Evaluate writes it, not infer: it is a round's out-of-fold tables as a file, which
    only the evaluated round has (infer may blend other runs, runs per ablation row and in Kaggle kernels
-   without those tables);
+   without those tables), and only where it is scored (a set with per-cell truth);
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
@@ -664,7 +664,10 @@ def run(cfg: Config) -> dict[str, Any]:
     folder = cfg.round_dir(round_)
     oof_image, oof_cell, thresholds = read_round(folder)
     data = load_training_set(cfg)
-    oof_path = write_oof_submission(cfg, data, oof_image, oof_cell) if folder == cfg.model_dir else None
+    # the OOF file where it can be scored (per-cell truth): at real scale writing it costs about 0.07 CPU s
+    # per 2048² image (benchmarks/metric.md), which a set without truth would pay for nothing
+    scored_here = folder == cfg.model_dir and data.cell_truth is not None
+    oof_path = write_oof_submission(cfg, data, oof_image, oof_cell) if scored_here else None
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
     out_dir = report_dir(cfg, round_)
     write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, out_dir)
