@@ -28,10 +28,9 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 import argparse
 import platform
-import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -51,21 +50,14 @@ from weakcell.synthetic.truth import TRUTH
 from weakcell.train import load_training_set
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_cache import median_seconds  # noqa: E402  (CPU seconds, median after a warm-up call)
+
 OUTPUT = REPO / "benchmarks" / "metric.md"
 clock = time.process_time
 # Measured on the base commit 3886263 (the IoU-0.5 proxy, ``cell_truth.cell_level_ap``) with the same
 # inputs on the same machine: kept for the before/after line of the report.
 PROXY_EPOCH_SECONDS = 0.0094
-
-
-def cpu_seconds(work: Callable[[], object], repeats: int) -> float:
-    """Median CPU seconds of ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        work()
-        times.append(clock() - start)
-    return statistics.median(times)
 
 
 def voronoi_cells(rng: np.random.Generator, size: int, n_cells: int) -> np.ndarray:
@@ -95,7 +87,7 @@ def training_set_section(cfg, repeats: int) -> tuple[list[str], dict[str, float]
     val = data.cells[data.cells["fold"] == 0][["image_id", "cell_id"]].reset_index(drop=True)
     rng = np.random.default_rng(0)
     table = val.assign(**dict(zip(prob_columns(n), rng.random((len(val), n)).T)))
-    precomputed = cpu_seconds(lambda: truth.score(table, cfg.evaluate.verified, {0}), repeats)
+    precomputed = median_seconds(lambda: truth.score(table, cfg.evaluate.verified, {0}), repeats)
     val_ids = sorted(set(val["image_id"]))
 
     def from_masks() -> float:
@@ -108,7 +100,7 @@ def training_set_section(cfg, repeats: int) -> tuple[list[str], dict[str, float]
         found = label_detections(masks, table, fold0, n)
         return score_found(found, fold0, n, cfg.evaluate.verified)["map"]
 
-    recomputed = cpu_seconds(from_masks, max(3, repeats // 5))
+    recomputed = median_seconds(from_masks, max(3, repeats // 5))
     same = abs(from_masks() - truth.score(table, cfg.evaluate.verified, {0})["map"]) < 1e-12
     figures = {
         "build": build_seconds,

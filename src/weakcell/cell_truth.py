@@ -251,20 +251,17 @@ class CellTruth:
         cell it overlaps at IoU > ``ASSIGN_IOU`` and whether it has one ``(N,)``."""
         classes = np.zeros((len(cells), self.n_classes), dtype=bool)
         found = np.zeros(len(cells), dtype=bool)
-        positions = np.arange(len(cells))
-        for image_id, where in pd.Series(positions).groupby(cells["image_id"].to_numpy(), sort=False):
+        cell_ids = cells["cell_id"].to_numpy(np.int64)
+        for image_id, rows in cells.groupby("image_id", sort=False).indices.items():
             image = self.images.get(str(image_id))
-            if image is None or not image.iou.size:
+            if image is None or not image.iou.size:  # not in the truth, no segmented or no true cell
                 continue
-            cell_ids = cells["cell_id"].to_numpy(np.int64)[where.to_numpy()]
-            row = np.searchsorted(image.cell_ids, cell_ids)
-            row = np.minimum(row, len(image.cell_ids) - 1)
-            present = image.cell_ids[row] == cell_ids
-            best = image.iou.argmax(1)
-            matched = image.iou[np.arange(len(image.cell_ids)), best] > ASSIGN_IOU
-            hit = present & matched[row]
-            classes[where.to_numpy()[hit]] = image.cells.classes[best[row[hit]]]
-            found[where.to_numpy()[hit]] = True
+            best = image.iou.argmax(1)  # each segmented cell's best true cell
+            assigned = image.iou[np.arange(len(image.cell_ids)), best] > ASSIGN_IOU
+            where = np.minimum(np.searchsorted(image.cell_ids, cell_ids[rows]), len(image.cell_ids) - 1)
+            hit = (image.cell_ids[where] == cell_ids[rows]) & assigned[where]
+            classes[rows[hit]] = image.cells.classes[best[where[hit]]]
+            found[rows[hit]] = True
         return classes, found
 
 

@@ -264,12 +264,13 @@ def submission_cell_maps(
     submission: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
-    synthetic truth of the ``infer.split`` images (what ``make score`` scores) under each of ``readings``; with ``alternatives`` (True: every one of
-    ``ALTERNATIVES``, or their names; ``pred_cell.parquet`` beside the CSV) also those confidences on the
-    cache's masks (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and
-    overlapped once, then scored under every reading. Returns ``{reading: {"verified", "submission":
-    {...}, <alternative>: {...}, "masks_differ"}}``; ``bootstrap`` > 0 adds the 95% interval over that
-    many resamples of the images to the ``interval_of`` entry. ``submission=False`` leaves the CSV's
+    synthetic truth of the ``infer.split`` images (what ``make score`` scores) under each of ``readings``;
+    with ``alternatives`` (True: every one of ``ALTERNATIVES``, or their names; ``pred_cell.parquet``
+    beside the CSV) also those confidences on the cache's masks (``masks_of``, default the run's cache),
+    and ``masks_differ``. Masks are decoded and overlapped once, then scored under every reading.
+    Returns ``{reading: {"verified", "submission": {...}, <alternative>: {...}, "masks_differ"}}``;
+    ``bootstrap`` > 0 adds the 95% interval over that many resamples of the images to the
+    ``interval_of`` entry. ``submission=False`` leaves the CSV's
     masks undecoded (rescoring another formula over the same predictions needs only the alternatives)."""
     from weakcell.data.datasets import get_dataset
 
