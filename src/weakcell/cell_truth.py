@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,7 @@ def build_cell_truth(
         desc="cell truth",
         unit="img",
         leave=False,
+        disable=not sys.stderr.isatty(),  # a log or a test reads stderr: only errors go there
     ):
         true_mask = read_true_mask(truth_dir / f"{image_id}{MASK_SUFFIX}")
         cells = true_cells(true_mask, rows, n_classes, f"{image_id} ({truth_dir})")

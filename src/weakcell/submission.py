@@ -326,7 +326,12 @@ def write_cell_level(
     groups = {k: g for k, g in predictions.groupby("image_id", sort=False)}
     strings = []
     rows = tqdm(
-        sample.itertuples(index=False), total=len(sample), desc=Path(path).name, unit="img", leave=False
+        sample.itertuples(index=False),
+        total=len(sample),
+        desc=Path(path).name,
+        unit="img",
+        leave=False,
+        disable=not sys.stderr.isatty(),  # a log or a test reads stderr: only errors go there
     )
     for image_id, width, height in rows:
         group = groups.get(image_id)
