@@ -38,7 +38,7 @@ from weakcell.constants import prob_columns
 from weakcell.evaluate import read_round, submission_dir
 from weakcell.scoring import cell_confidence, cell_score_table, oof_cell_scores
 from weakcell.synthetic.truth import TRUTH
-from weakcell.train import load_training_set
+from weakcell.training_set import load_training_set
 
 POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 BEST_CELL = (0.0, 0.25, 0.5, 1.0)

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from weakcell import evaluate, plots
+from weakcell import evaluate, evaluate_report, plots
 from weakcell.competition_metric import score_submission, truth_by_image
 from weakcell.config import load_config
 from weakcell.data.datasets import get_dataset
-from weakcell.submission import write_cell_level
+from weakcell.submission import publish, write_cell_level
 
 C = 19
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,7 @@ def _write_round(folder, thresholds: np.ndarray | None) -> list[str]:
 
 
 def test_evaluate_round_on_a_fake_run_folder(tmp_path):
-    from weakcell.train import TrainingSet
+    from weakcell.training_set import TrainingSet
 
     cfg = load_config(
         None, [f"paths.root={tmp_path}", "data.dataset=hpa2021", "name=fake", "refine.rounds=0"]
@@ -229,12 +229,15 @@ def _synthetic_layout(tmp_path):
     # cell 1 is class 0, cell 2 class 1; the image probabilities alone cannot tell its cells apart
     cells = _scores("a", {1: {0: 0.9, 1: 0.2}, 2: {0: 0.3, 1: 0.8}})
     cells = cells.assign(**{f"image_{c}": 0.0 for c in range(C)}).assign(image_0=0.9, image_1=0.7)
-    submission.mkdir(parents=True)
-    cells.to_parquet(submission / "pred_cell.parquet")
+    staging = tmp_path / "staging"  # published as one set, as infer does: evaluate reads nothing else
+    staging.mkdir()
+    cells.to_parquet(staging / "pred_cell.parquet")
     product = cells[["image_id", "cell_id"]].assign(
         **{f"p_{c}": cells[f"p_{c}"] * cells[f"image_{c}"] for c in range(C)}
     )
-    write_cell_level(product, {"a": _truth_mask()}.get, _sample("a"), submission / "cell_level.csv")
+    write_cell_level(product, {"a": _truth_mask()}.get, _sample("a"), staging / "cell_level.csv")
+    submission.mkdir(parents=True)
+    publish(submission, {name: staging / name for name in ("pred_cell.parquet", "cell_level.csv")})
     return cfg, submission
 
 
@@ -282,31 +285,25 @@ def test_rescored_ablation_rows_apply_min_score_as_the_submission_does(tmp_path,
         data_dir / "truth" / "cells.csv", index=False
     )
     cfg = load_config(None, [f"paths.root={tmp_path}", f"data.dir={data_dir}", "infer.min_score=0.5"])
-    inferred = tmp_path / "submissions" / "shared"
-    inferred.mkdir(parents=True)
+    staging, inferred = tmp_path / "staging", tmp_path / "submissions" / "shared"
+    staging.mkdir()
     cells = _scores("a", {1: {0: 0.9}, 2: {0: 0.3}}).assign(**{f"image_{c}": 0.5 for c in range(C)})
-    cells.to_parquet(inferred / "pred_cell.parquet")
+    cells.to_parquet(staging / "pred_cell.parquet")
     # what infer writes for a row with these settings (the shared inference's own file, here the same
-    # formula), scored as `weakcell score` scores it
-    own = write_cell_level(
+    # formula), published as infer does, and scored as `weakcell score` scores it
+    write_cell_level(
         _scores("a", {1: {0: 0.9}, 2: {0: 0.3}}),
         {"a": _truth_mask()}.get,
         _sample("a"),
-        inferred / "cell_level.csv",
+        staging / "cell_level.csv",
         cfg.infer.min_score,
     )
-    argv = [
-        str(own),
-        "--truth",
-        str(data_dir / "truth"),
-        "--split",
-        "test",
-        "--json",
-        str(tmp_path / "own.json"),
-    ]
-    assert score_main(argv) == 0 and json.loads((tmp_path / "own.json").read_text())["map"] == pytest.approx(
-        0.5
-    )
+    inferred.mkdir(parents=True)
+    publish(inferred, {name: staging / name for name in ("pred_cell.parquet", "cell_level.csv")})
+    out = tmp_path / "own.json"
+    argv = [str(inferred / "cell_level.csv"), "--truth", str(data_dir / "truth"), "--split", "test"]
+    assert score_main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["map"] == pytest.approx(0.5)
     # a row rescored from another row's inference: the same predictions, the same min_score
     monkeypatch.setattr(evaluate, "_cache_masks", lambda cfg: {"a": _truth_mask()}.get)
     row = ablate.rows(1)[0]  # the inheritance row: confidence = the cell probability (image_power 0)
@@ -329,26 +326,26 @@ def test_plots_are_written_as_pngs(tmp_path):
         plots.threshold_curves(Y_TRUE, PROBS, THRESHOLDS, names, tmp_path / "t.png", min_positives=2)
     )
     assert _is_png(plots.threshold_curves(Y_TRUE, PROBS, None, names, tmp_path / "untuned.png"))
-    table = evaluate.per_class_table(Y_TRUE, PROBS, THRESHOLDS, names).map(evaluate._format)
+    table = evaluate.per_class_table(Y_TRUE, PROBS, THRESHOLDS, names).map(evaluate_report._format)
     assert _is_png(plots.table_figure(table, tmp_path / "table.png", "per class"))
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary file
 
 
 def test_best_and_worst_images():
-    losses = evaluate.image_bce(Y_TRUE, PROBS)
+    losses = evaluate_report.image_bce(Y_TRUE, PROBS)
     # image 3 (no label; 0.4, 0.1, 0): -(log 0.6 + log 0.9) / 3; image 1 (class 0; 0.6, 0.1, 0.6):
     # -(log 0.6 + log 0.9 + log 0.4) / 3, the highest
     assert losses[3] == pytest.approx(-(np.log(0.6) + np.log(0.9)) / 3)
     assert losses[1] == pytest.approx(-(np.log(0.6) + np.log(0.9) + np.log(0.4)) / 3)
-    best, worst = evaluate.best_and_worst([f"i{k}" for k in range(6)], losses, 2)
+    best, worst = evaluate_report.best_and_worst([f"i{k}" for k in range(6)], losses, 2)
     assert best[0] == "i3" and worst[0] == "i1" and not set(best) & set(worst)
-    best, worst = evaluate.best_and_worst(["x", "y", "z"], np.array([0.1, 0.3, 0.2]), 2)
+    best, worst = evaluate_report.best_and_worst(["x", "y", "z"], np.array([0.1, 0.3, 0.2]), 2)
     assert best == ["x", "z"] and worst == ["y"]  # disjoint when there are fewer than 2k images
 
 
 def test_markdown_table():
     table = pd.DataFrame({"class": [0, 1], "f1": [0.5, np.nan]})
-    assert evaluate.markdown_table(table).splitlines() == [
+    assert evaluate_report.markdown_table(table).splitlines() == [
         "| class | f1 |",
         "|---|---|",
         "| 0 | 0.500 |",

@@ -21,7 +21,7 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from weakcell.competition_metric import score_submission, truth_by_image
-from weakcell.submission import encode_mask
+from weakcell.rle import encode_mask
 
 N_CLASSES = 5
 SIZE = 16

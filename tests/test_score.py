@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from weakcell.cli import main
+from weakcell.rle import encode_mask
 from weakcell.score import score_main
-from weakcell.submission import encode_mask
 
 # image a (16-bit PNG): cell 1 = rows 0-9 x cols 0-9, class 0; cell 2 = rows 0-9 x cols 10-19, no class.
 # image b (8-bit PNG): cell 1 = rows 10-19 x cols 0-9, class 1. image c (split train): cell 1, class 0.

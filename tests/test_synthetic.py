@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from weakcell.config import SyntheticConfig, load_config
 from weakcell.constants import CHANNELS, HPA2021_CLASSES, NEGATIVE
 from weakcell.data.images import read_image
 from weakcell.data.labels import parse_labels
+from weakcell.outputs import LOCK_FILE
 from weakcell.synthetic import (
     PATTERNS,
     generate_image,
@@ -188,11 +190,14 @@ def test_writer_layout_skip_and_truth(tmp_path, capsys) -> None:
         *[[i, "test"] for i in test["ID"]],
     ]
 
-    written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    def data_files() -> dict[Path, int]:  # the lock file records each run that holds it: not data
+        return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+
+    written = data_files()
     capsys.readouterr()
     run(load_config(None, overrides))  # same content settings, other worker count: trusted
     assert "skipping" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
+    assert data_files() == written
 
     marker = (root / MARKER).read_text()
     (root / MARKER).write_text(marker.replace(f"version {GENERATOR_VERSION}", "version 0"))

@@ -14,6 +14,8 @@ from tests.conftest import TINY  # noqa: F401  (re-exported: other test modules 
 from weakcell import train as train_stage
 from weakcell.cell_truth import ASSIGN_IOU, CellTruth, ImageTruth
 from weakcell.competition_metric import TrueCells, label_iou
+from weakcell.labelled_crops import balanced_sample_weights, class_pos_weight
+from weakcell.training_set import load_training_set
 
 
 def test_oof_covers_every_image_once(tiny_run):
@@ -57,8 +59,8 @@ def test_rerun_skips_finished_folds(tiny_run, capsys):
 def test_oracle_targets_come_from_truth(tiny_run):
     cfg, _ = tiny_run
     oracle = cfg.model_copy(update={"train": cfg.train.model_copy(update={"targets": "truth"})})
-    data = train_stage.load_training_set(oracle)
-    weak = train_stage.load_training_set(cfg)
+    data = load_training_set(oracle)
+    weak = load_training_set(cfg)
     rows = data.cells.index
     # inherited targets are a superset of the truth for matched cells, and differ somewhere
     assert (data.cell_targets[rows] <= weak.cell_targets[rows] + (np.arange(19) == 18)).all()
@@ -101,12 +103,12 @@ def test_rare_classes_weigh_more():
     targets = np.zeros((100, 3), np.float32)
     targets[:90, 0] = 1  # common
     targets[90:, 1] = 1  # rare
-    pos_weight = train_stage.class_pos_weight(targets)
+    pos_weight = class_pos_weight(targets)
     assert pos_weight[2] >= pos_weight[1] > pos_weight[0] >= 1.0  # rarer (or absent) weighs more
-    weights = train_stage.balanced_sample_weights(targets)
+    weights = balanced_sample_weights(targets)
     assert weights[95] > weights[0]
     # drawn in proportion: the rare tenth of the cells gets about half of the draws
-    from weakcell.engine import epoch_order
+    from weakcell.batches import epoch_order
 
     order = epoch_order(100, 10, seed=0, epoch=0, weights=weights)
     assert np.array_equal(order, epoch_order(100, 10, seed=0, epoch=0, weights=weights))
@@ -131,7 +133,8 @@ def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
 def test_infer_writes_valid_submissions(tiny_run):
     from weakcell import infer as infer_stage
     from weakcell import thresholds as thresholds_stage
-    from weakcell.submission import decode_mask, validate_cell_level, validate_image_level
+    from weakcell.rle import decode_mask
+    from weakcell.submission import validate_cell_level, validate_image_level
 
     cfg, _ = tiny_run
     thresholds_stage.run(cfg)

@@ -45,6 +45,7 @@ from weakcell.competition_metric import (
     true_cells,
 )
 from weakcell.constants import Verified, prob_columns
+from weakcell.data.ids import check_ids, inside
 from weakcell.data.labels import LabelError, parse_labels
 from weakcell.errors import StageError
 
@@ -102,6 +103,7 @@ def read_cell_labels(folder: str | os.PathLike[str], n_classes: int) -> pd.DataF
             labels.append(parse_labels(joined, "|", n_classes, f"{path} row {row}") if joined else [])
         except LabelError as err:
             raise StageError(str(err)) from None
+    check_ids(table["image_id"], str(path))
     rows = pd.DataFrame({"image_id": table["image_id"].to_numpy(), "cell_id": cell_ids, "labels": labels})
     if "split" in table.columns:
         rows["split"] = table["split"].to_numpy()
@@ -133,6 +135,7 @@ def image_splits(folder: str | os.PathLike[str], image_ids: list[str]) -> dict[s
                 f"{cells_path} has no split column and {table_path} does not exist, so no split can be "
                 f"selected; write {table_path} (image_id,split)"
             )
+    check_ids(table["image_id"], source)
     splits = dict(zip(table["image_id"], table["split"]))
     unknown = [image_id for image_id in image_ids if image_id not in splits]
     if unknown:
@@ -180,7 +183,10 @@ def read_truth_folder(
     image_ids = truth_image_ids(folder, split)
     return {
         image_id: true_cells(
-            read_true_mask(folder / f"{image_id}{MASK_SUFFIX}"), rows, n_classes, f"{image_id} ({folder})"
+            read_true_mask(inside(folder, f"{image_id}{MASK_SUFFIX}")),
+            rows,
+            n_classes,
+            f"{image_id} ({folder})",
         )
         for image_id, rows in _labels_by_image(folder, labels, image_ids, split).items()
     }
@@ -287,7 +293,7 @@ def build_cell_truth(
         leave=False,
         disable=not sys.stderr.isatty(),  # a log or a test reads stderr: only errors go there
     ):
-        true_mask = read_true_mask(truth_dir / f"{image_id}{MASK_SUFFIX}")
+        true_mask = read_true_mask(inside(truth_dir, f"{image_id}{MASK_SUFFIX}"))
         cells = true_cells(true_mask, rows, n_classes, f"{image_id} ({truth_dir})")
         segmented = masks_of(image_id)
         if segmented is None:

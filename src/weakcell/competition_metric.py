@@ -23,13 +23,19 @@ cases: ``../shared/reference/hpa2021-metric.md``). This module is that evaluatio
   input order. A submission should carry no ties it does not mean: ``n_ties`` counts them.
 
 The engine (``score_images``) takes, per image, the true cells (``TrueCells``) and the detections
-(``Detections``: class, confidence and IoU with every true cell, per detection). Every IoU is
-``overlap_iou`` of pixel counts. Two adapters build detections: ``label_image_detections`` (a label image
-+ one probability per cell and class, what the pipeline holds; ``table_detections`` when the label
-image's IoU table is computed already, as out-of-fold scoring keeps it between epochs) and
-``file_detections`` (the rows of a ``cell_level.csv``, any file Kaggle accepts: overlapping masks, a mask
-predicted twice for one class, extra images). ``competition_map`` and ``score_submission`` are the two
-entry points; every cell-level score the kit prints or records comes through ``match_images``.
+(``Detections``: class, confidence and IoU with every true cell, per detection; a submission file's as
+sparse rows holding only the cells each mask overlaps, so memory follows the overlaps, not detections x
+true cells). Every IoU is ``overlap_iou`` of pixel counts. Two adapters build detections:
+``label_image_detections`` (a label image + one probability per cell and class, what the pipeline holds;
+``table_detections`` when the label image's IoU table is computed already, as out-of-fold scoring keeps it
+between epochs) and ``file_detections`` (the rows of a ``cell_level.csv``, any file Kaggle accepts:
+overlapping masks, a mask predicted twice for one class, extra images). ``competition_map`` and
+``score_submission`` are the two entry points; every cell-level score the kit prints or records comes
+through ``match_images``.
+
+Over 400 lines on purpose: this file is meant to be read side by side with the reference evaluator (its
+matching, AP and verified-label rules) and the two adapters that feed it; the engine and its adapters share
+the ``TrueCells`` / ``Detections`` contract, and splitting them would hide that contract across files.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from weakcell.constants import READINGS, Verified, prob_columns
 from weakcell.errors import StageError
@@ -98,23 +105,40 @@ def image_true_positives(
     """TP flags (in input order) of one image's detections of one class.
 
     scores: ``(n,)`` confidences; iou: ``(n, g)`` IoU of each detection with each true cell of the class
-    in this image. Greedy in descending confidence with the argmax rule (module doc).
+    in this image, an array or a sparse matrix (absent entries: no overlap). Greedy in descending
+    confidence with the argmax rule (module doc).
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     n = len(scores)
     tp = np.zeros(n, dtype=bool)
-    iou = np.asarray(iou, dtype=np.float64).reshape(n, -1)
+    if not sparse.issparse(iou):
+        iou = np.asarray(iou, dtype=np.float64).reshape(n, -1)
     if n == 0 or iou.shape[1] == 0:
         return tp
+    best, overlap = best_true_cells(iou)
     order = np.argsort(-scores, kind="stable")
-    ranked = iou[order]
-    best = ranked.argmax(1)
-    valid = ranked[np.arange(n), best] >= iou_threshold
     # a valid detection takes its best true cell unless an earlier-ranked valid detection took it
-    ranks = np.flatnonzero(valid)
-    _, first = np.unique(best[ranks], return_index=True)
+    ranks = np.flatnonzero(overlap[order] >= iou_threshold)
+    _, first = np.unique(best[order][ranks], return_index=True)
     tp[order[ranks[first]]] = True
     return tp
+
+
+def best_true_cells(iou: np.ndarray | sparse.sparray) -> tuple[np.ndarray, np.ndarray]:
+    """Per detection (row of ``iou`` ``(n, g)``, g > 0): the column of its largest IoU, the first on ties as
+    ``argmax`` takes it, and that IoU. A sparse row without entries overlaps nothing: column 0, IoU 0, as
+    ``argmax`` of a row of zeros."""
+    if not sparse.issparse(iou):
+        best = iou.argmax(1)
+        return best, iou[np.arange(len(iou)), best]
+    entries = sparse.coo_array(iou)
+    rows, columns, values = entries.row, entries.col, entries.data
+    order = np.lexsort((columns, -values, rows))  # per row: the largest IoU, then the lowest column
+    present, first = np.unique(rows[order], return_index=True)
+    best = np.zeros(iou.shape[0], dtype=np.int64)
+    overlap = np.zeros(iou.shape[0], dtype=np.float64)
+    best[present], overlap[present] = columns[order][first], values[order][first]
+    return best, overlap
 
 
 def open_images_ap(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
@@ -169,11 +193,12 @@ class TrueCells:
 @dataclass(frozen=True)
 class Detections:
     """One image's detections, one entry each: ``classes`` ``(k,)`` int, ``scores`` ``(k,)`` float,
-    ``iou`` ``(k, g)`` with the image's true cells, ``empty`` ``(k,)`` True where the mask has no pixel."""
+    ``iou`` ``(k, g)`` with the image's true cells (an array, or a sparse CSR matrix of the overlaps alone),
+    ``empty`` ``(k,)`` True where the mask has no pixel."""
 
     classes: np.ndarray
     scores: np.ndarray
-    iou: np.ndarray
+    iou: np.ndarray | sparse.csr_array
     empty: np.ndarray
 
     @staticmethod
@@ -185,12 +210,17 @@ class Detections:
         mask_empty: np.ndarray,
     ) -> Detections:
         """Detections that refer to distinct masks: ``mask_index`` ``(k,)`` picks rows of ``mask_iou``
-        ``(m, g)`` and of ``mask_empty`` ``(m,)``."""
+        ``(m, g)`` (an array or a sparse CSR matrix) and of ``mask_empty`` ``(m,)``."""
         mask_index = np.asarray(mask_index, dtype=np.int64)
+        iou = (
+            sparse.csr_array(mask_iou)[mask_index]
+            if sparse.issparse(mask_iou)
+            else np.asarray(mask_iou, dtype=np.float64)[mask_index]
+        )
         return Detections(
             classes=np.asarray(classes, dtype=np.int64),
             scores=np.asarray(scores, dtype=np.float64),
-            iou=np.asarray(mask_iou, dtype=np.float64)[mask_index],
+            iou=iou,
             empty=np.asarray(mask_empty, dtype=bool)[mask_index],
         )
 
@@ -499,13 +529,25 @@ def mask_overlaps(pixels: np.ndarray, labels_f: np.ndarray, areas: np.ndarray, i
     return overlap_iou(inter, len(pixels), areas[ids])
 
 
+def sparse_overlaps(
+    pixels: np.ndarray, labels_f: np.ndarray, areas: np.ndarray, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``mask_overlaps`` as ``(columns, iou)``: the positions in ``ids`` (sorted) of the cells the mask
+    overlaps, and their IoU; the other cells' IoU is 0. Work and memory grow with the mask's pixels."""
+    labels, inter = np.unique(labels_f[pixels], return_counts=True)
+    inside = labels != 0
+    labels, inter = labels[inside], inter[inside]
+    columns = np.searchsorted(ids, labels)  # every non-zero label of a truth mask is one of its ids
+    return columns, overlap_iou(inter, len(pixels), areas[labels])
+
+
 def file_detections(
     predictions: Iterable[tuple[str, str, str]], height: int, width: int, cells: TrueCells, where: str
 ) -> Detections:
     """Detections of one submission row: ``predictions`` are its ``(label, confidence, mask)`` token
-    triples; each distinct mask is decoded once (``submission.mask_pixels``) and overlapped with the true
-    cells. ``where`` names the row in errors."""
-    from weakcell.submission import mask_pixels
+    triples; each distinct mask is decoded once (``rle.mask_pixels``) and overlapped with the true
+    cells, keeping only the cells it touches (sparse rows). ``where`` names the row in errors."""
+    from weakcell.rle import mask_pixels
 
     mask = cells.label_image
     if mask.shape != (height, width):
@@ -516,7 +558,8 @@ def file_detections(
     labels_f = mask.ravel(order="F").astype(np.int64)
     areas = np.bincount(labels_f)
     masks: dict[str, int] = {}
-    classes, scores, mask_index, rows, mask_empty = [], [], [], [], []
+    classes, scores, mask_index, mask_empty = [], [], [], []
+    columns, overlaps = [], []  # per distinct mask: the true cells it overlaps (positions in ids), IoU
     for k, (label, confidence, text) in enumerate(predictions):
         try:
             classes.append(int(label))
@@ -533,14 +576,25 @@ def file_detections(
             except ValueError as err:
                 raise ValueError(f"{where}, prediction {k}: {err}") from None
             masks[text] = len(masks)
-            rows.append(mask_overlaps(pixels, labels_f, areas, cells.ids))
+            touched, iou = sparse_overlaps(pixels, labels_f, areas, cells.ids)
+            columns.append(touched)
+            overlaps.append(iou)
             mask_empty.append(len(pixels) == 0)
         mask_index.append(masks[text])
+    indptr = np.concatenate(([0], np.cumsum([len(c) for c in columns], dtype=np.int64)))
+    mask_iou = sparse.csr_array(
+        (
+            np.concatenate(overlaps) if overlaps else np.zeros(0),
+            np.concatenate(columns) if columns else np.zeros(0, np.int64),
+            indptr,
+        ),
+        shape=(len(columns), len(cells.ids)),
+    )
     return Detections.of_masks(
         np.asarray(classes, dtype=np.int64),
         np.asarray(scores, dtype=np.float64),
         np.asarray(mask_index, dtype=np.int64),
-        np.asarray(rows, dtype=np.float64).reshape(len(rows), len(cells.ids)),
+        mask_iou,
         np.asarray(mask_empty, dtype=bool),
     )
 
@@ -585,7 +639,7 @@ def submission_detections(
         image_id: Detections(
             classes=np.concatenate([d.classes for d in found]),
             scores=np.concatenate([d.scores for d in found]),
-            iou=np.concatenate([d.iou for d in found]),
+            iou=found[0].iou if len(found) == 1 else sparse.vstack([d.iou for d in found], format="csr"),
             empty=np.concatenate([d.empty for d in found]),
         )
         for image_id, found in parts.items()

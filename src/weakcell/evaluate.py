@@ -20,7 +20,8 @@ when that round is the final one, the submission ``make infer`` wrote from it:
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
-   image probability alone, their plain product, and the submitted confidence recomputed;
+   image probability alone, their plain product, and the submitted confidence recomputed. The folder
+   must be one completely published inference (``submission.check_published``);
 4. ``evaluation.json`` into the round folder and the report folder, ``reports/<name>/`` (a non-final
    round: ``reports/<name>/round<r>/``), with ``ap_per_class.png``, ``threshold_curves.png``,
    ``per_class.md`` + ``per_class.png`` and the attention maps of the best and worst OOF images by
@@ -28,7 +29,11 @@ when that round is the final one, the submission ``make infer`` wrote from it:
 
 Everything up to the plots but ``write_oof_submission`` is a pure function (``image_level_scores``,
 ``per_class_table``, ``submission_cell_maps``, ``submission_cell_map``, ``evaluate_round``) that writes
-nothing, for stages such as an ablation grid to call.
+nothing, for stages such as an ablation grid to call. The report (4.: plots, table, attention maps, the
+printed summary) is ``weakcell.evaluate_report``.
+
+Over 400 lines on purpose: what is left is the scoring of one round, the three parts above and
+``score_round`` that assembles them into ``evaluation.json``; they share the round's tables and readings.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from weakcell.config import Config, ThresholdsConfig
 from weakcell.constants import READINGS, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
+from weakcell.evaluate_report import summary_lines, write_report, write_text
 from weakcell.metrics import (
     f1_per_class,
     macro_f1,
@@ -64,14 +70,15 @@ from weakcell.metrics import (
     predicted_classes,
 )
 from weakcell.outputs import folder_lock
+from weakcell.rle import mask_pixels
 from weakcell.score import score_file
 from weakcell.scoring import ALTERNATIVES, SUBMITTED, cell_score_table, cell_score_variants, oof_cell_scores
-from weakcell.submission import mask_pixels, write_cell_level
+from weakcell.submission import check_published, write_cell_level
 from weakcell.synthetic.truth import TRUTH
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
-if TYPE_CHECKING:  # train imports torch: loaded only when a stage needs the training set
-    from weakcell.train import TrainingSet
+if TYPE_CHECKING:  # loaded only when a stage needs the training set
+    from weakcell.training_set import TrainingSet
 
 # The OOF cell score shown per class in the plots and table: the confidence inference submits.
 PLOTTED_VARIANT = SUBMITTED
@@ -270,8 +277,8 @@ def submission_cell_maps(
     and ``masks_differ``. Masks are decoded and overlapped once, then scored under every reading.
     Returns ``{reading: {"verified", "submission": {...}, <alternative>: {...}, "masks_differ"}}``;
     ``bootstrap`` > 0 adds the 95% interval over that many resamples of the images to the
-    ``interval_of`` entry. ``submission=False`` leaves the CSV's
-    masks undecoded (rescoring another formula over the same predictions needs only the alternatives)."""
+    ``interval_of`` entry. ``submission=False`` leaves the CSV's masks undecoded (rescoring another
+    formula over the same predictions needs only the alternatives)."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
@@ -281,6 +288,7 @@ def submission_cell_maps(
     csv_path = folder / "cell_level.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"no {csv_path}; run `make infer` first")
+    check_published(csv_path)  # one complete inference's files, never an old CSV beside new tables
     n = spec.n_classes
     truth = read_truth_folder(cfg.data_dir / TRUTH, n, cfg.infer.split)
     found = {"submission": submission_detections(csv_path, truth)} if submission else {}
@@ -336,6 +344,7 @@ def submission_image_scores(
 
     spec = get_dataset(cfg.data.dataset)
     n = spec.n_classes
+    check_published(Path(folder) / "pred_image.parquet")
     predictions = pd.read_parquet(Path(folder) / "pred_image.parquet")
     y_true = image_targets(predictions["image_id"], read_image_labels(cfg.data_dir, spec), n)
     return image_level_scores(y_true, predictions[prob_columns(n)].to_numpy(), thresholds)
@@ -374,7 +383,7 @@ def evaluate_round(
     folder = Path(round_dir) if round_dir is not None else cfg.round_dir(evaluated_round(cfg))
     oof_image, oof_cell, thresholds = read_round(folder)
     if data is None:
-        from weakcell.train import load_training_set
+        from weakcell.training_set import load_training_set
 
         data = load_training_set(cfg)
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
@@ -503,165 +512,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# -- reports ------------------------------------------------------------------------------------------
-
-
-def image_bce(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """``(N,)`` mean binary cross-entropy over classes of each image's predictions (nats)."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(y_true, dtype=np.float64)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)
-
-
-def best_and_worst(image_ids: list[str], losses: np.ndarray, n: int) -> tuple[list[str], list[str]]:
-    """The ``n`` images of lowest and of highest loss (disjoint; the worst first in their list)."""
-    order = np.argsort(losses, kind="stable")
-    best = [image_ids[i] for i in order[:n]]
-    worst = [image_ids[i] for i in order[::-1] if image_ids[i] not in best][:n]
-    return best, worst
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub markdown table of ``table`` (floats to 3 decimals, NaN as -)."""
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(_format(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def _write_text(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:
-    """The compact table printed at the end of the stage."""
-
-    def f(value: Any) -> str:
-        return "  -  " if value is None else f"{value:.3f}"
-
-    image = evaluation["image_oof"]
-    lines = [
-        f"  image OOF  ({image['images']} images)   mAP {f(image['map'])}   macro-F1 @0.5 "
-        f"{f(image['macro_f1_at_05'])}  tuned {f(image['macro_f1_tuned'])}  cross-fitted "
-        f"{f(image['macro_f1_tuned_cross_fitted'])}"
-    ]
-    if "image_test" in evaluation:
-        test = evaluation["image_test"]
-        lines.append(
-            f"  image test ({test['images']} images)    mAP {f(test['map'])}   macro-F1 @0.5 "
-            f"{f(test['macro_f1_at_05'])}  tuned {f(test['macro_f1_tuned'])}"
-        )
-    readings = evaluation.get("verified", {})
-    for key, title in (
-        ("cell_oof", "cell OOF, competition mAP"),
-        ("cell_test", "cell test, competition mAP"),
-    ):
-        for suffix, reading in (("", readings.get("default")), ("_other", readings.get("other"))):
-            if key + suffix in evaluation:
-                scores = evaluation[key + suffix]
-                parts = "  ".join(
-                    f"{name} {f(v['map'])}" for name, v in scores.items() if isinstance(v, dict)
-                )
-                lines.append(f"  {title}, verified={reading}{'' if suffix else ' (default)'}:  {parts}")
-    if readings:
-        lines.append(
-            "  (verified=image: the organisers' reading, a class is judged only in images with a true cell of "
-            "it; verified=all: every class in every image)"
-        )
-    return lines
-
-
-def write_report(
-    cfg: Config,
-    evaluation: dict[str, Any],
-    table: pd.DataFrame,
-    data: TrainingSet,
-    oof_image: pd.DataFrame,
-    oof_cell: pd.DataFrame,
-    thresholds: np.ndarray | None,
-    out_dir: Path,
-) -> list[Path]:
-    """Plots, the per-class table and the best/worst attention maps of one evaluated round; records the
-    chosen images in ``evaluation["attention"]``. Returns the files written."""
-    from weakcell import plots
-    from weakcell.attention_maps import draw_attention_maps
-
-    spec, n = data.spec, data.n_classes
-    names = list(spec.classes)
-    y_true = image_targets(oof_image["image_id"], data.images, n)
-    probs = oof_image[prob_columns(n)].to_numpy(np.float64)
-    label = f"{cfg.name}, round {evaluation['round']}"
-    written = []
-
-    bars = {"image AP (OOF)": table["image_ap"].to_numpy(float)}
-    if "cell_ap_oof" in table:
-        bars[f"cell AP (OOF, {PLOTTED_VARIANT})"] = table["cell_ap_oof"].to_numpy(float)
-    if "cell_ap_test" in table:
-        bars["cell AP (test, competition metric)"] = table["cell_ap_test"].to_numpy(float)
-    written.append(plots.ap_bars(bars, names, out_dir / "ap_per_class.png", f"{label}: AP per class"))
-    written.append(
-        plots.threshold_curves(
-            y_true,
-            probs,
-            thresholds,
-            names,
-            out_dir / "threshold_curves.png",
-            step=cfg.thresholds.step,
-            min_positives=cfg.thresholds.min_positives,
-        )
-    )
-    at = "the tuned thresholds" if thresholds is not None else "0.5 (no thresholds.json)"
-    title = f"{label}: OOF image predictions per class at {at}"
-    legend = (
-        "\n\ncell_ap_oof: the competition metric (IoU >= 0.6) of the out-of-fold "
-        f"{PLOTTED_VARIANT} on the training split; cell_ap_test: the same of cell_level.csv on the test "
-        f"split; both read the metric as evaluate.verified={cfg.evaluate.verified}"
-        if "cell_ap_oof" in table
-        else ""
-    )
-    text = f"# {title}{legend}\n\n{markdown_table(table)}"
-    written.append(_write_text(text, out_dir / "per_class.md"))
-    shown = table.map(_format)
-    shown["name"] = [name[:24] for name in table["name"]]
-    written.append(plots.table_figure(shown, out_dir / "per_class.png", title))
-
-    ids = oof_image["image_id"].astype(str).tolist()
-    best, worst = best_and_worst(ids, image_bce(y_true, probs), cfg.evaluate.attention_images)
-    for group, chosen in (("best", best), ("worst", worst)):
-        folder = out_dir / f"attention_{group}"
-        for old in folder.glob("*.png"):  # a previous evaluation's picks
-            old.unlink()
-        if chosen:
-            written += draw_attention_maps(
-                cfg.data_dir,
-                spec.train_dir,
-                data.cache,
-                oof_cell,
-                oof_image,
-                chosen,
-                folder,
-                names,
-                labels=data.images,
-            )
-    evaluation["attention"] = {"ranked_by": "image-level BCE", "best": best, "worst": worst}
-    return written
-
-
 def run(cfg: Config) -> dict[str, Any]:
-    """Score the evaluated round, write ``evaluation.json`` and the report, print a summary."""
-    from weakcell.train import load_training_set
+    """Score the evaluated round, write ``evaluation.json`` and the report, print a summary; holds the
+    run folder's lock (``evaluation.json`` goes into its round) and the report folder's."""
+    round_ = evaluated_round(cfg)
+    wait = cfg.checks.lock_wait_s
+    with folder_lock(cfg.run_dir, "evaluate", wait), folder_lock(report_dir(cfg, round_), "evaluate", wait):
+        return _evaluate(cfg, round_)
+
+
+def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
+    from weakcell.training_set import load_training_set
 
     start = time.perf_counter()
-    round_ = evaluated_round(cfg)
     folder = cfg.round_dir(round_)
     oof_image, oof_cell, thresholds = read_round(folder)
     data = load_training_set(cfg)
@@ -671,12 +534,13 @@ def run(cfg: Config) -> dict[str, Any]:
     oof_path = write_oof_submission(cfg, data, oof_image, oof_cell) if scored_here else None
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
     out_dir = report_dir(cfg, round_)
-    write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, out_dir)
+    y_true = image_targets(oof_image["image_id"], data.images, data.n_classes)
+    write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, y_true, out_dir)
     evaluation["per_class"] = table.to_dict(orient="records")
     evaluation["seconds"] = round(time.perf_counter() - start, 1)
     payload = json.dumps(_jsonable(evaluation), indent=2)
     for target in (folder / "evaluation.json", out_dir / "evaluation.json"):
-        _write_text(payload, target)
+        write_text(payload, target)
     print(f"evaluate: {cfg.name} round {round_} ({folder})")
     print("\n".join(summary_lines(evaluation)))
     for note in evaluation["notes"]:

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.loader import CellCrops, apply_symmetries
-from weakcell.cache.store import CellCache
+from weakcell.cache.store import SKIPPED_FILE, CellCache
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
+from weakcell.data.ids import check_ids
 from weakcell.engine import predict
 from weakcell.errors import StageError
 from weakcell.metrics import sigmoid
@@ -147,7 +151,11 @@ def read_sample(cfg: Config) -> pd.DataFrame:
     sample_path = cfg.data_dir / spec.sample_submission
     if not sample_path.is_file():
         raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs")
-    return pd.read_csv(sample_path, dtype={spec.id_column: str}, keep_default_na=False)
+    sample = pd.read_csv(sample_path, dtype={spec.id_column: str}, keep_default_na=False)
+    if spec.id_column not in sample.columns:
+        raise StageError(f"{sample_path} has no {spec.id_column} column (found {list(sample.columns)})")
+    check_ids(sample[spec.id_column], str(sample_path))
+    return sample
 
 
 def sizes_from_cache(image_ids: list[str], cache: CellCache, cache_dir: Path) -> pd.DataFrame:
@@ -168,6 +176,25 @@ def sizes_from_cache(image_ids: list[str], cache: CellCache, cache_dir: Path) ->
             "PredictionString": "",
         }
     )
+
+
+def check_cells(cfg: Config, cache: CellCache, image_ids: list[str]) -> MissingImages:
+    """The images to predict that give no cells (none found, unreadable, not cached): their rows would be
+    empty placeholders, on Kaggle lost images nobody sees. Refused in one line naming one of them, unless
+    ``checks.allow_empty_rows``; refused anyway when no image has a cell (nothing to predict)."""
+    missing = missing_images(image_ids, cache.images, cfg.infer.split)
+    what = f"{cfg.infer.split} images to predict"
+    fix = f"fix or cache them (make cache; {cfg.cache_dir / SKIPPED_FILE} says why images failed)"
+    if missing.count and missing.count == missing.labelled:
+        raise StageError(
+            f"infer: nothing to predict: {missing.describe(what)}, e.g. {missing.example()}; {fix}"
+        )
+    if missing.count and not cfg.checks.allow_empty_rows:
+        raise StageError(
+            f"infer: {missing.describe(what)}, e.g. {missing.example()}: their rows would be empty; {fix}, "
+            "or submit them as empty rows with checks.allow_empty_rows=true"
+        )
+    return missing
 
 
 def model_sources(cfg: Config) -> dict[str, float]:
@@ -229,6 +256,7 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     cache = CellCache(cfg.cache_dir)
     sample = images_to_predict(cfg, cache)
     image_ids = sample["ID"].astype(str).tolist()
+    empty = check_cells(cfg, cache, image_ids)  # before any prediction: a refusal costs nothing
     n_classes = spec.n_classes
 
     per_source = []
@@ -254,35 +282,45 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
 
     # every file is written (each validated) into the staging folder, then all are published together
-    staging = out_dir / STAGING_DIR
-    staged = {name: staging / name for name in OUTPUT_FILES}
-    with writing(staging):
-        staging.mkdir(parents=True, exist_ok=True)
-    atomic_write(staged["pred_image.parquet"], lambda tmp: images.to_parquet(tmp, index=False))
-    cell_table = cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)})
-    atomic_write(staged["pred_cell.parquet"], lambda tmp: cell_table.to_parquet(tmp, index=False))
-    write_cell_level(
-        scored, lambda i: cache.masks(i).cells, sample, staged["cell_level.csv"], cfg.infer.min_score
-    )
-    # images come in the sample submission's order (image_ids above); a competition scored on image labels
-    # (2018) gets its file checked against its own sample submission, under its ID column
-    image_sample = read_sample(cfg) if spec.submission == "image" and cfg.infer.split == "test" else None
-    write_image_level(
-        images,
-        read_thresholds(thresholds_path),
-        staged["image_level.csv"],
-        id_column=spec.id_column if image_sample is not None else "Id",
-        sample_submission=image_sample,
-    )
-    publish(out_dir, staged)
-    shutil.rmtree(staging, ignore_errors=True)
+    with staging_folder(out_dir) as staged:
+        atomic_write(staged["pred_image.parquet"], lambda tmp: images.to_parquet(tmp, index=False))
+        cell_table = cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)})
+        atomic_write(staged["pred_cell.parquet"], lambda tmp: cell_table.to_parquet(tmp, index=False))
+        write_cell_level(
+            scored, lambda i: cache.masks(i).cells, sample, staged["cell_level.csv"], cfg.infer.min_score
+        )
+        # images come in the sample submission's order (image_ids above); a competition scored on image
+        # labels (2018) gets its file checked against its own sample submission, under its ID column
+        image_sample = read_sample(cfg) if spec.submission == "image" and cfg.infer.split == "test" else None
+        write_image_level(
+            images,
+            read_thresholds(thresholds_path),
+            staged["image_level.csv"],
+            id_column=spec.id_column if image_sample is not None else "Id",
+            sample_submission=image_sample,
+        )
+        publish(out_dir, staged)
+    empty_rows = f" ({empty.count} empty rows: {empty.describe('images')})" if empty.count else ""
     print(
         f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
-        f"{len(images)} images, "
+        f"{len(images)} images{empty_rows}, "
         f"{len(cells)} cells, "
         f"{time.perf_counter() - start:.0f} s -> {out_dir}/cell_level.csv, image_level.csv"
     )
     return out_dir
+
+
+@contextmanager
+def staging_folder(out_dir: Path) -> Iterator[dict[str, Path]]:
+    """The staged path of each of ``OUTPUT_FILES`` in ``out_dir``'s staging folder, which is removed when
+    the block ends, however it ends (a killed run's: by the next run)."""
+    staging = out_dir / STAGING_DIR
+    with writing(staging):
+        staging.mkdir(parents=True, exist_ok=True)
+    try:
+        yield {name: staging / name for name in OUTPUT_FILES}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

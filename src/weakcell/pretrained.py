@@ -31,6 +31,7 @@ from typing import Any
 
 from weakcell.config import Config
 from weakcell.errors import WeakcellError
+from weakcell.outputs import atomic_write, atomic_write_text
 
 MANIFEST = "MANIFEST.json"
 CHUNK = 1 << 20
@@ -97,11 +98,7 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, dict[str, Any]]) -> Path:
-    path = folder / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def verified(folder: Path, entry: dict[str, Any]) -> bool:
@@ -158,10 +155,9 @@ def to_safetensors(source: Path, target: Path) -> int:
     from weakcell.weights import load_state_dict
 
     state = load_state_dict(source)
-    tmp = target.with_name(target.name + ".tmp")
     # clone: safetensors refuses tensors that share storage, which some checkpoints hold
-    save_file({key: value.detach().clone().contiguous() for key, value in state.items()}, tmp)
-    tmp.replace(target)
+    tensors = {key: value.detach().clone().contiguous() for key, value in state.items()}
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)))
     return len(state)
 
 
@@ -243,9 +239,7 @@ def fetch_backbone(cfg: Config, folder: Path) -> dict[str, Any]:
     )
     release: dict[str, torch.Tensor] = model.state_dict()
     state = {key: value.detach().clone().contiguous() for key, value in release.items()}
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(state, tmp)
-    tmp.replace(target)
+    atomic_write(target, lambda tmp: save_file(state, str(tmp)))
     return _entry(
         folder,
         target.name,

@@ -19,7 +19,6 @@ cell). Exit code 0, or 2 with one line naming the file or row at fault.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 from weakcell.cell_truth import read_truth_folder
 from weakcell.competition_metric import READINGS, Verified, score_found, submission_detections
 from weakcell.constants import HPA2021_CLASSES
+from weakcell.outputs import atomic_write_json
 
 
 def score_file(
@@ -118,7 +118,7 @@ def score_main(argv: list[str] | None = None) -> int:
         }
         target = Path(args.json)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(target, payload)
         print(f"score: -> {target}")
     return 0
 

@@ -10,6 +10,7 @@ committed (their ids name the user's Kaggle account).
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import textwrap
@@ -36,6 +37,7 @@ from weakcell.kagglekit.naming import (
     weights_slug,
     wheels_slug,
 )
+from weakcell.outputs import atomic_write_json, atomic_write_text, folder_lock
 
 METADATA_FILE = "kernel-metadata.json"
 TEMPLATE = Path(__file__).with_name("kernel.py.tmpl")
@@ -137,15 +139,19 @@ def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
 
 
 def _literal(value: Any) -> str:
-    """A Python literal of a str / list / dict of str (JSON spells them the same way) or None."""
-    return "None" if value is None else json.dumps(value)
+    """A Python literal of a str / list / dict of str or None: its JSON text where Python reads that back
+    as the same value (``["cache", "infer"]``), else ``repr`` (JSON spells a character beyond the BMP as a
+    surrogate pair, which Python reads as two characters). Never the bare text: a user's string (a run
+    name, an override) is always quoted, whatever quotes or backslashes it holds."""
+    if value is None:
+        return "None"
+    text = json.dumps(value)
+    return text if ast.literal_eval(text) == value else repr(value)
 
 
-def kernel_script(cfg: Config, variant: str) -> str:
-    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
-    spec = variant_of(variant)
-    key = competition_key(cfg)
-    inputs = weight_inputs(cfg, variant)
+def kernel_overrides(cfg: Config, spec: Variant) -> list[str]:
+    """The ``key=value`` overrides a kernel runs its stages with, on top of the run's config and the Kaggle
+    paths."""
     overrides = []
     if not spec.train:
         # the test split only, predicted by this run's packed round into submissions/<run>/
@@ -158,18 +164,39 @@ def kernel_script(cfg: Config, variant: str) -> str:
         ]
     if spec.backend:
         overrides.append(f"segment.backend={spec.backend}")
-    overrides += cfg.kaggle.kernel_overrides
-    config_yaml = None
-    if spec.train:  # local locations mean nothing on Kaggle: the kernel sets its own
-        portable = cfg.model_copy(
-            update={
-                "paths": cfg.paths.model_copy(update={"root": "."}),
-                "data": cfg.data.model_copy(update={"dir": None}),
-                # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
-                "model": cfg.model.model_copy(update={"pretrained_file": None}),
-            }
-        )
-        config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    return overrides + cfg.kaggle.kernel_overrides
+
+
+_NO_CONFIG_LINE = "CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset"
+
+
+def _config_line(cfg: Config) -> str:
+    """``CONFIG_YAML = ...``: the resolved config a training kernel trains with, without local locations
+    (they mean nothing on Kaggle: the kernel sets its own)."""
+    portable = cfg.model_copy(
+        update={
+            "paths": cfg.paths.model_copy(update={"root": "."}),
+            "data": cfg.data.model_copy(update={"dir": None}),
+            # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
+            "model": cfg.model.model_copy(update={"pretrained_file": None}),
+        }
+    )
+    config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    # a readable block unless the text could end the literal early or holds escapes
+    literal = (
+        f'"""\\\n{config_yaml}"""'
+        if '"""' not in config_yaml and "\\" not in config_yaml
+        else _literal(config_yaml)
+    )
+    return f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}"
+
+
+def kernel_script(cfg: Config, variant: str) -> str:
+    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
+    spec = variant_of(variant)
+    key = competition_key(cfg)
+    inputs = weight_inputs(cfg, variant)
+    overrides = kernel_overrides(cfg, spec)
     settings = {
         "VARIANT": (variant, None),
         "COMPETITION": (competition_slug(cfg), "attached competition data"),
@@ -198,24 +225,17 @@ def kernel_script(cfg: Config, variant: str) -> str:
         f"{name} = {_literal(value)}" + (f"  # {comment}" if comment else "")
         for name, (value, comment) in settings.items()
     ]
-    if config_yaml is None:
-        lines.append("CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset")
-    else:
-        # a readable block unless the text could end the literal early or holds escapes
-        literal = (
-            f'"""\\\n{config_yaml}"""'
-            if '"""' not in config_yaml and "\\" not in config_yaml
-            else _literal(config_yaml)
-        )
-        lines.append(f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}")
+    lines.append(_config_line(cfg) if spec.train else _NO_CONFIG_LINE)
     where_weights = (
         "it trains its own models"
         if spec.train
         else "the run's weights, thresholds and resolved config come from the weights dataset"
     )
     about = (
-        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__}, "
-        f'config "{cfg.name}". Internet is off: weakcell and the packages the Kaggle image lacks install from '
+        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__} "
+        # the run's name is a user string: it appears only as the quoted literal RUN, never in this docstring
+        "for the run named by RUN below. Internet is off: weakcell and the packages the Kaggle image lacks "
+        "install from "
         f"the attached wheels dataset; {where_weights}. Writes /kaggle/working/submission.csv with the same "
         "CLI as a local run."
     )
@@ -231,15 +251,20 @@ def write_kernel(cfg: Config, variant: str) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     metadata = kernel_metadata(cfg, variant)
-    (folder / metadata["code_file"]).write_text(kernel_script(cfg, variant))
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(folder / metadata["code_file"], kernel_script(cfg, variant))
+    atomic_write_json(folder / METADATA_FILE, metadata)
     return folder
 
 
 def run(cfg: Config) -> list[Path]:
-    """``make kernels``: every variant of ``kaggle.variants``."""
+    """``make kernels``: every variant of ``kaggle.variants``, holding the kernels folder's lock."""
     for variant in cfg.kaggle.variants:
         variant_of(variant)  # fail before writing anything
+    with folder_lock(cfg.path(cfg.paths.kernels), "kernels", cfg.checks.lock_wait_s):
+        return _write_kernels(cfg)
+
+
+def _write_kernels(cfg: Config) -> list[Path]:
     folders = []
     for variant in cfg.kaggle.variants:
         folder = write_kernel(cfg, variant)

@@ -1,31 +1,32 @@
-"""One typed config for every stage: YAML files in ``configs/``, a pydantic schema here, ``key=value``
-overrides on the command line. Unknown or mistyped keys fail with their name and the closest valid keys.
+"""The config's schema: one pydantic section per stage and ``Config``, the whole pipeline's settings.
 
-A YAML file may start with ``base: other.yaml`` (relative to itself) and then only say what changes.
+Over 400 lines on purpose: it is one declarative list of fields (name, default, bounds, description), one
+class per config section, read top to bottom like the YAML files; splitting it by section would scatter one
+schema over many files without separating any logic. Loading and overrides live in
+``weakcell.config.loading``, which settings invalidate which output in ``weakcell.config.lineage``.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
-from weakcell.constants import CellScore
-from weakcell.errors import WeakcellError
+from weakcell.constants import HPA2021_CELL_LINES, CellScore
+
+
+def _integer_code(value: object) -> object:
+    """A literal of ints alone would take ``true`` as 1 and ``1.0`` as 1 (equal in Python): a code is an int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a TTA code is an integer 0..7, not a {type(value).__name__}")
+    return value
+
 
 # A symmetry of the square applied to a crop (``cache.loader.apply_symmetries``): bit 0 flips left-right,
 # bit 1 up-down, bit 2 transposes; there are 8.
-TtaCode = Literal[0, 1, 2, 3, 4, 5, 6, 7]
-
-
-class ConfigError(WeakcellError, ValueError):
-    """A config file or override that does not fit the schema; the message says which key and why."""
+TtaCode = Annotated[Literal[0, 1, 2, 3, 4, 5, 6, 7], BeforeValidator(_integer_code)]
 
 
 class Section(BaseModel):
@@ -111,14 +112,62 @@ class SyntheticConfig(Section):
 
 
 class FoldsConfig(Section):
-    """Multilabel-stratified K-fold at image level (``make folds``)."""
+    """Multilabel-stratified K-fold at image level (``make folds``), optionally grouped (near-duplicates,
+    external sets). Each setting has its own file (see ``file``), so folds of other settings never replace
+    a committed one."""
 
     n_splits: int = Field(5, ge=2)
     seed: int = 42
     group_column: str | None = Field(
         None, description="column of the label file whose equal values must share a fold"
     )
-    file: str | None = Field(None, description="defaults to {paths.folds}/{data.dataset}.csv")
+    file: str | None = Field(
+        None,
+        description="defaults to {paths.folds}/{data.dataset}.csv at the default settings (5 folds, seed "
+        "42, no groups; the committed real-data folds), else {paths.folds}/{data.dataset}-<n_splits>x<seed>"
+        "[-by-<group_column>][-dups][-ext[-folded]].csv",
+    )
+    # -- grouped folds (weakcell.folds.fold_groups): near-duplicates and external sets (issue 23) --
+    duplicates: str | None = Field(
+        None,
+        description="near-duplicates JSON of `weakcell duplicates`: each cluster shares a fold; null = no "
+        "duplicate groups (the folds stay those of plain multilabel stratification)",
+    )
+    external: list[str] = Field(
+        default_factory=list,
+        description="external data sets (folders of `make external`: train.csv, sources.csv) whose images "
+        "join the folds file; images of one antibody share a fold",
+    )
+    external_mode: Literal["train_only", "folded"] = Field(
+        "train_only",
+        description="train_only = external images get fold -1 (always trained on, never validated) unless "
+        "a near-duplicate ties them to a competition image, whose fold they take; folded = stratified too",
+    )
+    report: str | None = Field(
+        None, description="folds report (markdown); defaults to {paths.reports}/folds-{data.dataset}.md"
+    )
+
+    def own_name(self) -> str:
+        """What names these settings' folds file after the data set: '' at the defaults, else
+        ``-<n_splits>x<seed>`` plus ``-by-<group_column>``, ``-dups`` with near-duplicate groups and
+        ``-ext`` (``-ext-folded``) with external sets. Which duplicates file or external sets is not in the
+        name: it is recorded beside the file (``weakcell.folds_record``), which refuses a file of other settings."""
+        defaults = FoldsConfig()
+        plain = (self.n_splits, self.seed, self.group_column) == (
+            defaults.n_splits,
+            defaults.seed,
+            defaults.group_column,
+        )
+        if plain and self.duplicates is None and not self.external:
+            return ""
+        name = f"-{self.n_splits}x{self.seed}"
+        if self.group_column is not None:
+            name += "-by-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in self.group_column)
+        if self.duplicates is not None:
+            name += "-dups"
+        if self.external:
+            name += "-ext" if self.external_mode == "train_only" else "-ext-folded"
+        return name
 
 
 class ClassicalSegmentConfig(Section):
@@ -714,7 +763,7 @@ class AblateConfig(Section):
 
 
 class ChecksConfig(Section):
-    """Refusals that guard against losing work silently (``weakcell.outputs``, ``train.missing_images``).
+    """Refusals that guard against losing work silently (``weakcell.outputs``, ``weakcell.cache.coverage``).
     They change whether a stage runs, never what it computes, so finished work stays reusable."""
 
     max_missing_share: float = Field(
@@ -729,6 +778,59 @@ class ChecksConfig(Section):
         ge=0,
         description="seconds a stage waits for another run to release its output folder before it "
         "refuses; 0 = refuse at once",
+    )
+    allow_empty_rows: bool = Field(
+        False,
+        description="infer refuses when an image to predict gives no cells (none found, unreadable, not "
+        "cached): its row would be an empty placeholder, on Kaggle a lost image; true = write those rows "
+        "empty and count them in the summary",
+    )
+
+
+class ExternalConfig(Section):
+    """Public HPA images as an extra training set (``make external``, ``weakcell.external``): a list of the
+    hosts' form or the 2018 one, fetched politely, converted and labelled into the competition's layout."""
+
+    image_list: str | None = Field(
+        None, description="the public list: the hosts' kaggle_2021.tsv or the 2018 HPAv18RBGY_wodpl.csv"
+    )
+    list_format: Literal["auto", "hpa2021", "hpav18"] = Field(
+        "auto", description="the list's form; auto = from its columns"
+    )
+    base_url: str | None = Field(
+        None,
+        description="where the images live, replacing the list's host (a mirror); null = the list's URLs "
+        "(hpav18: http://v18.proteinatlas.org/images)",
+    )
+    dir: str | None = Field(
+        None, description="output data set; defaults to {paths.data}/{data.dataset}-external"
+    )
+    dry_run: bool = Field(
+        False, description="print counts, bytes, disk and time at the chosen rate; fetch nothing (--dry-run)"
+    )
+    drop_in_trainset: bool = Field(True, description="drop images already in the competition's train set")
+    cell_lines: list[str] | None = Field(
+        default_factory=lambda: list(HPA2021_CELL_LINES),
+        description="keep these cell lines (default: the competition's 17); null = every cell line",
+    )
+    keep_classes: list[int] = Field(
+        default_factory=list,
+        description="classes kept from any cell line (one 2021 team kept 11 Mitotic spindle and 15 Aggresome)",
+    )
+    max_images: int | None = Field(None, ge=1, description="fetch only the first this many selected images")
+    size: int | None = Field(
+        None, ge=64, description="store images at this side (area resampling); null = native size"
+    )
+    png_compression: int = Field(1, ge=0, le=9, description="zlib level of the stored PNGs")
+    workers: int = Field(4, ge=1, description="images fetched at once (threads)")
+    rate: float = Field(8.0, gt=0, description="requests per second at most, over all workers")
+    timeout_s: float = Field(30.0, gt=0, description="connect and read timeout of one request, seconds")
+    retries: int = Field(5, ge=0, description="retries of a request on timeouts, broken bodies, 429 and 5xx")
+    backoff_s: float = Field(
+        1.0, ge=0, description="exponential backoff factor between retries: backoff_s * 2**(n-1) seconds"
+    )
+    check_disk: bool = Field(
+        True, description="refuse when the estimated storage exceeds the free disk space"
     )
 
 
@@ -755,6 +857,7 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    external: ExternalConfig = Field(default_factory=ExternalConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:
@@ -795,224 +898,7 @@ class Config(Section):
 
     @property
     def folds_file(self) -> Path:
-        return self.path(self.folds.file or Path(self.paths.folds) / f"{self.data.dataset}.csv")
-
-
-# -- loading ------------------------------------------------------------------------------------------
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a config file, following ``base:`` links (each relative to the file that names it)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
-    if path.resolve() in seen:
-        raise ConfigError(f"config {path} names itself as a base (chain: {' -> '.join(map(str, seen))})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    return _deep_merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _section_at(keys: list[str]) -> type[BaseModel] | None:
-    """The schema class reached by following ``keys`` from the root, or None past a leaf."""
-    model: type[BaseModel] = Config
-    for key in keys:
-        field = model.model_fields.get(key)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. ``synthetic.n_train``."""
-    keys = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(all_keys(annotation, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _unknown_key_message(dotted: str) -> str:
-    keys = all_keys()
-    sections = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
-    close = difflib.get_close_matches(dotted, keys + sections, n=3, cutoff=0.6)
-    if not close:  # a wrong section name: suggest by the last part alone
-        leaf = dotted.rsplit(".", 1)[-1]
-        close = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
-    hint = f"; did you mean {' or '.join(repr(k) for k in close[:3])}?" if close else ""
-    return f"unknown config key {dotted!r}{hint} (list every key with `weakcell keys`)"
-
-
-def _check_keys(raw: dict[str, Any], prefix: list[str]) -> None:
-    model = _section_at(prefix)
-    if model is None:
-        return
-    for key, value in raw.items():
-        dotted = [*prefix, str(key)]
-        if key not in model.model_fields:
-            raise ConfigError(_unknown_key_message(".".join(dotted)))
-        if isinstance(value, dict):
-            _check_keys(value, dotted)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.epochs=3", "data.dataset=hpa2021"]`` -> nested dict; values are parsed as YAML scalars
-    or lists (``3`` is an int, ``[64,128]`` a list, ``null`` None); nothing is ever evaluated."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. synthetic.n_train=100)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        parts = key.strip().split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node[parts[-1]] = value
-    return nested
-
-
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the defaults), apply ``overrides`` and validate against the schema."""
-    raw = _read_yaml(Path(path)) if path else {}
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
-    _check_keys(raw, [])
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
-        ]
-        source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{source}: " + "; ".join(problems)) from None
-
-
-def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
-    """Write the resolved config as ``folder/config.yaml`` (every output folder gets one)."""
-    target = Path(folder) / "config.yaml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
-    return target
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# -- which settings invalidate which finished outputs -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The settings a finished output is computed from: dotted keys starting with one of ``include`` and
-    none of ``exclude`` (settings that change where or how fast it is made, not what it holds)."""
-
-    include: tuple[str, ...] = ("",)
-    exclude: tuple[str, ...] = ()
-
-    def changed(self, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-        """``key: old -> new`` for each of these settings whose value differs between two nested config
-        dicts (``Config.model_dump(mode="json")`` shape), sorted by key."""
-        old, new = _flatten(saved), _flatten(current)
-        keys = sorted(
-            key
-            for key in set(old) | set(new)
-            if key.startswith(self.include)
-            and not key.startswith(self.exclude)
-            and old.get(key) != new.get(key)
-        )
-        return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
-
-
-# Settings that change where or how fast something is made, never what it holds: no output depends on them.
-_RUNTIME = (
-    "synthetic.workers",
-    "cache.workers",
-    "segment.cellpose.device",
-    "segment.cellpose.batch_size",
-    "segment.sam.device",
-    "segment.sam.box_batch_size",
-    "train.device",
-    "train.workers",
-    "train.compile",
-)
-# What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not, and
-# ``train.folds`` only says which folds this call trains.
-_ROUND_ZERO = (
-    "seed",
-    "data.",
-    "synthetic.",
-    "folds.",
-    "segment.",
-    "cache.crop_size",
-    "model.",
-    "mil.",
-    "train.",
-)
-
-# The one table of which settings invalidate which finished output. A stage reuses an output only while
-# none of its inputs changed (``changed_settings``), else it refuses and names FORCE=1 or another name.
-Output = Literal["synthetic", "cache", "checkpoint", "run", "refine", "model"]
-OUTPUT_INPUTS: dict[Output, Inputs] = {
-    # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
-    "synthetic": Inputs(("synthetic.",), _RUNTIME),
-    # the cell-crop cache (weakcell.cache.build): which images, their masks and the crop size
-    "cache": Inputs(("data.", "segment.", "cache.crop_size"), _RUNTIME),
-    # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine
-    "checkpoint": Inputs(("train.",), _RUNTIME),
-    # round 0 of a run, ``runs/<name>/`` (weakcell.train)
-    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds")),
-    # a refinement round (weakcell.refine): round 0's inputs plus the rule and the thresholds it reads;
-    # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
-    "refine": Inputs((*_ROUND_ZERO, "refine.", "thresholds."), (*_RUNTIME, "train.folds", "refine.rounds")),
-    # the networks inference builds to load a run's weights into (weakcell.infer)
-    "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
-}
-
-
-def changed_settings(folder: str | os.PathLike[str], cfg: Config, inputs: Inputs = Inputs()) -> list[str]:
-    """The ``inputs`` (default: every setting) whose value in the config saved in ``folder/config.yaml``
-    differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved.
-
-    A key the saved config lacks was added to the schema later: the run had its default (a new setting's
-    default keeps the old behaviour), so finished runs stay reusable when the code grows a setting."""
-    saved_path = Path(folder) / "config.yaml"
-    if not saved_path.is_file():
-        return []
-    saved = _deep_merge(Config().model_dump(mode="json"), yaml.safe_load(saved_path.read_text()) or {})
-    return inputs.changed(saved, cfg.model_dump(mode="json"))
+        """``folds.file``, else the folds file of these fold settings (``FoldsConfig.own_name``)."""
+        if self.folds.file:
+            return self.path(self.folds.file)
+        return self.path(self.paths.folds) / f"{self.data.dataset}{self.folds.own_name()}.csv"
