@@ -4,7 +4,12 @@ per-image path.
 
 Run from the repository root (real images from ``../shared/data/hpa2021``, weights made here: timing only):
 
-    python benchmarks/bench_segment_backends.py [--repeats 3] [--images 6]
+    python benchmarks/bench_segment_backends.py [--repeats 3] [--images 6] [--upstream DIR]
+
+``--upstream DIR``: a checkout of CellProfiling/HPA-Cell-Segmentation (e.g. ``git clone`` it, or a Kaggle
+dataset of it). Section 5 then also times upstream's own ``hpacellseg/utils.py:label_cell``, loaded from that
+file under today's libraries, on the same maps, and compares its labels with ours. Nothing of it is copied
+into the kit; without the option the section uses the step-by-step reference only.
 
 Sections (written between the ``backends`` markers of ``benchmarks/segmentation.md``; ``bench_segment.py``
 keeps them when it rewrites the file):
@@ -31,8 +36,11 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
+from importlib import util as importlib_util
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -73,9 +81,45 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def postprocessing(ids: list[str], repeats: int) -> str:
-    """Section 5."""
-    rows, ratios = [], []
+def load_upstream(checkout: Path) -> ModuleType:
+    """Upstream's ``hpacellseg/utils.py`` from a local checkout, as a module (its imports are NumPy, SciPy and
+    scikit-image only; NumPy 2 has ``np.bool`` again, which it names)."""
+    path = checkout / "hpacellseg" / "utils.py"
+    if not path.is_file():
+        raise SystemExit(
+            f"{path} not found: --upstream takes a checkout of CellProfiling/HPA-Cell-Segmentation"
+        )
+    spec = importlib_util.spec_from_file_location("hpacellseg_upstream_utils", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib_util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # its remove_small_objects(min_size=...) calls warn under scikit-image 0.26 on every image
+    warnings.filterwarnings("ignore", category=FutureWarning, module="hpacellseg_upstream_utils")
+    return module
+
+
+def upstream_note(checkout: Path) -> str:
+    """What the upstream columns ran: the checkout's commit and today's library versions."""
+    import scipy
+    import skimage
+
+    head = checkout / ".git" / "HEAD"
+    commit = ""
+    if head.is_file():
+        ref = head.read_text().strip()
+        target = checkout / ".git" / ref[5:] if ref.startswith("ref: ") else None
+        commit = (target.read_text().strip() if target and target.is_file() else ref)[:7]
+    return (
+        f"\nUpstream columns: `hpacellseg/utils.py:label_cell` of a local checkout{f' ({commit})' if commit else ''} "
+        f"run unchanged under scikit-image {skimage.__version__}, NumPy {np.__version__}, SciPy {scipy.__version__} "
+        "(`--upstream DIR`). The organisers' code and the step-by-step reference take the same time here, so the "
+        "reference stands in for upstream when no checkout is at hand.\n"
+    )
+
+
+def postprocessing(ids: list[str], repeats: int, upstream: ModuleType | None = None) -> str:
+    """Section 5: ours against the step-by-step reference and, given a checkout, upstream's own function."""
+    rows, ratios, upstream_ratios = [], [], []
     for image_id in ids:
         cells = cv2.imread(
             str(HPA_DIR / "hpacellseg_masks" / f"{image_id}_predictedmask.png"), cv2.IMREAD_UNCHANGED
@@ -89,30 +133,46 @@ def postprocessing(ids: list[str], repeats: int) -> str:
         match = match_instances(our_cells, ref_cells, 0.5)
         differing = int((our_cells != ref_cells).sum() + (ours[0] != reference[0]).sum())
         ratios.append(reference_s / ours_s)
-        rows.append(
-            [
-                image_id[:8],
-                f"{reference_s:.2f}",
-                f"{ours_s:.3f}",
-                f"{reference_s / ours_s:.1f}x",
-                f"{ref_cells.max()} / {our_cells.max()}",
-                f"{differing}",
-                f"{match['mean_iou']:.5f}",
+        row = [
+            image_id[:8],
+            f"{reference_s:.2f}",
+            f"{ours_s:.3f}",
+            f"{reference_s / ours_s:.1f}x",
+            f"{ref_cells.max()} / {our_cells.max()}",
+            f"{differing}",
+            f"{match['mean_iou']:.5f}",
+        ]
+        if upstream is not None:
+            # upstream's watersheds write into its inputs' derived copies only; copies keep the maps intact
+            upstream_s, theirs = cpu_seconds(
+                lambda n=nuclei_pred, c=cell_pred: upstream.label_cell(n.copy(), c.copy()),
+                max(1, repeats // 2),
+            )
+            their_cells = theirs[1].astype(np.int32)
+            upstream_match = match_instances(our_cells, their_cells, 0.5)
+            upstream_ratios.append(upstream_s / ours_s)
+            row += [
+                f"{upstream_s:.2f}",
+                f"{upstream_s / ours_s:.1f}x",
+                f"{their_cells.max()} / {our_cells.max()}",
+                f"{upstream_match['mean_iou']:.5f}",
             ]
-        )
-    rows.append(["**median**", "", "", f"{statistics.median(ratios):.1f}x", "", "", ""])
-    return table(
-        [
-            "image",
-            "reference s",
-            "label_cell s",
-            "speed-up",
-            "cells (reference / ours)",
-            "pixels differing (cells + nuclei)",
-            "mean matched IoU",
-        ],
-        rows,
-    )
+        rows.append(row)
+    median_row = ["**median**", "", "", f"{statistics.median(ratios):.1f}x", "", "", ""]
+    header = [
+        "image",
+        "reference s",
+        "label_cell s",
+        "speed-up",
+        "cells (reference / ours)",
+        "pixels differing (cells + nuclei)",
+        "mean matched IoU",
+    ]
+    if upstream is not None:
+        median_row += ["", f"{statistics.median(upstream_ratios):.1f}x", "", ""]
+        header += ["upstream s", "speed-up on upstream", "cells (upstream / ours)", "IoU vs upstream"]
+    rows.append(median_row)
+    return table(header, rows)
 
 
 def resized(image: np.ndarray, side: int) -> np.ndarray:
@@ -290,6 +350,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6, help="images of the cache comparison (section 7)")
     parser.add_argument("--sections", default="5,6,7", help="which sections to run")
     parser.add_argument("--batches", default="1,4", help="segment.hpacellseg.batch_size values of section 7")
+    parser.add_argument(
+        "--upstream",
+        type=Path,
+        help="a checkout of CellProfiling/HPA-Cell-Segmentation: section 5 times its own code",
+    )
     args = parser.parse_args()
     cv2.setNumThreads(1)
     if not (HPA_DIR / "train").is_dir():
@@ -302,15 +367,17 @@ def main() -> None:
         f"{cpu}, {os.cpu_count()} cores shared with other jobs\n"
     )
     fresh: dict[str, str] = {}
+    upstream = load_upstream(args.upstream) if args.upstream else None
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_weights(Path(tmp) / "weights", thresholding_state(), thresholding_state())
         if "5" in wanted:
             fresh["5"] = (
                 f"### 5. HPA-Cell-Segmentation's post-processing against the upstream-equivalent reference "
-                f"(--repeats {args.repeats})\n\n{postprocessing(ids, args.repeats)}\n\n"
+                f"(--repeats {args.repeats})\n\n{postprocessing(ids, args.repeats, upstream)}\n\n"
                 "CPU seconds of one thread on the same 2048² uint8 maps. The pixels that differ are where two "
                 "watershed fronts arrive at exactly the same height and scikit-image's heap breaks the tie in "
                 "an order that depends on its whole content.\n"
+                + (upstream_note(args.upstream) if upstream is not None else "")
             )
         if "6" in wanted:
             image = read_image(HPA_DIR / "train", ids[-1])
