@@ -4,11 +4,17 @@
 (``classical``, ``cellpose``, ``cellpose+sam``). Backends are imported only when used, so
 cellpose / segment-anything are never loaded for the classical default. Every result goes through the
 same ``postprocess`` rules.
+
+Sizes are resolution-aware: with ``segment.reference_size`` set, ``for_image`` rescales every pixel size and
+working scale of the config to the image at hand (an image twice the reference side gets nuclei twice as
+wide and half the working scale), so 1728², 2048², 3072² and 1024² images of the same field give the same
+cells. (The same rule as the ``hpacellseg`` branch's, which also covers that backend's scales.)
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,10 +69,50 @@ def parse_backend(backend: str) -> tuple[str, list[str]]:
     return first, refiners
 
 
+# -- resolution-aware sizes ------------------------------------------------------------------------------------
+
+# Config fields (section, field) that are lengths in full-resolution pixels, areas in them, or fractions of
+# full resolution; ``for_image`` multiplies them by the size factor f, f², 1 / f.
+LENGTHS = (("classical", "nucleus_diameter"), ("cellpose", "diameter"))
+AREAS = (("postprocess", "min_cell_area"),)
+SCALES = (("classical", "working_scale"), ("cellpose", "working_scale"), ("sam", "working_scale"))
+
+
+def size_factor(shape: tuple[int, ...], reference_size: int | None) -> float:
+    """Pixels of an image of ``shape`` (H, W) per pixel of the reference image: its side (the geometric mean
+    of height and width) over ``reference_size``; 1 when sizes are absolute (``None``)."""
+    if reference_size is None:
+        return 1.0
+    return math.sqrt(shape[0] * shape[1]) / reference_size
+
+
+def for_image(cfg: SegmentConfig, shape: tuple[int, ...]) -> SegmentConfig:
+    """``cfg`` with every pixel size and working scale rescaled to an image of ``shape`` (H, W), see
+    ``size_factor``; ``cfg`` itself when the factor is 1. A scale never exceeds full resolution."""
+    factor = size_factor(shape, cfg.reference_size)
+    if factor == 1:
+        return cfg
+    sections: dict[str, dict[str, object]] = {}
+    for fields, change in (
+        (LENGTHS, lambda value: value * factor),
+        (AREAS, lambda value: round(value * factor * factor)),
+        (SCALES, lambda value: min(1.0, value / factor)),
+    ):
+        for section, field in fields:
+            value = getattr(getattr(cfg, section), field)
+            if value is not None:
+                sections.setdefault(section, {})[field] = change(value)
+    return cfg.model_copy(
+        update={name: getattr(cfg, name).model_copy(update=values) for name, values in sections.items()}
+    )
+
+
 def segment_image(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
-    """Segment one ``(4, H, W)`` uint8 image with the configured backend, refiners and post-processing."""
+    """Segment one ``(4, H, W)`` uint8 image with the configured backend, refiners and post-processing,
+    at sizes rescaled to the image (``for_image``)."""
     from weakcell.segment.postprocess import postprocess
 
+    cfg = for_image(cfg, image.shape[1:])
     first, refiners = parse_backend(cfg.backend)
     result = _load(SEGMENTERS, first, "segmentation backend")(image, cfg)
     for name in refiners:
