@@ -36,6 +36,7 @@ UPSTREAM_NAMES = {
     "external": "the external sets' tables",
     "cache": "the cell cache",
     "folds": "the folds file",
+    "sources": "the external sources (their caches, label files or intensity settings)",
     "previous": "the round it continues",
 }
 

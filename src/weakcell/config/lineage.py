@@ -45,8 +45,8 @@ class Inputs:
     where or how fast it is made, not what it holds). ``upstream`` names what else it is made from, each
     fingerprinted by ``weakcell.lineage`` (``images``: the data's per-image content hashes; ``labels``: the
     label file's content; ``truth``: the synthetic truth; ``duplicates``, ``external``: the near-duplicates
-    file and the external sets' tables grouped folds read; ``cache``, ``folds``; ``previous``: the round
-    it continues)."""
+    file and the external sets' tables grouped folds read; ``cache``, ``folds``; ``sources``: the external
+    sources a run trains on; ``previous``: the round it continues)."""
 
     include: tuple[str, ...] = ("",)
     exclude: tuple[str, ...] = ()
@@ -94,8 +94,10 @@ _ROUND_ZERO = ("seed", "data.dataset", "model.", "mil.", "train.")
 
 def _segmenters(cfg: Config) -> tuple[str, ...]:
     """The cache reads the sections of its backend and refiners only (``segment.cellpose.*`` does not
-    change a classical cache)."""
-    return tuple(f"segment.{name.strip()}." for name in cfg.segment.backend.split("+"))
+    change a classical cache), and ``segment.reference_size`` once set (unset, caches made before it
+    existed keep their fingerprint)."""
+    sections = tuple(f"segment.{name.strip()}." for name in cfg.segment.backend.split("+"))
+    return (*sections, "segment.reference_size") if cfg.segment.reference_size is not None else sections
 
 
 def _rule_reads(cfg: Config) -> tuple[str, ...]:
@@ -135,8 +137,13 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
     # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine and
     # whichever folds the call that continues it trains
     "checkpoint": Inputs(("train.",), (*_RUNTIME, "train.folds")),
-    # round 0 of a run, ``runs/<name>/``, and each inner model of refinement (weakcell.train)
-    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds"), upstream=("cache", "folds", "labels", "truth")),
+    # round 0 of a run, ``runs/<name>/``, and each inner model of refinement (weakcell.train); ``sources``:
+    # the external sources' caches, label files and intensity settings (weakcell.sources; none without)
+    "run": Inputs(
+        _ROUND_ZERO,
+        (*_RUNTIME, "train.folds"),
+        upstream=("cache", "folds", "labels", "truth", "sources"),
+    ),
     # a refinement round (weakcell.refine): the round before, the rule and what the rule reads;
     # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
     "refine": Inputs(

@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from weakcell.constants import HPA2021_CELL_LINES, CellScore
 
@@ -50,11 +58,71 @@ class PathsConfig(Section):
     kernels: str = "kernels"
 
 
+class SourceConfig(Section):
+    """An external data set trained on beside the competition's (one entry of ``data.sources``): a folder in
+    the data set's own layout (``train/<ID>_<color>.png``, the label file; ``make external`` writes one),
+    cached into its own cache folder and read through its own intensity gain (``weakcell.sources``)."""
+
+    dir: str = Field(
+        description="the set's folder (train/, its label file, sources.csv), e.g. data/hpa2021-external"
+    )
+    name: str | None = Field(
+        None,
+        description="names the source in logs and tables and its cache, {paths.cache}/<name>/<segment.backend>; "
+        "null = the folder's name",
+    )
+    folds: Literal["train_only", "folded"] | None = Field(
+        None,
+        description="train_only = fold -1 (trained on in every fold, never validated), folded = stratified "
+        "into the folds like the competition's images; null = folds.external_mode. The set joins "
+        "folds.external (make folds covers it)",
+    )
+    intensity: Literal["gain", "none"] = Field(
+        "gain",
+        description="gain = its crops are read through a per-channel gain that maps its cells' mean "
+        "intensity onto the competition's (measured on both caches' training crops, or `gain`); none = as cached",
+    )
+    gain: tuple[float, float, float, float] | None = Field(
+        None, description="R, G, B, Y gain to use instead of measuring one (intensity=gain)"
+    )
+
+    @field_validator("gain")
+    @classmethod
+    def _positive_gain(
+        cls, value: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
+        if value is not None and not all(0 < g <= 64 for g in value):
+            raise ValueError(f"a gain multiplies intensities: 4 values in (0, 64], not {value}")
+        return value
+
+    @property
+    def source_name(self) -> str:
+        """``name``, else the folder's last part."""
+        return self.name or Path(self.dir).name
+
+
 class DataConfig(Section):
-    """Which dataset a run reads. ``dir`` defaults to ``{paths.data}/{dataset}``."""
+    """Which dataset a run reads. ``dir`` defaults to ``{paths.data}/{dataset}``: the competition's images,
+    the only ones scored and predicted. ``sources`` adds external sets to train on."""
 
     dataset: Literal["synthetic", "synthetic2018", "hpa2021", "hpa2018"] = "synthetic"
     dir: str | None = None
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="external sets trained on beside the competition's images, each with its folder, "
+        "label file, cache, fold mode and intensity gain (weakcell.sources); [] = the competition's alone",
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.source_name for source in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.sources names {repeated[0]!r} twice; give each source its own name")
+        if "competition" in names:
+            raise ValueError("'competition' names the data set's own images; give the source another name")
+        return value
 
 
 class SyntheticConfig(Section):
@@ -125,7 +193,7 @@ class FoldsConfig(Section):
         None,
         description="defaults to {paths.folds}/{data.dataset}.csv at the default settings (5 folds, seed "
         "42, no groups; the committed real-data folds), else {paths.folds}/{data.dataset}-<n_splits>x<seed>"
-        "[-by-<group_column>][-dups][-ext[-folded]].csv",
+        "[-by-<group_column>][-dups][-ext[-folded|-mixed]].csv",
     )
     # -- grouped folds (weakcell.folds.fold_groups): near-duplicates and external sets (issue 23) --
     duplicates: str | None = Field(
@@ -143,6 +211,11 @@ class FoldsConfig(Section):
         description="train_only = external images get fold -1 (always trained on, never validated) unless "
         "a near-duplicate ties them to a competition image, whose fold they take; folded = stratified too",
     )
+    external_modes: dict[str, Literal["train_only", "folded"]] = Field(
+        default_factory=dict,
+        description="external set (as in folds.external) -> its own mode where it differs from "
+        "external_mode; data.sources' `folds` fill it",
+    )
     report: str | None = Field(
         None, description="folds report (markdown); defaults to {paths.reports}/folds-{data.dataset}.md"
     )
@@ -150,8 +223,9 @@ class FoldsConfig(Section):
     def own_name(self) -> str:
         """What names these settings' folds file after the data set: '' at the defaults, else
         ``-<n_splits>x<seed>`` plus ``-by-<group_column>``, ``-dups`` with near-duplicate groups and
-        ``-ext`` (``-ext-folded``) with external sets. Which duplicates file or external sets is not in the
-        name: it is recorded beside the file (``weakcell.folds_record``), which refuses a file of other settings."""
+        ``-ext`` with external sets (``-ext-folded`` when they are folded, ``-ext-mixed`` when their modes
+        differ). Which duplicates file or external sets is not in the name: it is recorded beside the file
+        (``weakcell.folds_record``), which refuses a file of other settings."""
         defaults = FoldsConfig()
         plain = (self.n_splits, self.seed, self.group_column) == (
             defaults.n_splits,
@@ -166,8 +240,13 @@ class FoldsConfig(Section):
         if self.duplicates is not None:
             name += "-dups"
         if self.external:
-            name += "-ext" if self.external_mode == "train_only" else "-ext-folded"
+            modes = {self.mode_of(folder) for folder in self.external}
+            name += "-ext-mixed" if len(modes) > 1 else "-ext" if modes == {"train_only"} else "-ext-folded"
         return name
+
+    def mode_of(self, folder: str) -> str:
+        """How the external set ``folder`` (an entry of ``external``) is folded."""
+        return self.external_modes.get(folder, self.external_mode)
 
 
 class ClassicalSegmentConfig(Section):
@@ -297,6 +376,12 @@ class SegmentConfig(Section):
     cellpose: CellposeSegmentConfig = Field(default_factory=CellposeSegmentConfig)
     sam: SamRefineConfig = Field(default_factory=SamRefineConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    reference_size: int | None = Field(
+        None,
+        gt=0,
+        description="image side (px) at which pixel sizes and scales hold; an image of side S scales "
+        "them by S / reference_size, so every size segments the same cells (None = absolute pixels)",
+    )
 
 
 class CacheConfig(Section):
@@ -443,6 +528,11 @@ class ThresholdsConfig(Section):
         ge=0,
         description="each class's threshold moves toward the one best for macro-F1 over all classes, with "
         "weight positives / (positives + shrinkage) on its own (0 = each class's own, rare ones the fallback)",
+    )
+    sources: Literal["competition", "all"] = Field(
+        "competition",
+        description="whose out-of-fold images tune the thresholds: competition = the data set's own (the "
+        "images inference predicts), all = those of folded external sources (data.sources) too",
     )
 
 
@@ -858,6 +948,24 @@ class Config(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     external: ExternalConfig = Field(default_factory=ExternalConfig)
+
+    @model_validator(mode="after")
+    def _sources_join_folds(self) -> Config:
+        """Every source of ``data.sources`` joins ``folds.external`` (the folds file covers the images a
+        run trains on), with its own ``folds`` mode in ``folds.external_modes``. Idempotent."""
+        if not self.data.sources:
+            return self
+        external, modes = list(self.folds.external), dict(self.folds.external_modes)
+        for source in self.data.sources:
+            if source.dir not in external:
+                external.append(source.dir)
+            if source.folds is not None and source.folds != self.folds.external_mode:
+                modes[source.dir] = source.folds
+        if external != self.folds.external:
+            self.folds.external = external
+        if modes != self.folds.external_modes:
+            self.folds.external_modes = modes
+        return self
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:
