@@ -77,6 +77,7 @@ from weakcell.outputs import (
 )
 from weakcell.parallel import n_workers, pool_context
 from weakcell.segment import segment_image
+from weakcell.sources import data_sources, source_config
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
 MASK_PNG_PARAMS = [
@@ -429,17 +430,23 @@ def check_same_settings(cfg: Config, cache_dir: Path) -> None:
 
 
 def run(cfg: Config) -> Path:
-    """Cache this part's images (``cache.shard_index`` of ``cache.num_shards``); merge when it is the only
-    part. Holds the cache folder's lock (a part's own lock when split). Returns the cache folder."""
+    """Cache this part's images (``cache.shard_index`` of ``cache.num_shards``) of every source, each into
+    its own cache (the competition's ``cache.splits``, then each of ``data.sources``' training split:
+    ``weakcell.sources``); merge when it is the only part. Holds each cache folder's lock while it fills
+    it (a part's own lock when split). Returns the competition's cache folder."""
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     if part >= n_parts:
         raise StageError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
-    name = None if n_parts == 1 else _part_marker(cfg.cache_dir, part, n_parts).stem
-    with folder_lock(cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
-        return _cache_part(cfg)
+    for source in data_sources(cfg):
+        source_cfg = source_config(cfg, source)
+        name = None if n_parts == 1 else _part_marker(source_cfg.cache_dir, part, n_parts).stem
+        with folder_lock(source_cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
+            _cache_part(source_cfg, "" if source.is_competition else source.name)
+    return cfg.cache_dir
 
 
-def _cache_part(cfg: Config) -> Path:
+def _cache_part(cfg: Config, source: str = "") -> Path:
+    """Cache this part's images of one source's config (``source``: its name, '' for the competition's)."""
     started = time.perf_counter()
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     cache_dir = cfg.cache_dir
@@ -473,6 +480,7 @@ def _cache_part(cfg: Config) -> Path:
     writer = ShardWriter(shards_dir, part, next_sequence, capacity)
     workers = n_workers(cfg.cache.workers, len(todo))
     label = f"cache part {part + 1}/{n_parts}" if n_parts > 1 else "cache"
+    label += f" ({source})" if source else ""
     try:
         with tqdm(total=len(todo), desc=label, unit="img", dynamic_ncols=True) as progress:
             for result in cache_images(todo, cfg, cache_dir, workers):
@@ -500,7 +508,8 @@ def _cache_part(cfg: Config) -> Path:
     }
     atomic_write_json(_part_marker(cache_dir, part, n_parts), summary, indent=None)
     if n_parts == 1:
-        merge(cfg, quiet=True)
+        with folder_lock(cache_dir, "cache-merge", cfg.checks.lock_wait_s):
+            _merge(cfg, quiet=True)
     per_image = n_cells / max(1, len(images) - n_skipped)
     where = cache_dir if n_parts == 1 else f"{shards_dir} (then `weakcell cache-merge`)"
     recached = f", {len(changed)} re-cached (content changed)" if changed else ""
@@ -521,11 +530,15 @@ def _latest(images: pd.DataFrame) -> pd.DataFrame:
 
 
 def merge(cfg: Config, quiet: bool = False) -> Path:
-    """Join every part's committed indexes into ``cells.parquet``, ``images.parquet`` and ``skipped.csv``.
-    Refuses while a part of ``cache.num_shards`` has not finished. Rows are ordered by split (as in
-    ``cache.splits``), then image ID, then cell ID, so any split of the work merges to the same tables."""
-    with folder_lock(cfg.cache_dir, "cache-merge", cfg.checks.lock_wait_s):
-        return _merge(cfg, quiet)
+    """Join every part's committed indexes into ``cells.parquet``, ``images.parquet`` and ``skipped.csv``,
+    in the cache of every source (``weakcell.sources``). Refuses while a part of ``cache.num_shards`` has not
+    finished. Rows are ordered by split (as in ``cache.splits``), then image ID, then cell ID, so any split
+    of the work merges to the same tables. Returns the competition's cache folder."""
+    for source in data_sources(cfg):
+        source_cfg = source_config(cfg, source)
+        with folder_lock(source_cfg.cache_dir, "cache-merge", cfg.checks.lock_wait_s):
+            _merge(source_cfg, quiet)
+    return cfg.cache_dir
 
 
 def _merge(cfg: Config, quiet: bool) -> Path:
