@@ -3,10 +3,11 @@
 Reads one round folder (``evaluate.round``; default the final refinement round, ``cfg.model_dir``) and,
 when that round is the final one, the submission ``make infer`` wrote from it:
 
-1. image level, on the round's OOF predictions: mAP, macro-F1 at 0.5, at the tuned thresholds of its
-   ``thresholds.json`` and cross-fitted over folds (``thresholds.cross_fitted_f1``); classes without a
-   positive are left out, as the thresholds stage does. On the synthetic set also the test split's
-   image predictions (``pred_image.parquet``) against ``truth/test.csv``;
+1. image level, on the round's OOF predictions of the competition's images: mAP, macro-F1 at 0.5, at the
+   tuned thresholds of its ``thresholds.json`` and cross-fitted over folds (``thresholds.cross_fitted_f1``);
+   classes without a positive are left out, as the thresholds stage does. The OOF images of folded external
+   sources (``data.sources``) get their own mAP and macro-F1 (``image_oof_sources``). On the synthetic set
+   also the test split's image predictions (``pred_image.parquet``) against ``truth/test.csv``;
 2. cell level, on the OOF predictions (synthetic set only): the cell AP of every score variant of
    ``scoring.cell_score_variants`` against the matched true cells (``cell_truth.cell_level_ap``: what
    ``metrics.json`` holds, per class);
@@ -67,6 +68,7 @@ from weakcell.metrics import (
 from weakcell.outputs import folder_lock
 from weakcell.rle import mask_pixels
 from weakcell.scoring import ALTERNATIVES, cell_score_variants
+from weakcell.sources import competition_rows, external_sources, source_rows
 from weakcell.submission import check_published
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
@@ -384,9 +386,18 @@ def score_round(
     thresholds: np.ndarray | None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The scores of one round's OOF tables (and of the submission, for the final round) and the
-    per-class table (``per_class_table`` + the OOF and test cell AP where there is truth)."""
+    per-class table (``per_class_table`` + the OOF and test cell AP where there is truth). Scored on the
+    competition's images; the OOF images of folded external sources get their own image scores
+    (``image_oof_sources``: how well the model reads each source, not the competition's figure)."""
     spec, n = data.spec, data.n_classes
     notes: list[str] = []
+    by_source = {}
+    for source in external_sources(data.images):
+        own = source_rows(oof_image, data.images, source)
+        if len(own):
+            y_source = image_targets(own["image_id"], data.images, n)
+            by_source[source] = image_level_scores(y_source, own[prob_columns(n)].to_numpy(np.float64))
+    oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     y_true = image_targets(oof_image["image_id"], data.images, n)
     probs = oof_image[prob_columns(n)].to_numpy(np.float64)
     if thresholds is None:
@@ -399,6 +410,8 @@ def score_round(
             y_true, probs, thresholds, oof_image["fold"].to_numpy(), cfg.thresholds
         ),
     }
+    if by_source:
+        evaluation["image_oof_sources"] = by_source
     table = per_class_table(y_true, probs, thresholds, list(spec.classes))
 
     if data.truth is None or data.matches is None:
@@ -474,6 +487,7 @@ def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
     oof_image, oof_cell, thresholds = read_round(folder)
     data = load_training_set(cfg)
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
+    oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     out_dir = report_dir(cfg, round_)
     y_true = image_targets(oof_image["image_id"], data.images, data.n_classes)
     write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, y_true, out_dir)

@@ -39,6 +39,7 @@ from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_parquet, atomic_write, atomic_write_json
 from weakcell.scoring import image_metrics, max_pool_images
+from weakcell.sources import competition_rows
 from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.training_set import TrainingSet
 from weakcell.weights import load_state_dict
@@ -205,7 +206,11 @@ def score_held_out_cells(
     if data.truth is not None:
         table = held_out.table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
         per_class = cell_level_ap(
-            table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified
+            competition_rows(table, data.images),  # external sources have no truth
+            prob_columns(n_classes),
+            data.matches,
+            data.truth,
+            cfg.evaluate.verified,
         )
         scores["cell_map"] = float(np.nanmean(per_class))
     return scores

@@ -26,6 +26,7 @@ from weakcell.constants import CellScore, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import macro_f1, mean_average_precision
+from weakcell.sources import competition_rows, external_sources, source_rows
 
 # -- the submitted confidence ---------------------------------------------------------------------------
 
@@ -166,18 +167,31 @@ def score_oof(
     verified: Verified = "image",
 ) -> dict[str, float]:
     """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)
-    under the metric's ``verified`` reading."""
+    under the metric's ``verified`` reading. Scored on the competition's images (``weakcell.sources``);
+    the out-of-fold images of each folded external source add their own ``image_map_<source>``."""
+    n_classes = data.n_classes
+    metrics = _image_scores(data, competition_rows(oof_image, data.images), oof_cell)
+    for source in external_sources(data.images):
+        validated = source_rows(oof_image, data.images, source)
+        if len(validated):
+            metrics[f"image_map_{source}"] = _image_scores(data, validated, oof_cell)["image_map"]
+    if data.truth is not None and data.matches is not None:
+        own_cells = competition_rows(oof_cell, data.images)
+        own_images = competition_rows(oof_image, data.images)
+        for name, table in cell_score_variants(own_cells, own_images, n_classes, infer).items():
+            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, verified)
+            metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
+    return metrics
+
+
+def _image_scores(data: LabelledImages, oof_image: pd.DataFrame, oof_cell: pd.DataFrame) -> dict[str, float]:
+    """Image mAP and macro-F1 at 0.5 of the MIL head and of each image's best cell, over ``oof_image``."""
     n_classes = data.n_classes
     images = data.images.set_index("image_id").loc[oof_image["image_id"]]
     y_true = to_multi_hot(images["labels"].tolist(), n_classes)
-    probs = oof_image[prob_columns(n_classes)].to_numpy()
-    metrics = image_metrics(y_true, probs)
+    metrics = image_metrics(y_true, oof_image[prob_columns(n_classes)].to_numpy())
     max_pooled = max_pool_images(
         oof_cell, oof_cell[prob_columns(n_classes)].to_numpy(), oof_image["image_id"].tolist()
     )
     metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
-    if data.truth is not None and data.matches is not None:
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items():
-            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, verified)
-            metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
     return metrics

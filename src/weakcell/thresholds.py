@@ -4,6 +4,8 @@ Inference never tunes: it reads ``runs/<run>/thresholds.json``. Each class's thr
 maximises its OOF F1 on a grid, shrunk toward the one threshold that maximises macro-F1 over every class
 (``thresholds.shrinkage``); a class with fewer than ``thresholds.min_positives`` OOF positives takes the
 pooled threshold (a threshold fitted to two images is noise, and classes 11 and 18 are that rare).
+With ``data.sources``, the OOF images of the competition's own set tune them (``thresholds.sources``): those
+are the images inference predicts; ``all`` adds the folded external sources' OOF images.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import pandas as pd
 
 from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
-from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import f1_per_class, predicted_classes
 from weakcell.outputs import atomic_write_text, folder_lock, read_json
+from weakcell.sources import COMPETITION, source_labels
 
 
 def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsConfig) -> pd.DataFrame:
@@ -93,10 +96,12 @@ def _tune(cfg: Config) -> pd.DataFrame:
         step = "make refine" if cfg.refine.rounds else "make train"
         raise FileNotFoundError(f"no out-of-fold predictions at {oof_path}; run `{step}` first")
     oof = pd.read_parquet(oof_path)
-    labels = read_label_file(cfg.data_dir / spec.label_file, spec).set_index("ID")
+    labels = source_labels(cfg, spec).set_index("ID")  # the competition's and every data.sources set's
     missing = sorted(set(oof["image_id"]) - set(labels.index))
     if missing:
-        raise StageError(f"{len(missing)} OOF images are not in the label file, e.g. {missing[:3]}")
+        raise StageError(f"{len(missing)} OOF images are not in the label files, e.g. {missing[:3]}")
+    if cfg.thresholds.sources == "competition":  # the images inference predicts are the competition's
+        oof = oof[oof["image_id"].map(labels["source"]).eq(COMPETITION).to_numpy()]
     y_true = to_multi_hot(labels.loc[oof["image_id"], "labels"].tolist(), spec.n_classes)
     probs = oof[[f"p_{c}" for c in range(spec.n_classes)]].to_numpy()
     table = tune_thresholds(y_true, probs, cfg.thresholds)
@@ -106,6 +111,7 @@ def _tune(cfg: Config) -> pd.DataFrame:
         "macro_f1_tuned_cross_fitted": cross_fitted_f1(y_true, probs, oof["fold"].to_numpy(), cfg.thresholds),
         "macro_f1_at_05": float(table.loc[present, "f1_at_05"].mean()),
         "images": len(oof),
+        "sources": cfg.thresholds.sources,
     }
     payload = {"summary": summary, "classes": table.to_dict(orient="records")}
     target = run_dir / "thresholds.json"
@@ -116,7 +122,9 @@ def _tune(cfg: Config) -> pd.DataFrame:
     print(
         f"thresholds: OOF macro-F1 {summary['macro_f1_tuned']:.3f} tuned (cross-fitted over folds "
         f"{summary['macro_f1_tuned_cross_fitted']:.3f}) vs {summary['macro_f1_at_05']:.3f} at 0.5 "
-        f"({int(table['tuned'].sum())} of {len(table)} classes tuned) -> {target}"
+        f"({int(table['tuned'].sum())} of {len(table)} classes tuned, on {len(oof)} OOF images"
+        f"{' of the competition' if cfg.data.sources and cfg.thresholds.sources == 'competition' else ''}) "
+        f"-> {target}"
     )
     return table
 

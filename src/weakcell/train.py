@@ -74,7 +74,7 @@ def train_round(
     fold_data: the training set fold k's model learns from (refinement: each fold its own pseudo-labels);
     default ``data`` for every fold."""
     start = time.perf_counter()
-    folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
+    folds = cfg.train.folds if cfg.train.folds is not None else data.validation_folds
     finished = [
         run_dir / f"fold{fold}" / name for fold in folds for name in ("oof_image.parquet", "oof_cell.parquet")
     ]
