@@ -78,6 +78,7 @@ def test_outputs_made_without_sources_keep_their_fingerprints():
         ("[{dir: data/competition}]", "'competition' names"),
         ("[{dir: data/x, gain: [1, 2, 0, 1]}]", "gain"),
         ("[{dir: data/x, intensty: none}]", "intensty"),
+        ("[{dir: data/..}]", "not a folder name"),
     ],
 )
 def test_bad_sources_are_refused_naming_the_key(sources, message):
@@ -204,6 +205,14 @@ def _overrides(cfg: Config) -> list[str]:
         f"cache.dir={cfg.cache.dir}",
         "cache.crop_size=16",
     ]
+
+
+def test_a_missing_source_folder_is_one_line(dataset, tmp_path):
+    cfg = load_config(
+        None, [f"paths.root={tmp_path}", f"data.dir={dataset}", "data.sources=[{dir: nowhere}]"]
+    )
+    with pytest.raises(StageError, match=r"data.sources: .*nowhere has no train/"):
+        build.run(cfg)
 
 
 def test_joining_refuses_repeated_ids_and_other_crop_sizes(two_caches, dataset, tmp_path):

@@ -437,7 +437,13 @@ def run(cfg: Config) -> Path:
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     if part >= n_parts:
         raise StageError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
+    spec = get_dataset(cfg.data.dataset)
     for source in data_sources(cfg):
+        if not source.is_competition and not (source.data_dir / spec.train_dir).is_dir():
+            raise StageError(
+                f"data.sources: {source.data_dir} has no {spec.train_dir}/ folder (source {source.name}); make "
+                "it with `make external`, or point data.sources[].dir at a folder in the data set's layout"
+            )
         source_cfg = source_config(cfg, source)
         name = None if n_parts == 1 else _part_marker(source_cfg.cache_dir, part, n_parts).stem
         with folder_lock(source_cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from weakcell.constants import HPA2021_CELL_LINES, CellScore
+from weakcell.data.ids import RULE, is_safe_id
 
 
 def _integer_code(value: object) -> object:
@@ -117,6 +118,9 @@ class DataConfig(Section):
     @classmethod
     def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
         names = [source.source_name for source in value]
+        unsafe = [name for name in names if not is_safe_id(name)]
+        if unsafe:  # a name becomes a cache folder: cache/<name>/<backend>
+            raise ValueError(f"data.sources name {unsafe[0]!r} is not a folder name ({RULE}); set its name")
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"data.sources names {repeated[0]!r} twice; give each source its own name")
