@@ -16,6 +16,7 @@ import pytest
 
 from weakcell.cli import main
 from weakcell.config import ConfigError, Inputs, all_keys, changed_settings, load_config, save_config
+from weakcell.errors import StageError
 from weakcell.kagglekit import api, datasets, kernels, naming
 from weakcell.submission import publish
 from weakcell.weights import WeightsError
@@ -469,3 +470,12 @@ def test_unzip_resumes_and_refuses_paths_outside(tmp_path):
         bundle.writestr("../evil.txt", b"x")
     with pytest.raises(ValueError, match="outside"):
         api.unzip(archive, folder)
+
+
+def test_a_run_trained_with_external_sources_predicts_without_them(tmp_path):
+    sources = "data.sources=[{dir: data/hpa2021-external}]"
+    cfg = make_cfg(tmp_path, sources, "kaggle.variants=[inference]")
+    inference = (kernels.run(cfg)[0] / "weakcell-inference.py").read_text()
+    assert '"data.sources=[]"' in inference  # the test split is the competition's: nothing else is cached
+    with pytest.raises(StageError, match=r"data.sources \(data/hpa2021-external\) is not attached"):
+        kernels.run(make_cfg(tmp_path, sources, "kaggle.variants=[inference,train]"))

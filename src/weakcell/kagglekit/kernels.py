@@ -23,7 +23,7 @@ import yaml
 
 import weakcell
 from weakcell.config import Config
-from weakcell.errors import UnknownName
+from weakcell.errors import StageError, UnknownName
 from weakcell.kagglekit.naming import (
     PLACEHOLDER_OWNER,
     backbone_id,
@@ -154,8 +154,10 @@ def kernel_overrides(cfg: Config, spec: Variant) -> list[str]:
     paths."""
     overrides = []
     if not spec.train:
-        # the test split only, predicted by this run's packed round into submissions/<run>/
+        # the test split only, predicted by this run's packed round into submissions/<run>/; the external
+        # sources it was trained on are neither cached nor attached (weakcell.sources)
         overrides = [
+            "data.sources=[]",
             "cache.splits=[test]",
             "infer.split=test",
             "infer.models=null",
@@ -194,6 +196,11 @@ def _config_line(cfg: Config) -> str:
 def kernel_script(cfg: Config, variant: str) -> str:
     """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
     spec = variant_of(variant)
+    if spec.train and cfg.data.sources:
+        raise StageError(
+            f"the {variant} kernel trains on Kaggle, where data.sources ({', '.join(s.dir for s in cfg.data.sources)}) "
+            "is not attached; leave it out of kaggle.variants, or train with data.sources=[]"
+        )
     key = competition_key(cfg)
     inputs = weight_inputs(cfg, variant)
     overrides = kernel_overrides(cfg, spec)
