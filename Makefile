@@ -118,7 +118,7 @@ ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.m
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
 
 # -- External data (weakcell.external, weakcell.duplicates): README "External data" -------------------
-.PHONY: external duplicates bench-duplicates bench-folds bench-external-sizes
+.PHONY: external duplicates bench-duplicates bench-folds bench-external-sizes bench-external
 
 external: $(STAMP) ## public HPA images of external.image_list -> data/<dataset>-external/ (train/, train.csv, sources.csv); ARGS="... --dry-run" first
 	$(WEAKCELL) external $(CONFIG) $(OVERRIDES)
@@ -137,6 +137,9 @@ bench-folds: $(STAMP) ## pairs straddling folds, plain vs grouped, on a syntheti
 
 bench-external-sizes: $(STAMP) ## JPEG/PNG bytes of the real images and the dry run's arithmetic for the real lists -> benchmarks/external-sizes.md
 	$(PY) benchmarks/bench_external_sizes.py
+
+bench-external: $(STAMP) ## test mAP with and without a synthetic external set (JPEG, 16-bit, other sizes and scale), 3 seeds, paired -> benchmarks/external.md
+	$(PY) benchmarks/bench_external.py $(ARGS)
 
 # -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
 .PHONY: download wheels weights weights-dataset pretrained-datasets backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle
