@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-lineage bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-lineage bench-synthetic bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -182,6 +182,12 @@ bench-cache: $(STAMP) ## segmentation quality/speed and crop-reading throughput 
 	$(PY) benchmarks/bench_segment.py
 	$(PY) benchmarks/bench_cache.py
 
+bench-segment-backends: $(STAMP) ## HPA-Cell-Segmentation's post-processing vs its reference, learned backends by stage and size, batched vs per-image cache (CPU) -> benchmarks/segmentation.md
+	$(PY) benchmarks/bench_segment_backends.py
+
+bench-segment-gpu: $(STAMP) ## on a GPU machine: U-Net / Cellpose-SAM throughput by batch size, the batched cache by workers -> benchmarks/segmentation_gpu.md
+	$(PY) benchmarks/bench_segment_gpu.py
+
 bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs cache size -> benchmarks/train.md
 	$(PY) benchmarks/bench_train.py
 
@@ -193,6 +199,9 @@ bench-thresholds: $(STAMP) ## cross-fitted image macro-F1 of tuned thresholds vs
 
 bench-confidence: $(STAMP) ## the cell confidence formula re-tuned under both metric readings, OOF and test -> benchmarks/confidence.md
 	$(PY) benchmarks/bench_confidence.py --config $(CONFIG)
+
+bench-metric: $(STAMP) ## out-of-fold scoring through the competition engine per epoch, and the OOF file's cost -> benchmarks/metric.md
+	$(PY) benchmarks/bench_metric.py --config $(CONFIG)
 
 bench-kaggle: $(STAMP) ## the inference kernel's cache + infer per real-size image, 559-image projection -> benchmarks/kaggle.md
 	$(PY) benchmarks/bench_kaggle.py

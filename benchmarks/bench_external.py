@@ -48,24 +48,23 @@ from weakcell import infer as infer_stage
 from weakcell import thresholds as thresholds_stage
 from weakcell import train as train_stage
 from weakcell.cache import build as cache_stage
+from weakcell.cell_truth import read_truth_folder
 from weakcell.competition_metric import (
     Matched,
     bootstrap_interval,
     match_images,
     mean_ap,
     paired_interval,
-    read_submission,
     submission_detections,
-    truth_by_image,
 )
 from weakcell.config import Config, load_config
 from weakcell.constants import CHANNELS
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
-from weakcell.evaluate import read_cell_truth
 from weakcell.outputs import read_json
 from weakcell.synthetic import writer as data_stage
 from weakcell.synthetic.external import ExternalLook, make_external_set
+from weakcell.synthetic.truth import TRUTH
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL = "data/synthetic-extbench-external"
@@ -112,10 +111,9 @@ def variant_config(config: str, overrides: list[str], variant: str, seed: int) -
     )
 
 
-def test_truth(cfg: Config, image_ids: list[str]) -> dict:
-    spec = get_dataset(cfg.data.dataset)
-    masks, labels = read_cell_truth(cfg.data_dir, image_ids, spec)
-    return truth_by_image(masks, labels, spec.n_classes)
+def test_truth(cfg: Config) -> dict:
+    """The test split's true cells (the file ``weakcell score`` scores against)."""
+    return read_truth_folder(cfg.data_dir / TRUTH, get_dataset(cfg.data.dataset).n_classes, "test")
 
 
 def measure(cfg: Config, truth: dict | None, earlier: dict) -> tuple[dict[str, object], Matched, dict]:
@@ -129,7 +127,7 @@ def measure(cfg: Config, truth: dict | None, earlier: dict) -> tuple[dict[str, o
     thresholds_stage.run(cfg)
     folder = infer_stage.run(cfg)
     csv = folder / "cell_level.csv"
-    truth = truth if truth is not None else test_truth(cfg, read_submission(csv)["ID"].tolist())
+    truth = truth if truth is not None else test_truth(cfg)
     reading = cfg.evaluate.verified
     matched = match_images(
         submission_detections(csv, truth)[0], truth, get_dataset(cfg.data.dataset).n_classes, reading

@@ -396,8 +396,9 @@ def report(parts: dict[str, dict]) -> str:
             lines.append(f"| {key} | {_fmt(w)} | {_fmt(o)} | {ratio} |")
         lines += [
             "",
-            "cell_map_* = mean over classes of the cell-level AP against the per-cell truth (segmented cells "
-            "matched at IoU >= 0.5, unmatched true cells count as missed positives). Variants: stage1 = the cell "
+            "cell_map_* = the 2021 competition metric (IoU >= 0.6, Open Images AP, evaluate.verified) of each "
+            "score of the cache's cells against the true cells of every training image, as `weakcell score` "
+            "scores a file (true cells no cell finds lower recall). Variants: stage1 = the cell "
             "model's own probability; mil_instance = the MIL head's per-cell probability; mil_attention = image "
             "probability x clip(attention x n, 0, 1); stage1_x_image = stage-1 probability x MIL image "
             "probability. image_map / f1_at_05: the MIL head's image predictions; stage1_max_*: max over cells.",

@@ -245,6 +245,12 @@ def test_each_output_is_invalidated_by_its_inputs_only(tmp_path: Path) -> None:
     assert stale("cache", "segment.classical.nucleus_diameter=90")
     assert not stale("cache", "segment.cellpose.diameter=30") and not stale("cache", "data.dir=elsewhere")
     assert stale("cache", "segment.cellpose.diameter=30", "segment.backend=cellpose")
+    # ... the side its sizes hold at, and of a learned backend what it computes, not how it batches
+    assert stale("cache", "segment.reference_size=2048")
+    assert stale("cache", "segment.hpacellseg.network_scale=0.5", "segment.backend=hpacellseg")
+    assert not stale("cache", "segment.hpacellseg.batch_size=2", "segment.backend=hpacellseg")
+    assert not stale("cache", "segment.hpacellseg.device=cpu", "segment.backend=hpacellseg")
+    assert not stale("cache", "cache.batched=always") and not stale("cache", "cache.queue_images=4")
     # the networks inference builds: architecture only
     assert stale("model", "model.backbone=resnet34") and stale("model", "mil.hidden=64")
     assert not stale("model", "mil.lr=0.1") and not stale("model", "train.epochs=9")

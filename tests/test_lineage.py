@@ -51,6 +51,24 @@ def test_a_fingerprint_covers_settings_and_upstream_and_names_what_changed():
     assert moved.fingerprint == lineage.fingerprint
 
 
+def test_a_record_from_before_an_added_setting_stays_valid(tmp_path):
+    """A cache recorded before ``segment.reference_size`` existed (its settings lack the key) reads it as
+    None, the absolute sizes it was made with: it keeps its fingerprint (so the runs trained on it stay
+    valid) and is reused; a cache made at another reference side is a change."""
+    cfg = load_config(None, [])
+    now = Lineage.of("cache", cfg, images="i1")
+    assert now.settings["segment.reference_size"] is None
+    before = {key: value for key, value in now.settings.items() if key != "segment.reference_size"}
+    write_lineage(tmp_path, Lineage("cache", before, {"images": "i1"}))
+    recorded = read_lineage(tmp_path)
+    assert recorded is not None and recorded.fingerprint == now.fingerprint
+    assert not stale(tmp_path, now, cfg)
+    sized = load_config(None, ["segment.reference_size=2048"])
+    relative = Lineage.of("cache", sized, images="i1")
+    assert relative.fingerprint != now.fingerprint
+    assert stale(tmp_path, relative, sized) == ["segment.reference_size: None -> 2048"]
+
+
 def test_refinement_under_confidence_reads_the_submitted_formula(tmp_path):
     """A round whose rule scores cells by the submitted confidence is made from infer.image_power and
     infer.image_best_cell: changing them invalidates it; under the stage-1 score they are not read."""

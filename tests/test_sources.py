@@ -30,7 +30,7 @@ from weakcell.errors import StageError
 from weakcell.lineage import Lineage
 from weakcell.metrics import mean_average_precision
 from weakcell.refine import fold_targets
-from weakcell.segment import Segmentation, for_image, segment_image
+from weakcell.segment import Segmentation, segment_image
 from weakcell.sources import COMPETITION, data_sources, open_caches
 from weakcell.synthetic.external import ExternalLook, make_external_set
 from weakcell.synthetic.generate import generate_image, image_seed
@@ -55,11 +55,11 @@ def test_sources_join_the_folds_file_with_their_own_modes():
 
 
 def test_outputs_made_without_sources_keep_their_fingerprints():
-    """Neither key enters the lineage of a run or cache that does not use it: runs and caches made before
-    them are reused, not refused."""
+    """Neither data.sources nor folds.external_modes enters the lineage of a run or folds file that does
+    not use them: those made before them are reused, not refused. (``segment.reference_size``'s rule,
+    ``ADDED_SETTINGS``, is tested in test_lineage.)"""
     cfg = load_config(None, [])
-    assert not any(key.startswith(("data.sources", "segment.reference")) for key in reads("run", cfg))
-    assert "segment.reference_size" not in reads("cache", cfg)
+    assert not any(key.startswith("data.sources") for key in reads("run", cfg))
     assert not any(key.startswith("folds.external_modes") for key in reads("folds", cfg))
     upstream = {"cache": "c", "folds": "f", "labels": "l", "truth": None}
     assert Lineage.of("run", cfg, **upstream, sources=None).upstream == {
@@ -67,8 +67,6 @@ def test_outputs_made_without_sources_keep_their_fingerprints():
         "folds": "f",
         "labels": "l",
     }
-    sized = load_config(None, ["segment.reference_size=2048"])
-    assert reads("cache", sized)["segment.reference_size"] == 2048
 
 
 @pytest.mark.parametrize(
@@ -266,30 +264,6 @@ def test_train_only_cells_keep_their_inherited_labels_in_refinement():
 
 
 # -- images of different sizes ---------------------------------------------------------------------------
-
-
-def test_for_image_scales_sizes_with_the_image():
-    cfg = load_config(
-        None,
-        [
-            "segment.reference_size=2048",
-            "segment.classical.nucleus_diameter=180",
-            "segment.classical.working_scale=0.125",
-            "segment.postprocess.min_cell_area=100",
-        ],
-    ).segment
-    small = for_image(cfg, (1024, 1024))
-    assert small.classical.nucleus_diameter == 90 and small.classical.working_scale == 0.25
-    assert small.postprocess.min_cell_area == 25
-    large = for_image(cfg, (3072, 3072))
-    assert large.classical.nucleus_diameter == 270 and large.classical.working_scale == pytest.approx(
-        0.125 / 1.5
-    )
-    assert for_image(cfg, (2048, 2048)) is cfg
-    absolute = cfg.model_copy(update={"reference_size": None})
-    assert for_image(absolute, (1024, 1024)) is absolute
-    capped = cfg.model_copy(update={"classical": cfg.classical.model_copy(update={"working_scale": 1.0})})
-    assert for_image(capped, (1024, 1024)).classical.working_scale == 1.0  # never above full resolution
 
 
 def test_crops_of_one_field_at_every_size_look_alike():

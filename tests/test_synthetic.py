@@ -183,6 +183,12 @@ def test_writer_layout_skip_and_truth(tmp_path, capsys) -> None:
         image_labels = images.loc[images["ID"] == image_id, "labels"].iloc[0]
         assert image_labels == (sorted(own) or [NEGATIVE])
     assert train["Label"].map(lambda text: parse_labels(text, "|", 19)).map(len).min() >= 1
+    # every image with its split, as the truth's image table (an image without cells has no cells.csv row)
+    split_table = pd.read_csv(root / "truth" / "images.csv", dtype=str)
+    assert split_table.values.tolist() == [
+        *[[i, "train"] for i in train["ID"]],
+        *[[i, "test"] for i in test["ID"]],
+    ]
 
     def data_files() -> dict[Path, int]:  # the lock file records each run that holds it: not data
         return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILE}

@@ -20,9 +20,9 @@ large enough to tell variants apart); out-of-fold figures stay as columns.
 Each row of ``rows()`` names a run, a round, how cells and images are scored and the inference settings of
 its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with tuned thresholds
 (cross-fitted over folds, so tuning is not scored on the rows it was tuned on), image mAP, cell mAP
-against the synthetic truth, the competition metric of the test-split submission, and wall time.
-Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``). The grid holds the locks of the runs it
-builds while it trains and scores them (``weakcell.outputs``).
+against the synthetic truth (the competition metric too: ``cell_truth.CellTruth``), the competition metric
+of the test-split submission, and wall time. Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
+The grid holds the locks of the runs it builds while it trains and scores them (``weakcell.outputs``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from weakcell.ablate_control import link_round_zero
@@ -44,7 +43,7 @@ from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
 from weakcell.outputs import atomic_write_text, folder_lock, read_json
-from weakcell.scoring import cell_scores, max_pool_images
+from weakcell.scoring import cell_score_table, max_pool_images
 from weakcell.sources import competition_rows
 from weakcell.training_set import TrainingSet, load_training_set
 
@@ -148,8 +147,9 @@ def row_infer(cfg: Config, row: Row) -> InferConfig:
 
 
 def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float | int | None]:
-    """Out-of-fold image and cell scores of one round, as the row reads them."""
-    from weakcell.cell_truth import cell_level_ap
+    """Out-of-fold image and cell scores of one round, as the row reads them: the cell mAP is the
+    competition metric of the row's cell score (the submitted confidence as its file would carry it)
+    against the true cells of the training images."""
     from weakcell.data.labels import to_multi_hot
     from weakcell.evaluate import image_level_scores
 
@@ -169,17 +169,10 @@ def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dic
         "f1_tuned": image["macro_f1_tuned_cross_fitted"],
         "image_map": image["map"],
     }
-    if data.truth is not None and data.matches is not None:
-        table = oof_cell[["image_id", "cell_id"]].assign(
-            **dict(
-                zip(
-                    prob_columns(n_classes),
-                    cell_scores(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row)).T,
-                )
-            )
-        )
-        ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified)
-        scores["cell_map"] = float(np.nanmean(ap))
+    if data.cell_truth is not None:
+        table = cell_score_table(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row))
+        folds = set(oof_image["fold"].tolist())
+        scores["cell_map"] = data.cell_truth.score(table, cfg.evaluate.verified, folds)["map"]
     return scores
 
 
@@ -214,8 +207,9 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
     scores: dict[str, Any] = {"infer_seconds": seconds, "inferred": str(folder)}
     if not get_dataset(cfg.data.dataset).has_truth:
         return scores
-    # the file this row wrote, or the same predictions under the row's confidence formula (only that
-    # formula is scored: the shared inference's own CSV was scored with its row)
+    # the file this row wrote, or the same predictions under the row's confidence formula as its file
+    # would carry it (infer.min_score applied: ALTERNATIVES["confidence"]); only that formula is scored,
+    # the shared inference's own CSV was scored with its row
     rescored = inferred is not None
     entry = "confidence" if rescored else "submission"
     reading = cfg.evaluate.verified

@@ -130,8 +130,8 @@ def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
         + header
         + "\n".join(lines)
         + "\n\n*tuned thresholds scored cross-fitted: tuned on the other folds' OOF images, applied to each "
-        "fold's own. OOF columns are out-of-fold on the training split (cell mAP against the synthetic "
-        f"per-cell truth); the test columns score each row's submission for {n_test} held-out test images: "
+        "fold's own. OOF columns are out-of-fold on the training split (cell mAP: the competition metric of "
+        f"the row's cell score on the cache's cells against the synthetic per-cell truth); the test columns score each row's submission for {n_test} held-out test images: "
         f"the 2021 competition metric (mAP@IoU 0.6, {reading}), its 95% interval over bootstrap resamples of "
         f"the test images ({cfg.ablate.bootstrap} resamples, half-width, mean over seeds), and the "
         "`image_level.csv` macro-F1 at 0.5 and at the thresholds tuned on all OOF images (rows whose image "

@@ -8,9 +8,16 @@ when that round is the final one, the submission ``make infer`` wrote from it:
    classes without a positive are left out, as the thresholds stage does. The OOF images of folded external
    sources (``data.sources``) get their own mAP and macro-F1 (``image_oof_sources``). On the synthetic set
    also the test split's image predictions (``pred_image.parquet``) against ``truth/test.csv``;
-2. cell level, on the OOF predictions (synthetic set only): the cell AP of every score variant of
-   ``scoring.cell_score_variants`` against the matched true cells (``cell_truth.cell_level_ap``: what
-   ``metrics.json`` holds, per class);
+2. cell level, out of fold (synthetic set only), the 2021 competition metric throughout: every score
+   variant of ``scoring.cell_score_variants`` on the cache's cells against the true cells of every
+   training image (``cell_truth.CellTruth``: what ``metrics.json`` holds), and, for the final round,
+   ``submissions/<run>/oof_cell_level.csv`` scored exactly as ``weakcell score ... --split train`` scores
+   it (``score.score_file``; entry ``submission``). The stage writes that file first
+   (``write_oof_submission``): every training image of the competition's once, each predicted by the fold
+   model that did not see it, with the test submission's masks (the cache's label images), confidence
+   formula and ``infer.min_score``. Evaluate writes it, not infer: it is a round's out-of-fold tables as a
+   file, which only the evaluated round has (infer may blend other runs, runs per ablation row and in
+   Kaggle kernels without those tables), and only where it is scored (a set with per-cell truth);
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
@@ -21,10 +28,10 @@ when that round is the final one, the submission ``make infer`` wrote from it:
    ``per_class.md`` + ``per_class.png`` and the attention maps of the best and worst OOF images by
    image-level BCE (``attention_best/``, ``attention_worst/``).
 
-Everything up to the plots is a pure function (``image_level_scores``, ``per_class_table``,
-``oof_cell_ap``, ``submission_cell_maps``, ``submission_cell_map``,
-``evaluate_round``) that writes nothing, for stages such as an ablation grid to call. The report (4.: plots,
-table, attention maps, the printed summary) is ``weakcell.evaluate_report``.
+Everything up to the plots but ``write_oof_submission`` is a pure function (``image_level_scores``,
+``per_class_table``, ``submission_cell_maps``, ``submission_cell_map``, ``evaluate_round``) that writes
+nothing, for stages such as an ablation grid to call. The report (4.: plots, table, attention maps, the
+printed summary) is ``weakcell.evaluate_report``.
 
 Over 400 lines on purpose: what is left is the scoring of one round, the three parts above and
 ``score_round`` that assembles them into ``evaluation.json``; they share the round's tables and readings.
@@ -43,18 +50,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from weakcell.cell_truth import cell_level_ap, read_true_mask
+from weakcell.cell_truth import CellTruth, read_truth_folder
 from weakcell.competition_metric import (
     label_detections,
     mask_overlaps,
     read_submission,
     score_found,
     submission_detections,
-    truth_by_image,
 )
-from weakcell.config import Config, InferConfig, ThresholdsConfig
+from weakcell.config import Config, ThresholdsConfig
 from weakcell.constants import READINGS, Verified, prob_columns
-from weakcell.data.datasets import DatasetSpec
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.evaluate_report import summary_lines, write_report, write_text
@@ -67,16 +72,20 @@ from weakcell.metrics import (
 )
 from weakcell.outputs import folder_lock
 from weakcell.rle import mask_pixels
-from weakcell.scoring import ALTERNATIVES, cell_score_variants
+from weakcell.score import score_file
+from weakcell.scoring import ALTERNATIVES, SUBMITTED, cell_score_table, cell_score_variants, oof_cell_scores
 from weakcell.sources import competition_rows, external_sources, source_rows
-from weakcell.submission import check_published
+from weakcell.submission import check_published, write_cell_level
+from weakcell.synthetic.truth import TRUTH
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
 if TYPE_CHECKING:  # loaded only when a stage needs the training set
     from weakcell.training_set import TrainingSet
 
 # The OOF cell score shown per class in the plots and table: the confidence inference submits.
-PLOTTED_VARIANT = "confidence"
+PLOTTED_VARIANT = SUBMITTED
+OOF_FILE = "oof_cell_level.csv"  # the training split's out-of-fold predictions, in submissions/<run>/
+OOF_SPLIT = "train"  # the truth split the out-of-fold file is scored against
 
 
 # -- image level --------------------------------------------------------------------------------------
@@ -174,22 +183,44 @@ def read_round(round_dir: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Data
 # -- cell level, out of fold -------------------------------------------------------------------------
 
 
-def oof_cell_ap(
-    oof_cell: pd.DataFrame,
-    oof_image: pd.DataFrame,
-    matches: pd.DataFrame,
-    truth: pd.DataFrame,
-    n_classes: int,
-    infer: InferConfig | None = None,
-    verified: Verified = "image",
-) -> dict[str, np.ndarray]:
-    """Per-class cell AP ``(C,)`` of every ``scoring.cell_score_variants`` score against the matched true
-    cells under the metric's ``verified`` reading (their NaN-mean is ``metrics.json``'s
-    ``cell_map_<variant>``)."""
-    return {
-        name: cell_level_ap(table, prob_columns(n_classes), matches, truth, verified)
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items()
-    }
+def oof_submission_rows(
+    cfg: Config, data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What ``oof_cell_level.csv`` holds: the submitted confidence of every out-of-fold cell
+    (``image_id, cell_id, p_*``, NaN below ``infer.min_score``) and the rows ``ID, ImageWidth,
+    ImageHeight`` of every training image whose size the cache knows, by image id. The competition's
+    images only: a folded external source's OOF cells are not the competition's to score."""
+    oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
+    predictions = cell_score_table(SUBMITTED, oof_cell, oof_image, data.n_classes, cfg.infer)
+    images = data.cache.images
+    images = images[images["image_id"].isin(data.images["image_id"]) & (images["width"] > 0)]
+    images = competition_rows(images, data.images)
+    images = images.drop_duplicates("image_id").sort_values("image_id")
+    sample = pd.DataFrame(
+        {
+            "ID": images["image_id"].astype(str).to_numpy(),
+            "ImageWidth": images["width"].to_numpy(),
+            "ImageHeight": images["height"].to_numpy(),
+        }
+    )
+    return predictions, sample
+
+
+def write_oof_submission(
+    cfg: Config, data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame
+) -> Path:
+    """``submissions/<run>/oof_cell_level.csv`` (``oof_submission_rows``), validated like the test file,
+    holding the submission folder's lock (``make infer`` writes there too)."""
+    predictions, sample = oof_submission_rows(cfg, data, oof_image, oof_cell)
+    folder = submission_dir(cfg)
+    with folder_lock(folder, "evaluate", cfg.checks.lock_wait_s):
+        return write_cell_level(
+            predictions,
+            lambda image_id: data.cache.masks(image_id).cells,
+            sample,
+            folder / OOF_FILE,
+            cfg.infer.min_score,
+        )
 
 
 # -- cell level, the competition metric on a submission ----------------------------------------------
@@ -198,18 +229,6 @@ def oof_cell_ap(
 def other_reading(verified: Verified) -> Verified:
     """The reading of the metric that is not ``verified`` (the report shows both)."""
     return next(reading for reading in READINGS if reading != verified)
-
-
-def read_cell_truth(
-    data_dir: str | os.PathLike[str], image_ids: list[str], spec: DatasetSpec | None = None
-) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """True instance masks and ``image_id, cell_id, labels`` of the listed images of a synthetic set of
-    layout ``spec`` (default the 2021 one; any split: ``truth/`` holds every image's cells)."""
-    from weakcell.synthetic.truth import SPEC, read_truth
-
-    truth = read_truth(data_dir, spec or SPEC)
-    truth = truth[truth["image_id"].isin(image_ids)][["image_id", "cell_id", "labels"]]
-    return {image_id: read_true_mask(data_dir, image_id) for image_id in image_ids}, truth
 
 
 def masks_differ(path: str | os.PathLike[str], cache_masks: Mapping[Any, np.ndarray]) -> int:
@@ -257,13 +276,14 @@ def submission_cell_maps(
     submission: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
-    synthetic truth of its images under each of ``readings``; with ``alternatives`` (True: every one of
-    ``ALTERNATIVES``, or their names; ``pred_cell.parquet`` beside the CSV) also those confidences on the
-    cache's masks (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and
-    overlapped once, then scored under every reading. Returns ``{reading: {"verified", "submission":
-    {...}, <alternative>: {...}, "masks_differ"}}``; ``bootstrap`` > 0 adds the 95% interval over that
-    many resamples of the images to the ``interval_of`` entry. ``submission=False`` leaves the CSV's
-    masks undecoded (rescoring another formula over the same predictions needs only the alternatives)."""
+    synthetic truth of the ``infer.split`` images (what ``make score`` scores) under each of ``readings``;
+    with ``alternatives`` (True: every one of ``ALTERNATIVES``, or their names; ``pred_cell.parquet``
+    beside the CSV) also those confidences on the cache's masks (``masks_of``, default the run's cache),
+    and ``masks_differ``. Masks are decoded and overlapped once, then scored under every reading.
+    Returns ``{reading: {"verified", "submission": {...}, <alternative>: {...}, "masks_differ"}}``;
+    ``bootstrap`` > 0 adds the 95% interval over that many resamples of the images to the
+    ``interval_of`` entry. ``submission=False`` leaves the CSV's masks undecoded (rescoring another
+    formula over the same predictions needs only the alternatives)."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
@@ -275,9 +295,7 @@ def submission_cell_maps(
         raise FileNotFoundError(f"no {csv_path}; run `make infer` first")
     check_published(csv_path)  # one complete inference's files, never an old CSV beside new tables
     n = spec.n_classes
-    image_ids = read_submission(csv_path)["ID"].tolist()
-    true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids, spec)
-    truth = truth_by_image(true_masks, true_labels, n)
+    truth = read_truth_folder(cfg.data_dir / TRUTH, n, cfg.infer.split)
     found = {"submission": submission_detections(csv_path, truth)} if submission else {}
     extra: dict[str, Any] = {}
     cells_path = folder / "pred_cell.parquet"
@@ -414,45 +432,85 @@ def score_round(
         evaluation["image_oof_sources"] = by_source
     table = per_class_table(y_true, probs, thresholds, list(spec.classes))
 
-    if data.truth is None or data.matches is None:
+    if data.cell_truth is None:
         notes.append(f"cell level skipped: {spec.name} has no per-cell truth (only the synthetic set has)")
     else:
         reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
-        cell_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer, reading)
-        evaluation["cell_oof"] = {name: {"map": _nanmean(ap), "ap": ap} for name, ap in cell_ap.items()}
-        other_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer, other)
-        evaluation["cell_oof_other"] = {name: {"map": _nanmean(ap)} for name, ap in other_ap.items()}
+        evaluation.update(oof_cell_evaluation(cfg, folder, data.cell_truth, oof_image, oof_cell, notes))
         evaluation["verified"] = {"default": reading, "other": other}
         evaluation["plotted_variant"] = PLOTTED_VARIANT
-        table["cell_ap_oof"] = cell_ap[PLOTTED_VARIANT]
-
-        submission = submission_dir(cfg)
-        csv_path = submission / "cell_level.csv"
-        if folder != cfg.model_dir:
-            notes.append(f"test split skipped: {submission} holds the final round's predictions")
-        elif not csv_path.is_file():
-            notes.append(f"test split skipped: no {csv_path} (run `make infer`)")
-        else:
-            if csv_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
-                notes.append(f"{csv_path} is older than the round's OOF predictions: rerun `make infer`?")
-            evaluation["submission"] = {"folder": str(submission), "split": cfg.infer.split}
-            both = submission_cell_maps(cfg, submission, readings=(reading, other))
-            evaluation["cell_test"], evaluation["cell_test_other"] = both[reading], both[other]
+        table["cell_ap_oof"] = evaluation["cell_oof"][PLOTTED_VARIANT]["ap"]
+        evaluation.update(test_cell_evaluation(cfg, folder, thresholds, notes))
+        if "cell_test" in evaluation:
             table["cell_ap_test"] = evaluation["cell_test"]["submission"]["ap"]
-            if (submission / "pred_image.parquet").is_file():
-                evaluation["image_test"] = submission_image_scores(cfg, submission, thresholds)
-            if evaluation["cell_test"].get("masks_differ"):
-                notes.append(
-                    f"{evaluation['cell_test']['masks_differ']} masks of {csv_path} are not cache cells: "
-                    "the alternatives are scored on other masks than the submission"
-                )
     evaluation["notes"] = notes
     return evaluation, table
 
 
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+def oof_cell_evaluation(
+    cfg: Config,
+    folder: Path,
+    truth: CellTruth,
+    oof_image: pd.DataFrame,
+    oof_cell: pd.DataFrame,
+    notes: list[str],
+) -> dict[str, Any]:
+    """``cell_oof`` / ``cell_oof_other``: the competition metric of every OOF cell score variant under
+    ``evaluate.verified`` and the other reading, and for the final round (``submission``) of
+    ``oof_cell_level.csv`` scored as ``weakcell score`` scores it. Appends to ``notes``."""
+    reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
+    variants = cell_score_variants(oof_cell, oof_image, truth.n_classes, cfg.infer)
+    folds = set(oof_image["fold"].tolist())
+    both = oof_cell_scores(variants, truth, (reading, other), folds)
+    result: dict[str, Any] = {
+        "cell_oof": {name: _result_json(scores) for name, scores in both[reading].items()},
+        "cell_oof_other": {name: {"map": scores["map"]} for name, scores in both[other].items()},
+    }
+    oof_path = submission_dir(cfg) / OOF_FILE
+    if folder != cfg.model_dir:
+        notes.append(f"{oof_path} not scored: it holds the final round's out-of-fold predictions")
+    elif not oof_path.is_file():
+        notes.append(f"{oof_path} not scored: `make evaluate` writes it")
+    else:
+        if oof_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
+            notes.append(f"{oof_path} is older than the round's OOF predictions: rerun `make evaluate`")
+        scored = score_file(oof_path, cfg.data_dir / TRUTH, truth.n_classes, OOF_SPLIT, (reading, other))
+        result["cell_oof"]["submission"] = _result_json(scored[reading])
+        result["cell_oof_other"]["submission"] = {"map": scored[other]["map"]}
+        result["oof_submission"] = {"file": str(oof_path), "truth_split": OOF_SPLIT}
+    return result
+
+
+def test_cell_evaluation(
+    cfg: Config, folder: Path, thresholds: np.ndarray | None, notes: list[str]
+) -> dict[str, Any]:
+    """``cell_test`` / ``cell_test_other`` (``submission_cell_maps`` of the final round's submission) and
+    ``image_test``; empty for an earlier round or without ``cell_level.csv``. Appends to ``notes``."""
+    reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
+    submission = submission_dir(cfg)
+    csv_path = submission / "cell_level.csv"
+    if folder != cfg.model_dir:
+        notes.append(f"test split skipped: {submission} holds the final round's predictions")
+        return {}
+    if not csv_path.is_file():
+        notes.append(f"test split skipped: no {csv_path} (run `make infer`)")
+        return {}
+    if csv_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
+        notes.append(f"{csv_path} is older than the round's OOF predictions: rerun `make infer`?")
+    both = submission_cell_maps(cfg, submission, readings=(reading, other))
+    result: dict[str, Any] = {
+        "submission": {"folder": str(submission), "split": cfg.infer.split},
+        "cell_test": both[reading],
+        "cell_test_other": both[other],
+    }
+    if (submission / "pred_image.parquet").is_file():
+        result["image_test"] = submission_image_scores(cfg, submission, thresholds)
+    if both[reading].get("masks_differ"):
+        notes.append(
+            f"{both[reading]['masks_differ']} masks of {csv_path} are not cache cells: "
+            "the alternatives are scored on other masks than the submission"
+        )
+    return result
 
 
 def _jsonable(value: Any) -> Any:
@@ -486,6 +544,10 @@ def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
     folder = cfg.round_dir(round_)
     oof_image, oof_cell, thresholds = read_round(folder)
     data = load_training_set(cfg)
+    # the OOF file where it can be scored (per-cell truth): at real scale writing it costs about 0.07 CPU s
+    # per 2048² image (benchmarks/metric.md), which a set without truth would pay for nothing
+    scored_here = folder == cfg.model_dir and data.cell_truth is not None
+    oof_path = write_oof_submission(cfg, data, oof_image, oof_cell) if scored_here else None
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
     oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     out_dir = report_dir(cfg, round_)
@@ -502,9 +564,10 @@ def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
         print(f"  note: {note}")
     k = len(evaluation["attention"]["best"])
     maps = f", attention_best/ + attention_worst/ ({k} maps each)" if k else ""
+    oof = f"; {oof_path} (out of fold, validated)" if oof_path is not None else ""
     print(
         f"evaluate: {evaluation['seconds']:.0f} s -> {folder / 'evaluation.json'}; {out_dir}/: evaluation.json, "
-        f"ap_per_class.png, threshold_curves.png, per_class.md + .png{maps}"
+        f"ap_per_class.png, threshold_curves.png, per_class.md + .png{maps}{oof}"
     )
     return _jsonable(evaluation)
 

@@ -80,7 +80,7 @@ def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:
         )
     readings = evaluation.get("verified", {})
     for key, title in (
-        ("cell_oof", "cell OOF mAP (matched truth)"),
+        ("cell_oof", "cell OOF, competition mAP"),
         ("cell_test", "cell test, competition mAP"),
     ):
         for suffix, reading in (("", readings.get("default")), ("_other", readings.get("other"))):
@@ -141,10 +141,9 @@ def write_report(
     at = "the tuned thresholds" if thresholds is not None else "0.5 (no thresholds.json)"
     title = f"{label}: OOF image predictions per class at {at}"
     legend = (
-        "\n\ncell_ap_oof: OOF cell AP of the "
-        f"{evaluation['plotted_variant']} score against the matched true cells; cell_ap_test: the competition metric "
-        "(IoU >= 0.6) of cell_level.csv on the test split; both read the metric as "
-        f"evaluate.verified={cfg.evaluate.verified}"
+        "\n\ncell_ap_oof: the competition metric (IoU >= 0.6) of the out-of-fold "
+        f"{evaluation['plotted_variant']} on the training split; cell_ap_test: the same of cell_level.csv on "
+        f"the test split; both read the metric as evaluate.verified={cfg.evaluate.verified}"
         if "cell_ap_oof" in table
         else ""
     )

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from weakcell.cache.augment import crop_augment
-from weakcell.cell_truth import cell_level_ap
 from weakcell.config import Config, TrainConfig
 from weakcell.constants import prob_columns
 from weakcell.data.labels import to_multi_hot
@@ -197,22 +196,18 @@ def score_held_out_cells(
     cfg: Config, data: TrainingSet, held_out: HeldOut, outputs: dict[str, np.ndarray]
 ) -> dict[str, float]:
     """Stage 1's validation scores: image scores of the max over each held-out image's cells, and the cell
-    mAP against the true cells where the set has them."""
+    mAP (the competition metric, ``CellTruth.score``) against the held-out folds' true cells where the set
+    has them."""
     n_classes = data.n_classes
     order = pd.Index(outputs["index"]).get_indexer(held_out.cells)  # back to held_out.cells order
     probs = sigmoid(outputs["logits"])[order]
     image_probs = max_pool_images(held_out.table, probs, held_out.image_ids)
     scores = image_metrics(held_out.image_targets, image_probs, "max_")
-    if data.truth is not None:
+    if data.cell_truth is not None:  # the competition metric on the held-out folds' true cells
         table = held_out.table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
-        per_class = cell_level_ap(
-            competition_rows(table, data.images),  # external sources have no truth
-            prob_columns(n_classes),
-            data.matches,
-            data.truth,
-            cfg.evaluate.verified,
-        )
-        scores["cell_map"] = float(np.nanmean(per_class))
+        folds = set(held_out.images["fold"].tolist())
+        rows = competition_rows(table, data.images)  # external sources have no truth
+        scores["cell_map"] = data.cell_truth.score(rows, cfg.evaluate.verified, folds)["map"]
     return scores
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from weakcell.config import OUTPUT_INPUTS, Config, Output, changed_settings
-from weakcell.config.lineage import reads
+from weakcell.config.lineage import as_before, reads, recorded_value
 from weakcell.errors import StageError
 from weakcell.outputs import atomic_write_json
 
@@ -69,7 +69,11 @@ class Lineage:
 
     @property
     def fingerprint(self) -> str:
-        return digest({"output": self.output, "settings": self.settings, "upstream": self.upstream})
+        """The hash of the output's kind, settings and upstream; a setting added since records were first
+        written counts only away from its earlier value (``ADDED_SETTINGS``), so outputs made before it
+        existed keep their fingerprints."""
+        settings = as_before(self.settings)
+        return digest({"output": self.output, "settings": settings, "upstream": self.upstream})
 
     def record(self) -> dict[str, Any]:
         """What ``lineage.json`` holds."""
@@ -86,13 +90,14 @@ class Lineage:
         return self.setting_changes(saved) + self.upstream_changes(saved)
 
     def setting_changes(self, saved: Lineage) -> list[str]:
-        """``key: old -> new`` of each setting that differs from ``saved``, sorted by key."""
-        keys = sorted(set(saved.settings) | set(self.settings))
-        return [
-            f"{key}: {saved.settings.get(key)!r} -> {self.settings.get(key)!r}"
-            for key in keys
-            if saved.settings.get(key) != self.settings.get(key)
-        ]
+        """``key: old -> new`` of each setting that differs from ``saved``, sorted by key (a setting added
+        since ``saved`` was recorded reads there as its earlier value, ``recorded_value``)."""
+        found = []
+        for key in sorted(set(saved.settings) | set(self.settings)):
+            old, new = recorded_value(saved.settings, key), recorded_value(self.settings, key)
+            if old != new:
+                found.append(f"{key}: {old!r} -> {new!r}")
+        return found
 
     def upstream_changes(self, saved: Lineage) -> list[str]:
         """``the cell cache changed (old -> new)`` of each upstream fingerprint that differs from ``saved``."""

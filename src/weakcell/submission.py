@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.datasets import get_dataset
@@ -64,9 +65,18 @@ def format_confidence(value: float) -> str:
     return text.removesuffix(".0")
 
 
+def as_submitted(confidences: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+    """Confidences as a cell-level file carries them: clipped to [0, 1], NaN (no prediction) where the
+    clipped value is below ``min_score`` (``infer.min_score``) or not a number. Written with
+    ``format_confidence``, each reads back as exactly this float64, so a score of these values in memory
+    is the score of the file."""
+    clipped = np.clip(np.asarray(confidences, dtype=np.float64), 0.0, 1.0)
+    return np.where(clipped >= min_score, clipped, np.nan)
+
+
 def _format_cell(mask_text: str, probs: np.ndarray, min_score: float) -> list[str]:
-    keep = np.flatnonzero(probs >= min_score) if min_score > 0 else range(len(probs))
-    return [f"{c} {format_confidence(probs[c])} {mask_text}" for c in keep]
+    values = as_submitted(probs, min_score)
+    return [f"{c} {format_confidence(values[c])} {mask_text}" for c in np.flatnonzero(np.isfinite(values))]
 
 
 def cell_prediction_string(
@@ -94,13 +104,13 @@ def cell_prediction_string(
             if box is None:
                 raise KeyError(f"cell {cell_id} is scored but absent from the label image")
             text = encode_crop(labels[box] == cell_id, box[0].start, box[1].start, height, width)
-            parts += _format_cell(text, np.clip(np.asarray(probs, float), 0.0, 1.0), min_score)
+            parts += _format_cell(text, np.asarray(probs, float), min_score)
     else:
         for cell_id, probs in scores.items():
             if cell_id not in cell_masks:
                 raise KeyError(f"cell {cell_id} is scored but has no mask")
             text = encode_mask(np.asarray(cell_masks[cell_id], dtype=bool))
-            parts += _format_cell(text, np.clip(np.asarray(probs, float), 0.0, 1.0), min_score)
+            parts += _format_cell(text, np.asarray(probs, float), min_score)
     return " ".join(parts)
 
 
@@ -191,7 +201,15 @@ def write_cell_level(
         )
     groups = {k: g for k, g in predictions.groupby("image_id", sort=False)}
     strings = []
-    for image_id, width, height in sample.itertuples(index=False):
+    rows = tqdm(
+        sample.itertuples(index=False),
+        total=len(sample),
+        desc=Path(path).name,
+        unit="img",
+        leave=False,
+        disable=not sys.stderr.isatty(),  # a log or a test reads stderr: only errors go there
+    )
+    for image_id, width, height in rows:
         group = groups.get(image_id)
         text = ""
         if group is not None and len(group):

@@ -19,7 +19,7 @@ import pandas as pd
 
 from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
-from weakcell.cell_truth import cell_truth_table
+from weakcell.cell_truth import CellTruth, build_cell_truth
 from weakcell.config import Config
 from weakcell.constants import NEGATIVE
 from weakcell.data.datasets import DatasetSpec, get_dataset
@@ -53,8 +53,7 @@ class TrainingSet:
     cells: pd.DataFrame
     images: pd.DataFrame
     cell_targets: np.ndarray
-    truth: pd.DataFrame | None  # synthetic only: true cells (image_id, cell_id, labels)
-    matches: pd.DataFrame | None  # synthetic only: segmented cell -> true cell
+    cell_truth: CellTruth | None  # synthetic only: true cells and their IoU with the segmented ones
     trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
     missing: MissingImages | None = None  # labelled images that give training no cells, by reason
     inputs: dict[str, str | None] | None = None  # fingerprints of what it was read from (training_inputs)
@@ -76,14 +75,14 @@ class TrainingSet:
     def true_targets(self) -> np.ndarray | None:
         """(len(cells), C) labels of the true cell each training cell matches (``true_cell_targets``);
         None for a set without per-cell truth. Only the competition's cells have truth: see ``has_truth``."""
-        if self.truth is None or self.matches is None:
+        if self.cell_truth is None:
             return None
-        return true_cell_targets(self.cells, self.truth, self.matches, self.n_classes, self.spec.negative)
+        return true_cell_targets(self.cells, self.cell_truth, self.spec.negative)
 
     @property
     def has_truth(self) -> np.ndarray:
         """(len(cells),) bool: the cells whose image has per-cell truth (the competition's, synthetic)."""
-        if self.truth is None:
+        if self.cell_truth is None:
             return np.zeros(len(self.cells), dtype=bool)
         if "source" not in self.cells.columns:
             return np.ones(len(self.cells), dtype=bool)
@@ -181,57 +180,44 @@ def load_training_set(cfg: Config, check: str | None = None) -> TrainingSet:
     cells["fold"] = cells["image_id"].map(dict(zip(images["image_id"], images["fold"])))
     cells["source"] = cells["image_id"].map(dict(zip(images["image_id"], images["source"])))
 
-    truth = matches = None
-    if spec.has_truth:
-        from weakcell.synthetic.truth import read_truth
+    cell_truth = None
+    if spec.has_truth:  # each image's IoU table, once: every epoch's and round's OOF score reads it
+        from weakcell.synthetic.truth import TRUTH
 
-        truth = read_truth(cfg.data_dir, spec)
-        # a skipped image has no masks: nothing of it to match (``missing`` counts it); external sources
-        # have no truth
+        # a skipped image has no masks: its true cells are there, found by no cell (``missing`` counts it);
+        # external sources have no truth (truth/ holds the competition's images alone)
         segmented = set(cache.images.loc[cache.images["status"] == "ok", "image_id"])
-        own = images.loc[images["source"] == COMPETITION, "image_id"]
-        matches = cell_truth_table(cache.masks, cfg.data_dir, [i for i in own if i in segmented])
+        cell_truth = build_cell_truth(
+            cfg.data_dir / TRUTH,
+            spec.n_classes,
+            lambda image_id: cache.masks(image_id).cells if image_id in segmented else None,
+            dict(zip(folds["ID"].astype(str), folds["fold"].astype(int))),
+        )
 
     targets = np.zeros((len(cache.cells), spec.n_classes), dtype=np.float32)
     if cfg.train.targets == "inherit":
         image_hot = dict(zip(images["image_id"], to_multi_hot(images["labels"].tolist(), spec.n_classes)))
         targets[cells.index] = np.stack([image_hot[i] for i in cells["image_id"]]) if len(cells) else 0
     else:  # the oracle: each segmented cell learns its matched true cell's labels
-        if truth is None or matches is None:
+        if cell_truth is None:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
         if len(sources) > 1:
             raise StageError(
                 "train.targets=truth needs per-cell truth, which the external sources do not have; train "
                 "the oracle on the competition's images alone (data.sources=[])"
             )
-        targets[cells.index] = true_cell_targets(cells, truth, matches, spec.n_classes, spec.negative)
+        targets[cells.index] = true_cell_targets(cells, cell_truth, spec.negative)
     return TrainingSet(
-        spec, cache, cells, images, targets, truth, matches, missing=missing, inputs=inputs, sources=summaries
+        spec, cache, cells, images, targets, cell_truth, missing=missing, inputs=inputs, sources=summaries
     )
 
 
-def true_cell_targets(
-    cells: pd.DataFrame,
-    truth: pd.DataFrame,
-    matches: pd.DataFrame,
-    n_classes: int,
-    negative: int | None = NEGATIVE,
-) -> np.ndarray:
-    """(len(cells), C) labels of the true cell each segmented cell matches; unmatched cells are Negative
-    (all zero when the set has no Negative class, ``negative=None``).
-
-    cells: ``image_id, cell_id`` rows; truth / matches: as in ``TrainingSet``."""
-    own = truth.merge(matches, left_on=["image_id", "cell_id"], right_on=["image_id", "true_cell_id"])
-    own = own.rename(columns={"cell_id_y": "cell_id"})[["image_id", "cell_id", "labels"]]
-    position = pd.Series(
-        np.arange(len(cells)), index=pd.MultiIndex.from_arrays([cells["image_id"], cells["cell_id"]])
-    )
-    found = position.reindex(pd.MultiIndex.from_arrays([own["image_id"], own["cell_id"]]))
-    targets = np.zeros((len(cells), n_classes), dtype=np.float32)
+def true_cell_targets(cells: pd.DataFrame, truth: CellTruth, negative: int | None = NEGATIVE) -> np.ndarray:
+    """(len(cells), C) labels of the true cell each segmented cell overlaps at IoU > 0.5
+    (``CellTruth.assigned``); cells without one are Negative (all zero when the set has no Negative
+    class, ``negative=None``). cells: ``image_id, cell_id`` rows."""
+    classes, found = truth.assigned(cells)
+    targets = classes.astype(np.float32)
     if negative is not None:
-        targets[:, negative] = 1.0
-    known = found.notna().to_numpy()
-    targets[found[known].to_numpy(np.int64)] = to_multi_hot(
-        [labels for labels, k in zip(own["labels"], known) if k], n_classes
-    )
+        targets[~found, negative] = 1.0
     return targets

@@ -2,7 +2,9 @@
 
 Per image (in a worker process): read the 4 channels, segment with ``cfg.segment``, write the masks as
 8- or 16-bit PNGs, cut the crops (``cut_crops``). The parent streams the crops into a shard buffer and flushes
-it every ``cache.shard_mb``; memory therefore stays bounded whatever the number of images.
+it every ``cache.shard_mb``; memory therefore stays bounded whatever the number of images. A learned
+backend whose network runs on a GPU (``cache.batched``) goes through ``weakcell.cache.batched`` instead:
+this process runs the network on batches, the workers run the same per-image steps around it.
 
 Resumable and atomic. A flush writes, each through a temp file + rename and in this order:
 ``shards/partPPP-SSSSS.npy`` (crops), ``.cells.parquet`` (its cells), ``.images.parquet`` (its images,
@@ -25,7 +27,8 @@ with one part ``run`` merges at the end itself.
 
 Over 400 lines on purpose: which images, one image in a worker, the shard writer and the two entry points
 (``run``, ``merge``) share one commit protocol (the order of a flush's three files, what counts as finished,
-what a restart deletes); kept in one file so that protocol reads in one place.
+what a restart deletes); kept in one file so that protocol reads in one place. The batched scheduler,
+which only calls the per-image steps, is its own module.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ from weakcell.outputs import (
     writing,
 )
 from weakcell.parallel import n_workers, pool_context
-from weakcell.segment import segment_image
+from weakcell.segment import Segmentation, segment_image
+from weakcell.segment.batched import network_stage
 from weakcell.sources import data_sources, source_config
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
@@ -226,30 +230,64 @@ def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
     ``cache.on_error=skip``, a ``skipped`` row that names the reason; with ``raise`` it propagates. A fault
     of the machine (the masks cannot be written, memory runs out) is no fault of the image: it stops the
     stage (``OutputError``, ``MemoryError``) and the image is retried on the next run."""
-    size = cfg.cache.crop_size
-    content_hash = ""
-    files: list[FileRecord] = []
+    hashed: Hashed = ("", [])
     try:
-        image = read_image(task.folder, task.image_id)
-        # right after decoding, the files are in the page cache: hashing them costs no second disk pass
-        content_hash, files = hash_image_files(task.folder, task.image_id, cfg.data_dir)
+        image, hashed = read_hashed(task, cfg)
         segmentation = segment_image(image, cfg.segment)
-        mask_dtype(segmentation.cells)
-        crops, cells = cut_crops(image, segmentation.cells, segmentation.nuclei, size)
+        crops, cells = cut_cells(image, segmentation, cfg)
     except MemoryError:
         raise
     except Exception as err:  # readers and segmenters raise many types; each is reported by ID
-        if cfg.cache.on_error == "raise":
-            raise
-        width, height = _image_size(task.folder, task.image_id)
-        reason = f"{type(err).__name__}: {err}"
-        row = _image_row(task, width, height, 0, "skipped", reason, content_hash)
-        return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8), files)
+        return skipped(task, cfg, err, hashed)
+    return store(task, image, segmentation, crops, cells, cache_dir, hashed)
+
+
+# An image's content hash and its channel files' records (``weakcell.data.manifest``); ("", []) unread.
+Hashed = tuple[str, list[FileRecord]]
+
+
+def read_hashed(task: ImageTask, cfg: Config) -> tuple[np.ndarray, Hashed]:
+    """One image's ``(4, H, W)`` channels and the content hash of their files."""
+    image = read_image(task.folder, task.image_id)
+    # right after decoding, the files are in the page cache: hashing them costs no second disk pass
+    return image, hash_image_files(task.folder, task.image_id, cfg.data_dir)
+
+
+def cut_cells(image: np.ndarray, segmentation: Segmentation, cfg: Config) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crops and cells rows of a segmented image (its masks checked to fit a PNG)."""
+    mask_dtype(segmentation.cells)
+    return cut_crops(image, segmentation.cells, segmentation.nuclei, cfg.cache.crop_size)
+
+
+def store(
+    task: ImageTask,
+    image: np.ndarray,
+    segmentation: Segmentation,
+    crops: np.ndarray,
+    cells: pd.DataFrame,
+    cache_dir: Path,
+    hashed: Hashed,
+) -> CachedImage:
+    """Write the masks of a segmented image; its images row, cells rows and crops."""
+    content_hash, files = hashed
     write_masks(cache_dir, task.image_id, segmentation.cells, segmentation.nuclei)
     row = _image_row(task, image.shape[2], image.shape[1], len(cells), "ok", "", content_hash)
     cells.insert(0, "image_id", task.image_id)
     cells.insert(2, "split", task.split)
     return CachedImage(row, cells, crops, files)
+
+
+def skipped(task: ImageTask, cfg: Config, err: Exception, hashed: Hashed) -> CachedImage:
+    """The ``skipped`` row of an image that failed (``cache.on_error=skip``), or ``err`` raised again.
+    ``hashed``: its files' content when they were read before the fault."""
+    if cfg.cache.on_error == "raise":
+        raise err
+    size = cfg.cache.crop_size
+    content_hash, files = hashed
+    width, height = _image_size(task.folder, task.image_id)
+    reason = f"{type(err).__name__}: {err}"
+    row = _image_row(task, width, height, 0, "skipped", reason, content_hash)
+    return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8), files)
 
 
 def _image_row(
@@ -264,28 +302,40 @@ def _empty_cells() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=_CELL_TYPES[column]) for column in CELLS_COLUMNS[:-2]})
 
 
-# Worker processes get the config once (pool initializer) rather than with every task.
-_WORKER: dict[str, object] = {}
+# Worker processes get the config once (pool initializer) rather than with every task; the pools of
+# weakcell.cache.batched too.
+WORKER: dict[str, object] = {}
 
 
-def _init_worker(cfg: Config, cache_dir: Path) -> None:
+def init_worker(cfg: Config, cache_dir: Path) -> None:
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
-    _WORKER.update(cfg=cfg, cache_dir=cache_dir)
+    if network_stage(cfg.segment) is not None:  # likewise torch's
+        import torch
+
+        torch.set_num_threads(1)
+    WORKER.update(cfg=cfg, cache_dir=cache_dir)
 
 
 def _cache_in_worker(task: ImageTask) -> CachedImage:
-    return cache_image(task, _WORKER["cfg"], _WORKER["cache_dir"])  # type: ignore[arg-type]
+    return cache_image(task, WORKER["cfg"], WORKER["cache_dir"])  # type: ignore[arg-type]
 
 
 def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: int) -> Iterator[CachedImage]:
     """Results in completion order, one image at a time; only the small task records are queued ahead, and
     the caller flushes crops into shards as they arrive. One worker runs in this process (no pickling,
-    easy to debug and profile)."""
+    easy to debug and profile). A backend with a network on a GPU goes through
+    ``weakcell.cache.batched``: one model, in this process, never one per worker."""
+    # imported here: the batched scheduler is built from this module's per-image steps
+    from weakcell.cache.batched import batched, cache_images_batched
+
+    if batched(cfg):
+        yield from cache_images_batched(tasks, cfg, cache_dir, workers)
+        return
     if workers <= 1:
         for task in tasks:
             yield cache_image(task, cfg, cache_dir)
         return
-    with pool_context().Pool(workers, initializer=_init_worker, initargs=(cfg, cache_dir)) as pool:
+    with pool_context().Pool(workers, initializer=init_worker, initargs=(cfg, cache_dir)) as pool:
         yield from pool.imap_unordered(_cache_in_worker, tasks, chunksize=1)
 
 

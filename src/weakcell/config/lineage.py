@@ -82,6 +82,10 @@ _RUNTIME = (
     "segment.cellpose.batch_size",
     "segment.sam.device",
     "segment.sam.box_batch_size",
+    "segment.hpacellseg.device",
+    "segment.hpacellseg.batch_size",  # an image gets the same masks in any batch (weakcell.segment.batched)
+    "cache.batched",
+    "cache.queue_images",
     "train.device",
     "train.workers",
     "train.compile",
@@ -94,10 +98,8 @@ _ROUND_ZERO = ("seed", "data.dataset", "model.", "mil.", "train.")
 
 def _segmenters(cfg: Config) -> tuple[str, ...]:
     """The cache reads the sections of its backend and refiners only (``segment.cellpose.*`` does not
-    change a classical cache), and ``segment.reference_size`` once set (unset, caches made before it
-    existed keep their fingerprint)."""
-    sections = tuple(f"segment.{name.strip()}." for name in cfg.segment.backend.split("+"))
-    return (*sections, "segment.reference_size") if cfg.segment.reference_size is not None else sections
+    change a classical cache)."""
+    return tuple(f"segment.{name.strip()}." for name in cfg.segment.backend.split("+"))
 
 
 def _rule_reads(cfg: Config) -> tuple[str, ...]:
@@ -126,10 +128,16 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
         ("folds.n_splits", "folds.seed", "folds.group_column", "folds.duplicates", "folds.external"),
         upstream=("labels", "duplicates", "external"),
     ),
-    # the cell-crop cache (weakcell.cache.build): each image's content, its backend's settings and the
-    # crop size; per image, the content hash decides whether it is cached again
+    # the cell-crop cache (weakcell.cache.build): each image's content, its backend's settings, the side
+    # they hold at and the crop size; per image, the content hash decides whether it is cached again
     "cache": Inputs(
-        ("data.dataset", "segment.backend", "segment.postprocess.", "cache.crop_size"),
+        (
+            "data.dataset",
+            "segment.backend",
+            "segment.reference_size",
+            "segment.postprocess.",
+            "cache.crop_size",
+        ),
         _RUNTIME,
         conditional=_segmenters,
         upstream=("images",),
@@ -155,6 +163,34 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
     # the networks inference builds to load a run's weights into (weakcell.infer)
     "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
 }
+
+
+# Settings outputs read that were added after lineage records were first written, each with the value that
+# reproduces what the outputs made before it hold. A record lacking one reads it as that value, and a lineage
+# holding that value fingerprints as one without it, so those outputs stay valid, and so do the outputs made
+# from them (which record their fingerprints); any other value is a change like any other. A setting added
+# to an output's reads later belongs here (one only read under a new choice, e.g. a new backend's section,
+# does not: no earlier output read it).
+ADDED_SETTINGS: dict[str, Any] = {
+    # absolute pixel sizes, as before sizes followed the image (weakcell.segment.for_image)
+    "segment.reference_size": None,
+}
+
+
+def recorded_value(settings: Mapping[str, Any], key: str) -> Any:
+    """``key``'s value in a record's ``settings``; an added setting the record lacks reads as the value
+    that reproduces the record's output (``ADDED_SETTINGS``), any other missing key as None."""
+    return settings[key] if key in settings else ADDED_SETTINGS.get(key)
+
+
+def as_before(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without the added settings at their earlier value: what a record made before they
+    existed holds, and what a fingerprint covers."""
+    return {
+        key: value
+        for key, value in settings.items()
+        if not (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])
+    }
 
 
 def reads(output: Output, cfg: Config, values: Mapping[str, Any] | None = None) -> dict[str, Any]:

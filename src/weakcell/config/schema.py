@@ -357,6 +357,36 @@ class SamRefineConfig(Section):
     )
 
 
+class HpaCellSegConfig(Section):
+    """HPA-Cell-Segmentation (the organisers' DPN-92 U-Nets, ``weakcell.segment.hpacellseg``) from local
+    weights only. Scales are fractions of full resolution, as in every backend (``segment.reference_size``
+    turns them into fractions of the reference image)."""
+
+    weights: str | None = Field(
+        None,
+        description="folder holding dpn_unet_nuclei_v1 and the cell model (.safetensors from make weights, "
+        "or the published .pth); else $WEAKCELL_HPACELLSEG_WEIGHTS, then /kaggle/input/*",
+    )
+    cell_model: Literal["3ch", "2ch"] = Field(
+        "3ch",
+        description="3ch = dpn_unet_cell_3ch_v1 (red, yellow, blue); 2ch = dpn_unet_cell_v2 (red, blue)",
+    )
+    network_scale: float = Field(
+        0.25, gt=0, le=1, description="the U-Nets read the image at this scale (upstream: 0.25, 2048 -> 512)"
+    )
+    label_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="label_cell runs at this scale with its sizes scaled (1 = upstream's full resolution)",
+    )
+    padding: bool = Field(True, description="upstream's 32-px reflected border around the network input")
+    batch_size: int = Field(8, ge=1, description="images per forward pass of each U-Net")
+    device: str = Field(
+        "auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda | cuda:N"
+    )
+
+
 class PostprocessConfig(Section):
     """Rules applied after any backend, as the top 2021 teams did; each one a switch."""
 
@@ -380,6 +410,7 @@ class SegmentConfig(Section):
     cellpose: CellposeSegmentConfig = Field(default_factory=CellposeSegmentConfig)
     sam: SamRefineConfig = Field(default_factory=SamRefineConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    hpacellseg: HpaCellSegConfig = Field(default_factory=HpaCellSegConfig)
     reference_size: int | None = Field(
         None,
         gt=0,
@@ -400,6 +431,18 @@ class CacheConfig(Section):
     num_shards: int = Field(1, ge=1, description="how many parts caching is split into")
     shard_mb: float = Field(
         256, gt=0, description="crops are flushed to a new shard file every this many MiB (bounds memory)"
+    )
+    batched: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="learned backends: always = one process runs the network on batches while the workers "
+        "decode and finish; never = each worker runs the whole backend with its own model; auto = batched "
+        "when the network runs on a GPU (one model there, never one per worker), per worker on a CPU",
+    )
+    queue_images: int = Field(
+        0,
+        ge=0,
+        description="batched: images between the decoding workers and the one process that runs the network "
+        "(bounds memory); 0 = two batches plus one per worker",
     )
 
 
@@ -680,7 +723,7 @@ class RefineConfig(Section):
         return self.model_copy(update={"relative": self.relative[min(round_, len(self.relative)) - 1]})
 
 
-FetchItem = Literal["backbone", "cellpose", "sam"]
+FetchItem = Literal["backbone", "cellpose", "sam", "hpacellseg"]
 
 
 class WeightsConfig(Section):
@@ -694,7 +737,8 @@ class WeightsConfig(Section):
     fetch: list[FetchItem] = Field(
         default_factory=lambda: list[FetchItem](["backbone"]),
         description="backbone = model.backbone through timm's own pretrained source (saved as safetensors); "
-        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint",
+        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint; hpacellseg = "
+        "HPA-Cell-Segmentation's nuclei model and segment.hpacellseg.cell_model",
     )
     mirror: str | None = Field(
         None,
@@ -752,7 +796,7 @@ class KaggleConfig(Section):
     weights_dataset: str = Field("weakcell-weights-{name}", description="slug of a run's weights dataset")
     kernel: str = Field("weakcell-{variant}", description="kernel slug (its title is the slug with spaces)")
     variants: list[str] = Field(
-        default_factory=lambda: ["inference", "cellpose", "cellpose-sam", "train"],
+        default_factory=lambda: ["inference", "cellpose", "cellpose-sam", "hpacellseg", "train"],
         description="kernels `make kernels` writes (weakcell.kagglekit.kernels.VARIANTS)",
     )
     submit_variant: str = Field("inference", description="the kernel `make submit` pushes (code competition)")
@@ -761,6 +805,10 @@ class KaggleConfig(Section):
     )
     sam_dataset: str = Field(
         "segment-anything", description="dataset (slug or owner/slug) holding the SAM checkpoint"
+    )
+    hpacellseg_dataset: str = Field(
+        "hpa-cell-segmentation",
+        description="dataset (slug or owner/slug) holding HPA-Cell-Segmentation's nuclei and cell models",
     )
     extra_datasets: list[str] = Field(
         default_factory=list, description="more owner/slug datasets attached to every kernel"
@@ -791,7 +839,9 @@ class KaggleConfig(Section):
     )
     datasets_dir: str = Field("dist/kaggle", description="where the dataset folders are written")
     kernel_overrides: list[str] = Field(
-        default_factory=list, description="key=value overrides added to every weakcell command a kernel runs"
+        default_factory=list,
+        description="key=value overrides added to every weakcell command a kernel runs; <variant>:key=value "
+        "only to that variant's",
     )
     gpu: bool = Field(True, description="kernel-metadata enable_gpu")
     machine_shape: str | None = Field(

@@ -404,45 +404,62 @@ def _backbone_dataset(cfg: Config, source: Path, n_tensors: int) -> Path:
 
 def pretrained_datasets(cfg: Config) -> list[Path]:
     """``make pretrained-datasets``: a Kaggle dataset folder per item ``make weights`` fetched, each with its
-    file (verified against ``weights/MANIFEST.json`` first) and that item's manifest entry: the backbone as
-    the backbone dataset the train kernel attaches, Cellpose-SAM and SAM as ``kaggle.cellpose_dataset`` /
-    ``kaggle.sam_dataset``, the folders the kernels search for ``cpsam*`` / ``sam_vit_b*``."""
-    from weakcell.pretrained import MANIFEST, read_manifest, verified
+    files (verified against ``weights/MANIFEST.json`` first) and their manifest entries: the backbone as
+    the backbone dataset the train kernel attaches, Cellpose-SAM, SAM and HPA-Cell-Segmentation (both of
+    its files) as ``kaggle.cellpose_dataset`` / ``kaggle.sam_dataset`` / ``kaggle.hpacellseg_dataset``, the
+    folders the kernels search for ``cpsam*`` / ``sam_vit_b*`` / ``dpn_unet_*``."""
+    from weakcell.pretrained import MANIFEST, manifest_keys, read_manifest, verified
 
     folder = cfg.weights_dir
     manifest = read_manifest(folder)
-    targets = {
-        f"backbone:{cfg.model.backbone}": (backbone_slug(cfg), backbone_id(cfg)),
+    datasets = {
+        "backbone": (backbone_slug(cfg), backbone_id(cfg)),
         "cellpose": (slug_of(cfg.kaggle.cellpose_dataset), dataset_id(cfg, cfg.kaggle.cellpose_dataset)),
         "sam": (slug_of(cfg.kaggle.sam_dataset), dataset_id(cfg, cfg.kaggle.sam_dataset)),
+        "hpacellseg": (
+            slug_of(cfg.kaggle.hpacellseg_dataset),
+            dataset_id(cfg, cfg.kaggle.hpacellseg_dataset),
+        ),
     }
-    wanted = [f"backbone:{cfg.model.backbone}" if item == "backbone" else item for item in cfg.weights.fetch]
+    wanted = manifest_keys(cfg)
     missing = [key for key in wanted if key not in manifest or not verified(folder, manifest[key])]
     if missing:
         raise FileNotFoundError(
             f"{folder / MANIFEST} lacks {', '.join(missing)} (weights.fetch): run `make weights` first"
         )
+    groups: dict[str, list[str]] = {}  # dataset kind -> its manifest keys, in order
+    for key in wanted:
+        groups.setdefault(key.partition(":")[0], []).append(key)
     with datasets_lock(cfg, "pretrained-datasets"):
-        return [_pretrained_dataset(cfg, key, manifest[key], *targets[key]) for key in wanted]
+        return [
+            _pretrained_dataset(cfg, {key: manifest[key] for key in keys}, *datasets[kind])
+            for kind, keys in groups.items()
+        ]
 
 
-def _pretrained_dataset(cfg: Config, key: str, entry: dict[str, Any], slug: str, identifier: str) -> Path:
-    """One item of ``make weights``' manifest as its Kaggle dataset folder ``slug`` (id ``identifier``)."""
+def _pretrained_dataset(cfg: Config, entries: dict[str, dict[str, Any]], slug: str, identifier: str) -> Path:
+    """Items of ``make weights``' manifest (key -> entry) as one Kaggle dataset folder ``slug`` (id
+    ``identifier``): their files and their manifest entries."""
     from weakcell.pretrained import MANIFEST
 
     target, staging = dataset_folders(cfg, slug)
-    _link_or_copy(cfg.weights_dir / entry["file"], staging / entry["file"])
-    _write_json(staging / MANIFEST, {key: entry})
-    description = (
+    for entry in entries.values():
+        _link_or_copy(cfg.weights_dir / entry["file"], staging / entry["file"])
+    _write_json(staging / MANIFEST, entries)
+    description = "; ".join(
         f"{entry['file']} ({key}, sha256 {entry['sha256']}, from {entry['source']}; licence "
-        f"{entry.get('licence', 'see the source')}), weights only. Written by `make pretrained-datasets`."
+        f"{entry.get('licence', 'see the source')})"
+        for key, entry in entries.items()
     )
-    metadata = dataset_metadata(cfg, slug, description)
+    metadata = dataset_metadata(
+        cfg, slug, f"{description}, weights only. Written by `make pretrained-datasets`."
+    )
     metadata["id"] = identifier
     _write_json(staging / METADATA_FILE, metadata)
     _swap_in(staging, target)
+    files = ", ".join(entry["file"] for entry in entries.values())
     print(
-        f"pretrained-datasets: {key} {entry['file']}, {folder_mb(target):.1f} MB -> {target}\n"
+        f"pretrained-datasets: {', '.join(entries)} {files}, {folder_mb(target):.1f} MB -> {target}\n"
         f"  upload: kaggle datasets create -p {target}"
     )
     return target

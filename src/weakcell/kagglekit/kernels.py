@@ -63,12 +63,17 @@ VARIANTS: dict[str, Variant] = {
         "caches the test split with Cellpose-SAM refined by SAM box prompts, then inference",
         backend="cellpose+sam",
     ),
+    "hpacellseg": Variant(
+        "caches the test split with HPA-Cell-Segmentation (the organisers' U-Nets, attached), then inference",
+        backend="hpacellseg",
+    ),
     "train": Variant("folds, cache, training, thresholds and inference, all inside the kernel", train=True),
 }
 # Segmentation parts that read a weights file: config key -> the kaggle.* field naming its dataset.
 WEIGHT_KEYS: dict[str, tuple[str, str]] = {
     "cellpose": ("segment.cellpose.weights", "cellpose_dataset"),
     "sam": ("segment.sam.weights", "sam_dataset"),
+    "hpacellseg": ("segment.hpacellseg.weights", "hpacellseg_dataset"),
 }
 
 
@@ -77,6 +82,25 @@ def variant_of(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise UnknownName(f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def variant_overrides(overrides: list[str], variant: str) -> list[str]:
+    """``kaggle.kernel_overrides`` for one variant: plain ``key=value`` entries, and ``<variant>:key=value``
+    entries of this variant without their prefix."""
+    chosen = []
+    for override in overrides:
+        prefix, colon, rest = override.partition(":")
+        if not colon or "=" in prefix:  # no variant prefix (a value may hold a colon)
+            chosen.append(override)
+        elif prefix == variant:
+            chosen.append(rest)
+        else:
+            variant_of(prefix)  # a typo in a variant name fails here
+    return chosen
+
+
+# Weights-reading parts whose backends need the ``segment`` extra (cellpose, segment-anything).
+SEGMENT_EXTRA = {"cellpose", "sam"}
 
 
 def segment_inputs(cfg: Config, variant: str) -> dict[str, str]:
@@ -88,6 +112,11 @@ def segment_inputs(cfg: Config, variant: str) -> dict[str, str]:
             key, field = WEIGHT_KEYS[part.strip()]
             inputs[key] = dataset_id(cfg, getattr(cfg.kaggle, field))
     return inputs
+
+
+def _needs_segment_extra(cfg: Config, variant: str) -> bool:
+    backend = variant_of(variant).backend or cfg.segment.backend
+    return any(part.strip() in SEGMENT_EXTRA for part in backend.split("+"))
 
 
 def weight_inputs(cfg: Config, variant: str) -> dict[str, str]:
@@ -149,9 +178,10 @@ def _literal(value: Any) -> str:
     return text if ast.literal_eval(text) == value else repr(value)
 
 
-def kernel_overrides(cfg: Config, spec: Variant) -> list[str]:
+def kernel_overrides(cfg: Config, variant: str) -> list[str]:
     """The ``key=value`` overrides a kernel runs its stages with, on top of the run's config and the Kaggle
-    paths."""
+    paths: the variant's, then ``kaggle.kernel_overrides`` (those for another variant left out)."""
+    spec = variant_of(variant)
     overrides = []
     if not spec.train:
         # the test split only, predicted by this run's packed round into submissions/<run>/; the external
@@ -166,7 +196,7 @@ def kernel_overrides(cfg: Config, spec: Variant) -> list[str]:
         ]
     if spec.backend:
         overrides.append(f"segment.backend={spec.backend}")
-    return overrides + cfg.kaggle.kernel_overrides
+    return overrides + variant_overrides(cfg.kaggle.kernel_overrides, variant)
 
 
 _NO_CONFIG_LINE = "CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset"
@@ -203,13 +233,13 @@ def kernel_script(cfg: Config, variant: str) -> str:
         )
     key = competition_key(cfg)
     inputs = weight_inputs(cfg, variant)
-    overrides = kernel_overrides(cfg, spec)
+    overrides = kernel_overrides(cfg, variant)
     settings = {
         "VARIANT": (variant, None),
         "COMPETITION": (competition_slug(cfg), "attached competition data"),
         "DATASET": (key, "its weakcell layout"),
         "WHEELS": (wheels_slug(cfg), "attached dataset: the weakcell wheel + the wheels the image lacks"),
-        "INSTALL": ("weakcell[segment]" if segment_inputs(cfg, variant) else "weakcell", None),
+        "INSTALL": ("weakcell[segment]" if _needs_segment_extra(cfg, variant) else "weakcell", None),
         "WEIGHTS": (
             None if spec.train else weights_slug(cfg),
             "none: trains its own"

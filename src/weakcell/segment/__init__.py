@@ -1,14 +1,17 @@
 """Cell segmentation backends behind one registry.
 
 ``segment.backend`` names a segmenter, optionally followed by ``+``-joined refiners
-(``classical``, ``cellpose``, ``cellpose+sam``). Backends are imported only when used, so
+(``classical``, ``cellpose``, ``hpacellseg``, ``cellpose+sam``). Backends are imported only when used, so
 cellpose / segment-anything are never loaded for the classical default. Every result goes through the
 same ``postprocess`` rules.
 
+Backends built around a network also register a ``NetworkStage`` (``weakcell.segment.batched``): the
+cache then runs the network in one process, on batches, and everything else in CPU workers.
+
 Sizes are resolution-aware: with ``segment.reference_size`` set, ``for_image`` rescales every pixel size and
 working scale of the config to the image at hand (an image twice the reference side gets nuclei twice as
-wide and half the working scale), so 1728², 2048², 3072² and 1024² images of the same field give the same
-cells. (The same rule as the ``hpacellseg`` branch's, which also covers that backend's scales.)
+wide and half the working scale), so 1728², 2048², 3072² and 4096² images of the same field give the same
+cells.
 """
 
 from __future__ import annotations
@@ -47,9 +50,15 @@ Refiner = Callable[[np.ndarray, Segmentation, SegmentConfig], Segmentation]
 SEGMENTERS: dict[str, str] = {
     "classical": "weakcell.segment.classical:segment",
     "cellpose": "weakcell.segment.cellpose_backend:segment",
+    "hpacellseg": "weakcell.segment.hpacellseg.backend:segment",
 }
 REFINERS: dict[str, str] = {
     "sam": "weakcell.segment.sam_refine:refine",
+}
+# Segmenters built around a network: name -> "module:attribute" of their ``NetworkStage``.
+NETWORK_STAGES: dict[str, str] = {
+    "cellpose": "weakcell.segment.cellpose_backend:STAGE",
+    "hpacellseg": "weakcell.segment.hpacellseg.backend:STAGE",
 }
 
 
@@ -69,13 +78,24 @@ def parse_backend(backend: str) -> tuple[str, list[str]]:
     return first, refiners
 
 
+def refiners_of(cfg: SegmentConfig) -> list[Refiner]:
+    """The configured refiners, in order."""
+    return [_load(REFINERS, name, "refiner") for name in parse_backend(cfg.backend)[1]]
+
+
 # -- resolution-aware sizes ------------------------------------------------------------------------------------
 
 # Config fields (section, field) that are lengths in full-resolution pixels, areas in them, or fractions of
 # full resolution; ``for_image`` multiplies them by the size factor f, f², 1 / f.
 LENGTHS = (("classical", "nucleus_diameter"), ("cellpose", "diameter"))
 AREAS = (("postprocess", "min_cell_area"),)
-SCALES = (("classical", "working_scale"), ("cellpose", "working_scale"), ("sam", "working_scale"))
+SCALES = (
+    ("classical", "working_scale"),
+    ("cellpose", "working_scale"),
+    ("sam", "working_scale"),
+    ("hpacellseg", "network_scale"),
+    ("hpacellseg", "label_scale"),
+)
 
 
 def size_factor(shape: tuple[int, ...], reference_size: int | None) -> float:
@@ -113,8 +133,8 @@ def segment_image(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
     from weakcell.segment.postprocess import postprocess
 
     cfg = for_image(cfg, image.shape[1:])
-    first, refiners = parse_backend(cfg.backend)
+    first, _ = parse_backend(cfg.backend)
     result = _load(SEGMENTERS, first, "segmentation backend")(image, cfg)
-    for name in refiners:
-        result = _load(REFINERS, name, "refiner")(image, result, cfg)
+    for refine in refiners_of(cfg):
+        result = refine(image, result, cfg)
     return postprocess(result, cfg.postprocess)

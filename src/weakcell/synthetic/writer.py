@@ -6,6 +6,7 @@ hpa2018 one, ``Id,Target`` with space-separated labels and an ``Id,Predicted`` s
     train/{ID}_{red,green,blue,yellow}.png   train.csv (ID,Label)     sample_submission.csv
     test/{ID}_{...}.png                       truth/{ID}_cells.png, truth/{ID}_nuclei.png (uint16)
     truth/cells.csv (image_id,cell_id,split,Label,cell_line,mitotic,area)   truth/test.csv (ID,Label)
+    truth/images.csv (image_id,split: every image, with or without cells)
     config.yaml (the resolved config)         COMPLETE (written last)   .weakcell-synthetic (first)
 
 A cell's ``Label`` in ``cells.csv`` is empty when it shows no class of a table without Negative (2018).
@@ -28,6 +29,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from weakcell.cell_truth import IMAGES_FILE
 from weakcell.config import OUTPUT_INPUTS, Config, SyntheticConfig, save_config
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.datasets import get_dataset
@@ -175,6 +177,8 @@ def _write(cfg: Config) -> Path:
     atomic_csv(data_dir / spec.sample_submission, sample_submission(test, table))
     cells = pd.DataFrame([cell for row in rows for cell in row["cells"]])
     atomic_csv(data_dir / TRUTH / "cells.csv", cells)
+    # the truth's images and their splits, also of an image without cells (which cells.csv cannot list)
+    atomic_csv(data_dir / TRUTH / IMAGES_FILE, images[["ID", "split"]].rename(columns={"ID": "image_id"}))
     save_config(cfg, data_dir)
     atomic_write_text(data_dir / MARKER, _marker_text() + "\n")
     seconds = time.perf_counter() - start
