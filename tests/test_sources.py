@@ -408,6 +408,14 @@ def test_flow_evaluates_competition_images(flow):
     assert evaluation["image_oof"]["images"] == cfg.synthetic.n_train
     assert evaluation["image_oof_sources"]["ext-b"]["images"] == len(_ids(cfg, "data/ext-b"))
     assert "cell_oof" in evaluation and "cell_test" in evaluation
+    # the out-of-fold file holds the competition's training images, each once: no folded external image
+    # (its cells are in another cache and have no truth), so no prediction is left out as another image's
+    from weakcell.competition_metric import read_submission
+    from weakcell.evaluate import OOF_FILE, submission_dir
+
+    rows = read_submission(submission_dir(cfg) / OOF_FILE)
+    assert sorted(rows["ID"]) == sorted(pd.read_csv(cfg.data_dir / "train.csv")["ID"])
+    assert evaluation["cell_oof"]["submission"]["ignored"]["other_images"] == 0
 
 
 def test_flow_changed_external_set_invalidates_its_cache_and_the_run(flow, capsys):
