@@ -23,31 +23,16 @@ from weakcell.lineage import Lineage, read_lineage, stale, write_lineage
 
 def test_a_fingerprint_covers_settings_and_upstream_and_names_what_changed():
     cfg = load_config(None, [])
-    lineage = Lineage.of("run", cfg, cache="c1", folds="f1", labels="l1", truth=None, sources=None)
-    assert lineage.upstream == {"cache": "c1", "folds": "f1", "labels": "l1"}  # no truth: real data
+    rest = {"folds": "f1", "labels": "l1", "truth": None, "sources": None}  # no truth, no sources: real data
+    lineage = Lineage.of("run", cfg, cache="c1", **rest)
+    assert lineage.upstream == {"cache": "c1", "folds": "f1", "labels": "l1"}
     assert "train.lr" in lineage.settings and "train.workers" not in lineage.settings
     with pytest.raises(ValueError, match="upstream"):
         Lineage.of("run", cfg, cache="c1")
-    other = Lineage.of(
-        "run",
-        load_config(None, ["train.lr=0.01"]),
-        cache="c2",
-        folds="f1",
-        labels="l1",
-        truth=None,
-        sources=None,
-    )
+    other = Lineage.of("run", load_config(None, ["train.lr=0.01"]), cache="c2", **rest)
     assert other.fingerprint != lineage.fingerprint
     assert other.changes(lineage) == ["train.lr: 0.001 -> 0.01", "the cell cache changed (c1 -> c2)"]
-    moved = Lineage.of(
-        "run",
-        load_config(None, ["train.workers=3"]),
-        cache="c1",
-        folds="f1",
-        labels="l1",
-        truth=None,
-        sources=None,
-    )
+    moved = Lineage.of("run", load_config(None, ["train.workers=3"]), cache="c1", **rest)
     assert moved.fingerprint == lineage.fingerprint
 
 
