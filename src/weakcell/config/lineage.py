@@ -88,8 +88,12 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
     # a refinement round (weakcell.refine): round 0's inputs plus the rule and the thresholds it reads;
     # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
     "refine": Inputs((*_ROUND_ZERO, "refine.", "thresholds."), (*_RUNTIME, "train.folds", "refine.rounds")),
-    # the networks inference builds to load a run's weights into (weakcell.infer)
-    "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
+    # the networks inference builds to load a run's weights into (weakcell.infer); model.pretrained_file is
+    # only where training started (the trained weights replace it), so it never makes a run unusable
+    "model": Inputs(
+        ("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size"),
+        ("model.pretrained_file",),
+    ),
 }
 
 
