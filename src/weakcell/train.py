@@ -42,7 +42,7 @@ from weakcell.engine import fit, predict
 from weakcell.errors import StageError
 from weakcell.folds import read_folds
 from weakcell.metrics import sigmoid
-from weakcell.models import create_model
+from weakcell.models import create_model, resolve_weights_file
 from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
 from weakcell.scoring import image_metrics, max_pool_images, score_oof
 from weakcell.stage2 import STAGE2, BagRequest
@@ -576,6 +576,8 @@ def _train(cfg: Config) -> dict[str, float]:
                 f"run {run_dir} was trained with other settings ({', '.join(differ[:6])}); retrain it with "
                 "FORCE=1 or give the new run another name (name=...)"
             )
+    if cfg.model.pretrained_file is not None:  # a missing file stops before anything is written
+        resolve_weights_file(str(cfg.rooted_weights().model.pretrained_file), cfg.model.backbone)
     data = load_training_set(cfg)
     if data.missing is not None:
         check_missing(cfg, data.missing, "train")

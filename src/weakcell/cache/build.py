@@ -52,10 +52,11 @@ from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
-from weakcell.errors import StageError
+from weakcell.data.layout import channel_files, without_files
+from weakcell.errors import BackendError, StageError
 from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
 from weakcell.parallel import n_workers, pool_context
-from weakcell.segment import segment_image
+from weakcell.segment import check_backend, segment_image
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
 MASK_PNG_PARAMS = [
@@ -137,7 +138,39 @@ def plan_images(cfg: Config) -> list[ImageTask]:
             print(f"cache: no {split} folder at {folder}, skipping the {split} split")
             continue
         tasks.extend(ImageTask(image_id, split, str(folder)) for image_id in ids)
+    splits_of: dict[str, list[str]] = {}
+    for task in tasks:
+        splits_of.setdefault(task.image_id, []).append(task.split)
+    twice = [i for i, splits in splits_of.items() if len(splits) > 1]
+    if twice:  # masks, cells and predictions are keyed by the ID alone: one of them would be lost
+        raise StageError(
+            f"{len(twice)} image ID(s) are in more than one split ({', '.join(splits_of[twice[0]])}), e.g. "
+            f"{twice[0]}; an ID must name one image: give the test copy another ID (file names and "
+            "sample_submission.csv) or remove it from the label file"
+        )
     return tasks
+
+
+def check_missing_files(cfg: Config) -> None:
+    """Refuse to start when more than ``checks.max_missing_share`` of the labelled training images have
+    no channel files (a partial download, or the full label file beside a few images): caching would mark
+    each one skipped, one by one. Below the share, each stays a per-image skip, as a damaged file does."""
+    if "train" not in cfg.cache.splits:
+        return
+    spec = get_dataset(cfg.data.dataset)
+    ids = list_split_images(cfg.data_dir, spec, "train")
+    if not ids:
+        return
+    folder = split_folder(cfg.data_dir, spec, "train")
+    missing = without_files(ids, channel_files(folder))
+    share = len(missing) / len(ids)
+    if share > cfg.checks.max_missing_share:
+        raise StageError(
+            f"cache: {len(missing)} of the {len(ids)} labelled images in {cfg.data_dir / spec.label_file} have "
+            f"no channel files in {folder} ({share:.1%} > checks.max_missing_share={cfg.checks.max_missing_share:g}), "
+            f"e.g. {missing[0]}; download them (make download), keep only the present rows in the label file, "
+            "or raise checks.max_missing_share"
+        )
 
 
 def part_of(tasks: list[ImageTask], shard_index: int, num_shards: int) -> list[ImageTask]:
@@ -194,10 +227,10 @@ def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
     size = cfg.cache.crop_size
     try:
         image = read_image(task.folder, task.image_id)
-        segmentation = segment_image(image, cfg.segment)
+        segmentation = segment_image(image, cfg.rooted_weights().segment)
         mask_dtype(segmentation.cells)
         crops, cells = cut_crops(image, segmentation.cells, segmentation.nuclei, size)
-    except MemoryError:
+    except (MemoryError, BackendError):  # the machine's or the configuration's fault: stop the stage
         raise
     except Exception as err:  # readers and segmenters raise many types; each is reported by ID
         if cfg.cache.on_error == "raise":
@@ -238,12 +271,18 @@ def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: 
     """Results in completion order, one image at a time; only the small task records are queued ahead, and
     the caller flushes crops into shards as they arrive. One worker runs in this process (no pickling,
     easy to debug and profile)."""
-    if workers <= 1:
-        for task in tasks:
+    # an image without its channel files fails at once: here, without a round trip to a worker each
+    # (the full train.csv beside a few images marks thousands skipped in seconds, not minutes)
+    listed = {folder: channel_files(folder) for folder in {task.folder for task in tasks}}
+    absent = {t.image_id for t in tasks if len(listed[t.folder].get(t.image_id, {})) < len(CHANNELS)}
+    for task in tasks:
+        if workers <= 1 or task.image_id in absent:
             yield cache_image(task, cfg, cache_dir)
+    if workers <= 1:
         return
+    present = [task for task in tasks if task.image_id not in absent]
     with pool_context().Pool(workers, initializer=_init_worker, initargs=(cfg, cache_dir)) as pool:
-        yield from pool.imap_unordered(_cache_in_worker, tasks, chunksize=1)
+        yield from pool.imap_unordered(_cache_in_worker, present, chunksize=1)
 
 
 # -- shards ---------------------------------------------------------------------------------------------
@@ -396,6 +435,9 @@ def run(cfg: Config) -> Path:
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     if part >= n_parts:
         raise StageError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
+    # configuration faults stop the stage before it starts (and before any folder is made)
+    check_backend(cfg.rooted_weights().segment)
+    check_missing_files(cfg)
     name = None if n_parts == 1 else _part_marker(cfg.cache_dir, part, n_parts).stem
     with folder_lock(cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
         return _cache_part(cfg)
@@ -457,7 +499,8 @@ def _cache_part(cfg: Config) -> Path:
     per_image = n_cells / max(1, len(images) - n_skipped)
     where = cache_dir if n_parts == 1 else f"{shards_dir} (then `weakcell cache-merge`)"
     print(
-        f"{label}: {len(images)} images ({len(todo)} processed now), {n_cells} cells, {per_image:.1f} cells/image, "
+        f"{label}: {len(images)} images ({len(todo)} processed now, {len(tasks) - len(todo)} cached before), "
+        f"{n_cells} cells, {per_image:.1f} cells/image, "
         f"{n_skipped} skipped{f' (see {cache_dir / SKIPPED_FILE})' if n_skipped and n_parts == 1 else ''}, "
         f"{seconds:.1f} s -> {where}"
     )

@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from weakcell.config import SegmentConfig
-from weakcell.errors import UnknownName
+from weakcell.errors import BackendError, UnknownName
 
 
 @dataclass
@@ -63,11 +64,50 @@ def parse_backend(backend: str) -> tuple[str, list[str]]:
     return first, refiners
 
 
+# Parts that read a weights file: name -> "module:function" taking the SegmentConfig, returning the file
+# (FileNotFoundError listing where it looked when there is none).
+WEIGHTS_OF: dict[str, str] = {
+    "cellpose": "weakcell.segment.cellpose_backend:weights_file",
+    "sam": "weakcell.segment.sam_refine:weights_file",
+}
+
+
+def backend_weights(cfg: SegmentConfig) -> dict[str, Path | FileNotFoundError]:
+    """Each weights-reading part of ``cfg.backend`` -> its weights file, or the error of looking for it
+    (every part is looked for, so all missing files are named at once). Unknown names raise UnknownName."""
+    first, refiners = parse_backend(cfg.backend)
+    found: dict[str, Path | FileNotFoundError] = {}
+    for part in (first, *refiners):
+        if part in WEIGHTS_OF:
+            module, _, function = WEIGHTS_OF[part].partition(":")
+            try:
+                found[part] = getattr(importlib.import_module(module), function)(cfg)
+            except FileNotFoundError as err:
+                found[part] = err
+    return found
+
+
+def check_backend(cfg: SegmentConfig) -> None:
+    """Raise ``BackendError`` (one line naming every problem) unless ``cfg.backend`` can start: its names
+    are registered and every weights file it reads is there. Loading the networks is left to the first
+    image (a failure there is a ``BackendError`` too, raised by the backend)."""
+    try:
+        found = backend_weights(cfg)
+    except UnknownName as err:
+        raise BackendError(f"segment.backend={cfg.backend!r} cannot start: {err}") from None
+    missing = [f"{part}: {error}" for part, error in found.items() if isinstance(error, FileNotFoundError)]
+    if missing:
+        raise BackendError(f"segment.backend={cfg.backend!r} cannot start: {' | '.join(missing)}")
+
+
 def segment_image(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
     """Segment one ``(4, H, W)`` uint8 image with the configured backend, refiners and post-processing."""
     from weakcell.segment.postprocess import postprocess
 
-    first, refiners = parse_backend(cfg.backend)
+    try:
+        first, refiners = parse_backend(cfg.backend)
+    except UnknownName as err:  # the configuration's fault, not the image's
+        raise BackendError(f"segment.backend={cfg.backend!r} cannot start: {err}") from None
     result = _load(SEGMENTERS, first, "segmentation backend")(image, cfg)
     for name in refiners:
         result = _load(REFINERS, name, "refiner")(image, result, cfg)

@@ -38,7 +38,7 @@ import torch
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
-from weakcell.errors import StageError
+from weakcell.errors import BackendError, StageError, WeakcellError
 from weakcell.segment import Segmentation
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
@@ -163,6 +163,11 @@ def _located(weights: str | None, env_value: str | None) -> Path:
     return find_weights(weights, ENV_VAR, WEIGHT_PATTERNS, config_key=CONFIG_KEY, example=EXAMPLE)
 
 
+def weights_file(cfg: SegmentConfig) -> Path:
+    """The Cellpose-SAM weights file ``cfg`` names (``weakcell.segment.WEIGHTS_OF``)."""
+    return locate_weights(cfg.cellpose.weights)
+
+
 def network_input(image: np.ndarray, cytoplasm_channels: Sequence[str]) -> np.ndarray:
     """``(4, h, w)`` uint8 -> ``(h, w, 3)`` float32: cell body (mean of the cytoplasm channels), nucleus
     (blue), empty. Cellpose normalises each channel to its 1st-99th percentiles itself."""
@@ -174,9 +179,12 @@ def network_input(image: np.ndarray, cytoplasm_channels: Sequence[str]) -> np.nd
 def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
     """Segment one ``(4, H, W)`` uint8 image with Cellpose-SAM; masks at full resolution, int32."""
     settings = cfg.cellpose
-    path = locate_weights(settings.weights)  # fails at once, before any model is built
-    device = resolve_device(settings.device)
-    model = _model(str(path.resolve()), settings.backbone, str(device))
+    try:  # a fault of the configuration, not of this image: it stops the stage (BackendError)
+        path = locate_weights(settings.weights)  # fails at once, before any model is built
+        device = resolve_device(settings.device)
+        model = _model(str(path.resolve()), settings.backbone, str(device))
+    except (OSError, WeakcellError) as err:
+        raise BackendError(f"segment.backend={cfg.backend} cannot start (Cellpose-SAM): {err}") from err
 
     small = resize_image(image, settings.working_scale)
     diameter = settings.diameter * settings.working_scale if settings.diameter else None
