@@ -305,7 +305,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def weights_dataset(cfg: Config) -> Path:
-    """``make weights-dataset RUN=<run>``: the run's weights dataset folder."""
+    """``make weights-dataset RUN=<run>``: the run's weights dataset folder, with ``packed.json`` (what it
+    holds: round, folds, network, classes) beside the run's config. Refuses when the run does not hold the
+    round or network the config names (``agreement``)."""
+    from weakcell.kagglekit.agreement import PACKED_FILE, agreement_problems, packed_json, require_agreement
+
+    require_agreement(cfg, "weights-dataset", compare=("run",), need=("run",))
     manifest = weights_manifest(cfg)
     slug = weights_slug(cfg)
     target, staging = dataset_folders(cfg, slug)
@@ -316,13 +321,17 @@ def weights_dataset(cfg: Config) -> Path:
         else:
             _link_or_copy(source, staging / relative)
     n_folds = sum(1 for _, relative in manifest if relative.as_posix().endswith(FOLD_WEIGHTS[1]))
-    round_note = f", round {cfg.refine.rounds}" if cfg.model_dir != cfg.run_dir else ""
+    round_note = f", round {cfg.refine.rounds}"
     description = (
         f"Weights of weakcell run {cfg.name!r}{round_note}: {n_folds} folds of cell + MIL model.pt "
         "(weights only), thresholds.json and the resolved config.yaml. Written by `make weights-dataset`."
     )
+    (staging / cfg.name / PACKED_FILE).write_text(packed_json(cfg) + "\n")
     _write_json(staging / METADATA_FILE, dataset_metadata(cfg, slug, description))
     _swap_in(staging, target)
+    stale = agreement_problems(cfg, compare=("dataset", "kernel"))
+    if stale:  # the kernel is regenerated after the dataset; `make submit` refuses while they differ
+        print(f"weights-dataset: the generated kernel no longer fits ({stale[0]}): run `make kernels`")
     print(
         f"weights-dataset: run {cfg.name}{round_note}, {n_folds} folds x (cell, mil) weights, thresholds.json, "
         f"config.yaml, {folder_mb(target):.1f} MB -> {target}\n"

@@ -23,6 +23,7 @@ import yaml
 import weakcell
 from weakcell.config import Config
 from weakcell.errors import UnknownName
+from weakcell.kagglekit.agreement import EXPECT_NAME, expect_literal, require_agreement
 from weakcell.kagglekit.naming import (
     PLACEHOLDER_OWNER,
     backbone_id,
@@ -194,10 +195,15 @@ def kernel_script(cfg: Config, variant: str) -> str:
             "copied to submission.csv",
         ),
     }
+    expect = None if spec.train else expect_literal(cfg)
     lines = [
         f"{name} = {_literal(value)}" + (f"  # {comment}" if comment else "")
         for name, (value, comment) in settings.items()
     ]
+    # the models the weights dataset must hold (its packed.json), compared before any work
+    lines.append(
+        f"{EXPECT_NAME} = {expect or 'None'}  # the run, round, folds, network and classes to predict with"
+    )
     if config_yaml is None:
         lines.append("CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset")
     else:
@@ -240,6 +246,8 @@ def run(cfg: Config) -> list[Path]:
     """``make kernels``: every variant of ``kaggle.variants``."""
     for variant in cfg.kaggle.variants:
         variant_of(variant)  # fail before writing anything
+    # the run and its weights dataset, where they exist, must be the models the kernels will expect
+    require_agreement(cfg, "kernels", compare=("run", "dataset"))
     folders = []
     for variant in cfg.kaggle.variants:
         folder = write_kernel(cfg, variant)
