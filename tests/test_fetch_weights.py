@@ -193,3 +193,21 @@ def test_pretrained_datasets_pack_each_fetched_file_with_its_manifest(tmp_path, 
         "dataset-metadata.json",
         "test_efficientnet.safetensors",
     ]
+
+
+def test_offline_names_every_missing_file_at_once(tmp_path, capsys) -> None:
+    """Issue 26: `make weights` offline reported one missing file per run (three runs to learn of three)."""
+    dead = dead_url()
+    argv = [
+        "weights",
+        f"paths.root={tmp_path}",
+        "weights.fetch=[backbone,cellpose,sam]",
+        f"weights.mirror={dead}",
+        f"weights.backbone_url={dead}/test_efficientnet.pth",
+        "model.backbone=test_efficientnet",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: 3 of 3 weights missing")
+    for placed in ("test_efficientnet.pth", "cpsam", "sam_vit_b_01ec64.pth"):
+        assert f"{tmp_path / 'weights' / placed}" in err

@@ -233,7 +233,7 @@ def _cache_masks(cfg: Config) -> Callable[[str], np.ndarray]:
 
 def submission_dir(cfg: Config) -> Path:
     """Where ``make infer`` writes: ``submissions/<infer.output or name>/``."""
-    return cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
+    return cfg.submission_dir
 
 
 def submission_cell_maps(
@@ -576,7 +576,7 @@ def write_report(
     text = f"# {title}{legend}\n\n{markdown_table(table)}"
     written.append(_write_text(text, out_dir / "per_class.md"))
     shown = table.map(_format)
-    shown["name"] = [name[:24] for name in table["name"]]
+    shown["name"] = table["name"]  # whole names: the table's columns size to their text
     written.append(plots.table_figure(shown, out_dir / "per_class.png", title))
 
     ids = oof_image["image_id"].astype(str).tolist()

@@ -80,7 +80,14 @@ def read_folds(path: str | os.PathLike[str]) -> pd.DataFrame:
 def run(cfg: Config) -> pd.DataFrame:
     """Entry point: read the dataset's label file, write the folds file (once), print per-fold counts."""
     spec = get_dataset(cfg.data.dataset)
-    labels = read_label_file(cfg.data_dir / spec.label_file, spec)
+    label_path = cfg.data_dir / spec.label_file
+    if not label_path.is_file():  # the first stage of a project: say where the data should be, and how
+        get = "make data" if spec.has_truth else "make download, or unzip Kaggle's archive there"
+        raise StageError(
+            f"no {label_path}: {get}; or point data.dir at the folder that holds {spec.label_file} (in your "
+            "project's config, which `make init PROJECT=<dir> ARGS=data.dir=<folder>` writes)"
+        )
+    labels = read_label_file(label_path, spec)
     target = cfg.folds_file
     if target.is_file() and not cfg.force:
         folds = read_folds(target)

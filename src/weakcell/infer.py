@@ -18,6 +18,8 @@ unnoticed; the folder's lock is held throughout and a killed run's temporaries a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import weakcell
 from weakcell.cache.loader import CellCrops, apply_symmetries
 from weakcell.cache.store import CellCache
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
@@ -35,10 +38,10 @@ from weakcell.engine import predict
 from weakcell.errors import StageError
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
-from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
+from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
 from weakcell.scoring import cell_confidence
 from weakcell.stage2 import BagRequest, load_trained
-from weakcell.submission import publish, write_cell_level, write_image_level
+from weakcell.submission import check_published, publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
 from weakcell.weights import load_state_dict
 
@@ -204,12 +207,90 @@ def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
 # What one inference publishes together (``submission.publish``), in the order they are moved in place.
 OUTPUT_FILES = ("pred_image.parquet", "pred_cell.parquet", "cell_level.csv", "image_level.csv")
 STAGING_DIR = ".staging.tmp"  # the next run's files, inside the output folder (a rename stays atomic)
+INPUTS_FILE = "inputs.json"  # the fingerprint of what the published files were computed from
+# Settings the published files depend on (model.pretrained_file is only where training started: the trained
+# weights replace it; how fast or where inference runs does not count either).
+SETTINGS = (
+    "name",
+    "data.",
+    "segment.backend",
+    "cache.crop_size",
+    "cache.dir",
+    "model.",
+    "mil.",
+    "refine.rounds",
+    "infer.",
+)
+NOT_SETTINGS = ("model.pretrained_file",)
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    """(bytes, modification time in ns) of a file, None when it is absent: what ``make`` trusts, and free."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def infer_inputs(cfg: Config, models: dict[str, tuple[Path, list[Path]]], thresholds: Path) -> dict:
+    """What one inference reads: its settings, every fold's weight files, the thresholds, the cache's
+    indexes and the sample submission (files by size and modification time, the thresholds by content)."""
+    flat: dict[str, object] = {}
+
+    def walk(tree: dict, prefix: str = "") -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict) and not key.endswith("kwargs"):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(cfg.model_dump(mode="json"))
+    settings = {k: v for k, v in flat.items() if k.startswith(SETTINGS) and not k.startswith(NOT_SETTINGS)}
+    weights = {
+        str(fold / part): _file_stamp(fold / part)
+        for _, fold_dirs in models.values()
+        for fold in fold_dirs
+        for part in ("cell/model.pt", "mil/model.pt")
+    }
+    spec = get_dataset(cfg.data.dataset)
+    files = {
+        str(path): _file_stamp(path)
+        for path in (
+            cfg.cache_dir / "images.parquet",
+            cfg.cache_dir / "cells.parquet",
+            cfg.data_dir / spec.sample_submission,
+        )
+    }
+    return {
+        "weakcell": weakcell.__version__,
+        "settings": settings,
+        "weights": weights,
+        "thresholds": hashlib.sha256(thresholds.read_bytes()).hexdigest(),
+        "files": files,
+    }
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def up_to_date(out_dir: Path, inputs: dict) -> bool:
+    """The folder holds a complete, unchanged publication made from these very inputs."""
+    try:
+        saved = json.loads((out_dir / INPUTS_FILE).read_text())
+        check_published(out_dir / "cell_level.csv")
+    except (OSError, ValueError, StageError):
+        return False
+    return saved.get("fingerprint") == fingerprint(inputs) and all(
+        (out_dir / f).is_file() for f in OUTPUT_FILES
+    )
 
 
 def run(cfg: Config) -> Path:
     """Predict the images of ``infer.split`` with the trained folds and write ``submissions/<output>/``,
     holding that folder's lock."""
-    out_dir = cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
+    out_dir = cfg.submission_dir
     with folder_lock(out_dir, "infer", cfg.checks.lock_wait_s):
         return _infer(cfg, out_dir)
 
@@ -226,6 +307,15 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     thresholds_path = run_dir / "thresholds.json"
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
+    for warning in json.loads(thresholds_path.read_text()).get("warnings", []):
+        print(f"infer: WARNING from {thresholds_path}: {warning}")
+    inputs = infer_inputs(cfg, models, thresholds_path)
+    if not cfg.force and up_to_date(out_dir, inputs):
+        print(
+            f"infer: {out_dir} is up to date (its {INPUTS_FILE}: same models, thresholds, cache and settings), "
+            "skipping (FORCE=1 redoes it)"
+        )
+        return out_dir
     cache = CellCache(cfg.cache_dir)
     sample = images_to_predict(cfg, cache)
     image_ids = sample["ID"].astype(str).tolist()
@@ -271,16 +361,22 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
         images,
         read_thresholds(thresholds_path),
         staged["image_level.csv"],
-        id_column=spec.id_column if image_sample is not None else "Id",
+        columns=spec.image_level_columns,
         sample_submission=image_sample,
+        negative=spec.negative,
     )
     publish(out_dir, staged)
     shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_text(
+        out_dir / INPUTS_FILE, json.dumps({"fingerprint": fingerprint(inputs), **inputs}, indent=2)
+    )
+    scored_file = "cell_level.csv" if spec.submission == "cell" else "image_level.csv"
     print(
         f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
         f"{len(images)} images, "
         f"{len(cells)} cells, "
-        f"{time.perf_counter() - start:.0f} s -> {out_dir}/cell_level.csv, image_level.csv"
+        f"{time.perf_counter() - start:.0f} s -> {out_dir / scored_file} (the Kaggle file), "
+        f"{', '.join(f for f in OUTPUT_FILES if f != scored_file)}"
     )
     return out_dir
 

@@ -260,17 +260,23 @@ def fetch_backbone(cfg: Config, folder: Path) -> dict[str, Any]:
 
 def fetch(cfg: Config) -> dict[str, dict[str, Any]]:
     """``make weights``: every item of ``weights.fetch`` in ``cfg.weights_dir``; the manifest is updated
-    after each item, so a failure keeps what was fetched before it."""
+    after each item. An item that fails does not stop the others: every failure (offline, each file to
+    place by hand) is reported together at the end, in one error."""
     folder = cfg.weights_dir
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
+    failures: list[str] = []
     for item in cfg.weights.fetch:
         key = f"backbone:{cfg.model.backbone}" if item == "backbone" else item
         if key in manifest and verified(folder, manifest[key]):
             print(f"weights: {key} {manifest[key]['file']} verified (sha256 {manifest[key]['sha256'][:12]})")
             continue
         start = time.perf_counter()
-        entry = fetch_backbone(cfg, folder) if item == "backbone" else fetch_official(cfg, item, folder)
+        try:
+            entry = fetch_backbone(cfg, folder) if item == "backbone" else fetch_official(cfg, item, folder)
+        except FetchError as err:
+            failures.append(f"{key}: {err}")
+            continue
         manifest[key] = entry
         write_manifest(folder, manifest)
         print(
@@ -278,6 +284,12 @@ def fetch(cfg: Config) -> dict[str, dict[str, Any]]:
             f"{entry['sha256'][:12]}, {time.perf_counter() - start:.0f} s) from {entry['source']}"
         )
     shutil.rmtree(folder / ".cache", ignore_errors=True)  # timm's download cache: the safetensors is kept
+    if len(failures) == 1:  # its own message: which file to place where
+        raise FetchError(failures[0].split(": ", 1)[1])
+    if failures:
+        raise FetchError(
+            f"{len(failures)} of {len(cfg.weights.fetch)} weights missing: " + " || ".join(failures)
+        )
     return manifest
 
 
