@@ -28,7 +28,7 @@ from weakcell.cache.loader import (
 from weakcell.cache.store import CELLS_COLUMNS, IMAGES_COLUMNS, CellCache, read_masks
 from weakcell.config import load_config
 from weakcell.data.images import ImageReadError, read_image, write_image
-from weakcell.errors import BackendError, StageError
+from weakcell.errors import StageError
 from weakcell.segment import Segmentation, segment_image
 
 SIZE = 16  # crop side in these tests
@@ -287,6 +287,8 @@ def test_too_many_labelled_images_without_files_stop_the_cache_before_it_starts(
 def test_a_backend_that_cannot_start_stops_the_cache_once(dataset, tmp_path, backend, monkeypatch):
     """Issue 26: a typo (cellpos) or cellpose without weights made every image a per-image skip, exit 0.
     A configuration fault now stops the stage before it starts, in one line."""
+    from weakcell.errors import BackendError
+
     monkeypatch.delenv("CELLPOSE_LOCAL_MODELS_PATH", raising=False)
     with pytest.raises(BackendError, match=rf"segment\.backend='{re.escape(backend)}' cannot start"):
         build.run(_config(dataset, tmp_path / "cache", f"segment.backend={backend}"))
@@ -296,6 +298,8 @@ def test_a_backend_that_cannot_start_stops_the_cache_once(dataset, tmp_path, bac
 def test_a_model_that_fails_to_load_stops_the_cache_not_the_image(dataset, tmp_path, monkeypatch):
     """A backend whose network fails to load raises BackendError from the first image: the stage stops
     (it was a per-image skip before), whereas a fault of one image stays a skipped row."""
+
+    from weakcell.errors import BackendError
 
     def broken(image, cfg):
         raise BackendError("segment.backend=cellpose cannot start (Cellpose-SAM): weights do not fit")

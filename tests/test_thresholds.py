@@ -8,7 +8,7 @@ import pytest
 
 from weakcell.config import ThresholdsConfig, load_config
 from weakcell.metrics import f1_per_class
-from weakcell.thresholds import cross_fitted_f1, fallback_warning, read_thresholds, run, tune_thresholds
+from weakcell.thresholds import cross_fitted_f1, read_thresholds, run, tune_thresholds
 
 
 def _scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +83,8 @@ def test_too_few_positives_fall_back_loudly_not_to_the_lowest_threshold(tmp_path
     tunable the fallback is used, and more than half untuned is a warning in the summary and the file."""
     y_true = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1], [1, 1, 0]])
     probs = np.array([[0.6, 0.2, 0.1], [0.3, 0.4, 0.2], [0.7, 0.1, 0.5], [0.2, 0.3, 0.6], [0.5, 0.6, 0.1]])
+    from weakcell.thresholds import fallback_warning
+
     tuning = ThresholdsConfig(min_positives=5, shrinkage=20, fallback=0.5)
     table = tune_thresholds(y_true, probs, tuning)
     assert table["threshold"].tolist() == [0.5, 0.5, 0.5] and not table["tuned"].any()

@@ -237,6 +237,31 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
+def prefetched(loader: DataLoader, runtime: Runtime) -> Iterator[Batch]:
+    """The batches of ``loader``, each read (and on the CPU moved to ``channels_last``) one step ahead in
+    a background thread: reading, augmenting and copying batch k+1 overlaps the model's work on batch k.
+    Numpy and torch release the GIL in their bulk work, so on 2 cores the loader fills the gaps the model's
+    threads leave (Python, the optimizer step) instead of adding its time to every step.
+
+    Only for datasets that draw no randomness from the global RNGs (``thread_safe``: ``CellCrops`` seeds
+    each batch's augmentations from the batch itself), so two threads never interleave their draws and a
+    resumed run still sees the batches it would have seen."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = iter(loader)
+    on_cpu = runtime.device.type == "cpu"  # a CUDA copy stays on the main thread's stream
+
+    def read() -> Batch | None:
+        batch = next(batches, None)
+        return to_device(batch, runtime) if batch is not None and on_cpu else batch
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weakcell-prefetch") as pool:
+        pending = pool.submit(read)
+        while (batch := pending.result()) is not None:
+            pending = pool.submit(read)
+            yield batch
+
+
 def _size(data: Dataset) -> int:
     return len(data)  # type: ignore[arg-type]  # torch's Dataset type omits the __len__ every map-style one has
 
@@ -366,6 +391,13 @@ def _check_resumable(state: Mapping[str, Any], path: Path, cfg: TrainConfig, see
 # -- logs ---------------------------------------------------------------------------------------------
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``1.2 h``: an estimate, to the precision it has."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def write_epoch_log(history: list[dict[str, float]], out_dir: Path) -> None:
     """``epochs.csv``, one row per epoch, rewritten whole (atomically) after each epoch."""
     target = out_dir / "epochs.csv"
@@ -388,7 +420,8 @@ def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
         (axes[2], ["lr"], "lr"),
     ):
         for column in columns:
-            ax.plot(frame["epoch"], frame[column], marker="o", label=column)
+            measured = frame[["epoch", column]].dropna()  # validation runs every train.validate_every epochs
+            ax.plot(measured["epoch"], measured[column], marker="o", label=column)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if columns:
@@ -628,7 +661,8 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         sampler.set_epoch(epoch, start_step=done_steps)
-        micro_batches = iter(loader)
+        overlap = cfg.prefetch and cfg.workers == 0 and getattr(train_data, "thread_safe", False)
+        micro_batches = prefetched(loader, runtime) if overlap else iter(loader)
         epoch_started = time.perf_counter()
         progress = tqdm(
             total=steps_per_epoch,
@@ -643,7 +677,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):
-                batch = to_device(next(micro_batches), runtime)
+                batch = to_device(next(micro_batches), runtime)  # a no-op for a batch already moved
                 # DDP all-reduces gradients only on the step's last micro-batch
                 last_micro = micro == cfg.grad_accum - 1
                 with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
@@ -679,7 +713,8 @@ def fit(
         micro_steps = steps_per_epoch * cfg.grad_accum * world.size
         train_loss = all_reduce_sum(loss_sum.clone(), world).item() / micro_steps
         row: dict[str, float] = {"epoch": epoch + 1, "step": global_step, "lr": lr, "train_loss": train_loss}
-        if val_data is not None:
+        # validation only shows the curves: every train.validate_every epochs, and always after the last
+        if val_data is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
             outputs = _predict(
                 ema.module if ema else model, val_data, runtime, cfg, collate, batch_keys, val_plan
             )
@@ -703,6 +738,13 @@ def fit(
             log.info(
                 "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
             )
+            if epoch == start_epoch and epoch + 1 < cfg.epochs:  # the first epoch of this call: an estimate
+                left = row["seconds"] * (cfg.epochs - epoch - 1)
+                print(
+                    f"fit: epoch {epoch + 1} of {cfg.epochs} took {row['seconds']:.0f} s "
+                    f"({row['samples_per_s']:.0f} samples/s); about {format_duration(left)} left for {out_dir}",
+                    flush=True,
+                )
 
     if world.is_main:
         atomic_save((ema.module if ema else model).state_dict(), weights_path)

@@ -38,7 +38,7 @@ from weakcell.config import OUTPUT_INPUTS, Config, TrainConfig, changed_settings
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
-from weakcell.engine import fit, predict
+from weakcell.engine import fit, format_duration, predict
 from weakcell.errors import StageError
 from weakcell.folds import read_folds
 from weakcell.metrics import sigmoid
@@ -609,9 +609,17 @@ def train_round(
         # a finished round: its tables, scores and maps are on disk already (reruns of make, the ablation)
         print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
         return json.loads(saved.read_text())
-    results = [
-        train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir) for fold in folds
-    ]
+    results = []
+    for position, fold in enumerate(folds):
+        fold_started = time.perf_counter()
+        results.append(train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir))
+        left, seconds = len(folds) - position - 1, time.perf_counter() - fold_started
+        if position == 0 and left and seconds > 1:  # a trained (not reused) first fold: an estimate
+            print(
+                f"train: fold {fold} took {format_duration(seconds)}; about {format_duration(seconds * left)} "
+                f"left for {left} more fold(s)",
+                flush=True,
+            )
     oof_image = pd.concat([r[0] for r in results], ignore_index=True)
     oof_cell = pd.concat([r[1] for r in results], ignore_index=True)
     if oof_image["image_id"].duplicated().any():

@@ -57,6 +57,8 @@ _RUNTIME = (
     "segment.sam.box_batch_size",
     "train.device",
     "train.workers",
+    "train.prefetch",
+    "train.validate_every",  # what the epoch log shows, never what is trained
     "train.compile",
 )
 # What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not, and

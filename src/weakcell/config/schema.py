@@ -356,6 +356,16 @@ class TrainConfig(Section):
     loss: Literal["bce", "focal"] = Field("bce", description="cell loss: binary cross-entropy or focal")
     focal_gamma: float = Field(2.0, ge=0, description="focusing exponent of train.loss=focal")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    prefetch: bool = Field(
+        True,
+        description="with workers 0: read and augment the next batch in a background thread while the model "
+        "computes (datasets that seed their augmentations per batch; results do not change)",
+    )
+    validate_every: int = Field(
+        1,
+        ge=1,
+        description="validate (the epoch log's val columns) every this many epochs, and after the last",
+    )
     augment: list[dict[str, Any]] = Field(
         default_factory=lambda: list[dict[str, Any]](
             [{"name": "symmetries"}, {"name": "gain", "limit": 0.2}]
