@@ -67,7 +67,7 @@ test-kaggle: $(KAGGLE_TEST_STAMP) ## the fast test suite in Kaggle's image repli
 # make init PROJECT=~/hpa [TEMPLATE=hpa2018] ARGS="data.dir=..." writes ~/hpa/weakcell.yaml; then CONFIG=~/hpa/weakcell.yaml
 TEMPLATE ?= hpa2021
 PROJECT ?=
-init: $(STAMP) ## one config for a project: PROJECT=<dir> [TEMPLATE=hpa2021|hpa2018] ARGS="data.dir=..." -> <dir>/weakcell.yaml
+init: $(STAMP) ## one config for a project: PROJECT=<dir> [TEMPLATE=hpa2021|hpa2018|competition] ARGS="data.dir=..." -> <dir>/weakcell.yaml
 	$(WEAKCELL) init $(TEMPLATE) $(or $(PROJECT),$(error give PROJECT=<folder for the project's outputs>)) $(ARGS)
 
 check: $(STAMP) ## data layout, segmentation backend, weights files, run / weights dataset / kernel agreement of CONFIG

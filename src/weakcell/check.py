@@ -77,7 +77,7 @@ def _train_findings(cfg: Config, spec: DatasetSpec, survey: HeaderSurvey) -> tup
         )
     absent = set(missing)
     present = [i for i in ids if i not in absent]
-    for image_id in tqdm(present, desc="check train headers", unit="img", leave=False):
+    for image_id in tqdm(present, desc="check train headers", unit="img", leave=False, disable=None):
         survey.add(image_id, files[image_id])
     findings.append(
         Finding("data", f"train: {len(present)} of {len(ids)} labelled images present ({survey.describe()})")
@@ -125,7 +125,12 @@ def _test_findings(cfg: Config, spec: DatasetSpec, labelled: set[str]) -> list[F
     wrong_size = []
     sized = {"ImageWidth", "ImageHeight"} <= set(sample.columns)
     for row in tqdm(
-        sample.itertuples(index=False), total=len(sample), desc="check test headers", unit="img", leave=False
+        sample.itertuples(index=False),
+        total=len(sample),
+        desc="check test headers",
+        unit="img",
+        leave=False,
+        disable=None,
     ):
         image_id = getattr(row, spec.id_column)
         if image_id in missing:

@@ -35,6 +35,10 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     "hpa2021": Template("hpa2021.yaml", "the 2021 Single Cell Classification data (cell-level submission)"),
     "hpa2018": Template("hpa2018.yaml", "the 2018 Image Classification data (image-level submission)"),
+    "competition": Template(
+        "competition.yaml",
+        "the 2021 data on one GPU (ResNet-50 from ImageNet, Cellpose-SAM: `make weights` first)",
+    ),
 }
 
 # The choices written into every project file, in order, with the comment each gets (the schema's
@@ -133,7 +137,7 @@ def init(args: list[str]) -> Path:
             f"usage: weakcell init {{{','.join(TEMPLATES)}}} DIR [key=value ...] [--force], e.g. "
             "weakcell init hpa2021 ~/hpa data.dir=~/hpa-single-cell-image-classification"
         )
-    template, folder = positional[0], Path(positional[1]).expanduser()
+    template, folder = positional[0], Path(positional[1]).expanduser().resolve()
     target = folder / CONFIG_NAME
     if target.exists() and not force:
         raise StageError(f"{target} exists; edit it, or rewrite it with --force")
