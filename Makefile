@@ -76,7 +76,8 @@ check: $(STAMP) ## data layout, segmentation backend, weights files, run / weigh
 keys: $(STAMP) ## every config key with its default and what it does (ARGS=train. for one section)
 	$(WEAKCELL) keys $(ARGS)
 
-demo: data preview folds cache train refine thresholds infer evaluate ## the main job on the embedded synthetic benchmark: data to validated submissions, scored
+demo: $(STAMP) ## the main job on the embedded synthetic benchmark: data preview folds cache train refine thresholds infer evaluate, in one process
+	$(WEAKCELL) demo $(CONFIG) $(OVERRIDES)
 
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)

@@ -297,3 +297,16 @@ def test_an_unknown_backbone_is_a_config_error_before_any_folder(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'mobilenetv3_small_100'" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_make_demo_runs_its_stages_in_one_process_on_one_config(monkeypatch, capsys):
+    """Issue 26: every stage of `make demo` started an interpreter and imported torch again; the chain
+    runs them in order in one process, each on the same resolved config."""
+    import weakcell.cli as cli
+
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda cfg: seen.append((target, cfg.name)))
+    assert main(["demo", "name=chained", "refine.rounds=0"]) == 0
+    assert [target for target, _ in seen] == [cli.STAGES[name].target for name in cli.CHAINS["demo"]]
+    assert {name for _, name in seen} == {"chained"}
+    assert "== weakcell refine" in capsys.readouterr().out

@@ -208,6 +208,23 @@ STAGES: dict[str, Stage] = {
 # Stages that take arguments of their own rather than a config (each parses them and returns an exit code).
 OWN_ARGUMENTS = ("validate", "score", "init")
 
+# Stages run one after the other in one process (``make demo``): each would otherwise start an interpreter
+# and import torch, timm and pandas again, seconds of work that teach nothing on a slow laptop.
+CHAINS: dict[str, tuple[str, ...]] = {
+    "demo": ("data", "preview", "folds", "cache", "train", "refine", "thresholds", "infer", "evaluate"),
+}
+
+
+def run_chain(stages: Sequence[str]) -> Callable[[Config], None]:
+    """One function running ``stages`` in order on the same config (each as its own stage would)."""
+
+    def run(cfg: Config) -> None:
+        for name in stages:
+            print(f"== weakcell {name}", flush=True)
+            _resolve(STAGES[name].target)(cfg)
+
+    return run
+
 
 def _resolve(target: str) -> Callable[[Config], object]:
     module, _, function = target.partition(":")
@@ -273,6 +290,7 @@ def _usage() -> str:
     lines.append(
         f"  {'keys':<{width}}  every config key (or those starting with PREFIX), its default and what it does"
     )
+    lines += [f"  {name:<{width}}  {' -> '.join(stages)}, in one process" for name, stages in CHAINS.items()]
     return (
         "usage: weakcell <stage> [config.yaml] [key=value ...]   (weakcell <stage> --help: the keys it reads)\n\n"
         "stages:\n" + "\n".join(lines)
@@ -324,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print("\n".join(key_lines(rows)))
         return 0
+    if stage in CHAINS:
+        reads = tuple(key for name in CHAINS[stage] for key in STAGES[name].reads)
+        return stage_main(run_chain(CHAINS[stage]), rest, reads)
     if stage in OWN_ARGUMENTS:  # take their own arguments, not a config
         own_main: Callable[[list[str]], int] = _resolve(STAGES[stage].target)  # type: ignore[assignment]
         return own_main(rest)

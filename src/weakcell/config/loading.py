@@ -221,12 +221,12 @@ def _problem(error: Any, given: dict[str, Any], origins: dict[str, str], path: A
     given_keys = [key for key in flat_keys(given) if covers(key)]
     file_keys = sorted((key for key in origins if covers(key)), key=len, reverse=True)
     if given_keys:
-        key, where = given_keys[0], f" on {COMMAND_LINE}"
+        where = f" on {COMMAND_LINE}"
     elif file_keys:
-        key, where = file_keys[0], f" in {origins[file_keys[0]]}"
+        where = f" in {origins[file_keys[0]]}"
     else:
-        key, where = dotted, f" in {path}" if path else ""
-    return f"{key}{where}: {error['msg']} (got {error.get('input')!r})"
+        where = f" in {path}" if path else ""
+    return f"{dotted}{where}: {error['msg']} (got {error.get('input')!r})"
 
 
 def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
