@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-synthetic bench-cache bench-train bench-thresholds bench-mil-shift bench-confidence bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-lineage bench-synthetic bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle]'
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle,external]'
 	touch $@
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)
@@ -88,7 +88,7 @@ preview: $(STAMP) ## montage of the synthetic set -> reports/preview_<dataset>.p
 folds: $(STAMP) ## multilabel-stratified K folds -> folds/<dataset>.csv
 	$(WEAKCELL) folds $(CONFIG) $(OVERRIDES)
 
-folds-hpa2021: $(STAMP) ## rebuild the committed folds/hpa2021.csv from ../shared/data/hpa2021/train.csv
+folds-hpa2021: $(STAMP) ## check the committed folds/hpa2021.csv (and its record) against ../shared/data/hpa2021/train.csv; other settings get their own file
 	$(WEAKCELL) folds configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 $(OVERRIDES)
 
 cache: $(STAMP) ## segment every image, cache cell crops -> cache/<dataset>/<backend>/ (--shard-index/--num-shards via ARGS)
@@ -130,6 +130,27 @@ score: $(STAMP) ## the organisers' 2021 metric of SUBMISSION= against TRUTH= (de
 ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.md (+ .png); ARGS=ablate.subset=true is quicker
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
 
+# -- External data (weakcell.external, weakcell.duplicates): README "External data" -------------------
+.PHONY: external duplicates bench-duplicates bench-folds bench-external-sizes
+
+external: $(STAMP) ## public HPA images of external.image_list -> data/<dataset>-external/ (train/, train.csv, sources.csv); ARGS="... --dry-run" first
+	$(WEAKCELL) external $(CONFIG) $(OVERRIDES)
+
+# make duplicates: every folder of channel files in DUPLICATE_DIRS, the pairs and clusters into DUPLICATES
+DUPLICATE_DIRS ?= $(wildcard data/hpa2021/train data/hpa2021/test data/hpa2021-external/train)
+DUPLICATES ?= reports/duplicates.json
+duplicates: $(STAMP) ## near-duplicate pairs and clusters of DUPLICATE_DIRS="a/train a/test b/train" -> DUPLICATES=reports/duplicates.json (make folds reads it: folds.duplicates)
+	$(WEAKCELL) duplicates $(DUPLICATE_DIRS) --json $(DUPLICATES)
+
+bench-duplicates: $(STAMP) ## hashing speed, pairing of the real images' copies, pair search over 100k hashes -> benchmarks/duplicates.md
+	$(PY) benchmarks/bench_duplicates.py
+
+bench-folds: $(STAMP) ## pairs straddling folds, plain vs grouped, on a synthetic set with planted near-duplicates -> benchmarks/folds.md
+	$(PY) benchmarks/bench_folds.py
+
+bench-external-sizes: $(STAMP) ## JPEG/PNG bytes of the real images and the dry run's arithmetic for the real lists -> benchmarks/external-sizes.md
+	$(PY) benchmarks/bench_external_sizes.py
+
 # -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
 .PHONY: download wheels weights weights-dataset pretrained-datasets backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle
 
@@ -161,12 +182,21 @@ VERSION ?=
 submit-kernel: $(STAMP) ## 2021: submit submission.csv of version VERSION=n of the pushed kernel (kaggle competitions submit -k -v)
 	$(WEAKCELL) submit-kernel $(CONFIG) $(if $(VERSION),kaggle.kernel_version=$(VERSION)) $(OVERRIDES)
 
+bench-lineage: $(STAMP) ## content hashing speed on real PNGs, the demo's manifest and cache cost -> benchmarks/lineage.md
+	$(PY) benchmarks/bench_lineage.py
+
 bench-synthetic: $(STAMP) ## generation speed and label-inheritance error -> benchmarks/synthetic.md
 	$(PY) benchmarks/bench_synthetic.py
 
 bench-cache: $(STAMP) ## segmentation quality/speed and crop-reading throughput -> benchmarks/segmentation.md, cache.md
 	$(PY) benchmarks/bench_segment.py
 	$(PY) benchmarks/bench_cache.py
+
+bench-segment-backends: $(STAMP) ## HPA-Cell-Segmentation's post-processing vs its reference, learned backends by stage and size, batched vs per-image cache (CPU) -> benchmarks/segmentation.md
+	$(PY) benchmarks/bench_segment_backends.py
+
+bench-segment-gpu: $(STAMP) ## on a GPU machine: U-Net / Cellpose-SAM throughput by batch size, the batched cache by workers -> benchmarks/segmentation_gpu.md
+	$(PY) benchmarks/bench_segment_gpu.py
 
 bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs cache size -> benchmarks/train.md
 	$(PY) benchmarks/bench_train.py
@@ -179,6 +209,9 @@ bench-thresholds: $(STAMP) ## cross-fitted image macro-F1 of tuned thresholds vs
 
 bench-confidence: $(STAMP) ## the cell confidence formula re-tuned under both metric readings, OOF and test -> benchmarks/confidence.md
 	$(PY) benchmarks/bench_confidence.py --config $(CONFIG)
+
+bench-metric: $(STAMP) ## out-of-fold scoring through the competition engine per epoch, and the OOF file's cost -> benchmarks/metric.md
+	$(PY) benchmarks/bench_metric.py --config $(CONFIG)
 
 bench-kaggle: $(STAMP) ## the inference kernel's cache + infer per real-size image, 559-image projection -> benchmarks/kaggle.md
 	$(PY) benchmarks/bench_kaggle.py

@@ -273,7 +273,8 @@ def bench_read(synthetic: Path, repeats: int, lines: list[str]) -> None:
     # torch only here, so that the fresh processes of sections 1 and 3 measure the cache's memory, not torch's.
     import torch
 
-    from weakcell.cache.loader import CellCrops, CropAugment, make_loader
+    from weakcell.cache.augment import CropAugment
+    from weakcell.cache.loader import CellCrops, make_loader
 
     lines.append(f"## 2. Reading random batches of {BATCH} crops at {CROP} px (one core, page cache warm)\n")
     torch.set_num_threads(1)

@@ -6,8 +6,8 @@ chosen when the kit judged every class in every image; the organisers judge clas
 true cell of class c (``evaluate.verified=image``), where the image term has less to do. For every
 (power, b) of a grid this scores:
 
-- out of fold (selection): the cell mAP of each trained round's OOF confidences against the matched true
-  cells, under both readings;
+- out of fold (selection): the competition mAP of each trained round's OOF confidences on the cache's
+  cells against the true cells of the training images, under both readings;
 - held out (the figure to trust): the competition mAP of the test split's confidences recomputed from the
   final submission's ``pred_cell.parquet`` on the cache's masks, under both readings; no model and no
   choice here saw those images.
@@ -31,13 +31,14 @@ import numpy as np
 import pandas as pd
 
 from weakcell.cache.store import CellCache
-from weakcell.cell_truth import cell_level_ap
-from weakcell.competition_metric import READINGS, label_detections, score_found, truth_by_image
+from weakcell.cell_truth import read_truth_folder
+from weakcell.competition_metric import READINGS, label_detections, score_found
 from weakcell.config import InferConfig, load_config
 from weakcell.constants import prob_columns
-from weakcell.evaluate import read_cell_truth, read_round, submission_dir
-from weakcell.scoring import cell_confidence, cell_scores
-from weakcell.train import load_training_set
+from weakcell.evaluate import read_round, submission_dir
+from weakcell.scoring import cell_confidence, cell_score_table, oof_cell_scores
+from weakcell.synthetic.truth import TRUTH
+from weakcell.training_set import load_training_set
 
 POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 BEST_CELL = (0.0, 0.25, 0.5, 1.0)
@@ -56,7 +57,7 @@ def main() -> None:
     start = time.perf_counter()
     cfg = load_config(args.config, [])
     data = load_training_set(cfg)
-    if data.truth is None or data.matches is None:
+    if data.cell_truth is None:
         raise SystemExit(f"{cfg.data.dataset} has no per-cell truth: run on the synthetic set")
     n = data.n_classes
     rounds = [r for r in range(cfg.refine.rounds + 1) if (cfg.round_dir(r) / "oof_cell.parquet").is_file()]
@@ -65,26 +66,25 @@ def main() -> None:
     cache = CellCache(cfg.cache_dir)
     test_ids = cells["image_id"].unique().tolist()
     masks = {i: cache.masks(i).cells for i in test_ids}
-    true_masks, true_labels = read_cell_truth(cfg.data_dir, test_ids)
     cell = cells[prob_columns(n)].to_numpy(np.float64)
     image = cells[prob_columns(n, "image_")].to_numpy(np.float64)
     keys = cells[["image_id", "cell_id"]].reset_index(drop=True)
 
     rows = []
-    truth = truth_by_image(true_masks, true_labels, n)
+    truth = read_truth_folder(cfg.data_dir / TRUTH, n, "test")
     for power, best in grid():
         infer = InferConfig(image_power=power, image_best_cell=best)
         row: dict[str, float] = {"power": power, "best cell": best}
-        tables = {}
-        for r, (oof_image, oof_cell) in oof.items():
-            scores = cell_scores("confidence", oof_cell, oof_image, n, infer)
-            tables[r] = oof_cell[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n), scores.T)))
+        tables = {
+            str(r): cell_score_table("confidence", oof_cell, oof_image, n, infer)
+            for r, (oof_image, oof_cell) in oof.items()
+        }
+        oof_maps = oof_cell_scores(tables, data.cell_truth, READINGS)
         confidence = cell_confidence(cell, image, keys["image_id"].to_numpy(), power, best)
         found = label_detections(masks, keys.assign(**dict(zip(prob_columns(n), confidence.T))), truth, n)
         for reading in READINGS:
-            for r, table in tables.items():
-                ap = cell_level_ap(table, prob_columns(n), data.matches, data.truth, reading)
-                row[f"OOF r{r} {reading}"] = float(np.nanmean(ap))
+            for r in tables:
+                row[f"OOF r{r} {reading}"] = oof_maps[reading][r]["map"]
             row[f"test {reading}"] = score_found(found, truth, n, reading)["map"]
         rows.append(row)
         print(" ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
@@ -129,8 +129,8 @@ def main() -> None:
     text = (
         "# The submitted cell confidence under both readings of the metric "
         "(`python benchmarks/bench_confidence.py`)\n\n"
-        f"Run `{cfg.name}` ({args.config}), rounds {rounds}; OOF = cell mAP of the round's out-of-fold "
-        "confidences against the matched true cells; test = competition mAP of the final submission's "
+        f"Run `{cfg.name}` ({args.config}), rounds {rounds}; OOF = competition mAP of the round's "
+        "out-of-fold confidences (as a file would carry them) against the training images' true cells; test = competition mAP of the final submission's "
         f"cells ({len(test_ids)} held-out images) with the confidence recomputed. verified=image is the "
         "organisers' reading, verified=all judges every class in every image.\n\n"
         + "\n".join(lines)

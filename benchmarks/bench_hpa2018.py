@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from weakcell import ablate
+from weakcell import ablate, ablate_report
 from weakcell import evaluate as evaluate_stage
 from weakcell import folds as folds_stage
 from weakcell import infer as infer_stage
@@ -269,7 +269,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     stats = ablate.across_seeds(table).set_index("variant")
     frame = pd.DataFrame(
         {
-            label: [ablate.mean_sd_text(row, column) for _, row in stats.iterrows()]
+            label: [ablate_report.mean_sd_text(row, column) for _, row in stats.iterrows()]
             for column, label in SCORES.items()
         },
         index=stats.index,

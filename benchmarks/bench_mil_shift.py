@@ -21,10 +21,11 @@ import pandas as pd
 from weakcell.config import load_config
 from weakcell.data.labels import to_multi_hot
 from weakcell.engine import predict
+from weakcell.labelled_crops import LabelledCrops
 from weakcell.metrics import mean_average_precision, sigmoid
 from weakcell.models import create_model
 from weakcell.scoring import max_pool_images
-from weakcell.train import LabelledCrops, load_training_set
+from weakcell.training_set import load_training_set
 from weakcell.weights import load_state_dict
 
 

@@ -131,14 +131,15 @@ def quality(folds: list[int] | None, quick: bool) -> dict[str, dict[str, float]]
 
 def _training_parts(overrides: list[str], cache_dir: Path | None = None):
     """Model, optimizer, runtime and the real training dataset (LabelledCrops, inherited targets)."""
-    from weakcell.cache.loader import CropAugment
+    from weakcell.cache.augment import CropAugment
     from weakcell.cache.store import CellCache
     from weakcell.config import load_config
     from weakcell.data.datasets import get_dataset
     from weakcell.data.labels import read_label_file, to_multi_hot
-    from weakcell.engine import _prepare, make_optimizer, resolve_runtime
+    from weakcell.engine import make_optimizer
+    from weakcell.labelled_crops import LabelledCrops
     from weakcell.models import create_model
-    from weakcell.train import LabelledCrops
+    from weakcell.runtime import prepare, resolve_runtime
 
     cfg = load_config(CONFIG, overrides)
     spec = get_dataset(cfg.data.dataset)
@@ -155,24 +156,24 @@ def _training_parts(overrides: list[str], cache_dir: Path | None = None):
     data = LabelledCrops(cache, train_rows, targets, CropAugment(symmetries=True, intensity=0.2))
     torch.manual_seed(cfg.seed)
     runtime = resolve_runtime(cfg.train)
-    model = _prepare(create_model("cell", cfg, spec.n_classes), runtime)
+    model = prepare(create_model("cell", cfg, spec.n_classes), runtime)
     optimizer = make_optimizer(model, cfg.train, runtime.device)
     return cfg, data, model, optimizer, runtime
 
 
 def _batches(data, cfg, runtime, seed: int = 0):
     """The engine's own loader: EpochBatches over the dataset's positions, ``__getitems__`` batches."""
-    from weakcell.engine import EpochBatches, _loader
+    from weakcell.batches import EpochBatches, batch_loader
 
     sampler = EpochBatches(len(data), cfg.train.batch_size, cfg.train.grad_accum, runtime.world, seed)
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
-        yield from _loader(data, sampler, None, cfg.train, runtime, seed)
+        yield from batch_loader(data, sampler, None, cfg.train, runtime, seed)
 
 
 def _step(model, optimizer, runtime, batch) -> None:
     """One engine-style optimizer step (no gradient accumulation, no clipping, no EMA: the defaults)."""
-    from weakcell.engine import to_device
+    from weakcell.runtime import to_device
 
     batch = to_device(batch, runtime)
     with runtime.autocast():
@@ -395,8 +396,9 @@ def report(parts: dict[str, dict]) -> str:
             lines.append(f"| {key} | {_fmt(w)} | {_fmt(o)} | {ratio} |")
         lines += [
             "",
-            "cell_map_* = mean over classes of the cell-level AP against the per-cell truth (segmented cells "
-            "matched at IoU >= 0.5, unmatched true cells count as missed positives). Variants: stage1 = the cell "
+            "cell_map_* = the 2021 competition metric (IoU >= 0.6, Open Images AP, evaluate.verified) of each "
+            "score of the cache's cells against the true cells of every training image, as `weakcell score` "
+            "scores a file (true cells no cell finds lower recall). Variants: stage1 = the cell "
             "model's own probability; mil_instance = the MIL head's per-cell probability; mil_attention = image "
             "probability x clip(attention x n, 0, 1); stage1_x_image = stage-1 probability x MIL image "
             "probability. image_map / f1_at_05: the MIL head's image predictions; stage1_max_*: max over cells.",
@@ -410,7 +412,7 @@ def report(parts: dict[str, dict]) -> str:
             "",
             f"`{part['command']}` ({part['date']}). {part['steps']} steps x {part['repeats']} repeats per variant "
             f"after 2 warm-up steps ({part['config']}), AdamW. *with loader*: the engine's DataLoader "
-            "(`EpochBatches`, `train.workers=0`) over `train.LabelledCrops` (memmap read + symmetries + intensity "
+            "(`EpochBatches`, `train.workers=0`) over `labelled_crops.LabelledCrops` (memmap read + symmetries + intensity "
             "jitter) then the step; *model only*: the same batches, already in memory, again; *loader alone*: "
             "batch size / load time. Loader share = load time / step time (target < 10%).",
             "",

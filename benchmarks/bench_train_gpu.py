@@ -6,7 +6,7 @@ ResNet-50, 128 px crops, bf16 autocast, channels_last, batch 256, AdamW, the eng
 Three numbers in cells/s, medians of ``--repeats``:
 
 * model only: forward/backward/optimizer step on batches already on the GPU;
-* loader only: the engine's DataLoader over ``train.LabelledCrops`` (random crops in a fake memmap cache in
+* loader only: the engine's DataLoader over ``labelled_crops.LabelledCrops`` (random crops in a fake memmap cache in
   the real format, symmetries + intensity jitter, ``--workers`` worker processes, pinned memory);
 * with loader: both, as ``fit`` runs them.
 
@@ -67,12 +67,14 @@ def main() -> int:
 
     from bench_train import write_fake_cache
 
-    from weakcell.cache.loader import CropAugment
+    from weakcell.batches import EpochBatches, batch_loader
+    from weakcell.cache.augment import CropAugment
     from weakcell.cache.store import CellCache
     from weakcell.config import load_config
-    from weakcell.engine import EpochBatches, _loader, _prepare, make_optimizer, resolve_runtime, to_device
+    from weakcell.engine import make_optimizer
+    from weakcell.labelled_crops import LabelledCrops
     from weakcell.models import create_model
-    from weakcell.train import LabelledCrops
+    from weakcell.runtime import prepare, resolve_runtime, to_device
 
     overrides = [*COMPETITION, f"train.workers={args.workers}", f"train.compile={str(args.compile).lower()}"]
     if args.smoke_cpu:  # tiny and on the CPU: checks the code path, measures nothing
@@ -105,7 +107,7 @@ def main() -> int:
 
         runtime = resolve_runtime(cfg.train)
         torch.backends.cudnn.benchmark = True
-        model = _prepare(create_model("cell", cfg, 19), runtime)
+        model = prepare(create_model("cell", cfg, 19), runtime)
         optimizer = make_optimizer(model, cfg.train, runtime.device)
         trained = torch.compile(model) if cfg.train.compile else model
         sampler = EpochBatches(len(data), cfg.train.batch_size, 1, runtime.world, seed=0)
@@ -113,7 +115,7 @@ def main() -> int:
         def stream():
             for epoch in itertools.count():
                 sampler.set_epoch(epoch)
-                yield from _loader(data, sampler, None, cfg.train, runtime, seed=0)
+                yield from batch_loader(data, sampler, None, cfg.train, runtime, seed=0)
 
         def step(batch) -> None:
             with runtime.autocast():

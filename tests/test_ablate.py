@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from weakcell import ablate
+from weakcell import ablate, ablate_report
 from weakcell.config import RefineConfig, load_config
 from weakcell.refine import pseudo_labels
 from weakcell.scoring import cell_scores
@@ -203,8 +203,8 @@ def test_rows_across_seeds_are_mean_and_sd_with_the_mean_interval():
     assert summary.loc["a", "test_cell_map_sd"] == pytest.approx(0.1)
     assert summary.loc["a", "test_ci"] == pytest.approx(0.05 / 3)
     assert summary.loc["b", "test_cell_map_sd"] == pytest.approx(0.0) and summary.loc["b", "seeds"] == 3
-    assert ablate.mean_sd_text(summary.loc["a"], "test_cell_map") == "0.600 ± 0.100"
-    assert ablate.mean_sd_text(summary.loc["a"], "test_ci") == "±0.017"
+    assert ablate_report.mean_sd_text(summary.loc["a"], "test_cell_map") == "0.600 ± 0.100"
+    assert ablate_report.mean_sd_text(summary.loc["a"], "test_ci") == "±0.017"
 
 
 def test_targets_are_judged_on_the_test_split_against_the_seed_spread():
@@ -221,7 +221,7 @@ def test_targets_are_judged_on_the_test_split_against_the_seed_spread():
             "f1_at_05": [0.6, 0.6, 0.6],
         }
     )
-    checks = {what: met for what, met, _ in ablate.targets(summary, rounds=1)}
+    checks = {what: met for what, met, _ in ablate_report.targets(summary, rounds=1)}
     assert checks["full weak test mAP >= 0.90 x oracle"] is True  # 0.66 >= 0.648
     assert (
         checks["refinement beats the same-epochs control by more than the seed spread"] is True
@@ -229,11 +229,11 @@ def test_targets_are_judged_on_the_test_split_against_the_seed_spread():
     assert checks["tuned thresholds beat 0.5 on test image macro-F1"] is True  # though not out of fold
     summary.loc[1, "test_cell_map_sd"] = 0.04  # the control's seeds spread wider than the gain
     summary.loc[0, "test_cell_map"] = 0.64  # 0.64 < 0.9 x 0.72
-    checks = {what: met for what, met, _ in ablate.targets(summary, rounds=1)}
+    checks = {what: met for what, met, _ in ablate_report.targets(summary, rounds=1)}
     assert checks["full weak test mAP >= 0.90 x oracle"] is False
     assert checks["refinement beats the same-epochs control by more than the seed spread"] is False
     summary[["test_cell_map_sd"]] = float("nan")  # one seed: no spread to judge by
-    checks = {what: met for what, met, _ in ablate.targets(summary, rounds=1)}
+    checks = {what: met for what, met, _ in ablate_report.targets(summary, rounds=1)}
     assert checks["refinement beats the same-epochs control by more than the seed spread"] is None
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from weakcell.cache.augment import crop_augment
-from weakcell.cache.loader import CropAugment, augment_batch_
+from weakcell.cache.augment import CropAugment, crop_augment
+from weakcell.cache.loader import augment_batch_
 from weakcell.config import ConfigError, load_config
 
 

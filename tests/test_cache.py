@@ -344,6 +344,30 @@ def test_worker_pool_gives_the_same_cache(dataset, tmp_path, monkeypatch):
 # -- reader and loader ---------------------------------------------------------------------------------
 
 
+def test_a_batched_network_that_fails_to_load_stops_the_cache(dataset, tmp_path, monkeypatch):
+    """The batched path (one process runs the network, ``weakcell.cache.batched``) stops on a model that
+    fails to load too, instead of marking every image skipped: HPA-Cell-Segmentation's files are there (the
+    check before the stage passes) but hold no network."""
+    from weakcell.errors import BackendError
+
+    monkeypatch.delenv("WEAKCELL_HPACELLSEG_WEIGHTS", raising=False)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for stem in ("dpn_unet_nuclei_v1", "dpn_unet_cell_3ch_v1"):
+        (weights / f"{stem}.safetensors").write_bytes(b"not a safetensors file")
+    cfg = _config(
+        dataset,
+        tmp_path / "cache",
+        "segment.backend=hpacellseg",
+        f"segment.hpacellseg.weights={weights}",
+        "segment.hpacellseg.device=cpu",
+        "cache.batched=always",
+    )
+    with pytest.raises(BackendError, match=r"segment\.backend='hpacellseg' cannot start.*dpn_unet_nuclei_v1"):
+        build.run(cfg)
+    assert not list((tmp_path / "cache" / "shards").glob("*.images.parquet"))  # no image marked skipped
+
+
 @pytest.fixture
 def cache(dataset, tmp_path):
     build.run(_config(dataset, tmp_path / "cache"))

@@ -112,11 +112,34 @@ def test_every_missing_weights_file_is_named_at_once(tmp_path, capsys, monkeypat
     assert "(and 2 more above)" in captured.err
 
 
+def test_hpacellseg_weights_are_checked_too_both_files_named(tmp_path, monkeypatch):
+    """The merge of hpacellseg: its two U-Nets are weights files `check` looks for, with where to get each
+    (only the configured cell model, 2ch here)."""
+    monkeypatch.delenv("WEAKCELL_HPACELLSEG_WEIGHTS", raising=False)
+    root = _layout(tmp_path / "data", {"t1": (24, 24)}, {"s1": (24, 24)})
+    (tmp_path / "weights").mkdir()
+    args = [
+        f"paths.root={tmp_path}",
+        f"data.dir={root}",
+        "segment.backend=hpacellseg",
+        "segment.hpacellseg.weights=weights",
+        "segment.hpacellseg.cell_model=2ch",
+    ]
+    problems = _problems(check.check_weights(load_config(None, args)))
+    assert len(problems) == 1 and problems[0].startswith("hpacellseg: ")
+    for name in (
+        "dpn_unet_nuclei_v1.pth from https://zenodo.org",
+        "dpn_unet_cell_v2.pth from https://zenodo.org",
+    ):
+        assert name in problems[0], name
+    assert "dpn_unet_cell_3ch_v1" not in problems[0]
+
+
 def test_an_unknown_backend_is_a_problem_of_the_segmentation_part(tmp_path):
     root = _layout(tmp_path / "data", {"t1": (24, 24)}, {"s1": (24, 24)})
     findings = check.check_segmentation(_cfg(root, tmp_path, "segment.backend=cellpos"))
     assert _problems(findings) == [
-        "segment.backend='cellpos': unknown segmentation backend 'cellpos'; known: cellpose, classical"
+        "segment.backend='cellpos': unknown segmentation backend 'cellpos'; known: cellpose, classical, hpacellseg"
     ]
 
 

@@ -11,7 +11,10 @@ EXPECTED = {
     "name": "competition",
     "data.dataset": "hpa2021",
     "folds.n_splits": 5,
-    "segment.backend": "cellpose",
+    "segment.backend": "hpacellseg",
+    "segment.reference_size": 2048,
+    "segment.hpacellseg.weights": "weights",
+    "segment.hpacellseg.batch_size": 16,
     "segment.cellpose.weights": "weights",
     "segment.sam.weights": "weights",
     "cache.crop_size": 128,
@@ -25,7 +28,7 @@ EXPECTED = {
     "train.workers": 8,
     "train.device": "cuda",
     "refine.rounds": 1,
-    "weights.fetch": ["backbone", "cellpose", "sam"],
+    "weights.fetch": ["backbone", "hpacellseg"],
 }
 
 

@@ -20,7 +20,7 @@ from weakcell.competition_metric import (
     truth_by_image,
 )
 from weakcell.constants import EMPTY_MASK_RLE
-from weakcell.submission import encode_mask, mask_pixels
+from weakcell.rle import encode_mask, mask_pixels
 
 C = 19
 

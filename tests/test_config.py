@@ -97,6 +97,25 @@ def test_paths_resolve_against_root(tmp_path):
     assert cfg.cache_dir == tmp_path / "cache" / "hpa2018" / "classical"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ([], "hpa2018.csv"),
+        (["folds.n_splits=4", "folds.seed=7"], "hpa2018-4x7.csv"),
+        (["folds.group_column=plate"], "hpa2018-5x42-by-plate.csv"),
+        (["folds.duplicates=reports/duplicates.json"], "hpa2018-5x42-dups.csv"),
+        (["folds.external=[data/x]"], "hpa2018-5x42-ext.csv"),
+        (
+            ["folds.duplicates=d.json", "folds.external=[x]", "folds.external_mode=folded"],
+            "hpa2018-5x42-dups-ext-folded.csv",
+        ),
+        (["folds.report=r.md", "folds.external_mode=folded"], "hpa2018.csv"),  # no external set to fold
+    ],
+)
+def test_each_fold_setting_has_its_own_file(overrides, name):
+    assert load_config(None, ["data.dataset=hpa2018", *overrides]).folds_file.name == name
+
+
 def test_shard_flags_become_keys():
     path, overrides = split_args(["configs/demo.yaml", "--shard-index", "2", "--num-shards=4", "seed=1"])
     assert path == "configs/demo.yaml"
@@ -192,30 +211,60 @@ def test_closed_choices_are_checked_at_load(override, key):
 
 
 def test_each_output_is_invalidated_by_its_inputs_only(tmp_path: Path) -> None:
-    """One finished output of each kind, saved with the defaults; which changed setting makes it stale."""
-    save_config(Config(), tmp_path)
+    """One finished output of each kind, saved with the defaults (or ``base``); which changed setting makes
+    it stale. What an output is made from besides settings (the data, the cache, the folds file) is its
+    upstream (weakcell.lineage), so their settings do not reach the outputs made from them."""
 
-    def stale(output: str, override: str) -> bool:
-        return bool(changed_settings(tmp_path, load_config(None, [override]), OUTPUT_INPUTS[output]))
+    def stale(output: str, override: str, *base: str) -> bool:
+        folder = tmp_path / "-".join(base or ("defaults",))
+        save_config(load_config(None, list(base)), folder)
+        changed = load_config(None, [*base, override])
+        return bool(changed_settings(folder, changed, OUTPUT_INPUTS[output]))
 
     # round 0: what the folds compute from, not where they run nor the later stages' settings
     assert stale("run", "train.lr=0.01") and stale("run", "mil.gated=false") and stale("run", "seed=1")
     assert not stale("run", "train.workers=4") and not stale("run", "train.folds=[0]")
     assert not stale("run", "thresholds.shrinkage=5") and not stale("run", "refine.relative=0.5")
     assert not stale("run", "synthetic.workers=2") and not stale("run", "segment.cellpose.batch_size=2")
-    # a refinement round: round 0's inputs, the rule and the thresholds, but not how many rounds there are
-    assert stale("refine", "refine.relative=0.5") and stale("refine", "thresholds.shrinkage=5")
-    assert stale("refine", "train.lr=0.01") and not stale("refine", "refine.rounds=3")
-    assert not stale("refine", "train.device=cpu") and not stale("refine", "infer.image_power=3")
-    # the cache: images, masks and crop size; the networks inference builds: architecture only
+    # the data, the segmentation and the folds reach a run as the content they made (its upstream)
+    assert not stale("run", "synthetic.noise=0.5") and not stale("run", "segment.backend=cellpose")
+    assert not stale("run", "folds.seed=7") and not stale("run", "data.dir=elsewhere")
+    # a refinement round: round 0's inputs and the rule, not how many rounds there are
+    assert stale("refine", "refine.relative=0.5") and stale("refine", "train.lr=0.01")
+    assert not stale("refine", "refine.rounds=3") and not stale("refine", "train.device=cpu")
+    # ... and what the rule reads under its settings: the submitted confidence's formula when it scores
+    # cells by it, the tuned thresholds when it draws a floor from them
+    assert not stale("refine", "infer.image_power=3") and not stale("refine", "infer.image_best_cell=0.5")
+    assert stale("refine", "infer.image_power=3", "refine.score=confidence")
+    assert stale("refine", "infer.image_best_cell=0.5", "refine.score=confidence")
+    assert not stale("refine", "infer.tta=[0]", "refine.score=confidence")
+    assert not stale("refine", "thresholds.shrinkage=5")
+    assert stale("refine", "thresholds.shrinkage=5", "refine.threshold_scale=0.5")
+    # the cache: the images' layout, its backend's settings and the crop size
     assert stale("cache", "segment.backend=cellpose") and stale("cache", "cache.crop_size=32")
     assert not stale("cache", "cache.workers=2") and not stale("cache", "model.backbone=resnet34")
     assert not stale("cache", "segment.sam.device=cpu") and not stale("cache", "synthetic.workers=2")
+    assert stale("cache", "segment.classical.nucleus_diameter=90")
+    assert not stale("cache", "segment.cellpose.diameter=30") and not stale("cache", "data.dir=elsewhere")
+    assert stale("cache", "segment.cellpose.diameter=30", "segment.backend=cellpose")
+    # ... the side its sizes hold at, and of a learned backend what it computes, not how it batches
+    assert stale("cache", "segment.reference_size=2048")
+    assert stale("cache", "segment.hpacellseg.network_scale=0.5", "segment.backend=hpacellseg")
+    assert not stale("cache", "segment.hpacellseg.batch_size=2", "segment.backend=hpacellseg")
+    assert not stale("cache", "segment.hpacellseg.device=cpu", "segment.backend=hpacellseg")
+    assert not stale("cache", "cache.batched=always") and not stale("cache", "cache.queue_images=4")
+    # the networks inference builds: architecture only
     assert stale("model", "model.backbone=resnet34") and stale("model", "mil.hidden=64")
     assert not stale("model", "mil.lr=0.1") and not stale("model", "train.epochs=9")
-    # a data set and a checkpoint: the workers that make them change nothing they hold
+    # a data set, a folds file and a checkpoint: the workers that make them change nothing they hold, and a
+    # checkpoint resumes whichever folds the call that continues it trains
     assert stale("synthetic", "synthetic.n_train=10") and not stale("synthetic", "synthetic.workers=3")
+    assert stale("folds", "folds.seed=7") and not stale("folds", "folds.file=folds/mine.csv")
+    # ... and its groups (external's keys), not where its report goes
+    assert stale("folds", "folds.duplicates=reports/duplicates.json") and stale("folds", "folds.external=[x]")
+    assert stale("folds", "folds.external_mode=folded") and not stale("folds", "folds.report=r.md")
     assert stale("checkpoint", "train.lr=0.01") and not stale("checkpoint", "train.compile=true")
+    assert not stale("checkpoint", "train.folds=[0]")
 
 
 # -- issue 26: one config per project, help that answers, errors blamed where they were made ---------------
@@ -287,6 +336,7 @@ def test_keys_prints_defaults_and_descriptions_of_a_prefix(capsys):
         "refine.rounds",
         "checks.max_missing_share",
         "checks.lock_wait_s",
+        "checks.allow_empty_rows",
     }
     assert main(["keys", "nosuch."]) == 2
 

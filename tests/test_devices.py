@@ -10,7 +10,7 @@ import torch
 
 from weakcell import devices
 from weakcell.config import TrainConfig
-from weakcell.engine import resolve_runtime
+from weakcell.runtime import resolve_runtime
 
 # torch 2.10.0+cu128's torch.cuda.get_arch_list() (Kaggle's image): no sm_60 / sm_70
 KAGGLE_ARCHES = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]

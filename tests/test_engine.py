@@ -428,7 +428,7 @@ def test_prefetch_overlaps_reading_without_changing_a_bit(tmp_path: Path, determ
     in the main thread meanwhile, and the weights, the log and an exact resume are those of a serial run."""
     import threading
 
-    from weakcell import engine
+    from weakcell.epoch_log import format_duration
 
     readers: set[str] = set()
     original = SeededBatches.__getitems__
@@ -459,7 +459,7 @@ def test_prefetch_overlaps_reading_without_changing_a_bit(tmp_path: Path, determ
     got = torch.load(resumed.weights, weights_only=True)
     for name, value in torch.load(serial.weights, weights_only=True).items():
         assert torch.equal(got[name], value), name
-    assert engine.format_duration(42) == "42 s" and engine.format_duration(600) == "10.0 min"
+    assert format_duration(42) == "42 s" and format_duration(600) == "10.0 min"
 
 
 def test_validation_every_few_epochs_and_an_estimate_after_the_first(tmp_path: Path, capsys) -> None:

@@ -4,17 +4,22 @@ label images, written submissions), then the whole stage runs once on a tiny syn
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from weakcell import evaluate, plots
+from tests.conftest import REPO
+from weakcell import evaluate, evaluate_report, plots
 from weakcell.competition_metric import score_submission, truth_by_image
 from weakcell.config import load_config
 from weakcell.data.datasets import get_dataset
-from weakcell.submission import write_cell_level
+from weakcell.submission import publish, write_cell_level
 
 C = 19
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +83,7 @@ def _write_round(folder, thresholds: np.ndarray | None) -> list[str]:
 
 
 def test_evaluate_round_on_a_fake_run_folder(tmp_path):
-    from weakcell.train import TrainingSet
+    from weakcell.training_set import TrainingSet
 
     cfg = load_config(
         None, [f"paths.root={tmp_path}", "data.dataset=hpa2021", "name=fake", "refine.rounds=0"]
@@ -86,7 +91,7 @@ def test_evaluate_round_on_a_fake_run_folder(tmp_path):
     ids = _write_round(cfg.run_dir, THRESHOLDS)
     labels = [list(np.flatnonzero(row)) or [18] for row in Y_TRUE]  # images without a class 0-2: Negative
     images = pd.DataFrame({"image_id": ids, "labels": labels, "fold": [0, 1, 0, 1, 0, 1]})
-    data = TrainingSet(get_dataset("hpa2021"), None, pd.DataFrame(), images, np.zeros(0), None, None)
+    data = TrainingSet(get_dataset("hpa2021"), None, pd.DataFrame(), images, np.zeros(0), None)
     result = evaluate.evaluate_round(cfg, data=data)
     image = result["image_oof"]
     # classes 0, 1 as above; class 18 (2 positives: images 3, 5, all probabilities 0) has F1 0
@@ -224,12 +229,15 @@ def _synthetic_layout(tmp_path):
     # cell 1 is class 0, cell 2 class 1; the image probabilities alone cannot tell its cells apart
     cells = _scores("a", {1: {0: 0.9, 1: 0.2}, 2: {0: 0.3, 1: 0.8}})
     cells = cells.assign(**{f"image_{c}": 0.0 for c in range(C)}).assign(image_0=0.9, image_1=0.7)
-    submission.mkdir(parents=True)
-    cells.to_parquet(submission / "pred_cell.parquet")
+    staging = tmp_path / "staging"  # published as one set, as infer does: evaluate reads nothing else
+    staging.mkdir()
+    cells.to_parquet(staging / "pred_cell.parquet")
     product = cells[["image_id", "cell_id"]].assign(
         **{f"p_{c}": cells[f"p_{c}"] * cells[f"image_{c}"] for c in range(C)}
     )
-    write_cell_level(product, {"a": _truth_mask()}.get, _sample("a"), submission / "cell_level.csv")
+    write_cell_level(product, {"a": _truth_mask()}.get, _sample("a"), staging / "cell_level.csv")
+    submission.mkdir(parents=True)
+    publish(submission, {name: staging / name for name in ("pred_cell.parquet", "cell_level.csv")})
     return cfg, submission
 
 
@@ -263,6 +271,46 @@ def test_submission_cell_map_against_truth(tmp_path):
         evaluate.submission_cell_map(hpa, submission)
 
 
+def test_rescored_ablation_rows_apply_min_score_as_the_submission_does(tmp_path, monkeypatch):
+    from weakcell import ablate
+    from weakcell.score import score_main
+
+    # true cells 1 and 2 of image a are both class 0; the cell model gives class 0 0.9 to cell 1 and 0.3 to
+    # cell 2, nothing else; infer.min_score 0.5 leaves 0.3 out of the file: recall 1/2 at precision 1 -> 0.5
+    # (with the 0.3 in, both cells are found: 1.0)
+    data_dir = tmp_path / "data"
+    (data_dir / "truth").mkdir(parents=True)
+    cv2.imwrite(str(data_dir / "truth" / "a_cells.png"), _truth_mask().astype(np.uint16))
+    pd.DataFrame({"image_id": "a", "cell_id": [1, 2], "split": "test", "Label": "0"}).to_csv(
+        data_dir / "truth" / "cells.csv", index=False
+    )
+    cfg = load_config(None, [f"paths.root={tmp_path}", f"data.dir={data_dir}", "infer.min_score=0.5"])
+    staging, inferred = tmp_path / "staging", tmp_path / "submissions" / "shared"
+    staging.mkdir()
+    cells = _scores("a", {1: {0: 0.9}, 2: {0: 0.3}}).assign(**{f"image_{c}": 0.5 for c in range(C)})
+    cells.to_parquet(staging / "pred_cell.parquet")
+    # what infer writes for a row with these settings (the shared inference's own file, here the same
+    # formula), published as infer does, and scored as `weakcell score` scores it
+    write_cell_level(
+        _scores("a", {1: {0: 0.9}, 2: {0: 0.3}}),
+        {"a": _truth_mask()}.get,
+        _sample("a"),
+        staging / "cell_level.csv",
+        cfg.infer.min_score,
+    )
+    inferred.mkdir(parents=True)
+    publish(inferred, {name: staging / name for name in ("pred_cell.parquet", "cell_level.csv")})
+    out = tmp_path / "own.json"
+    argv = [str(inferred / "cell_level.csv"), "--truth", str(data_dir / "truth"), "--split", "test"]
+    assert score_main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["map"] == pytest.approx(0.5)
+    # a row rescored from another row's inference: the same predictions, the same min_score
+    monkeypatch.setattr(evaluate, "_cache_masks", lambda cfg: {"a": _truth_mask()}.get)
+    row = ablate.rows(1)[0]  # the inheritance row: confidence = the cell probability (image_power 0)
+    scores = ablate.test_scores(cfg, row, "inheritance", inferred=inferred)
+    assert scores["test_cell_map"] == pytest.approx(0.5)
+
+
 # -- reports ---------------------------------------------------------------------------------------------
 
 
@@ -278,26 +326,26 @@ def test_plots_are_written_as_pngs(tmp_path):
         plots.threshold_curves(Y_TRUE, PROBS, THRESHOLDS, names, tmp_path / "t.png", min_positives=2)
     )
     assert _is_png(plots.threshold_curves(Y_TRUE, PROBS, None, names, tmp_path / "untuned.png"))
-    table = evaluate.per_class_table(Y_TRUE, PROBS, THRESHOLDS, names).map(evaluate._format)
+    table = evaluate.per_class_table(Y_TRUE, PROBS, THRESHOLDS, names).map(evaluate_report._format)
     assert _is_png(plots.table_figure(table, tmp_path / "table.png", "per class"))
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary file
 
 
 def test_best_and_worst_images():
-    losses = evaluate.image_bce(Y_TRUE, PROBS)
+    losses = evaluate_report.image_bce(Y_TRUE, PROBS)
     # image 3 (no label; 0.4, 0.1, 0): -(log 0.6 + log 0.9) / 3; image 1 (class 0; 0.6, 0.1, 0.6):
     # -(log 0.6 + log 0.9 + log 0.4) / 3, the highest
     assert losses[3] == pytest.approx(-(np.log(0.6) + np.log(0.9)) / 3)
     assert losses[1] == pytest.approx(-(np.log(0.6) + np.log(0.9) + np.log(0.4)) / 3)
-    best, worst = evaluate.best_and_worst([f"i{k}" for k in range(6)], losses, 2)
+    best, worst = evaluate_report.best_and_worst([f"i{k}" for k in range(6)], losses, 2)
     assert best[0] == "i3" and worst[0] == "i1" and not set(best) & set(worst)
-    best, worst = evaluate.best_and_worst(["x", "y", "z"], np.array([0.1, 0.3, 0.2]), 2)
+    best, worst = evaluate_report.best_and_worst(["x", "y", "z"], np.array([0.1, 0.3, 0.2]), 2)
     assert best == ["x", "z"] and worst == ["y"]  # disjoint when there are fewer than 2k images
 
 
 def test_markdown_table():
     table = pd.DataFrame({"class": [0, 1], "f1": [0.5, np.nan]})
-    assert evaluate.markdown_table(table).splitlines() == [
+    assert evaluate_report.markdown_table(table).splitlines() == [
         "| class | f1 |",
         "|---|---|",
         "| 0 | 0.500 |",
@@ -328,15 +376,46 @@ def evaluated(tmp_path_factory):
     return cfg, evaluate.run(cfg)
 
 
-def test_stage_on_a_tiny_pipeline(evaluated):
+def _score_cli(path, truth, split: str, verified: str, out) -> dict:
+    """``weakcell score`` in a process of its own, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "weakcell", "score", str(path), "--truth", str(truth)]
+    command += ["--split", split, "--verified", verified, "--json", str(out)]
+    subprocess.run(command, check=True, cwd=REPO, env=env, capture_output=True)
+    return json.loads(Path(out).read_text())
+
+
+def test_stage_on_a_tiny_pipeline(evaluated, tmp_path):
     cfg, result = evaluated
     written = json.loads((cfg.run_dir / "evaluation.json").read_text())
     reports = cfg.path(cfg.paths.reports) / cfg.name
     assert json.loads((reports / "evaluation.json").read_text()) == written == result
-    # the same numbers as the stages that computed them first: no second implementation drifts
+    # out of fold: the file evaluate wrote holds every training image once, with the cache's cells as
+    # masks and each cell's out-of-fold confidence (image_power 0: its probability), exactly
+    oof_path = evaluate.submission_dir(cfg) / "oof_cell_level.csv"
+    oof_file = pd.read_csv(oof_path, dtype=str)
+    train_ids = pd.read_csv(cfg.data_dir / "train.csv", dtype=str)["ID"]
+    assert oof_file["ID"].tolist() == sorted(train_ids)
+    from weakcell.cache.store import CellCache
+
+    cache = CellCache(cfg.cache_dir)
+    cache_masks = {i: cache.masks(i).cells for i in train_ids}
+    assert evaluate.masks_differ(oof_path, cache_masks) == 0
+    oof_cell = pd.read_parquet(cfg.run_dir / "oof_cell.parquet")
+    first = sorted(oof_cell["image_id"])[0]
+    tokens = oof_file.set_index("ID").loc[first, "PredictionString"].split()
+    probs = oof_cell.loc[oof_cell["image_id"] == first, [f"p_{c}" for c in range(C)]].to_numpy()
+    assert sorted(map(float, tokens[1::3])) == sorted(probs.ravel().tolist())
+    # ... and its score is the CLI's, to 1e-9, under both readings: evaluate's score of the file, the
+    # in-memory score of the same confidences on the cache's cells, and training's metrics.json
     metrics = json.loads((cfg.run_dir / "metrics.json").read_text())
-    for variant, scores in result["cell_oof"].items():
-        assert scores["map"] == pytest.approx(metrics[f"cell_map_{variant}"])
+    for verified, key in (("image", "cell_oof"), ("all", "cell_oof_other")):
+        cli = _score_cli(oof_path, cfg.data_dir / "truth", "train", verified, tmp_path / f"{verified}.json")
+        assert cli["n_images"] == len(train_ids) and 0 < cli["map"] < 1
+        assert abs(result[key]["submission"]["map"] - cli["map"]) <= 1e-9
+        assert abs(result[key]["confidence"]["map"] - cli["map"]) <= 1e-9
+    assert abs(metrics["cell_map_confidence"] - result["cell_oof"]["submission"]["map"]) <= 1e-9
+    assert result["oof_submission"]["file"] == str(oof_path)
     assert result["image_oof"]["map"] == pytest.approx(metrics["image_map"])
     tuned = json.loads((cfg.run_dir / "thresholds.json").read_text())["summary"]
     assert result["image_oof"]["macro_f1_tuned"] == pytest.approx(tuned["macro_f1_tuned"])
@@ -344,8 +423,16 @@ def test_stage_on_a_tiny_pipeline(evaluated):
         tuned["macro_f1_tuned_cross_fitted"]
     )
     # the submission is the confidence formula of infer.*, written exactly: the same mAP as the
-    # confidence recomputed from pred_cell.parquet, under both readings of the metric
+    # confidence recomputed from pred_cell.parquet, under both readings of the metric, and as the CLI
     test, other = result["cell_test"], result["cell_test_other"]
+    cli = _score_cli(
+        evaluate.submission_dir(cfg) / "cell_level.csv",
+        cfg.data_dir / "truth",
+        "test",
+        "image",
+        tmp_path / "t.json",
+    )
+    assert abs(test["submission"]["map"] - cli["map"]) <= 1e-9
     assert (test["verified"], other["verified"]) == ("image", "all") == tuple(result["verified"].values())
     assert test["masks_differ"] == 0 and 0 <= test["submission"]["map"] <= 1
     for reading in (test, other):
@@ -373,6 +460,7 @@ def test_an_earlier_round_reports_apart_and_skips_the_test_split(evaluated, tmp_
     assert evaluate.report_dir(later, 0) == cfg.path(cfg.paths.reports) / cfg.name / "round0"
     result = evaluate.evaluate_round(later)
     assert result["round"] == 0 and "cell_test" not in result and "cell_oof" in result
+    assert "submission" not in result["cell_oof"]  # the OOF file is the final round's
     assert any("final round" in note for note in result["notes"])
 
 

@@ -195,6 +195,68 @@ def test_pretrained_datasets_pack_each_fetched_file_with_its_manifest(tmp_path, 
     ]
 
 
+def served_hpacellseg(served: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole pickled models under the Zenodo names (small trees with upstream's class paths: the format is
+    under test here, tests/test_hpacellseg.py runs the real network)."""
+    import warnings
+
+    from tests.hpacellseg_models import tiny_upstream_like, upstream_classes
+
+    states = {}
+    for stem in ("dpn_unet_nuclei_v1", "dpn_unet_cell_3ch_v1"):
+        with upstream_classes() as classes, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, states[stem] = tiny_upstream_like(classes, parallel=stem.startswith("dpn_unet_nuclei"))
+            torch.save(model, served / f"{stem}.pth")
+    return states
+
+
+def test_hpacellseg_models_are_fetched_and_converted_without_running_their_pickles(tmp_path, server) -> None:
+    url, served = server
+    states = served_hpacellseg(served)
+    cfg = config(tmp_path, "weights.fetch=[hpacellseg]", f"weights.mirror={url}", "kaggle.owner=someone")
+
+    manifest = fetch(cfg)
+
+    folder = tmp_path / "weights"
+    assert sorted(manifest) == ["hpacellseg:dpn_unet_cell_3ch_v1", "hpacellseg:dpn_unet_nuclei_v1"]
+    for stem, state in states.items():
+        entry = manifest[f"hpacellseg:{stem}"]
+        assert entry["file"] == f"{stem}.safetensors" and entry["upstream_file"] == f"{stem}.pth"
+        assert entry["upstream_sha256"] == sha256(served / f"{stem}.pth")
+        assert entry["upstream_sha256_source"] == "recorded at the first fetch"
+        stored = load_file(folder / entry["file"])
+        assert stored.keys() == state.keys()  # a DataParallel's "module." prefix removed
+        for key, value in state.items():
+            torch.testing.assert_close(stored[key], value)
+    assert not list(folder.glob("*.pth"))  # the pickles are not kept
+    assert fetch(config(tmp_path, "weights.fetch=[hpacellseg]", f"weights.mirror={dead_url()}")) == manifest
+    # both files in one Kaggle dataset, the folder segment.hpacellseg.weights points at
+    (target,) = pretrained_datasets(cfg)
+    assert target.name == "hpa-cell-segmentation"
+    assert sorted(p.name for p in target.glob("*.safetensors")) == [
+        "dpn_unet_cell_3ch_v1.safetensors",
+        "dpn_unet_nuclei_v1.safetensors",
+    ]
+    assert json.loads((target / "MANIFEST.json").read_text()) == manifest
+
+
+def test_offline_one_line_names_every_missing_file_of_the_config(tmp_path, capsys) -> None:
+    argv = [
+        "weights",
+        f"paths.root={tmp_path}",
+        "weights.fetch=[sam,hpacellseg]",
+        "segment.hpacellseg.cell_model=2ch",
+        f"weights.mirror={dead_url()}",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "3 weights files could not be fetched" in err
+    for name in ("sam_vit_b_01ec64.pth", "dpn_unet_nuclei_v1.pth", "dpn_unet_cell_v2.pth"):
+        assert f"at {tmp_path / 'weights' / name} and rerun `make weights`" in err, name
+    assert "https://zenodo.org/record/4665863/files/dpn_unet_nuclei_v1.pth" in err
+
+
 def test_offline_names_every_missing_file_at_once(tmp_path, capsys) -> None:
     """Issue 26: `make weights` offline reported one missing file per run (three runs to learn of three)."""
     dead = dead_url()
@@ -208,6 +270,6 @@ def test_offline_names_every_missing_file_at_once(tmp_path, capsys) -> None:
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("error: 3 of 3 weights missing")
+    assert "\n" not in err and err.startswith("error: 3 weights files could not be fetched")
     for placed in ("test_efficientnet.pth", "cpsam", "sam_vit_b_01ec64.pth"):
         assert f"{tmp_path / 'weights' / placed}" in err

@@ -1,4 +1,4 @@
-"""Every generated kernel (inference, cellpose, cellpose-sam, train), run as Kaggle runs it: in a replica of
+"""Every generated kernel (inference, cellpose, cellpose-sam, hpacellseg, train), run as Kaggle runs it: in a replica of
 Kaggle's Python image (``make kaggle-env``: Python 3.12 and the versions of requirements/kaggle-image.txt),
 internet off, nothing but the image's packages and the attached inputs.
 
@@ -6,7 +6,7 @@ A tiny synthetic run is trained and predicted locally (its backbone starts from 
 checkpoint, so the 4-channel stem adaptation runs too); ``make wheels``, ``make weights-dataset``,
 ``make backbone-dataset`` and ``make kernels`` then fill an ``input/`` laid out like a Kaggle session: the
 competition folder (the synthetic set in the 2021 layout), the datasets, and random Cellpose-SAM (ViT-B) and
-SAM (ViT-B) weight files made here. Each kernel runs in a fresh environment on the image replica (a venv
+SAM (ViT-B) weight files and HPA-Cell-Segmentation U-Nets (``tests/hpacellseg_models.py``) made here. Each kernel runs in a fresh environment on the image replica (a venv
 whose .pth names the image's site-packages: pip installs into the kernel's venv, never into the image),
 under ``unshare -rn`` (a network namespace without interfaces) plus a socket guard. Every
 ``submission.csv`` must validate against the sample submission; the inference kernel's must equal the
@@ -32,6 +32,7 @@ import timm
 import torch
 
 from tests.conftest import REPO, TINY
+from tests.hpacellseg_models import save_weights, thresholding_state
 from weakcell import folds as folds_stage
 from weakcell import infer as infer_stage
 from weakcell import thresholds as thresholds_stage
@@ -150,7 +151,8 @@ def random_backbone_checkpoint(path: Path, name: str) -> Path:
 def random_segmentation_weights(folder: Path) -> dict[str, Path]:
     """A Cellpose-SAM (ViT-B encoder) and a SAM ViT-B file under their official names, random but for
     Cellpose's readout: its zero weights and a bias that paints flows toward the centre of every 8-px
-    patch (cell probability logit 5), so Cellpose finds one cell per patch and SAM has cells to refine."""
+    patch (cell probability logit 5), so Cellpose finds one cell per patch and SAM has cells to refine;
+    and the two HPA-Cell-Segmentation U-Nets as thresholds of the input intensity."""
     from segment_anything import sam_model_registry
 
     from weakcell.segment.cellpose_backend import PATCH, _cpsam_skeleton
@@ -176,7 +178,8 @@ def random_segmentation_weights(folder: Path) -> dict[str, Path]:
     sam = folder / "sam" / "sam_vit_b_01ec64.pth"
     sam.parent.mkdir(parents=True)
     torch.save(sam_model_registry["vit_b"](None).state_dict(), sam)
-    return {"cellpose": cellpose.parent, "sam": sam.parent}
+    hpacellseg = save_weights(folder / "hpacellseg", thresholding_state(), thresholding_state())
+    return {"cellpose": cellpose.parent, "sam": sam.parent, "hpacellseg": hpacellseg}
 
 
 @dataclass
@@ -254,8 +257,10 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
             "name=kaggle-e2e",
             "refine.rounds=0",
             "kaggle.owner=tester",
-            # the random segmentation weights are ViT-B sized (the official cpsam is ViT-L, 1.2 GB)
-            "kaggle.kernel_overrides=[segment.cellpose.backbone=vit_b]",
+            # the random segmentation weights are ViT-B sized (the official cpsam is ViT-L, 1.2 GB); the
+            # synthetic cells are ~4x smaller in pixels than HPA's: upstream's sizes at 1/4, its U-Nets at 64²
+            "kaggle.kernel_overrides=[segment.cellpose.backbone=vit_b,hpacellseg:segment.reference_size=1024,"
+            "hpacellseg:segment.hpacellseg.network_scale=0.0625]",
         ],
     )
     data_stage.run(cfg)
@@ -285,6 +290,7 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
         naming.backbone_slug(cfg): backbone_dir,
         naming.slug_of(cfg.kaggle.cellpose_dataset): segmentation["cellpose"],
         naming.slug_of(cfg.kaggle.sam_dataset): segmentation["sam"],
+        naming.slug_of(cfg.kaggle.hpacellseg_dataset): segmentation["hpacellseg"],
     }
     for slug, folder in attached.items():
         shutil.copytree(folder, input_dir / slug, copy_function=os.link)
@@ -295,7 +301,7 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
         for variant, folder in folders.items()
     }
     # the slowest first: with two at a time the pair ends closer together
-    order = ["cellpose-sam", "train", "cellpose", "inference"]
+    order = ["cellpose-sam", "train", "hpacellseg", "cellpose", "inference"]
     with ThreadPoolExecutor(max_workers=KERNEL_JOBS) as pool:
         futures = {
             variant: pool.submit(run_kernel, variant, scripts[variant], tmp, image_python, input_dir, offline)
@@ -306,6 +312,9 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
         f"kernels offline ({'unshare -rn' if offline else 'socket guard only'}, {KERNEL_JOBS} at a time): "
         + ", ".join(f"{s.variant} {s.seconds:.0f} s" for s in sessions.values())
     )
+    # the HPA-Cell-Segmentation U-Nets are 1 GB; the kernels have run (pytest keeps its last folders)
+    shutil.rmtree(segmentation["hpacellseg"])
+    shutil.rmtree(input_dir / naming.slug_of(cfg.kaggle.hpacellseg_dataset))
     return Prepared(cfg, local_csv, input_dir, wheels_dir, sessions, offline)
 
 
@@ -387,6 +396,17 @@ def test_segmentation_kernels_install_their_wheels_and_segment_with_the_attached
     site = next((session.python.parent.parent / "lib").glob("python3*/site-packages"))
     wheel_tags = {p.name: (p / "WHEEL").read_text() for p in site.glob("fastremap-*.dist-info")}
     assert any("cp312-cp312-manylinux" in text for text in wheel_tags.values()), wheel_tags
+
+
+def test_hpacellseg_kernel_segments_with_the_attached_unets_without_the_segment_extra(prepared):
+    session = finished(prepared, "hpacellseg")
+    assert "weakcell" in installed(session.python) and "cellpose" not in installed(session.python)
+    cache = session.working / "cache" / "hpa2021" / "hpacellseg"
+    assert len(pd.read_parquet(cache / "images.parquet")) == prepared.cfg.synthetic.n_test
+    cells = pd.read_parquet(cache / "cells.parquet")
+    assert cells["image_id"].nunique() == prepared.cfg.synthetic.n_test, cells
+    predicted = parse(session.working / "submission.csv")["PredictionString"].str.split().str.len()
+    assert (predicted > 0).all()
 
 
 def test_train_kernel_trains_from_the_attached_backbone_dataset(prepared):

@@ -11,6 +11,7 @@ tie order (arbitrary in the reference) never decides.
 from __future__ import annotations
 
 import base64
+import json
 import warnings
 import zlib
 
@@ -20,7 +21,7 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from weakcell.competition_metric import score_submission, truth_by_image
-from weakcell.submission import encode_mask
+from weakcell.rle import encode_mask
 
 N_CLASSES = 5
 SIZE = 16
@@ -186,3 +187,46 @@ def test_kit_equals_the_reference_on_random_submissions(verified):
             differences.append((case, kit["ap"], expected_ap))
         assert kit["map"] == pytest.approx(expected_map, abs=1e-12) or np.isnan(expected_map)
     assert not differences, differences[:3]
+
+
+@pytest.mark.parametrize("verified", ["image", "all"])
+def test_score_cli_equals_the_reference_on_truth_folders_with_empty_images(tmp_path, verified):
+    """``weakcell score`` end to end (a truth folder on disk, the CSV, ``--json``) on random cases in which
+    some truth images hold no cell at all: the organisers' driver visits every ground-truth image, so under
+    ``verified=all`` each detection there is a false positive."""
+    import cv2
+
+    from weakcell.score import score_main
+
+    rng = np.random.default_rng(7 if verified == "image" else 8)
+    n_empty = 0
+    for case in range(40):
+        masks, labels, frame = _random_case(rng)
+        for image_id in ("b", "c"):
+            if rng.random() < 0.3:  # a label image without any cell: it has no cells.csv row
+                masks[image_id] = np.zeros((SIZE, SIZE), np.int32)
+                labels[image_id] = {}
+                n_empty += 1
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        for image_id, label_image in masks.items():
+            cv2.imwrite(str(folder / f"{image_id}_cells.png"), label_image.astype(np.uint16))
+        rows = [
+            {"image_id": i, "cell_id": cell, "Label": "|".join(map(str, cs))}
+            for i, cells in labels.items()
+            for cell, cs in cells.items()
+        ]
+        pd.DataFrame(rows, columns=["image_id", "cell_id", "Label"]).to_csv(folder / "cells.csv", index=False)
+        frame.to_csv(folder / "submission.csv", index=False)
+        out = folder / "score.json"
+        argv = [str(folder / "submission.csv"), "--truth", str(folder), "--verified", verified]
+        assert score_main([*argv, "--classes", str(N_CLASSES), "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        with warnings.catch_warnings():  # a case without any class-bearing cell has no mean
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected_map, expected_ap = reference_map(frame, masks, labels, verified)
+        kit_ap = np.array([np.nan if v is None else v for v in result["ap"].values()], dtype=float)
+        assert np.allclose(kit_ap, expected_ap, equal_nan=True, atol=1e-12), (case, kit_ap, expected_ap)
+        assert result["map"] == pytest.approx(expected_map, abs=1e-12) or np.isnan(expected_map)
+        assert result["n_images"] == len(masks)
+    assert n_empty >= 10  # the cases hold empty truth images

@@ -11,6 +11,7 @@ import pytest
 
 from weakcell.config import RefineConfig
 from weakcell.constants import NEGATIVE
+from weakcell.lineage import Lineage, read_lineage, write_lineage
 from weakcell.refine import label_quality, negative_floor, pseudo_labels
 
 C = NEGATIVE + 1
@@ -162,6 +163,21 @@ def test_round_trains_on_pseudo_labels_of_models_that_never_saw_the_fold(tiny_ru
     changed = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"relative": 0.9})})
     with pytest.raises(ValueError, match=r"refine\.relative.*FORCE=1"):
         refine_stage.run(changed)
+    # the stage-1 rule reads no confidence formula: another one reuses the round ...
+    powered = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"image_power": 3.0})})
+    assert refine_stage.run(powered)[0]["seconds"] == pytest.approx(metrics["seconds"])
+    # ... while a round whose rule scores cells by the submitted confidence was made from it (its record
+    # written here as that round's would be: training one costs stage 2 in every inner model)
+    made = read_lineage(round_dir)
+    confident = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"score": "confidence"})})
+    as_trained = Lineage.of(
+        "refine", refine_stage.round_config(confident, 1), previous=made.upstream["previous"]
+    )
+    write_lineage(round_dir, as_trained)
+    powered = confident.model_copy(update={"infer": cfg.infer.model_copy(update={"image_power": 3.0})})
+    with pytest.raises(ValueError, match=r"infer\.image_power: 0\.0 -> 3\.0.*FORCE=1"):
+        refine_stage.run(powered)
+    write_lineage(round_dir, made)
     # a rule that reads MIL attention has the inner models trained with stage 2 (on a linked copy of
     # round 0, so that the shared tiny run keeps its round)
     from weakcell.ablate import link_round_zero

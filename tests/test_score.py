@@ -1,4 +1,5 @@
-"""``weakcell score`` and the OOF cell AP under both readings of the metric; expected values by hand."""
+"""``weakcell score`` under both readings of the metric, and the truth folders it reads; expected values by
+hand."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from weakcell.cell_truth import cell_level_ap
 from weakcell.cli import main
+from weakcell.rle import encode_mask
 from weakcell.score import score_main
-from weakcell.submission import encode_mask
 
 # image a (16-bit PNG): cell 1 = rows 0-9 x cols 0-9, class 0; cell 2 = rows 0-9 x cols 10-19, no class.
 # image b (8-bit PNG): cell 1 = rows 10-19 x cols 0-9, class 1. image c (split train): cell 1, class 0.
@@ -114,18 +114,60 @@ def test_bad_input_is_one_line_naming_the_file_or_row(tmp_path, capsys):
     assert "single-channel label image" in capsys.readouterr().err
 
 
-def test_oof_cell_ap_under_both_readings():
-    # x: cell 1 is class 0, cell 2 is not; y has no class-0 cell. Segmented cells match true cells 1:1.
-    truth = pd.DataFrame({"image_id": ["x", "x", "y"], "cell_id": [1, 2, 1], "labels": [[0], [1], [1]]})
-    matches = pd.DataFrame({"image_id": ["x", "x", "y"], "cell_id": [1, 2, 1], "true_cell_id": [1, 2, 1]})
-    matches["iou"] = 1.0
-    predictions = pd.DataFrame(
-        {"image_id": ["x", "x", "y"], "cell_id": [1, 2, 1], "p_0": [0.5, 0.1, 0.9], "p_1": [0.2, 0.8, 0.7]}
+def _with_an_empty_image(tmp_path, images_table: bool = True):
+    """The truth folder above plus image e (split test): a label image without any cell, so no cells.csv
+    row; its split only in images.csv. The submission predicts class 0 in e at 0.99."""
+    truth = _truth_folder(tmp_path)
+    cv2.imwrite(str(truth / "e_cells.png"), np.zeros((20, 20), np.uint16))
+    if images_table:
+        pd.DataFrame({"image_id": ["a", "b", "c", "e"], "split": ["test", "test", "train", "test"]}).to_csv(
+            truth / "images.csv", index=False
+        )
+    submission = _submission(tmp_path)
+    frame = pd.read_csv(submission, dtype=str)
+    e = pd.DataFrame(
+        {
+            "ID": ["e"],
+            "ImageWidth": ["20"],
+            "ImageHeight": ["20"],
+            "PredictionString": [f"0 0.99 {encode_mask(A == 1)}"],
+        }
     )
-    # organisers: class 0 ranks only x's cells (0.5 TP, 0.1): AP 1; class 1 ranks x's and y's cells: 0.8 TP,
-    # 0.7 TP, 0.2 -> AP 1
-    image = cell_level_ap(predictions, ["p_0", "p_1"], matches, truth, "image")
-    assert image.tolist() == pytest.approx([1.0, 1.0])
-    # every class everywhere: class 0 ranks y's cell (0.9, negative) first: precision 1/2 at the hit
-    strict = cell_level_ap(predictions, ["p_0", "p_1"], matches, truth, "all")
-    assert strict.tolist() == pytest.approx([0.5, 1.0])
+    pd.concat([frame, e]).to_csv(submission, index=False)
+    return truth, submission
+
+
+@pytest.mark.parametrize(
+    ("verified", "expected"),
+    [
+        # e has no cell, so no class is verified there: its prediction is ignored (a and b as above)
+        ("image", {"map": 1.0, "0": 1.0, "1": 1.0}),
+        # every class everywhere: class 0 ranks e (0.99, FP), b (0.95, FP), then a's TP (0.9): precision
+        # 1/3 at the only hit; class 1 as above, 1/2 -> mAP 5/12
+        ("all", {"map": 5 / 12, "0": 1 / 3, "1": 0.5}),
+    ],
+)
+def test_a_truth_image_without_cells_is_still_a_truth_image(tmp_path, verified, expected):
+    truth, submission = _with_an_empty_image(tmp_path)
+    out = tmp_path / "score.json"
+    argv = [str(submission), "--truth", str(truth), "--split", "test", "--verified", verified]
+    assert score_main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 3 and result["map"] == pytest.approx(expected["map"])
+    assert [result["ap"]["0"], result["ap"]["1"]] == pytest.approx([expected["0"], expected["1"]])
+
+
+def test_truth_folders_without_an_image_table_stay_readable(tmp_path, capsys):
+    # a folder written before images.csv: splits come from cells.csv, as before
+    out = tmp_path / "score.json"
+    argv = [str(_submission(tmp_path)), "--truth", str(_truth_folder(tmp_path)), "--split", "test"]
+    assert score_main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 2
+    # ... but an image without cells has no split there: selecting a split says how to give it one
+    truth, submission = _with_an_empty_image(tmp_path / "empty", images_table=False)
+    assert score_main([str(submission), "--truth", str(truth), "--split", "test"]) == 2
+    error = capsys.readouterr().err
+    assert "e_cells.png" in error and "images.csv" in error and error.count("\n") == 1
+    # without --split every label image is a truth image, the empty one too: class 0 as in "all" above
+    assert score_main([str(submission), "--truth", str(truth), "--verified", "all", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 4

@@ -8,14 +8,11 @@ import pytest
 
 from tests.conftest import shared_path
 from weakcell.constants import EMPTY_MASK_RLE
+from weakcell.rle import decode_mask, encode_crop, encode_mask, placeholder
 from weakcell.submission import (
     PLACEHOLDER,
     SubmissionError,
     cell_prediction_string,
-    decode_mask,
-    encode_crop,
-    encode_mask,
-    placeholder,
     validate_cell_level,
     validate_image_level,
     validate_main,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from weakcell.config import SyntheticConfig, load_config
 from weakcell.constants import CHANNELS, HPA2021_CLASSES, NEGATIVE
 from weakcell.data.images import read_image
 from weakcell.data.labels import parse_labels
+from weakcell.outputs import LOCK_FILE
 from weakcell.synthetic import (
     PATTERNS,
     generate_image,
@@ -181,12 +183,21 @@ def test_writer_layout_skip_and_truth(tmp_path, capsys) -> None:
         image_labels = images.loc[images["ID"] == image_id, "labels"].iloc[0]
         assert image_labels == (sorted(own) or [NEGATIVE])
     assert train["Label"].map(lambda text: parse_labels(text, "|", 19)).map(len).min() >= 1
+    # every image with its split, as the truth's image table (an image without cells has no cells.csv row)
+    split_table = pd.read_csv(root / "truth" / "images.csv", dtype=str)
+    assert split_table.values.tolist() == [
+        *[[i, "train"] for i in train["ID"]],
+        *[[i, "test"] for i in test["ID"]],
+    ]
 
-    written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    def data_files() -> dict[Path, int]:  # the lock file records each run that holds it: not data
+        return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+
+    written = data_files()
     capsys.readouterr()
     run(load_config(None, overrides))  # same content settings, other worker count: trusted
     assert "skipping" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
+    assert data_files() == written
 
     marker = (root / MARKER).read_text()
     (root / MARKER).write_text(marker.replace(f"version {GENERATOR_VERSION}", "version 0"))

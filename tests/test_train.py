@@ -12,7 +12,10 @@ import pytest
 
 from tests.conftest import TINY  # noqa: F401  (re-exported: other test modules import it from here)
 from weakcell import train as train_stage
-from weakcell.cell_truth import label_iou, match_cells
+from weakcell.cell_truth import ASSIGN_IOU, CellTruth, ImageTruth
+from weakcell.competition_metric import TrueCells, label_iou
+from weakcell.labelled_crops import balanced_sample_weights, class_pos_weight
+from weakcell.training_set import load_training_set
 
 
 def test_oof_covers_every_image_once(tiny_run):
@@ -56,37 +59,56 @@ def test_rerun_skips_finished_folds(tiny_run, capsys):
 def test_oracle_targets_come_from_truth(tiny_run):
     cfg, _ = tiny_run
     oracle = cfg.model_copy(update={"train": cfg.train.model_copy(update={"targets": "truth"})})
-    data = train_stage.load_training_set(oracle)
-    weak = train_stage.load_training_set(cfg)
+    data = load_training_set(oracle)
+    weak = load_training_set(cfg)
     rows = data.cells.index
     # inherited targets are a superset of the truth for matched cells, and differ somewhere
     assert (data.cell_targets[rows] <= weak.cell_targets[rows] + (np.arange(19) == 18)).all()
     assert not np.array_equal(data.cell_targets[rows], weak.cell_targets[rows])
 
 
-def test_match_cells_one_to_one():
+def test_oracle_assignment_is_iou_above_one_half():
+    # true cells 1 (rows 0-4 x cols 0-4, class 0), 2 (rows 5-9 x cols 5-9, class 1), 3 (rows 0-4 x cols
+    # 6-9, 20 px, class 2)
     true = np.zeros((10, 10), np.int32)
-    true[:5, :5], true[5:, 5:] = 1, 2
+    true[:5, :5], true[5:, 5:], true[:5, 6:] = 1, 2, 3
     pred = np.zeros_like(true)
-    pred[:5, :4] = 7  # IoU 0.8 with true cell 1
-    pred[5:, 5:7] = 9  # IoU 0.4 with true cell 2: no match
-    matches = match_cells(pred, true)
-    assert matches[["cell_id", "true_cell_id"]].values.tolist() == [[7, 1]]
+    pred[:5, :4] = 7  # 20 px inside true cell 1 (25 px): IoU 0.8
+    pred[5:, 5:7] = 9  # 10 px inside true cell 2 (25 px): IoU 0.4, no true cell
+    pred[:5, 5:] = 4  # 25 px: true cell 3's 20 px + 5 px of nothing: IoU 0.8
+    pred[9, 0] = 5  # a pixel of background: no true cell
     ids_pred, ids_true, iou = label_iou(pred, true)
-    assert ids_pred.tolist() == [7, 9] and ids_true.tolist() == [1, 2]
-    assert iou[0, 0] == pytest.approx(0.8) and iou[1, 1] == pytest.approx(0.4)
+    assert ids_pred.tolist() == [4, 5, 7, 9] and ids_true.tolist() == [1, 2, 3]
+    assert iou[2, 0] == pytest.approx(0.8) and iou[3, 1] == pytest.approx(0.4)
+    assert iou[0, 2] == pytest.approx(0.8) and iou[1].tolist() == [0, 0, 0]
+    classes = np.eye(3, dtype=bool)
+    truth = CellTruth(
+        {"x": ImageTruth(TrueCells(None, ids_true, classes), ids_pred, iou, fold=0)}, n_classes=3
+    )
+    cells = pd.DataFrame({"image_id": ["x", "x", "x", "x", "y"], "cell_id": [7, 9, 4, 5, 1]})
+    assigned, found = truth.assigned(cells)
+    assert found.tolist() == [True, False, True, False, False]  # image y has no truth
+    assert assigned[[0, 2]].tolist() == [[True, False, False], [False, False, True]]
+    assert not assigned[[1, 3, 4]].any()
+    # IoU exactly 0.5 is not above one half: two disjoint true cells can both reach it with one cell
+    half = np.zeros((2, 4), np.int32)
+    half[:, :2], half[:, 2:] = 1, 2
+    cell_ids, true_ids, iou = label_iou(np.ones_like(half), half)
+    assert iou.tolist() == [[0.5, 0.5]] and ASSIGN_IOU == 0.5
+    edge = CellTruth({"x": ImageTruth(TrueCells(None, true_ids, classes[:2, :2]), cell_ids, iou, 0)}, 2)
+    assert not edge.assigned(pd.DataFrame({"image_id": ["x"], "cell_id": [1]}))[1].any()
 
 
 def test_rare_classes_weigh_more():
     targets = np.zeros((100, 3), np.float32)
     targets[:90, 0] = 1  # common
     targets[90:, 1] = 1  # rare
-    pos_weight = train_stage.class_pos_weight(targets)
+    pos_weight = class_pos_weight(targets)
     assert pos_weight[2] >= pos_weight[1] > pos_weight[0] >= 1.0  # rarer (or absent) weighs more
-    weights = train_stage.balanced_sample_weights(targets)
+    weights = balanced_sample_weights(targets)
     assert weights[95] > weights[0]
     # drawn in proportion: the rare tenth of the cells gets about half of the draws
-    from weakcell.engine import epoch_order
+    from weakcell.batches import epoch_order
 
     order = epoch_order(100, 10, seed=0, epoch=0, weights=weights)
     assert np.array_equal(order, epoch_order(100, 10, seed=0, epoch=0, weights=weights))
@@ -111,7 +133,8 @@ def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
 def test_infer_writes_valid_submissions(tiny_run):
     from weakcell import infer as infer_stage
     from weakcell import thresholds as thresholds_stage
-    from weakcell.submission import decode_mask, validate_cell_level, validate_image_level
+    from weakcell.rle import decode_mask
+    from weakcell.submission import validate_cell_level, validate_image_level
 
     cfg, _ = tiny_run
     thresholds_stage.run(cfg)

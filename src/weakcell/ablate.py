@@ -4,9 +4,10 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
 
 - the weak run ``name``: round 0 (cells inherit image labels, then attention MIL) and pseudo-label
   refinement rounds 1..``ablate.rounds``;
-- ``<name>-control`` (``ablate.control``): round 0 of the weak run (hard links, not retrained; relinked
-  when the weak run's round 0 was retrained) plus rounds
-  of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
+- ``<name>-control`` (``ablate.control``): round 0 of the weak run (not retrained: its weights and tables
+  hard-linked, which is safe because they are only ever replaced by a rename, never rewritten in place; every
+  other file copied, the lock never: ``weakcell.ablate_control``; taken again when the weak run's round 0 was
+  retrained) plus rounds of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
   as the weak run's backbone gets in total, then MIL: the ceiling.
@@ -19,30 +20,31 @@ large enough to tell variants apart); out-of-fold figures stay as columns.
 Each row of ``rows()`` names a run, a round, how cells and images are scored and the inference settings of
 its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with tuned thresholds
 (cross-fitted over folds, so tuning is not scored on the rows it was tuned on), image mAP, cell mAP
-against the synthetic truth, the competition metric of the test-split submission, and wall time.
-Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
+against the synthetic truth (the competition metric too: ``cell_truth.CellTruth``), the competition metric
+of the test-split submission, and wall time. Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
+The grid holds the locks of the runs it builds while it trains and scores them (``weakcell.outputs``).
 """
 
 from __future__ import annotations
 
-import filecmp
 import json
-import os
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from weakcell.ablate_control import link_round_zero
+from weakcell.ablate_report import COLUMNS, ORACLE_ROW, markdown, plot, refined, targets
 from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
-from weakcell.scoring import cell_scores, max_pool_images
-from weakcell.train import TrainingSet, load_training_set
+from weakcell.outputs import atomic_write_text, folder_lock, read_json
+from weakcell.scoring import cell_score_table, max_pool_images
+from weakcell.training_set import TrainingSet, load_training_set
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
 
@@ -63,11 +65,6 @@ INHERIT = "inheritance only (cell model)"
 # The "+ attention MIL" row multiplies each cell by its image's MIL term, as tuned when every class was
 # judged in every image (benchmarks/confidence.md), whatever infer.image_power the other rows submit with.
 IMAGE_TERM: dict[str, Any] = {"image_power": 3.0, "image_best_cell": 0.25}
-ORACLE_ROW = "oracle: true cell labels"
-
-
-def refined(round_: int) -> str:
-    return f"+ refinement, {round_} round{'s' if round_ > 1 else ''}"
 
 
 def rows(rounds: int) -> list[Row]:
@@ -117,43 +114,6 @@ def run_configs(cfg: Config) -> dict[str, Config]:
     return configs
 
 
-# What the control's rounds start from: round 0's out-of-fold tables (the rule reads them) and its fold
-# models (fine-tuned). ``target`` holds a current round 0 when each of these is ``source``'s own file.
-ROUND_ZERO_INPUTS = ("oof_image.parquet", "oof_cell.parquet", "fold*/cell/model.pt")
-
-
-def holds_round_zero(source: Path, target: Path) -> bool:
-    """Whether ``target`` holds ``source``'s current round 0: every ``ROUND_ZERO_INPUTS`` file of ``source``
-    is in ``target`` as the same file (a hard link) or an equal copy. A retrained round 0 (``FORCE=1``)
-    writes new files (atomic renames), so the old links no longer match."""
-    files = [path.relative_to(source) for pattern in ROUND_ZERO_INPUTS for path in source.glob(pattern)]
-    return bool(files) and all(
-        (target / name).is_file()
-        and (
-            os.path.samefile(source / name, target / name)
-            or filecmp.cmp(source / name, target / name, shallow=False)
-        )
-        for name in files
-    )
-
-
-def link_round_zero(source: Path, target: Path) -> None:
-    """Round 0 of ``source`` into ``target`` as hard links (no copy, no retraining); refinement rounds
-    and round 0's inner models are not taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its
-    rounds were fine-tuned from the old round 0."""
-    if holds_round_zero(source, target):
-        return
-    if target.exists():
-        shutil.rmtree(target)
-    try:
-        shutil.copytree(
-            source, target, copy_function=os.link, ignore=shutil.ignore_patterns("round*", "inner")
-        )
-    except OSError:  # another file system: copy instead
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("round*", "inner"))
-
-
 def train_runs(configs: dict[str, Config]) -> dict[str, float]:
     """Train (or reuse) every run and tune each round's thresholds; wall seconds per run."""
     from weakcell import refine, thresholds, train
@@ -186,8 +146,9 @@ def row_infer(cfg: Config, row: Row) -> InferConfig:
 
 
 def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dict[str, float | int | None]:
-    """Out-of-fold image and cell scores of one round, as the row reads them."""
-    from weakcell.cell_truth import cell_level_ap
+    """Out-of-fold image and cell scores of one round, as the row reads them: the cell mAP is the
+    competition metric of the row's cell score (the submitted confidence as its file would carry it)
+    against the true cells of the training images."""
     from weakcell.data.labels import to_multi_hot
     from weakcell.evaluate import image_level_scores
 
@@ -206,17 +167,10 @@ def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dic
         "f1_tuned": image["macro_f1_tuned_cross_fitted"],
         "image_map": image["map"],
     }
-    if data.truth is not None and data.matches is not None:
-        table = oof_cell[["image_id", "cell_id"]].assign(
-            **dict(
-                zip(
-                    prob_columns(n_classes),
-                    cell_scores(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row)).T,
-                )
-            )
-        )
-        ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, cfg.evaluate.verified)
-        scores["cell_map"] = float(np.nanmean(ap))
+    if data.cell_truth is not None:
+        table = cell_score_table(row.cell_score, oof_cell, oof_image, n_classes, row_infer(cfg, row))
+        folds = set(oof_image["fold"].tolist())
+        scores["cell_map"] = data.cell_truth.score(table, cfg.evaluate.verified, folds)["map"]
     return scores
 
 
@@ -251,8 +205,9 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
     scores: dict[str, Any] = {"infer_seconds": seconds, "inferred": str(folder)}
     if not get_dataset(cfg.data.dataset).has_truth:
         return scores
-    # the file this row wrote, or the same predictions under the row's confidence formula (only that
-    # formula is scored: the shared inference's own CSV was scored with its row)
+    # the file this row wrote, or the same predictions under the row's confidence formula as its file
+    # would carry it (infer.min_score applied: ALTERNATIVES["confidence"]); only that formula is scored,
+    # the shared inference's own CSV was scored with its row
     rescored = inferred is not None
     entry = "confidence" if rescored else "submission"
     reading = cfg.evaluate.verified
@@ -281,7 +236,7 @@ def round_seconds(run_cfg: Config, round_: int) -> float:
     for r in range(round_ + 1):
         path = run_cfg.round_dir(r) / "metrics.json"
         if path.is_file():
-            total += float(json.loads(path.read_text()).get("seconds", 0.0))
+            total += float(read_json(path).get("seconds", 0.0))
     return total
 
 
@@ -301,8 +256,15 @@ def leaderboard(cfg: Config) -> pd.DataFrame:
 
 
 def seed_leaderboard(cfg: Config) -> pd.DataFrame:
-    """Train what the grid needs, then score every row."""
+    """Train what the grid needs, then score every row, holding the lock of every run it builds."""
     configs = run_configs(cfg)
+    with ExitStack() as held:
+        for run_cfg in configs.values():
+            held.enter_context(folder_lock(run_cfg.run_dir, "ablate", cfg.checks.lock_wait_s))
+        return _seed_leaderboard(cfg, configs)
+
+
+def _seed_leaderboard(cfg: Config, configs: dict[str, Config]) -> pd.DataFrame:
     train_runs(configs)
     data = load_training_set(configs[WEAK])
     rounds = cfg.ablate.rounds
@@ -344,162 +306,6 @@ def across_seeds(table: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
-# -- the report ---------------------------------------------------------------------------------------
-
-
-def targets(summary: pd.DataFrame, rounds: int) -> list[tuple[str, bool | None, str]]:
-    """The targets, judged on the held-out test split (means over seeds): (what, met, the numbers).
-    Out-of-fold figures are the table's columns, not judged: the test split is what no choice saw."""
-    by = summary.set_index("variant")
-    final = refined(rounds)
-    checks: list[tuple[str, bool | None, str]] = []
-    if "test_cell_map" not in by or final not in by.index:
-        return checks
-    weak = by.loc[final, "test_cell_map"]
-    if ORACLE_ROW in by.index:
-        oracle = by.loc[ORACLE_ROW, "test_cell_map"]
-        checks.append(
-            (
-                "full weak test mAP >= 0.90 x oracle",
-                bool(weak >= 0.9 * oracle),
-                # 4 decimals: at 3 a miss by 0.0005 reads "0.536 vs 0.536"
-                f"{weak:.4f} vs 0.90 x {oracle:.4f} = {0.9 * oracle:.4f} ({weak / oracle:.3f} x)",
-            )
-        )
-    control = "control: same epochs, labels kept"
-    if control in by.index:
-        gain = weak - by.loc[control, "test_cell_map"]
-        spread = max(by.loc[final, "test_cell_map_sd"], by.loc[control, "test_cell_map_sd"])
-        if pd.isna(spread):
-            checks.append(
-                (
-                    "refinement beats the same-epochs control by more than the seed spread",
-                    None,
-                    f"+{gain:.3f}; one seed: no spread (ablate.seeds)",
-                )
-            )
-        else:
-            checks.append(
-                (
-                    "refinement beats the same-epochs control by more than the seed spread",
-                    bool(gain > spread),
-                    f"{gain:+.3f} test mAP vs a spread (the larger sd over seeds) of {spread:.3f}",
-                )
-            )
-    if "test_f1_tuned" in by and pd.notna(by.loc[final, "test_f1_tuned"]):
-        tuned, at_05 = by.loc[final, "test_f1_tuned"], by.loc[final, "test_f1_at_05"]
-        checks.append(
-            (
-                "tuned thresholds beat 0.5 on test image macro-F1",
-                bool(tuned > at_05),
-                f"{tuned:.3f} vs {at_05:.3f} (out of fold, cross-fitted: {by.loc[final, 'f1_tuned']:.3f} vs "
-                f"{by.loc[final, 'f1_at_05']:.3f})",
-            )
-        )
-    return checks
-
-
-COLUMNS = {
-    "variant": "variant",
-    "f1_at_05": "image F1 @0.5",
-    "f1_tuned": "image F1 tuned*",
-    "image_map": "image mAP",
-    "cell_map": "cell mAP (OOF)",
-    "test_f1_at_05": "test image F1 @0.5",
-    "test_f1_tuned": "test image F1 tuned",
-    "test_cell_map": "test mAP (competition)",
-    "test_ci": "test 95% CI",
-    "train_seconds": "train s",
-    "infer_seconds": "infer s",
-}
-
-
-def mean_sd_text(summary_row: pd.Series, column: str) -> str:
-    """A summary line's ``column`` as the leaderboard shows it: ``mean ± sd`` (the mean alone with one seed)."""
-    value = summary_row.get(column)
-    if value is None or pd.isna(value):
-        return "-"
-    if column.endswith("seconds"):
-        return f"{value:.0f}"
-    if column == "test_ci":
-        return f"±{value:.3f}"
-    sd = summary_row.get(f"{column}_sd")
-    return f"{value:.3f}" if sd is None or pd.isna(sd) else f"{value:.3f} ± {sd:.3f}"
-
-
-def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
-    shown = [c for c in COLUMNS if c in summary]
-    header = "| " + " | ".join(COLUMNS[c] for c in shown) + " |\n|" + "---|" * len(shown) + "\n"
-    lines = [
-        "| " + " | ".join(row["variant"] if c == "variant" else mean_sd_text(row, c) for c in shown) + " |"
-        for _, row in summary.iterrows()
-    ]
-    target_lines = [
-        f"- {'met' if met else 'NOT met' if met is not None else 'not judged'}: {what}: {numbers}"
-        for what, met, numbers in checks
-    ]
-    reading = (
-        "the organisers' reading: a class is judged only in images with a true cell of it"
-        if cfg.evaluate.verified == "image"
-        else "every class judged in every image"
-    )
-    seeds = cfg.ablate.seeds or [cfg.seed]
-    n_test = cfg.synthetic.n_test if cfg.data.dataset == "synthetic" else "the"
-    spread = "mean ± sd over the seeds" if len(seeds) > 1 else "one seed"
-    return (
-        f"# Leaderboard: {cfg.name} on {cfg.data.dataset} (`make ablate`)\n\n"
-        f"Same folds ({cfg.folds_file.name}, fold seed {cfg.folds.seed}) and data for every row; training seeds "
-        f"{', '.join(map(str, seeds))} ({spread}); {cfg.model.backbone}, crops {cfg.cache.crop_size} px, "
-        f"{cfg.train.epochs} epochs + {cfg.refine.epochs} per refinement round (pseudo-labels from nested inner "
-        f"models: no fold's labels reach its own model); the oracle trains "
-        f"{cfg.train.epochs + cfg.ablate.rounds * cfg.refine.epochs} epochs on the true cell labels.\n\n"
-        + header
-        + "\n".join(lines)
-        + "\n\n*tuned thresholds scored cross-fitted: tuned on the other folds' OOF images, applied to each "
-        "fold's own. OOF columns are out-of-fold on the training split (cell mAP against the synthetic "
-        f"per-cell truth); the test columns score each row's submission for {n_test} held-out test images: "
-        f"the 2021 competition metric (mAP@IoU 0.6, {reading}), its 95% interval over bootstrap resamples of "
-        f"the test images ({cfg.ablate.bootstrap} resamples, half-width, mean over seeds), and the "
-        "`image_level.csv` macro-F1 at 0.5 and at the thresholds tuned on all OOF images (rows whose image "
-        "score is the MIL head's). Rows that differ only in the confidence formula share one inference, "
-        "rescored. TTA and fold rows differ from the full weak row only on the test split. Train seconds: "
-        "the run's folds up to that round, inner models included (as measured when they were trained).\n\n"
-        "## Targets (test split)\n\n"
-        + "\n".join(target_lines)
-        + f"\n\nGrid wall time this call: {seconds / 60:.1f} min (finished runs are reused).\n"
-    )
-
-
-def plot(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = summary["variant"].tolist()[::-1]
-    y = np.arange(len(labels))
-    figure, axis = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
-    for offset, column, name in ((0.2, "cell_map", "cell mAP (OOF)"), (-0.2, "test_cell_map", "test mAP")):
-        if column in summary:
-            sd = summary.get(f"{column}_sd")
-            error = None if sd is None or sd.isna().all() else sd.fillna(0).to_numpy()[::-1]
-            axis.barh(y + offset, summary[column].to_numpy()[::-1], height=0.38, xerr=error, label=name)
-    oracle = summary[summary["variant"] == ORACLE_ROW]
-    if len(oracle) and "test_cell_map" in summary:
-        axis.axvline(
-            0.9 * oracle["test_cell_map"].iloc[0], color="k", linestyle=":", label="0.90 x oracle (test)"
-        )
-    axis.set_yticks(y, labels)
-    axis.set_xlabel("mAP (error bars: sd over seeds)")
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # off the bars
-    axis.set_title("weakcell ablations")
-    figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
-
-
 def run(cfg: Config) -> pd.DataFrame:
     """The grid, ``reports/leaderboard.md`` (+ json, png); returns one line per variant (across seeds)."""
     start = time.perf_counter()
@@ -511,8 +317,9 @@ def run(cfg: Config) -> pd.DataFrame:
     checks = targets(summary, cfg.ablate.rounds)
     reports = cfg.path(cfg.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "leaderboard.md").write_text(markdown(summary, cfg, checks, seconds))
-    (reports / "leaderboard.json").write_text(
+    atomic_write_text(reports / "leaderboard.md", markdown(summary, cfg, checks, seconds))
+    atomic_write_text(
+        reports / "leaderboard.json",
         json.dumps(
             {
                 "rows": summary.to_dict(orient="records"),
@@ -522,7 +329,7 @@ def run(cfg: Config) -> pd.DataFrame:
             },
             indent=2,
             default=float,
-        )
+        ),
     )
     plot(summary, reports / "leaderboard.png")
     shown = ["variant", *[c for c in COLUMNS if c in summary and c != "variant"]]

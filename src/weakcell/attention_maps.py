@@ -30,7 +30,9 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from weakcell.data.ids import inside
 from weakcell.data.images import composite_rgb, read_image
+from weakcell.outputs import atomic_savefig
 
 DISPLAY = 384  # pixels of the longer side of every panel
 GAIN = 1.6  # brighten the dim HPA stains for display only
@@ -163,12 +165,6 @@ def _read_cells(cache: MaskSource, image_id: str, shape: tuple[int, int]) -> np.
         return np.zeros(shape, dtype=np.int32)
 
 
-def _savefig_atomic(figure: Figure, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
-
-
 def draw_one(
     image: np.ndarray,
     cells: np.ndarray,
@@ -234,7 +230,7 @@ def draw_one(
         )
         title += f"\ntrue: {names or '-'}"
     figure.suptitle(title, fontsize=9, y=0.995, va="top")
-    _savefig_atomic(figure, path)
+    atomic_savefig(path, figure, dpi=DPI)
     return path
 
 
@@ -271,5 +267,7 @@ def draw_attention_maps(
             plan = PanelPlan(plan.image_id, plan.classes, plan.probs, has_cells=False)
             cells = np.zeros(image.shape[1:], dtype=np.int32)
         truth = lookup.get(image_id) if lookup is not None else None
-        paths.append(draw_one(image, cells, table, plan, class_names, truth, out_dir / f"{image_id}.png"))
+        paths.append(
+            draw_one(image, cells, table, plan, class_names, truth, inside(out_dir, f"{image_id}.png"))
+        )
     return paths

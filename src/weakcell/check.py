@@ -212,10 +212,15 @@ def _where_to_get(item: str, cfg: Config) -> str:
             f".safetensors; offline, place its ImageNet checkpoint at {cfg.weights_dir}/{cfg.model.backbone}.pth "
             "and run `make weights`"
         )
-    official = OFFICIAL[item]
+    keys = [item]
+    if item == "hpacellseg":  # two files: the nuclei U-Net and the configured cell one
+        from weakcell.segment.hpacellseg.backend import model_files
+
+        keys = [f"hpacellseg:{stem}" for stem in model_files(cfg.segment.hpacellseg)]
+    files = " and ".join(f"{OFFICIAL[key].file} from {OFFICIAL[key].url}" for key in keys)
     return (
-        f"`make weights` with {item} in weights.fetch (or place the official {official.file} from "
-        f"{official.url} in {cfg.weights_dir}/ and run `make weights`); on Kaggle attach kaggle.{item}_dataset"
+        f"`make weights` with {item} in weights.fetch (or place the official {files} in {cfg.weights_dir}/ "
+        f"and run `make weights`); on Kaggle attach kaggle.{item}_dataset"
     )
 
 
@@ -225,10 +230,10 @@ def check_weights(cfg: Config) -> list[Finding]:
     from weakcell.segment import backend_weights
 
     rooted = cfg.rooted_weights()
-    needed: dict[str, Path | Exception] = {}
+    needed: dict[str, tuple[Path, ...] | Exception] = {}
     if rooted.model.pretrained_file is not None:
         try:
-            needed["backbone"] = resolve_weights_file(rooted.model.pretrained_file, cfg.model.backbone)
+            needed["backbone"] = (resolve_weights_file(rooted.model.pretrained_file, cfg.model.backbone),)
         except FileNotFoundError as err:
             needed["backbone"] = err
     try:
@@ -243,7 +248,7 @@ def check_weights(cfg: Config) -> list[Finding]:
             first = str(found).split(". ")[0]
             findings.append(Finding("weights", f"{item}: {first}; get it: {_where_to_get(item, cfg)}", True))
         else:
-            findings.append(Finding("weights", f"{item}: {found}"))
+            findings.append(Finding("weights", f"{item}: {', '.join(map(str, found))}"))
     return findings
 
 

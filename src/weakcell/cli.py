@@ -202,11 +202,21 @@ STAGES: dict[str, Stage] = {
         "image and cell scores, per-class plots, best/worst attention maps -> evaluation.json, reports/<name>/",
         (*_WHERE, *_RUN, *_CACHE, "paths.reports", "paths.submissions", "evaluate.", "infer.", "thresholds."),
     ),
+    "external": Stage(
+        "weakcell.external.stage:run",
+        "public HPA images of a list -> data/<dataset>-external/ (train/, train.csv, sources.csv); --dry-run",
+        ("paths.root", "paths.data", "data.dataset", "external.", "checks.lock_wait_s"),
+    ),
+    "duplicates": Stage(
+        "weakcell.duplicates.stage:main",
+        "DIR [DIR ...] --json OUT: near-duplicate pairs and clusters by perceptual hashes",
+    ),
 }
 
 
-# Stages that take arguments of their own rather than a config (each parses them and returns an exit code).
-OWN_ARGUMENTS = ("validate", "score", "init")
+# Stages that take arguments of their own rather than a config (a file and flags, a folder; each parses
+# them and returns an exit code).
+OWN_ARGUMENTS = ("validate", "score", "init", "duplicates")
 
 # Stages run one after the other in one process (``make demo``): each would otherwise start an interpreter
 # and import torch, timm and pandas again, seconds of work that teach nothing on a slow laptop.
@@ -233,17 +243,22 @@ def _resolve(target: str) -> Callable[[Config], object]:
 
 # Flags that schedulers (SLURM arrays, several Kaggle kernels) conventionally pass, as config keys.
 FLAG_KEYS: dict[str, str] = {"--shard-index": "cache.shard_index", "--num-shards": "cache.num_shards"}
+# Flags without a value, as config keys set to true.
+SWITCH_KEYS: dict[str, str] = {"--dry-run": "external.dry_run"}
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """First argument that is not ``key=value`` is the config file; the rest are overrides.
-    ``--shard-index 3`` / ``--num-shards=8`` become ``cache.shard_index=3`` / ``cache.num_shards=8``."""
+    ``--shard-index 3`` / ``--num-shards=8`` become ``cache.shard_index=3`` / ``cache.num_shards=8``;
+    ``--dry-run`` becomes ``external.dry_run=true``."""
     config_path = None
     overrides = []
     args = iter(argv)
     for arg in args:
         flag, eq, value = arg.partition("=")
-        if flag in FLAG_KEYS:
+        if arg in SWITCH_KEYS:
+            overrides.append(f"{SWITCH_KEYS[arg]}=true")
+        elif flag in FLAG_KEYS:
             if not eq:
                 value = next(args, "")
             if not value:

@@ -23,11 +23,19 @@ cases: ``../shared/reference/hpa2021-metric.md``). This module is that evaluatio
   input order. A submission should carry no ties it does not mean: ``n_ties`` counts them.
 
 The engine (``score_images``) takes, per image, the true cells (``TrueCells``) and the detections
-(``Detections``: class, confidence and IoU with every true cell, per detection). Two adapters build them:
-``label_image_detections`` (a label image + one probability per cell and class, what the pipeline holds)
-and ``file_detections`` (the rows of a ``cell_level.csv``, any file Kaggle accepts: overlapping masks,
-a mask predicted twice for one class, extra images). ``competition_map`` and ``score_submission`` are the
-two entry points.
+(``Detections``: class, confidence and IoU with every true cell, per detection; a submission file's as
+sparse rows holding only the cells each mask overlaps, so memory follows the overlaps, not detections x
+true cells). Every IoU is ``overlap_iou`` of pixel counts. Two adapters build detections:
+``label_image_detections`` (a label image + one probability per cell and class, what the pipeline holds;
+``table_detections`` when the label image's IoU table is computed already, as out-of-fold scoring keeps it
+between epochs) and ``file_detections`` (the rows of a ``cell_level.csv``, any file Kaggle accepts:
+overlapping masks, a mask predicted twice for one class, extra images). ``competition_map`` and
+``score_submission`` are the two entry points; every cell-level score the kit prints or records comes
+through ``match_images``.
+
+Over 400 lines on purpose: this file is meant to be read side by side with the reference evaluator (its
+matching, AP and verified-label rules) and the two adapters that feed it; the engine and its adapters share
+the ``TrueCells`` / ``Detections`` contract, and splitting them would hide that contract across files.
 """
 
 from __future__ import annotations
@@ -40,11 +48,52 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
-from weakcell.cell_truth import label_iou
 from weakcell.constants import READINGS, Verified, prob_columns
+from weakcell.errors import StageError
 
 IOU_THRESHOLD = 0.6
+
+
+# -- overlaps -------------------------------------------------------------------------------------------
+
+
+def overlap_iou(inter: np.ndarray, area_a: np.ndarray | int, area_b: np.ndarray | int) -> np.ndarray:
+    """IoU from pixel counts (broadcast): ``inter / (area_a + area_b - inter)``, 0 where the union is empty.
+    The one IoU of the kit: label images (``label_iou``) and decoded file masks (``mask_overlaps``) both
+    only count the pixels they share."""
+    return inter / np.maximum(area_a + area_b - inter, 1)
+
+
+def label_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every present pred label with every present true label: ``(pred_ids, true_ids, iou)``
+    with ``iou`` of shape ``(len(pred_ids), len(true_ids))``, background (0) left out; ids sorted.
+
+    One ``bincount`` over ``pred * (max_true + 1) + true`` when the ids are small non-negative ints (label
+    images always are); otherwise the ids are made dense with ``np.unique`` first (sorts the pixels: slow)."""
+    pred, true = np.asarray(pred), np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"masks differ in shape: {pred.shape} vs {true.shape}")
+    small = (
+        pred.size
+        and min(pred.min(), true.min()) >= 0
+        and (int(pred.max()) + 1) * (int(true.max()) + 1) <= 4 * pred.size
+    )
+    if small:
+        pred_dense, true_dense = pred.ravel().astype(np.int64), true.ravel().astype(np.int64)
+        pred_ids, true_ids = np.arange(int(pred.max()) + 1), np.arange(int(true.max()) + 1)
+    else:
+        pred_ids, pred_dense = np.unique(pred.ravel(), return_inverse=True)
+        true_ids, true_dense = np.unique(true.ravel(), return_inverse=True)
+    counts = np.bincount(pred_dense * len(true_ids) + true_dense, minlength=len(pred_ids) * len(true_ids))
+    counts = counts.reshape(len(pred_ids), len(true_ids))
+    pred_area, true_area = counts.sum(1), counts.sum(0)
+    keep_pred = (pred_ids != 0) & (pred_area > 0)  # present labels only, background dropped
+    keep_true = (true_ids != 0) & (true_area > 0)
+    inter = counts[np.ix_(keep_pred, keep_true)]
+    iou = overlap_iou(inter, pred_area[keep_pred][:, None], true_area[keep_true][None, :])
+    return pred_ids[keep_pred], true_ids[keep_true], iou
 
 
 # -- the evaluator ------------------------------------------------------------------------------------
@@ -56,23 +105,40 @@ def image_true_positives(
     """TP flags (in input order) of one image's detections of one class.
 
     scores: ``(n,)`` confidences; iou: ``(n, g)`` IoU of each detection with each true cell of the class
-    in this image. Greedy in descending confidence with the argmax rule (module doc).
+    in this image, an array or a sparse matrix (absent entries: no overlap). Greedy in descending
+    confidence with the argmax rule (module doc).
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     n = len(scores)
     tp = np.zeros(n, dtype=bool)
-    iou = np.asarray(iou, dtype=np.float64).reshape(n, -1)
+    if not sparse.issparse(iou):
+        iou = np.asarray(iou, dtype=np.float64).reshape(n, -1)
     if n == 0 or iou.shape[1] == 0:
         return tp
+    best, overlap = best_true_cells(iou)
     order = np.argsort(-scores, kind="stable")
-    ranked = iou[order]
-    best = ranked.argmax(1)
-    valid = ranked[np.arange(n), best] >= iou_threshold
     # a valid detection takes its best true cell unless an earlier-ranked valid detection took it
-    ranks = np.flatnonzero(valid)
-    _, first = np.unique(best[ranks], return_index=True)
+    ranks = np.flatnonzero(overlap[order] >= iou_threshold)
+    _, first = np.unique(best[order][ranks], return_index=True)
     tp[order[ranks[first]]] = True
     return tp
+
+
+def best_true_cells(iou: np.ndarray | sparse.sparray) -> tuple[np.ndarray, np.ndarray]:
+    """Per detection (row of ``iou`` ``(n, g)``, g > 0): the column of its largest IoU, the first on ties as
+    ``argmax`` takes it, and that IoU. A sparse row without entries overlaps nothing: column 0, IoU 0, as
+    ``argmax`` of a row of zeros."""
+    if not sparse.issparse(iou):
+        best = iou.argmax(1)
+        return best, iou[np.arange(len(iou)), best]
+    entries = sparse.coo_array(iou)
+    rows, columns, values = entries.row, entries.col, entries.data
+    order = np.lexsort((columns, -values, rows))  # per row: the largest IoU, then the lowest column
+    present, first = np.unique(rows[order], return_index=True)
+    best = np.zeros(iou.shape[0], dtype=np.int64)
+    overlap = np.zeros(iou.shape[0], dtype=np.float64)
+    best[present], overlap[present] = columns[order][first], values[order][first]
+    return best, overlap
 
 
 def open_images_ap(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
@@ -100,11 +166,23 @@ def open_images_ap(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
 @dataclass(frozen=True)
 class TrueCells:
     """One image's truth: the label image, its present cell ids ``(g,)`` (sorted) and their classes
-    ``(g, C)`` bool. Columns of every IoU table of the image follow ``ids``."""
+    ``(g, C)`` bool. Columns of every IoU table of the image follow ``ids``. ``mask`` is None once the
+    IoU tables that need it are computed (``without_mask``: out-of-fold scoring keeps no label image)."""
 
-    mask: np.ndarray
+    mask: np.ndarray | None
     ids: np.ndarray
     classes: np.ndarray
+
+    def without_mask(self) -> TrueCells:
+        """The same truth without its label image (matching needs only ``ids`` and ``classes``)."""
+        return TrueCells(mask=None, ids=self.ids, classes=self.classes)
+
+    @property
+    def label_image(self) -> np.ndarray:
+        """``mask``; raises when it was dropped."""
+        if self.mask is None:
+            raise ValueError("this truth kept no label image (TrueCells.without_mask)")
+        return self.mask
 
     @property
     def verified(self) -> np.ndarray:
@@ -115,11 +193,12 @@ class TrueCells:
 @dataclass(frozen=True)
 class Detections:
     """One image's detections, one entry each: ``classes`` ``(k,)`` int, ``scores`` ``(k,)`` float,
-    ``iou`` ``(k, g)`` with the image's true cells, ``empty`` ``(k,)`` True where the mask has no pixel."""
+    ``iou`` ``(k, g)`` with the image's true cells (an array, or a sparse CSR matrix of the overlaps alone),
+    ``empty`` ``(k,)`` True where the mask has no pixel."""
 
     classes: np.ndarray
     scores: np.ndarray
-    iou: np.ndarray
+    iou: np.ndarray | sparse.csr_array
     empty: np.ndarray
 
     @staticmethod
@@ -131,12 +210,17 @@ class Detections:
         mask_empty: np.ndarray,
     ) -> Detections:
         """Detections that refer to distinct masks: ``mask_index`` ``(k,)`` picks rows of ``mask_iou``
-        ``(m, g)`` and of ``mask_empty`` ``(m,)``."""
+        ``(m, g)`` (an array or a sparse CSR matrix) and of ``mask_empty`` ``(m,)``."""
         mask_index = np.asarray(mask_index, dtype=np.int64)
+        iou = (
+            sparse.csr_array(mask_iou)[mask_index]
+            if sparse.issparse(mask_iou)
+            else np.asarray(mask_iou, dtype=np.float64)[mask_index]
+        )
         return Detections(
             classes=np.asarray(classes, dtype=np.int64),
             scores=np.asarray(scores, dtype=np.float64),
-            iou=np.asarray(mask_iou, dtype=np.float64)[mask_index],
+            iou=iou,
             empty=np.asarray(mask_empty, dtype=bool)[mask_index],
         )
 
@@ -301,7 +385,7 @@ def true_cells(mask: np.ndarray, labels: pd.DataFrame | None, n_classes: int, im
         cells = labels["cell_id"].to_numpy(np.int64)
         twice = pd.Index(cells)[pd.Index(cells).duplicated()]
         if len(twice):
-            raise ValueError(f"image {image_id}: true cells {sorted(set(twice.tolist()))} are listed twice")
+            raise StageError(f"image {image_id}: true cells {sorted(set(twice.tolist()))} are listed twice")
         where = np.searchsorted(ids, cells)
         ok = (
             (where < len(ids)) & (ids[np.minimum(where, max(len(ids) - 1, 0))] == cells)
@@ -309,13 +393,13 @@ def true_cells(mask: np.ndarray, labels: pd.DataFrame | None, n_classes: int, im
             else ~np.ones(len(cells), bool)
         )
         if not ok.all():
-            raise ValueError(
+            raise StageError(
                 f"image {image_id}: labelled true cells {cells[~ok].tolist()} are not in its true mask"
             )
         for row, cell_labels in zip(where, labels["labels"]):
             classes = np.asarray(list(cell_labels), dtype=np.int64)
             if classes.size and (classes.min() < 0 or classes.max() >= n_classes):
-                raise ValueError(
+                raise StageError(
                     f"image {image_id}: class out of range 0..{n_classes - 1} in {list(cell_labels)}"
                 )
             hot[row, classes] = True
@@ -329,7 +413,7 @@ def truth_by_image(
     by_image = dict(tuple(true_labels.groupby("image_id", sort=False)))
     unknown = set(by_image) - set(true_masks)
     if unknown:
-        raise ValueError(f"true labels for images without true mask: {sorted(map(str, unknown))[:5]}")
+        raise StageError(f"true labels for images without true mask: {sorted(map(str, unknown))[:5]}")
     return {
         image_id: true_cells(mask, by_image.get(image_id), n_classes, image_id)
         for image_id, mask in true_masks.items()
@@ -345,10 +429,20 @@ def label_image_detections(
     """Every (cell, class) pair with a finite probability in ``probs`` ``(n, C)`` (rows: ``cell_ids``;
     NaN = not predicted) as a detection of that cell's region of ``pred_mask``; a cell absent from the
     mask is an empty mask."""
-    pred_ids, _, iou = label_iou(pred_mask, cells.mask)  # columns: the mask's present labels = cells.ids
+    pred_ids, _, iou = label_iou(pred_mask, cells.label_image)  # columns: the present labels = cells.ids
+    return table_detections(pred_ids, iou, cell_ids, probs)
+
+
+def table_detections(
+    pred_ids: np.ndarray, iou: np.ndarray, cell_ids: np.ndarray, probs: np.ndarray
+) -> Detections:
+    """``label_image_detections`` from the label image's IoU table: ``pred_ids`` ``(m,)`` its present
+    cells (sorted), ``iou`` ``(m, g)`` with the image's true cells."""
+    cell_ids = np.asarray(cell_ids, dtype=np.int64)
+    iou = np.asarray(iou, dtype=np.float64).reshape(len(pred_ids), -1)
     where = np.searchsorted(pred_ids, cell_ids)
     present = (where < len(pred_ids)) & (pred_ids[np.minimum(where, max(len(pred_ids) - 1, 0))] == cell_ids)
-    rows = np.zeros((len(cell_ids), len(cells.ids)))
+    rows = np.zeros((len(cell_ids), iou.shape[1]))
     rows[present] = iou[where[present]]
     cell_of, class_of = np.nonzero(np.isfinite(probs))
     return Detections.of_masks(class_of, probs[cell_of, class_of], cell_of, rows, ~present)
@@ -372,14 +466,11 @@ def label_detections(
     unknown = set(pred_scores["image_id"]) - set(pred_masks)
     if unknown:
         raise ValueError(f"predictions for images without predicted mask: {sorted(map(str, unknown))[:5]}")
+    probs = pred_scores[columns].to_numpy(np.float64)  # one conversion: per-image pandas slicing is slow
+    cell_ids = pred_scores["cell_id"].to_numpy(np.int64)
     detections = {
-        image_id: label_image_detections(
-            pred_masks[image_id],
-            rows["cell_id"].to_numpy(np.int64),
-            rows[columns].to_numpy(np.float64),
-            truth[image_id],
-        )
-        for image_id, rows in pred_scores.groupby("image_id", sort=False)
+        image_id: label_image_detections(pred_masks[image_id], cell_ids[rows], probs[rows], truth[image_id])
+        for image_id, rows in pred_scores.groupby("image_id", sort=False).indices.items()
         if image_id in truth
     }
     elsewhere = pred_scores[~pred_scores["image_id"].isin(list(truth))]
@@ -435,27 +526,40 @@ def mask_overlaps(pixels: np.ndarray, labels_f: np.ndarray, areas: np.ndarray, i
     """IoU ``(len(ids),)`` of one mask, given as column-major pixel indices, with the cells ``ids`` of a
     label image raveled column-major (``labels_f``) whose pixel counts per label are ``areas``."""
     inter = np.bincount(labels_f[pixels], minlength=len(areas))[ids]
-    union = len(pixels) + areas[ids] - inter
-    return inter / np.maximum(union, 1)
+    return overlap_iou(inter, len(pixels), areas[ids])
+
+
+def sparse_overlaps(
+    pixels: np.ndarray, labels_f: np.ndarray, areas: np.ndarray, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``mask_overlaps`` as ``(columns, iou)``: the positions in ``ids`` (sorted) of the cells the mask
+    overlaps, and their IoU; the other cells' IoU is 0. Work and memory grow with the mask's pixels."""
+    labels, inter = np.unique(labels_f[pixels], return_counts=True)
+    inside = labels != 0
+    labels, inter = labels[inside], inter[inside]
+    columns = np.searchsorted(ids, labels)  # every non-zero label of a truth mask is one of its ids
+    return columns, overlap_iou(inter, len(pixels), areas[labels])
 
 
 def file_detections(
     predictions: Iterable[tuple[str, str, str]], height: int, width: int, cells: TrueCells, where: str
 ) -> Detections:
     """Detections of one submission row: ``predictions`` are its ``(label, confidence, mask)`` token
-    triples; each distinct mask is decoded once (``submission.mask_pixels``) and overlapped with the true
-    cells. ``where`` names the row in errors."""
-    from weakcell.submission import mask_pixels
+    triples; each distinct mask is decoded once (``rle.mask_pixels``) and overlapped with the true
+    cells, keeping only the cells it touches (sparse rows). ``where`` names the row in errors."""
+    from weakcell.rle import mask_pixels
 
-    if cells.mask.shape != (height, width):
+    mask = cells.label_image
+    if mask.shape != (height, width):
         raise ValueError(
             f"{where}: ImageHeight x ImageWidth {height}x{width} differs from the true mask's "
-            f"{cells.mask.shape[0]}x{cells.mask.shape[1]}"
+            f"{mask.shape[0]}x{mask.shape[1]}"
         )
-    labels_f = cells.mask.ravel(order="F").astype(np.int64)
+    labels_f = mask.ravel(order="F").astype(np.int64)
     areas = np.bincount(labels_f)
     masks: dict[str, int] = {}
-    classes, scores, mask_index, rows, mask_empty = [], [], [], [], []
+    classes, scores, mask_index, mask_empty = [], [], [], []
+    columns, overlaps = [], []  # per distinct mask: the true cells it overlaps (positions in ids), IoU
     for k, (label, confidence, text) in enumerate(predictions):
         try:
             classes.append(int(label))
@@ -472,14 +576,25 @@ def file_detections(
             except ValueError as err:
                 raise ValueError(f"{where}, prediction {k}: {err}") from None
             masks[text] = len(masks)
-            rows.append(mask_overlaps(pixels, labels_f, areas, cells.ids))
+            touched, iou = sparse_overlaps(pixels, labels_f, areas, cells.ids)
+            columns.append(touched)
+            overlaps.append(iou)
             mask_empty.append(len(pixels) == 0)
         mask_index.append(masks[text])
+    indptr = np.concatenate(([0], np.cumsum([len(c) for c in columns], dtype=np.int64)))
+    mask_iou = sparse.csr_array(
+        (
+            np.concatenate(overlaps) if overlaps else np.zeros(0),
+            np.concatenate(columns) if columns else np.zeros(0, np.int64),
+            indptr,
+        ),
+        shape=(len(columns), len(cells.ids)),
+    )
     return Detections.of_masks(
         np.asarray(classes, dtype=np.int64),
         np.asarray(scores, dtype=np.float64),
         np.asarray(mask_index, dtype=np.int64),
-        np.asarray(rows, dtype=np.float64).reshape(len(rows), len(cells.ids)),
+        mask_iou,
         np.asarray(mask_empty, dtype=bool),
     )
 
@@ -524,7 +639,7 @@ def submission_detections(
         image_id: Detections(
             classes=np.concatenate([d.classes for d in found]),
             scores=np.concatenate([d.scores for d in found]),
-            iou=np.concatenate([d.iou for d in found]),
+            iou=found[0].iou if len(found) == 1 else sparse.vstack([d.iou for d in found], format="csr"),
             empty=np.concatenate([d.empty for d in found]),
         )
         for image_id, found in parts.items()

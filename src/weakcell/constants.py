@@ -154,3 +154,26 @@ CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
 def prob_columns(n_classes: int, prefix: str = "p_") -> list[str]:
     """Column names of per-class scores in every prediction table (OOF, inference): ``p_0 .. p_{C-1}``."""
     return [f"{prefix}{c}" for c in range(n_classes)]
+
+
+# The 17 cell lines of the 2021 competition's images (the list the top teams filtered the public HPA images
+# by; e.g. SamusRam/hpa-single-cell, src/data/utils.py). Names as the HPA spells them in its image lists.
+HPA2021_CELL_LINES: tuple[str, ...] = (
+    "A-431",
+    "A549",
+    "EFO-21",
+    "HAP1",
+    "HEK 293",
+    "HUVEC TERT2",
+    "HaCaT",
+    "HeLa",
+    "PC-3",
+    "RH-30",
+    "RPTEC TERT1",
+    "SH-SY5Y",
+    "SK-MEL-30",
+    "SiHa",
+    "U-2 OS",
+    "U-251 MG",
+    "hTCEpi",
+)

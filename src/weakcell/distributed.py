@@ -28,6 +28,11 @@ class World:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Under torchrun every process computes the same (gathered) outputs; rank 0 alone writes them."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device_type: str) -> World:
     """Join the process group when launched by torchrun (NCCL for CUDA, gloo for CPU); idempotent."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -7,21 +7,33 @@ when that round is the final one, the submission ``make infer`` wrote from it:
    ``thresholds.json`` and cross-fitted over folds (``thresholds.cross_fitted_f1``); classes without a
    positive are left out, as the thresholds stage does. On the synthetic set also the test split's
    image predictions (``pred_image.parquet``) against ``truth/test.csv``;
-2. cell level, on the OOF predictions (synthetic set only): the cell AP of every score variant of
-   ``scoring.cell_score_variants`` against the matched true cells (``cell_truth.cell_level_ap``: what
-   ``metrics.json`` holds, per class);
+2. cell level, out of fold (synthetic set only), the 2021 competition metric throughout: every score
+   variant of ``scoring.cell_score_variants`` on the cache's cells against the true cells of every
+   training image (``cell_truth.CellTruth``: what ``metrics.json`` holds), and, for the final round,
+   ``submissions/<run>/oof_cell_level.csv`` scored exactly as ``weakcell score ... --split train`` scores
+   it (``score.score_file``; entry ``submission``). The stage writes that file first
+   (``write_oof_submission``): every training image once, each predicted by the fold model that did not
+   see it, with the test submission's masks (the cache's label images), confidence formula and
+   ``infer.min_score``. Evaluate writes it, not infer: it is a round's out-of-fold tables as a file, which
+   only the evaluated round has (infer may blend other runs, runs per ablation row and in Kaggle kernels
+   without those tables), and only where it is scored (a set with per-cell truth);
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
-   image probability alone, their plain product, and the submitted confidence recomputed;
+   image probability alone, their plain product, and the submitted confidence recomputed. The folder
+   must be one completely published inference (``submission.check_published``);
 4. ``evaluation.json`` into the round folder and the report folder, ``reports/<name>/`` (a non-final
    round: ``reports/<name>/round<r>/``), with ``ap_per_class.png``, ``threshold_curves.png``,
    ``per_class.md`` + ``per_class.png`` and the attention maps of the best and worst OOF images by
    image-level BCE (``attention_best/``, ``attention_worst/``).
 
-Everything up to the plots is a pure function (``image_level_scores``, ``per_class_table``,
-``oof_cell_ap``, ``submission_cell_maps``, ``submission_cell_map``,
-``evaluate_round``) that writes nothing, for stages such as an ablation grid to call.
+Everything up to the plots but ``write_oof_submission`` is a pure function (``image_level_scores``,
+``per_class_table``, ``submission_cell_maps``, ``submission_cell_map``, ``evaluate_round``) that writes
+nothing, for stages such as an ablation grid to call. The report (4.: plots, table, attention maps, the
+printed summary) is ``weakcell.evaluate_report``.
+
+Over 400 lines on purpose: what is left is the scoring of one round, the three parts above and
+``score_round`` that assembles them into ``evaluation.json``; they share the round's tables and readings.
 """
 
 from __future__ import annotations
@@ -37,20 +49,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from weakcell.cell_truth import cell_level_ap, read_true_mask
+from weakcell.cell_truth import CellTruth, read_truth_folder
 from weakcell.competition_metric import (
     label_detections,
     mask_overlaps,
     read_submission,
     score_found,
     submission_detections,
-    truth_by_image,
 )
-from weakcell.config import Config, InferConfig, ThresholdsConfig
+from weakcell.config import Config, ThresholdsConfig
 from weakcell.constants import READINGS, Verified, prob_columns
-from weakcell.data.datasets import DatasetSpec
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
+from weakcell.evaluate_report import summary_lines, write_report, write_text
 from weakcell.metrics import (
     f1_per_class,
     macro_f1,
@@ -58,15 +69,21 @@ from weakcell.metrics import (
     per_class_ap,
     predicted_classes,
 )
-from weakcell.scoring import ALTERNATIVES, cell_score_variants
-from weakcell.submission import mask_pixels
+from weakcell.outputs import folder_lock
+from weakcell.rle import mask_pixels
+from weakcell.score import score_file
+from weakcell.scoring import ALTERNATIVES, SUBMITTED, cell_score_table, cell_score_variants, oof_cell_scores
+from weakcell.submission import check_published, write_cell_level
+from weakcell.synthetic.truth import TRUTH
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
 
-if TYPE_CHECKING:  # train imports torch: loaded only when a stage needs the training set
-    from weakcell.train import TrainingSet
+if TYPE_CHECKING:  # loaded only when a stage needs the training set
+    from weakcell.training_set import TrainingSet
 
 # The OOF cell score shown per class in the plots and table: the confidence inference submits.
-PLOTTED_VARIANT = "confidence"
+PLOTTED_VARIANT = SUBMITTED
+OOF_FILE = "oof_cell_level.csv"  # the training split's out-of-fold predictions, in submissions/<run>/
+OOF_SPLIT = "train"  # the truth split the out-of-fold file is scored against
 
 
 # -- image level --------------------------------------------------------------------------------------
@@ -164,22 +181,41 @@ def read_round(round_dir: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Data
 # -- cell level, out of fold -------------------------------------------------------------------------
 
 
-def oof_cell_ap(
-    oof_cell: pd.DataFrame,
-    oof_image: pd.DataFrame,
-    matches: pd.DataFrame,
-    truth: pd.DataFrame,
-    n_classes: int,
-    infer: InferConfig | None = None,
-    verified: Verified = "image",
-) -> dict[str, np.ndarray]:
-    """Per-class cell AP ``(C,)`` of every ``scoring.cell_score_variants`` score against the matched true
-    cells under the metric's ``verified`` reading (their NaN-mean is ``metrics.json``'s
-    ``cell_map_<variant>``)."""
-    return {
-        name: cell_level_ap(table, prob_columns(n_classes), matches, truth, verified)
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items()
-    }
+def oof_submission_rows(
+    cfg: Config, data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What ``oof_cell_level.csv`` holds: the submitted confidence of every out-of-fold cell
+    (``image_id, cell_id, p_*``, NaN below ``infer.min_score``) and the rows ``ID, ImageWidth,
+    ImageHeight`` of every training image whose size the cache knows, by image id."""
+    predictions = cell_score_table(SUBMITTED, oof_cell, oof_image, data.n_classes, cfg.infer)
+    images = data.cache.images
+    images = images[images["image_id"].isin(data.images["image_id"]) & (images["width"] > 0)]
+    images = images.drop_duplicates("image_id").sort_values("image_id")
+    sample = pd.DataFrame(
+        {
+            "ID": images["image_id"].astype(str).to_numpy(),
+            "ImageWidth": images["width"].to_numpy(),
+            "ImageHeight": images["height"].to_numpy(),
+        }
+    )
+    return predictions, sample
+
+
+def write_oof_submission(
+    cfg: Config, data: TrainingSet, oof_image: pd.DataFrame, oof_cell: pd.DataFrame
+) -> Path:
+    """``submissions/<run>/oof_cell_level.csv`` (``oof_submission_rows``), validated like the test file,
+    holding the submission folder's lock (``make infer`` writes there too)."""
+    predictions, sample = oof_submission_rows(cfg, data, oof_image, oof_cell)
+    folder = submission_dir(cfg)
+    with folder_lock(folder, "evaluate", cfg.checks.lock_wait_s):
+        return write_cell_level(
+            predictions,
+            lambda image_id: data.cache.masks(image_id).cells,
+            sample,
+            folder / OOF_FILE,
+            cfg.infer.min_score,
+        )
 
 
 # -- cell level, the competition metric on a submission ----------------------------------------------
@@ -188,18 +224,6 @@ def oof_cell_ap(
 def other_reading(verified: Verified) -> Verified:
     """The reading of the metric that is not ``verified`` (the report shows both)."""
     return next(reading for reading in READINGS if reading != verified)
-
-
-def read_cell_truth(
-    data_dir: str | os.PathLike[str], image_ids: list[str], spec: DatasetSpec | None = None
-) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """True instance masks and ``image_id, cell_id, labels`` of the listed images of a synthetic set of
-    layout ``spec`` (default the 2021 one; any split: ``truth/`` holds every image's cells)."""
-    from weakcell.synthetic.truth import SPEC, read_truth
-
-    truth = read_truth(data_dir, spec or SPEC)
-    truth = truth[truth["image_id"].isin(image_ids)][["image_id", "cell_id", "labels"]]
-    return {image_id: read_true_mask(data_dir, image_id) for image_id in image_ids}, truth
 
 
 def masks_differ(path: str | os.PathLike[str], cache_masks: Mapping[Any, np.ndarray]) -> int:
@@ -247,13 +271,14 @@ def submission_cell_maps(
     submission: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The competition mAP of ``folder/cell_level.csv`` (default ``submission_dir(cfg)``) against the
-    synthetic truth of its images under each of ``readings``; with ``alternatives`` (True: every one of
-    ``ALTERNATIVES``, or their names; ``pred_cell.parquet`` beside the CSV) also those confidences on the
-    cache's masks (``masks_of``, default the run's cache), and ``masks_differ``. Masks are decoded and
-    overlapped once, then scored under every reading. Returns ``{reading: {"verified", "submission":
-    {...}, <alternative>: {...}, "masks_differ"}}``; ``bootstrap`` > 0 adds the 95% interval over that
-    many resamples of the images to the ``interval_of`` entry. ``submission=False`` leaves the CSV's
-    masks undecoded (rescoring another formula over the same predictions needs only the alternatives)."""
+    synthetic truth of the ``infer.split`` images (what ``make score`` scores) under each of ``readings``;
+    with ``alternatives`` (True: every one of ``ALTERNATIVES``, or their names; ``pred_cell.parquet``
+    beside the CSV) also those confidences on the cache's masks (``masks_of``, default the run's cache),
+    and ``masks_differ``. Masks are decoded and overlapped once, then scored under every reading.
+    Returns ``{reading: {"verified", "submission": {...}, <alternative>: {...}, "masks_differ"}}``;
+    ``bootstrap`` > 0 adds the 95% interval over that many resamples of the images to the
+    ``interval_of`` entry. ``submission=False`` leaves the CSV's masks undecoded (rescoring another
+    formula over the same predictions needs only the alternatives)."""
     from weakcell.data.datasets import get_dataset
 
     spec = get_dataset(cfg.data.dataset)
@@ -263,10 +288,9 @@ def submission_cell_maps(
     csv_path = folder / "cell_level.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"no {csv_path}; run `make infer` first")
+    check_published(csv_path)  # one complete inference's files, never an old CSV beside new tables
     n = spec.n_classes
-    image_ids = read_submission(csv_path)["ID"].tolist()
-    true_masks, true_labels = read_cell_truth(cfg.data_dir, image_ids, spec)
-    truth = truth_by_image(true_masks, true_labels, n)
+    truth = read_truth_folder(cfg.data_dir / TRUTH, n, cfg.infer.split)
     found = {"submission": submission_detections(csv_path, truth)} if submission else {}
     extra: dict[str, Any] = {}
     cells_path = folder / "pred_cell.parquet"
@@ -320,6 +344,7 @@ def submission_image_scores(
 
     spec = get_dataset(cfg.data.dataset)
     n = spec.n_classes
+    check_published(Path(folder) / "pred_image.parquet")
     predictions = pd.read_parquet(Path(folder) / "pred_image.parquet")
     y_true = image_targets(predictions["image_id"], read_image_labels(cfg.data_dir, spec), n)
     return image_level_scores(y_true, predictions[prob_columns(n)].to_numpy(), thresholds)
@@ -358,7 +383,7 @@ def evaluate_round(
     folder = Path(round_dir) if round_dir is not None else cfg.round_dir(evaluated_round(cfg))
     oof_image, oof_cell, thresholds = read_round(folder)
     if data is None:
-        from weakcell.train import load_training_set
+        from weakcell.training_set import load_training_set
 
         data = load_training_set(cfg)
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
@@ -391,45 +416,85 @@ def score_round(
     }
     table = per_class_table(y_true, probs, thresholds, list(spec.classes))
 
-    if data.truth is None or data.matches is None:
+    if data.cell_truth is None:
         notes.append(f"cell level skipped: {spec.name} has no per-cell truth (only the synthetic set has)")
     else:
         reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
-        cell_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer, reading)
-        evaluation["cell_oof"] = {name: {"map": _nanmean(ap), "ap": ap} for name, ap in cell_ap.items()}
-        other_ap = oof_cell_ap(oof_cell, oof_image, data.matches, data.truth, n, cfg.infer, other)
-        evaluation["cell_oof_other"] = {name: {"map": _nanmean(ap)} for name, ap in other_ap.items()}
+        evaluation.update(oof_cell_evaluation(cfg, folder, data.cell_truth, oof_image, oof_cell, notes))
         evaluation["verified"] = {"default": reading, "other": other}
         evaluation["plotted_variant"] = PLOTTED_VARIANT
-        table["cell_ap_oof"] = cell_ap[PLOTTED_VARIANT]
-
-        submission = submission_dir(cfg)
-        csv_path = submission / "cell_level.csv"
-        if folder != cfg.model_dir:
-            notes.append(f"test split skipped: {submission} holds the final round's predictions")
-        elif not csv_path.is_file():
-            notes.append(f"test split skipped: no {csv_path} (run `make infer`)")
-        else:
-            if csv_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
-                notes.append(f"{csv_path} is older than the round's OOF predictions: rerun `make infer`?")
-            evaluation["submission"] = {"folder": str(submission), "split": cfg.infer.split}
-            both = submission_cell_maps(cfg, submission, readings=(reading, other))
-            evaluation["cell_test"], evaluation["cell_test_other"] = both[reading], both[other]
+        table["cell_ap_oof"] = evaluation["cell_oof"][PLOTTED_VARIANT]["ap"]
+        evaluation.update(test_cell_evaluation(cfg, folder, thresholds, notes))
+        if "cell_test" in evaluation:
             table["cell_ap_test"] = evaluation["cell_test"]["submission"]["ap"]
-            if (submission / "pred_image.parquet").is_file():
-                evaluation["image_test"] = submission_image_scores(cfg, submission, thresholds)
-            if evaluation["cell_test"].get("masks_differ"):
-                notes.append(
-                    f"{evaluation['cell_test']['masks_differ']} masks of {csv_path} are not cache cells: "
-                    "the alternatives are scored on other masks than the submission"
-                )
     evaluation["notes"] = notes
     return evaluation, table
 
 
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+def oof_cell_evaluation(
+    cfg: Config,
+    folder: Path,
+    truth: CellTruth,
+    oof_image: pd.DataFrame,
+    oof_cell: pd.DataFrame,
+    notes: list[str],
+) -> dict[str, Any]:
+    """``cell_oof`` / ``cell_oof_other``: the competition metric of every OOF cell score variant under
+    ``evaluate.verified`` and the other reading, and for the final round (``submission``) of
+    ``oof_cell_level.csv`` scored as ``weakcell score`` scores it. Appends to ``notes``."""
+    reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
+    variants = cell_score_variants(oof_cell, oof_image, truth.n_classes, cfg.infer)
+    folds = set(oof_image["fold"].tolist())
+    both = oof_cell_scores(variants, truth, (reading, other), folds)
+    result: dict[str, Any] = {
+        "cell_oof": {name: _result_json(scores) for name, scores in both[reading].items()},
+        "cell_oof_other": {name: {"map": scores["map"]} for name, scores in both[other].items()},
+    }
+    oof_path = submission_dir(cfg) / OOF_FILE
+    if folder != cfg.model_dir:
+        notes.append(f"{oof_path} not scored: it holds the final round's out-of-fold predictions")
+    elif not oof_path.is_file():
+        notes.append(f"{oof_path} not scored: `make evaluate` writes it")
+    else:
+        if oof_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
+            notes.append(f"{oof_path} is older than the round's OOF predictions: rerun `make evaluate`")
+        scored = score_file(oof_path, cfg.data_dir / TRUTH, truth.n_classes, OOF_SPLIT, (reading, other))
+        result["cell_oof"]["submission"] = _result_json(scored[reading])
+        result["cell_oof_other"]["submission"] = {"map": scored[other]["map"]}
+        result["oof_submission"] = {"file": str(oof_path), "truth_split": OOF_SPLIT}
+    return result
+
+
+def test_cell_evaluation(
+    cfg: Config, folder: Path, thresholds: np.ndarray | None, notes: list[str]
+) -> dict[str, Any]:
+    """``cell_test`` / ``cell_test_other`` (``submission_cell_maps`` of the final round's submission) and
+    ``image_test``; empty for an earlier round or without ``cell_level.csv``. Appends to ``notes``."""
+    reading, other = cfg.evaluate.verified, other_reading(cfg.evaluate.verified)
+    submission = submission_dir(cfg)
+    csv_path = submission / "cell_level.csv"
+    if folder != cfg.model_dir:
+        notes.append(f"test split skipped: {submission} holds the final round's predictions")
+        return {}
+    if not csv_path.is_file():
+        notes.append(f"test split skipped: no {csv_path} (run `make infer`)")
+        return {}
+    if csv_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
+        notes.append(f"{csv_path} is older than the round's OOF predictions: rerun `make infer`?")
+    both = submission_cell_maps(cfg, submission, readings=(reading, other))
+    result: dict[str, Any] = {
+        "submission": {"folder": str(submission), "split": cfg.infer.split},
+        "cell_test": both[reading],
+        "cell_test_other": both[other],
+    }
+    if (submission / "pred_image.parquet").is_file():
+        result["image_test"] = submission_image_scores(cfg, submission, thresholds)
+    if both[reading].get("masks_differ"):
+        notes.append(
+            f"{both[reading]['masks_differ']} masks of {csv_path} are not cache cells: "
+            "the alternatives are scored on other masks than the submission"
+        )
+    return result
 
 
 def _jsonable(value: Any) -> Any:
@@ -447,186 +512,45 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# -- reports ------------------------------------------------------------------------------------------
-
-
-def image_bce(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """``(N,)`` mean binary cross-entropy over classes of each image's predictions (nats)."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(y_true, dtype=np.float64)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)
-
-
-def best_and_worst(image_ids: list[str], losses: np.ndarray, n: int) -> tuple[list[str], list[str]]:
-    """The ``n`` images of lowest and of highest loss (disjoint; the worst first in their list)."""
-    order = np.argsort(losses, kind="stable")
-    best = [image_ids[i] for i in order[:n]]
-    worst = [image_ids[i] for i in order[::-1] if image_ids[i] not in best][:n]
-    return best, worst
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub markdown table of ``table`` (floats to 3 decimals, NaN as -)."""
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(_format(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def _write_text(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:
-    """The compact table printed at the end of the stage."""
-
-    def f(value: Any) -> str:
-        return "  -  " if value is None else f"{value:.3f}"
-
-    image = evaluation["image_oof"]
-    lines = [
-        f"  image OOF  ({image['images']} images)   mAP {f(image['map'])}   macro-F1 @0.5 "
-        f"{f(image['macro_f1_at_05'])}  tuned {f(image['macro_f1_tuned'])}  cross-fitted "
-        f"{f(image['macro_f1_tuned_cross_fitted'])}"
-    ]
-    if "image_test" in evaluation:
-        test = evaluation["image_test"]
-        lines.append(
-            f"  image test ({test['images']} images)    mAP {f(test['map'])}   macro-F1 @0.5 "
-            f"{f(test['macro_f1_at_05'])}  tuned {f(test['macro_f1_tuned'])}"
-        )
-    readings = evaluation.get("verified", {})
-    for key, title in (
-        ("cell_oof", "cell OOF mAP (matched truth)"),
-        ("cell_test", "cell test, competition mAP"),
-    ):
-        for suffix, reading in (("", readings.get("default")), ("_other", readings.get("other"))):
-            if key + suffix in evaluation:
-                scores = evaluation[key + suffix]
-                parts = "  ".join(
-                    f"{name} {f(v['map'])}" for name, v in scores.items() if isinstance(v, dict)
-                )
-                lines.append(f"  {title}, verified={reading}{'' if suffix else ' (default)'}:  {parts}")
-    if readings:
-        lines.append(
-            "  (verified=image: the organisers' reading, a class is judged only in images with a true cell of "
-            "it; verified=all: every class in every image)"
-        )
-    return lines
-
-
-def write_report(
-    cfg: Config,
-    evaluation: dict[str, Any],
-    table: pd.DataFrame,
-    data: TrainingSet,
-    oof_image: pd.DataFrame,
-    oof_cell: pd.DataFrame,
-    thresholds: np.ndarray | None,
-    out_dir: Path,
-) -> list[Path]:
-    """Plots, the per-class table and the best/worst attention maps of one evaluated round; records the
-    chosen images in ``evaluation["attention"]``. Returns the files written."""
-    from weakcell import plots
-    from weakcell.attention_maps import draw_attention_maps
-
-    spec, n = data.spec, data.n_classes
-    names = list(spec.classes)
-    y_true = image_targets(oof_image["image_id"], data.images, n)
-    probs = oof_image[prob_columns(n)].to_numpy(np.float64)
-    label = f"{cfg.name}, round {evaluation['round']}"
-    written = []
-
-    bars = {"image AP (OOF)": table["image_ap"].to_numpy(float)}
-    if "cell_ap_oof" in table:
-        bars[f"cell AP (OOF, {PLOTTED_VARIANT})"] = table["cell_ap_oof"].to_numpy(float)
-    if "cell_ap_test" in table:
-        bars["cell AP (test, competition metric)"] = table["cell_ap_test"].to_numpy(float)
-    written.append(plots.ap_bars(bars, names, out_dir / "ap_per_class.png", f"{label}: AP per class"))
-    written.append(
-        plots.threshold_curves(
-            y_true,
-            probs,
-            thresholds,
-            names,
-            out_dir / "threshold_curves.png",
-            step=cfg.thresholds.step,
-            min_positives=cfg.thresholds.min_positives,
-        )
-    )
-    at = "the tuned thresholds" if thresholds is not None else "0.5 (no thresholds.json)"
-    title = f"{label}: OOF image predictions per class at {at}"
-    legend = (
-        "\n\ncell_ap_oof: OOF cell AP of the "
-        f"{PLOTTED_VARIANT} score against the matched true cells; cell_ap_test: the competition metric "
-        "(IoU >= 0.6) of cell_level.csv on the test split; both read the metric as "
-        f"evaluate.verified={cfg.evaluate.verified}"
-        if "cell_ap_oof" in table
-        else ""
-    )
-    text = f"# {title}{legend}\n\n{markdown_table(table)}"
-    written.append(_write_text(text, out_dir / "per_class.md"))
-    shown = table.map(_format)
-    shown["name"] = table["name"]  # whole names: the table's columns size to their text
-    written.append(plots.table_figure(shown, out_dir / "per_class.png", title))
-
-    ids = oof_image["image_id"].astype(str).tolist()
-    best, worst = best_and_worst(ids, image_bce(y_true, probs), cfg.evaluate.attention_images)
-    for group, chosen in (("best", best), ("worst", worst)):
-        folder = out_dir / f"attention_{group}"
-        for old in folder.glob("*.png"):  # a previous evaluation's picks
-            old.unlink()
-        if chosen:
-            written += draw_attention_maps(
-                cfg.data_dir,
-                spec.train_dir,
-                data.cache,
-                oof_cell,
-                oof_image,
-                chosen,
-                folder,
-                names,
-                labels=data.images,
-            )
-    evaluation["attention"] = {"ranked_by": "image-level BCE", "best": best, "worst": worst}
-    return written
-
-
 def run(cfg: Config) -> dict[str, Any]:
-    """Score the evaluated round, write ``evaluation.json`` and the report, print a summary."""
-    from weakcell.train import load_training_set
+    """Score the evaluated round, write ``evaluation.json`` and the report, print a summary; holds the
+    run folder's lock (``evaluation.json`` goes into its round) and the report folder's."""
+    round_ = evaluated_round(cfg)
+    wait = cfg.checks.lock_wait_s
+    with folder_lock(cfg.run_dir, "evaluate", wait), folder_lock(report_dir(cfg, round_), "evaluate", wait):
+        return _evaluate(cfg, round_)
+
+
+def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
+    from weakcell.training_set import load_training_set
 
     start = time.perf_counter()
-    round_ = evaluated_round(cfg)
     folder = cfg.round_dir(round_)
     oof_image, oof_cell, thresholds = read_round(folder)
     data = load_training_set(cfg)
+    # the OOF file where it can be scored (per-cell truth): at real scale writing it costs about 0.07 CPU s
+    # per 2048² image (benchmarks/metric.md), which a set without truth would pay for nothing
+    scored_here = folder == cfg.model_dir and data.cell_truth is not None
+    oof_path = write_oof_submission(cfg, data, oof_image, oof_cell) if scored_here else None
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
     out_dir = report_dir(cfg, round_)
-    write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, out_dir)
+    y_true = image_targets(oof_image["image_id"], data.images, data.n_classes)
+    write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, y_true, out_dir)
     evaluation["per_class"] = table.to_dict(orient="records")
     evaluation["seconds"] = round(time.perf_counter() - start, 1)
     payload = json.dumps(_jsonable(evaluation), indent=2)
     for target in (folder / "evaluation.json", out_dir / "evaluation.json"):
-        _write_text(payload, target)
+        write_text(payload, target)
     print(f"evaluate: {cfg.name} round {round_} ({folder})")
     print("\n".join(summary_lines(evaluation)))
     for note in evaluation["notes"]:
         print(f"  note: {note}")
     k = len(evaluation["attention"]["best"])
     maps = f", attention_best/ + attention_worst/ ({k} maps each)" if k else ""
+    oof = f"; {oof_path} (out of fold, validated)" if oof_path is not None else ""
     print(
         f"evaluate: {evaluation['seconds']:.0f} s -> {folder / 'evaluation.json'}; {out_dir}/: evaluation.json, "
-        f"ap_per_class.png, threshold_curves.png, per_class.md + .png{maps}"
+        f"ap_per_class.png, threshold_curves.png, per_class.md + .png{maps}{oof}"
     )
     return _jsonable(evaluation)
 

@@ -13,32 +13,39 @@ of the dataset's sample submission, masks at the original size, validated before
 ``image_level.csv`` (classes above the tuned thresholds of ``runs/<run>/thresholds.json``). The four are
 written into a staging folder, then published as one set (``submission.publish``: moved in place,
 ``published.json`` with their SHA-256 last), so a killed run never leaves a new file beside an old one
-unnoticed; the folder's lock is held throughout and a killed run's temporaries are removed first.
+unnoticed; the folder's lock is held throughout and a killed run's temporaries are removed first. Its
+``lineage.json`` (output ``submission``: the settings it reads, the cache, the fold weights, the thresholds,
+the sample submission) is written last: a second call with the same lineage reuses the folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-import weakcell
+from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.loader import CellCrops, apply_symmetries
-from weakcell.cache.store import CellCache
+from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
+from weakcell.data.ids import check_ids
+from weakcell.data.manifest import file_hash
 from weakcell.engine import predict
 from weakcell.errors import StageError
+from weakcell.lineage import RECORD as LINEAGE_FILE
+from weakcell.lineage import Lineage, digest, read_lineage, write_lineage
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
-from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
+from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
 from weakcell.scoring import cell_confidence
 from weakcell.stage2 import BagRequest, load_trained
 from weakcell.submission import check_published, publish, write_cell_level, write_image_level
@@ -150,7 +157,11 @@ def read_sample(cfg: Config) -> pd.DataFrame:
     sample_path = cfg.data_dir / spec.sample_submission
     if not sample_path.is_file():
         raise FileNotFoundError(f"no sample submission at {sample_path}: it lists the test IDs")
-    return pd.read_csv(sample_path, dtype={spec.id_column: str}, keep_default_na=False)
+    sample = pd.read_csv(sample_path, dtype={spec.id_column: str}, keep_default_na=False)
+    if spec.id_column not in sample.columns:
+        raise StageError(f"{sample_path} has no {spec.id_column} column (found {list(sample.columns)})")
+    check_ids(sample[spec.id_column], str(sample_path))
+    return sample
 
 
 def sizes_from_cache(image_ids: list[str], cache: CellCache, cache_dir: Path) -> pd.DataFrame:
@@ -171,6 +182,25 @@ def sizes_from_cache(image_ids: list[str], cache: CellCache, cache_dir: Path) ->
             "PredictionString": "",
         }
     )
+
+
+def check_cells(cfg: Config, cache: CellCache, image_ids: list[str]) -> MissingImages:
+    """The images to predict that give no cells (none found, unreadable, not cached): their rows would be
+    empty placeholders, on Kaggle lost images nobody sees. Refused in one line naming one of them, unless
+    ``checks.allow_empty_rows``; refused anyway when no image has a cell (nothing to predict)."""
+    missing = missing_images(image_ids, cache.images, cfg.infer.split)
+    what = f"{cfg.infer.split} images to predict"
+    fix = f"fix or cache them (make cache; {cfg.cache_dir / SKIPPED_FILE} says why images failed)"
+    if missing.count and missing.count == missing.labelled:
+        raise StageError(
+            f"infer: nothing to predict: {missing.describe(what)}, e.g. {missing.example()}; {fix}"
+        )
+    if missing.count and not cfg.checks.allow_empty_rows:
+        raise StageError(
+            f"infer: {missing.describe(what)}, e.g. {missing.example()}: their rows would be empty; {fix}, "
+            "or submit them as empty rows with checks.allow_empty_rows=true"
+        )
+    return missing
 
 
 def model_sources(cfg: Config) -> dict[str, float]:
@@ -207,21 +237,6 @@ def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
 # What one inference publishes together (``submission.publish``), in the order they are moved in place.
 OUTPUT_FILES = ("pred_image.parquet", "pred_cell.parquet", "cell_level.csv", "image_level.csv")
 STAGING_DIR = ".staging.tmp"  # the next run's files, inside the output folder (a rename stays atomic)
-INPUTS_FILE = "inputs.json"  # the fingerprint of what the published files were computed from
-# Settings the published files depend on (model.pretrained_file is only where training started: the trained
-# weights replace it; how fast or where inference runs does not count either).
-SETTINGS = (
-    "name",
-    "data.",
-    "segment.backend",
-    "cache.crop_size",
-    "cache.dir",
-    "model.",
-    "mil.",
-    "refine.rounds",
-    "infer.",
-)
-NOT_SETTINGS = ("model.pretrained_file",)
 
 
 def _file_stamp(path: Path) -> list[int] | None:
@@ -233,57 +248,39 @@ def _file_stamp(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def infer_inputs(cfg: Config, models: dict[str, tuple[Path, list[Path]]], thresholds: Path) -> dict:
-    """What one inference reads: its settings, every fold's weight files, the thresholds, the cache's
-    indexes and the sample submission (files by size and modification time, the thresholds by content)."""
-    flat: dict[str, object] = {}
-
-    def walk(tree: dict, prefix: str = "") -> None:
-        for key, value in tree.items():
-            if isinstance(value, dict) and not key.endswith("kwargs"):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(cfg.model_dump(mode="json"))
-    settings = {k: v for k, v in flat.items() if k.startswith(SETTINGS) and not k.startswith(NOT_SETTINGS)}
+def submission_lineage(cfg: Config, models: dict[str, tuple[Path, list[Path]]], thresholds: Path) -> Lineage:
+    """What one inference is made from (``weakcell.config.lineage``, output ``submission``): the settings it
+    reads, the cell cache's fingerprint, every fold's weight files (by size and modification time: a fold
+    trained again has new weights under the same settings), the thresholds and the sample submission (by
+    content)."""
     weights = {
         str(fold / part): _file_stamp(fold / part)
         for _, fold_dirs in models.values()
         for fold in fold_dirs
         for part in ("cell/model.pt", "mil/model.pt")
     }
-    spec = get_dataset(cfg.data.dataset)
-    files = {
-        str(path): _file_stamp(path)
-        for path in (
-            cfg.cache_dir / "images.parquet",
-            cfg.cache_dir / "cells.parquet",
-            cfg.data_dir / spec.sample_submission,
-        )
-    }
-    return {
-        "weakcell": weakcell.__version__,
-        "settings": settings,
-        "weights": weights,
-        "thresholds": hashlib.sha256(thresholds.read_bytes()).hexdigest(),
-        "files": files,
-    }
+    sample = cfg.data_dir / get_dataset(cfg.data.dataset).sample_submission
+    return Lineage.of(
+        "submission",
+        cfg,
+        cache=cache_fingerprint(cfg.cache_dir),
+        models=digest(weights),
+        thresholds=file_hash(thresholds),
+        sample=file_hash(sample) if sample.is_file() else None,
+    )
 
 
-def fingerprint(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def up_to_date(out_dir: Path, inputs: dict) -> bool:
-    """The folder holds a complete, unchanged publication made from these very inputs."""
+def up_to_date(out_dir: Path, lineage: Lineage) -> bool:
+    """The folder holds a complete, valid publication made from this very lineage (its ``lineage.json``)."""
     try:
-        saved = json.loads((out_dir / INPUTS_FILE).read_text())
+        saved = read_lineage(out_dir)
         check_published(out_dir / "cell_level.csv")
-    except (OSError, ValueError, StageError):
+    except (OSError, ValueError):  # StageError is a ValueError: a damaged record or file is redone
         return False
-    return saved.get("fingerprint") == fingerprint(inputs) and all(
-        (out_dir / f).is_file() for f in OUTPUT_FILES
+    return (
+        saved is not None
+        and saved.fingerprint == lineage.fingerprint
+        and all((out_dir / name).is_file() for name in OUTPUT_FILES)
     )
 
 
@@ -309,16 +306,17 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
         raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
     for warning in json.loads(thresholds_path.read_text()).get("warnings", []):
         print(f"infer: WARNING from {thresholds_path}: {warning}")
-    inputs = infer_inputs(cfg, models, thresholds_path)
-    if not cfg.force and up_to_date(out_dir, inputs):
+    lineage = submission_lineage(cfg, models, thresholds_path)
+    if not cfg.force and up_to_date(out_dir, lineage):
         print(
-            f"infer: {out_dir} is up to date (its {INPUTS_FILE}: same models, thresholds, cache and settings), "
+            f"infer: {out_dir} is up to date (its {LINEAGE_FILE}: same models, thresholds, cache and settings), "
             "skipping (FORCE=1 redoes it)"
         )
         return out_dir
     cache = CellCache(cfg.cache_dir)
     sample = images_to_predict(cfg, cache)
     image_ids = sample["ID"].astype(str).tolist()
+    empty = check_cells(cfg, cache, image_ids)  # before any prediction: a refusal costs nothing
     n_classes = spec.n_classes
 
     per_source = []
@@ -344,41 +342,49 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
 
     # every file is written (each validated) into the staging folder, then all are published together
-    staging = out_dir / STAGING_DIR
-    staged = {name: staging / name for name in OUTPUT_FILES}
-    with writing(staging):
-        staging.mkdir(parents=True, exist_ok=True)
-    atomic_write(staged["pred_image.parquet"], lambda tmp: images.to_parquet(tmp, index=False))
-    cell_table = cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)})
-    atomic_write(staged["pred_cell.parquet"], lambda tmp: cell_table.to_parquet(tmp, index=False))
-    write_cell_level(
-        scored, lambda i: cache.masks(i).cells, sample, staged["cell_level.csv"], cfg.infer.min_score
-    )
-    # images come in the sample submission's order (image_ids above); a competition scored on image labels
-    # (2018) gets its file checked against its own sample submission, under its ID column
-    image_sample = read_sample(cfg) if spec.submission == "image" and cfg.infer.split == "test" else None
-    write_image_level(
-        images,
-        read_thresholds(thresholds_path),
-        staged["image_level.csv"],
-        columns=spec.image_level_columns,
-        sample_submission=image_sample,
-        negative=spec.negative,
-    )
-    publish(out_dir, staged)
-    shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_text(
-        out_dir / INPUTS_FILE, json.dumps({"fingerprint": fingerprint(inputs), **inputs}, indent=2)
-    )
+    with staging_folder(out_dir) as staged:
+        atomic_write(staged["pred_image.parquet"], lambda tmp: images.to_parquet(tmp, index=False))
+        cell_table = cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)})
+        atomic_write(staged["pred_cell.parquet"], lambda tmp: cell_table.to_parquet(tmp, index=False))
+        write_cell_level(
+            scored, lambda i: cache.masks(i).cells, sample, staged["cell_level.csv"], cfg.infer.min_score
+        )
+        # images come in the sample submission's order (image_ids above); a competition scored on image
+        # labels (2018) gets its file checked against its own sample submission, under its ID column
+        image_sample = read_sample(cfg) if spec.submission == "image" and cfg.infer.split == "test" else None
+        write_image_level(
+            images,
+            read_thresholds(thresholds_path),
+            staged["image_level.csv"],
+            columns=spec.image_level_columns,
+            sample_submission=image_sample,
+            negative=spec.negative,
+        )
+        publish(out_dir, staged)
+    write_lineage(out_dir, lineage)  # after the files: a run killed before it is redone, never reused
+    empty_rows = f" ({empty.count} empty rows: {empty.describe('images')})" if empty.count else ""
     scored_file = "cell_level.csv" if spec.submission == "cell" else "image_level.csv"
     print(
         f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
-        f"{len(images)} images, "
+        f"{len(images)} images{empty_rows}, "
         f"{len(cells)} cells, "
         f"{time.perf_counter() - start:.0f} s -> {out_dir / scored_file} (the Kaggle file), "
         f"{', '.join(f for f in OUTPUT_FILES if f != scored_file)}"
     )
     return out_dir
+
+
+@contextmanager
+def staging_folder(out_dir: Path) -> Iterator[dict[str, Path]]:
+    """The staged path of each of ``OUTPUT_FILES`` in ``out_dir``'s staging folder, which is removed when
+    the block ends, however it ends (a killed run's: by the next run)."""
+    staging = out_dir / STAGING_DIR
+    with writing(staging):
+        staging.mkdir(parents=True, exist_ok=True)
+    try:
+        yield {name: staging / name for name in OUTPUT_FILES}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

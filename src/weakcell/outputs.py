@@ -13,8 +13,11 @@
 * ``OutputError``: a write that fails for a reason of the machine (permissions, a full disk, a folder that
   vanished) is not a fault of the image or row being written; it stops the stage with one line naming the
   file and the fix. ``writing(path)`` turns an ``OSError`` into it; ``atomic_write`` writes through a
-  temporary file and a rename, removing the temporary when anything fails.
+  temporary file and a rename, removing the temporary when anything fails. Every file a stage writes goes
+  through it or one of the helpers beside it (text, bytes, JSON, parquet, CSV, a matplotlib figure);
+  ``tests/test_outputs.py`` lists the writers of the package so that a new bare write fails it.
 * ``clean_temporaries(folder)``: the ``*.tmp`` files of a killed run, removed under the lock.
+* ``read_json(path)``: a JSON record a stage wrote (``metrics.json``, ...); a damaged one is one line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
+
+from weakcell.errors import StageError
 
 LOCK_FILE = ".weakcell.lock"
 # Seconds between two tries while waiting for a busy folder.
@@ -81,14 +87,28 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
         raise output_error(err, path) from err
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[Path], object],
+    *,
+    durable: bool = False,
+    shared: bool = False,
+) -> Path:
     """``write(tmp)`` then rename ``tmp`` to ``path``: a reader never sees half a file. The temporary is
-    removed when anything fails; an ``OSError`` becomes an ``OutputError`` naming ``path``."""
+    removed when anything fails; an ``OSError`` becomes an ``OutputError`` naming ``path``.
+
+    durable: flush the temporary to the disk before the rename (checkpoints: a power cut leaves the old
+    file or the new one, never an empty one). shared: the file is written without holding its folder's
+    lock (several processes may write it at once), so each writes its own temporary (``<name>.<pid>.tmp``)
+    and the last rename wins whole."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else f"{path.name}.tmp")
     try:
         with writing(path):
             write(tmp)
+            if durable:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -96,9 +116,68 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, shared: bool = False) -> Path:
     """``atomic_write`` of a text file."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text), shared=shared)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """``atomic_write`` of a binary file."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike[str], payload: object, *, indent: int | None = 2) -> Path:
+    """``atomic_write`` of ``payload`` as JSON text ending in a newline; numpy scalars are written as
+    plain numbers."""
+    text = json.dumps(payload, indent=indent, default=_plain) + "\n"
+    return atomic_write_text(path, text)
+
+
+def _plain(value: object) -> object:
+    """JSON for numpy scalars (``np.float64(0.5).item()``); anything else is a bug of the caller."""
+    item = getattr(value, "item", None)
+    if item is None:
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return item()
+
+
+class _Table(Protocol):
+    def to_parquet(self, path: Path, *, index: bool) -> object: ...
+
+    def to_csv(self, path: Path, *, index: bool) -> object: ...
+
+
+def atomic_parquet(path: str | os.PathLike[str], table: _Table, *, shared: bool = False) -> Path:
+    """``atomic_write`` of a pandas table as parquet, without its index."""
+    return atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False), shared=shared)
+
+
+def atomic_csv(path: str | os.PathLike[str], table: _Table) -> Path:
+    """``atomic_write`` of a pandas table as CSV, without its index."""
+    return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+class _Figure(Protocol):
+    def savefig(self, fname: Path, **kwargs: Any) -> object: ...
+
+
+def atomic_savefig(path: str | os.PathLike[str], figure: _Figure, **savefig_kwargs: Any) -> Path:
+    """``atomic_write`` of a matplotlib figure; the format comes from ``path``'s suffix (the temporary's
+    ``.tmp`` would hide it)."""
+    path = Path(path)
+    kwargs = {"format": path.suffix.lstrip(".") or "png", **savefig_kwargs}
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, **kwargs))
+
+
+def read_json(path: str | os.PathLike[str], fix: str = "rerun the stage that wrote it with FORCE=1") -> Any:
+    """The JSON a stage wrote at ``path``. A damaged file (emptied, cut short, not JSON) is one
+    ``StageError`` line naming it and ``fix``: only a fault of the machine or a hand edit makes one."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        reason = "it is empty" if not path.read_bytes().strip() else f"not JSON ({err})"
+        raise StageError(f"{path} is damaged: {reason}; {fix}") from err
 
 
 def clean_temporaries(folder: str | os.PathLike[str], recursive: bool = False) -> int:

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from weakcell.metrics import f1_per_class, predicted_classes
+from weakcell.outputs import atomic_savefig
 
 DPI = 110
 TITLE_WIDTH = 30  # characters of a small-multiple panel's title line at fontsize 7 (2.6 inches wide)
@@ -30,10 +31,7 @@ def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = DPI, ti
     ``tight`` crops the margins to what is drawn."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None, pad_inches=0.15)
-    os.replace(tmp, path)
-    return path
+    return atomic_savefig(path, figure, dpi=dpi, bbox_inches="tight" if tight else None, pad_inches=0.15)
 
 
 def _class_label(c: int, class_names: Sequence[str]) -> str:

@@ -10,10 +10,14 @@ the network; everything else reads local files (``weakcell.weights``).
   download fails and leaves nothing behind), then converted to safetensors (``cpsam.safetensors``,
   ``sam_vit_b_01ec64.safetensors``, which ``segment.cellpose.weights=weights`` / ``segment.sam.weights=weights``
   find) through a weights-only load, so no pickled code is ever kept or run.
+* ``hpacellseg``: HPA-Cell-Segmentation's ``dpn_unet_nuclei_v1.pth`` and the cell model of
+  ``segment.hpacellseg.cell_model`` from Zenodo record 4665863, whole pickled models converted to
+  ``<name>.safetensors`` by a restricted unpickler (``weakcell.segment.hpacellseg.pickles``). Zenodo
+  publishes no sha256: the first fetch records it (trust on first use), later runs verify against it.
 
-Offline, each item fails in one line naming the file to place and where: an official file placed at
-``weights/<official name>`` is verified and converted like a download. A file already listed in the manifest
-is verified against it (sha256) and kept.
+Offline, one error names every file that could not be fetched, each with where to place it: an official
+file placed at ``weights/<official name>`` is verified and converted like a download. A file already listed
+in the manifest is verified against it (sha256) and kept.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 from weakcell.config import Config
 from weakcell.errors import WeakcellError
+from weakcell.outputs import atomic_write, atomic_write_text
 
 MANIFEST = "MANIFEST.json"
 CHUNK = 1 << 20
@@ -42,14 +47,17 @@ class FetchError(WeakcellError, OSError):
 
 @dataclass(frozen=True)
 class Official:
-    """A file published at a fixed URL with a known sha256 (checked by many users of these releases)."""
+    """A file published at a fixed URL, with its sha256 when it is published (checked by many users of
+    these releases); without one, the first fetch records it in the manifest and later runs verify against
+    that (trust on first use)."""
 
     file: str  # the official file name: what a user places offline
     url: str
-    sha256: str
-    size: int
+    sha256: str | None
+    size: int | None
     stored: str  # its safetensors conversion in weights/
     licence: str
+    whole_model: bool = False  # a torch.save(model) pickle: read by the restricted unpickler, never run
 
 
 OFFICIAL: dict[str, Official] = {
@@ -71,6 +79,21 @@ OFFICIAL: dict[str, Official] = {
         "sam_vit_b_01ec64.safetensors",
         "Apache-2.0",
     ),
+    # HPA-Cell-Segmentation (CellProfiling, Apache-2.0), whole pickled models on Zenodo record 4665863.
+    # Zenodo lists no sha256 (only an md5 per file, not recorded in any public source read here): the
+    # first fetch records the sha256 in MANIFEST.json.
+    **{
+        f"hpacellseg:{stem}": Official(
+            f"{stem}.pth",
+            f"https://zenodo.org/record/4665863/files/{stem}.pth",
+            None,
+            None,
+            f"{stem}.safetensors",
+            "Apache-2.0",
+            whole_model=True,
+        )
+        for stem in ("dpn_unet_nuclei_v1", "dpn_unet_cell_3ch_v1", "dpn_unet_cell_v2")
+    },
 }
 
 
@@ -97,11 +120,7 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, dict[str, Any]]) -> Path:
-    path = folder / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def verified(folder: Path, entry: dict[str, Any]) -> bool:
@@ -127,9 +146,10 @@ def _entry(folder: Path, file: str, source: str, **extra: Any) -> dict[str, Any]
 # --------------------------------------------------------------------------------------- official files
 
 
-def download(url: str, target: Path, sha256: str, timeout_s: float) -> None:
+def download(url: str, target: Path, sha256: str | None, timeout_s: float) -> None:
     """Stream ``url`` to ``target`` through ``target.part``, hashing as it comes; ``target`` appears only
-    when the sha256 matches. Raises FetchError (network or checksum), leaving no partial file."""
+    when the sha256 matches (any, when none is pinned). Raises FetchError (network or checksum), leaving no
+    partial file."""
     part = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
     try:
@@ -142,7 +162,7 @@ def download(url: str, target: Path, sha256: str, timeout_s: float) -> None:
         part.unlink(missing_ok=True)
         reason = getattr(err, "reason", None) or err
         raise FetchError(f"cannot download {url} ({type(err).__name__}: {reason})") from err
-    if digest.hexdigest() != sha256:
+    if sha256 is not None and digest.hexdigest() != sha256:
         part.unlink()
         raise FetchError(
             f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}: corrupted in transit "
@@ -151,18 +171,33 @@ def download(url: str, target: Path, sha256: str, timeout_s: float) -> None:
     part.replace(target)
 
 
-def to_safetensors(source: Path, target: Path) -> int:
-    """Convert a PyTorch checkpoint to safetensors through a weights-only load; returns the tensor count."""
+def to_safetensors(source: Path, target: Path, whole_model: bool = False) -> int:
+    """Convert a PyTorch checkpoint to safetensors through a weights-only load (a whole-model pickle through
+    the restricted unpickler of ``weakcell.segment.hpacellseg.pickles``); returns the tensor count."""
     from safetensors.torch import save_file
 
     from weakcell.weights import load_state_dict
 
-    state = load_state_dict(source)
-    tmp = target.with_name(target.name + ".tmp")
+    if whole_model:
+        from weakcell.segment.hpacellseg.pickles import load_whole_model
+
+        state = load_whole_model(source)
+    else:
+        state = load_state_dict(source)
     # clone: safetensors refuses tensors that share storage, which some checkpoints hold
-    save_file({key: value.detach().clone().contiguous() for key, value in state.items()}, tmp)
-    tmp.replace(target)
+    tensors = {key: value.detach().clone().contiguous() for key, value in state.items()}
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)))
     return len(state)
+
+
+def _published(official: Official) -> str:
+    """How to place an official file by hand: its name, size and sha256 when known, and its URL."""
+    known = [
+        f"{official.size:,} bytes" if official.size else "",
+        f"sha256 {official.sha256}" if official.sha256 else "",
+    ]
+    details = ", ".join(part for part in known if part)
+    return f"{official.file} ({details + ', ' if details else ''}from {official.url})"
 
 
 def fetch_official(cfg: Config, item: str, folder: Path) -> dict[str, Any]:
@@ -173,7 +208,7 @@ def fetch_official(cfg: Config, item: str, folder: Path) -> dict[str, Any]:
     url = f"{cfg.weights.mirror.rstrip('/')}/{official.file}" if cfg.weights.mirror else official.url
     if placed.is_file():
         actual = sha256_of(placed)
-        if actual != official.sha256:
+        if official.sha256 is not None and actual != official.sha256:
             raise FetchError(
                 f"{placed} has sha256 {actual}, not the official {official.sha256}: a truncated or other "
                 f"file; replace it with {official.url}"
@@ -184,18 +219,20 @@ def fetch_official(cfg: Config, item: str, folder: Path) -> dict[str, Any]:
             download(url, placed, official.sha256, cfg.weights.timeout_s)
         except FetchError as err:
             raise FetchError(
-                f"{err}. Offline: place the official file {official.file} ({official.size:,} bytes, sha256 "
-                f"{official.sha256}, from {official.url}) at {placed} and rerun `make weights`"
+                f"{err}. Offline: place the official file {_published(official)} at {placed} and rerun "
+                "`make weights`"
             ) from err
         source = url
-    tensors = to_safetensors(placed, folder / official.stored)
+    upstream_sha256 = official.sha256 or sha256_of(placed)
+    tensors = to_safetensors(placed, folder / official.stored, official.whole_model)
     placed.unlink()
     return _entry(
         folder,
         official.stored,
         source,
         upstream_file=official.file,
-        upstream_sha256=official.sha256,
+        upstream_sha256=upstream_sha256,
+        upstream_sha256_source="published" if official.sha256 else "recorded at the first fetch",
         licence=official.licence,
         tensors=tensors,
     )
@@ -243,9 +280,7 @@ def fetch_backbone(cfg: Config, folder: Path) -> dict[str, Any]:
     )
     release: dict[str, torch.Tensor] = model.state_dict()
     state = {key: value.detach().clone().contiguous() for key, value in release.items()}
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(state, tmp)
-    tmp.replace(target)
+    atomic_write(target, lambda tmp: save_file(state, str(tmp)))
     return _entry(
         folder,
         target.name,
@@ -258,24 +293,43 @@ def fetch_backbone(cfg: Config, folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- stage
 
 
+def manifest_keys(cfg: Config) -> list[str]:
+    """The manifest entries ``weights.fetch`` asks for: ``backbone:<model.backbone>``, ``cellpose``, ``sam``,
+    and for ``hpacellseg`` the nuclei model and ``segment.hpacellseg.cell_model``'s."""
+    keys: list[str] = []
+    for item in cfg.weights.fetch:
+        if item == "backbone":
+            keys.append(f"backbone:{cfg.model.backbone}")
+        elif item == "hpacellseg":
+            from weakcell.segment.hpacellseg.backend import model_files
+
+            keys.extend(f"hpacellseg:{stem}" for stem in model_files(cfg.segment.hpacellseg))
+        else:
+            keys.append(item)
+    return keys
+
+
 def fetch(cfg: Config) -> dict[str, dict[str, Any]]:
-    """``make weights``: every item of ``weights.fetch`` in ``cfg.weights_dir``; the manifest is updated
-    after each item. An item that fails does not stop the others: every failure (offline, each file to
-    place by hand) is reported together at the end, in one error."""
+    """``make weights``: every file of ``weights.fetch`` in ``cfg.weights_dir``; the manifest is updated
+    after each file, so a failure keeps what was fetched. Files that cannot be fetched (offline) are all
+    named in one error at the end, each with where to place it."""
     folder = cfg.weights_dir
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
-    failures: list[str] = []
-    for item in cfg.weights.fetch:
-        key = f"backbone:{cfg.model.backbone}" if item == "backbone" else item
+    failures: list[FetchError] = []
+    for key in manifest_keys(cfg):
         if key in manifest and verified(folder, manifest[key]):
             print(f"weights: {key} {manifest[key]['file']} verified (sha256 {manifest[key]['sha256'][:12]})")
             continue
         start = time.perf_counter()
         try:
-            entry = fetch_backbone(cfg, folder) if item == "backbone" else fetch_official(cfg, item, folder)
+            entry = (
+                fetch_backbone(cfg, folder)
+                if key.startswith("backbone:")
+                else fetch_official(cfg, key, folder)
+            )
         except FetchError as err:
-            failures.append(f"{key}: {err}")
+            failures.append(err)
             continue
         manifest[key] = entry
         write_manifest(folder, manifest)
@@ -284,11 +338,11 @@ def fetch(cfg: Config) -> dict[str, dict[str, Any]]:
             f"{entry['sha256'][:12]}, {time.perf_counter() - start:.0f} s) from {entry['source']}"
         )
     shutil.rmtree(folder / ".cache", ignore_errors=True)  # timm's download cache: the safetensors is kept
-    if len(failures) == 1:  # its own message: which file to place where
-        raise FetchError(failures[0].split(": ", 1)[1])
+    if len(failures) == 1:
+        raise failures[0]
     if failures:
         raise FetchError(
-            f"{len(failures)} of {len(cfg.weights.fetch)} weights missing: " + " || ".join(failures)
+            f"{len(failures)} weights files could not be fetched: " + " | ".join(map(str, failures))
         )
     return manifest
 

@@ -10,7 +10,6 @@ inference, evaluation, the weights dataset and the kernels from this one line.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 from weakcell.config import Config, ConfigError, load_config, parse_overrides
 from weakcell.config.loading import KIT_CONFIGS, _section_at
 from weakcell.errors import StageError, UnknownName
+from weakcell.outputs import atomic_write_text
 
 CONFIG_NAME = "weakcell.yaml"
 
@@ -143,17 +143,16 @@ def init(args: list[str]) -> Path:
         raise StageError(f"{target} exists; edit it, or rewrite it with --force")
     text = project_text(template, folder, overrides)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
+    # a draft beside the target (its base resolves as the target's will) must load before the target exists
+    draft = atomic_write_text(target.with_name(f".{target.name}.draft"), text)
     try:
-        cfg = load_config(tmp)
+        cfg = load_config(draft)
         from weakcell.models.backbone import check_backbone
 
         check_backbone(cfg.model.backbone)
-    except BaseException:
-        tmp.unlink()
-        raise
-    os.replace(tmp, target)
+    finally:
+        draft.unlink()
+    atomic_write_text(target, text)
     summary(cfg, target)
     return target
 

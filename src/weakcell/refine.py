@@ -26,33 +26,25 @@ model. Round r lives in ``runs/<name>/round<r>/`` with round 0's layout plus ``p
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from weakcell.config import OUTPUT_INPUTS, Config, RefineConfig, changed_settings, save_config
+from weakcell.config import Config, RefineConfig, save_config
 from weakcell.constants import NEGATIVE, prob_columns
 from weakcell.data.labels import to_multi_hot
+from weakcell.distributed import is_main_process
 from weakcell.errors import StageError
-from weakcell.outputs import atomic_write, atomic_write_text, folder_lock, writing
+from weakcell.fold_model import FoldModel, fold_seconds, train_model
+from weakcell.lineage import Lineage, stale, write_lineage
+from weakcell.outputs import atomic_parquet, atomic_write_json, folder_lock, writing
+from weakcell.round_report import record_round
 from weakcell.scoring import cell_scores, image_best
 from weakcell.thresholds import tune_thresholds
-from weakcell.train import (
-    FoldModel,
-    TrainingSet,
-    check_missing,
-    fold_seconds,
-    is_main_process,
-    load_training_set,
-    run_record,
-    train_model,
-    train_round,
-    true_cell_targets,
-)
+from weakcell.train import check_run, train_round
+from weakcell.training_set import TrainingSet, open_training_set
 
 
 def pseudo_labels(
@@ -216,15 +208,16 @@ def inner_predictions(
         if inner == outer:
             continue
         plan = inner_plan(round_cfg, round_, outer, inner)
-        # an inner model trained under other settings (e.g. refine.inner_epochs) is redone, not reused
-        stale = bool(changed_settings(plan.folder, round_cfg, OUTPUT_INPUTS["run"])) or (
-            plan.stage2 and lacks_stage2(plan.folder)
-        )
-        model_cfg = round_cfg.model_copy(update={"force": True}) if stale else round_cfg
+        # an inner model trained under other settings (e.g. refine.inner_epochs) is redone, not reused; the
+        # targets of later rounds' inner models are the round's, which its own lineage guards
+        lineage = Lineage.of("run", round_cfg, **(data.inputs or {}))
+        redo = bool(stale(plan.folder, lineage, round_cfg)) or (plan.stage2 and lacks_stage2(plan.folder))
+        model_cfg = round_cfg.model_copy(update={"force": True}) if redo else round_cfg
         oof_image, oof_cell = train_model(model_cfg, data, plan)
-        if is_main_process() and (stale or not (plan.folder / "config.yaml").is_file()):
+        if is_main_process() and (redo or not (plan.folder / "lineage.json").is_file()):
             with writing(plan.folder / "config.yaml"):
                 save_config(round_cfg, plan.folder)
+                write_lineage(plan.folder, lineage)
         images.append(oof_image[oof_image["fold"] == inner])
         cells.append(oof_cell[oof_cell["fold"] == inner])
     return pd.concat(cells, ignore_index=True), pd.concat(images, ignore_index=True)
@@ -259,10 +252,21 @@ def inner_config(cfg: Config, round_: int) -> Config:
     )
 
 
+def check_round(this_round: Config, out_dir: Path, previous: Lineage) -> Lineage:
+    """The lineage of a round continuing ``previous`` (the run or the round before); a finished round made
+    from anything else is refused in one line naming what changed, unless ``force``."""
+    lineage = Lineage.of("refine", this_round, previous=previous.fingerprint)
+    differ = stale(out_dir, lineage, this_round)
+    if differ and not this_round.force:
+        raise StageError(
+            f"round {out_dir} was trained with other settings or data ({', '.join(differ[:6])}); redo it "
+            "with FORCE=1 or give the run another name (name=...)"
+        )
+    return lineage
+
+
 def _refine(cfg: Config) -> list[dict[str, float]]:
-    data = load_training_set(cfg)
-    if data.missing is not None:
-        check_missing(cfg, data.missing, "refine")
+    data = open_training_set(cfg, "refine")
     all_folds = sorted(data.images["fold"].unique().tolist())
     outer_folds = cfg.train.folds if cfg.train.folds is not None else all_folds
     reads_scores = not cfg.refine.keeps_inherited
@@ -271,24 +275,18 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             f"refinement needs at least 3 folds to label each fold's training cells with models that never "
             f"saw that fold (nested); {cfg.folds_file} has {len(all_folds)}: make folds with folds.n_splits>=3"
         )
-    truth = (
-        true_cell_targets(data.cells, data.truth, data.matches, data.n_classes, data.spec.negative)
-        if data.truth is not None and data.matches is not None
-        else None
-    )
+    truth = data.true_targets()
     if not (cfg.run_dir / "oof_cell.parquet").is_file():
         raise FileNotFoundError(f"no out-of-fold predictions in {cfg.run_dir}; run make train first")
+    # the rounds continue the run as it is: one trained on other data or settings is not refined further
+    upstream = Lineage.of("run", cfg, **(data.inputs or {}))
+    check_run(cfg, upstream, "refine")
     previous: dict[int, FoldTargets] = {}  # round r-1's targets of each outer fold (round 0: inherited)
     results = []
     for round_ in range(1, cfg.refine.rounds + 1):
         this_round, before = round_config(cfg, round_), inner_config(cfg, round_ - 1)
         out_dir = cfg.round_dir(round_)
-        differ = changed_settings(out_dir, this_round, OUTPUT_INPUTS["refine"])
-        if differ and not cfg.force:
-            raise StageError(
-                f"round {out_dir} was trained with other settings ({', '.join(differ[:6])}); redo it with "
-                "FORCE=1 or give the run another name (name=...)"
-            )
+        lineage = check_round(this_round, out_dir, previous=upstream)
         current: dict[int, FoldTargets] = {}
         for outer in outer_folds:
             predictions = None
@@ -300,12 +298,10 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
         inner_dirs = (cfg.round_dir(round_ - 1) / "inner").glob("fold*") if reads_scores else []
         inner_seconds = sum(fold_seconds(folder) for folder in inner_dirs)
         stats = round_stats(round_, data, current, truth)
+        record_round(this_round, data, out_dir, lineage)
         if is_main_process():
-            with writing(out_dir / "config.yaml"):
-                save_config(this_round, out_dir)
             table = pd.concat([t.table.assign(model_fold=k) for k, t in current.items()], ignore_index=True)
-            atomic_write(out_dir / "pseudo_labels.parquet", partial(table.to_parquet, index=False))
-            atomic_write_text(out_dir / "run.json", json.dumps(run_record(this_round, data), indent=2))
+            atomic_parquet(out_dir / "pseudo_labels.parquet", table)
         init_dir = cfg.round_dir(round_ - 1) if cfg.refine.init == "previous" else None
         per_fold = {k: t.applied(data) for k, t in current.items()}
         metrics = train_round(this_round, data, out_dir, init_dir, fold_data=per_fold.__getitem__)
@@ -320,7 +316,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             "seconds": outer_seconds + inner_seconds,
         }
         if is_main_process():
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            atomic_write_json(out_dir / "metrics.json", metrics)
         quality = (
             f"; pseudo-labels precision {stats['pseudo_precision']:.3f} recall {stats['pseudo_recall']:.3f} "
             f"(inherited {stats['inherited_precision']:.3f} / {stats['inherited_recall']:.3f})"
@@ -333,7 +329,7 @@ def _refine(cfg: Config) -> list[dict[str, float]]:
             f"{stats['cells_relabelled']} cells over {len(current)} fold models, {stats['cells_trainable']} "
             f"cells trained on{quality}{inner} -> {out_dir}"
         )
-        previous = current
+        previous, upstream = current, lineage
         results.append(metrics)
     return results
 

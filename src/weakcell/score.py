@@ -1,12 +1,15 @@
 """``weakcell score SUBMISSION.csv --truth DIR [--verified image|all] [--split S] [--json OUT]``: the 2021
 competition metric of any cell-level file Kaggle would accept, against a truth folder.
 
-The truth folder has the synthetic layout (``data/<set>/truth/``, what ``make data`` writes):
-``DIR/<image_id>_cells.png``, an instance label image (8- or 16-bit PNG, 0 = background), and
-``DIR/cells.csv`` with at least ``image_id,cell_id,Label`` (``Label`` ``|``-separated class indices; an empty
-``Label`` is a cell of no class). The images of the truth are those ``cells.csv`` lists (``--split``
-keeps the rows of one ``split``, e.g. the synthetic set's ``test``); one of them without a submission row
-predicts nothing, and submission rows of other images are ignored, as the organisers' evaluator does.
+The truth folder has the synthetic layout (``data/<set>/truth/``, what ``make data`` writes;
+``weakcell.cell_truth`` reads it): ``DIR/<image_id>_cells.png``, an instance label image (8- or 16-bit PNG,
+0 = background), ``DIR/cells.csv`` with at least ``image_id,cell_id,Label`` (``Label`` class indices
+separated by ``|`` or a space; an empty ``Label`` is a cell of no class) and ``DIR/images.csv``
+(``image_id,split``). The images of the truth are its ``<image_id>_cells.png`` files, one whose label image
+holds no cell included (``--split`` keeps those of one split, e.g. the synthetic set's ``test``: from
+``images.csv``, or from ``cells.csv``'s ``split`` column in folders written before it); one of them without
+a submission row predicts nothing, and submission rows of other images are ignored, as the organisers'
+evaluator does.
 
 Prints the mAP, the AP of every class and what was left out; ``--json OUT`` writes
 ``{"map": float, "ap": {"0": float or null, ...}, "verified": "image", ...}`` (null: the class has no true
@@ -16,78 +19,33 @@ cell). Exit code 0, or 2 with one line naming the file or row at fault.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pandas as pd
 
-from weakcell.competition_metric import READINGS, TrueCells, Verified, score_submission, true_cells
+from weakcell.cell_truth import read_truth_folder
+from weakcell.competition_metric import READINGS, Verified, score_found, submission_detections
 from weakcell.constants import HPA2021_CLASSES
-from weakcell.data.labels import LabelError, parse_labels
-
-TRUTH_COLUMNS = ("image_id", "cell_id", "Label")
+from weakcell.outputs import atomic_write_json
 
 
-def read_true_mask_file(path: Path) -> np.ndarray:
-    """An instance label image (8- or 16-bit single-channel PNG) as int64; clear errors otherwise."""
-    if not path.is_file():
-        raise FileNotFoundError(f"true mask {path} is missing: the truth folder needs <image_id>_cells.png")
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise ValueError(f"true mask {path} is not a readable image")
-    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
-        raise ValueError(
-            f"true mask {path} is {mask.dtype} with shape {mask.shape}: expected an 8- or 16-bit "
-            "single-channel label image (0 = background, one value per cell)"
-        )
-    return mask.astype(np.int64)
-
-
-def read_truth_folder(
-    folder: str | os.PathLike[str], n_classes: int, split: str | None = None
-) -> dict[str, TrueCells]:
-    """``TrueCells`` of every image that ``folder/cells.csv`` lists (its ``split`` rows when given)."""
-    folder = Path(folder)
-    table_path = folder / "cells.csv"
-    if not table_path.is_file():
-        raise FileNotFoundError(f"no {table_path}: a truth folder holds cells.csv and <image_id>_cells.png")
-    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-    missing = [c for c in TRUTH_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"{table_path}: missing column(s) {missing}; found {list(table.columns)}")
-    if split is not None:
-        if "split" not in table.columns:
-            raise ValueError(f"{table_path} has no split column, so --split {split} cannot select rows")
-        table = table[table["split"] == split]
-        if table.empty:
-            raise ValueError(f"{table_path} lists no cell of split {split!r}")
-    try:
-        cell_ids = [int(v) for v in table["cell_id"]]
-    except ValueError:
-        raise ValueError(f"{table_path}: cell_id holds a value that is not an integer") from None
-    labels = []
-    for row, text in zip(table.index, table["Label"]):
-        try:
-            labels.append(
-                parse_labels(text, "|", n_classes, f"{table_path} row {row + 1}") if text.strip() else []
-            )
-        except LabelError as err:
-            raise ValueError(str(err)) from None
-    rows = pd.DataFrame({"image_id": table["image_id"].to_numpy(), "cell_id": cell_ids, "labels": labels})
-    return {
-        str(image_id): true_cells(
-            read_true_mask_file(folder / f"{image_id}_cells.png"),
-            cells,
-            n_classes,
-            f"{image_id} ({table_path})",
-        )
-        for image_id, cells in rows.groupby("image_id", sort=False)
-    }
+def score_file(
+    submission: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    n_classes: int,
+    split: str | None = None,
+    readings: tuple[Verified, ...] = ("image",),
+) -> dict[Verified, dict]:
+    """The competition metric of a cell-level file against a truth folder (its ``split`` images), under
+    each of ``readings``: what ``weakcell score`` prints. Masks are decoded and overlapped once."""
+    truth_cells = read_truth_folder(truth, n_classes, split)
+    if not Path(submission).is_file():
+        raise FileNotFoundError(f"no submission file {submission}")
+    found = submission_detections(submission, truth_cells)
+    return {reading: score_found(found, truth_cells, n_classes, reading) for reading in readings}
 
 
 def _json_ap(ap: np.ndarray) -> dict[str, float | None]:
@@ -137,12 +95,9 @@ def score_main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:
         return 0 if exit_.code == 0 else 2
+    verified: Verified = args.verified
     try:
-        truth = read_truth_folder(args.truth, args.classes, args.split)
-        if not Path(args.submission).is_file():
-            raise FileNotFoundError(f"no submission file {args.submission}")
-        verified: Verified = args.verified
-        result = score_submission(args.submission, truth, args.classes, verified)
+        result = score_file(args.submission, args.truth, args.classes, args.split, (verified,))[verified]
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -163,7 +118,7 @@ def score_main(argv: list[str] | None = None) -> int:
         }
         target = Path(args.json)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(target, payload)
         print(f"score: -> {target}")
     return 0
 

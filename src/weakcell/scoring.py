@@ -6,6 +6,9 @@ infer share, and the out-of-fold scoring of a round.
   MIL instance probability, attention, ...), read by refinement's rule, the ablation and evaluation;
 - ``ALTERNATIVES``: the confidences evaluation scores beside a submission from ``pred_cell.parquet``;
 - ``max_pool_images`` / ``image_metrics``: image scores from cells, and their mAP and macro-F1;
+- ``cell_score_table`` / ``oof_cell_scores``: out-of-fold cell scores as detections, scored by the
+  competition engine against the true cells (``cell_truth.CellTruth``); the submitted confidence as a
+  file carries it (``submission.as_submitted``: clipped, ``infer.min_score`` applied);
 - ``score_oof``: what a round's ``metrics.json`` holds.
 
 Numpy and pandas only (no torch): evaluation and inference import it without the training stage.
@@ -13,19 +16,21 @@ Numpy and pandas only (no torch): evaluation and inference import it without the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from weakcell.cell_truth import cell_level_ap
+from weakcell.cell_truth import CellTruth
+from weakcell.competition_metric import score_found
 from weakcell.config import InferConfig
 from weakcell.constants import CellScore, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import macro_f1, mean_average_precision
+from weakcell.submission import as_submitted
 
 # -- the submitted confidence ---------------------------------------------------------------------------
 
@@ -96,14 +101,18 @@ CELL_SCORES: dict[CellScore, Callable[[CellOutputs, InferConfig], np.ndarray]] =
     ),
 }
 
+# The CELL_SCORES entry a submission carries: scored as the file holds it (``as_submitted``).
+SUBMITTED: CellScore = "confidence"
+
 # pred_cell.parquet confidences scored beside the submission:
-# name -> (cell probs, image probs, image ids, infer settings) -> (N, C); "confidence" recomputes the submitted one
+# name -> (cell probs, image probs, image ids, infer settings) -> (N, C); "confidence" recomputes the submitted
+# one as the file carries it (infer.min_score applied)
 ALTERNATIVES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, InferConfig], np.ndarray]] = {
     "cell": lambda cell, image, ids, infer: cell,
     "image": lambda cell, image, ids, infer: image,
     "cell_x_image": lambda cell, image, ids, infer: cell * image,
-    "confidence": lambda cell, image, ids, infer: cell_confidence(
-        cell, image, ids, infer.image_power, infer.image_best_cell
+    "confidence": lambda cell, image, ids, infer: as_submitted(
+        cell_confidence(cell, image, ids, infer.image_power, infer.image_best_cell), infer.min_score
     ),
 }
 
@@ -125,16 +134,44 @@ def cell_scores(
     return CELL_SCORES[name](outputs, infer if infer is not None else InferConfig())
 
 
+def cell_score_table(
+    name: CellScore,
+    oof_cell: pd.DataFrame,
+    oof_image: pd.DataFrame,
+    n_classes: int,
+    infer: InferConfig | None = None,
+) -> pd.DataFrame:
+    """``image_id, cell_id, p_*``: the ``CELL_SCORES`` entry ``name`` of every cell as a detection
+    table; the submitted one (``SUBMITTED``) as a file carries it (``as_submitted``, ``infer.min_score``)."""
+    infer = infer if infer is not None else InferConfig()
+    values = cell_scores(name, oof_cell, oof_image, n_classes, infer)
+    if name == SUBMITTED:
+        values = as_submitted(values, infer.min_score)
+    keys = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
+    return keys.assign(**dict(zip(prob_columns(n_classes), values.T)))
+
+
 def cell_score_variants(
     oof_cell: pd.DataFrame, oof_image: pd.DataFrame, n_classes: int, infer: InferConfig | None = None
 ) -> dict[str, pd.DataFrame]:
-    """Every ``CELL_SCORES`` entry as an ``image_id, cell_id, p_*`` table."""
-    keys = oof_cell[["image_id", "cell_id"]].reset_index(drop=True)
+    """Every ``CELL_SCORES`` entry as an ``image_id, cell_id, p_*`` table (``cell_score_table``)."""
+    return {name: cell_score_table(name, oof_cell, oof_image, n_classes, infer) for name in CELL_SCORES}
+
+
+def oof_cell_scores(
+    tables: dict[str, pd.DataFrame],
+    truth: CellTruth,
+    readings: tuple[Verified, ...] = ("image",),
+    folds: Collection[int] | None = None,
+) -> dict[Verified, dict[str, dict]]:
+    """The competition metric (``competition_metric.score_found``'s dict) of each score table against
+    the true cells of the training images of ``folds`` (default every one), under each of ``readings``:
+    ``{reading: {name: result}}``. Each table's detections are built once for every reading."""
+    true_cells = truth.truth(folds)
+    found = {name: truth.found(table, folds) for name, table in tables.items()}
     return {
-        name: keys.assign(
-            **dict(zip(prob_columns(n_classes), cell_scores(name, oof_cell, oof_image, n_classes, infer).T))
-        )
-        for name in CELL_SCORES
+        reading: {name: score_found(f, true_cells, truth.n_classes, reading) for name, f in found.items()}
+        for reading in readings
     }
 
 
@@ -143,7 +180,7 @@ def cell_score_variants(
 
 class LabelledImages(Protocol):
     """What scoring needs of a training set (``train.TrainingSet`` is one): the images' labels and, on the
-    synthetic set, the true cells and which segmented cell matches which."""
+    synthetic set, the true cells with their overlaps with the segmented cells."""
 
     @property
     def n_classes(self) -> int: ...
@@ -152,10 +189,7 @@ class LabelledImages(Protocol):
     def images(self) -> pd.DataFrame: ...  # image_id, labels
 
     @property
-    def truth(self) -> pd.DataFrame | None: ...
-
-    @property
-    def matches(self) -> pd.DataFrame | None: ...
+    def cell_truth(self) -> CellTruth | None: ...
 
 
 def score_oof(
@@ -165,8 +199,9 @@ def score_oof(
     infer: InferConfig | None = None,
     verified: Verified = "image",
 ) -> dict[str, float]:
-    """Image macro-F1 at 0.5 and mAP of the MIL head; cell-level mAP of each score variant (synthetic)
-    under the metric's ``verified`` reading."""
+    """Image macro-F1 at 0.5 and mAP of the MIL head; the competition mAP of each cell score variant
+    (synthetic) under the metric's ``verified`` reading, against the true cells of every training image of
+    the folds ``oof_image`` holds."""
     n_classes = data.n_classes
     images = data.images.set_index("image_id").loc[oof_image["image_id"]]
     y_true = to_multi_hot(images["labels"].tolist(), n_classes)
@@ -176,8 +211,9 @@ def score_oof(
         oof_cell, oof_cell[prob_columns(n_classes)].to_numpy(), oof_image["image_id"].tolist()
     )
     metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
-    if data.truth is not None and data.matches is not None:
-        for name, table in cell_score_variants(oof_cell, oof_image, n_classes, infer).items():
-            ap = cell_level_ap(table, prob_columns(n_classes), data.matches, data.truth, verified)
-            metrics[f"cell_map_{name}"] = float(np.nanmean(ap))
+    if data.cell_truth is not None:
+        folds = set(oof_image["fold"].tolist())
+        tables = cell_score_variants(oof_cell, oof_image, n_classes, infer)
+        for name, result in oof_cell_scores(tables, data.cell_truth, (verified,), folds)[verified].items():
+            metrics[f"cell_map_{name}"] = result["map"]
     return metrics

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from weakcell.cache.augment import crop_augment
-from weakcell.cache.loader import CropAugment, augment_batch_
+from weakcell.cache.augment import CropAugment, crop_augment
+from weakcell.cache.loader import augment_batch_
 from weakcell.cache.store import CellCache
 from weakcell.config import Config
 from weakcell.models import create_model

@@ -1,13 +1,16 @@
-"""Kaggle submission files: the 2021 cell-level format (masks as pycocotools RLE -> zlib -> base64), the
-2018-style image-level format, and validators that decode every mask back before anything is uploaded.
+"""Kaggle submission files: the 2021 cell-level format (masks as pycocotools RLE -> zlib -> base64, coded
+by ``weakcell.rle``), the 2018-style image-level format, and validators that decode every mask back before
+anything is uploaded.
 
 ``weakcell validate FILE [--sample SAMPLE_CSV] [--classes N]`` (or ``python -m weakcell.submission FILE``)
 checks a written file and prints a one-line summary; exit code 0 when valid, 2 otherwise.
+
+Over 400 lines on purpose: the writers and the validators are two sides of one format (its columns, the
+placeholder row, how labels and confidences are written and read back), kept together so they cannot drift.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
@@ -15,20 +18,20 @@ import logging
 import os
 import sys
 import time
-import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.datasets import get_dataset
 from weakcell.errors import StageError, WeakcellError
 from weakcell.metrics import predicted_classes
 from weakcell.outputs import atomic_write, atomic_write_text, writing
+from weakcell.rle import encode_crop, encode_mask, mask_runs, placeholder
 
 log = logging.getLogger(__name__)
 
@@ -54,132 +57,6 @@ class SubmissionError(WeakcellError, ValueError):
         super().__init__(f"{total} problem(s):\n  " + "\n  ".join(problems) + more)
 
 
-# ----------------------------------------------------------------------------------------- masks
-
-
-def _pack(counts: bytes) -> str:
-    return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
-
-
-def encode_mask(mask: np.ndarray) -> str:
-    """Boolean (H, W) mask -> the competition's text: pycocotools RLE counts -> zlib level 9 -> base64."""
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return _pack(rle["counts"])
-
-
-def _unpack(text: str) -> bytes:
-    return zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
-
-
-def decode_mask(text: str, height: int, width: int) -> np.ndarray:
-    """Inverse of ``encode_mask``: base64 -> zlib -> RLE counts -> bool (height, width).
-    Raises ValueError when the runs do not cover exactly height * width pixels."""
-    counts = _unpack(text)
-    runs = rle_counts(counts)
-    if runs.sum() != height * width:
-        raise ValueError(f"mask covers {int(runs.sum())} pixels, not {height}x{width} = {height * width}")
-    with warnings.catch_warnings():  # pycocotools under numpy 2: "__array__ ... copy keyword"
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode({"size": [int(height), int(width)], "counts": counts}).astype(bool)
-
-
-def mask_pixels(text: str, height: int, width: int) -> np.ndarray:
-    """The pixels of an encoded mask as sorted indices into the image raveled column-major (the RLE's own
-    order, ``mask.ravel(order="F")``), without building the (height, width) array: the work grows with
-    the mask's runs, not with the image. Raises ValueError when the text does not decode or its runs do
-    not cover exactly height * width pixels."""
-    try:
-        runs = rle_counts(_unpack(text))
-    except (binascii.Error, zlib.error, UnicodeEncodeError) as err:
-        raise ValueError(f"mask does not decode ({err})") from err
-    if runs.sum() != height * width:
-        raise ValueError(f"mask covers {int(runs.sum())} pixels, not {height}x{width} = {height * width}")
-    ends = np.cumsum(runs)
-    starts, lengths = ends[0::2][: len(runs[1::2])], runs[1::2]  # runs alternate off, on, off, ...
-    starts, lengths = starts[lengths > 0], lengths[lengths > 0]
-    # one arange over every "on" pixel, shifted so each run restarts at its own start
-    shift = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    return np.arange(int(lengths.sum()), dtype=np.int64) + shift
-
-
-def rle_counts(counts: bytes) -> np.ndarray:
-    """Decode pycocotools' compressed counts string into run lengths (zeros first), vectorised.
-    Mirrors ``rleFrString`` in maskApi.c; raises ValueError on malformed strings or negative runs.
-    Checking the runs before ``mask_utils.decode`` matters: pycocotools writes past its buffer when the
-    runs sum to more than height * width."""
-    chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
-    if chars.size == 0:
-        raise ValueError("empty RLE counts")
-    if chars.min() < 0 or chars.max() > 63:
-        raise ValueError("RLE counts hold characters outside the pycocotools alphabet")
-    more = (chars & 0x20) != 0
-    if more[-1]:
-        raise ValueError("RLE counts end in the middle of a number")
-    ends = np.flatnonzero(~more)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    group = np.repeat(np.arange(ends.size), ends - starts + 1)
-    shift = np.arange(chars.size) - starts[group]
-    if shift.max() > 11:
-        raise ValueError("RLE counts hold a number too long")
-    values = np.add.reduceat((chars & 0x1F) << (5 * shift), starts)
-    negative = (chars[ends] & 0x10) != 0
-    values[negative] -= np.left_shift(1, 5 * (shift[ends][negative] + 1))
-    runs = values.copy()
-    runs[1::2] = np.cumsum(values[1::2])  # counts[m] = x + counts[m - 2] for m > 2
-    runs[2::2] = np.cumsum(values[2::2])
-    if runs.min() < 0:
-        raise ValueError("RLE counts decode to a negative run")
-    return runs
-
-
-def _encode_runs(runs: list[int], height: int, width: int) -> str:
-    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
-    return _pack(rle["counts"])
-
-
-def placeholder(height: int, width: int) -> str:
-    """The sample submission's prediction for an image without cells: ``0 1 <empty height x width mask>``
-    (``PLACEHOLDER`` at 2048x2048; 1728x1728 and 3072x3072 rows of the sample carry their own)."""
-    return f"0 1 {_encode_runs([int(height) * int(width)], int(height), int(width))}"
-
-
-def encode_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> str:
-    """Encode a full (height, width) mask given only its bbox crop at (y0, x0): same text as
-    ``encode_mask`` on the full image, but the work is proportional to the crop, not to the image."""
-    crop = np.asarray(crop, dtype=bool)
-    h, w = crop.shape
-    if y0 < 0 or x0 < 0 or y0 + h > height or x0 + w > width:
-        raise ValueError(f"crop {crop.shape} at ({y0}, {x0}) falls outside the {height}x{width} image")
-    padded = np.zeros((h + 2, w), dtype=np.int8)
-    padded[1:-1] = crop
-    edges = np.diff(padded.ravel(order="F"))
-    # Position i + 1 in the padded column-major order -> pixel index in the full image's column-major order.
-    rises = np.flatnonzero(edges == 1) + 1
-    falls = np.flatnonzero(edges == -1) + 1
-    if rises.size == 0:
-        return _encode_runs([height * width], height, width)
-    col_r, row_r = np.divmod(rises, h + 2)
-    col_f, row_f = np.divmod(falls, h + 2)
-    on = (x0 + col_r) * height + y0 + row_r - 1
-    off = (x0 + col_f) * height + y0 + row_f - 1
-    # A run that ends at the image's bottom row continues at the top of the next column.
-    joined = off[:-1] == on[1:]
-    if joined.any():
-        on = np.concatenate((on[:1], on[1:][~joined]))
-        off = np.concatenate((off[:-1][~joined], off[-1:]))
-    bounds = np.empty(2 * on.size + 2, dtype=np.int64)
-    bounds[0] = 0
-    bounds[1:-1:2] = on
-    bounds[2:-1:2] = off
-    bounds[-1] = height * width
-    runs = np.diff(bounds)
-    if runs[-1] == 0:
-        runs = runs[:-1]
-    return _encode_runs(runs.tolist(), height, width)
-
-
 # ------------------------------------------------------------------------------- prediction strings
 
 
@@ -191,9 +68,18 @@ def format_confidence(value: float) -> str:
     return text.removesuffix(".0")
 
 
+def as_submitted(confidences: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+    """Confidences as a cell-level file carries them: clipped to [0, 1], NaN (no prediction) where the
+    clipped value is below ``min_score`` (``infer.min_score``) or not a number. Written with
+    ``format_confidence``, each reads back as exactly this float64, so a score of these values in memory
+    is the score of the file."""
+    clipped = np.clip(np.asarray(confidences, dtype=np.float64), 0.0, 1.0)
+    return np.where(clipped >= min_score, clipped, np.nan)
+
+
 def _format_cell(mask_text: str, probs: np.ndarray, min_score: float) -> list[str]:
-    keep = np.flatnonzero(probs >= min_score) if min_score > 0 else range(len(probs))
-    return [f"{c} {format_confidence(probs[c])} {mask_text}" for c in keep]
+    values = as_submitted(probs, min_score)
+    return [f"{c} {format_confidence(values[c])} {mask_text}" for c in np.flatnonzero(np.isfinite(values))]
 
 
 def cell_prediction_string(
@@ -221,13 +107,13 @@ def cell_prediction_string(
             if box is None:
                 raise KeyError(f"cell {cell_id} is scored but absent from the label image")
             text = encode_crop(labels[box] == cell_id, box[0].start, box[1].start, height, width)
-            parts += _format_cell(text, np.clip(np.asarray(probs, float), 0.0, 1.0), min_score)
+            parts += _format_cell(text, np.asarray(probs, float), min_score)
     else:
         for cell_id, probs in scores.items():
             if cell_id not in cell_masks:
                 raise KeyError(f"cell {cell_id} is scored but has no mask")
             text = encode_mask(np.asarray(cell_masks[cell_id], dtype=bool))
-            parts += _format_cell(text, np.clip(np.asarray(probs, float), 0.0, 1.0), min_score)
+            parts += _format_cell(text, np.asarray(probs, float), min_score)
     return " ".join(parts)
 
 
@@ -318,7 +204,15 @@ def write_cell_level(
         )
     groups = {k: g for k, g in predictions.groupby("image_id", sort=False)}
     strings = []
-    for image_id, width, height in sample.itertuples(index=False):
+    rows = tqdm(
+        sample.itertuples(index=False),
+        total=len(sample),
+        desc=Path(path).name,
+        unit="img",
+        leave=False,
+        disable=not sys.stderr.isatty(),  # a log or a test reads stderr: only errors go there
+    )
+    for image_id, width, height in rows:
         group = groups.get(image_id)
         text = ""
         if group is not None and len(group):
@@ -388,7 +282,7 @@ def _check_mask(text: str, height: int, width: int, cache: dict, empty_ok: bool)
     key = (text, height, width)
     if key not in cache:
         try:
-            runs = rle_counts(_unpack(text))
+            runs = mask_runs(text)
             if runs.sum() != height * width:
                 cache[key] = f"mask covers {int(runs.sum())} pixels, not {height}x{width} = {height * width}"
             elif runs[1::2].sum() == 0:
@@ -419,19 +313,7 @@ def validate_cell_level(
     if list(frame.columns) != CELL_COLUMNS:
         raise SubmissionError([f"columns are {list(frame.columns)}, expected {CELL_COLUMNS}"])
     if sample_submission is not None:
-        sample, _ = _read(sample_submission)
-        if list(frame["ID"]) != list(sample["ID"]):
-            missing = set(sample["ID"]) - set(frame["ID"])
-            extra = set(frame["ID"]) - set(sample["ID"])
-            problems.append(
-                f"IDs differ from the sample submission ({len(frame)} vs {len(sample)} rows, "
-                f"{len(missing)} missing, {len(extra)} extra"
-                + (", same set in another order)" if not missing and not extra else ")")
-            )
-        else:
-            for col in ("ImageWidth", "ImageHeight"):
-                bad = np.flatnonzero(frame[col].to_numpy() != sample[col].to_numpy())
-                problems += [f"row {i} (ID {frame['ID'][i]}): {col} differs from the sample" for i in bad[:5]]
+        problems += _sample_problems(frame, _read(sample_submission)[0])
     duplicated = frame["ID"].duplicated(keep="first").to_numpy()
     cache: dict = {}
     n_predictions = n_placeholders = 0
@@ -458,24 +340,10 @@ def validate_cell_level(
         n_predictions += len(tokens) // 3
         for j in range(0, len(tokens), 3):
             label, conf, mask = tokens[j : j + 3]
-            k = j // 3
-            if not (label.isdigit() and (n_classes is None or int(label) < n_classes)):
-                allowed = (
-                    "a non-negative integer" if n_classes is None else f"an integer in 0..{n_classes - 1}"
-                )
-                problems.append(f"{where}, prediction {k}: label {label!r} is not {allowed}")
-            try:
-                p = float(conf)
-                if not (np.isfinite(p) and 0.0 <= p <= 1.0):
-                    raise ValueError
-            except ValueError:
-                problems.append(
-                    f"{where}, prediction {k}: confidence {conf!r} is not a finite number in [0, 1]"
-                )
+            found = _prediction_problems(label, conf, n_classes)
             error = _check_mask(mask, h, w, cache, empty_ok=len(tokens) == 3)
-            if error:
-                problems.append(f"{where}, prediction {k}: {error}")
-            elif cache[(mask, h, w)] == "empty":
+            problems += [f"{where}, prediction {j // 3}: {problem}" for problem in [*found, error] if problem]
+            if not error and cache[(mask, h, w)] == "empty":
                 n_placeholders += 1
         if len(problems) > 10 * MAX_PROBLEMS:
             problems.append("(stopped checking)")
@@ -490,6 +358,38 @@ def validate_cell_level(
         "size_mb": round(size_mb, 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _sample_problems(frame: pd.DataFrame, sample: pd.DataFrame) -> list[str]:
+    """How a cell-level submission's IDs and image sizes differ from the sample submission's."""
+    if list(frame["ID"]) != list(sample["ID"]):
+        missing = set(sample["ID"]) - set(frame["ID"])
+        extra = set(frame["ID"]) - set(sample["ID"])
+        return [
+            f"IDs differ from the sample submission ({len(frame)} vs {len(sample)} rows, "
+            f"{len(missing)} missing, {len(extra)} extra"
+            + (", same set in another order)" if not missing and not extra else ")")
+        ]
+    problems = []
+    for col in ("ImageWidth", "ImageHeight"):
+        bad = np.flatnonzero(frame[col].to_numpy() != sample[col].to_numpy())
+        problems += [f"row {i} (ID {frame['ID'][i]}): {col} differs from the sample" for i in bad[:5]]
+    return problems
+
+
+def _prediction_problems(label: str, conf: str, n_classes: int | None) -> list[str]:
+    """What is wrong with one prediction's label and confidence tokens (its mask is ``_check_mask``'s)."""
+    problems = []
+    if not (label.isdigit() and (n_classes is None or int(label) < n_classes)):
+        allowed = "a non-negative integer" if n_classes is None else f"an integer in 0..{n_classes - 1}"
+        problems.append(f"label {label!r} is not {allowed}")
+    try:
+        p = float(conf)
+        if not (np.isfinite(p) and 0.0 <= p <= 1.0):
+            raise ValueError
+    except ValueError:
+        problems.append(f"confidence {conf!r} is not a finite number in [0, 1]")
+    return problems
 
 
 def validate_image_level(

@@ -19,7 +19,7 @@ from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import f1_per_class, predicted_classes
-from weakcell.outputs import atomic_write_text, folder_lock
+from weakcell.outputs import atomic_write_text, folder_lock, read_json
 
 
 def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsConfig) -> pd.DataFrame:
@@ -90,7 +90,7 @@ def fallback_warning(table: pd.DataFrame, tuning: ThresholdsConfig) -> str | Non
 
 def read_thresholds(path: str | Path) -> np.ndarray:
     """(C,) thresholds from a ``thresholds.json``."""
-    table = json.loads(Path(path).read_text())["classes"]
+    table = read_json(path, "tune them again with `make thresholds`")["classes"]
     return np.array([row["threshold"] for row in sorted(table, key=lambda row: row["class"])])
 
 

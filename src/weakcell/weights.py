@@ -14,6 +14,8 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import pickletools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +35,14 @@ KAGGLE_DIRS: tuple[str, ...] = (
 # (DeiT, SAM fine-tunes, many competition repos), {"model_state_dict": ...} (PyTorch tutorials).
 WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model")
 RESAVE_HINT = "re-save it with torch.save(model.state_dict(), path)"
+# How torch's weights-only unpickler names an object it refuses to build (a class, a function) in a
+# checkpoint: the file holds pickled code. It says "Unsupported operand" both for random bytes and for a
+# plain pickle of objects, which ``_pickles_objects`` tells apart.
+REFUSED_OBJECT = re.compile(r"unsupported (global|class)|not an allowed global", re.IGNORECASE)
+# Pickle opcodes that import or build an object (run code on loading), as pickletools names them.
+OBJECT_OPCODES = frozenset(
+    {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+)
 
 
 class WeightsError(WeakcellError, ValueError):
@@ -170,18 +180,32 @@ def _first_line(err: BaseException) -> str:
     return lines[0].strip()[:200] if lines else type(err).__name__
 
 
+def _pickles_objects(path: Path) -> bool:
+    """Whether ``path`` starts with a well-formed pickle that imports or builds objects. Only reads its
+    opcodes (``pickletools.genops`` executes nothing); bytes that are no pickle at all stop it at once."""
+    try:
+        with open(path, "rb") as handle:  # read to its STOP opcode first: random bytes may start like one
+            names = {opcode.name for opcode, _, _ in pickletools.genops(handle)}
+        return bool(names & OBJECT_OPCODES)
+    except Exception:  # not a pickle: genops raises ValueError, EOFError, ... on the first bad byte
+        return False
+
+
 def load_weights_only(path: Path, map_location: str | torch.device, fix: str) -> object:
     """``torch.load(weights_only=True)``; any failure becomes one ``WeightsError`` line naming ``path``, why
     and ``fix``."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
+        if REFUSED_OBJECT.search(str(err)) or _pickles_objects(path):
             raise WeightsError(
                 f"{path} contains pickled Python objects that a weights-only load refuses (loading them "
                 f"would run arbitrary code); {fix}"
             ) from err
-        raise WeightsError(f"{path} is not a PyTorch weights file ({_first_line(err)}); {fix}") from err
+        raise WeightsError(
+            f"{path} is not a PyTorch weights file: its bytes do not decode as one (corrupt, cut short or "
+            f"another format); {fix}"
+        ) from err
     except Exception as err:  # torch.load raises many types on non-checkpoint bytes (KeyError, EOFError, ...)
         raise WeightsError(
             f"{path} is not a PyTorch weights file or it is truncated ({type(err).__name__}: "

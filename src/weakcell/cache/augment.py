@@ -22,15 +22,12 @@ import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from weakcell.config import ConfigError
-
-if TYPE_CHECKING:
-    from weakcell.cache.loader import CropAugment
 
 BATCHED = ("symmetries", "gain")
 
@@ -77,6 +74,20 @@ class CropPipeline:
             crops[i] = self(np.ascontiguousarray(crops[i].transpose(1, 2, 0))).transpose(2, 0, 1)
 
 
+@dataclass(frozen=True)
+class CropAugment:
+    """Batch augmentations of cell crops; every one keeps the crop's content and its value range. Built from
+    ``train.augment`` by ``crop_augment``; applied by ``weakcell.cache.loader.augment_batch_``."""
+
+    symmetries: bool = True  # random flips and 90° rotations: the 8 symmetries of the square
+    intensity: float = 0.2  # per-channel gain drawn uniformly from [1 - intensity, 1 + intensity]
+    pipeline: CropPipeline | None = None  # per-crop albumentations steps, after the batched ones
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.intensity <= 1:
+            raise ValueError(f"intensity jitter must be in [0, 1], got {self.intensity}")
+
+
 def _albumentations_step(spec: dict[str, Any], where: str) -> tuple[Any, bool]:
     # albumentations asks PyPI for a newer version on import unless told not to: training is offline
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -111,8 +122,6 @@ def _albumentations_step(spec: dict[str, Any], where: str) -> tuple[Any, bool]:
 def crop_augment(specs: Sequence[dict[str, Any]]) -> CropAugment:
     """The training augmentation of ``train.augment`` (``[]``: one that changes nothing, so samplers that
     draw cells only when training, e.g. ``stage2.CropBags``, still do)."""
-    from weakcell.cache.loader import CropAugment
-
     symmetries, gain, pipeline = parse_augment(specs)
     return CropAugment(symmetries=symmetries, intensity=gain, pipeline=pipeline)
 

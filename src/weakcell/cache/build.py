@@ -2,13 +2,19 @@
 
 Per image (in a worker process): read the 4 channels, segment with ``cfg.segment``, write the masks as
 8- or 16-bit PNGs, cut the crops (``cut_crops``). The parent streams the crops into a shard buffer and flushes
-it every ``cache.shard_mb``; memory therefore stays bounded whatever the number of images.
+it every ``cache.shard_mb``; memory therefore stays bounded whatever the number of images. A learned
+backend whose network runs on a GPU (``cache.batched``) goes through ``weakcell.cache.batched`` instead:
+this process runs the network on batches, the workers run the same per-image steps around it.
 
 Resumable and atomic. A flush writes, each through a temp file + rename and in this order:
 ``shards/partPPP-SSSSS.npy`` (crops), ``.cells.parquet`` (its cells), ``.images.parquet`` (its images,
 the commit). A shard without its images index was cut short and is deleted on the next start; an image
-counts as finished only once it is in a committed images index with status ``ok``, so a killed run is
-resumed by running again. Skipped images are retried on every run (their files may have been fixed).
+counts as finished only once it is in a committed images index with status ``ok`` and the content hash
+of its channel files there is the one they have now (``weakcell.data.manifest``), so a killed run is
+resumed by running again and an image whose files now hold other pixels (a regenerated data set under
+the same IDs) is cached again, its old rows dropped at the merge. Skipped images are retried on every run
+(their files may have been fixed). The merged cache records its lineage (``lineage.json``: settings and
+the images' content), which runs trained on it record in turn.
 
 One run at a time: the stage holds the cache folder's lock (``weakcell.outputs.folder_lock``; each part of
 a split run its own part, beside the others). A write that fails for a reason of the machine (permissions,
@@ -18,15 +24,18 @@ Split runs: ``cache.shard_index`` / ``cache.num_shards`` give each machine every
 part writes its own shards and, when done, ``parts/partPPP-of-NNN.json``. ``merge(cfg)`` joins the
 committed indexes into ``cells.parquet`` / ``images.parquet`` / ``skipped.csv`` once every part is done;
 with one part ``run`` merges at the end itself.
+
+Over 400 lines on purpose: which images, one image in a worker, the shard writer and the two entry points
+(``run``, ``merge``) share one commit protocol (the order of a flush's three files, what counts as finished,
+what a restart deletes); kept in one file so that protocol reads in one place. The batched scheduler,
+which only calls the per-image steps, is its own module.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import cv2
@@ -35,6 +44,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from weakcell.cache.content import current_images, finished_images
 from weakcell.cache.crops import cut_crops
 from weakcell.cache.store import (
     CELLS_COLUMNS,
@@ -45,18 +55,33 @@ from weakcell.cache.store import (
     PARTS_DIR,
     SHARDS_DIR,
     SKIPPED_FILE,
+    cache_lineage,
     mask_paths,
 )
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings, save_config
 from weakcell.constants import CHANNELS
 from weakcell.data.datasets import DatasetSpec, get_dataset
+from weakcell.data.ids import check_ids, inside
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
 from weakcell.data.layout import channel_files, without_files
+from weakcell.data.manifest import FileRecord, hash_image_files
 from weakcell.errors import BackendError, StageError
-from weakcell.outputs import atomic_write, atomic_write_text, clean_temporaries, folder_lock, writing
+from weakcell.lineage import RECORD as LINEAGE_FILE
+from weakcell.lineage import write_lineage
+from weakcell.outputs import (
+    atomic_csv,
+    atomic_parquet,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_temporaries,
+    folder_lock,
+    writing,
+)
 from weakcell.parallel import n_workers, pool_context
-from weakcell.segment import check_backend, segment_image
+from weakcell.segment import Segmentation, check_backend, segment_image
+from weakcell.segment.batched import network_stage
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
 MASK_PNG_PARAMS = [
@@ -80,7 +105,14 @@ _CELL_TYPES = {
     "shard": str,
     "row": np.int64,
 }
-_IMAGE_TYPES = {"image_id": str, "split": str, "width": np.int32, "height": np.int32, "n_cells": np.int32}
+_IMAGE_TYPES = {
+    "image_id": str,
+    "split": str,
+    "width": np.int32,
+    "height": np.int32,
+    "n_cells": np.int32,
+    "content_hash": str,
+}
 
 
 @dataclass
@@ -94,11 +126,13 @@ class ImageTask:
 
 @dataclass
 class CachedImage:
-    """What a worker hands back for one image: its images row, its cells rows and crops (n, 4, S, S)."""
+    """What a worker hands back for one image: its images row, its cells rows and crops (n, 4, S, S), and
+    the hashes of the channel files it read (remembered for the next run's comparison)."""
 
     image: dict[str, object]
     cells: pd.DataFrame
     crops: np.ndarray
+    files: list[FileRecord]
 
 
 # -- which images ---------------------------------------------------------------------------------------
@@ -123,8 +157,12 @@ def list_split_images(data_dir: Path, spec: DatasetSpec, split: str) -> list[str
         return read_label_file(data_dir / spec.label_file, spec)["ID"].tolist()
     sample = data_dir / spec.sample_submission
     if sample.is_file():
-        return pd.read_csv(sample, dtype=str, usecols=[spec.id_column])[spec.id_column].tolist()
-    return list_image_ids(folder)
+        ids = pd.read_csv(sample, dtype=str, usecols=[spec.id_column])[spec.id_column].tolist()
+        check_ids(ids, str(sample))
+        return ids
+    ids = list_image_ids(folder)
+    check_ids(ids, f"the image files of {folder}")
+    return ids
 
 
 def plan_images(cfg: Config) -> list[ImageTask]:
@@ -186,7 +224,7 @@ def _image_size(folder: str, image_id: str) -> tuple[int, int]:
     image keep its size for the submission without decoding it."""
     for channel in CHANNELS:
         for ext in EXTENSIONS:
-            path = Path(folder) / f"{image_id}_{channel}{ext}"
+            path = inside(folder, f"{image_id}_{channel}{ext}")
             try:
                 with Image.open(path) as header:
                     return header.size
@@ -214,7 +252,7 @@ def write_masks(cache_dir: Path, image_id: str, cells: np.ndarray, nuclei: np.nd
         ok, encoded = cv2.imencode(".png", mask.astype(dtype), MASK_PNG_PARAMS)
         if not ok:
             raise ValueError(f"PNG encoding failed for {path}")
-        atomic_write(path, partial(Path.write_bytes, data=encoded.tobytes()))
+        atomic_write_bytes(path, encoded.tobytes())
 
 
 def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
@@ -222,31 +260,74 @@ def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
 
     A fault of the image (unreadable, mismatched channels, a segmenter error) becomes, with
     ``cache.on_error=skip``, a ``skipped`` row that names the reason; with ``raise`` it propagates. A fault
-    of the machine (the masks cannot be written, memory runs out) is no fault of the image: it stops the
-    stage (``OutputError``, ``MemoryError``) and the image is retried on the next run."""
-    size = cfg.cache.crop_size
+    of the machine (the masks cannot be written, memory runs out) or of the configuration (a backend that
+    cannot start) is no fault of the image: it stops the stage (``OutputError``, ``MemoryError``,
+    ``BackendError``) and the image is retried on the next run."""
+    hashed: Hashed = ("", [])
     try:
-        image = read_image(task.folder, task.image_id)
-        segmentation = segment_image(image, cfg.rooted_weights().segment)
-        mask_dtype(segmentation.cells)
-        crops, cells = cut_crops(image, segmentation.cells, segmentation.nuclei, size)
-    except (MemoryError, BackendError):  # the machine's or the configuration's fault: stop the stage
+        image, hashed = read_hashed(task, cfg)
+        segmentation = segment_image(image, cfg.segment)
+        crops, cells = cut_cells(image, segmentation, cfg)
+    except MemoryError:
         raise
     except Exception as err:  # readers and segmenters raise many types; each is reported by ID
-        if cfg.cache.on_error == "raise":
-            raise
-        width, height = _image_size(task.folder, task.image_id)
-        row = _image_row(task, width, height, 0, "skipped", f"{type(err).__name__}: {err}")
-        return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8))
+        return skipped(task, cfg, err, hashed)
+    return store(task, image, segmentation, crops, cells, cache_dir, hashed)
+
+
+# An image's content hash and its channel files' records (``weakcell.data.manifest``); ("", []) unread.
+Hashed = tuple[str, list[FileRecord]]
+
+
+def read_hashed(task: ImageTask, cfg: Config) -> tuple[np.ndarray, Hashed]:
+    """One image's ``(4, H, W)`` channels and the content hash of their files."""
+    image = read_image(task.folder, task.image_id)
+    # right after decoding, the files are in the page cache: hashing them costs no second disk pass
+    return image, hash_image_files(task.folder, task.image_id, cfg.data_dir)
+
+
+def cut_cells(image: np.ndarray, segmentation: Segmentation, cfg: Config) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crops and cells rows of a segmented image (its masks checked to fit a PNG)."""
+    mask_dtype(segmentation.cells)
+    return cut_crops(image, segmentation.cells, segmentation.nuclei, cfg.cache.crop_size)
+
+
+def store(
+    task: ImageTask,
+    image: np.ndarray,
+    segmentation: Segmentation,
+    crops: np.ndarray,
+    cells: pd.DataFrame,
+    cache_dir: Path,
+    hashed: Hashed,
+) -> CachedImage:
+    """Write the masks of a segmented image; its images row, cells rows and crops."""
+    content_hash, files = hashed
     write_masks(cache_dir, task.image_id, segmentation.cells, segmentation.nuclei)
-    row = _image_row(task, image.shape[2], image.shape[1], len(cells), "ok", "")
+    row = _image_row(task, image.shape[2], image.shape[1], len(cells), "ok", "", content_hash)
     cells.insert(0, "image_id", task.image_id)
     cells.insert(2, "split", task.split)
-    return CachedImage(row, cells, crops)
+    return CachedImage(row, cells, crops, files)
 
 
-def _image_row(task: ImageTask, width: int, height: int, n_cells: int, status: str, reason: str) -> dict:
-    return dict(zip(IMAGES_COLUMNS, (task.image_id, task.split, width, height, n_cells, status, reason)))
+def skipped(task: ImageTask, cfg: Config, err: Exception, hashed: Hashed) -> CachedImage:
+    """The ``skipped`` row of an image that failed (``cache.on_error=skip``), or ``err`` raised again.
+    ``hashed``: its files' content when they were read before the fault."""
+    if cfg.cache.on_error == "raise" or isinstance(err, BackendError):  # the configuration's fault: stop
+        raise err
+    size = cfg.cache.crop_size
+    content_hash, files = hashed
+    width, height = _image_size(task.folder, task.image_id)
+    reason = f"{type(err).__name__}: {err}"
+    row = _image_row(task, width, height, 0, "skipped", reason, content_hash)
+    return CachedImage(row, _empty_cells(), np.zeros((0, 4, size, size), np.uint8), files)
+
+
+def _image_row(
+    task: ImageTask, width: int, height: int, n_cells: int, status: str, reason: str, content_hash: str
+) -> dict:
+    values = (task.image_id, task.split, width, height, n_cells, status, reason, content_hash)
+    return dict(zip(IMAGES_COLUMNS, values))
 
 
 def _empty_cells() -> pd.DataFrame:
@@ -254,42 +335,54 @@ def _empty_cells() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=_CELL_TYPES[column]) for column in CELLS_COLUMNS[:-2]})
 
 
-# Worker processes get the config once (pool initializer) rather than with every task.
-_WORKER: dict[str, object] = {}
+# Worker processes get the config once (pool initializer) rather than with every task; the pools of
+# weakcell.cache.batched too.
+WORKER: dict[str, object] = {}
 
 
-def _init_worker(cfg: Config, cache_dir: Path) -> None:
+def init_worker(cfg: Config, cache_dir: Path) -> None:
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
-    _WORKER.update(cfg=cfg, cache_dir=cache_dir)
+    if network_stage(cfg.segment) is not None:  # likewise torch's
+        import torch
+
+        torch.set_num_threads(1)
+    WORKER.update(cfg=cfg, cache_dir=cache_dir)
 
 
 def _cache_in_worker(task: ImageTask) -> CachedImage:
-    return cache_image(task, _WORKER["cfg"], _WORKER["cache_dir"])  # type: ignore[arg-type]
+    return cache_image(task, WORKER["cfg"], WORKER["cache_dir"])  # type: ignore[arg-type]
 
 
 def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: int) -> Iterator[CachedImage]:
     """Results in completion order, one image at a time; only the small task records are queued ahead, and
     the caller flushes crops into shards as they arrive. One worker runs in this process (no pickling,
-    easy to debug and profile)."""
+    easy to debug and profile). A backend with a network on a GPU goes through
+    ``weakcell.cache.batched``: one model, in this process, never one per worker. Weight files resolve
+    against ``paths.root`` (``Config.rooted_weights``)."""
+    # imported here: the batched scheduler is built from this module's per-image steps
+    from weakcell.cache.batched import batched, cache_images_batched
+
+    cfg = cfg.rooted_weights()
+    if workers <= 1 and not batched(cfg):  # here, in order
+        for task in tasks:
+            yield cache_image(task, cfg, cache_dir)
+        return
     # an image without its channel files fails at once: here, without a round trip to a worker each
     # (the full train.csv beside a few images marks thousands skipped in seconds, not minutes)
     listed = {folder: channel_files(folder) for folder in {task.folder for task in tasks}}
     absent = {t.image_id for t in tasks if len(listed[t.folder].get(t.image_id, {})) < len(CHANNELS)}
     for task in tasks:
-        if workers <= 1 or task.image_id in absent:
+        if task.image_id in absent:
             yield cache_image(task, cfg, cache_dir)
-    if workers <= 1:
-        return
     present = [task for task in tasks if task.image_id not in absent]
-    with pool_context().Pool(workers, initializer=_init_worker, initargs=(cfg, cache_dir)) as pool:
+    if batched(cfg):
+        yield from cache_images_batched(present, cfg, cache_dir, workers)
+        return
+    with pool_context().Pool(workers, initializer=init_worker, initargs=(cfg, cache_dir)) as pool:
         yield from pool.imap_unordered(_cache_in_worker, present, chunksize=1)
 
 
 # -- shards ---------------------------------------------------------------------------------------------
-
-
-def _atomic_parquet(table: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 class ShardWriter:
@@ -322,10 +415,10 @@ class ShardWriter:
         cells["row"] = np.arange(len(cells), dtype=np.int64)
         if self.n_cells:
             _write_npy(self.crops, self.shards_dir / f"{stem}.npy")
-        _atomic_parquet(cells, self.shards_dir / f"{stem}.cells.parquet")
-        _atomic_parquet(
-            pd.DataFrame(self.images, columns=list(IMAGES_COLUMNS)),
+        atomic_parquet(self.shards_dir / f"{stem}.cells.parquet", cells)
+        atomic_parquet(
             self.shards_dir / f"{stem}.images.parquet",
+            pd.DataFrame(self.images, columns=list(IMAGES_COLUMNS)),
         )
         self.sequence += 1
         self.images, self.cells, self.crops, self.n_cells = [], [], [], 0
@@ -414,7 +507,7 @@ def _remove_part(cache_dir: Path, part: int, n_parts: int) -> None:
     prefix = "part" if n_parts == 1 else f"part{part:03d}-"
     for path in (*(cache_dir / SHARDS_DIR).glob(f"{prefix}*"), *(cache_dir / PARTS_DIR).glob(f"{prefix}*")):
         path.unlink()
-    for name in (CELLS_FILE, IMAGES_FILE, SKIPPED_FILE):
+    for name in (CELLS_FILE, IMAGES_FILE, SKIPPED_FILE, LINEAGE_FILE):
         (cache_dir / name).unlink(missing_ok=True)
 
 
@@ -466,7 +559,10 @@ def _cache_part(cfg: Config) -> Path:
         next_sequence = clean_uncommitted(shards_dir, part)
     done_images, _ = read_committed(shards_dir)
     # After ``force`` only this run's commits count, even where an earlier differently split run left some.
-    finished = set() if cfg.force else set(done_images.loc[done_images["status"] == "ok", "image_id"])
+    if cfg.force:
+        done_images = done_images.iloc[:0]
+    folders = {t.image_id: t.folder for t in tasks}
+    finished, changed, hasher = finished_images(cfg.data_dir, cache_dir, folders, done_images)
     todo = [t for t in tasks if t.image_id not in finished]
 
     size = cfg.cache.crop_size
@@ -474,15 +570,21 @@ def _cache_part(cfg: Config) -> Path:
     writer = ShardWriter(shards_dir, part, next_sequence, capacity)
     workers = n_workers(cfg.cache.workers, len(todo))
     label = f"cache part {part + 1}/{n_parts}" if n_parts > 1 else "cache"
-    with tqdm(total=len(todo), desc=label, unit="img", dynamic_ncols=True) as progress:
-        for result in cache_images(todo, cfg, cache_dir, workers):
-            writer.add(result)
-            progress.update()
-    writer.flush()
+    try:
+        with tqdm(total=len(todo), desc=label, unit="img", dynamic_ncols=True) as progress:
+            for result in cache_images(todo, cfg, cache_dir, workers):
+                writer.add(result)
+                hasher.remember(result.files)
+                progress.update()
+        writer.flush()
+    finally:  # what was hashed is kept even when the run is cut short
+        with writing(hasher.memo_path or cache_dir):
+            hasher.save()
 
     images, _ = read_committed(shards_dir)
-    ids = {t.image_id for t in tasks}
-    images = _latest(images[images["image_id"].isin(ids)])
+    images = _latest(
+        current_images(cfg.data_dir, cache_dir, images[images["image_id"].isin(folders)], folders)
+    )
     n_cells = int(images["n_cells"].sum())
     n_skipped = int((images["status"] == "skipped").sum())
     seconds = time.perf_counter() - started
@@ -493,14 +595,15 @@ def _cache_part(cfg: Config) -> Path:
         "new": len(todo),
         "seconds": seconds,
     }
-    atomic_write_text(_part_marker(cache_dir, part, n_parts), json.dumps(summary))
+    atomic_write_json(_part_marker(cache_dir, part, n_parts), summary, indent=None)
     if n_parts == 1:
         merge(cfg, quiet=True)
     per_image = n_cells / max(1, len(images) - n_skipped)
     where = cache_dir if n_parts == 1 else f"{shards_dir} (then `weakcell cache-merge`)"
+    recached = f", {len(changed)} re-cached (content changed)" if changed else ""
     print(
-        f"{label}: {len(images)} images ({len(todo)} processed now, {len(tasks) - len(todo)} cached before), "
-        f"{n_cells} cells, {per_image:.1f} cells/image, "
+        f"{label}: {len(images)} images ({len(todo)} processed now{recached}, {len(tasks) - len(todo)} cached "
+        f"before), {n_cells} cells, {per_image:.1f} cells/image, "
         f"{n_skipped} skipped{f' (see {cache_dir / SKIPPED_FILE})' if n_skipped and n_parts == 1 else ''}, "
         f"{seconds:.1f} s -> {where}"
     )
@@ -533,7 +636,8 @@ def _merge(cfg: Config, quiet: bool) -> Path:
             f"(run `weakcell cache ... cache.num_shards={n_parts} cache.shard_index=<part>` for each)"
         )
     images, cells = read_committed(cache_dir / SHARDS_DIR)
-    images = _latest(images)
+    folders = {t.image_id: t.folder for t in plan_images(cfg)}
+    images = _latest(current_images(cfg.data_dir, cache_dir, images, folders))
     split_rank = {split: i for i, split in enumerate(cfg.cache.splits)}
     images = images.assign(_split=images["split"].map(split_rank)).sort_values(["_split", "image_id"])
     ok = images.loc[images["status"] == "ok", ["image_id", "commit"]]
@@ -541,10 +645,12 @@ def _merge(cfg: Config, quiet: bool) -> Path:
     cells = cells.merge(ok, on=["image_id", "commit"])
     cells = cells.assign(_split=cells["split"].map(split_rank)).sort_values(["_split", "image_id", "cell_id"])
     cells = cells.drop(columns="_split").reset_index(drop=True)[list(CELLS_COLUMNS)]
-    _atomic_parquet(cells.astype(_CELL_TYPES), cache_dir / CELLS_FILE)
-    _atomic_parquet(images.astype(_IMAGE_TYPES), cache_dir / IMAGES_FILE)
+    images = images.astype(_IMAGE_TYPES)
+    atomic_parquet(cache_dir / CELLS_FILE, cells.astype(_CELL_TYPES))
+    atomic_parquet(cache_dir / IMAGES_FILE, images)
     skipped = images.loc[images["status"] == "skipped", ["image_id", "split", "reason"]]
-    atomic_write(cache_dir / SKIPPED_FILE, lambda tmp: skipped.to_csv(tmp, index=False))
+    atomic_csv(cache_dir / SKIPPED_FILE, skipped)
+    write_lineage(cache_dir, cache_lineage(images, cfg))
     if not quiet:
         print(f"cache-merge: {n_parts} parts -> {len(images)} images, {len(cells)} cells in {cache_dir}")
     return cache_dir

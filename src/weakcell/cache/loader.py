@@ -19,35 +19,17 @@ the buffer the crops were read into, augmented in place. Numbers: benchmarks/cac
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from weakcell.cache.augment import CropAugment
 from weakcell.cache.store import CellCache
-
-if TYPE_CHECKING:
-    from weakcell.cache.augment import CropPipeline
 
 # Gains are applied in 6-bit fixed point (steps of 1/64): uint8 * round(gain * 64) stays inside int16
 # for gains up to 2 (255 * 128 = 32640 < 32767).
 GAIN_BITS = 6
-
-
-@dataclass(frozen=True)
-class CropAugment:
-    """Batch augmentations of cell crops; every one keeps the crop's content and its value range. Built from
-    ``train.augment`` by ``weakcell.cache.augment.crop_augment``."""
-
-    symmetries: bool = True  # random flips and 90° rotations: the 8 symmetries of the square
-    intensity: float = 0.2  # per-channel gain drawn uniformly from [1 - intensity, 1 + intensity]
-    pipeline: CropPipeline | None = None  # per-crop albumentations steps, after the batched ones
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.intensity <= 1:
-            raise ValueError(f"intensity jitter must be in [0, 1], got {self.intensity}")
 
 
 class Scratch:

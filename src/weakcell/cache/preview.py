@@ -22,6 +22,7 @@ from weakcell.cache.store import CellCache
 from weakcell.config import Config, SegmentConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.images import composite_rgb, list_image_ids, read_image
+from weakcell.outputs import atomic_savefig
 from weakcell.segment import segment_image
 
 REAL_DATA = Path("../shared/data/hpa2021")  # beside the repository; never part of a clone
@@ -107,7 +108,7 @@ def run(cfg: Config) -> Path:
     target = cfg.path(cfg.paths.reports) / "preview_cells.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(target, dpi=90)
+    atomic_savefig(target, figure, dpi=90)
     plt.close(figure)
     print(
         f"preview-cells: {len(cached)} cached + {len(real_ids)} real images, {len(chosen)} crops -> {target}"

@@ -4,7 +4,9 @@ Layout of a cache folder (written by ``weakcell.cache.build``)::
 
     config.yaml                     the resolved config that built it
     cells.parquet                   one row per cell (see CELLS_COLUMNS); row i = crop i of ``crops``
-    images.parquet                  one row per image, including images with no cell and skipped ones
+    images.parquet                  one row per image, including images with no cell and skipped ones,
+                                    with the content hash of the channel files it was cut from
+    lineage.json                    the settings and image content the cache holds (``cache_lineage``)
     skipped.csv                     image_id, split, reason of every skipped image
     masks/{ID}_cells.png            instance labels at full resolution, 8- or 16-bit (0 = background)
     masks/{ID}_nuclei.png           the nucleus of cell k labelled k
@@ -24,6 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from weakcell.config import Config
+from weakcell.config.lineage import reads, saved_config
+from weakcell.data.ids import inside
+from weakcell.lineage import Lineage, digest, read_lineage
 from weakcell.segment import Segmentation
 
 CELLS_FILE = "cells.parquet"
@@ -47,13 +53,22 @@ CELLS_COLUMNS: tuple[str, ...] = (
     "shard",
     "row",
 )
-IMAGES_COLUMNS: tuple[str, ...] = ("image_id", "split", "width", "height", "n_cells", "status", "reason")
+IMAGES_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "split",
+    "width",
+    "height",
+    "n_cells",
+    "status",
+    "reason",
+    "content_hash",  # weakcell.data.manifest: the channel files' content when the image was cached
+)
 
 
 def mask_paths(folder: str | os.PathLike[str], image_id: str) -> tuple[Path, Path]:
     """``(cells, nuclei)`` mask files of ``image_id`` inside the cache ``folder``."""
     masks = Path(folder) / MASKS_DIR
-    return masks / f"{image_id}_cells.png", masks / f"{image_id}_nuclei.png"
+    return inside(masks, f"{image_id}_cells.png"), inside(masks, f"{image_id}_nuclei.png")
 
 
 def read_masks(folder: str | os.PathLike[str], image_id: str) -> Segmentation:
@@ -73,6 +88,45 @@ def _configured_crop_size(folder: Path) -> int:
     return int(settings["cache"]["crop_size"])
 
 
+def require_finished(folder: str | os.PathLike[str]) -> None:
+    """A one-line error when ``folder`` holds no finished cache (its two tables are written last)."""
+    folder = Path(folder)
+    if not (folder / CELLS_FILE).is_file() or not (folder / IMAGES_FILE).is_file():
+        raise FileNotFoundError(
+            f"no finished cell cache in {folder} (missing {CELLS_FILE} or {IMAGES_FILE}); "
+            "run `weakcell cache` (or `weakcell cache-merge` after split runs)"
+        )
+
+
+def images_digest(images: pd.DataFrame) -> str:
+    """One hash of what a cache holds per image: status, cells and the content it was cut from (images
+    cached before content hashes were recorded count by their other columns)."""
+    columns = ["image_id", "split", "status", "n_cells", "content_hash"]
+    table = images.reindex(columns=columns).astype(str).sort_values(["split", "image_id"])
+    return digest(table.to_numpy().tolist())
+
+
+def cache_lineage(images: pd.DataFrame, cfg: Config) -> Lineage:
+    """The lineage of a cache holding ``images`` (its images table), built under ``cfg``."""
+    return Lineage("cache", reads("cache", cfg), {"images": images_digest(images)})
+
+
+def cache_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """What a run records of the cache it was trained on: the fingerprint of its ``lineage.json`` (written
+    when the cache is merged), or, for a cache built before lineage was recorded, of its tables and the
+    settings its ``config.yaml`` holds."""
+    require_finished(folder)
+    recorded = read_lineage(folder)
+    if recorded is not None:
+        return recorded.fingerprint
+    saved = saved_config(folder) or {}
+    try:
+        built_with = Config.model_validate(saved)
+    except ValueError:  # a key an older version had and this one has not: the defaults stand in
+        built_with = Config()
+    return cache_lineage(pd.read_parquet(Path(folder) / IMAGES_FILE), built_with).fingerprint
+
+
 class CellCache:
     """A finished cache folder. ``cells`` row i is crop i; ``crops(indices)`` reads a batch of them.
 
@@ -83,14 +137,9 @@ class CellCache:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        cells_path, images_path = self.folder / CELLS_FILE, self.folder / IMAGES_FILE
-        if not cells_path.is_file() or not images_path.is_file():
-            raise FileNotFoundError(
-                f"no finished cell cache in {self.folder} (missing {CELLS_FILE} or {IMAGES_FILE}); "
-                "run `weakcell cache` (or `weakcell cache-merge` after split runs)"
-            )
-        self.cells = pd.read_parquet(cells_path)
-        self.images = pd.read_parquet(images_path)
+        require_finished(self.folder)
+        self.cells = pd.read_parquet(self.folder / CELLS_FILE)
+        self.images = pd.read_parquet(self.folder / IMAGES_FILE)
         shard_codes, self.shard_files = pd.factorize(self.cells["shard"], sort=True)
         self._shard_of = shard_codes.astype(np.int64)  # (N,) which shard holds crop i
         self._row_of = self.cells["row"].to_numpy(np.int64)  # (N,) its row inside that shard

@@ -1,10 +1,18 @@
-"""Which settings invalidate which finished output: ``OUTPUT_INPUTS``, the one table of them, and
-``changed_settings``, which compares a folder's saved ``config.yaml`` with the current config."""
+"""Which settings each finished output is made from: ``OUTPUT_INPUTS``, the one table of them, and
+``reads(output, cfg)``, the settings an output actually reads under a given config (refinement under
+``refine.score=confidence`` reads the submitted confidence's formula, under ``stage1`` it does not).
+
+What an output is made from besides settings (the data's content, the cache, the folds file, the round
+before) is named in ``Inputs.upstream`` and fingerprinted by ``weakcell.lineage``, which records both in
+the output's ``lineage.json`` and decides whether it may be reused. ``changed_settings`` compares a
+folder's saved ``config.yaml`` with the current config: what decides for outputs written before lineage
+records existed, and for the networks inference builds from a run's config.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,34 +23,53 @@ from weakcell.config.loading import deep_merge
 from weakcell.config.schema import Config
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
+# The settings an output reads beyond its fixed ones, as a function of the config.
+Conditional = Callable[[Config], tuple[str, ...]]
+
+
 @dataclass(frozen=True)
 class Inputs:
-    """The settings a finished output is computed from: dotted keys starting with one of ``include`` and
-    none of ``exclude`` (settings that change where or how fast it is made, not what it holds)."""
+    """The settings a finished output is computed from: dotted keys starting with one of ``include`` (plus
+    those ``conditional(cfg)`` adds under the config at hand) and none of ``exclude`` (settings that change
+    where or how fast it is made, not what it holds). ``upstream`` names what else it is made from, each
+    fingerprinted by ``weakcell.lineage`` (``images``: the data's per-image content hashes; ``labels``: the
+    label file's content; ``truth``: the synthetic truth; ``duplicates``, ``external``: the near-duplicates
+    file and the external sets' tables grouped folds read; ``cache``, ``folds``; ``previous``: the round
+    it continues)."""
 
     include: tuple[str, ...] = ("",)
     exclude: tuple[str, ...] = ()
+    conditional: Conditional | None = None
+    upstream: tuple[str, ...] = ()
 
-    def changed(self, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    def prefixes(self, cfg: Config | None = None) -> tuple[str, ...]:
+        """``include`` plus what ``conditional`` adds under ``cfg`` (nothing without a config)."""
+        extra = self.conditional(cfg) if self.conditional is not None and cfg is not None else ()
+        return (*self.include, *extra)
+
+    def selects(self, key: str, cfg: Config | None = None) -> bool:
+        return key.startswith(self.prefixes(cfg)) and not key.startswith(self.exclude)
+
+    def changed(
+        self, saved: Mapping[str, Any], current: Mapping[str, Any], cfg: Config | None = None
+    ) -> list[str]:
         """``key: old -> new`` for each of these settings whose value differs between two nested config
-        dicts (``Config.model_dump(mode="json")`` shape), sorted by key."""
-        old, new = _flatten(saved), _flatten(current)
+        dicts (``Config.model_dump(mode="json")`` shape), sorted by key; ``cfg`` resolves the conditional
+        settings (the current config)."""
+        old, new = flatten(saved), flatten(current)
         keys = sorted(
-            key
-            for key in set(old) | set(new)
-            if key.startswith(self.include)
-            and not key.startswith(self.exclude)
-            and old.get(key) != new.get(key)
+            key for key in set(old) | set(new) if self.selects(key, cfg) and old.get(key) != new.get(key)
         )
         return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
 
@@ -55,58 +82,149 @@ _RUNTIME = (
     "segment.cellpose.batch_size",
     "segment.sam.device",
     "segment.sam.box_batch_size",
+    "segment.hpacellseg.device",
+    "segment.hpacellseg.batch_size",  # an image gets the same masks in any batch (weakcell.segment.batched)
+    "cache.batched",
+    "cache.queue_images",
     "train.device",
     "train.workers",
     "train.prefetch",
     "train.validate_every",  # what the epoch log shows, never what is trained
     "train.compile",
 )
-# What a run's folds are computed from; later stages' sections (thresholds, infer, ...) are not, and
-# ``train.folds`` only says which folds this call trains.
-_ROUND_ZERO = (
-    "seed",
-    "data.",
-    "synthetic.",
-    "folds.",
-    "segment.",
-    "cache.crop_size",
-    "model.",
-    "mil.",
-    "train.",
-)
+# What a run's fold models are trained from, besides the cache, the folds file and the labels (their
+# content is upstream, so neither the data's nor the segmentation's settings are listed: a data set moved
+# to another folder keeps its runs). ``train.folds`` only says which folds this call trains.
+_ROUND_ZERO = ("seed", "data.dataset", "model.", "mil.", "train.")
 
-# The one table of which settings invalidate which finished output. A stage reuses an output only while
-# none of its inputs changed (``changed_settings``), else it refuses and names FORCE=1 or another name.
-Output = Literal["synthetic", "cache", "checkpoint", "run", "refine", "model"]
+
+def _segmenters(cfg: Config) -> tuple[str, ...]:
+    """The cache reads the sections of its backend and refiners only (``segment.cellpose.*`` does not
+    change a classical cache)."""
+    return tuple(f"segment.{name.strip()}." for name in cfg.segment.backend.split("+"))
+
+
+def _rule_reads(cfg: Config) -> tuple[str, ...]:
+    """What refinement's rule reads beyond ``refine.*``: the submitted confidence's formula when it scores
+    cells by it; the tuned image thresholds when a floor is drawn from them (at ``threshold_scale=0`` every
+    score passes and the thresholds are never read)."""
+    keys: tuple[str, ...] = ()
+    if cfg.refine.score == "confidence":
+        keys += ("infer.image_power", "infer.image_best_cell")
+    if cfg.refine.threshold_scale > 0:
+        keys += ("thresholds.",)
+    return keys
+
+
+# The one table of what each finished output is made from. A stage reuses an output only while its
+# fingerprint (these settings and its upstream fingerprints, ``weakcell.lineage``) is the one recorded.
+Output = Literal["synthetic", "folds", "cache", "checkpoint", "run", "refine", "model", "submission"]
 OUTPUT_INPUTS: dict[Output, Inputs] = {
     # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
     "synthetic": Inputs(("synthetic.",), _RUNTIME),
-    # the cell-crop cache (weakcell.cache.build): which images, their masks and the crop size
-    "cache": Inputs(("data.", "segment.", "cache.crop_size"), _RUNTIME),
-    # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine
-    "checkpoint": Inputs(("train.",), _RUNTIME),
-    # round 0 of a run, ``runs/<name>/`` (weakcell.train)
-    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds")),
-    # a refinement round (weakcell.refine): round 0's inputs plus the rule and the thresholds it reads;
+    # a folds file (weakcell.folds): the split's settings, its groups (the near-duplicates file, the external
+    # sets and how they are folded; ``folds.external`` covers ``folds.external_mode``), the label file (IDs,
+    # labels, group column) and the grouped folds' inputs (the duplicates file's and external sets' content).
+    # ``folds.file`` says where it is and ``folds.report`` where its report goes, not what it holds.
+    "folds": Inputs(
+        ("folds.n_splits", "folds.seed", "folds.group_column", "folds.duplicates", "folds.external"),
+        upstream=("labels", "duplicates", "external"),
+    ),
+    # the cell-crop cache (weakcell.cache.build): each image's content, its backend's settings, the side
+    # they hold at and the crop size; per image, the content hash decides whether it is cached again
+    "cache": Inputs(
+        (
+            "data.dataset",
+            "segment.backend",
+            "segment.reference_size",
+            "segment.postprocess.",
+            "cache.crop_size",
+        ),
+        _RUNTIME,
+        conditional=_segmenters,
+        upstream=("images",),
+    ),
+    # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine and
+    # whichever folds the call that continues it trains
+    "checkpoint": Inputs(("train.",), (*_RUNTIME, "train.folds")),
+    # round 0 of a run, ``runs/<name>/``, and each inner model of refinement (weakcell.train)
+    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds"), upstream=("cache", "folds", "labels", "truth")),
+    # a refinement round (weakcell.refine): the round before, the rule and what the rule reads;
     # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
-    "refine": Inputs((*_ROUND_ZERO, "refine.", "thresholds."), (*_RUNTIME, "train.folds", "refine.rounds")),
+    "refine": Inputs(
+        (*_ROUND_ZERO, "refine."),
+        (*_RUNTIME, "train.folds", "refine.rounds"),
+        conditional=_rule_reads,
+        upstream=("previous",),
+    ),
     # the networks inference builds to load a run's weights into (weakcell.infer); model.pretrained_file is
     # only where training started (the trained weights replace it), so it never makes a run unusable
     "model": Inputs(
         ("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size"),
         ("model.pretrained_file",),
     ),
+    # a published submission folder (weakcell.infer): the networks it loads and how it blends and scores
+    # their predictions; upstream the cell cache, the fold weights, the thresholds and the sample submission.
+    # ``infer.output`` only says where it goes.
+    "submission": Inputs(
+        ("data.dataset", "model.", "mil.", "cache.crop_size", "refine.rounds", "infer."),
+        ("model.pretrained_file", "infer.output"),
+        upstream=("cache", "models", "thresholds", "sample"),
+    ),
 }
 
 
-def changed_settings(folder: str | os.PathLike[str], cfg: Config, inputs: Inputs = Inputs()) -> list[str]:
-    """The ``inputs`` (default: every setting) whose value in the config saved in ``folder/config.yaml``
-    differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved.
+# Settings outputs read that were added after lineage records were first written, each with the value that
+# reproduces what the outputs made before it hold. A record lacking one reads it as that value, and a lineage
+# holding that value fingerprints as one without it, so those outputs stay valid, and so do the outputs made
+# from them (which record their fingerprints); any other value is a change like any other. A setting added
+# to an output's reads later belongs here (one only read under a new choice, e.g. a new backend's section,
+# does not: no earlier output read it).
+ADDED_SETTINGS: dict[str, Any] = {
+    # absolute pixel sizes, as before sizes followed the image (weakcell.segment.for_image)
+    "segment.reference_size": None,
+}
+
+
+def recorded_value(settings: Mapping[str, Any], key: str) -> Any:
+    """``key``'s value in a record's ``settings``; an added setting the record lacks reads as the value
+    that reproduces the record's output (``ADDED_SETTINGS``), any other missing key as None."""
+    return settings[key] if key in settings else ADDED_SETTINGS.get(key)
+
+
+def as_before(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without the added settings at their earlier value: what a record made before they
+    existed holds, and what a fingerprint covers."""
+    return {
+        key: value
+        for key, value in settings.items()
+        if not (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])
+    }
+
+
+def reads(output: Output, cfg: Config, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings ``output`` reads under ``cfg``, flattened (``{"train.lr": 0.001, ...}``), sorted by key.
+    values: a nested config dict to take them from instead (a folder's saved config, ``saved_config``)."""
+    inputs = OUTPUT_INPUTS[output]
+    flat = flatten(values if values is not None else cfg.model_dump(mode="json"))
+    return {key: flat[key] for key in sorted(flat) if inputs.selects(key, cfg)}
+
+
+def saved_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The config saved in ``folder/config.yaml`` with today's defaults for keys it lacks, or None.
 
     A key the saved config lacks was added to the schema later: the run had its default (a new setting's
     default keeps the old behaviour), so finished runs stay reusable when the code grows a setting."""
     saved_path = Path(folder) / "config.yaml"
     if not saved_path.is_file():
+        return None
+    return deep_merge(Config().model_dump(mode="json"), yaml.safe_load(saved_path.read_text()) or {})
+
+
+def changed_settings(folder: str | os.PathLike[str], cfg: Config, inputs: Inputs = Inputs()) -> list[str]:
+    """The ``inputs`` (default: every setting) whose value in the config saved in ``folder/config.yaml``
+    differs from ``cfg``, as ``key: old -> new``; empty when nothing was saved."""
+    saved = saved_config(folder)
+    if saved is None:
         return []
-    saved = deep_merge(Config().model_dump(mode="json"), yaml.safe_load(saved_path.read_text()) or {})
-    return inputs.changed(saved, cfg.model_dump(mode="json"))
+    return inputs.changed(saved, cfg.model_dump(mode="json"), cfg)

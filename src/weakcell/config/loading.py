@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from weakcell.config.schema import Config
 from weakcell.errors import WeakcellError
+from weakcell.outputs import atomic_write_text
 
 # The kit's shipped configs (a source checkout: <repo>/configs beside src/).
 KIT_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -234,7 +235,4 @@ def save_config(cfg: Config, folder: str | os.PathLike[str]) -> Path:
     target = Path(folder) / "config.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
-    return target
+    return atomic_write_text(target, text)

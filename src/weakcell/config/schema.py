@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
-from weakcell.constants import CellScore
+from weakcell.constants import HPA2021_CELL_LINES, CellScore
+
+
+def _integer_code(value: object) -> object:
+    """A literal of ints alone would take ``true`` as 1 and ``1.0`` as 1 (equal in Python): a code is an int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a TTA code is an integer 0..7, not a {type(value).__name__}")
+    return value
+
 
 # A symmetry of the square applied to a crop (``cache.loader.apply_symmetries``): bit 0 flips left-right,
 # bit 1 up-down, bit 2 transposes; there are 8.
-TtaCode = Literal[0, 1, 2, 3, 4, 5, 6, 7]
+TtaCode = Annotated[Literal[0, 1, 2, 3, 4, 5, 6, 7], BeforeValidator(_integer_code)]
 
 
 class Section(BaseModel):
@@ -112,14 +120,62 @@ class SyntheticConfig(Section):
 
 
 class FoldsConfig(Section):
-    """Multilabel-stratified K-fold at image level (``make folds``)."""
+    """Multilabel-stratified K-fold at image level (``make folds``), optionally grouped (near-duplicates,
+    external sets). Each setting has its own file (see ``file``), so folds of other settings never replace
+    a committed one."""
 
     n_splits: int = Field(5, ge=2, description="folds (K)")
     seed: int = Field(42, description="seed of the stratified split")
     group_column: str | None = Field(
         None, description="column of the label file whose equal values must share a fold"
     )
-    file: str | None = Field(None, description="defaults to {paths.folds}/{data.dataset}.csv")
+    file: str | None = Field(
+        None,
+        description="defaults to {paths.folds}/{data.dataset}.csv at the default settings (5 folds, seed "
+        "42, no groups; the committed real-data folds), else {paths.folds}/{data.dataset}-<n_splits>x<seed>"
+        "[-by-<group_column>][-dups][-ext[-folded]].csv",
+    )
+    # -- grouped folds (weakcell.folds.fold_groups): near-duplicates and external sets (issue 23) --
+    duplicates: str | None = Field(
+        None,
+        description="near-duplicates JSON of `weakcell duplicates`: each cluster shares a fold; null = no "
+        "duplicate groups (the folds stay those of plain multilabel stratification)",
+    )
+    external: list[str] = Field(
+        default_factory=list,
+        description="external data sets (folders of `make external`: train.csv, sources.csv) whose images "
+        "join the folds file; images of one antibody share a fold",
+    )
+    external_mode: Literal["train_only", "folded"] = Field(
+        "train_only",
+        description="train_only = external images get fold -1 (always trained on, never validated) unless "
+        "a near-duplicate ties them to a competition image, whose fold they take; folded = stratified too",
+    )
+    report: str | None = Field(
+        None, description="folds report (markdown); defaults to {paths.reports}/folds-{data.dataset}.md"
+    )
+
+    def own_name(self) -> str:
+        """What names these settings' folds file after the data set: '' at the defaults, else
+        ``-<n_splits>x<seed>`` plus ``-by-<group_column>``, ``-dups`` with near-duplicate groups and
+        ``-ext`` (``-ext-folded``) with external sets. Which duplicates file or external sets is not in the
+        name: it is recorded beside the file (``weakcell.folds_record``), which refuses a file of other settings."""
+        defaults = FoldsConfig()
+        plain = (self.n_splits, self.seed, self.group_column) == (
+            defaults.n_splits,
+            defaults.seed,
+            defaults.group_column,
+        )
+        if plain and self.duplicates is None and not self.external:
+            return ""
+        name = f"-{self.n_splits}x{self.seed}"
+        if self.group_column is not None:
+            name += "-by-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in self.group_column)
+        if self.duplicates is not None:
+            name += "-dups"
+        if self.external:
+            name += "-ext" if self.external_mode == "train_only" else "-ext-folded"
+        return name
 
 
 class ClassicalSegmentConfig(Section):
@@ -226,6 +282,36 @@ class SamRefineConfig(Section):
     )
 
 
+class HpaCellSegConfig(Section):
+    """HPA-Cell-Segmentation (the organisers' DPN-92 U-Nets, ``weakcell.segment.hpacellseg``) from local
+    weights only. Scales are fractions of full resolution, as in every backend (``segment.reference_size``
+    turns them into fractions of the reference image)."""
+
+    weights: str | None = Field(
+        None,
+        description="folder holding dpn_unet_nuclei_v1 and the cell model (.safetensors from make weights, "
+        "or the published .pth); else $WEAKCELL_HPACELLSEG_WEIGHTS, then /kaggle/input/*",
+    )
+    cell_model: Literal["3ch", "2ch"] = Field(
+        "3ch",
+        description="3ch = dpn_unet_cell_3ch_v1 (red, yellow, blue); 2ch = dpn_unet_cell_v2 (red, blue)",
+    )
+    network_scale: float = Field(
+        0.25, gt=0, le=1, description="the U-Nets read the image at this scale (upstream: 0.25, 2048 -> 512)"
+    )
+    label_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="label_cell runs at this scale with its sizes scaled (1 = upstream's full resolution)",
+    )
+    padding: bool = Field(True, description="upstream's 32-px reflected border around the network input")
+    batch_size: int = Field(8, ge=1, description="images per forward pass of each U-Net")
+    device: str = Field(
+        "auto", description="auto (a GPU this torch has kernels for, else cpu) | cpu | cuda | cuda:N"
+    )
+
+
 class PostprocessConfig(Section):
     """Rules applied after any backend, as the top 2021 teams did; each one a switch."""
 
@@ -253,6 +339,13 @@ class SegmentConfig(Section):
     cellpose: CellposeSegmentConfig = Field(default_factory=CellposeSegmentConfig)
     sam: SamRefineConfig = Field(default_factory=SamRefineConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    hpacellseg: HpaCellSegConfig = Field(default_factory=HpaCellSegConfig)
+    reference_size: int | None = Field(
+        None,
+        gt=0,
+        description="image side (px) at which pixel sizes and scales hold; an image of side S scales "
+        "them by S / reference_size, so every size segments the same cells (None = absolute pixels)",
+    )
 
 
 class CacheConfig(Section):
@@ -269,6 +362,18 @@ class CacheConfig(Section):
     num_shards: int = Field(1, ge=1, description="how many parts caching is split into")
     shard_mb: float = Field(
         256, gt=0, description="crops are flushed to a new shard file every this many MiB (bounds memory)"
+    )
+    batched: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="learned backends: always = one process runs the network on batches while the workers "
+        "decode and finish; never = each worker runs the whole backend with its own model; auto = batched "
+        "when the network runs on a GPU (one model there, never one per worker), per worker on a CPU",
+    )
+    queue_images: int = Field(
+        0,
+        ge=0,
+        description="batched: images between the decoding workers and the one process that runs the network "
+        "(bounds memory); 0 = two batches plus one per worker",
     )
 
 
@@ -560,7 +665,7 @@ class RefineConfig(Section):
         return self.model_copy(update={"relative": self.relative[min(round_, len(self.relative)) - 1]})
 
 
-FetchItem = Literal["backbone", "cellpose", "sam"]
+FetchItem = Literal["backbone", "cellpose", "sam", "hpacellseg"]
 
 
 class WeightsConfig(Section):
@@ -574,7 +679,8 @@ class WeightsConfig(Section):
     fetch: list[FetchItem] = Field(
         default_factory=lambda: list[FetchItem](["backbone"]),
         description="backbone = model.backbone through timm's own pretrained source (saved as safetensors); "
-        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint",
+        "cellpose = the official Cellpose-SAM cpsam; sam = the official SAM ViT-B checkpoint; hpacellseg = "
+        "HPA-Cell-Segmentation's nuclei model and segment.hpacellseg.cell_model",
     )
     mirror: str | None = Field(
         None,
@@ -632,7 +738,7 @@ class KaggleConfig(Section):
     weights_dataset: str = Field("weakcell-weights-{name}", description="slug of a run's weights dataset")
     kernel: str = Field("weakcell-{variant}", description="kernel slug (its title is the slug with spaces)")
     variants: list[str] = Field(
-        default_factory=lambda: ["inference", "cellpose", "cellpose-sam", "train"],
+        default_factory=lambda: ["inference", "cellpose", "cellpose-sam", "hpacellseg", "train"],
         description="kernels `make kernels` writes (weakcell.kagglekit.kernels.VARIANTS)",
     )
     submit_variant: str = Field("inference", description="the kernel `make submit` pushes (code competition)")
@@ -641,6 +747,10 @@ class KaggleConfig(Section):
     )
     sam_dataset: str = Field(
         "segment-anything", description="dataset (slug or owner/slug) holding the SAM checkpoint"
+    )
+    hpacellseg_dataset: str = Field(
+        "hpa-cell-segmentation",
+        description="dataset (slug or owner/slug) holding HPA-Cell-Segmentation's nuclei and cell models",
     )
     extra_datasets: list[str] = Field(
         default_factory=list, description="more owner/slug datasets attached to every kernel"
@@ -671,7 +781,9 @@ class KaggleConfig(Section):
     )
     datasets_dir: str = Field("dist/kaggle", description="where the dataset folders are written")
     kernel_overrides: list[str] = Field(
-        default_factory=list, description="key=value overrides added to every weakcell command a kernel runs"
+        default_factory=list,
+        description="key=value overrides added to every weakcell command a kernel runs; <variant>:key=value "
+        "only to that variant's",
     )
     gpu: bool = Field(True, description="kernel-metadata enable_gpu")
     machine_shape: str | None = Field(
@@ -737,7 +849,7 @@ class AblateConfig(Section):
 
 
 class ChecksConfig(Section):
-    """Refusals that guard against losing work silently (``weakcell.outputs``, ``train.missing_images``).
+    """Refusals that guard against losing work silently (``weakcell.outputs``, ``weakcell.cache.coverage``).
     They change whether a stage runs, never what it computes, so finished work stays reusable."""
 
     max_missing_share: float = Field(
@@ -752,6 +864,59 @@ class ChecksConfig(Section):
         ge=0,
         description="seconds a stage waits for another run to release its output folder before it "
         "refuses; 0 = refuse at once",
+    )
+    allow_empty_rows: bool = Field(
+        False,
+        description="infer refuses when an image to predict gives no cells (none found, unreadable, not "
+        "cached): its row would be an empty placeholder, on Kaggle a lost image; true = write those rows "
+        "empty and count them in the summary",
+    )
+
+
+class ExternalConfig(Section):
+    """Public HPA images as an extra training set (``make external``, ``weakcell.external``): a list of the
+    hosts' form or the 2018 one, fetched politely, converted and labelled into the competition's layout."""
+
+    image_list: str | None = Field(
+        None, description="the public list: the hosts' kaggle_2021.tsv or the 2018 HPAv18RBGY_wodpl.csv"
+    )
+    list_format: Literal["auto", "hpa2021", "hpav18"] = Field(
+        "auto", description="the list's form; auto = from its columns"
+    )
+    base_url: str | None = Field(
+        None,
+        description="where the images live, replacing the list's host (a mirror); null = the list's URLs "
+        "(hpav18: http://v18.proteinatlas.org/images)",
+    )
+    dir: str | None = Field(
+        None, description="output data set; defaults to {paths.data}/{data.dataset}-external"
+    )
+    dry_run: bool = Field(
+        False, description="print counts, bytes, disk and time at the chosen rate; fetch nothing (--dry-run)"
+    )
+    drop_in_trainset: bool = Field(True, description="drop images already in the competition's train set")
+    cell_lines: list[str] | None = Field(
+        default_factory=lambda: list(HPA2021_CELL_LINES),
+        description="keep these cell lines (default: the competition's 17); null = every cell line",
+    )
+    keep_classes: list[int] = Field(
+        default_factory=list,
+        description="classes kept from any cell line (one 2021 team kept 11 Mitotic spindle and 15 Aggresome)",
+    )
+    max_images: int | None = Field(None, ge=1, description="fetch only the first this many selected images")
+    size: int | None = Field(
+        None, ge=64, description="store images at this side (area resampling); null = native size"
+    )
+    png_compression: int = Field(1, ge=0, le=9, description="zlib level of the stored PNGs")
+    workers: int = Field(4, ge=1, description="images fetched at once (threads)")
+    rate: float = Field(8.0, gt=0, description="requests per second at most, over all workers")
+    timeout_s: float = Field(30.0, gt=0, description="connect and read timeout of one request, seconds")
+    retries: int = Field(5, ge=0, description="retries of a request on timeouts, broken bodies, 429 and 5xx")
+    backoff_s: float = Field(
+        1.0, ge=0, description="exponential backoff factor between retries: backoff_s * 2**(n-1) seconds"
+    )
+    check_disk: bool = Field(
+        True, description="refuse when the estimated storage exceeds the free disk space"
     )
 
 
@@ -778,6 +943,7 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    external: ExternalConfig = Field(default_factory=ExternalConfig)
 
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:
@@ -846,4 +1012,7 @@ class Config(Section):
 
     @property
     def folds_file(self) -> Path:
-        return self.path(self.folds.file or Path(self.paths.folds) / f"{self.data.dataset}.csv")
+        """``folds.file``, else the folds file of these fold settings (``FoldsConfig.own_name``)."""
+        if self.folds.file:
+            return self.path(self.folds.file)
+        return self.path(self.paths.folds) / f"{self.data.dataset}{self.folds.own_name()}.csv"

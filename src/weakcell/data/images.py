@@ -15,6 +15,8 @@ import numpy as np
 import tifffile
 
 from weakcell.constants import CHANNEL_COLORS, CHANNELS
+from weakcell.data.ids import inside
+from weakcell.outputs import atomic_write_bytes
 
 # Looked for in this order; the first that exists wins.
 EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -28,7 +30,7 @@ def channel_path(folder: str | os.PathLike[str], image_id: str, channel: str) ->
     """Path of one channel file, trying each known extension; raises ImageReadError if none exists."""
     folder = Path(folder)
     for ext in EXTENSIONS:
-        candidate = folder / f"{image_id}_{channel}{ext}"
+        candidate = inside(folder, f"{image_id}_{channel}{ext}")
         if candidate.is_file():
             return candidate
     raise ImageReadError(
@@ -66,12 +68,17 @@ def read_channel(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(f"cannot decode {path}: {err}; re-download or re-export the file") from err
     if decoded is None:  # cv2 returns None for corrupt or truncated files
         raise ImageReadError(f"cannot decode {path}: corrupt or truncated; re-download or re-export the file")
-    array = np.asarray(decoded)
+    return to_uint8(grayscale_plane(np.asarray(decoded), str(path)), where=str(path))
+
+
+def grayscale_plane(array: np.ndarray, where: str) -> np.ndarray:
+    """A decoded channel file as one ``(H, W)`` plane at its own bit depth: colour files keep their
+    brightest colour component (the stain's own colour), alpha is left out."""
     if array.ndim == 3:
         array = array[..., :3].max(axis=2) if array.shape[2] in (3, 4) else array[0]  # RGB(A) -> max of RGB
     if array.ndim != 2:
-        raise ImageReadError(f"{path}: expected a 2-D grayscale image, got shape {array.shape}")
-    return to_uint8(array, where=str(path))
+        raise ImageReadError(f"{where}: expected a 2-D grayscale image, got shape {array.shape}")
+    return array
 
 
 def read_image(folder: str | os.PathLike[str], image_id: str) -> np.ndarray:
@@ -94,9 +101,7 @@ def write_channel(path: str | os.PathLike[str], channel: np.ndarray, compression
     )
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encoded.tobytes())
-    tmp.replace(path)
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def write_image(
@@ -108,7 +113,7 @@ def write_image(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for channel, plane in zip(CHANNELS, image):
-        write_channel(folder / f"{image_id}_{channel}.png", plane, compression)
+        write_channel(inside(folder, f"{image_id}_{channel}.png"), plane, compression)
 
 
 def list_image_ids(folder: str | os.PathLike[str]) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from weakcell.data.datasets import DatasetSpec
+from weakcell.data.ids import RULE, is_safe_id
 from weakcell.errors import WeakcellError
 
 
@@ -45,7 +46,8 @@ def read_label_file(path: str | os.PathLike[str], spec: DatasetSpec) -> pd.DataF
     """Read a Kaggle label file into ``ID`` (str) and ``labels`` (sorted list of ints), in file order.
 
     Every problem is reported at once with its row number (1 = first data row): missing columns,
-    empty or malformed labels, out-of-range classes, duplicate IDs. Extra columns are kept.
+    empty or malformed labels, out-of-range classes, duplicate IDs, IDs that are not safe file-name stems
+    (``weakcell.data.ids``: they become paths). One problem is one line. Extra columns are kept.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,6 +67,8 @@ def read_label_file(path: str | os.PathLike[str], spec: DatasetSpec) -> pd.DataF
     for row, (image_id, text) in enumerate(zip(table[spec.id_column], table[spec.label_column]), start=1):
         if not image_id.strip():
             problems.append(f"row {row}: empty {spec.id_column}")
+        elif not is_safe_id(image_id):
+            problems.append(f"row {row}: {spec.id_column} {image_id!r} is not a safe image ID ({RULE})")
         try:
             labels.append(parse_labels(text, spec.label_sep, spec.n_classes, where=f"row {row} ({image_id})"))
         except LabelError as err:
@@ -74,6 +78,8 @@ def read_label_file(path: str | os.PathLike[str], spec: DatasetSpec) -> pd.DataF
     for image_id in dict.fromkeys(duplicated):
         rows = [int(i) + 1 for i in np.flatnonzero(table[spec.id_column].to_numpy() == image_id)]
         problems.append(f"duplicate ID {image_id} on rows {rows}")
+    if len(problems) == 1:
+        raise LabelError(f"{path}: {problems[0]}")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

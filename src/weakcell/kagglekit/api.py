@@ -33,6 +33,7 @@ from weakcell.kagglekit.naming import (
     kaggle_config_dir,
     token_path,
 )
+from weakcell.outputs import atomic_write, atomic_write_json
 
 COMPLETE_MARKER = ".kaggle-download-complete.json"
 TOKEN_URL = "https://www.kaggle.com/settings/api"
@@ -175,11 +176,13 @@ def unzip(archive: Path, folder: Path) -> int:
             if target.is_file() and target.stat().st_size == member.file_size:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            part = target.with_name(target.name + ".part")
-            with bundle.open(member) as source, part.open("wb") as sink:
-                shutil.copyfileobj(source, sink, 2**20)
-            part.replace(target)
+            atomic_write(target, functools.partial(_extract, bundle, member))
     return len(members)
+
+
+def _extract(bundle: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> None:
+    with bundle.open(member) as source, path.open("wb") as sink:
+        shutil.copyfileobj(source, sink, 2**20)
 
 
 def download(cfg: Config) -> list[Path]:
@@ -214,7 +217,7 @@ def download(cfg: Config) -> list[Path]:
             raise FileNotFoundError(f"the download left no {archive}; {by_hand}")
         n_files = unzip(archive, folder)
         marker = folder / COMPLETE_MARKER
-        marker.write_text(json.dumps({"competition": slug, "files": n_files}) + "\n")
+        atomic_write_json(marker, {"competition": slug, "files": n_files}, indent=None)
         if not cfg.kaggle.keep_zip:
             archive.unlink()
         print(f"download: {slug}: {n_files} files -> {folder}")

@@ -16,13 +16,15 @@
 
 Upload either folder with ``kaggle datasets create -p <folder>`` (``--dir-mode zip`` for the weights, whose
 files sit in sub-folders; Kaggle unpacks the archive), or ``kaggle datasets version`` for a new version.
+
+Just over 400 lines: the three datasets share the staging, metadata and swap-in helpers above their
+builders; the wheel-tag checks are the only part that could stand alone, and they serve ``wheels`` alone.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -30,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ from weakcell.kagglekit.naming import (
     weights_slug,
     wheels_slug,
 )
+from weakcell.outputs import atomic_write_json, atomic_write_text, folder_lock
 
 METADATA_FILE = "dataset-metadata.json"
 # What inference reads from a fold (weakcell.infer.predict_fold); nothing else of a run is a weight file.
@@ -84,7 +89,7 @@ def dataset_metadata(cfg: Config, slug: str, description: str) -> dict[str, Any]
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    atomic_write_json(path, content)
 
 
 def folder_mb(folder: Path) -> float:
@@ -219,9 +224,22 @@ def dataset_folders(cfg: Config, slug: str) -> tuple[Path, Path]:
     return target, staging
 
 
+@contextmanager
+def datasets_lock(cfg: Config, stage: str) -> Iterator[None]:
+    """Hold ``dist/kaggle/``'s lock: the dataset stages replace whole folders there (``_swap_in``) and
+    clean staging folders, so one of them writes at a time."""
+    with folder_lock(datasets_root(cfg), stage, cfg.checks.lock_wait_s):
+        yield
+
+
 def wheels(cfg: Config) -> Path:
     """``make wheels``: the wheels dataset folder. Rebuilt every time (pip's cache makes it quick) into a
     staging folder that replaces the old one only when complete."""
+    with datasets_lock(cfg, "wheels"):
+        return _wheels(cfg)
+
+
+def _wheels(cfg: Config) -> Path:
     start = time.perf_counter()
     slug = wheels_slug(cfg)
     target, staging = dataset_folders(cfg, slug)
@@ -306,8 +324,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def weights_dataset(cfg: Config) -> Path:
     """``make weights-dataset RUN=<run>``: the run's weights dataset folder, with ``packed.json`` (what it
-    holds: round, folds, network, classes) beside the run's config. Refuses when the run does not hold the
-    round or network the config names (``agreement``)."""
+    holds: round, folds, network, classes) beside the run's config, read while holding the run's lock (no
+    stage rewrites its weights meanwhile). Refuses when the run does not hold the round or network the config
+    names (``agreement``)."""
+    with (
+        datasets_lock(cfg, "weights-dataset"),
+        folder_lock(cfg.run_dir, "weights-dataset", cfg.checks.lock_wait_s),
+    ):
+        return _weights_dataset(cfg)
+
+
+def _weights_dataset(cfg: Config) -> Path:
     from weakcell.kagglekit.agreement import PACKED_FILE, agreement_problems, packed_json, require_agreement
 
     require_agreement(cfg, "weights-dataset", compare=("run",), need=("run",))
@@ -317,7 +344,7 @@ def weights_dataset(cfg: Config) -> Path:
     for source, relative in manifest:
         if source.name == "config.yaml":
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            (staging / relative).write_text(portable_config(source.read_text()))
+            atomic_write_text(staging / relative, portable_config(source.read_text()))
         else:
             _link_or_copy(source, staging / relative)
     n_folds = sum(1 for _, relative in manifest if relative.as_posix().endswith(FOLD_WEIGHTS[1]))
@@ -326,7 +353,7 @@ def weights_dataset(cfg: Config) -> Path:
         f"Weights of weakcell run {cfg.name!r}{round_note}: {n_folds} folds of cell + MIL model.pt "
         "(weights only), thresholds.json and the resolved config.yaml. Written by `make weights-dataset`."
     )
-    (staging / cfg.name / PACKED_FILE).write_text(packed_json(cfg) + "\n")
+    atomic_write_text(staging / cfg.name / PACKED_FILE, packed_json(cfg) + "\n")
     _write_json(staging / METADATA_FILE, dataset_metadata(cfg, slug, description))
     _swap_in(staging, target)
     stale = agreement_problems(cfg, compare=("dataset", "kernel"))
@@ -358,11 +385,16 @@ def backbone_dataset(cfg: Config) -> Path:
         )
     source = resolve_weights_file(cfg.path(cfg.model.pretrained_file), cfg.model.backbone)
     state = load_state_dict(source)
+    with datasets_lock(cfg, "backbone-dataset"):
+        return _backbone_dataset(cfg, source, len(state))
+
+
+def _backbone_dataset(cfg: Config, source: Path, n_tensors: int) -> Path:
     slug = backbone_slug(cfg)
     target, staging = dataset_folders(cfg, slug)
     _link_or_copy(source, staging / source.name)
     description = (
-        f"Initial weights of the {cfg.model.backbone} backbone ({source.name}, {len(state)} tensors, weights "
+        f"Initial weights of the {cfg.model.backbone} backbone ({source.name}, {n_tensors} tensors, weights "
         "only) for the weakcell train kernel. Written by `make backbone-dataset`."
     )
     metadata = dataset_metadata(cfg, slug, description)
@@ -381,42 +413,62 @@ def backbone_dataset(cfg: Config) -> Path:
 
 def pretrained_datasets(cfg: Config) -> list[Path]:
     """``make pretrained-datasets``: a Kaggle dataset folder per item ``make weights`` fetched, each with its
-    file (verified against ``weights/MANIFEST.json`` first) and that item's manifest entry: the backbone as
-    the backbone dataset the train kernel attaches, Cellpose-SAM and SAM as ``kaggle.cellpose_dataset`` /
-    ``kaggle.sam_dataset``, the folders the kernels search for ``cpsam*`` / ``sam_vit_b*``."""
-    from weakcell.pretrained import MANIFEST, read_manifest, verified
+    files (verified against ``weights/MANIFEST.json`` first) and their manifest entries: the backbone as
+    the backbone dataset the train kernel attaches, Cellpose-SAM, SAM and HPA-Cell-Segmentation (both of
+    its files) as ``kaggle.cellpose_dataset`` / ``kaggle.sam_dataset`` / ``kaggle.hpacellseg_dataset``, the
+    folders the kernels search for ``cpsam*`` / ``sam_vit_b*`` / ``dpn_unet_*``."""
+    from weakcell.pretrained import MANIFEST, manifest_keys, read_manifest, verified
 
     folder = cfg.weights_dir
     manifest = read_manifest(folder)
-    targets = {
-        f"backbone:{cfg.model.backbone}": (backbone_slug(cfg), backbone_id(cfg)),
+    datasets = {
+        "backbone": (backbone_slug(cfg), backbone_id(cfg)),
         "cellpose": (slug_of(cfg.kaggle.cellpose_dataset), dataset_id(cfg, cfg.kaggle.cellpose_dataset)),
         "sam": (slug_of(cfg.kaggle.sam_dataset), dataset_id(cfg, cfg.kaggle.sam_dataset)),
+        "hpacellseg": (
+            slug_of(cfg.kaggle.hpacellseg_dataset),
+            dataset_id(cfg, cfg.kaggle.hpacellseg_dataset),
+        ),
     }
-    wanted = [f"backbone:{cfg.model.backbone}" if item == "backbone" else item for item in cfg.weights.fetch]
+    wanted = manifest_keys(cfg)
     missing = [key for key in wanted if key not in manifest or not verified(folder, manifest[key])]
     if missing:
         raise FileNotFoundError(
             f"{folder / MANIFEST} lacks {', '.join(missing)} (weights.fetch): run `make weights` first"
         )
-    written = []
+    groups: dict[str, list[str]] = {}  # dataset kind -> its manifest keys, in order
     for key in wanted:
-        entry = manifest[key]
-        slug, identifier = targets[key]
-        target, staging = dataset_folders(cfg, slug)
-        _link_or_copy(folder / entry["file"], staging / entry["file"])
-        _write_json(staging / MANIFEST, {key: entry})
-        description = (
-            f"{entry['file']} ({key}, sha256 {entry['sha256']}, from {entry['source']}; licence "
-            f"{entry.get('licence', 'see the source')}), weights only. Written by `make pretrained-datasets`."
-        )
-        metadata = dataset_metadata(cfg, slug, description)
-        metadata["id"] = identifier
-        _write_json(staging / METADATA_FILE, metadata)
-        _swap_in(staging, target)
-        print(
-            f"pretrained-datasets: {key} {entry['file']}, {folder_mb(target):.1f} MB -> {target}\n"
-            f"  upload: kaggle datasets create -p {target}"
-        )
-        written.append(target)
-    return written
+        groups.setdefault(key.partition(":")[0], []).append(key)
+    with datasets_lock(cfg, "pretrained-datasets"):
+        return [
+            _pretrained_dataset(cfg, {key: manifest[key] for key in keys}, *datasets[kind])
+            for kind, keys in groups.items()
+        ]
+
+
+def _pretrained_dataset(cfg: Config, entries: dict[str, dict[str, Any]], slug: str, identifier: str) -> Path:
+    """Items of ``make weights``' manifest (key -> entry) as one Kaggle dataset folder ``slug`` (id
+    ``identifier``): their files and their manifest entries."""
+    from weakcell.pretrained import MANIFEST
+
+    target, staging = dataset_folders(cfg, slug)
+    for entry in entries.values():
+        _link_or_copy(cfg.weights_dir / entry["file"], staging / entry["file"])
+    _write_json(staging / MANIFEST, entries)
+    description = "; ".join(
+        f"{entry['file']} ({key}, sha256 {entry['sha256']}, from {entry['source']}; licence "
+        f"{entry.get('licence', 'see the source')})"
+        for key, entry in entries.items()
+    )
+    metadata = dataset_metadata(
+        cfg, slug, f"{description}, weights only. Written by `make pretrained-datasets`."
+    )
+    metadata["id"] = identifier
+    _write_json(staging / METADATA_FILE, metadata)
+    _swap_in(staging, target)
+    files = ", ".join(entry["file"] for entry in entries.values())
+    print(
+        f"pretrained-datasets: {', '.join(entries)} {files}, {folder_mb(target):.1f} MB -> {target}\n"
+        f"  upload: kaggle datasets create -p {target}"
+    )
+    return target

@@ -10,6 +10,7 @@ committed (their ids name the user's Kaggle account).
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import textwrap
@@ -37,6 +38,7 @@ from weakcell.kagglekit.naming import (
     weights_slug,
     wheels_slug,
 )
+from weakcell.outputs import atomic_write_json, atomic_write_text, folder_lock
 
 METADATA_FILE = "kernel-metadata.json"
 TEMPLATE = Path(__file__).with_name("kernel.py.tmpl")
@@ -62,12 +64,17 @@ VARIANTS: dict[str, Variant] = {
         "caches the test split with Cellpose-SAM refined by SAM box prompts, then inference",
         backend="cellpose+sam",
     ),
+    "hpacellseg": Variant(
+        "caches the test split with HPA-Cell-Segmentation (the organisers' U-Nets, attached), then inference",
+        backend="hpacellseg",
+    ),
     "train": Variant("folds, cache, training, thresholds and inference, all inside the kernel", train=True),
 }
 # Segmentation parts that read a weights file: config key -> the kaggle.* field naming its dataset.
 WEIGHT_KEYS: dict[str, tuple[str, str]] = {
     "cellpose": ("segment.cellpose.weights", "cellpose_dataset"),
     "sam": ("segment.sam.weights", "sam_dataset"),
+    "hpacellseg": ("segment.hpacellseg.weights", "hpacellseg_dataset"),
 }
 
 
@@ -76,6 +83,25 @@ def variant_of(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise UnknownName(f"unknown kernel variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def variant_overrides(overrides: list[str], variant: str) -> list[str]:
+    """``kaggle.kernel_overrides`` for one variant: plain ``key=value`` entries, and ``<variant>:key=value``
+    entries of this variant without their prefix."""
+    chosen = []
+    for override in overrides:
+        prefix, colon, rest = override.partition(":")
+        if not colon or "=" in prefix:  # no variant prefix (a value may hold a colon)
+            chosen.append(override)
+        elif prefix == variant:
+            chosen.append(rest)
+        else:
+            variant_of(prefix)  # a typo in a variant name fails here
+    return chosen
+
+
+# Weights-reading parts whose backends need the ``segment`` extra (cellpose, segment-anything).
+SEGMENT_EXTRA = {"cellpose", "sam"}
 
 
 def segment_inputs(cfg: Config, variant: str) -> dict[str, str]:
@@ -87,6 +113,11 @@ def segment_inputs(cfg: Config, variant: str) -> dict[str, str]:
             key, field = WEIGHT_KEYS[part.strip()]
             inputs[key] = dataset_id(cfg, getattr(cfg.kaggle, field))
     return inputs
+
+
+def _needs_segment_extra(cfg: Config, variant: str) -> bool:
+    backend = variant_of(variant).backend or cfg.segment.backend
+    return any(part.strip() in SEGMENT_EXTRA for part in backend.split("+"))
 
 
 def weight_inputs(cfg: Config, variant: str) -> dict[str, str]:
@@ -138,15 +169,20 @@ def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
 
 
 def _literal(value: Any) -> str:
-    """A Python literal of a str / list / dict of str (JSON spells them the same way) or None."""
-    return "None" if value is None else json.dumps(value)
+    """A Python literal of a str / list / dict of str or None: its JSON text where Python reads that back
+    as the same value (``["cache", "infer"]``), else ``repr`` (JSON spells a character beyond the BMP as a
+    surrogate pair, which Python reads as two characters). Never the bare text: a user's string (a run
+    name, an override) is always quoted, whatever quotes or backslashes it holds."""
+    if value is None:
+        return "None"
+    text = json.dumps(value)
+    return text if ast.literal_eval(text) == value else repr(value)
 
 
-def kernel_script(cfg: Config, variant: str) -> str:
-    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
+def kernel_overrides(cfg: Config, variant: str) -> list[str]:
+    """The ``key=value`` overrides a kernel runs its stages with, on top of the run's config and the Kaggle
+    paths: the variant's, then ``kaggle.kernel_overrides`` (those for another variant left out)."""
     spec = variant_of(variant)
-    key = competition_key(cfg)
-    inputs = weight_inputs(cfg, variant)
     overrides = []
     if not spec.train:
         # the test split only, predicted by this run's packed round into submissions/<run>/
@@ -159,24 +195,45 @@ def kernel_script(cfg: Config, variant: str) -> str:
         ]
     if spec.backend:
         overrides.append(f"segment.backend={spec.backend}")
-    overrides += cfg.kaggle.kernel_overrides
-    config_yaml = None
-    if spec.train:  # local locations mean nothing on Kaggle: the kernel sets its own
-        portable = cfg.model_copy(
-            update={
-                "paths": cfg.paths.model_copy(update={"root": "."}),
-                "data": cfg.data.model_copy(update={"dir": None}),
-                # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
-                "model": cfg.model.model_copy(update={"pretrained_file": None}),
-            }
-        )
-        config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    return overrides + variant_overrides(cfg.kaggle.kernel_overrides, variant)
+
+
+_NO_CONFIG_LINE = "CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset"
+
+
+def _config_line(cfg: Config) -> str:
+    """``CONFIG_YAML = ...``: the resolved config a training kernel trains with, without local locations
+    (they mean nothing on Kaggle: the kernel sets its own)."""
+    portable = cfg.model_copy(
+        update={
+            "paths": cfg.paths.model_copy(update={"root": "."}),
+            "data": cfg.data.model_copy(update={"dir": None}),
+            # a local file means nothing there: WEIGHT_INPUTS points it at the attached dataset
+            "model": cfg.model.model_copy(update={"pretrained_file": None}),
+        }
+    )
+    config_yaml = yaml.safe_dump(portable.model_dump(mode="json"), sort_keys=False)
+    # a readable block unless the text could end the literal early or holds escapes
+    literal = (
+        f'"""\\\n{config_yaml}"""'
+        if '"""' not in config_yaml and "\\" not in config_yaml
+        else _literal(config_yaml)
+    )
+    return f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}"
+
+
+def kernel_script(cfg: Config, variant: str) -> str:
+    """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
+    spec = variant_of(variant)
+    key = competition_key(cfg)
+    inputs = weight_inputs(cfg, variant)
+    overrides = kernel_overrides(cfg, variant)
     settings = {
         "VARIANT": (variant, None),
         "COMPETITION": (competition_slug(cfg), "attached competition data"),
         "DATASET": (key, "its weakcell layout"),
         "WHEELS": (wheels_slug(cfg), "attached dataset: the weakcell wheel + the wheels the image lacks"),
-        "INSTALL": ("weakcell[segment]" if segment_inputs(cfg, variant) else "weakcell", None),
+        "INSTALL": ("weakcell[segment]" if _needs_segment_extra(cfg, variant) else "weakcell", None),
         "WEIGHTS": (
             None if spec.train else weights_slug(cfg),
             "none: trains its own"
@@ -204,24 +261,17 @@ def kernel_script(cfg: Config, variant: str) -> str:
     lines.append(
         f"{EXPECT_NAME} = {expect or 'None'}  # the run, round, folds, network and classes to predict with"
     )
-    if config_yaml is None:
-        lines.append("CONFIG_YAML = None  # inference reads the run's config.yaml from the weights dataset")
-    else:
-        # a readable block unless the text could end the literal early or holds escapes
-        literal = (
-            f'"""\\\n{config_yaml}"""'
-            if '"""' not in config_yaml and "\\" not in config_yaml
-            else _literal(config_yaml)
-        )
-        lines.append(f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}")
+    lines.append(_config_line(cfg) if spec.train else _NO_CONFIG_LINE)
     where_weights = (
         "it trains its own models"
         if spec.train
         else "the run's weights, thresholds and resolved config come from the weights dataset"
     )
     about = (
-        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__}, "
-        f'config "{cfg.name}". Internet is off: weakcell and the packages the Kaggle image lacks install from '
+        f"{spec.description[0].upper()}{spec.description[1:]}. Built from weakcell {weakcell.__version__} "
+        # the run's name is a user string: it appears only as the quoted literal RUN, never in this docstring
+        "for the run named by RUN below. Internet is off: weakcell and the packages the Kaggle image lacks "
+        "install from "
         f"the attached wheels dataset; {where_weights}. Writes /kaggle/working/submission.csv with the same "
         "CLI as a local run."
     )
@@ -237,17 +287,22 @@ def write_kernel(cfg: Config, variant: str) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     metadata = kernel_metadata(cfg, variant)
-    (folder / metadata["code_file"]).write_text(kernel_script(cfg, variant))
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(folder / metadata["code_file"], kernel_script(cfg, variant))
+    atomic_write_json(folder / METADATA_FILE, metadata)
     return folder
 
 
 def run(cfg: Config) -> list[Path]:
-    """``make kernels``: every variant of ``kaggle.variants``."""
+    """``make kernels``: every variant of ``kaggle.variants``, holding the kernels folder's lock."""
     for variant in cfg.kaggle.variants:
         variant_of(variant)  # fail before writing anything
     # the run and its weights dataset, where they exist, must be the models the kernels will expect
     require_agreement(cfg, "kernels", compare=("run", "dataset"))
+    with folder_lock(cfg.path(cfg.paths.kernels), "kernels", cfg.checks.lock_wait_s):
+        return _write_kernels(cfg)
+
+
+def _write_kernels(cfg: Config) -> list[Path]:
     folders = []
     for variant in cfg.kaggle.variants:
         folder = write_kernel(cfg, variant)

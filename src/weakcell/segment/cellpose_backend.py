@@ -11,7 +11,9 @@ network skeleton is built on the meta device (no memory, no random init), the te
 ``weakcell.weights.load_state_dict`` (weights-only), and cellpose's ``eval`` runs on a ``CellposeModel``
 whose constructor is never called. Nothing can reach the network.
 
-Per image:
+Per image, split for batching (``weakcell.segment.batched``): ``prepare`` (1-2) in a CPU worker,
+``predict`` (the network and cellpose's mask reconstruction, in the one process that holds the model),
+``finish`` (3-4) in a CPU worker:
 1. Downscale to ``working_scale`` (area averaging): HPA cells at 2048 px span ~100-250 px, at 0.25 they
    are near the ~30 px Cellpose-SAM was trained around.
 2. Input channels: cell body = mean of ``cytoplasm_channels`` (red + yellow by default), nucleus = blue,
@@ -38,8 +40,9 @@ import torch
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
-from weakcell.errors import BackendError, StageError, WeakcellError
-from weakcell.segment import Segmentation
+from weakcell.errors import StageError
+from weakcell.segment import Segmentation, starting
+from weakcell.segment.batched import NetworkInput, NetworkStage
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
 ENV_VAR = "CELLPOSE_LOCAL_MODELS_PATH"  # the folder cellpose itself reads its models from
@@ -163,9 +166,9 @@ def _located(weights: str | None, env_value: str | None) -> Path:
     return find_weights(weights, ENV_VAR, WEIGHT_PATTERNS, config_key=CONFIG_KEY, example=EXAMPLE)
 
 
-def weights_file(cfg: SegmentConfig) -> Path:
+def weights_files(cfg: SegmentConfig) -> tuple[Path, ...]:
     """The Cellpose-SAM weights file ``cfg`` names (``weakcell.segment.WEIGHTS_OF``)."""
-    return locate_weights(cfg.cellpose.weights)
+    return (locate_weights(cfg.cellpose.weights),)
 
 
 def network_input(image: np.ndarray, cytoplasm_channels: Sequence[str]) -> np.ndarray:
@@ -176,26 +179,49 @@ def network_input(image: np.ndarray, cytoplasm_channels: Sequence[str]) -> np.nd
     return np.stack([body, nucleus, np.zeros_like(body)], axis=-1)
 
 
-def segment(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
-    """Segment one ``(4, H, W)`` uint8 image with Cellpose-SAM; masks at full resolution, int32."""
+def prepare(image: np.ndarray, cfg: SegmentConfig) -> NetworkInput:
+    """The network input of one ``(4, H, W)`` uint8 image (CPU): resized to ``working_scale``, ``(h, w, 3)``."""
     settings = cfg.cellpose
-    try:  # a fault of the configuration, not of this image: it stops the stage (BackendError)
-        path = locate_weights(settings.weights)  # fails at once, before any model is built
-        device = resolve_device(settings.device)
-        model = _model(str(path.resolve()), settings.backbone, str(device))
-    except (OSError, WeakcellError) as err:
-        raise BackendError(f"segment.backend={cfg.backend} cannot start (Cellpose-SAM): {err}") from err
-
-    small = resize_image(image, settings.working_scale)
-    diameter = settings.diameter * settings.working_scale if settings.diameter else None
-    masks, _, _ = model.eval(
-        network_input(small, settings.cytoplasm_channels),
-        channel_axis=-1,
-        diameter=diameter,
-        batch_size=settings.batch_size,
-        flow_threshold=settings.flow_threshold,
-        cellprob_threshold=settings.cellprob_threshold,
-        min_size=settings.min_size,
+    return NetworkInput(
+        (network_input(resize_image(image, settings.working_scale), settings.cytoplasm_channels),)
     )
-    cells = resize_labels(np.asarray(masks, dtype=np.int32), image.shape[1:])
+
+
+def predict(inputs: Sequence[NetworkInput], cfg: SegmentConfig) -> list[np.ndarray]:
+    """Masks at working scale, int32, of each input: Cellpose-SAM's network and its flow following, in the
+    process that holds the model (cellpose tiles each image into ``batch_size`` tiles per forward pass)."""
+    settings = cfg.cellpose
+    with starting(cfg.backend, "Cellpose-SAM"):  # the configuration's fault, not an image's: stops the stage
+        path = locate_weights(settings.weights)  # fails at once, before any model is built
+        model = _model(str(path.resolve()), settings.backbone, str(resolve_device(settings.device)))
+    diameter = settings.diameter * settings.working_scale if settings.diameter else None
+    masks = []
+    for item in inputs:
+        labels, _, _ = model.eval(
+            item.arrays[0],
+            channel_axis=-1,
+            diameter=diameter,
+            batch_size=settings.batch_size,
+            flow_threshold=settings.flow_threshold,
+            cellprob_threshold=settings.cellprob_threshold,
+            min_size=settings.min_size,
+        )
+        masks.append(np.asarray(labels, dtype=np.int32))
+    return masks
+
+
+def finish(image: np.ndarray, item: NetworkInput, masks: np.ndarray, cfg: SegmentConfig) -> Segmentation:
+    """Masks back to full resolution, nuclei from the blue plane inside each cell (CPU)."""
+    cells = resize_labels(masks, image.shape[1:])
     return Segmentation(cells=cells, nuclei=nuclei_in_cells(image[CHANNELS.index("blue")], cells))
+
+
+STAGE = NetworkStage(
+    prepare,
+    predict,
+    finish,
+    batch_size=lambda cfg: cfg.cellpose.batch_size,
+    device=lambda cfg: cfg.cellpose.device,
+    ready=lambda cfg: locate_weights(cfg.cellpose.weights),
+)
+segment = STAGE.segment  # the registry's Segmenter: one image, masks at full resolution

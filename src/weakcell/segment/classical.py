@@ -45,7 +45,7 @@ def _smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(plane, (0, 0), sigma) if sigma > 0 else plane
 
 
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_binary_holes(mask: np.ndarray) -> np.ndarray:
     """``ndi.binary_fill_holes`` (holes = 4-connected background not reaching the border) by one cv2
     labelling, several times faster than scipy's iterated erosions."""
     n_regions, regions = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
@@ -97,7 +97,7 @@ def segment_nuclei(
         # one radius, so the bright one's peak reaches little beyond its own area.
         background = float(np.median(linear[~foreground]))
         foreground &= linear > background + local_contrast * (peak - background)
-    foreground = _fill_holes(foreground)
+    foreground = fill_binary_holes(foreground)
     components, n_components = ndi.label(foreground)
     if n_components == 0:
         return np.zeros(plane.shape, dtype=np.int32)

@@ -2,7 +2,7 @@
 
 The HPA 2021 metric counts a predicted cell as a true positive when its mask overlaps a ground-truth cell
 with IoU >= 0.6; segmentation benchmarks also report F1 at IoU >= 0.5 (the DSB 2018 / StarDist habit).
-Both come from one contingency table, computed once per image pair with ``np.bincount``.
+Both come from one IoU table (``competition_metric.label_iou``), computed once per image pair.
 """
 
 from __future__ import annotations
@@ -12,44 +12,19 @@ from collections.abc import Iterable
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-# Above this many (pred label x true label) cells the dense table would be too big: labels are compacted
-# first with np.unique (a sort of every pixel, slower but bounded by the number of present labels).
-_MAX_DENSE_TABLE = 20_000_000
-
-
-def _compact(labels: np.ndarray) -> np.ndarray:
-    """Relabel so that present labels become 1..n (0 stays background); returns a flat int64 array."""
-    values, inverse = np.unique(labels.ravel(), return_inverse=True)
-    if values[0] != 0:  # no background pixel: shift so that label 0 stays unused
-        inverse = inverse + 1
-    return inverse.astype(np.int64)
+from weakcell.competition_metric import label_iou
 
 
 def iou_table(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """IoU of every present predicted instance (rows) with every present true instance (columns).
 
     ``pred`` and ``true`` are label images of one shape, 0 = background. Returns a float64 array
-    ``(n_pred, n_true)`` over the labels that occur (empty rows / columns of absent labels are dropped).
+    ``(n_pred, n_true)`` over the labels that occur: the kit's one IoU routine,
+    ``competition_metric.label_iou``.
     """
-    if pred.shape != true.shape:
-        raise ValueError(f"pred and true masks differ in shape: {pred.shape} vs {true.shape}")
     if pred.size and (pred.min() < 0 or true.min() < 0):
         raise ValueError("instance labels must be non-negative (0 = background)")
-    flat_pred = pred.ravel().astype(np.int64)
-    flat_true = true.ravel().astype(np.int64)
-    n_pred = int(flat_pred.max(initial=0)) + 1
-    n_true = int(flat_true.max(initial=0)) + 1
-    if n_pred * n_true > _MAX_DENSE_TABLE:
-        flat_pred, flat_true = _compact(flat_pred), _compact(flat_true)
-        n_pred, n_true = int(flat_pred.max(initial=0)) + 1, int(flat_true.max(initial=0)) + 1
-    # (n_pred, n_true) pixel counts of every (pred label, true label) pair, background row/column included.
-    counts = np.bincount(flat_pred * n_true + flat_true, minlength=n_pred * n_true).reshape(n_pred, n_true)
-    area_pred = counts.sum(axis=1)[1:]
-    area_true = counts.sum(axis=0)[1:]
-    intersection = counts[1:, 1:].astype(np.float64)
-    union = area_pred[:, None] + area_true[None, :] - intersection
-    iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
-    return iou[area_pred > 0][:, area_true > 0]
+    return label_iou(pred, true)[2]
 
 
 def _match_table(iou: np.ndarray, iou_threshold: float) -> dict[str, float]:

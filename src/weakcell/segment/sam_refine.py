@@ -36,8 +36,8 @@ from scipy import ndimage as ndi
 from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
-from weakcell.errors import BackendError, StageError, WeakcellError
-from weakcell.segment import Segmentation
+from weakcell.errors import StageError
+from weakcell.segment import Segmentation, starting
 from weakcell.segment.cellpose_backend import resize_image, resize_labels
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
@@ -86,9 +86,9 @@ def _located(weights: str | None, model_type: str, env_value: str | None) -> Pat
     return find_weights(weights, ENV_VAR, weight_patterns(model_type), config_key=CONFIG_KEY, example=example)
 
 
-def weights_file(cfg: SegmentConfig) -> Path:
+def weights_files(cfg: SegmentConfig) -> tuple[Path, ...]:
     """The SAM checkpoint ``cfg`` names (``weakcell.segment.WEIGHTS_OF``)."""
-    return locate_weights(cfg.sam.weights, cfg.sam.model_type)
+    return (locate_weights(cfg.sam.weights, cfg.sam.model_type),)
 
 
 def load_sam(path: str | Path, model_type: str, device: torch.device) -> torch.nn.Module:
@@ -201,11 +201,9 @@ def refine(image: np.ndarray, seg: Segmentation, cfg: SegmentConfig) -> Segmenta
     """Refine the cells of ``seg`` on the ``(4, H, W)`` uint8 ``image`` with SAM box prompts; ids, shapes
     (full resolution) and dtype (int32) are those of ``seg``, nuclei are clipped to the refined cells."""
     settings = cfg.sam
-    try:  # a fault of the configuration, not of this image: it stops the stage (BackendError)
+    with starting(cfg.backend, "SAM"):  # the configuration's fault, not an image's: stops the stage
         path = locate_weights(settings.weights, settings.model_type)  # before any model is built
         predictor = _predictor(str(path.resolve()), settings.model_type, str(resolve_device(settings.device)))
-    except (OSError, WeakcellError) as err:
-        raise BackendError(f"segment.backend={cfg.backend} cannot start (SAM): {err}") from err
 
     small = resize_image(image, settings.working_scale)
     first = resize_labels(seg.cells, small.shape[1:])

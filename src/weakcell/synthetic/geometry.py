@@ -235,6 +235,22 @@ def _mitotic_shapes(
     return cell, plates
 
 
+def _owners(cell_blobs: list[_Blob], boxes: list[tuple[int, int, int, int]], size: int) -> np.ndarray:
+    """(size, size) int32: the 1-based index of the blob each pixel is deepest inside (smallest normalised
+    radius < 1), 0 where none reaches."""
+    depth = np.full((size, size), np.inf, dtype=np.float32)
+    owner = np.zeros((size, size), dtype=np.int32)
+    for index, (blob, box) in enumerate(zip(cell_blobs, boxes), start=1):
+        if box[0] >= box[1] or box[2] >= box[3]:
+            continue
+        here = blob.depth(*_grid(box))
+        region = (slice(box[0], box[1]), slice(box[2], box[3]))
+        wins = (here < 1.0) & (here < depth[region])
+        depth[region][wins] = here[wins]
+        owner[region][wins] = index
+    return owner
+
+
 def layout_cells(
     rng: np.random.Generator, size: int, line: CellLine, n_cells: int, scale: float, mitotic: np.ndarray
 ) -> Layout:
@@ -252,18 +268,8 @@ def layout_cells(
     cell_blobs = [cell for cell, _ in shapes]
     nucleus_blobs = [nuclei for _, nuclei in shapes]
 
-    # Each pixel goes to the cell it is deepest inside (smallest normalised radius < 1).
-    depth = np.full((size, size), np.inf, dtype=np.float32)
-    owner = np.zeros((size, size), dtype=np.int32)
     boxes = [_box_around(blob.center, blob.reach, size) for blob in cell_blobs]
-    for index, (blob, box) in enumerate(zip(cell_blobs, boxes), start=1):
-        if box[0] >= box[1] or box[2] >= box[3]:
-            continue
-        here = blob.depth(*_grid(box))
-        region = (slice(box[0], box[1]), slice(box[2], box[3]))
-        wins = (here < 1.0) & (here < depth[region])
-        depth[region][wins] = here[wins]
-        owner[region][wins] = index
+    owner = _owners(cell_blobs, boxes, size)
 
     cells: list[Cell] = []
     cell_mask = np.zeros((size, size), dtype=np.uint16)

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from weakcell.config import Config, SyntheticConfig
 from weakcell.data.images import composite_rgb, list_image_ids, read_image
+from weakcell.outputs import atomic_savefig
 from weakcell.synthetic.classes import HPA2021_TABLE, ClassTable, class_table
 from weakcell.synthetic.generate import SyntheticImage, generate_image, image_seed
 
@@ -151,8 +152,6 @@ def run(cfg: Config) -> Path:
 
     target = cfg.path(cfg.paths.reports) / f"preview_{cfg.data.dataset}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    tmp.replace(target)
+    atomic_savefig(target, figure, dpi=100)
     print(f"preview -> {target}")
     return target

@@ -6,6 +6,7 @@ hpa2018 one, ``Id,Target`` with space-separated labels and an ``Id,Predicted`` s
     train/{ID}_{red,green,blue,yellow}.png   train.csv (ID,Label)     sample_submission.csv
     test/{ID}_{...}.png                       truth/{ID}_cells.png, truth/{ID}_nuclei.png (uint16)
     truth/cells.csv (image_id,cell_id,split,Label,cell_line,mitotic,area)   truth/test.csv (ID,Label)
+    truth/images.csv (image_id,split: every image, with or without cells)
     config.yaml (the resolved config)         COMPLETE (written last)   .weakcell-synthetic (first)
 
 A cell's ``Label`` in ``cells.csv`` is empty when it shows no class of a table without Negative (2018).
@@ -28,12 +29,14 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from weakcell.cell_truth import IMAGES_FILE
 from weakcell.config import OUTPUT_INPUTS, Config, SyntheticConfig, save_config
 from weakcell.constants import EMPTY_MASK_RLE
 from weakcell.data.datasets import get_dataset
 from weakcell.data.images import write_channel, write_image
 from weakcell.data.labels import format_labels
 from weakcell.errors import StageError
+from weakcell.outputs import LOCK_FILE, atomic_csv, atomic_write_text, folder_lock
 from weakcell.parallel import n_workers, pool_context
 from weakcell.synthetic.classes import ClassTable, class_table
 from weakcell.synthetic.generate import generate_image, image_seed
@@ -61,24 +64,18 @@ def _claim(data_dir: Path) -> None:
     """Mark ``data_dir`` as a synthetic set before anything in it is deleted; refuse a folder that holds
     other files and was never ours (a mistyped ``data.dir`` must not wipe real images)."""
     owner = data_dir / OWNER
-    if data_dir.is_dir() and any(data_dir.iterdir()) and not owner.is_file():
+    others = [p for p in data_dir.iterdir() if p.name != LOCK_FILE] if data_dir.is_dir() else []
+    if others and not owner.is_file():
         raise StageError(
             f"{data_dir} holds files that the synthetic writer did not make (no {OWNER}); "
             "point data.dir at an empty or synthetic folder"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
-    owner.write_text("made by weakcell.synthetic.writer; the folder may be regenerated\n")
+    atomic_write_text(owner, "made by weakcell.synthetic.writer; the folder may be regenerated\n")
 
 
 def _marker_text() -> str:
     return f"synthetic set complete, generator version {GENERATOR_VERSION}"
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """Atomic CSV write: temp file, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)
 
 
 def make_one(task: tuple[SyntheticConfig, str, int, str, str]) -> dict[str, Any]:
@@ -131,12 +128,17 @@ def sample_submission(test: pd.DataFrame, table: ClassTable) -> pd.DataFrame:
 
 def run(cfg: Config) -> Path:
     """Write the benchmark into ``cfg.data_dir`` unless an identical complete set is there (``force``
-    regenerates). Prints one summary line; returns the folder."""
+    regenerates), holding the folder's lock. Prints one summary line; returns the folder."""
     if not get_dataset(cfg.data.dataset).has_truth:
         raise StageError(
             f"`weakcell data` generates a synthetic set only; data.dataset={cfg.data.dataset} is read as-is "
             f"from {cfg.data_dir} (run with data.dataset=synthetic or synthetic2018, e.g. configs/demo.yaml)"
         )
+    with folder_lock(cfg.data_dir, "data", cfg.checks.lock_wait_s):
+        return _write(cfg)
+
+
+def _write(cfg: Config) -> Path:
     table = class_table(cfg.data.dataset)
     spec = table.spec
     data_dir = cfg.data_dir
@@ -170,13 +172,15 @@ def run(cfg: Config) -> Path:
     images = pd.DataFrame([{k: v for k, v in row.items() if k != "cells"} for row in rows])
     train, test = (images[images["split"] == split] for split in ("train", "test"))
     layout = {"ID": spec.id_column, "Label": spec.label_column}
-    _write_csv(train[["ID", "Label"]].rename(columns=layout), data_dir / spec.label_file)
-    _write_csv(test[["ID", "Label"]].rename(columns=layout), data_dir / TRUTH / "test.csv")
-    _write_csv(sample_submission(test, table), data_dir / spec.sample_submission)
+    atomic_csv(data_dir / spec.label_file, train[["ID", "Label"]].rename(columns=layout))
+    atomic_csv(data_dir / TRUTH / "test.csv", test[["ID", "Label"]].rename(columns=layout))
+    atomic_csv(data_dir / spec.sample_submission, sample_submission(test, table))
     cells = pd.DataFrame([cell for row in rows for cell in row["cells"]])
-    _write_csv(cells, data_dir / TRUTH / "cells.csv")
+    atomic_csv(data_dir / TRUTH / "cells.csv", cells)
+    # the truth's images and their splits, also of an image without cells (which cells.csv cannot list)
+    atomic_csv(data_dir / TRUTH / IMAGES_FILE, images[["ID", "split"]].rename(columns={"ID": "image_id"}))
     save_config(cfg, data_dir)
-    (data_dir / MARKER).write_text(_marker_text() + "\n")
+    atomic_write_text(data_dir / MARKER, _marker_text() + "\n")
     seconds = time.perf_counter() - start
     print(
         f"synthetic: {len(images)} images ({len(train)} train, {len(test)} test), {len(cells)} cells in "
