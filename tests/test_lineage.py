@@ -97,7 +97,7 @@ def test_changed_images_are_cached_again_and_only_they(dataset, tmp_path, monkey
     )
     capsys.readouterr()
     build.run(cfg)
-    assert "(1 processed now, 1 re-cached (content changed))" in capsys.readouterr().out
+    assert "(1 processed now, 1 re-cached (content changed), 6 cached before)" in capsys.readouterr().out
     assert len(segmented) == 1
     after = CellCache(cfg.cache_dir)
     image = read_image(dataset / "train", "img-a")
@@ -112,7 +112,7 @@ def test_changed_images_are_cached_again_and_only_they(dataset, tmp_path, monkey
     # a third run stats the files and reads none of them: the memo knows their hashes
     capsys.readouterr()
     build.run(cfg)
-    assert "(0 processed now)" in capsys.readouterr().out
+    assert "(0 processed now, 7 cached before)" in capsys.readouterr().out
 
 
 def test_a_cache_from_before_content_hashes_is_judged_by_modification_times(dataset, tmp_path, capsys):
@@ -131,12 +131,12 @@ def test_a_cache_from_before_content_hashes_is_judged_by_modification_times(data
     (cfg.cache_dir / "lineage.json").unlink()
     capsys.readouterr()
     build.run(cfg)
-    assert "(0 processed now)" in capsys.readouterr().out
+    assert "(0 processed now, 7 cached before)" in capsys.readouterr().out
     assert (pd.read_parquet(cfg.cache_dir / IMAGES_FILE)["content_hash"].str.len() == 32).all()  # adopted
     write_image(dataset / "test", "tst-b", _blobs(np.random.default_rng(3), 2))
     capsys.readouterr()
     build.run(cfg)
-    assert "(1 processed now, 1 re-cached (content changed))" in capsys.readouterr().out
+    assert "(1 processed now, 1 re-cached (content changed), 6 cached before)" in capsys.readouterr().out
 
 
 # -- the pipeline: a regenerated synthetic set, a fold resumed -----------------------------------------
@@ -191,7 +191,10 @@ def test_resume_and_regenerated_data(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     build.run(noisier)
     n_images = len(old.images)
-    assert f"({n_images} processed now, {n_images} re-cached (content changed))" in capsys.readouterr().out
+    assert (
+        f"({n_images} processed now, {n_images} re-cached (content changed), 0 cached before)"
+        in capsys.readouterr().out
+    )
     new = CellCache(cfg.cache_dir)
     image_id = new.images.loc[new.images["n_cells"] > 0, "image_id"].iloc[0]
     image = read_image(cfg.data_dir / "train", image_id)
@@ -208,4 +211,4 @@ def test_resume_and_regenerated_data(tmp_path, monkeypatch, capsys):
     data_stage.run(more)
     capsys.readouterr()
     build.run(more)
-    assert "(1 processed now)" in capsys.readouterr().out
+    assert "(1 processed now, 12 cached before)" in capsys.readouterr().out

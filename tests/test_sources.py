@@ -211,6 +211,34 @@ def test_a_missing_source_folder_is_one_line(dataset, tmp_path):
     )
     with pytest.raises(StageError, match=r"data.sources: .*nowhere has no train/"):
         build.run(cfg)
+    assert not cfg.cache_dir.exists()  # refused before the competition's cache, not after its hours
+
+
+def test_a_partial_external_source_stops_cache_before_any_cache(dataset, tmp_path):
+    """Each source's cache gets the competition's missing-files check before any image is cached: 4 of 5
+    labelled images of the external set without files (80% > checks.max_missing_share) is one line naming
+    the source's label file and `make external`, and no cache folder is made."""
+    external = tmp_path / "partial"
+    labels = pd.read_csv(dataset / "train.csv").assign(ID=lambda t: "x-" + t["ID"])
+    external.mkdir()
+    labels.to_csv(external / "train.csv", index=False)
+    first = labels["ID"].iloc[0]
+    write_image(external / "train", first, read_image(dataset / "train", first.removeprefix("x-")))
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=hpa2021",
+            f"paths.root={tmp_path}",
+            f"data.dir={dataset}",
+            f"data.sources=[{{dir: {external}}}]",
+        ],
+    )
+    with pytest.raises(StageError) as caught:
+        build.run(cfg)
+    message = str(caught.value)
+    assert f"4 of the 5 labelled images in {external / 'train.csv'}" in message
+    assert "80.0% > checks.max_missing_share=0.01" in message and "(make external)" in message
+    assert not cfg.path(cfg.paths.cache).exists()
 
 
 def test_joining_refuses_repeated_ids_and_other_crop_sizes(two_caches, dataset, tmp_path):

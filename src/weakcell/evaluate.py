@@ -262,7 +262,7 @@ def _cache_masks(cfg: Config) -> Callable[[str], np.ndarray]:
 
 def submission_dir(cfg: Config) -> Path:
     """Where ``make infer`` writes: ``submissions/<infer.output or name>/``."""
-    return cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
+    return cfg.submission_dir
 
 
 def submission_cell_maps(

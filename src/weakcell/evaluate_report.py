@@ -150,7 +150,7 @@ def write_report(
     text = f"# {title}{legend}\n\n{markdown_table(table)}"
     written.append(write_text(text, out_dir / "per_class.md"))
     shown = table.map(_format)
-    shown["name"] = [name[:24] for name in table["name"]]
+    shown["name"] = table["name"]  # whole names: the table's columns size to their text
     written.append(plots.table_figure(shown, out_dir / "per_class.png", title))
 
     ids = oof_image["image_id"].astype(str).tolist()

@@ -154,6 +154,12 @@ def run(cfg: Config) -> pd.DataFrame:
 def _write_folds(cfg: Config) -> pd.DataFrame:
     spec = get_dataset(cfg.data.dataset)
     label_file = cfg.data_dir / spec.label_file
+    if not label_file.is_file():  # the first stage of a project: say where the data should be, and how
+        get = "make data" if spec.has_truth else "make download, or unzip Kaggle's archive there"
+        raise StageError(
+            f"no {label_file}: {get}; or point data.dir at the folder that holds {spec.label_file} (in your "
+            "project's config, which `make init PROJECT=<dir> ARGS=data.dir=<folder>` writes)"
+        )
     labels = read_label_file(label_file, spec)
     inputs = fold_inputs(cfg, spec, labels)
     images = labels if inputs is None else inputs.images

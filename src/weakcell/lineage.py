@@ -38,6 +38,9 @@ UPSTREAM_NAMES = {
     "folds": "the folds file",
     "sources": "the external sources (their caches, label files or intensity settings)",
     "previous": "the round it continues",
+    "models": "the fold weights",
+    "thresholds": "the thresholds",
+    "sample": "the sample submission",
 }
 
 

@@ -75,6 +75,21 @@ def source_config(cfg: Config, source: Source) -> Config:
     return cfg.model_copy(update={"data": data, "cache": cache})
 
 
+def fetch_step(source: Source) -> str:
+    """The step that writes a source's image files, named where some are missing."""
+    return "make download" if source.is_competition else "make external"
+
+
+def require_layout(source: Source, spec: DatasetSpec) -> None:
+    """An external source's folder must hold the data set's training folder (``make cache`` and ``weakcell
+    check`` ask before any work); the competition's own folder is the data stages' to judge."""
+    if not source.is_competition and not (source.data_dir / spec.train_dir).is_dir():
+        raise StageError(
+            f"data.sources: {source.data_dir} has no {spec.train_dir}/ folder (source {source.name}); make "
+            "it with `make external`, or point data.sources[].dir at a folder in the data set's layout"
+        )
+
+
 def label_file(source: Source, spec: DatasetSpec) -> Path:
     """The source's label file, in the data set's layout; a missing one of an external set is one line."""
     path = source.data_dir / spec.label_file

@@ -41,7 +41,9 @@ def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsCon
     positives = y_true.sum(0)
     own = grid[f1.argmax(0)]  # first maximum = lowest threshold among ties
     tunable = positives >= tuning.min_positives
-    if tuning.shrinkage > 0:
+    # pooling needs a class to pool with: with none tunable the "pooled" best is the grid's lowest
+    # threshold on a handful of images (every class predicted everywhere), so the fallback is used instead
+    if tuning.shrinkage > 0 and tunable.any():
         present = positives > 0
         pooled = grid[f1[:, present].mean(1).argmax()] if present.any() else tuning.fallback
         weight = np.where(tunable, positives / (positives + tuning.shrinkage), 0.0)
@@ -73,6 +75,20 @@ def cross_fitted_f1(
         predicted[held_out] = predicted_classes(probs[held_out], table["threshold"].to_numpy())
     present = y_true.sum(0) > 0
     return float(f1_per_class(y_true, predicted)[present].mean())
+
+
+def fallback_warning(table: pd.DataFrame, tuning: ThresholdsConfig) -> str | None:
+    """A warning when more than half the classes could not be tuned (fewer than ``min_positives`` OOF
+    positives): their thresholds are the pooled or fallback one, which says little about those classes."""
+    untuned = table.loc[~table["tuned"]]
+    if len(untuned) * 2 <= len(table):
+        return None
+    values = ", ".join(f"{t:g}" for t in sorted(untuned["threshold"].unique())[:3])
+    return (
+        f"{len(untuned)} of {len(table)} classes have fewer than thresholds.min_positives={tuning.min_positives} "
+        f"out-of-fold positives and were not tuned (threshold {values}): train on more images, or lower "
+        "thresholds.min_positives"
+    )
 
 
 def read_thresholds(path: str | Path) -> np.ndarray:
@@ -113,7 +129,12 @@ def _tune(cfg: Config) -> pd.DataFrame:
         "images": len(oof),
         "sources": cfg.thresholds.sources,
     }
-    payload = {"summary": summary, "classes": table.to_dict(orient="records")}
+    warning = fallback_warning(table, cfg.thresholds)
+    payload = {
+        "summary": summary,
+        "warnings": [warning] if warning else [],
+        "classes": table.to_dict(orient="records"),
+    }
     target = run_dir / "thresholds.json"
     text = json.dumps(payload, indent=2, default=lambda v: v.item() if hasattr(v, "item") else v)
     atomic_write_text(target, text)
@@ -126,6 +147,8 @@ def _tune(cfg: Config) -> pd.DataFrame:
         f"{' of the competition' if cfg.data.sources and cfg.thresholds.sources == 'competition' else ''}) "
         f"-> {target}"
     )
+    if warning:
+        print(f"thresholds: WARNING: {warning}")
     return table
 
 

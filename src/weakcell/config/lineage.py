@@ -88,6 +88,8 @@ _RUNTIME = (
     "cache.queue_images",
     "train.device",
     "train.workers",
+    "train.prefetch",
+    "train.validate_every",  # what the epoch log shows, never what is trained
     "train.compile",
 )
 # What a run's fold models are trained from, besides the cache, the folds file and the labels (their
@@ -116,7 +118,7 @@ def _rule_reads(cfg: Config) -> tuple[str, ...]:
 
 # The one table of what each finished output is made from. A stage reuses an output only while its
 # fingerprint (these settings and its upstream fingerprints, ``weakcell.lineage``) is the one recorded.
-Output = Literal["synthetic", "folds", "cache", "checkpoint", "run", "refine", "model"]
+Output = Literal["synthetic", "folds", "cache", "checkpoint", "run", "refine", "model", "submission"]
 OUTPUT_INPUTS: dict[Output, Inputs] = {
     # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
     "synthetic": Inputs(("synthetic.",), _RUNTIME),
@@ -160,8 +162,20 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
         conditional=_rule_reads,
         upstream=("previous",),
     ),
-    # the networks inference builds to load a run's weights into (weakcell.infer)
-    "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
+    # the networks inference builds to load a run's weights into (weakcell.infer); model.pretrained_file is
+    # only where training started (the trained weights replace it), so it never makes a run unusable
+    "model": Inputs(
+        ("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size"),
+        ("model.pretrained_file",),
+    ),
+    # a published submission folder (weakcell.infer): the networks it loads and how it blends and scores
+    # their predictions; upstream the cell cache, the fold weights, the thresholds and the sample submission.
+    # ``infer.output`` only says where it goes.
+    "submission": Inputs(
+        ("data.dataset", "model.", "mil.", "cache.crop_size", "refine.rounds", "infer."),
+        ("model.pretrained_file", "infer.output"),
+        upstream=("cache", "models", "thresholds", "sample"),
+    ),
 }
 
 
