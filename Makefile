@@ -19,7 +19,7 @@ export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 space := $(subst ,, )
 
-.PHONY: help install demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
+.PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
 	bench-lineage bench-synthetic bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
@@ -64,7 +64,20 @@ $(KAGGLE_TEST_STAMP): $(KAGGLE_STAMP) pyproject.toml requirements/constraints.tx
 test-kaggle: $(KAGGLE_TEST_STAMP) ## the fast test suite in Kaggle's image replica (+ weakcell and what the image lacks); PYTEST_ARGS=...
 	$(KAGGLE_TEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-demo: data preview folds cache train refine thresholds infer evaluate ## the main job on the embedded synthetic benchmark: data to validated submissions, scored
+# make init PROJECT=~/hpa [TEMPLATE=hpa2018] ARGS="data.dir=..." writes ~/hpa/weakcell.yaml; then CONFIG=~/hpa/weakcell.yaml
+TEMPLATE ?= hpa2021
+PROJECT ?=
+init: $(STAMP) ## one config for a project: PROJECT=<dir> [TEMPLATE=hpa2021|hpa2018|competition] ARGS="data.dir=..." -> <dir>/weakcell.yaml
+	$(WEAKCELL) init $(TEMPLATE) $(or $(PROJECT),$(error give PROJECT=<folder for the project's outputs>)) $(ARGS)
+
+check: $(STAMP) ## data layout, segmentation backend, weights files, run / weights dataset / kernel agreement of CONFIG
+	$(WEAKCELL) check $(CONFIG) $(OVERRIDES)
+
+keys: $(STAMP) ## every config key with its default and what it does (ARGS=train. for one section)
+	$(WEAKCELL) keys $(ARGS)
+
+demo: $(STAMP) ## the main job on the embedded synthetic benchmark: data preview folds cache train refine thresholds infer evaluate, in one process
+	$(WEAKCELL) demo $(CONFIG) $(OVERRIDES)
 
 data: $(STAMP) ## generate the synthetic HPA benchmark into data/synthetic/
 	$(WEAKCELL) data $(CONFIG) $(OVERRIDES)
@@ -103,7 +116,7 @@ evaluate: $(STAMP) ## image/cell scores (competition mAP vs truth), per-class pl
 	$(WEAKCELL) evaluate $(CONFIG) $(OVERRIDES)
 
 infer-hpa2021: $(STAMP) ## the demo run's models on the real images in ../shared/data/hpa2021 -> submissions/hpa2021/ (validated)
-	$(WEAKCELL) cache configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 "cache.splits=[train]" $(OVERRIDES)
+	$(WEAKCELL) cache configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 "cache.splits=[train]" checks.max_missing_share=1 $(OVERRIDES)
 	$(WEAKCELL) infer configs/hpa2021.yaml data.dir=$(SHARED)/hpa2021 infer.split=train infer.models=demo $(OVERRIDES)
 
 # make score: any cell-level CSV against a truth folder (synthetic layout); SPLIT= scores every truth image
@@ -118,7 +131,7 @@ ablate: $(STAMP) ## the ablation grid on the same folds -> reports/leaderboard.m
 	$(WEAKCELL) ablate $(CONFIG) $(OVERRIDES)
 
 # -- External data (weakcell.external, weakcell.duplicates): README "External data" -------------------
-.PHONY: external duplicates bench-duplicates bench-folds bench-external-sizes
+.PHONY: external duplicates bench-duplicates bench-folds bench-external-sizes bench-external
 
 external: $(STAMP) ## public HPA images of external.image_list -> data/<dataset>-external/ (train/, train.csv, sources.csv); ARGS="... --dry-run" first
 	$(WEAKCELL) external $(CONFIG) $(OVERRIDES)
@@ -137,6 +150,9 @@ bench-folds: $(STAMP) ## pairs straddling folds, plain vs grouped, on a syntheti
 
 bench-external-sizes: $(STAMP) ## JPEG/PNG bytes of the real images and the dry run's arithmetic for the real lists -> benchmarks/external-sizes.md
 	$(PY) benchmarks/bench_external_sizes.py
+
+bench-external: $(STAMP) ## test mAP with and without a synthetic external set (JPEG, 16-bit, other sizes and scale), 3 seeds, paired -> benchmarks/external.md
+	$(PY) benchmarks/bench_external.py $(ARGS)
 
 # -- Kaggle (weakcell.kagglekit): README "Run it on Kaggle" -------------------------------------------
 .PHONY: download wheels weights weights-dataset pretrained-datasets backbone-dataset kernels submit submit-kernel kaggle-env test-kaggle

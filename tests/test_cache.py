@@ -4,6 +4,8 @@ training loader."""
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -26,6 +28,7 @@ from weakcell.cache.loader import (
 from weakcell.cache.store import CELLS_COLUMNS, IMAGES_COLUMNS, CellCache, read_masks
 from weakcell.config import load_config
 from weakcell.data.images import ImageReadError, read_image, write_image
+from weakcell.errors import StageError
 from weakcell.segment import Segmentation, segment_image
 
 SIZE = 16  # crop side in these tests
@@ -244,7 +247,8 @@ def test_corrupt_and_mismatched_channels_are_reported_by_id(dataset, tmp_path, c
     pd.concat([labels, pd.DataFrame({"ID": ["ghost"], "Label": ["3"]})]).to_csv(
         dataset / "train.csv", index=False
     )
-    cfg = _config(dataset, tmp_path / "cache")
+    # 1 of 6 labelled images without files: a per-image skip while within checks.max_missing_share
+    cfg = _config(dataset, tmp_path / "cache", "checks.max_missing_share=0.2")
     build.run(cfg)
     assert "3 skipped" in capsys.readouterr().out
     skipped = pd.read_csv(cfg.cache_dir / "skipped.csv").set_index("image_id")
@@ -257,7 +261,53 @@ def test_corrupt_and_mismatched_channels_are_reported_by_id(dataset, tmp_path, c
     assert images.loc["img-c", "width"] == 56  # read from a healthy channel's header
 
     with pytest.raises(ImageReadError, match=r"img-c_red\.png"):
-        build.run(_config(dataset, tmp_path / "strict", "cache.on_error=raise"))
+        build.run(
+            _config(dataset, tmp_path / "strict", "cache.on_error=raise", "checks.max_missing_share=0.2")
+        )
+
+
+def test_too_many_labelled_images_without_files_stop_the_cache_before_it_starts(dataset, tmp_path):
+    """Issue 26: the full 21,806-row train.csv beside 5 images made `make cache` mark 21,799 images skipped
+    one by one for 3 min 20 s, exit 0. Above checks.max_missing_share it now stops at once, naming why."""
+    labels = pd.read_csv(dataset / "train.csv")
+    ghosts = pd.DataFrame({"ID": [f"ghost{i}" for i in range(20)], "Label": ["3"] * 20})
+    pd.concat([labels, ghosts]).to_csv(dataset / "train.csv", index=False)
+    cfg = _config(dataset, tmp_path / "cache")
+    with pytest.raises(
+        StageError,
+        match=r"20 of the 25 labelled images .* no channel files .*80\.0% > checks\.max_missing_share=0\.01",
+    ):
+        build.run(cfg)
+    assert not (tmp_path / "cache").exists()  # nothing was started
+    build.run(_config(dataset, tmp_path / "cache", "checks.max_missing_share=0.9"))  # the user's choice
+    assert CellCache(tmp_path / "cache").images["status"].eq("skipped").sum() == 20
+
+
+@pytest.mark.parametrize("backend", ["cellpos", "cellpose", "classical+sma"])
+def test_a_backend_that_cannot_start_stops_the_cache_once(dataset, tmp_path, backend, monkeypatch):
+    """Issue 26: a typo (cellpos) or cellpose without weights made every image a per-image skip, exit 0.
+    A configuration fault now stops the stage before it starts, in one line."""
+    from weakcell.errors import BackendError
+
+    monkeypatch.delenv("CELLPOSE_LOCAL_MODELS_PATH", raising=False)
+    with pytest.raises(BackendError, match=rf"segment\.backend='{re.escape(backend)}' cannot start"):
+        build.run(_config(dataset, tmp_path / "cache", f"segment.backend={backend}"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_that_fails_to_load_stops_the_cache_not_the_image(dataset, tmp_path, monkeypatch):
+    """A backend whose network fails to load raises BackendError from the first image: the stage stops
+    (it was a per-image skip before), whereas a fault of one image stays a skipped row."""
+
+    from weakcell.errors import BackendError
+
+    def broken(image, cfg):
+        raise BackendError("segment.backend=cellpose cannot start (Cellpose-SAM): weights do not fit")
+
+    monkeypatch.setattr(build, "segment_image", broken)
+    with pytest.raises(BackendError, match="weights do not fit"):
+        build.run(_config(dataset, tmp_path / "cache"))
+    assert not list((tmp_path / "cache" / "shards").glob("*.images.parquet"))  # no image marked skipped
 
 
 def test_missing_split_folder_is_announced(dataset, tmp_path, capsys):
@@ -292,6 +342,30 @@ def test_worker_pool_gives_the_same_cache(dataset, tmp_path, monkeypatch):
 
 
 # -- reader and loader ---------------------------------------------------------------------------------
+
+
+def test_a_batched_network_that_fails_to_load_stops_the_cache(dataset, tmp_path, monkeypatch):
+    """The batched path (one process runs the network, ``weakcell.cache.batched``) stops on a model that
+    fails to load too, instead of marking every image skipped: HPA-Cell-Segmentation's files are there (the
+    check before the stage passes) but hold no network."""
+    from weakcell.errors import BackendError
+
+    monkeypatch.delenv("WEAKCELL_HPACELLSEG_WEIGHTS", raising=False)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for stem in ("dpn_unet_nuclei_v1", "dpn_unet_cell_3ch_v1"):
+        (weights / f"{stem}.safetensors").write_bytes(b"not a safetensors file")
+    cfg = _config(
+        dataset,
+        tmp_path / "cache",
+        "segment.backend=hpacellseg",
+        f"segment.hpacellseg.weights={weights}",
+        "segment.hpacellseg.device=cpu",
+        "cache.batched=always",
+    )
+    with pytest.raises(BackendError, match=r"segment\.backend='hpacellseg' cannot start.*dpn_unet_nuclei_v1"):
+        build.run(cfg)
+    assert not list((tmp_path / "cache" / "shards").glob("*.images.parquet"))  # no image marked skipped
 
 
 @pytest.fixture
@@ -419,3 +493,20 @@ def test_changed_segmentation_settings_are_refused(dataset, tmp_path):
         build.run(_config(dataset, tmp_path / "c", "segment.postprocess.min_cell_area=5"))
     build.run(_config(dataset, tmp_path / "c", "segment.postprocess.min_cell_area=5", "force=true"))
     build.run(_config(dataset, tmp_path / "c", "segment.postprocess.min_cell_area=5", "cache.workers=1"))
+
+
+def test_an_id_in_two_splits_is_refused_rather_than_miscounted(dataset, tmp_path, capsys):
+    """Issue 26: test copies of training images under their training IDs printed "21806 images (21808
+    processed now)", and one split's row of each such image silently vanished from images.parquet (rows,
+    masks and predictions are keyed by the ID alone). It is now refused, naming the ID and the way out."""
+    write_image(dataset / "test", "img-a", read_image(dataset / "train", "img-a"))
+    with pytest.raises(
+        StageError, match=r"1 image ID\(s\) are in more than one split \(train, test\), e\.g\. img-a"
+    ):
+        build.run(_config(dataset, tmp_path / "cache"))
+    (dataset / "test" / "img-a_red.png").rename(dataset / "test" / "copy-a_red.png")
+    for channel in ("green", "blue", "yellow"):
+        (dataset / "test" / f"img-a_{channel}.png").rename(dataset / "test" / f"copy-a_{channel}.png")
+    build.run(_config(dataset, tmp_path / "cache"))
+    assert "8 images (8 processed now, 0 cached before)" in capsys.readouterr().out
+    assert len(CellCache(tmp_path / "cache").images) == 8

@@ -16,6 +16,8 @@ from weakcell.competition_metric import (
     image_true_positives,
     match_images,
     open_images_ap,
+    paired_interval,
+    resamples,
     score_submission,
     truth_by_image,
 )
@@ -312,3 +314,21 @@ def test_resampled_images_are_scored_as_repeated_copies():
     assert (low, high) == (0.0, 1.0)
     same = match_images({"a": found_a, "c": found_a}, {"a": true_a, "c": true_a}, n_classes=2)
     assert bootstrap_interval(same, n_resamples=50) == (1.0, 1.0)  # every resample finds every cell
+
+
+def test_paired_interval_resamples_both_submissions_alike():
+    (true_a, hit_a), (true_b, hit_b) = _one_cell_image(0.9, 0.8), _one_cell_image(0.8, 0.9)
+    _, miss_b = _one_cell_image(0.8, 0.1)
+    truth = {"a": true_a, "b": true_b}
+    both = match_images({"a": hit_a, "b": hit_b}, truth, n_classes=2)  # finds both cells: AP 1 always
+    one = match_images({"a": hit_a, "b": miss_b}, truth, n_classes=2)  # AP 1 (a, a), 0.5 (a, b), 0 (b, b)
+    assert paired_interval(both, both, n_resamples=50) == (0.0, 0.0)
+    # paired, the difference is 1 - AP(one) on the same resample: 0, 0.5 or 1, never below 0; unpaired
+    # intervals of the two ([1, 1] and [0, 1]) would say nothing about the order
+    low, high = paired_interval(both, one, n_resamples=200, seed=1)
+    assert (low, high) == (0.0, 1.0)
+    assert paired_interval(one, both, n_resamples=200, seed=1) == (-1.0, 0.0)
+    diffs = [1 - one.ap(w)[0] for w in resamples(2, 200, seed=1)]
+    assert min(diffs) == 0.0 and set(np.round(diffs, 6)) <= {0.0, 0.5, 1.0}
+    with pytest.raises(ValueError, match="same truth"):
+        paired_interval(both, match_images({"a": hit_a}, {"a": true_a}, n_classes=2))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,8 @@ def test_shard_flags_become_keys():
 
 def test_cli_lists_keys_and_rejects_unknown_stage(capsys):
     assert main(["keys"]) == 0
-    assert set(capsys.readouterr().out.split()) == set(all_keys())
+    lines = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in lines if line.startswith("  ") and line[2] != " "} == set(all_keys())
     assert main(["fodls"]) == 2
     assert "did you mean 'folds'" in capsys.readouterr().err
 
@@ -263,3 +265,98 @@ def test_each_output_is_invalidated_by_its_inputs_only(tmp_path: Path) -> None:
     assert stale("folds", "folds.external_mode=folded") and not stale("folds", "folds.report=r.md")
     assert stale("checkpoint", "train.lr=0.01") and not stale("checkpoint", "train.compile=true")
     assert not stale("checkpoint", "train.folds=[0]")
+
+
+# -- issue 26: one config per project, help that answers, errors blamed where they were made ---------------
+
+
+def test_a_project_config_elsewhere_finds_its_base_among_the_kit_configs(tmp_path):
+    """`base: hpa2021.yaml` in a config outside configs/ was looked up beside the file only."""
+    project = tmp_path / "elsewhere" / "weakcell.yaml"
+    project.parent.mkdir()
+    project.write_text("base: hpa2021.yaml\nname: mine\nrefine:\n  rounds: 0\n")
+    cfg = load_config(project)
+    assert (cfg.name, cfg.data.dataset, cfg.refine.rounds, cfg.folds.n_splits) == ("mine", "hpa2021", 0, 5)
+    (project.parent / "hpa2021.yaml").write_text("base: demo.yaml\nname: local\nfolds:\n  n_splits: 4\n")
+    assert load_config(project).folds.n_splits == 4  # one beside the file wins
+    project.write_text("base: hpa2022.yaml\n")
+    with pytest.raises(
+        ConfigError, match=r"base 'hpa2022\.yaml' not found beside it nor in the kit's configs"
+    ):
+        load_config(project)
+
+
+def test_a_bad_value_is_blamed_where_it_was_set(tmp_path):
+    """A bad value given on the command line was blamed on the YAML file."""
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  epochs: many\n")
+    project = tmp_path / "project.yaml"
+    project.write_text("base: base.yaml\ncache:\n  crop_size: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(project, ["cache.crop_size=big", "train.epochs=3"])
+    assert "cache.crop_size on the command line: " in str(err.value)
+    assert str(project) not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(project)
+    assert f"train.epochs in {base}: " in str(err.value)
+    project.write_text("base: base.yaml\ntrain:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=rf"unknown config key 'train\.epoch' in {re.escape(str(project))}"):
+        load_config(project, ["train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch' on the command line"):
+        load_config(None, ["train.epoch=3"])
+
+
+def test_every_key_has_a_description():
+    from weakcell.config import describe_keys
+
+    assert [key for key, _, description in describe_keys() if not description] == []
+
+
+def test_stage_help_lists_the_keys_it_reads_with_defaults(capsys, tmp_path):
+    """`weakcell train --help` failed with 'config file not found: --help'."""
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: weakcell train" in out
+    epochs = next(line for line in out.splitlines() if line.split()[:1] == ["train.epochs"])
+    assert epochs.split()[1] == "4" and "stage-1 (cell model) epochs per fold" in epochs
+    assert "synthetic.n_train" not in out and "kaggle.owner" not in out  # keys train does not read
+    assert main(["thresholds", str(REPO / "configs/demo.yaml"), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "in " + str(REPO / "configs/demo.yaml") in out
+    assert next(line for line in out.splitlines() if "refine.rounds" in line).split()[1] == "1"
+
+
+def test_keys_prints_defaults_and_descriptions_of_a_prefix(capsys):
+    assert main(["keys", "refine.rounds", "checks."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0].split()[:2] == ["refine.rounds", "1"] and "0 = the inheritance + MIL run alone" in lines[0]
+    )
+    assert {line.split()[0] for line in lines} == {
+        "refine.rounds",
+        "checks.max_missing_share",
+        "checks.lock_wait_s",
+        "checks.allow_empty_rows",
+    }
+    assert main(["keys", "nosuch."]) == 2
+
+
+def test_an_unknown_backbone_is_a_config_error_before_any_folder(tmp_path, capsys):
+    """A mistyped backbone gave a raw `RuntimeError: Unknown model` traceback after creating runs/<name>/."""
+    assert main(["train", f"paths.root={tmp_path}", "model.backbone=mobilnetv3_small_100"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'mobilenetv3_small_100'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_demo_runs_its_stages_in_one_process_on_one_config(monkeypatch, capsys):
+    """Issue 26: every stage of `make demo` started an interpreter and imported torch again; the chain
+    runs them in order in one process, each on the same resolved config."""
+    import weakcell.cli as cli
+
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda cfg: seen.append((target, cfg.name)))
+    assert main(["demo", "name=chained", "refine.rounds=0"]) == 0
+    assert [target for target, _ in seen] == [cli.STAGES[name].target for name in cli.CHAINS["demo"]]
+    assert {name for _, name in seen} == {"chained"}
+    assert "== weakcell refine" in capsys.readouterr().out

@@ -405,3 +405,81 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     logs = [pd.read_csv(tmp_path / run / "epochs.csv") for run in ("ddp", "one")]
     for column in ("train_loss", "val_loss"):
         np.testing.assert_allclose(logs[0][column], logs[1][column], atol=1e-5)
+
+
+class SeededBatches(Batches):
+    """Batches whose jitter comes from ``batch_rng(positions)``, as the crop cache's does: safe to read in
+    the engine's prefetch thread."""
+
+    thread_safe = True
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        from weakcell.cache.loader import batch_rng
+
+        x = (
+            self.x[positions]
+            + torch.from_numpy(batch_rng(positions).normal(0, 0.1, (len(positions), DIM))).float()
+        )
+        return {"x": x, "y": self.y[positions], "index": torch.tensor(positions)}
+
+
+def test_prefetch_overlaps_reading_without_changing_a_bit(tmp_path: Path, deterministic, monkeypatch) -> None:
+    """Issue 26: reading the next batch in a thread while the model computes; dropout draws from torch's RNG
+    in the main thread meanwhile, and the weights, the log and an exact resume are those of a serial run."""
+    import threading
+
+    from weakcell.epoch_log import format_duration
+
+    readers: set[str] = set()
+    original = SeededBatches.__getitems__
+
+    def spy(self, positions):
+        readers.add(threading.current_thread().name)
+        return original(self, positions)
+
+    monkeypatch.setattr(SeededBatches, "__getitems__", spy)
+    data, val = SeededBatches(64), Batches(32, seed=1)
+    serial = fit(toy(dropout=0.3), data, val, config(prefetch=False), tmp_path / "serial", seed=7)
+    assert readers == {"MainThread"}
+    readers.clear()
+    cfg = config(checkpoint_every=3)
+    overlapped = fit(toy(dropout=0.3), data, val, cfg, tmp_path / "overlapped", seed=7)
+    assert readers and all(name.startswith("weakcell-prefetch") for name in readers)
+    got = torch.load(overlapped.weights, weights_only=True)
+    for name, value in torch.load(serial.weights, weights_only=True).items():
+        assert torch.equal(got[name], value), name
+
+    def crash_at_step_5(step: int) -> None:
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(toy(dropout=0.3), data, val, cfg, tmp_path / "split", seed=7, on_step=crash_at_step_5)
+    resumed = fit(toy(seed=3, dropout=0.3), data, val, cfg, tmp_path / "split", seed=7)
+    got = torch.load(resumed.weights, weights_only=True)
+    for name, value in torch.load(serial.weights, weights_only=True).items():
+        assert torch.equal(got[name], value), name
+    assert format_duration(42) == "42 s" and format_duration(600) == "10.0 min"
+
+
+def test_validation_every_few_epochs_and_an_estimate_after_the_first(tmp_path: Path, capsys) -> None:
+    """Issue 26: a first run prints how long it still needs after its first epoch; validation, which only
+    draws the curves, can run every few epochs (always after the last)."""
+    data, val = Batches(64), Batches(32, seed=1)
+    result = fit(
+        toy(),
+        data,
+        val,
+        config(epochs=5, validate_every=2),
+        tmp_path,
+        seed=0,
+        evaluate=lambda outputs: accuracy(outputs, val),
+        batch_keys=("index",),
+    )
+    validated = [
+        row["epoch"] for row in result.history if "accuracy" in row and not math.isnan(row["accuracy"])
+    ]
+    assert validated == [2, 4, 5]
+    out = capsys.readouterr().out
+    assert "fit: epoch 1 of 5 took" in out and "left for" in out
+    assert (tmp_path / "curves.png").is_file()

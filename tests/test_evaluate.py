@@ -462,3 +462,28 @@ def test_an_earlier_round_reports_apart_and_skips_the_test_split(evaluated, tmp_
     assert result["round"] == 0 and "cell_test" not in result and "cell_oof" in result
     assert "submission" not in result["cell_oof"]  # the OOF file is the final round's
     assert any("final round" in note for note in result["notes"])
+
+
+def test_class_names_are_whole_in_the_threshold_panels(tmp_path, monkeypatch):
+    """Issue 26: class names were cut in plots ("17 Vesicles and punctate cy"); they are wrapped now,
+    each title inside the figure."""
+    from weakcell.constants import HPA2021_CLASSES
+
+    drawn = {}
+
+    def keep(figure, path, dpi=plots.DPI, tight=False):
+        drawn["figure"] = figure
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    names = [HPA2021_CLASSES[17], HPA2021_CLASSES[3], HPA2021_CLASSES[18]]
+    plots.threshold_curves(Y_TRUE, PROBS, THRESHOLDS, names, tmp_path / "t.png", min_positives=2)
+    figure = drawn["figure"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    titles = [ax.title for ax in figure.axes[:3]]
+    for c, (title, name) in enumerate(zip(titles, names)):
+        assert title.get_text().replace("\n", " ").startswith(f"{c} {name} (n=")
+        box = title.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= figure.bbox.width  # not cut at the figure's edge either

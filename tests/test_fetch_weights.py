@@ -255,3 +255,21 @@ def test_offline_one_line_names_every_missing_file_of_the_config(tmp_path, capsy
     for name in ("sam_vit_b_01ec64.pth", "dpn_unet_nuclei_v1.pth", "dpn_unet_cell_v2.pth"):
         assert f"at {tmp_path / 'weights' / name} and rerun `make weights`" in err, name
     assert "https://zenodo.org/record/4665863/files/dpn_unet_nuclei_v1.pth" in err
+
+
+def test_offline_names_every_missing_file_at_once(tmp_path, capsys) -> None:
+    """Issue 26: `make weights` offline reported one missing file per run (three runs to learn of three)."""
+    dead = dead_url()
+    argv = [
+        "weights",
+        f"paths.root={tmp_path}",
+        "weights.fetch=[backbone,cellpose,sam]",
+        f"weights.mirror={dead}",
+        f"weights.backbone_url={dead}/test_efficientnet.pth",
+        "model.backbone=test_efficientnet",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: 3 weights files could not be fetched")
+    for placed in ("test_efficientnet.pth", "cpsam", "sam_vit_b_01ec64.pth"):
+        assert f"{tmp_path / 'weights' / placed}" in err

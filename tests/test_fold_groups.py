@@ -32,7 +32,8 @@ NO_PAIRS = pd.DataFrame({"a": [], "b": [], "distance": []})
 
 
 def inputs_of(images: pd.DataFrame, pairs: pd.DataFrame, mode: str = "train_only") -> FoldInputs:
-    return FoldInputs(images, pairs, frozenset(), mode, "dups.json")
+    modes = {source: mode for source in images["source"].unique() if source != COMPETITION}
+    return FoldInputs(images, pairs, frozenset(), modes, "dups.json")
 
 
 def competition(labels: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -187,3 +188,15 @@ def test_committed_hpa2021_folds_record_their_settings_and_labels():
         "folds.seed": 42,
     }
     assert record.lineage.upstream == {"labels": file_hash(shared_path("hpa2021", "train.csv"))}
+
+
+def test_folds_without_the_data_say_where_it_should_be(tmp_path, monkeypatch, capsys):
+    """Issue 26: the README's `make folds CONFIG=configs/hpa2021.yaml` failed with a bare "label file not
+    found: data/hpa2021/train.csv"; it now says how to get the files or where to point data.dir."""
+    from weakcell.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "hpa2021.yaml"
+    assert main(["folds", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no data/hpa2021/train.csv: make download" in err and "data.dir" in err and "make init" in err

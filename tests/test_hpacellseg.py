@@ -34,6 +34,7 @@ from tests.hpacellseg_models import (
 from tests.hpacellseg_reference import label_cell_reference, network_like_maps
 from weakcell.config import SegmentConfig, load_config
 from weakcell.data.images import read_image
+from weakcell.errors import BackendError
 from weakcell.segment import for_image, segment_image
 from weakcell.segment.batched import batches, segment_batch
 from weakcell.segment.cellpose_backend import resize_labels
@@ -254,7 +255,8 @@ def hpa_image(side: int, image_id: str = DENSE) -> np.ndarray:
 def test_missing_weights_name_both_files_and_every_place(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     backend._located.cache_clear()
-    with pytest.raises(FileNotFoundError) as caught:
+    # a backend that cannot start is the configuration's fault: BackendError stops the stage (issue 26)
+    with pytest.raises(BackendError) as caught:
         segment_image(np.zeros((4, 64, 64), np.uint8), config(None, "segment.hpacellseg.cell_model=2ch"))
     message = str(caught.value)
     assert "\n" not in message
@@ -280,7 +282,7 @@ def test_weights_of_another_network_fail_naming_the_file(tmp_path: Path) -> None
     save_weights(tmp_path, state, state)
     backend._networks.cache_clear()
     with pytest.raises(
-        WeightsError,
+        BackendError,
         match=r"dpn_unet_nuclei_v1.safetensors does not fit HPA-Cell-Segmentation's DPN-92 U-Net",
     ):
         segment_image(np.zeros((4, 64, 64), np.uint8), config(tmp_path))
@@ -353,6 +355,10 @@ def test_for_image_rescales_sizes_and_scales() -> None:
         (1024, 1024),
     )
     assert small.postprocess.min_cell_area == 250 and small.hpacellseg.label_scale == 1.0  # never above 1
+    odd = for_image(cfg, (3072, 3072))  # a factor that is not a power of two
+    assert odd.classical.working_scale == pytest.approx(cfg.classical.working_scale / 1.5)
+    absolute = cfg.model_copy(update={"reference_size": None})
+    assert for_image(absolute, (1024, 1024)) is absolute  # unset: sizes in absolute pixels
 
 
 @pytest.mark.parametrize("side", [1728, 3072, 4096])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from weakcell.cli import main
 from weakcell.config import ConfigError, Inputs, all_keys, changed_settings, load_config, save_config
+from weakcell.errors import StageError
 from weakcell.kagglekit import api, datasets, kernels, naming
 from weakcell.submission import publish
 from weakcell.weights import WeightsError
@@ -288,6 +290,7 @@ def test_weights_dataset_holds_weights_only(tmp_path, rounds):
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     prefix = "run1/" + (f"round{rounds}/" if rounds else "")
     expected = ["dataset-metadata.json", "run1/config.yaml", "run1/run.json", f"{prefix}thresholds.json"]
+    expected.append("run1/packed.json")  # what it holds, for the kernel to compare before any work
     expected += [f"{prefix}fold{k}/{head}/model.pt" for k in range(2) for head in ("cell", "mil")]
     assert files == sorted(expected)
     metadata = json.loads((folder / "dataset-metadata.json").read_text())
@@ -365,6 +368,11 @@ def test_submit_dry_run_pushes_nothing_and_prints_the_steps(tmp_path, no_credent
     assert main(["submit", *cfg_args, "kaggle.dry_run=true"]) == 2  # no kernels yet
     assert "make kernels" in capsys.readouterr().err
     assert main(["kernels", *cfg_args]) == 0
+    capsys.readouterr()
+    assert main(["submit", *cfg_args, "kaggle.dry_run=true"]) == 2  # no weights dataset of the run yet
+    assert "make weights-dataset" in capsys.readouterr().err
+    fake_run(make_cfg(tmp_path), rounds=1)
+    assert main(["weights-dataset", *cfg_args]) == 0
     capsys.readouterr()
     assert main(["submit", *cfg_args, "kaggle.dry_run=true"]) == 0
     out = capsys.readouterr().out
@@ -469,3 +477,79 @@ def test_unzip_resumes_and_refuses_paths_outside(tmp_path):
         bundle.writestr("../evil.txt", b"x")
     with pytest.raises(ValueError, match="outside"):
         api.unzip(archive, folder)
+
+
+def test_a_run_trained_with_external_sources_predicts_without_them(tmp_path):
+    sources = "data.sources=[{dir: data/hpa2021-external}]"
+    cfg = make_cfg(tmp_path, sources, "kaggle.variants=[inference]")
+    inference = (kernels.run(cfg)[0] / "weakcell-inference.py").read_text()
+    assert '"data.sources=[]"' in inference  # the test split is the competition's: nothing else is cached
+    shutil.rmtree(tmp_path / "kernels")
+    with pytest.raises(StageError, match=r"data.sources \(data/hpa2021-external\) is not attached"):
+        kernels.run(make_cfg(tmp_path, sources, "kaggle.variants=[inference,train]"))
+    assert not (tmp_path / "kernels").exists()  # refused before the inference kernel was written
+
+
+def test_a_stale_kernel_is_refused_before_it_reaches_kaggle(tmp_path, no_credentials, capsys):
+    """Issue 26, stumble 1: a run trained without refinement, its weights dataset built from that config,
+    kernels generated from a config that still says refine.rounds=1. Before, `make submit` (dry run) said
+    nothing and the kernel died on Kaggle after caching the whole test set; now each side is compared."""
+    cfg_args = [f"paths.root={tmp_path}", "kaggle.owner=tester", "name=run1", "kaggle.dry_run=true"]
+    fake_run(make_cfg(tmp_path, "refine.rounds=0"), rounds=0)
+    assert main(["weights-dataset", *cfg_args, "refine.rounds=0"]) == 0
+    capsys.readouterr()
+    packed = json.loads((tmp_path / "dist/kaggle/weakcell-weights-run1/run1/packed.json").read_text())
+    assert (packed["round"], packed["folds"], packed["backbone"]) == (0, [0, 1], "resnet18")
+    # kernels from the default config (refine.rounds=1): the run has no round 1
+    assert main(["kernels", *cfg_args]) == 2
+    err = capsys.readouterr().err
+    assert "round1 holds no trained folds" in err and "refine.rounds=1" in err
+    # a kernel made for round 1 anyway (an older one, or another config): submit names both sides
+    assert main(["kernels", *cfg_args, "refine.rounds=0"]) == 0
+    script = tmp_path / "kernels/inference/weakcell-inference.py"
+    script.write_text(script.read_text().replace("'round': 0", "'round': 1"))
+    capsys.readouterr()
+    assert main(["submit", *cfg_args, "refine.rounds=0"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"round: {tmp_path / 'dist/kaggle/weakcell-weights-run1'} says 0, {tmp_path / 'kernels/inference'} 1"
+        in err
+    )
+    assert err.count("\n") == 1
+    # another backbone in the config than the run was trained with: weights-dataset refuses, naming both
+    assert main(["weights-dataset", *cfg_args, "refine.rounds=0", "model.backbone=resnet34"]) == 2
+    err = capsys.readouterr().err
+    assert f"backbone: the config says resnet34, {tmp_path / 'runs/run1'} resnet18" in err
+
+
+def test_the_inference_kernel_compares_the_weights_dataset_before_any_work(tmp_path):
+    """The generated script stops with one line naming both sides when packed.json differs from EXPECT."""
+    cfg = make_cfg(tmp_path, "refine.rounds=0")
+    fake_run(cfg, rounds=0)
+    datasets.weights_dataset(cfg)
+    kernels.run(cfg.model_copy(update={"kaggle": cfg.kaggle.model_copy(update={"variants": ["inference"]})}))
+    source = (tmp_path / "kernels/inference/weakcell-inference.py").read_text()
+    namespace: dict = {"__name__": "kernel"}
+    exec(compile(source, "kernel", "exec"), namespace)  # the generated file, not user input
+    runs = tmp_path / "dist/kaggle/weakcell-weights-run1"
+    namespace["check_packed"](runs)  # the dataset it was made with: fine
+    packed = runs / "run1/packed.json"
+    packed.write_text(packed.read_text().replace('"round": 0', '"round": 1'))
+    with pytest.raises(
+        SystemExit, match=r"round: the kernel expects 0, the weights dataset weakcell-weights-run1 holds 1"
+    ):
+        namespace["check_packed"](runs)
+
+
+def test_the_token_path_the_error_names_is_the_one_the_readme_gives(tmp_path, monkeypatch):
+    """Issue 26: on Linux without ~/.kaggle the error named ~/.config/kaggle/kaggle.json while the README
+    says ~/.kaggle/kaggle.json (the client reads the latter whenever the folder exists)."""
+    for name in ("KAGGLE_CONFIG_DIR", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    message = api.no_credentials_message("by hand")
+    assert f"kaggle.json as {naming.TOKEN_HOME} (chmod 600)" in message
+    assert f"save as `{naming.TOKEN_HOME}`" in readme and f"`{naming.TOKEN_HOME}`" in readme
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert f"kaggle.json as {tmp_path / 'cfg' / 'kaggle.json'}" in api.no_credentials_message("by hand")

@@ -23,19 +23,16 @@ from weakcell.lineage import Lineage, read_lineage, stale, write_lineage
 
 def test_a_fingerprint_covers_settings_and_upstream_and_names_what_changed():
     cfg = load_config(None, [])
-    lineage = Lineage.of("run", cfg, cache="c1", folds="f1", labels="l1", truth=None)
-    assert lineage.upstream == {"cache": "c1", "folds": "f1", "labels": "l1"}  # no truth: real data
+    rest = {"folds": "f1", "labels": "l1", "truth": None, "sources": None}  # no truth, no sources: real data
+    lineage = Lineage.of("run", cfg, cache="c1", **rest)
+    assert lineage.upstream == {"cache": "c1", "folds": "f1", "labels": "l1"}
     assert "train.lr" in lineage.settings and "train.workers" not in lineage.settings
     with pytest.raises(ValueError, match="upstream"):
         Lineage.of("run", cfg, cache="c1")
-    other = Lineage.of(
-        "run", load_config(None, ["train.lr=0.01"]), cache="c2", folds="f1", labels="l1", truth=None
-    )
+    other = Lineage.of("run", load_config(None, ["train.lr=0.01"]), cache="c2", **rest)
     assert other.fingerprint != lineage.fingerprint
     assert other.changes(lineage) == ["train.lr: 0.001 -> 0.01", "the cell cache changed (c1 -> c2)"]
-    moved = Lineage.of(
-        "run", load_config(None, ["train.workers=3"]), cache="c1", folds="f1", labels="l1", truth=None
-    )
+    moved = Lineage.of("run", load_config(None, ["train.workers=3"]), cache="c1", **rest)
     assert moved.fingerprint == lineage.fingerprint
 
 
@@ -100,7 +97,7 @@ def test_changed_images_are_cached_again_and_only_they(dataset, tmp_path, monkey
     )
     capsys.readouterr()
     build.run(cfg)
-    assert "(1 processed now, 1 re-cached (content changed))" in capsys.readouterr().out
+    assert "(1 processed now, 1 re-cached (content changed), 6 cached before)" in capsys.readouterr().out
     assert len(segmented) == 1
     after = CellCache(cfg.cache_dir)
     image = read_image(dataset / "train", "img-a")
@@ -115,7 +112,7 @@ def test_changed_images_are_cached_again_and_only_they(dataset, tmp_path, monkey
     # a third run stats the files and reads none of them: the memo knows their hashes
     capsys.readouterr()
     build.run(cfg)
-    assert "(0 processed now)" in capsys.readouterr().out
+    assert "(0 processed now, 7 cached before)" in capsys.readouterr().out
 
 
 def test_a_cache_from_before_content_hashes_is_judged_by_modification_times(dataset, tmp_path, capsys):
@@ -134,12 +131,12 @@ def test_a_cache_from_before_content_hashes_is_judged_by_modification_times(data
     (cfg.cache_dir / "lineage.json").unlink()
     capsys.readouterr()
     build.run(cfg)
-    assert "(0 processed now)" in capsys.readouterr().out
+    assert "(0 processed now, 7 cached before)" in capsys.readouterr().out
     assert (pd.read_parquet(cfg.cache_dir / IMAGES_FILE)["content_hash"].str.len() == 32).all()  # adopted
     write_image(dataset / "test", "tst-b", _blobs(np.random.default_rng(3), 2))
     capsys.readouterr()
     build.run(cfg)
-    assert "(1 processed now, 1 re-cached (content changed))" in capsys.readouterr().out
+    assert "(1 processed now, 1 re-cached (content changed), 6 cached before)" in capsys.readouterr().out
 
 
 # -- the pipeline: a regenerated synthetic set, a fold resumed -----------------------------------------
@@ -194,7 +191,10 @@ def test_resume_and_regenerated_data(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     build.run(noisier)
     n_images = len(old.images)
-    assert f"({n_images} processed now, {n_images} re-cached (content changed))" in capsys.readouterr().out
+    assert (
+        f"({n_images} processed now, {n_images} re-cached (content changed), 0 cached before)"
+        in capsys.readouterr().out
+    )
     new = CellCache(cfg.cache_dir)
     image_id = new.images.loc[new.images["n_cells"] > 0, "image_id"].iloc[0]
     image = read_image(cfg.data_dir / "train", image_id)
@@ -211,4 +211,4 @@ def test_resume_and_regenerated_data(tmp_path, monkeypatch, capsys):
     data_stage.run(more)
     capsys.readouterr()
     build.run(more)
-    assert "(1 processed now)" in capsys.readouterr().out
+    assert "(1 processed now, 12 cached before)" in capsys.readouterr().out

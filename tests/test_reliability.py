@@ -477,6 +477,8 @@ def test_submit_checks_the_published_set_and_the_sample(tiny_run, tmp_path, caps
         "kaggle.dry_run=true",
     ]
     args += [f"paths.kernels={tmp_path / 'kernels'}", "kaggle.variants=[inference]"]
+    args += [f"kaggle.datasets_dir={tmp_path / 'dist'}"]
+    assert main(["weights-dataset", *args]) == 0  # submit compares it with the kernel and the run
     assert main(["kernels", *args]) == 0
     script = (tmp_path / "kernels" / "inference").glob("*.py")
     text = next(script).read_text()

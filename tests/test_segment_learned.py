@@ -19,6 +19,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.build_sam import _build_sam  # noqa: E402
 
 from weakcell.config import SegmentConfig  # noqa: E402
+from weakcell.errors import BackendError  # noqa: E402
 from weakcell.segment import Segmentation, cellpose_backend, sam_refine  # noqa: E402
 from weakcell.segment.sam_refine import Proposal, cell_windows, merge_proposals  # noqa: E402
 from weakcell.weights import WeightsError  # noqa: E402
@@ -112,7 +113,8 @@ def assert_valid(seg: Segmentation, shape: tuple[int, int]) -> None:
 
 
 def test_cellpose_without_weights_says_where_it_looked() -> None:
-    with pytest.raises(FileNotFoundError) as raised:
+    # a backend that cannot start is the configuration's fault: BackendError stops the stage (issue 26)
+    with pytest.raises(BackendError) as raised:
         cellpose_backend.segment(hpa_like_image(64), SegmentConfig(backend="cellpose"))
     message = str(raised.value)
     for expected in ("cpsam", "$CELLPOSE_LOCAL_MODELS_PATH (not set)", "/kaggle/input/*", "Kaggle dataset"):
@@ -122,7 +124,7 @@ def test_cellpose_without_weights_says_where_it_looked() -> None:
 
 def test_cellpose_weights_typo_fails_at_once(tmp_path: Path) -> None:
     cfg = SegmentConfig.model_validate({"cellpose": {"weights": str(tmp_path / "cpsma")}})
-    with pytest.raises(FileNotFoundError, match=r"segment\.cellpose\.weights=.*cpsma does not exist"):
+    with pytest.raises(BackendError, match=r"segment\.cellpose\.weights=.*cpsma does not exist"):
         cellpose_backend.segment(hpa_like_image(64), cfg)
 
 
@@ -208,7 +210,7 @@ def test_cellpose_vit_b_forward(tmp_path: Path) -> None:
 
 
 def test_sam_without_weights_says_where_it_looked() -> None:
-    with pytest.raises(FileNotFoundError) as raised:
+    with pytest.raises(BackendError) as raised:
         sam_refine.refine(hpa_like_image(64), grid_cells(64, 2), SegmentConfig())
     message = str(raised.value)
     for expected in (

@@ -226,3 +226,24 @@ def test_image_level_write_and_validate(tmp_path):
     bad = out.assign(Predicted=["0 7", "2"])
     with pytest.raises(SubmissionError, match=r"row 0 .*label '7'"):
         validate_image_level(bad, n_classes=3)
+
+
+def test_image_level_in_the_2021_layout_keeps_negative_alone(tmp_path):
+    """Issue 26: the 2021 image_level.csv carried the 2018 header Id,Predicted and listed Negative beside
+    other classes. 2021 scores cells only, so its image labels are written as its train.csv is (ID,Label,
+    `|`), and Negative (class 18, "no specific signal") never stands beside a class."""
+    probs = pd.DataFrame(
+        {"image_id": ["a", "b", "c"], "p_0": [0.9, 0.1, 0.1], "p_1": [0.8, 0.7, 0.1], "p_2": [0.9, 0.9, 0.2]}
+    )
+    path = write_image_level(
+        probs, np.array([0.5, 0.5, 0.5]), tmp_path / "img.csv", columns=("ID", "Label", "|"), negative=2
+    )
+    assert path.read_text() == "ID,Label\na,0|1\nb,1\nc,\n"
+    assert validate_image_level(path, n_classes=3)["labels"] == 3
+    two_thousand_eighteen = write_image_level(probs, np.array([0.5, 0.5, 0.5]), tmp_path / "2018.csv")
+    assert two_thousand_eighteen.read_text().splitlines()[:2] == ["Id,Predicted", "a,0 1 2"]
+    assert validate_image_level(two_thousand_eighteen, n_classes=3)["labels"] == 5
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,Predicted|\na,0\n")
+    with pytest.raises(SubmissionError, match="expected ID,Predicted or ID,Label"):
+        validate_image_level(bad)

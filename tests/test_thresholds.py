@@ -75,3 +75,21 @@ def test_stage_writes_thresholds_json(tmp_path):
     assert len(written["classes"]) == 19
     assert np.allclose(read_thresholds(run_dir / "thresholds.json"), table["threshold"])
     assert written["summary"]["macro_f1_tuned"] >= written["summary"]["macro_f1_tuned_cross_fitted"]
+
+
+def test_too_few_positives_fall_back_loudly_not_to_the_lowest_threshold(tmp_path, capsys):
+    """Issue 26: on 5 training images every class's threshold silently became 0.010 (the pooled best on a
+    handful of images is the grid's lowest) and image_level.csv listed all 19 classes. With no class
+    tunable the fallback is used, and more than half untuned is a warning in the summary and the file."""
+    y_true = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1], [1, 1, 0]])
+    probs = np.array([[0.6, 0.2, 0.1], [0.3, 0.4, 0.2], [0.7, 0.1, 0.5], [0.2, 0.3, 0.6], [0.5, 0.6, 0.1]])
+    from weakcell.thresholds import fallback_warning
+
+    tuning = ThresholdsConfig(min_positives=5, shrinkage=20, fallback=0.5)
+    table = tune_thresholds(y_true, probs, tuning)
+    assert table["threshold"].tolist() == [0.5, 0.5, 0.5] and not table["tuned"].any()
+    warning = fallback_warning(table, tuning)
+    assert warning is not None and warning.startswith(
+        "3 of 3 classes have fewer than thresholds.min_positives=5"
+    )
+    assert fallback_warning(tune_thresholds(y_true, probs, ThresholdsConfig(min_positives=2)), tuning) is None

@@ -262,3 +262,35 @@ def test_infer_other_split_folds_and_models(tiny_run):
     wider = other.model_copy(update={"model": other.model.model_copy(update={"drop_rate": 0.5})})
     with pytest.raises(ValueError, match=r"model\.drop_rate"):
         infer_stage.run(wider)
+
+
+def test_infer_reuses_an_unchanged_publication_and_names_its_final_files(tiny_run, tmp_path, capsys, caplog):
+    """Issue 26: `make infer` with unchanged settings reran in full; it printed the staging path; the 2021
+    image_level.csv carried the 2018 header Id,Predicted; infer refused when only model.pretrained_file
+    differed from the run; infer.output=submissions/x wrote to submissions/submissions/x."""
+    from weakcell import infer as infer_stage
+    from weakcell import thresholds as thresholds_stage
+
+    cfg, _ = tiny_run
+    cfg = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"output": "submissions/again"})})
+    thresholds_stage.run(cfg)
+    capsys.readouterr()
+    out_dir = infer_stage.run(cfg)
+    assert out_dir == cfg.path("submissions") / "again"
+    out = capsys.readouterr().out + caplog.text
+    assert ".staging" not in out and f"{out_dir / 'cell_level.csv'} (the Kaggle file)" in out
+    header = (out_dir / "image_level.csv").read_text().splitlines()[0]
+    assert header == "ID,Label"  # the 2021 label-file layout: this competition scores only cells
+    published = {name: (out_dir / name).stat().st_mtime_ns for name in infer_stage.OUTPUT_FILES}
+
+    # same inputs: nothing is recomputed; an init weight that differs from the run's is no reason to refuse
+    elsewhere = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained_file": "weights"})})
+    assert infer_stage.run(elsewhere) == out_dir
+    assert "is up to date" in capsys.readouterr().out
+    assert {name: (out_dir / name).stat().st_mtime_ns for name in published} == published
+    # new thresholds (or FORCE=1) redo it
+    (cfg.model_dir / "thresholds.json").write_text((cfg.model_dir / "thresholds.json").read_text() + " ")
+    infer_stage.run(cfg)
+    assert "is up to date" not in capsys.readouterr().out
+    infer_stage.run(cfg.model_copy(update={"force": True}))
+    assert "is up to date" not in capsys.readouterr().out

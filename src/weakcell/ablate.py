@@ -44,6 +44,7 @@ from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
 from weakcell.outputs import atomic_write_text, folder_lock, read_json
 from weakcell.scoring import cell_score_table, max_pool_images
+from weakcell.sources import competition_rows
 from weakcell.training_set import TrainingSet, load_training_set
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
@@ -153,8 +154,9 @@ def oof_scores(cfg: Config, row: Row, round_dir: Path, data: TrainingSet) -> dic
     from weakcell.evaluate import image_level_scores
 
     n_classes = data.n_classes
-    oof_image = pd.read_parquet(round_dir / "oof_image.parquet")
-    oof_cell = pd.read_parquet(round_dir / "oof_cell.parquet")
+    # the competition's images (folded external sources have OOF rows too: weakcell.sources)
+    oof_image = competition_rows(pd.read_parquet(round_dir / "oof_image.parquet"), data.images)
+    oof_cell = competition_rows(pd.read_parquet(round_dir / "oof_cell.parquet"), data.images)
     image_ids = oof_image["image_id"].tolist()
     y_true = to_multi_hot(data.images.set_index("image_id").loc[image_ids, "labels"].tolist(), n_classes)
     if row.image_source == "stage1_max":

@@ -41,7 +41,7 @@ the ``TrueCells`` / ``Detections`` contract, and splitting them would hide that 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,20 +346,39 @@ def mean_ap(ap: np.ndarray) -> float:
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
 
 
+def resamples(n_images: int, n_resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """``n_resamples`` bootstrap resamples of ``n_images`` images, each as ``(n_images,)`` counts (how
+    often each image is drawn); the same seed draws the same resamples."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield np.bincount(rng.integers(0, n_images, n_images), minlength=n_images)
+
+
+def _percentiles(values: list[float], level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2
+    low, high = np.nanquantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_interval(
     matched: Matched, n_resamples: int = 500, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile interval of the mAP over ``n_resamples`` resamples of the images with replacement:
     how far the score of a test split this size moves with the images drawn."""
-    rng = np.random.default_rng(seed)
-    n_images = len(matched.n_gt)
-    maps = [
-        mean_ap(matched.ap(np.bincount(rng.integers(0, n_images, n_images), minlength=n_images)))
-        for _ in range(n_resamples)
-    ]
-    tail = (1 - level) / 2
-    low, high = np.nanquantile(maps, [tail, 1 - tail])
-    return float(low), float(high)
+    counts = resamples(len(matched.n_gt), n_resamples, seed)
+    return _percentiles([mean_ap(matched.ap(weights)) for weights in counts], level)
+
+
+def paired_interval(
+    first: Matched, second: Matched, n_resamples: int = 500, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of mAP(``first``) - mAP(``second``) over resamples of the images, both scored
+    on the same resample each time: two submissions for the same test images (matched against the same
+    truth, in the same image order), so what the images drawn do to both cancels out of the difference."""
+    if not np.array_equal(first.n_gt, second.n_gt):
+        raise ValueError("paired_interval needs two submissions matched against the same truth images")
+    counts = resamples(len(first.n_gt), n_resamples, seed)
+    return _percentiles([mean_ap(first.ap(w)) - mean_ap(second.ap(w)) for w in counts], level)
 
 
 # -- truth ---------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ Its parts: ``weakcell.runtime`` (device, precision), ``weakcell.batches`` (the d
 ``curves.png``). Here: the optimisation, ``predict`` and ``fit``, whose steps (``_set_up``,
 ``_start_or_resume``, ``_train_epoch``, ``_end_epoch``, ``_log_epoch``, ``_finish``) share one ``_Fit``
 state. Over 400 lines on purpose: those steps are one loop read top to bottom, and ``predict`` is the
-same loop's forward pass (validation runs it every epoch); splitting them apart would scatter the loop.
+same loop's forward pass (validation runs it every ``validate_every`` epochs); splitting them apart would
+scatter the loop.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from weakcell.batches import Collate, EpochBatches, batch_loader, dataset_size
+from weakcell.batches import Collate, EpochBatches, batch_loader, dataset_size, overlaps, prefetched
 from weakcell.checkpoints import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -74,7 +75,7 @@ from weakcell.checkpoints import (
 )
 from weakcell.config import TrainConfig
 from weakcell.distributed import World, all_gather, all_reduce_sum, barrier
-from weakcell.epoch_log import TIMING_COLUMNS, plot_curves, write_epoch_log
+from weakcell.epoch_log import TIMING_COLUMNS, format_duration, plot_curves, write_epoch_log
 from weakcell.errors import StageError
 from weakcell.runtime import Batch, Runtime, prepare, resolve_runtime, to_device
 
@@ -259,7 +260,8 @@ def fit(
     force: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` on ``train_data`` for ``cfg.epochs`` epochs; validate on ``val_data`` after each.
+    """Train ``model`` on ``train_data`` for ``cfg.epochs`` epochs; validate on ``val_data`` every
+    ``cfg.validate_every`` epochs and after the last.
 
     * ``seed`` fixes the data order (epoch e = permutation of (seed, e)) and seeds the RNGs of a fresh run
       (process r gets seed + r); the caller seeds model initialisation itself.
@@ -474,7 +476,9 @@ def _train_epoch(
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
     model.train()
     run.sampler.set_epoch(epoch, start_step=run.done_steps)
-    micro_batches = iter(run.loader)
+    # with no worker processes, the next batch is read in a thread while the model computes this one
+    overlap = overlaps(run.loader.dataset, cfg)
+    micro_batches = prefetched(run.loader, run.runtime) if overlap else iter(run.loader)
     epoch_started = time.perf_counter()
     progress = tqdm(
         total=run.steps_per_epoch,
@@ -489,7 +493,7 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = step.lr
         for micro in range(cfg.grad_accum):
-            batch = to_device(next(micro_batches), run.runtime)
+            batch = to_device(next(micro_batches), run.runtime)  # a no-op for a batch already moved
             # DDP all-reduces gradients only on the step's last micro-batch
             last_micro = micro == cfg.grad_accum - 1
             with run.ddp.no_sync() if run.ddp is not None and not last_micro else nullcontext():
@@ -541,7 +545,8 @@ def _end_epoch(
         "lr": step.lr,
         "train_loss": train_loss,
     }
-    if validation.data is not None:
+    # validation only shows the curves: every train.validate_every epochs, and always after the last
+    if validation.data is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
         outputs = _predict(
             run.evaluated,
             validation.data,
@@ -567,7 +572,8 @@ def _end_epoch(
 
 def _log_epoch(run: _Fit, row: dict[str, float], epoch: int, last_plot: float) -> float:
     """Rewrite ``epochs.csv``, redraw ``curves.png`` (at most every ``PLOT_EVERY_S`` and after the last
-    epoch) and log the row (rank 0); when the curves were last drawn."""
+    epoch), log the row and, after the first epoch of this call, print an estimate of the time left
+    (rank 0); when the curves were last drawn."""
     if not run.world.is_main:
         return last_plot
     out_dir = run.last_path.parent
@@ -576,6 +582,13 @@ def _log_epoch(run: _Fit, row: dict[str, float], epoch: int, last_plot: float) -
         plot_curves(run.history, out_dir)
         last_plot = time.perf_counter()
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if epoch == run.start_epoch and epoch + 1 < run.cfg.epochs:  # the first epoch of this call: an estimate
+        left = row["seconds"] * (run.cfg.epochs - epoch - 1)
+        print(
+            f"fit: epoch {epoch + 1} of {run.cfg.epochs} took {row['seconds']:.0f} s "
+            f"({row['samples_per_s']:.0f} samples/s); about {format_duration(left)} left for {out_dir}",
+            flush=True,
+        )
     return last_plot
 
 

@@ -14,6 +14,13 @@ from weakcell.outputs import atomic_csv, atomic_savefig
 TIMING_COLUMNS = ("seconds", "samples_per_s")
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``1.2 h``: an estimate, to the precision it has."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def write_epoch_log(history: list[dict[str, float]], out_dir: Path) -> None:
     """``epochs.csv``, one row per epoch, rewritten whole (atomically) after each epoch."""
     atomic_csv(out_dir / "epochs.csv", pd.DataFrame(history))
@@ -33,7 +40,8 @@ def plot_curves(history: list[dict[str, float]], out_dir: Path) -> None:
         (axes[2], ["lr"], "lr"),
     ):
         for column in columns:
-            ax.plot(frame["epoch"], frame[column], marker="o", label=column)
+            measured = frame[["epoch", column]].dropna()  # validation runs every train.validate_every epochs
+            ax.plot(measured["epoch"], measured[column], marker="o", label=column)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if columns:

@@ -23,3 +23,9 @@ class UnknownName(WeakcellError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class BackendError(StageError):
+    """A segmentation backend that cannot start (an unknown name, a missing weights file, a model that
+    fails to load): a fault of the configuration, so it stops the stage once instead of marking every
+    image skipped."""

@@ -3,20 +3,21 @@
 Reads one round folder (``evaluate.round``; default the final refinement round, ``cfg.model_dir``) and,
 when that round is the final one, the submission ``make infer`` wrote from it:
 
-1. image level, on the round's OOF predictions: mAP, macro-F1 at 0.5, at the tuned thresholds of its
-   ``thresholds.json`` and cross-fitted over folds (``thresholds.cross_fitted_f1``); classes without a
-   positive are left out, as the thresholds stage does. On the synthetic set also the test split's
-   image predictions (``pred_image.parquet``) against ``truth/test.csv``;
+1. image level, on the round's OOF predictions of the competition's images: mAP, macro-F1 at 0.5, at the
+   tuned thresholds of its ``thresholds.json`` and cross-fitted over folds (``thresholds.cross_fitted_f1``);
+   classes without a positive are left out, as the thresholds stage does. The OOF images of folded external
+   sources (``data.sources``) get their own mAP and macro-F1 (``image_oof_sources``). On the synthetic set
+   also the test split's image predictions (``pred_image.parquet``) against ``truth/test.csv``;
 2. cell level, out of fold (synthetic set only), the 2021 competition metric throughout: every score
    variant of ``scoring.cell_score_variants`` on the cache's cells against the true cells of every
    training image (``cell_truth.CellTruth``: what ``metrics.json`` holds), and, for the final round,
    ``submissions/<run>/oof_cell_level.csv`` scored exactly as ``weakcell score ... --split train`` scores
    it (``score.score_file``; entry ``submission``). The stage writes that file first
-   (``write_oof_submission``): every training image once, each predicted by the fold model that did not
-   see it, with the test submission's masks (the cache's label images), confidence formula and
-   ``infer.min_score``. Evaluate writes it, not infer: it is a round's out-of-fold tables as a file, which
-   only the evaluated round has (infer may blend other runs, runs per ablation row and in Kaggle kernels
-   without those tables), and only where it is scored (a set with per-cell truth);
+   (``write_oof_submission``): every training image of the competition's once, each predicted by the fold
+   model that did not see it, with the test submission's masks (the cache's label images), confidence
+   formula and ``infer.min_score``. Evaluate writes it, not infer: it is a round's out-of-fold tables as a
+   file, which only the evaluated round has (infer may blend other runs, runs per ablation row and in
+   Kaggle kernels without those tables), and only where it is scored (a set with per-cell truth);
 3. cell level, the 2021 competition metric on the test split (synthetic set only): ``cell_level.csv``
    read back (every mask decoded) and scored against ``truth/`` with ``competition_metric``, and the
    alternative confidences of ``pred_cell.parquet`` on the cache's masks: the cell model alone, the
@@ -73,6 +74,7 @@ from weakcell.outputs import folder_lock
 from weakcell.rle import mask_pixels
 from weakcell.score import score_file
 from weakcell.scoring import ALTERNATIVES, SUBMITTED, cell_score_table, cell_score_variants, oof_cell_scores
+from weakcell.sources import competition_rows, external_sources, source_rows
 from weakcell.submission import check_published, write_cell_level
 from weakcell.synthetic.truth import TRUTH
 from weakcell.thresholds import cross_fitted_f1, read_thresholds
@@ -186,10 +188,13 @@ def oof_submission_rows(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What ``oof_cell_level.csv`` holds: the submitted confidence of every out-of-fold cell
     (``image_id, cell_id, p_*``, NaN below ``infer.min_score``) and the rows ``ID, ImageWidth,
-    ImageHeight`` of every training image whose size the cache knows, by image id."""
+    ImageHeight`` of every training image whose size the cache knows, by image id. The competition's
+    images only: a folded external source's OOF cells are not the competition's to score."""
+    oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     predictions = cell_score_table(SUBMITTED, oof_cell, oof_image, data.n_classes, cfg.infer)
     images = data.cache.images
     images = images[images["image_id"].isin(data.images["image_id"]) & (images["width"] > 0)]
+    images = competition_rows(images, data.images)
     images = images.drop_duplicates("image_id").sort_values("image_id")
     sample = pd.DataFrame(
         {
@@ -257,7 +262,7 @@ def _cache_masks(cfg: Config) -> Callable[[str], np.ndarray]:
 
 def submission_dir(cfg: Config) -> Path:
     """Where ``make infer`` writes: ``submissions/<infer.output or name>/``."""
-    return cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
+    return cfg.submission_dir
 
 
 def submission_cell_maps(
@@ -399,9 +404,18 @@ def score_round(
     thresholds: np.ndarray | None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The scores of one round's OOF tables (and of the submission, for the final round) and the
-    per-class table (``per_class_table`` + the OOF and test cell AP where there is truth)."""
+    per-class table (``per_class_table`` + the OOF and test cell AP where there is truth). Scored on the
+    competition's images; the OOF images of folded external sources get their own image scores
+    (``image_oof_sources``: how well the model reads each source, not the competition's figure)."""
     spec, n = data.spec, data.n_classes
     notes: list[str] = []
+    by_source = {}
+    for source in external_sources(data.images):
+        own = source_rows(oof_image, data.images, source)
+        if len(own):
+            y_source = image_targets(own["image_id"], data.images, n)
+            by_source[source] = image_level_scores(y_source, own[prob_columns(n)].to_numpy(np.float64))
+    oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     y_true = image_targets(oof_image["image_id"], data.images, n)
     probs = oof_image[prob_columns(n)].to_numpy(np.float64)
     if thresholds is None:
@@ -414,6 +428,8 @@ def score_round(
             y_true, probs, thresholds, oof_image["fold"].to_numpy(), cfg.thresholds
         ),
     }
+    if by_source:
+        evaluation["image_oof_sources"] = by_source
     table = per_class_table(y_true, probs, thresholds, list(spec.classes))
 
     if data.cell_truth is None:
@@ -533,6 +549,7 @@ def _evaluate(cfg: Config, round_: int) -> dict[str, Any]:
     scored_here = folder == cfg.model_dir and data.cell_truth is not None
     oof_path = write_oof_submission(cfg, data, oof_image, oof_cell) if scored_here else None
     evaluation, table = score_round(cfg, folder, data, oof_image, oof_cell, thresholds)
+    oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     out_dir = report_dir(cfg, round_)
     y_true = image_targets(oof_image["image_id"], data.images, data.n_classes)
     write_report(cfg, evaluation, table, data, oof_image, oof_cell, thresholds, y_true, out_dir)

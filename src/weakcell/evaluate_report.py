@@ -67,6 +67,11 @@ def summary_lines(evaluation: Mapping[str, Any]) -> list[str]:
         f"{f(image['macro_f1_at_05'])}  tuned {f(image['macro_f1_tuned'])}  cross-fitted "
         f"{f(image['macro_f1_tuned_cross_fitted'])}"
     ]
+    for source, scores in evaluation.get("image_oof_sources", {}).items():
+        lines.append(
+            f"  image OOF  ({scores['images']} images of source {source})   mAP {f(scores['map'])}   "
+            f"macro-F1 @0.5 {f(scores['macro_f1_at_05'])}"
+        )
     if "image_test" in evaluation:
         test = evaluation["image_test"]
         lines.append(
@@ -145,7 +150,7 @@ def write_report(
     text = f"# {title}{legend}\n\n{markdown_table(table)}"
     written.append(write_text(text, out_dir / "per_class.md"))
     shown = table.map(_format)
-    shown["name"] = [name[:24] for name in table["name"]]
+    shown["name"] = table["name"]  # whole names: the table's columns size to their text
     written.append(plots.table_figure(shown, out_dir / "per_class.png", title))
 
     ids = oof_image["image_id"].astype(str).tolist()

@@ -29,12 +29,13 @@ COMPETITION = "competition"  # the ``source`` of the data set's own images
 @dataclass
 class FoldInputs:
     """Every image to fold (``ID, labels, source, antibody``; competition images first, then each external
-    set's), the near-duplicate pairs (``a, b, distance``), the test split's IDs, and the external mode."""
+    set's, ``source`` its folder), the near-duplicate pairs (``a, b, distance``), the test split's IDs, and
+    how each external set is folded (``modes``: its folder -> ``train_only`` or ``folded``)."""
 
     images: pd.DataFrame
     pairs: pd.DataFrame
     test_ids: frozenset[str]
-    external_mode: str
+    modes: dict[str, str]
     duplicates_file: str | None
 
     @property
@@ -44,7 +45,7 @@ class FoldInputs:
     @property
     def train_only(self) -> np.ndarray:
         """External images that get fold -1 unless their group holds a competition image."""
-        return self.external & (self.external_mode == "train_only")
+        return self.images["source"].map(self.modes).eq("train_only").to_numpy()
 
 
 def read_duplicates(path: Path) -> pd.DataFrame:
@@ -99,9 +100,8 @@ def fold_inputs(cfg: Config, spec: DatasetSpec, labels: pd.DataFrame) -> FoldInp
         if settings.duplicates
         else pd.DataFrame({"a": [], "b": [], "distance": []})
     )
-    return FoldInputs(
-        images, pairs, frozenset(_test_ids(cfg, spec)), settings.external_mode, settings.duplicates
-    )
+    modes = {str(cfg.path(folder)): settings.mode_of(folder) for folder in settings.external}
+    return FoldInputs(images, pairs, frozenset(_test_ids(cfg, spec)), modes, settings.duplicates)
 
 
 def _test_ids(cfg: Config, spec: DatasetSpec) -> set[str]:

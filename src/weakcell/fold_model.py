@@ -38,6 +38,7 @@ from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_parquet, atomic_write, atomic_write_json
 from weakcell.scoring import image_metrics, max_pool_images
+from weakcell.sources import competition_rows
 from weakcell.stage2 import STAGE2, BagRequest
 from weakcell.training_set import TrainingSet
 from weakcell.weights import load_state_dict
@@ -205,7 +206,8 @@ def score_held_out_cells(
     if data.cell_truth is not None:  # the competition metric on the held-out folds' true cells
         table = held_out.table[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), probs.T)))
         folds = set(held_out.images["fold"].tolist())
-        scores["cell_map"] = data.cell_truth.score(table, cfg.evaluate.verified, folds)["map"]
+        rows = competition_rows(table, data.images)  # external sources have no truth
+        scores["cell_map"] = data.cell_truth.score(rows, cfg.evaluate.verified, folds)["map"]
     return scores
 
 

@@ -8,8 +8,9 @@ committed file is never overwritten), which runs read through ``load_folds``.
 Grouped folds (``folds.duplicates``, ``folds.external``): images of one near-duplicate cluster (the JSON of
 ``weakcell duplicates``) and external images of one antibody (``sources.csv`` of ``make external``) form one
 group, and groups are stratified over the union of their labels, so no near-duplicate pair straddles
-folds. External images join the folds file: fold -1 (trained on in every fold, never validated) when
-``folds.external_mode=train_only`` and nothing ties them to a competition image, else their group's fold.
+folds. External images join the folds file: fold -1 (trained on in every fold, never validated) when their
+set's mode (``folds.external_mode``, or its own in ``folds.external_modes``: ``data.sources`` fill both) is
+``train_only`` and nothing ties them to a competition image, else their group's fold.
 The folds report (``folds.report``) counts the pairs that straddle folds beside plain multilabel
 stratification of the same images, and lists test images that are near-duplicates of training images.
 Without ``folds.duplicates`` and ``folds.external`` the folds are exactly those of plain stratification."""
@@ -153,6 +154,12 @@ def run(cfg: Config) -> pd.DataFrame:
 def _write_folds(cfg: Config) -> pd.DataFrame:
     spec = get_dataset(cfg.data.dataset)
     label_file = cfg.data_dir / spec.label_file
+    if not label_file.is_file():  # the first stage of a project: say where the data should be, and how
+        get = "make data" if spec.has_truth else "make download, or unzip Kaggle's archive there"
+        raise StageError(
+            f"no {label_file}: {get}; or point data.dir at the folder that holds {spec.label_file} (in your "
+            "project's config, which `make init PROJECT=<dir> ARGS=data.dir=<folder>` writes)"
+        )
     labels = read_label_file(label_file, spec)
     inputs = fold_inputs(cfg, spec, labels)
     images = labels if inputs is None else inputs.images

@@ -1,7 +1,7 @@
 """The folds file a run reads and its record (``make folds`` writes both; ``weakcell.folds`` makes the folds).
 
 Each setting has its own file (``Config.folds_file``: ``folds/<dataset>.csv`` at the default settings,
-``folds/<dataset>-<n>x<seed>[-by-<column>][-dups][-ext].csv`` otherwise), and beside it
+``folds/<dataset>-<n>x<seed>[-by-<column>][-dups][-ext[-folded|-mixed]].csv`` otherwise), and beside it
 ``<file stem>.lineage.json`` records the settings, the label file and, for grouped folds, the near-duplicates
 file and external sets it was made from (``weakcell.lineage``). An existing file is reused only for the
 settings it records; a file of other settings (``folds.file`` pointing at it) stops the stage with one
@@ -86,7 +86,9 @@ class FoldsRecord:
             text += f", near-duplicates of {Path(settings['folds.duplicates']).name}"
         if settings.get("folds.external"):
             external = settings["folds.external"]
-            text += f", {len(external)} external set(s) {settings.get('folds.external_mode')}"
+            own = [key for key in settings if key.startswith("folds.external_modes.")]
+            mode = "in mixed modes" if own else settings.get("folds.external_mode")
+            text += f", {len(external)} external set(s) {mode}"
         return text
 
 

@@ -13,11 +13,14 @@ of the dataset's sample submission, masks at the original size, validated before
 ``image_level.csv`` (classes above the tuned thresholds of ``runs/<run>/thresholds.json``). The four are
 written into a staging folder, then published as one set (``submission.publish``: moved in place,
 ``published.json`` with their SHA-256 last), so a killed run never leaves a new file beside an old one
-unnoticed; the folder's lock is held throughout and a killed run's temporaries are removed first.
+unnoticed; the folder's lock is held throughout and a killed run's temporaries are removed first. Its
+``lineage.json`` (output ``submission``: the settings it reads, the cache, the fold weights, the thresholds,
+the sample submission) is written last: a second call with the same lineage reuses the folder.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,19 +33,22 @@ import torch
 
 from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.loader import CellCrops, apply_symmetries
-from weakcell.cache.store import SKIPPED_FILE, CellCache
+from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.data.ids import check_ids
+from weakcell.data.manifest import file_hash
 from weakcell.engine import predict
 from weakcell.errors import StageError
+from weakcell.lineage import RECORD as LINEAGE_FILE
+from weakcell.lineage import Lineage, digest, read_lineage, write_lineage
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
 from weakcell.scoring import cell_confidence
 from weakcell.stage2 import BagRequest, load_trained
-from weakcell.submission import publish, write_cell_level, write_image_level
+from weakcell.submission import check_published, publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
 from weakcell.weights import load_state_dict
 
@@ -233,10 +239,55 @@ OUTPUT_FILES = ("pred_image.parquet", "pred_cell.parquet", "cell_level.csv", "im
 STAGING_DIR = ".staging.tmp"  # the next run's files, inside the output folder (a rename stays atomic)
 
 
+def _file_stamp(path: Path) -> list[int] | None:
+    """(bytes, modification time in ns) of a file, None when it is absent: what ``make`` trusts, and free."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def submission_lineage(cfg: Config, models: dict[str, tuple[Path, list[Path]]], thresholds: Path) -> Lineage:
+    """What one inference is made from (``weakcell.config.lineage``, output ``submission``): the settings it
+    reads, the cell cache's fingerprint, every fold's weight files (by size and modification time: a fold
+    trained again has new weights under the same settings), the thresholds and the sample submission (by
+    content)."""
+    weights = {
+        str(fold / part): _file_stamp(fold / part)
+        for _, fold_dirs in models.values()
+        for fold in fold_dirs
+        for part in ("cell/model.pt", "mil/model.pt")
+    }
+    sample = cfg.data_dir / get_dataset(cfg.data.dataset).sample_submission
+    return Lineage.of(
+        "submission",
+        cfg,
+        cache=cache_fingerprint(cfg.cache_dir),
+        models=digest(weights),
+        thresholds=file_hash(thresholds),
+        sample=file_hash(sample) if sample.is_file() else None,
+    )
+
+
+def up_to_date(out_dir: Path, lineage: Lineage) -> bool:
+    """The folder holds a complete, valid publication made from this very lineage (its ``lineage.json``)."""
+    try:
+        saved = read_lineage(out_dir)
+        check_published(out_dir / "cell_level.csv")
+    except (OSError, ValueError):  # StageError is a ValueError: a damaged record or file is redone
+        return False
+    return (
+        saved is not None
+        and saved.fingerprint == lineage.fingerprint
+        and all((out_dir / name).is_file() for name in OUTPUT_FILES)
+    )
+
+
 def run(cfg: Config) -> Path:
     """Predict the images of ``infer.split`` with the trained folds and write ``submissions/<output>/``,
     holding that folder's lock."""
-    out_dir = cfg.path(cfg.paths.submissions) / (cfg.infer.output or cfg.name)
+    out_dir = cfg.submission_dir
     with folder_lock(out_dir, "infer", cfg.checks.lock_wait_s):
         return _infer(cfg, out_dir)
 
@@ -253,6 +304,15 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     thresholds_path = run_dir / "thresholds.json"
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
+    for warning in json.loads(thresholds_path.read_text()).get("warnings", []):
+        print(f"infer: WARNING from {thresholds_path}: {warning}")
+    lineage = submission_lineage(cfg, models, thresholds_path)
+    if not cfg.force and up_to_date(out_dir, lineage):
+        print(
+            f"infer: {out_dir} is up to date (its {LINEAGE_FILE}: same models, thresholds, cache and settings), "
+            "skipping (FORCE=1 redoes it)"
+        )
+        return out_dir
     cache = CellCache(cfg.cache_dir)
     sample = images_to_predict(cfg, cache)
     image_ids = sample["ID"].astype(str).tolist()
@@ -296,16 +356,20 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
             images,
             read_thresholds(thresholds_path),
             staged["image_level.csv"],
-            id_column=spec.id_column if image_sample is not None else "Id",
+            columns=spec.image_level_columns,
             sample_submission=image_sample,
+            negative=spec.negative,
         )
         publish(out_dir, staged)
+    write_lineage(out_dir, lineage)  # after the files: a run killed before it is redone, never reused
     empty_rows = f" ({empty.count} empty rows: {empty.describe('images')})" if empty.count else ""
+    scored_file = "cell_level.csv" if spec.submission == "cell" else "image_level.csv"
     print(
         f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
         f"{len(images)} images{empty_rows}, "
         f"{len(cells)} cells, "
-        f"{time.perf_counter() - start:.0f} s -> {out_dir}/cell_level.csv, image_level.csv"
+        f"{time.perf_counter() - start:.0f} s -> {out_dir / scored_file} (the Kaggle file), "
+        f"{', '.join(f for f in OUTPUT_FILES if f != scored_file)}"
     )
     return out_dir
 

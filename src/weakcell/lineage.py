@@ -36,7 +36,11 @@ UPSTREAM_NAMES = {
     "external": "the external sets' tables",
     "cache": "the cell cache",
     "folds": "the folds file",
+    "sources": "the external sources (their caches, label files or intensity settings)",
     "previous": "the round it continues",
+    "models": "the fold weights",
+    "thresholds": "the thresholds",
+    "sample": "the sample submission",
 }
 
 

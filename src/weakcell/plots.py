@@ -9,6 +9,7 @@ never sees half a PNG.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from weakcell.metrics import f1_per_class, predicted_classes
 from weakcell.outputs import atomic_savefig
 
 DPI = 110
+TITLE_WIDTH = 30  # characters of a small-multiple panel's title line at fontsize 7 (2.6 inches wide)
 COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")  # one per bar series, in order
 
 
@@ -95,7 +97,8 @@ def threshold_curves(
     for c, ax in enumerate(axes[:n_classes]):
         name = class_names[c] if c < len(class_names) else ""
         rare = ", fallback" if 0 < positives[c] < min_positives else ""
-        ax.set_title(f"{c} {name[:24]} (n={positives[c]}{rare})", fontsize=7)
+        # whole names, wrapped to the panel's width (a cut "Vesicles and punctate cy" names no class)
+        ax.set_title(textwrap.fill(f"{c} {name} (n={positives[c]}{rare})", TITLE_WIDTH), fontsize=7)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=6)

@@ -42,6 +42,7 @@ from weakcell.lineage import Lineage, stale, write_lineage
 from weakcell.outputs import atomic_parquet, atomic_write_json, folder_lock, writing
 from weakcell.round_report import record_round
 from weakcell.scoring import cell_scores, image_best
+from weakcell.sources import competition_rows
 from weakcell.thresholds import tune_thresholds
 from weakcell.train import check_run, train_round
 from weakcell.training_set import TrainingSet, open_training_set
@@ -144,14 +145,18 @@ def fold_targets(
     n_classes, rule = data.n_classes, rule_cfg.refine
     images = data.images.set_index("image_id")
     if predictions is None:  # the other folds' cells, as the inner models would have predicted
-        cells = data.cells.loc[data.cells["fold"] != outer, ["image_id", "cell_id"]].reset_index(drop=True)
+        others = (data.cells["fold"] != outer) & (data.cells["fold"] >= 0)
+        cells = data.cells.loc[others, ["image_id", "cell_id"]].reset_index(drop=True)
         scores = attention = np.ones((len(cells), n_classes))
         thresholds = np.zeros(n_classes)
     else:
         cells, image_table = predictions
-        y_image = to_multi_hot(images.loc[image_table["image_id"], "labels"].tolist(), n_classes)
+        tuning = image_table  # the images whose predictions tune the thresholds, as make thresholds does
+        if rule_cfg.thresholds.sources == "competition":
+            tuning = competition_rows(image_table, data.images)
+        y_image = to_multi_hot(images.loc[tuning["image_id"], "labels"].tolist(), n_classes)
         thresholds = tune_thresholds(
-            y_image, image_table[prob_columns(n_classes)].to_numpy(), rule_cfg.thresholds
+            y_image, tuning[prob_columns(n_classes)].to_numpy(), rule_cfg.thresholds
         )["threshold"].to_numpy()
         scores = cell_scores(rule.score, cells, image_table, n_classes, rule_cfg.infer)
         attention = cells[prob_columns(n_classes, "att_")].to_numpy()
@@ -175,6 +180,10 @@ def fold_targets(
     by_row[rows.to_numpy(np.int64)] = targets
     trainable_by_row = np.zeros(len(data.cell_targets), dtype=bool)
     trainable_by_row[rows.to_numpy(np.int64)] = trainable
+    # train-only images (fold -1) are held out by no model, so none predicts them out of fold: their cells
+    # keep their inherited labels in every round (a model's in-sample predictions would relabel them
+    # with what it memorised)
+    trainable_by_row[data.cells.index[data.cells["fold"].to_numpy() < 0]] = True
     return FoldTargets(table, by_row, trainable_by_row)
 
 
@@ -267,7 +276,7 @@ def check_round(this_round: Config, out_dir: Path, previous: Lineage) -> Lineage
 
 def _refine(cfg: Config) -> list[dict[str, float]]:
     data = open_training_set(cfg, "refine")
-    all_folds = sorted(data.images["fold"].unique().tolist())
+    all_folds = data.validation_folds
     outer_folds = cfg.train.folds if cfg.train.folds is not None else all_folds
     reads_scores = not cfg.refine.keeps_inherited
     if reads_scores and len(all_folds) < 3:
@@ -341,11 +350,13 @@ def round_stats(
     training cell counted once per fold model that trains on it), and their quality against the true cell
     labels (synthetic)."""
     position = pd.Series(np.arange(len(data.cells)), index=data.cells.index)
-    new, inherited, true = [], [], []
+    judged = pd.Series(data.has_truth, index=data.cells.index)  # external sources have no truth
+    new, inherited, true, with_truth = [], [], [], []
     for fold_targets_ in targets.values():
         rows = data.cells.index[fold_targets_.trainable[data.cells.index]]
         new.append(fold_targets_.targets[rows])
         inherited.append(data.cell_targets[rows])
+        with_truth.append(judged[rows].to_numpy())
         if truth is not None:
             true.append(truth[position[rows].to_numpy()])
     pseudo, kept = np.concatenate(new), np.concatenate(inherited)
@@ -357,7 +368,9 @@ def round_stats(
         "cells_trainable": len(pseudo),
     }
     if truth is not None:
-        true_labels, negative = np.concatenate(true), data.spec.negative
+        scored = np.concatenate(with_truth)
+        true_labels, negative = np.concatenate(true)[scored], data.spec.negative
+        pseudo, kept = pseudo[scored], kept[scored]
         stats.update({f"pseudo_{k}": v for k, v in label_quality(pseudo, true_labels, negative).items()})
         stats.update({f"inherited_{k}": v for k, v in label_quality(kept, true_labels, negative).items()})
     return stats

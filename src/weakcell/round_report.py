@@ -15,6 +15,7 @@ from weakcell.config import Config, save_config
 from weakcell.distributed import is_main_process
 from weakcell.lineage import Lineage, write_lineage
 from weakcell.outputs import atomic_write_json, writing
+from weakcell.sources import competition_rows
 from weakcell.training_set import TrainingSet
 
 
@@ -28,10 +29,13 @@ def git_commit() -> str:
 
 
 def run_record(cfg: Config, data: TrainingSet) -> dict[str, object]:
-    """``run.json`` of a run or round: seed, git commit and the labelled images the cache lacked."""
+    """``run.json`` of a run or round: seed, git commit, the labelled images the cache lacked and, with
+    external sources, what each gave (images, cells, fold mode, intensity gain)."""
     record: dict[str, object] = {"seed": cfg.seed, "git_commit": git_commit()}
     if data.missing is not None:
         record["missing_images"] = data.missing.record()
+    if data.sources is not None and len(data.sources) > 1:
+        record["sources"] = [summary.record() for summary in data.sources]
     return record
 
 
@@ -54,15 +58,16 @@ def report_round(
     oof_cell: pd.DataFrame,
     metrics: dict[str, float],
 ) -> None:
-    """Draw the attention maps of 8 out-of-fold images into ``round_dir/attention`` and print the round's
-    one-line summary."""
+    """Draw the attention maps of 8 out-of-fold images of the competition into ``round_dir/attention``
+    and print the round's one-line summary."""
+    own_images = competition_rows(oof_image, data.images)
     maps = draw_attention_maps(
         cfg.data_dir,
         data.spec.train_dir,
         data.cache,
-        oof_cell,
-        oof_image,
-        pick_images(oof_image, data.images, n=8, seed=cfg.seed),
+        competition_rows(oof_cell, data.images),
+        own_images,
+        pick_images(own_images, data.images, n=8, seed=cfg.seed),
         round_dir / "attention",
         data.spec.classes,
         labels=data.images,

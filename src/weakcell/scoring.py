@@ -30,6 +30,7 @@ from weakcell.constants import CellScore, Verified, prob_columns
 from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import macro_f1, mean_average_precision
+from weakcell.sources import competition_rows, external_sources, source_rows
 from weakcell.submission import as_submitted
 
 # -- the submitted confidence ---------------------------------------------------------------------------
@@ -201,19 +202,32 @@ def score_oof(
 ) -> dict[str, float]:
     """Image macro-F1 at 0.5 and mAP of the MIL head; the competition mAP of each cell score variant
     (synthetic) under the metric's ``verified`` reading, against the true cells of every training image of
-    the folds ``oof_image`` holds."""
+    the folds ``oof_image`` holds. Scored on the competition's images (``weakcell.sources``); the
+    out-of-fold images of each folded external source add their own ``image_map_<source>``."""
+    n_classes = data.n_classes
+    own_images = competition_rows(oof_image, data.images)
+    metrics = _image_scores(data, own_images, oof_cell)
+    for source in external_sources(data.images):
+        validated = source_rows(oof_image, data.images, source)
+        if len(validated):
+            metrics[f"image_map_{source}"] = _image_scores(data, validated, oof_cell)["image_map"]
+    if data.cell_truth is not None:
+        folds = set(own_images["fold"].tolist())
+        own_cells = competition_rows(oof_cell, data.images)
+        tables = cell_score_variants(own_cells, own_images, n_classes, infer)
+        for name, result in oof_cell_scores(tables, data.cell_truth, (verified,), folds)[verified].items():
+            metrics[f"cell_map_{name}"] = result["map"]
+    return metrics
+
+
+def _image_scores(data: LabelledImages, oof_image: pd.DataFrame, oof_cell: pd.DataFrame) -> dict[str, float]:
+    """Image mAP and macro-F1 at 0.5 of the MIL head and of each image's best cell, over ``oof_image``."""
     n_classes = data.n_classes
     images = data.images.set_index("image_id").loc[oof_image["image_id"]]
     y_true = to_multi_hot(images["labels"].tolist(), n_classes)
-    probs = oof_image[prob_columns(n_classes)].to_numpy()
-    metrics = image_metrics(y_true, probs)
+    metrics = image_metrics(y_true, oof_image[prob_columns(n_classes)].to_numpy())
     max_pooled = max_pool_images(
         oof_cell, oof_cell[prob_columns(n_classes)].to_numpy(), oof_image["image_id"].tolist()
     )
     metrics.update(image_metrics(y_true, max_pooled, "stage1_max_"))
-    if data.cell_truth is not None:
-        folds = set(oof_image["fold"].tolist())
-        tables = cell_score_variants(oof_cell, oof_image, n_classes, infer)
-        for name, result in oof_cell_scores(tables, data.cell_truth, (verified,), folds)[verified].items():
-            metrics[f"cell_map_{name}"] = result["map"]
     return metrics

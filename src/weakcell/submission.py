@@ -42,6 +42,9 @@ CELL_LEVEL_CLASSES = get_dataset("hpa2021").n_classes
 # mask. Other sizes get the empty mask of their own size (``placeholder(h, w)``), as the sample does.
 PLACEHOLDER = f"0 1 {EMPTY_MASK_RLE}"
 MAX_PROBLEMS = 20
+# image_level.csv: (ID column, labels column, separator)
+ImageLevelColumns = tuple[str, str, str]
+IMAGE_LEVEL_LAYOUTS: tuple[ImageLevelColumns, ...] = (("Id", "Predicted", " "), ("ID", "Label", "|"))
 
 
 class SubmissionError(WeakcellError, ValueError):
@@ -224,9 +227,8 @@ def write_cell_level(
             text = cell_prediction_string(labels, scores, min_score=min_score)
         strings.append(text or placeholder(height, width))
     frame = sample.assign(PredictionString=strings)
-    stats = validate_cell_level(frame, sample_submission, n_classes=len(cols))
+    validate_cell_level(frame, sample_submission, n_classes=len(cols))
     _atomic_write(frame, path)
-    log.info("cell-level submission %s: %d rows, %d predictions", path, stats["rows"], stats["predictions"])
     return Path(path)
 
 
@@ -234,11 +236,14 @@ def write_image_level(
     probs: pd.DataFrame,
     thresholds: np.ndarray,
     path: str | os.PathLike,
-    id_column: str = "Id",
+    columns: ImageLevelColumns = ("Id", "Predicted", " "),
     sample_submission: pd.DataFrame | None = None,
+    negative: int | None = None,
 ) -> Path:
-    """2018-style ``Id,Predicted``: space-separated classes whose probability reaches its threshold
-    (``metrics.predicted_classes``, the rule thresholds are tuned by).
+    """Image labels: the classes whose probability reaches its threshold (``metrics.predicted_classes``,
+    the rule thresholds are tuned by), under ``columns`` = (ID column, labels column, separator): the 2018
+    submission ``Id,Predicted`` (space-separated) or the 2021 label-file layout ``ID,Label`` (``|``). A
+    ``negative`` class (2021: 18) is dropped from an image that has another class, as in the label files.
     Rows follow ``sample_submission`` when given (its IDs must all be predicted), else ``probs``."""
     cols = prob_columns(probs)
     thresholds = np.asarray(thresholds, dtype=float).reshape(-1)
@@ -251,11 +256,13 @@ def write_image_level(
         if missing:
             raise StageError(f"{len(missing)} sample IDs have no prediction, e.g. {min(missing)}")
         table = table.loc[list(ids)]
-    labels = [
-        " ".join(map(str, np.flatnonzero(row)))
-        for row in predicted_classes(table.to_numpy(float), thresholds)
-    ]
-    frame = pd.DataFrame({id_column: table.index.astype(str), "Predicted": labels})
+    predicted = predicted_classes(table.to_numpy(float), thresholds)
+    if negative is not None:  # "no specific signal" never stands beside a class
+        others = np.delete(predicted, negative, axis=1).any(axis=1)
+        predicted[others, negative] = False
+    id_column, label_column, sep = columns
+    labels = [sep.join(map(str, np.flatnonzero(row))) for row in predicted]
+    frame = pd.DataFrame({id_column: table.index.astype(str), label_column: labels})
     validate_image_level(frame, sample_submission, n_classes=len(cols), id_column=id_column)
     return _atomic_write(frame, path)
 
@@ -389,14 +396,20 @@ def validate_image_level(
     path_or_frame: str | os.PathLike | pd.DataFrame,
     sample_submission: pd.DataFrame | str | os.PathLike | None = None,
     n_classes: int | None = None,
-    id_column: str = "Id",
+    id_column: str | None = None,
 ) -> dict:
-    """Check an ``Id,Predicted`` file: unique IDs (the sample's, in order, when given), labels
-    space-separated integers in 0..n_classes-1 (empty allowed). Returns stats."""
+    """Check an image-level file, ``Id,Predicted`` (space-separated, the 2018 submission) or ``ID,Label``
+    (``|``-separated, the 2021 label-file layout): unique IDs (the sample's, in order, when given), labels
+    integers in 0..n_classes-1 (empty allowed). ``id_column`` None = whatever the first column is called.
+    Returns stats."""
     start = time.perf_counter()
     frame, size_mb = _read(path_or_frame)
-    if list(frame.columns) != [id_column, "Predicted"]:
-        raise SubmissionError([f"columns are {list(frame.columns)}, expected {[id_column, 'Predicted']}"])
+    header = list(frame.columns)
+    seps = {label: sep for _, label, sep in IMAGE_LEVEL_LAYOUTS}
+    expected = [f"{id_column or 'ID'},{label}" for label in seps]
+    if len(header) != 2 or header[1] not in seps or (id_column is not None and header[0] != id_column):
+        raise SubmissionError([f"columns are {header}, expected {' or '.join(expected)}"])
+    id_column, sep = header[0], seps[header[1]]
     problems = []
     if sample_submission is not None:
         sample, _ = _read(sample_submission)
@@ -407,7 +420,7 @@ def validate_image_level(
     for i, (image_id, predicted) in enumerate(frame.itertuples(index=False)):
         if duplicated[i]:
             problems.append(f"row {i} (ID {image_id}): duplicate ID")
-        for label in predicted.split():
+        for label in (part.strip() for part in predicted.split(sep) if part.strip()):
             n_labels += 1
             if not label.isdigit() or (n_classes is not None and int(label) >= n_classes):
                 problems.append(f"row {i} (ID {image_id}): label {label!r} is not a class index")
@@ -454,7 +467,7 @@ def validate_main(argv: list[str] | None = None) -> int:
             kind = "cell-level"
             unchecked = "the rows (none missing or extra), their order and each image's width and height"
         else:
-            stats = validate_image_level(args.file, args.sample, args.classes, id_column=header[0])
+            stats = validate_image_level(args.file, args.sample, args.classes)
             kind = "image-level"
             unchecked = "the rows (none missing or extra) and their order"
     except (SubmissionError, OSError, ValueError) as err:

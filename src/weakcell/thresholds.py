@@ -4,6 +4,8 @@ Inference never tunes: it reads ``runs/<run>/thresholds.json``. Each class's thr
 maximises its OOF F1 on a grid, shrunk toward the one threshold that maximises macro-F1 over every class
 (``thresholds.shrinkage``); a class with fewer than ``thresholds.min_positives`` OOF positives takes the
 pooled threshold (a threshold fitted to two images is noise, and classes 11 and 18 are that rare).
+With ``data.sources``, the OOF images of the competition's own set tune them (``thresholds.sources``): those
+are the images inference predicts; ``all`` adds the folded external sources' OOF images.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import pandas as pd
 
 from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
-from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.data.labels import to_multi_hot
 from weakcell.errors import StageError
 from weakcell.metrics import f1_per_class, predicted_classes
 from weakcell.outputs import atomic_write_text, folder_lock, read_json
+from weakcell.sources import COMPETITION, source_labels
 
 
 def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsConfig) -> pd.DataFrame:
@@ -38,7 +41,9 @@ def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, tuning: ThresholdsCon
     positives = y_true.sum(0)
     own = grid[f1.argmax(0)]  # first maximum = lowest threshold among ties
     tunable = positives >= tuning.min_positives
-    if tuning.shrinkage > 0:
+    # pooling needs a class to pool with: with none tunable the "pooled" best is the grid's lowest
+    # threshold on a handful of images (every class predicted everywhere), so the fallback is used instead
+    if tuning.shrinkage > 0 and tunable.any():
         present = positives > 0
         pooled = grid[f1[:, present].mean(1).argmax()] if present.any() else tuning.fallback
         weight = np.where(tunable, positives / (positives + tuning.shrinkage), 0.0)
@@ -72,6 +77,20 @@ def cross_fitted_f1(
     return float(f1_per_class(y_true, predicted)[present].mean())
 
 
+def fallback_warning(table: pd.DataFrame, tuning: ThresholdsConfig) -> str | None:
+    """A warning when more than half the classes could not be tuned (fewer than ``min_positives`` OOF
+    positives): their thresholds are the pooled or fallback one, which says little about those classes."""
+    untuned = table.loc[~table["tuned"]]
+    if len(untuned) * 2 <= len(table):
+        return None
+    values = ", ".join(f"{t:g}" for t in sorted(untuned["threshold"].unique())[:3])
+    return (
+        f"{len(untuned)} of {len(table)} classes have fewer than thresholds.min_positives={tuning.min_positives} "
+        f"out-of-fold positives and were not tuned (threshold {values}): train on more images, or lower "
+        "thresholds.min_positives"
+    )
+
+
 def read_thresholds(path: str | Path) -> np.ndarray:
     """(C,) thresholds from a ``thresholds.json``."""
     table = read_json(path, "tune them again with `make thresholds`")["classes"]
@@ -93,10 +112,12 @@ def _tune(cfg: Config) -> pd.DataFrame:
         step = "make refine" if cfg.refine.rounds else "make train"
         raise FileNotFoundError(f"no out-of-fold predictions at {oof_path}; run `{step}` first")
     oof = pd.read_parquet(oof_path)
-    labels = read_label_file(cfg.data_dir / spec.label_file, spec).set_index("ID")
+    labels = source_labels(cfg, spec).set_index("ID")  # the competition's and every data.sources set's
     missing = sorted(set(oof["image_id"]) - set(labels.index))
     if missing:
-        raise StageError(f"{len(missing)} OOF images are not in the label file, e.g. {missing[:3]}")
+        raise StageError(f"{len(missing)} OOF images are not in the label files, e.g. {missing[:3]}")
+    if cfg.thresholds.sources == "competition":  # the images inference predicts are the competition's
+        oof = oof[oof["image_id"].map(labels["source"]).eq(COMPETITION).to_numpy()]
     y_true = to_multi_hot(labels.loc[oof["image_id"], "labels"].tolist(), spec.n_classes)
     probs = oof[[f"p_{c}" for c in range(spec.n_classes)]].to_numpy()
     table = tune_thresholds(y_true, probs, cfg.thresholds)
@@ -106,8 +127,14 @@ def _tune(cfg: Config) -> pd.DataFrame:
         "macro_f1_tuned_cross_fitted": cross_fitted_f1(y_true, probs, oof["fold"].to_numpy(), cfg.thresholds),
         "macro_f1_at_05": float(table.loc[present, "f1_at_05"].mean()),
         "images": len(oof),
+        "sources": cfg.thresholds.sources,
     }
-    payload = {"summary": summary, "classes": table.to_dict(orient="records")}
+    warning = fallback_warning(table, cfg.thresholds)
+    payload = {
+        "summary": summary,
+        "warnings": [warning] if warning else [],
+        "classes": table.to_dict(orient="records"),
+    }
     target = run_dir / "thresholds.json"
     text = json.dumps(payload, indent=2, default=lambda v: v.item() if hasattr(v, "item") else v)
     atomic_write_text(target, text)
@@ -116,8 +143,12 @@ def _tune(cfg: Config) -> pd.DataFrame:
     print(
         f"thresholds: OOF macro-F1 {summary['macro_f1_tuned']:.3f} tuned (cross-fitted over folds "
         f"{summary['macro_f1_tuned_cross_fitted']:.3f}) vs {summary['macro_f1_at_05']:.3f} at 0.5 "
-        f"({int(table['tuned'].sum())} of {len(table)} classes tuned) -> {target}"
+        f"({int(table['tuned'].sum())} of {len(table)} classes tuned, on {len(oof)} OOF images"
+        f"{' of the competition' if cfg.data.sources and cfg.thresholds.sources == 'competition' else ''}) "
+        f"-> {target}"
     )
+    if warning:
+        print(f"thresholds: WARNING: {warning}")
     return table
 
 

@@ -17,9 +17,11 @@ import pandas as pd
 
 from weakcell.config import Config
 from weakcell.distributed import is_main_process
+from weakcell.epoch_log import format_duration
 from weakcell.errors import StageError
 from weakcell.fold_model import fold_seconds, train_fold, write_parquet
 from weakcell.lineage import Lineage, is_legacy, stale
+from weakcell.models import resolve_weights_file
 from weakcell.outputs import atomic_write_json, folder_lock, read_json
 from weakcell.round_report import record_round, report_round
 from weakcell.scoring import score_oof
@@ -57,6 +59,8 @@ def _train(cfg: Config) -> dict[str, float]:
     lineage = Lineage.of("run", cfg, **training_inputs(cfg))
     if not cfg.force:  # finished folds are reused: only while what they were made from is the same
         check_run(cfg, lineage, "train")
+    if cfg.model.pretrained_file is not None:  # a missing file stops before anything is written
+        resolve_weights_file(str(cfg.rooted_weights().model.pretrained_file), cfg.model.backbone)
     data = open_training_set(cfg, "train")
     record_round(cfg, data, run_dir, lineage)
     return train_round(cfg, data, run_dir)
@@ -74,7 +78,7 @@ def train_round(
     fold_data: the training set fold k's model learns from (refinement: each fold its own pseudo-labels);
     default ``data`` for every fold."""
     start = time.perf_counter()
-    folds = cfg.train.folds if cfg.train.folds is not None else sorted(data.images["fold"].unique().tolist())
+    folds = cfg.train.folds if cfg.train.folds is not None else data.validation_folds
     finished = [
         run_dir / f"fold{fold}" / name for fold in folds for name in ("oof_image.parquet", "oof_cell.parquet")
     ]
@@ -88,9 +92,17 @@ def train_round(
         else:
             print(f"train: {run_dir} is finished ({len(folds)} folds), skipping (FORCE=1 redoes it)")
             return metrics
-    results = [
-        train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir) for fold in folds
-    ]
+    results = []
+    for position, fold in enumerate(folds):
+        fold_started = time.perf_counter()
+        results.append(train_fold(cfg, fold_data(fold) if fold_data else data, fold, run_dir, init_dir))
+        left, seconds = len(folds) - position - 1, time.perf_counter() - fold_started
+        if position == 0 and left and seconds > 1:  # a trained (not reused) first fold: an estimate
+            print(
+                f"train: fold {fold} took {format_duration(seconds)}; about {format_duration(seconds * left)} "
+                f"left for {left} more fold(s)",
+                flush=True,
+            )
     oof_image = pd.concat([r[0] for r in results], ignore_index=True)
     oof_cell = pd.concat([r[1] for r in results], ignore_index=True)
     if oof_image["image_id"].duplicated().any():

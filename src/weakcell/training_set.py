@@ -2,7 +2,9 @@
 file (``TrainingSet``, with the fingerprints of what it was read from: ``training_inputs``), the targets
 each cell learns from (inherited image labels, or the synthetic set's true cell labels for the oracle),
 and which labelled images give training no cells (``weakcell.cache.coverage.MissingImages``, refused
-above ``checks.max_missing_share`` before any per-cell table is built).
+above ``checks.max_missing_share`` before any per-cell table is built). With ``data.sources`` the caches
+and label files of every source are read as one (``weakcell.sources``): ``images`` and ``cells`` say each
+row's ``source``, and only the competition's images have truth and are scored.
 
 Training (``weakcell.train``), refinement, evaluation and the ablation all start from ``load_training_set``.
 """
@@ -21,18 +23,28 @@ from weakcell.cell_truth import CellTruth, build_cell_truth
 from weakcell.config import Config
 from weakcell.constants import NEGATIVE
 from weakcell.data.datasets import DatasetSpec, get_dataset
-from weakcell.data.labels import read_label_file, to_multi_hot
+from weakcell.data.labels import to_multi_hot
 from weakcell.data.manifest import folder_hash, table_hash
 from weakcell.errors import StageError
 from weakcell.folds_record import load_folds
+from weakcell.sources import (
+    COMPETITION,
+    SourceSummary,
+    data_sources,
+    open_caches,
+    source_labels,
+    sources_fingerprint,
+)
 
 
 @dataclass
 class TrainingSet:
     """The training split of a cache joined with image labels and folds.
 
-    cells: the cache's cell rows of the training split (index = row in ``cache.cells``), plus ``fold``.
-    images: one row per training image (with or without cells): ``image_id, fold, labels``.
+    cells: the cache's cell rows of the training split (index = row in ``cache.cells``), plus ``fold`` and
+    ``source``.
+    images: one row per training image (with or without cells): ``image_id, labels, source, fold``
+    (fold -1: an external image trained on in every fold, never validated).
     cell_targets: (len(cache.cells), C) float32 targets of every cache row (0 for other splits).
     """
 
@@ -45,10 +57,16 @@ class TrainingSet:
     trainable: np.ndarray | None = None  # (len(cache.cells),) bool: cells stage 1 may learn from; None = all
     missing: MissingImages | None = None  # labelled images that give training no cells, by reason
     inputs: dict[str, str | None] | None = None  # fingerprints of what it was read from (training_inputs)
+    sources: list[SourceSummary] | None = None  # what each source gave (one entry without data.sources)
 
     @property
     def n_classes(self) -> int:
         return self.spec.n_classes
+
+    @property
+    def validation_folds(self) -> list[int]:
+        """The folds a round holds out, one model each (fold -1, train-only images, is never held out)."""
+        return sorted(fold for fold in self.images["fold"].unique().tolist() if fold >= 0)
 
     @property
     def image_targets(self) -> np.ndarray:
@@ -56,10 +74,19 @@ class TrainingSet:
 
     def true_targets(self) -> np.ndarray | None:
         """(len(cells), C) labels of the true cell each training cell matches (``true_cell_targets``);
-        None for a set without per-cell truth."""
+        None for a set without per-cell truth. Only the competition's cells have truth: see ``has_truth``."""
         if self.cell_truth is None:
             return None
         return true_cell_targets(self.cells, self.cell_truth, self.spec.negative)
+
+    @property
+    def has_truth(self) -> np.ndarray:
+        """(len(cells),) bool: the cells whose image has per-cell truth (the competition's, synthetic)."""
+        if self.cell_truth is None:
+            return np.zeros(len(self.cells), dtype=bool)
+        if "source" not in self.cells.columns:
+            return np.ones(len(self.cells), dtype=bool)
+        return self.cells["source"].eq(COMPETITION).to_numpy()
 
     def bags(self, image_ids: list[str]) -> list[np.ndarray]:
         """Cache rows of each image's cells (empty for an image without cells)."""
@@ -73,10 +100,13 @@ def check_missing(cfg: Config, missing: MissingImages, stage: str) -> None:
     limit = cfg.checks.max_missing_share
     if missing.share > limit:
         needed = math.ceil(missing.share * 100) / 100
+        caches = [source.cache_dir for source in data_sources(cfg)]
+        where = f"the cache {caches[0]}" if len(caches) == 1 else f"the caches {', '.join(map(str, caches))}"
+        skipped = " or ".join(str(folder / SKIPPED_FILE) for folder in caches)
         raise StageError(
-            f"{stage}: the cache {cfg.cache_dir} lacks too much: {missing.describe()} ({missing.share:.1%} > "
-            f"checks.max_missing_share={limit:g}), e.g. {missing.example()}; fix or cache them (make cache; "
-            f"{cfg.cache_dir / SKIPPED_FILE} says why images failed), or train without them with "
+            f"{stage}: {where} lack{'s' if len(caches) == 1 else ''} too much: {missing.describe()} "
+            f"({missing.share:.1%} > checks.max_missing_share={limit:g}), e.g. {missing.example()}; fix or "
+            f"cache them (make cache; {skipped} says why images failed), or train without them with "
             f"checks.max_missing_share={needed:g}"
         )
     if missing.count:
@@ -96,7 +126,8 @@ def open_training_set(cfg: Config, stage: str) -> TrainingSet:
 def training_inputs(cfg: Config) -> dict[str, str | None]:
     """Fingerprints of what a run is trained from (the upstream of its ``weakcell.lineage`` record): the
     cache (its settings and every image's content), the folds file and the label file as they are now,
-    and the synthetic truth (None for real data). Cheap: hashes of small files and the cache's record."""
+    the synthetic truth (None for real data) and the external sources (None without ``data.sources``).
+    Cheap: hashes of small files and the caches' records."""
     spec = get_dataset(cfg.data.dataset)
     truth = None
     if spec.has_truth:  # the synthetic package is imported for synthetic sets only
@@ -108,24 +139,28 @@ def training_inputs(cfg: Config) -> dict[str, str | None]:
         "folds": load_folds(cfg)[1],
         "labels": table_hash(cfg.data_dir / spec.label_file),
         "truth": truth,
+        "sources": sources_fingerprint(cfg, spec),
     }
 
 
 def load_training_set(cfg: Config, check: str | None = None) -> TrainingSet:
-    """Join the cache, the label file and the folds file; every cached training image must have both.
-    ``missing`` says which labelled images the cache lacks; with ``check`` (the stage's name) they are
-    counted and refused above ``checks.max_missing_share`` (``check_missing``) before any per-cell table is
-    built, so the count and its advice come first."""
+    """Join the caches, label files and the folds file of every source; every cached training image must
+    have a label and a fold. ``missing`` says which labelled images the caches lack; with ``check`` (the
+    stage's name) they are counted and refused above ``checks.max_missing_share`` (``check_missing``)
+    before any per-cell table is built, so the count and its advice come first."""
     spec = get_dataset(cfg.data.dataset)
     inputs = training_inputs(cfg)
-    labels = read_label_file(cfg.data_dir / spec.label_file, spec)
+    sources = data_sources(cfg)
+    labels = source_labels(cfg, spec)
     folds, _ = load_folds(cfg)
-    cache = CellCache(cfg.cache_dir)
+    cache, summaries = open_caches(cfg, sources)
     missing = missing_images(labels["ID"].astype(str).tolist(), cache.images)
     if check is not None:
         check_missing(cfg, missing, check)
+        if len(summaries) > 1:
+            print(f"{check}: sources: " + "; ".join(summary.line() for summary in summaries))
     images = cache.images[cache.images["split"] == "train"][["image_id"]]
-    images = images.merge(labels.rename(columns={"ID": "image_id"})[["image_id", "labels"]], how="left")
+    images = images.merge(labels.rename(columns={"ID": "image_id"}), how="left")
     images = images.merge(folds.rename(columns={"ID": "image_id"}), how="left")
     unlabelled = images.loc[images["labels"].isna(), "image_id"].tolist()
     if unlabelled:  # the cache was built from another label file
@@ -134,20 +169,23 @@ def load_training_set(cfg: Config, check: str | None = None) -> TrainingSet:
             f"the cache {cfg.cache_dir} was built from another label file; rebuild it (make cache FORCE=1)"
         )
     without_fold = images.loc[images["fold"].isna(), "image_id"].tolist()
-    if without_fold:  # the folds were made from another label file
+    if without_fold:  # the folds were made from another label file, or without a source
         raise StageError(
             f"{len(without_fold)} labelled training images have no fold in {cfg.folds_file} (e.g. "
-            f"{without_fold[:3]}): it was made from another label file; rebuild it (make folds FORCE=1)"
+            f"{without_fold[:3]}): it was made from another label file or other sources; rebuild it "
+            "(make folds FORCE=1)"
         )
     images = images.astype({"fold": np.int64}).reset_index(drop=True)
     cells = cache.cells[cache.cells["split"] == "train"].copy()
     cells["fold"] = cells["image_id"].map(dict(zip(images["image_id"], images["fold"])))
+    cells["source"] = cells["image_id"].map(dict(zip(images["image_id"], images["source"])))
 
     cell_truth = None
     if spec.has_truth:  # each image's IoU table, once: every epoch's and round's OOF score reads it
         from weakcell.synthetic.truth import TRUTH
 
-        # a skipped image has no masks: its true cells are there, found by no cell (``missing`` counts it)
+        # a skipped image has no masks: its true cells are there, found by no cell (``missing`` counts it);
+        # external sources have no truth (truth/ holds the competition's images alone)
         segmented = set(cache.images.loc[cache.images["status"] == "ok", "image_id"])
         cell_truth = build_cell_truth(
             cfg.data_dir / TRUTH,
@@ -163,8 +201,15 @@ def load_training_set(cfg: Config, check: str | None = None) -> TrainingSet:
     else:  # the oracle: each segmented cell learns its matched true cell's labels
         if cell_truth is None:
             raise StageError(f"train.targets=truth needs per-cell truth, which {spec.name} does not have")
+        if len(sources) > 1:
+            raise StageError(
+                "train.targets=truth needs per-cell truth, which the external sources do not have; train "
+                "the oracle on the competition's images alone (data.sources=[])"
+            )
         targets[cells.index] = true_cell_targets(cells, cell_truth, spec.negative)
-    return TrainingSet(spec, cache, cells, images, targets, cell_truth, missing=missing, inputs=inputs)
+    return TrainingSet(
+        spec, cache, cells, images, targets, cell_truth, missing=missing, inputs=inputs, sources=summaries
+    )
 
 
 def true_cell_targets(cells: pd.DataFrame, truth: CellTruth, negative: int | None = NEGATIVE) -> np.ndarray:

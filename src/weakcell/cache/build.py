@@ -64,8 +64,9 @@ from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.ids import check_ids, inside
 from weakcell.data.images import EXTENSIONS, list_image_ids, read_image
 from weakcell.data.labels import read_label_file
+from weakcell.data.layout import channel_files, without_files
 from weakcell.data.manifest import FileRecord, hash_image_files
-from weakcell.errors import StageError
+from weakcell.errors import BackendError, StageError
 from weakcell.lineage import RECORD as LINEAGE_FILE
 from weakcell.lineage import write_lineage
 from weakcell.outputs import (
@@ -79,8 +80,9 @@ from weakcell.outputs import (
     writing,
 )
 from weakcell.parallel import n_workers, pool_context
-from weakcell.segment import Segmentation, segment_image
+from weakcell.segment import Segmentation, check_backend, segment_image
 from weakcell.segment.batched import network_stage
+from weakcell.sources import data_sources, fetch_step, require_layout, source_config
 
 MASK_LIMIT = np.iinfo(np.uint16).max  # masks are stored as 8- or 16-bit PNG
 MASK_PNG_PARAMS = [
@@ -175,7 +177,40 @@ def plan_images(cfg: Config) -> list[ImageTask]:
             print(f"cache: no {split} folder at {folder}, skipping the {split} split")
             continue
         tasks.extend(ImageTask(image_id, split, str(folder)) for image_id in ids)
+    splits_of: dict[str, list[str]] = {}
+    for task in tasks:
+        splits_of.setdefault(task.image_id, []).append(task.split)
+    twice = [i for i, splits in splits_of.items() if len(splits) > 1]
+    if twice:  # masks, cells and predictions are keyed by the ID alone: one of them would be lost
+        raise StageError(
+            f"{len(twice)} image ID(s) are in more than one split ({', '.join(splits_of[twice[0]])}), e.g. "
+            f"{twice[0]}; an ID must name one image: give the test copy another ID (file names and "
+            "sample_submission.csv) or remove it from the label file"
+        )
     return tasks
+
+
+def check_missing_files(cfg: Config, fetch: str = "make download") -> None:
+    """Refuse to start when more than ``checks.max_missing_share`` of the labelled training images have
+    no channel files (a partial download, or the full label file beside a few images): caching would mark
+    each one skipped, one by one. Below the share, each stays a per-image skip, as a damaged file does.
+    ``fetch``: the step that writes the missing files, named in the error."""
+    if "train" not in cfg.cache.splits:
+        return
+    spec = get_dataset(cfg.data.dataset)
+    ids = list_split_images(cfg.data_dir, spec, "train")
+    if not ids:
+        return
+    folder = split_folder(cfg.data_dir, spec, "train")
+    missing = without_files(ids, channel_files(folder))
+    share = len(missing) / len(ids)
+    if share > cfg.checks.max_missing_share:
+        raise StageError(
+            f"cache: {len(missing)} of the {len(ids)} labelled images in {cfg.data_dir / spec.label_file} have "
+            f"no channel files in {folder} ({share:.1%} > checks.max_missing_share={cfg.checks.max_missing_share:g}), "
+            f"e.g. {missing[0]}; download them ({fetch}), keep only the present rows in the label file, "
+            "or raise checks.max_missing_share"
+        )
 
 
 def part_of(tasks: list[ImageTask], shard_index: int, num_shards: int) -> list[ImageTask]:
@@ -227,8 +262,9 @@ def cache_image(task: ImageTask, cfg: Config, cache_dir: Path) -> CachedImage:
 
     A fault of the image (unreadable, mismatched channels, a segmenter error) becomes, with
     ``cache.on_error=skip``, a ``skipped`` row that names the reason; with ``raise`` it propagates. A fault
-    of the machine (the masks cannot be written, memory runs out) is no fault of the image: it stops the
-    stage (``OutputError``, ``MemoryError``) and the image is retried on the next run."""
+    of the machine (the masks cannot be written, memory runs out) or of the configuration (a backend that
+    cannot start) is no fault of the image: it stops the stage (``OutputError``, ``MemoryError``,
+    ``BackendError``) and the image is retried on the next run."""
     hashed: Hashed = ("", [])
     try:
         image, hashed = read_hashed(task, cfg)
@@ -279,7 +315,7 @@ def store(
 def skipped(task: ImageTask, cfg: Config, err: Exception, hashed: Hashed) -> CachedImage:
     """The ``skipped`` row of an image that failed (``cache.on_error=skip``), or ``err`` raised again.
     ``hashed``: its files' content when they were read before the fault."""
-    if cfg.cache.on_error == "raise":
+    if cfg.cache.on_error == "raise" or isinstance(err, BackendError):  # the configuration's fault: stop
         raise err
     size = cfg.cache.crop_size
     content_hash, files = hashed
@@ -323,19 +359,29 @@ def cache_images(tasks: list[ImageTask], cfg: Config, cache_dir: Path, workers: 
     """Results in completion order, one image at a time; only the small task records are queued ahead, and
     the caller flushes crops into shards as they arrive. One worker runs in this process (no pickling,
     easy to debug and profile). A backend with a network on a GPU goes through
-    ``weakcell.cache.batched``: one model, in this process, never one per worker."""
+    ``weakcell.cache.batched``: one model, in this process, never one per worker. Weight files resolve
+    against ``paths.root`` (``Config.rooted_weights``)."""
     # imported here: the batched scheduler is built from this module's per-image steps
     from weakcell.cache.batched import batched, cache_images_batched
 
-    if batched(cfg):
-        yield from cache_images_batched(tasks, cfg, cache_dir, workers)
-        return
-    if workers <= 1:
+    cfg = cfg.rooted_weights()
+    if workers <= 1 and not batched(cfg):  # here, in order
         for task in tasks:
             yield cache_image(task, cfg, cache_dir)
         return
+    # an image without its channel files fails at once: here, without a round trip to a worker each
+    # (the full train.csv beside a few images marks thousands skipped in seconds, not minutes)
+    listed = {folder: channel_files(folder) for folder in {task.folder for task in tasks}}
+    absent = {t.image_id for t in tasks if len(listed[t.folder].get(t.image_id, {})) < len(CHANNELS)}
+    for task in tasks:
+        if task.image_id in absent:
+            yield cache_image(task, cfg, cache_dir)
+    present = [task for task in tasks if task.image_id not in absent]
+    if batched(cfg):
+        yield from cache_images_batched(present, cfg, cache_dir, workers)
+        return
     with pool_context().Pool(workers, initializer=init_worker, initargs=(cfg, cache_dir)) as pool:
-        yield from pool.imap_unordered(_cache_in_worker, tasks, chunksize=1)
+        yield from pool.imap_unordered(_cache_in_worker, present, chunksize=1)
 
 
 # -- shards ---------------------------------------------------------------------------------------------
@@ -479,17 +525,31 @@ def check_same_settings(cfg: Config, cache_dir: Path) -> None:
 
 
 def run(cfg: Config) -> Path:
-    """Cache this part's images (``cache.shard_index`` of ``cache.num_shards``); merge when it is the only
-    part. Holds the cache folder's lock (a part's own lock when split). Returns the cache folder."""
+    """Cache this part's images (``cache.shard_index`` of ``cache.num_shards``) of every source, each into
+    its own cache (the competition's ``cache.splits``, then each of ``data.sources``' training split:
+    ``weakcell.sources``); merge when it is the only part. Holds each cache folder's lock while it fills
+    it (a part's own lock when split). Returns the competition's cache folder."""
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     if part >= n_parts:
         raise StageError(f"cache.shard_index={part} must be below cache.num_shards={n_parts}")
-    name = None if n_parts == 1 else _part_marker(cfg.cache_dir, part, n_parts).stem
-    with folder_lock(cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
-        return _cache_part(cfg)
+    # configuration faults stop the stage before it starts (and before any folder is made), for every
+    # source: a missing external folder or a partial one must not surface after the competition's hours
+    check_backend(cfg.rooted_weights().segment)
+    spec = get_dataset(cfg.data.dataset)
+    sources = data_sources(cfg)
+    for source in sources:
+        require_layout(source, spec)
+        check_missing_files(source_config(cfg, source), fetch=fetch_step(source))
+    for source in sources:
+        source_cfg = source_config(cfg, source)
+        name = None if n_parts == 1 else _part_marker(source_cfg.cache_dir, part, n_parts).stem
+        with folder_lock(source_cfg.cache_dir, "cache", cfg.checks.lock_wait_s, part=name):
+            _cache_part(source_cfg, "" if source.is_competition else source.name)
+    return cfg.cache_dir
 
 
-def _cache_part(cfg: Config) -> Path:
+def _cache_part(cfg: Config, source: str = "") -> Path:
+    """Cache this part's images of one source's config (``source``: its name, '' for the competition's)."""
     started = time.perf_counter()
     part, n_parts = cfg.cache.shard_index, cfg.cache.num_shards
     cache_dir = cfg.cache_dir
@@ -523,6 +583,7 @@ def _cache_part(cfg: Config) -> Path:
     writer = ShardWriter(shards_dir, part, next_sequence, capacity)
     workers = n_workers(cfg.cache.workers, len(todo))
     label = f"cache part {part + 1}/{n_parts}" if n_parts > 1 else "cache"
+    label += f" ({source})" if source else ""
     try:
         with tqdm(total=len(todo), desc=label, unit="img", dynamic_ncols=True) as progress:
             for result in cache_images(todo, cfg, cache_dir, workers):
@@ -550,12 +611,14 @@ def _cache_part(cfg: Config) -> Path:
     }
     atomic_write_json(_part_marker(cache_dir, part, n_parts), summary, indent=None)
     if n_parts == 1:
-        merge(cfg, quiet=True)
+        with folder_lock(cache_dir, "cache-merge", cfg.checks.lock_wait_s):
+            _merge(cfg, quiet=True)
     per_image = n_cells / max(1, len(images) - n_skipped)
     where = cache_dir if n_parts == 1 else f"{shards_dir} (then `weakcell cache-merge`)"
     recached = f", {len(changed)} re-cached (content changed)" if changed else ""
     print(
-        f"{label}: {len(images)} images ({len(todo)} processed now{recached}), {n_cells} cells, {per_image:.1f} cells/image, "
+        f"{label}: {len(images)} images ({len(todo)} processed now{recached}, {len(tasks) - len(todo)} cached "
+        f"before), {n_cells} cells, {per_image:.1f} cells/image, "
         f"{n_skipped} skipped{f' (see {cache_dir / SKIPPED_FILE})' if n_skipped and n_parts == 1 else ''}, "
         f"{seconds:.1f} s -> {where}"
     )
@@ -571,11 +634,15 @@ def _latest(images: pd.DataFrame) -> pd.DataFrame:
 
 
 def merge(cfg: Config, quiet: bool = False) -> Path:
-    """Join every part's committed indexes into ``cells.parquet``, ``images.parquet`` and ``skipped.csv``.
-    Refuses while a part of ``cache.num_shards`` has not finished. Rows are ordered by split (as in
-    ``cache.splits``), then image ID, then cell ID, so any split of the work merges to the same tables."""
-    with folder_lock(cfg.cache_dir, "cache-merge", cfg.checks.lock_wait_s):
-        return _merge(cfg, quiet)
+    """Join every part's committed indexes into ``cells.parquet``, ``images.parquet`` and ``skipped.csv``,
+    in the cache of every source (``weakcell.sources``). Refuses while a part of ``cache.num_shards`` has not
+    finished. Rows are ordered by split (as in ``cache.splits``), then image ID, then cell ID, so any split
+    of the work merges to the same tables. Returns the competition's cache folder."""
+    for source in data_sources(cfg):
+        source_cfg = source_config(cfg, source)
+        with folder_lock(source_cfg.cache_dir, "cache-merge", cfg.checks.lock_wait_s):
+            _merge(source_cfg, quiet)
+    return cfg.cache_dir
 
 
 def _merge(cfg: Config, quiet: bool) -> Path:

@@ -97,25 +97,43 @@ def scale_channels(
     return scaled.to(torch.uint8) if out is None else out.copy_(scaled)
 
 
-def draw_symmetries(batch: int) -> np.ndarray:
-    """(batch,) random symmetry codes from torch's RNG, so DataLoader workers (seeded per worker by torch)
-    never repeat each other."""
-    return torch.randint(0, 8, (batch,)).numpy()
+def draw_symmetries(batch: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(batch,) random symmetry codes from ``rng``, else from torch's RNG (seeded per DataLoader worker by
+    torch, so workers never repeat each other)."""
+    return rng.integers(0, 8, batch) if rng is not None else torch.randint(0, 8, (batch,)).numpy()
+
+
+def batch_rng(positions: Sequence[int]) -> np.random.Generator:
+    """The random draws of one batch, a pure function of its positions (which the engine draws from the
+    run's seed and epoch): no global RNG is touched, so batches can be read in any thread or order (the
+    engine's prefetch) and a resumed run draws what the uninterrupted one drew."""
+    return np.random.default_rng(np.asarray(positions, dtype=np.uint64))
 
 
 def augment_batch_(
-    crops: np.ndarray, augment: CropAugment, codes: np.ndarray | None = None, scratch: Scratch | None = None
+    crops: np.ndarray,
+    augment: CropAugment,
+    codes: np.ndarray | None = None,
+    scratch: Scratch | None = None,
+    rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """Randomly augment a ``(B, 4, S, S)`` uint8 batch IN PLACE (``crops`` must be the caller's own,
-    writable array) and return it as a tensor: the batched steps, then ``augment.pipeline`` crop by crop. ``codes`` are the symmetries to apply (drawn when None)."""
+    writable array) and return it as a tensor: the batched steps, then ``augment.pipeline`` crop by crop.
+    ``codes`` are the symmetries to apply (drawn when None); draws come from ``rng``, else torch's RNG."""
     scratch = scratch or Scratch()
     batch = torch.from_numpy(crops)
     moved = crops
     if augment.symmetries:
-        codes = draw_symmetries(len(crops)) if codes is None else codes
+        codes = draw_symmetries(len(crops), rng) if codes is None else codes
         moved = apply_symmetries(crops, codes, out=scratch.get("moved", crops.shape, np.uint8))
     if augment.intensity > 0:
-        gains = torch.empty(crops.shape[:2]).uniform_(1 - augment.intensity, 1 + augment.intensity)
+        low, high = 1 - augment.intensity, 1 + augment.intensity
+        shape = crops.shape[:2]
+        gains = (
+            torch.from_numpy(rng.uniform(low, high, shape).astype(np.float32))
+            if rng is not None
+            else torch.empty(shape).uniform_(low, high)
+        )
         work = torch.from_numpy(scratch.get("work", crops.shape, np.int16))
         scale_channels(torch.from_numpy(moved), gains, out=batch, work=work)
     elif moved is not crops:
@@ -128,8 +146,12 @@ def augment_batch_(
 class CellCrops(Dataset):
     """Cell crops of a cache (all cells, or the rows ``indices`` of ``cache.cells``, e.g. one fold's).
 
-    Positions index ``indices``; every batch carries ``index``, the rows of ``cache.cells`` it holds.
+    Positions index ``indices``; every batch carries ``index``, the rows of ``cache.cells`` it holds. A
+    batch's augmentations are drawn from ``batch_rng(positions)``, never from a global RNG
+    (``thread_safe``: the engine may read the next batch in another thread).
     """
+
+    thread_safe = True
 
     def __init__(
         self,
@@ -152,13 +174,14 @@ class CellCrops(Dataset):
         if not self.augment:
             return {"crops": torch.from_numpy(self.cache.crops(rows)), "index": torch.from_numpy(rows)}
         codes = None
+        rng = batch_rng(positions)
         if self.augment.symmetries:
             # Each cell draws its own symmetry; the batch is then ordered by symmetry (a batch is a set, and
             # ``index`` follows), so each symmetry is applied to one contiguous slice.
-            codes = draw_symmetries(len(rows))
+            codes = draw_symmetries(len(rows), rng)
             order = np.argsort(codes, kind="stable")
             rows, codes = rows[order], codes[order]
-        tensor = augment_batch_(self.cache.crops(rows), self.augment, codes, self.scratch)
+        tensor = augment_batch_(self.cache.crops(rows), self.augment, codes, self.scratch, rng)
         return {"crops": tensor, "index": torch.from_numpy(rows)}
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:

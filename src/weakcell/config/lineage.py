@@ -45,8 +45,8 @@ class Inputs:
     where or how fast it is made, not what it holds). ``upstream`` names what else it is made from, each
     fingerprinted by ``weakcell.lineage`` (``images``: the data's per-image content hashes; ``labels``: the
     label file's content; ``truth``: the synthetic truth; ``duplicates``, ``external``: the near-duplicates
-    file and the external sets' tables grouped folds read; ``cache``, ``folds``; ``previous``: the round
-    it continues)."""
+    file and the external sets' tables grouped folds read; ``cache``, ``folds``; ``sources``: the external
+    sources a run trains on; ``previous``: the round it continues)."""
 
     include: tuple[str, ...] = ("",)
     exclude: tuple[str, ...] = ()
@@ -88,6 +88,8 @@ _RUNTIME = (
     "cache.queue_images",
     "train.device",
     "train.workers",
+    "train.prefetch",
+    "train.validate_every",  # what the epoch log shows, never what is trained
     "train.compile",
 )
 # What a run's fold models are trained from, besides the cache, the folds file and the labels (their
@@ -116,7 +118,7 @@ def _rule_reads(cfg: Config) -> tuple[str, ...]:
 
 # The one table of what each finished output is made from. A stage reuses an output only while its
 # fingerprint (these settings and its upstream fingerprints, ``weakcell.lineage``) is the one recorded.
-Output = Literal["synthetic", "folds", "cache", "checkpoint", "run", "refine", "model"]
+Output = Literal["synthetic", "folds", "cache", "checkpoint", "run", "refine", "model", "submission"]
 OUTPUT_INPUTS: dict[Output, Inputs] = {
     # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
     "synthetic": Inputs(("synthetic.",), _RUNTIME),
@@ -145,8 +147,13 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
     # a resumable ``last.pt`` of the engine (weakcell.engine): the run that wrote it, on any machine and
     # whichever folds the call that continues it trains
     "checkpoint": Inputs(("train.",), (*_RUNTIME, "train.folds")),
-    # round 0 of a run, ``runs/<name>/``, and each inner model of refinement (weakcell.train)
-    "run": Inputs(_ROUND_ZERO, (*_RUNTIME, "train.folds"), upstream=("cache", "folds", "labels", "truth")),
+    # round 0 of a run, ``runs/<name>/``, and each inner model of refinement (weakcell.train); ``sources``:
+    # the external sources' caches, label files and intensity settings (weakcell.sources; none without)
+    "run": Inputs(
+        _ROUND_ZERO,
+        (*_RUNTIME, "train.folds"),
+        upstream=("cache", "folds", "labels", "truth", "sources"),
+    ),
     # a refinement round (weakcell.refine): the round before, the rule and what the rule reads;
     # ``refine.rounds`` only says how many rounds there are (``refine.epochs`` reaches them as train.epochs)
     "refine": Inputs(
@@ -155,8 +162,20 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
         conditional=_rule_reads,
         upstream=("previous",),
     ),
-    # the networks inference builds to load a run's weights into (weakcell.infer)
-    "model": Inputs(("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size")),
+    # the networks inference builds to load a run's weights into (weakcell.infer); model.pretrained_file is
+    # only where training started (the trained weights replace it), so it never makes a run unusable
+    "model": Inputs(
+        ("model.", "mil.mode", "mil.hidden", "mil.gated", "mil.dropout", "cache.crop_size"),
+        ("model.pretrained_file",),
+    ),
+    # a published submission folder (weakcell.infer): the networks it loads and how it blends and scores
+    # their predictions; upstream the cell cache, the fold weights, the thresholds and the sample submission.
+    # ``infer.output`` only says where it goes.
+    "submission": Inputs(
+        ("data.dataset", "model.", "mil.", "cache.crop_size", "refine.rounds", "infer."),
+        ("model.pretrained_file", "infer.output"),
+        upstream=("cache", "models", "thresholds", "sample"),
+    ),
 }
 
 

@@ -12,9 +12,18 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from weakcell.constants import HPA2021_CELL_LINES, CellScore
+from weakcell.data.ids import RULE, is_safe_id
 
 
 def _integer_code(value: object) -> object:
@@ -40,28 +49,99 @@ class PathsConfig(Section):
     ``root=/kaggle/working`` and points ``data.dir`` at ``/kaggle/input/...``: one switch, no absolute
     paths in the package."""
 
-    root: str = "."
-    data: str = "data"
-    cache: str = "cache"
-    runs: str = "runs"
-    folds: str = "folds"
-    submissions: str = "submissions"
-    reports: str = "reports"
-    kernels: str = "kernels"
+    root: str = Field(".", description="folder every relative path below resolves against")
+    data: str = Field("data", description="datasets: data.dir defaults to {paths.data}/{data.dataset}")
+    cache: str = Field(
+        "cache", description="cell-crop caches: {paths.cache}/{data.dataset}/{segment.backend}"
+    )
+    runs: str = Field("runs", description="trained runs: {paths.runs}/{name}")
+    folds: str = Field("folds", description="folds files: {paths.folds}/{data.dataset}.csv")
+    submissions: str = Field("submissions", description="inference outputs: {paths.submissions}/{name}")
+    reports: str = Field("reports", description="plots and evaluation reports")
+    kernels: str = Field("kernels", description="generated Kaggle kernels: {paths.kernels}/<variant>")
+
+
+class SourceConfig(Section):
+    """An external data set trained on beside the competition's (one entry of ``data.sources``): a folder in
+    the data set's own layout (``train/<ID>_<color>.png``, the label file; ``make external`` writes one),
+    cached into its own cache folder and read through its own intensity gain (``weakcell.sources``)."""
+
+    dir: str = Field(
+        description="the set's folder (train/, its label file, sources.csv), e.g. data/hpa2021-external"
+    )
+    name: str | None = Field(
+        None,
+        description="names the source in logs and tables and its cache, {paths.cache}/<name>/<segment.backend>; "
+        "null = the folder's name",
+    )
+    folds: Literal["train_only", "folded"] | None = Field(
+        None,
+        description="train_only = fold -1 (trained on in every fold, never validated), folded = stratified "
+        "into the folds like the competition's images; null = folds.external_mode. The set joins "
+        "folds.external (make folds covers it)",
+    )
+    intensity: Literal["gain", "none"] = Field(
+        "gain",
+        description="gain = its crops are read through a per-channel gain that maps its cells' mean "
+        "intensity onto the competition's (measured on both caches' training crops, or `gain`); none = as cached",
+    )
+    gain: tuple[float, float, float, float] | None = Field(
+        None, description="R, G, B, Y gain to use instead of measuring one (intensity=gain)"
+    )
+
+    @field_validator("gain")
+    @classmethod
+    def _positive_gain(
+        cls, value: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
+        if value is not None and not all(0 < g <= 64 for g in value):
+            raise ValueError(f"a gain multiplies intensities: 4 values in (0, 64], not {value}")
+        return value
+
+    @property
+    def source_name(self) -> str:
+        """``name``, else the folder's last part."""
+        return self.name or Path(self.dir).name
 
 
 class DataConfig(Section):
-    """Which dataset a run reads. ``dir`` defaults to ``{paths.data}/{dataset}``."""
+    """Which dataset a run reads. ``dir`` defaults to ``{paths.data}/{dataset}``: the competition's images,
+    the only ones scored and predicted. ``sources`` adds external sets to train on."""
 
-    dataset: Literal["synthetic", "synthetic2018", "hpa2021", "hpa2018"] = "synthetic"
-    dir: str | None = None
+    dataset: Literal["synthetic", "synthetic2018", "hpa2021", "hpa2018"] = Field(
+        "synthetic",
+        description="layout and class table: hpa2021 (19 classes), hpa2018 (28), or a synthetic set",
+    )
+    dir: str | None = Field(
+        None,
+        description="the dataset's folder (train/, train.csv, test/, ...); None = {paths.data}/{dataset}",
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="external sets trained on beside the competition's images, each {dir, name, folds: "
+        "train_only|folded, intensity: gain|none, gain} (weakcell.sources); [] = the competition's alone",
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.source_name for source in value]
+        unsafe = [name for name in names if not is_safe_id(name)]
+        if unsafe:  # a name becomes a cache folder: cache/<name>/<backend>
+            raise ValueError(f"data.sources name {unsafe[0]!r} is not a folder name ({RULE}); set its name")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.sources names {repeated[0]!r} twice; give each source its own name")
+        if "competition" in names:
+            raise ValueError("'competition' names the data set's own images; give the source another name")
+        return value
 
 
 class SyntheticConfig(Section):
     """Knobs of the synthetic HPA benchmark (``make data``); see ``weakcell.synthetic``."""
 
-    n_train: int = Field(240, ge=1)
-    n_test: int = Field(40, ge=0)
+    n_train: int = Field(240, ge=1, description="training images (train/, train.csv)")
+    n_test: int = Field(40, ge=0, description="test images (test/, sample_submission.csv)")
     image_size: int = Field(512, ge=64, description="side of the square images, pixels")
     cell_scale: float = Field(
         0.25, gt=0, description="cell size relative to real HPA at 2048 px (0.25 = real cells at 512 px)"
@@ -98,7 +178,7 @@ class SyntheticConfig(Section):
         le=1.0,
         description="fraction of cells in mitosis; they carry the spindle label only where the image shows it",
     )
-    seed: int = 2021
+    seed: int = Field(2021, description="seed of the generator (the same seed draws the same images)")
     workers: int = Field(0, ge=0, description="processes; 0 = one per core")
 
     @field_validator("cells_per_image", "expressing_fraction", "intensity_range")
@@ -116,8 +196,8 @@ class FoldsConfig(Section):
     external sets). Each setting has its own file (see ``file``), so folds of other settings never replace
     a committed one."""
 
-    n_splits: int = Field(5, ge=2)
-    seed: int = 42
+    n_splits: int = Field(5, ge=2, description="folds (K)")
+    seed: int = Field(42, description="seed of the stratified split")
     group_column: str | None = Field(
         None, description="column of the label file whose equal values must share a fold"
     )
@@ -125,7 +205,7 @@ class FoldsConfig(Section):
         None,
         description="defaults to {paths.folds}/{data.dataset}.csv at the default settings (5 folds, seed "
         "42, no groups; the committed real-data folds), else {paths.folds}/{data.dataset}-<n_splits>x<seed>"
-        "[-by-<group_column>][-dups][-ext[-folded]].csv",
+        "[-by-<group_column>][-dups][-ext[-folded|-mixed]].csv",
     )
     # -- grouped folds (weakcell.folds.fold_groups): near-duplicates and external sets (issue 23) --
     duplicates: str | None = Field(
@@ -143,6 +223,11 @@ class FoldsConfig(Section):
         description="train_only = external images get fold -1 (always trained on, never validated) unless "
         "a near-duplicate ties them to a competition image, whose fold they take; folded = stratified too",
     )
+    external_modes: dict[str, Literal["train_only", "folded"]] = Field(
+        default_factory=dict,
+        description="external set (as in folds.external) -> its own mode where it differs from "
+        "external_mode; data.sources' `folds` fill it",
+    )
     report: str | None = Field(
         None, description="folds report (markdown); defaults to {paths.reports}/folds-{data.dataset}.md"
     )
@@ -150,8 +235,9 @@ class FoldsConfig(Section):
     def own_name(self) -> str:
         """What names these settings' folds file after the data set: '' at the defaults, else
         ``-<n_splits>x<seed>`` plus ``-by-<group_column>``, ``-dups`` with near-duplicate groups and
-        ``-ext`` (``-ext-folded``) with external sets. Which duplicates file or external sets is not in the
-        name: it is recorded beside the file (``weakcell.folds_record``), which refuses a file of other settings."""
+        ``-ext`` with external sets (``-ext-folded`` when they are folded, ``-ext-mixed`` when their modes
+        differ). Which duplicates file or external sets is not in the name: it is recorded beside the file
+        (``weakcell.folds_record``), which refuses a file of other settings."""
         defaults = FoldsConfig()
         plain = (self.n_splits, self.seed, self.group_column) == (
             defaults.n_splits,
@@ -166,8 +252,13 @@ class FoldsConfig(Section):
         if self.duplicates is not None:
             name += "-dups"
         if self.external:
-            name += "-ext" if self.external_mode == "train_only" else "-ext-folded"
+            modes = {self.mode_of(folder) for folder in self.external}
+            name += "-ext-mixed" if len(modes) > 1 else "-ext" if modes == {"train_only"} else "-ext-folded"
         return name
+
+    def mode_of(self, folder: str) -> str:
+        """How the external set ``folder`` (an entry of ``external``) is folded."""
+        return self.external_modes.get(folder, self.external_mode)
 
 
 class ClassicalSegmentConfig(Section):
@@ -307,14 +398,14 @@ class HpaCellSegConfig(Section):
 class PostprocessConfig(Section):
     """Rules applied after any backend, as the top 2021 teams did; each one a switch."""
 
-    drop_cells_without_nucleus: bool = True
+    drop_cells_without_nucleus: bool = Field(True, description="drop cells that hold no nucleus pixel")
     drop_border_cells_with_small_nucleus: bool = Field(
         False, description="drop border-touching cells whose nucleus is < border_nucleus_fraction x median"
     )
     border_nucleus_fraction: float = Field(
         0.5, ge=0, description="a border cell's nucleus area under this fraction of the median is dropped"
     )
-    fill_holes: bool = True
+    fill_holes: bool = Field(True, description="fill holes inside each cell's mask")
     min_cell_area: int = Field(0, ge=0, description="pixels at full resolution; 0 = no limit")
 
 
@@ -322,7 +413,11 @@ class SegmentConfig(Section):
     """Cell segmentation (``make cache``). ``backend`` is a registry name, optionally ``+``-joined with
     refiners, e.g. ``classical``, ``cellpose``, ``cellpose+sam``."""
 
-    backend: str = "classical"
+    backend: str = Field(
+        "classical",
+        description="segmenter (classical | cellpose), optionally + refiners (cellpose+sam); names: "
+        "weakcell.segment.SEGMENTERS, REFINERS",
+    )
     classical: ClassicalSegmentConfig = Field(default_factory=ClassicalSegmentConfig)
     cellpose: CellposeSegmentConfig = Field(default_factory=CellposeSegmentConfig)
     sam: SamRefineConfig = Field(default_factory=SamRefineConfig)
@@ -340,7 +435,9 @@ class CacheConfig(Section):
     """The cell-crop cache: instance masks, ``cells.parquet``, uint8 crop shards (``make cache``)."""
 
     crop_size: int = Field(64, ge=16, description="side of the square crops, pixels")
-    splits: list[str] = Field(default_factory=lambda: ["train", "test"])
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "test"], description="splits of the dataset to cache (train, test)"
+    )
     dir: str | None = Field(None, description="defaults to {paths.cache}/{data.dataset}/{segment.backend}")
     workers: int = Field(0, ge=0, description="processes; 0 = one per core")
     on_error: Literal["raise", "skip"] = Field("skip", description="skip = report by ID in skipped.csv")
@@ -367,7 +464,9 @@ class ModelConfig(Section):
     """Backbone + heads (``weakcell.models``). ``backbone`` is any timm model name, built with ``in_chans=4``
     and no classifier; weights come from ``pretrained_file`` only (nothing is downloaded)."""
 
-    backbone: str = "resnet18"
+    backbone: str = Field(
+        "resnet18", description="a timm model name (timm.list_models), built with 4 input channels"
+    )
     pretrained_file: str | None = Field(
         None,
         description="local weights (file, or a folder holding one, e.g. a Kaggle dataset); a 3-channel "
@@ -417,7 +516,7 @@ class MilConfig(Section):
 class TrainConfig(Section):
     """The one training engine's settings, shared by every stage (``weakcell.engine.fit``)."""
 
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(4, ge=1, description="stage-1 (cell model) epochs per fold")
     batch_size: int = Field(
         256,
         ge=1,
@@ -433,7 +532,7 @@ class TrainConfig(Section):
         "auto",
         description="auto = bf16 on CUDA that supports it, fp16 + GradScaler on older GPUs, off on CPU",
     )
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="NHWC memory layout (faster convolutions on GPUs)")
     ema: float | None = Field(
         None, gt=0, lt=1, description="EMA decay, e.g. 0.999; validation and model.pt use the EMA; None = off"
     )
@@ -442,9 +541,19 @@ class TrainConfig(Section):
         ge=0,
         description="optimizer steps between resumable checkpoints (and at each epoch end); 0 = epoch ends only",
     )
-    loss: Literal["bce", "focal"] = "bce"
-    focal_gamma: float = Field(2.0, ge=0)
+    loss: Literal["bce", "focal"] = Field("bce", description="cell loss: binary cross-entropy or focal")
+    focal_gamma: float = Field(2.0, ge=0, description="focusing exponent of train.loss=focal")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    prefetch: bool = Field(
+        True,
+        description="with workers 0: read and augment the next batch in a background thread while the model "
+        "computes (datasets that seed their augmentations per batch; results do not change)",
+    )
+    validate_every: int = Field(
+        1,
+        ge=1,
+        description="validate (the epoch log's val columns) every this many epochs, and after the last",
+    )
     augment: list[dict[str, Any]] = Field(
         default_factory=lambda: list[dict[str, Any]](
             [{"name": "symmetries"}, {"name": "gain", "limit": 0.2}]
@@ -493,6 +602,11 @@ class ThresholdsConfig(Section):
         description="each class's threshold moves toward the one best for macro-F1 over all classes, with "
         "weight positives / (positives + shrinkage) on its own (0 = each class's own, rare ones the fallback)",
     )
+    sources: Literal["competition", "all"] = Field(
+        "competition",
+        description="whose out-of-fold images tune the thresholds: competition = the data set's own (the "
+        "images inference predicts), all = those of folded external sources (data.sources) too",
+    )
 
 
 class InferConfig(Section):
@@ -534,7 +648,9 @@ class InferConfig(Section):
         "(image thresholds from the first); None = infer.models or this run",
     )
     output: str | None = Field(
-        None, description="submission folder name under paths.submissions; None = name"
+        None,
+        description="submission folder: a name goes under paths.submissions, a path (submissions/x, /abs/x) "
+        "is used as given; None = name",
     )
 
 
@@ -587,7 +703,9 @@ class RefineConfig(Section):
         "negative",
         description="an image label a cell does not keep: train it as 0, or leave the pair out of the loss",
     )
-    targets: Literal["hard", "soft"] = "hard"
+    targets: Literal["hard", "soft"] = Field(
+        "hard", description="a kept class is a target of 1 (hard) or the cell's relative score (soft)"
+    )
     epochs: int = Field(6, ge=1, description="backbone epochs per round")
     init: Literal["previous", "scratch"] = Field(
         "previous", description="previous = fine-tune the previous round's fold model; scratch = start anew"
@@ -893,8 +1011,8 @@ class ExternalConfig(Section):
 class Config(Section):
     """The whole pipeline's settings. Each stage reads its own section."""
 
-    name: str = "demo"
-    seed: int = 42
+    name: str = Field("demo", description="the run: runs/<name>/, submissions/<name>/, Kaggle slugs")
+    seed: int = Field(42, description="training seed (model init, data order, augmentations)")
     force: bool = Field(False, description="redo finished work (make ... FORCE=1)")
     paths: PathsConfig = Field(default_factory=PathsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -915,11 +1033,48 @@ class Config(Section):
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     external: ExternalConfig = Field(default_factory=ExternalConfig)
 
+    @model_validator(mode="after")
+    def _sources_join_folds(self) -> Config:
+        """Every source of ``data.sources`` joins ``folds.external`` (the folds file covers the images a
+        run trains on), with its own ``folds`` mode in ``folds.external_modes``. Idempotent."""
+        if not self.data.sources:
+            return self
+        external, modes = list(self.folds.external), dict(self.folds.external_modes)
+        for source in self.data.sources:
+            if source.dir not in external:
+                external.append(source.dir)
+            if source.folds is not None and source.folds != self.folds.external_mode:
+                modes[source.dir] = source.folds
+        if external != self.folds.external:
+            self.folds.external = external
+        if modes != self.folds.external_modes:
+            self.folds.external_modes = modes
+        return self
+
     # -- derived locations -------------------------------------------------------------------------
     def path(self, relative: str | os.PathLike[str]) -> Path:
         """Resolve a configured path against ``paths.root``."""
         candidate = Path(relative)
         return candidate if candidate.is_absolute() else Path(self.paths.root) / candidate
+
+    def rooted_weights(self) -> Config:
+        """This config with its weight-file settings (``model.pretrained_file``, ``segment.cellpose.weights``,
+        ``segment.sam.weights``) resolved against ``paths.root`` like every other path, so a project whose
+        outputs live elsewhere finds the ``weights/`` that ``make weights`` wrote there."""
+
+        def rooted(value: str | None) -> str | None:
+            return None if value is None else str(self.path(Path(value).expanduser()))
+
+        segment = self.segment.model_copy(
+            update={
+                "cellpose": self.segment.cellpose.model_copy(
+                    update={"weights": rooted(self.segment.cellpose.weights)}
+                ),
+                "sam": self.segment.sam.model_copy(update={"weights": rooted(self.segment.sam.weights)}),
+            }
+        )
+        model = self.model.model_copy(update={"pretrained_file": rooted(self.model.pretrained_file)})
+        return self.model_copy(update={"segment": segment, "model": model})
 
     @property
     def data_dir(self) -> Path:
@@ -946,6 +1101,15 @@ class Config(Section):
     def model_dir(self) -> Path:
         """The final round's folder: what thresholds, inference, evaluation and Kaggle datasets read."""
         return self.round_dir(self.refine.rounds)
+
+    @property
+    def submission_dir(self) -> Path:
+        """Where ``make infer`` publishes: ``infer.output`` (or ``name``) under ``paths.submissions`` when it
+        is a bare name, as given (against ``paths.root``) when it is a path such as ``submissions/x``."""
+        output = self.infer.output or self.name
+        if Path(output).is_absolute() or len(Path(output).parts) > 1:
+            return self.path(output)
+        return self.path(self.paths.submissions) / output
 
     @property
     def weights_dir(self) -> Path:

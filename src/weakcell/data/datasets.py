@@ -31,6 +31,15 @@ class DatasetSpec:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def image_level_columns(self) -> tuple[str, str, str]:
+        """(ID column, labels column, separator) of ``image_level.csv``: the 2018 submission ``Id,Predicted``
+        (space-separated) where images are scored; else the label file's own layout (2021: ``ID,Label``,
+        ``|``), since the 2021 competition scores cells only and its image labels are no Kaggle file."""
+        if self.submission == "image":
+            return self.id_column, "Predicted", " "
+        return self.id_column, self.label_column, self.label_sep
+
 
 DATASETS: dict[str, DatasetSpec] = {
     "hpa2021": DatasetSpec("hpa2021", HPA2021_CLASSES, "ID", "Label", "|", NEGATIVE),

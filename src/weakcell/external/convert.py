@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from weakcell.constants import CHANNELS
 from weakcell.data.images import to_uint8
+
+# sources.csv, one row per image tried: what was fetched (format, bit depth, native size) and stored
+SOURCES_COLUMNS = (
+    "ID", "url_stem", "antibody", "cell_line", "locations", "format", "bit_depth", "width", "height",
+    "stored_width", "stored_height", *(f"sha256_{c}" for c in CHANNELS), "status", "reason",
+)  # fmt: skip
 
 
 class ImageRejected(Exception):

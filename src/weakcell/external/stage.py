@@ -37,17 +37,13 @@ from weakcell.data.datasets import DatasetSpec, get_dataset
 from weakcell.data.images import write_channel
 from weakcell.data.labels import format_labels
 from weakcell.errors import StageError
-from weakcell.external.convert import ImageRejected, to_stored
+from weakcell.external.convert import SOURCES_COLUMNS, ImageRejected, to_stored
 from weakcell.external.fetch import ChannelFailed, Fetcher
 from weakcell.external.lists import Selection, channel_file, read_image_list, select_images
 from weakcell.external.locations import location_table
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
 
 LOG = "fetch-log.jsonl"
-SOURCES_COLUMNS = (
-    "ID", "url_stem", "antibody", "cell_line", "locations", "format", "bit_depth", "width", "height",
-    "stored_width", "stored_height", *(f"sha256_{c}" for c in CHANNELS), "status", "reason",
-)  # fmt: skip
 
 # What the dry run's arithmetic assumes (benchmarks/external-sizes.md measures the byte rates):
 # mean pixels of a public image, taking the competition's size mix as the proxy (17,955 images at 2048²,

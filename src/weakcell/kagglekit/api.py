@@ -31,6 +31,7 @@ from weakcell.kagglekit.naming import (
     competition_key,
     competition_slug,
     kaggle_config_dir,
+    token_path,
 )
 from weakcell.outputs import atomic_write, atomic_write_json
 
@@ -79,7 +80,7 @@ def scrub(text: str) -> str:
 
 
 def no_credentials_message(by_hand: str) -> str:
-    token = kaggle_config_dir() / "kaggle.json"
+    token = token_path()
     return (
         f"no Kaggle credentials: create a token at {TOKEN_URL} (Create New Token) and save the downloaded "
         f"kaggle.json as {token} (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY.\n  {by_hand}"
@@ -229,7 +230,7 @@ def download(cfg: Config) -> list[Path]:
 def _submission_file(cfg: Config) -> Path:
     if cfg.kaggle.file:
         return cfg.path(cfg.kaggle.file)
-    return cfg.path(cfg.paths.submissions) / cfg.name / "image_level.csv"
+    return cfg.submission_dir / "image_level.csv"
 
 
 def submit_file(cfg: Config, slug: str) -> None:
@@ -301,11 +302,19 @@ def next_steps(metadata: dict[str, Any], slug: str, url: str | None = None) -> s
 def submit_kernel(cfg: Config, slug: str) -> None:
     """The code competition: check the generated kernel, push it, print what to click next."""
     from weakcell.data.datasets import get_dataset
+    from weakcell.kagglekit.agreement import require_agreement
     from weakcell.submission import check_published, validate_cell_level
 
     folder = cfg.path(cfg.paths.kernels) / cfg.kaggle.submit_variant
     metadata = check_kernel(folder)
-    local = cfg.path(cfg.paths.submissions) / cfg.name / "cell_level.csv"
+    if not cfg.kaggle.dry_run and metadata["id"].startswith(f"{PLACEHOLDER_OWNER}/"):
+        raise StageError(
+            f"{folder / METADATA_FILE} has no Kaggle username in its id ({metadata['id']}): "
+            "`make kernels ARGS=kaggle.owner=<you>` (or set KAGGLE_USERNAME), then submit again"
+        )
+    # the kernel must predict with the models the weights dataset holds (a stale one fails only on Kaggle)
+    require_agreement(cfg, "submit", need=("dataset", "kernel"))
+    local = cfg.submission_dir / "cell_level.csv"
     if local.is_file():  # the kernel predicts on Kaggle; a local submission of the same run is checked too
         check_published(local)
         sample = cfg.data_dir / get_dataset(cfg.data.dataset).sample_submission
@@ -322,11 +331,6 @@ def submit_kernel(cfg: Config, slug: str) -> None:
     if cfg.kaggle.dry_run:
         print(f"submit (dry run): would run `{command}`\n{next_steps(metadata, slug)}")
         return
-    if metadata["id"].startswith(f"{PLACEHOLDER_OWNER}/"):
-        raise StageError(
-            f"{folder / METADATA_FILE} has no Kaggle username in its id ({metadata['id']}): "
-            "`make kernels ARGS=kaggle.owner=<you>` (or set KAGGLE_USERNAME), then submit again"
-        )
     by_hand = f"Or push by hand: `{command}` once the credentials work, or paste {metadata['code_file']} into a new notebook."
     api = connect(by_hand, slug)
     response = call(lambda: api.kernels_push(str(folder)), by_hand, slug)

@@ -323,8 +323,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def weights_dataset(cfg: Config) -> Path:
-    """``make weights-dataset RUN=<run>``: the run's weights dataset folder, read while holding the run's
-    lock (no stage rewrites its weights meanwhile)."""
+    """``make weights-dataset RUN=<run>``: the run's weights dataset folder, with ``packed.json`` (what it
+    holds: round, folds, network, classes) beside the run's config, read while holding the run's lock (no
+    stage rewrites its weights meanwhile). Refuses when the run does not hold the round or network the config
+    names (``agreement``)."""
     with (
         datasets_lock(cfg, "weights-dataset"),
         folder_lock(cfg.run_dir, "weights-dataset", cfg.checks.lock_wait_s),
@@ -333,6 +335,9 @@ def weights_dataset(cfg: Config) -> Path:
 
 
 def _weights_dataset(cfg: Config) -> Path:
+    from weakcell.kagglekit.agreement import PACKED_FILE, agreement_problems, packed_json, require_agreement
+
+    require_agreement(cfg, "weights-dataset", compare=("run",), need=("run",))
     manifest = weights_manifest(cfg)
     slug = weights_slug(cfg)
     target, staging = dataset_folders(cfg, slug)
@@ -343,13 +348,17 @@ def _weights_dataset(cfg: Config) -> Path:
         else:
             _link_or_copy(source, staging / relative)
     n_folds = sum(1 for _, relative in manifest if relative.as_posix().endswith(FOLD_WEIGHTS[1]))
-    round_note = f", round {cfg.refine.rounds}" if cfg.model_dir != cfg.run_dir else ""
+    round_note = f", round {cfg.refine.rounds}"
     description = (
         f"Weights of weakcell run {cfg.name!r}{round_note}: {n_folds} folds of cell + MIL model.pt "
         "(weights only), thresholds.json and the resolved config.yaml. Written by `make weights-dataset`."
     )
+    atomic_write_text(staging / cfg.name / PACKED_FILE, packed_json(cfg) + "\n")
     _write_json(staging / METADATA_FILE, dataset_metadata(cfg, slug, description))
     _swap_in(staging, target)
+    stale = agreement_problems(cfg, compare=("dataset", "kernel"))
+    if stale:  # the kernel is regenerated after the dataset; `make submit` refuses while they differ
+        print(f"weights-dataset: the generated kernel no longer fits ({stale[0]}): run `make kernels`")
     print(
         f"weights-dataset: run {cfg.name}{round_note}, {n_folds} folds x (cell, mil) weights, thresholds.json, "
         f"config.yaml, {folder_mb(target):.1f} MB -> {target}\n"

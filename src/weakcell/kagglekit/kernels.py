@@ -23,7 +23,8 @@ import yaml
 
 import weakcell
 from weakcell.config import Config
-from weakcell.errors import UnknownName
+from weakcell.errors import StageError, UnknownName
+from weakcell.kagglekit.agreement import EXPECT_NAME, expect_literal, require_agreement
 from weakcell.kagglekit.naming import (
     PLACEHOLDER_OWNER,
     backbone_id,
@@ -184,8 +185,10 @@ def kernel_overrides(cfg: Config, variant: str) -> list[str]:
     spec = variant_of(variant)
     overrides = []
     if not spec.train:
-        # the test split only, predicted by this run's packed round into submissions/<run>/
+        # the test split only, predicted by this run's packed round into submissions/<run>/; the external
+        # sources it was trained on are neither cached nor attached (weakcell.sources)
         overrides = [
+            "data.sources=[]",
             "cache.splits=[test]",
             "infer.split=test",
             "infer.models=null",
@@ -221,9 +224,21 @@ def _config_line(cfg: Config) -> str:
     return f"# the resolved config this kernel trains with\nCONFIG_YAML = {literal}"
 
 
+def buildable_variant(cfg: Config, variant: str) -> Variant:
+    """The variant's spec, refused where the kernel could not run: a training kernel of a config with
+    ``data.sources`` (they are not attached on Kaggle)."""
+    spec = variant_of(variant)
+    if spec.train and cfg.data.sources:
+        raise StageError(
+            f"the {variant} kernel trains on Kaggle, where data.sources ({', '.join(s.dir for s in cfg.data.sources)}) "
+            "is not attached; leave it out of kaggle.variants, or train with data.sources=[]"
+        )
+    return spec
+
+
 def kernel_script(cfg: Config, variant: str) -> str:
     """The kernel's Python source, rendered from ``kernel.py.tmpl``."""
-    spec = variant_of(variant)
+    spec = buildable_variant(cfg, variant)
     key = competition_key(cfg)
     inputs = weight_inputs(cfg, variant)
     overrides = kernel_overrides(cfg, variant)
@@ -251,10 +266,15 @@ def kernel_script(cfg: Config, variant: str) -> str:
             "copied to submission.csv",
         ),
     }
+    expect = None if spec.train else expect_literal(cfg)
     lines = [
         f"{name} = {_literal(value)}" + (f"  # {comment}" if comment else "")
         for name, (value, comment) in settings.items()
     ]
+    # the models the weights dataset must hold (its packed.json), compared before any work
+    lines.append(
+        f"{EXPECT_NAME} = {expect or 'None'}  # the run, round, folds, network and classes to predict with"
+    )
     lines.append(_config_line(cfg) if spec.train else _NO_CONFIG_LINE)
     where_weights = (
         "it trains its own models"
@@ -289,7 +309,9 @@ def write_kernel(cfg: Config, variant: str) -> Path:
 def run(cfg: Config) -> list[Path]:
     """``make kernels``: every variant of ``kaggle.variants``, holding the kernels folder's lock."""
     for variant in cfg.kaggle.variants:
-        variant_of(variant)  # fail before writing anything
+        buildable_variant(cfg, variant)  # fail before writing anything
+    # the run and its weights dataset, where they exist, must be the models the kernels will expect
+    require_agreement(cfg, "kernels", compare=("run", "dataset"))
     with folder_lock(cfg.path(cfg.paths.kernels), "kernels", cfg.checks.lock_wait_s):
         return _write_kernels(cfg)
 

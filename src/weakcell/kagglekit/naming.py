@@ -57,6 +57,17 @@ def kaggle_config_dir() -> Path:
     return home
 
 
+TOKEN_HOME = "~/.kaggle/kaggle.json"  # the README's path: the client reads it whenever ~/.kaggle exists
+
+
+def token_path() -> str:
+    """Where to save a new ``kaggle.json``, as the README says it: ``$KAGGLE_CONFIG_DIR/kaggle.json`` when
+    that is set, else ``~/.kaggle/kaggle.json`` (which the client always reads once the folder exists; its
+    XDG fallback is only for a machine without ~/.kaggle)."""
+    configured = os.environ.get("KAGGLE_CONFIG_DIR")
+    return str(Path(configured) / "kaggle.json") if configured else TOKEN_HOME
+
+
 def resolve_owner(cfg: Config) -> str:
     """``kaggle.owner``, else ``$KAGGLE_USERNAME``, else the username in ``kaggle.json`` (the key in that file
     is never read), else ``PLACEHOLDER_OWNER``."""

@@ -57,7 +57,8 @@ def create_model(
     """Build the ``MODELS[name]`` model from the resolved config; ``pos_weight`` (C,) weighs positives."""
     if name not in MODELS:
         raise UnknownName(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    return MODELS[name](cfg, n_classes, in_dim=in_dim, pos_weight=pos_weight)
+    # model.pretrained_file is found against paths.root, as make weights writes it
+    return MODELS[name](cfg.rooted_weights(), n_classes, in_dim=in_dim, pos_weight=pos_weight)
 
 
 __all__ = [

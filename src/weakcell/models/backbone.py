@@ -19,11 +19,31 @@ import timm
 import torch
 from torch import nn
 
+from weakcell.config import ConfigError
 from weakcell.weights import WeightsError, load_state_dict
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+# timm builds these from elsewhere than its registry (the hub, a local folder); only their source can tell
+REMOTE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def check_backbone(name: str) -> None:
+    """Raise ``ConfigError`` (one line, the closest timm names) unless timm can build ``name``: checked
+    when a config is loaded for a stage that builds a network, before any folder is created."""
+    if name.startswith(REMOTE_PREFIXES) or timm.is_model(name):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(
+        f"model.backbone={name!r} is not a timm model{hint} (every name: python -c "
+        f'"import timm; print(timm.list_models())")'
+    )
 
 
 def create_backbone(
@@ -40,6 +60,7 @@ def create_backbone(
     ``pretrained_file`` is a weights file or a folder holding one (see ``resolve_weights_file``); None =
     random init. Nothing is ever downloaded. ``feature_dim(model)`` gives D.
     """
+    check_backbone(name)
     model = timm.create_model(
         name, pretrained=False, num_classes=0, in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs
     )

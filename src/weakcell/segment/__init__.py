@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from weakcell.config import SegmentConfig
-from weakcell.errors import UnknownName
+from weakcell.errors import BackendError, UnknownName, WeakcellError
 
 
 @dataclass
@@ -127,13 +129,67 @@ def for_image(cfg: SegmentConfig, shape: tuple[int, ...]) -> SegmentConfig:
     )
 
 
+# -- can the backend start -------------------------------------------------------------------------------------
+
+# Parts that read weights files: name -> "module:function" taking the SegmentConfig, returning the files
+# (FileNotFoundError listing where it looked when one is missing).
+WEIGHTS_OF: dict[str, str] = {
+    "cellpose": "weakcell.segment.cellpose_backend:weights_files",
+    "hpacellseg": "weakcell.segment.hpacellseg.backend:weights_files",
+    "sam": "weakcell.segment.sam_refine:weights_files",
+}
+
+
+def backend_weights(cfg: SegmentConfig) -> dict[str, tuple[Path, ...] | FileNotFoundError]:
+    """Each weights-reading part of ``cfg.backend`` -> its weights files, or the error of looking for them
+    (every part is looked for, so all missing files are named at once). Unknown names raise UnknownName."""
+    first, refiners = parse_backend(cfg.backend)
+    found: dict[str, tuple[Path, ...] | FileNotFoundError] = {}
+    for part in (first, *refiners):
+        if part in WEIGHTS_OF:
+            module, _, function = WEIGHTS_OF[part].partition(":")
+            try:
+                found[part] = getattr(importlib.import_module(module), function)(cfg)
+            except FileNotFoundError as err:
+                found[part] = err
+    return found
+
+
+def check_backend(cfg: SegmentConfig) -> None:
+    """Raise ``BackendError`` (one line naming every problem) unless ``cfg.backend`` can start: its names
+    are registered and every weights file it reads is there. Loading the networks is left to the first
+    image (a failure there is a ``BackendError`` too, raised by the backend)."""
+    try:
+        found = backend_weights(cfg)
+    except UnknownName as err:
+        raise BackendError(f"segment.backend={cfg.backend!r} cannot start: {err}") from None
+    missing = [f"{part}: {error}" for part, error in found.items() if isinstance(error, FileNotFoundError)]
+    if missing:
+        raise BackendError(f"segment.backend={cfg.backend!r} cannot start: {' | '.join(missing)}")
+
+
+@contextmanager
+def starting(backend: str, what: str) -> Iterator[None]:
+    """Faults while a backend starts (a weights file missing or unreadable, a model that fails to load) are
+    the configuration's, not an image's: raised as one ``BackendError`` that stops the stage."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except (OSError, WeakcellError) as err:
+        raise BackendError(f"segment.backend={backend!r} cannot start ({what}): {err}") from err
+
+
 def segment_image(image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
     """Segment one ``(4, H, W)`` uint8 image with the configured backend, refiners and post-processing,
     at sizes rescaled to the image (``for_image``)."""
     from weakcell.segment.postprocess import postprocess
 
     cfg = for_image(cfg, image.shape[1:])
-    first, _ = parse_backend(cfg.backend)
+    try:
+        first, _ = parse_backend(cfg.backend)
+    except UnknownName as err:  # the configuration's fault, not the image's
+        raise BackendError(f"segment.backend={cfg.backend!r} cannot start: {err}") from None
     result = _load(SEGMENTERS, first, "segmentation backend")(image, cfg)
     for refine in refiners_of(cfg):
         result = refine(image, result, cfg)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from weakcell.config import SegmentConfig
-from weakcell.segment import NETWORK_STAGES, Segmentation, for_image, parse_backend, refiners_of
+from weakcell.segment import NETWORK_STAGES, Segmentation, for_image, parse_backend, refiners_of, starting
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class NetworkStage:
     def segment(self, image: np.ndarray, cfg: SegmentConfig) -> Segmentation:
         """One ``(4, H, W)`` uint8 image through the three steps in this process (the backend's
         ``Segmenter``); a missing weights file fails before the image is resampled."""
-        self.ready(cfg)
+        with starting(cfg.backend, "its weights"):
+            self.ready(cfg)
         item = self.prepare(image, cfg)
         return self.finish(image, item, self.predict([item], cfg)[0], cfg)
 

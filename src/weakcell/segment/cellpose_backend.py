@@ -41,7 +41,7 @@ from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
 from weakcell.errors import StageError
-from weakcell.segment import Segmentation
+from weakcell.segment import Segmentation, starting
 from weakcell.segment.batched import NetworkInput, NetworkStage
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
@@ -166,6 +166,11 @@ def _located(weights: str | None, env_value: str | None) -> Path:
     return find_weights(weights, ENV_VAR, WEIGHT_PATTERNS, config_key=CONFIG_KEY, example=EXAMPLE)
 
 
+def weights_files(cfg: SegmentConfig) -> tuple[Path, ...]:
+    """The Cellpose-SAM weights file ``cfg`` names (``weakcell.segment.WEIGHTS_OF``)."""
+    return (locate_weights(cfg.cellpose.weights),)
+
+
 def network_input(image: np.ndarray, cytoplasm_channels: Sequence[str]) -> np.ndarray:
     """``(4, h, w)`` uint8 -> ``(h, w, 3)`` float32: cell body (mean of the cytoplasm channels), nucleus
     (blue), empty. Cellpose normalises each channel to its 1st-99th percentiles itself."""
@@ -186,8 +191,9 @@ def predict(inputs: Sequence[NetworkInput], cfg: SegmentConfig) -> list[np.ndarr
     """Masks at working scale, int32, of each input: Cellpose-SAM's network and its flow following, in the
     process that holds the model (cellpose tiles each image into ``batch_size`` tiles per forward pass)."""
     settings = cfg.cellpose
-    path = locate_weights(settings.weights)  # fails at once, before any model is built
-    model = _model(str(path.resolve()), settings.backbone, str(resolve_device(settings.device)))
+    with starting(cfg.backend, "Cellpose-SAM"):  # the configuration's fault, not an image's: stops the stage
+        path = locate_weights(settings.weights)  # fails at once, before any model is built
+        model = _model(str(path.resolve()), settings.backbone, str(resolve_device(settings.device)))
     diameter = settings.diameter * settings.working_scale if settings.diameter else None
     masks = []
     for item in inputs:

@@ -37,7 +37,7 @@ from weakcell.config import SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
 from weakcell.errors import StageError
-from weakcell.segment import Segmentation
+from weakcell.segment import Segmentation, starting
 from weakcell.segment.cellpose_backend import resize_image, resize_labels
 from weakcell.weights import WeightsError, find_weights, load_state_dict
 
@@ -84,6 +84,11 @@ def _located(weights: str | None, model_type: str, env_value: str | None) -> Pat
     # Searched once per process, not per image (see cellpose_backend._located).
     example = f"/kaggle/input/segment-anything/{OFFICIAL_FILES.get(model_type, f'sam_{model_type}.pth')}"
     return find_weights(weights, ENV_VAR, weight_patterns(model_type), config_key=CONFIG_KEY, example=example)
+
+
+def weights_files(cfg: SegmentConfig) -> tuple[Path, ...]:
+    """The SAM checkpoint ``cfg`` names (``weakcell.segment.WEIGHTS_OF``)."""
+    return (locate_weights(cfg.sam.weights, cfg.sam.model_type),)
 
 
 def load_sam(path: str | Path, model_type: str, device: torch.device) -> torch.nn.Module:
@@ -196,8 +201,9 @@ def refine(image: np.ndarray, seg: Segmentation, cfg: SegmentConfig) -> Segmenta
     """Refine the cells of ``seg`` on the ``(4, H, W)`` uint8 ``image`` with SAM box prompts; ids, shapes
     (full resolution) and dtype (int32) are those of ``seg``, nuclei are clipped to the refined cells."""
     settings = cfg.sam
-    path = locate_weights(settings.weights, settings.model_type)  # fails at once, before any model is built
-    predictor = _predictor(str(path.resolve()), settings.model_type, str(resolve_device(settings.device)))
+    with starting(cfg.backend, "SAM"):  # the configuration's fault, not an image's: stops the stage
+        path = locate_weights(settings.weights, settings.model_type)  # before any model is built
+        predictor = _predictor(str(path.resolve()), settings.model_type, str(resolve_device(settings.device)))
 
     small = resize_image(image, settings.working_scale)
     first = resize_labels(seg.cells, small.shape[1:])

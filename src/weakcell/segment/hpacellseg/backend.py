@@ -33,7 +33,7 @@ import torch
 from weakcell.config import HpaCellSegConfig, SegmentConfig
 from weakcell.constants import CHANNELS
 from weakcell.devices import resolve_device
-from weakcell.segment import Segmentation, size_factor
+from weakcell.segment import Segmentation, size_factor, starting
 from weakcell.segment.batched import NetworkInput, NetworkStage
 from weakcell.segment.cellpose_backend import resize_labels
 from weakcell.segment.hpacellseg.labels import label_cell
@@ -116,9 +116,17 @@ def _networks(nuclei: str, cell: str, device: str) -> tuple[DPNUnet, DPNUnet]:
     return load_network(Path(nuclei), torch_device), load_network(Path(cell), torch_device)
 
 
+def weights_files(cfg: SegmentConfig) -> tuple[Path, ...]:
+    """The nuclei and cell model files ``cfg`` names (``weakcell.segment.WEIGHTS_OF``)."""
+    return locate_weights(cfg.hpacellseg)
+
+
 def networks(settings: HpaCellSegConfig) -> tuple[DPNUnet, DPNUnet]:
-    nuclei, cell = locate_weights(settings)  # fails at once, before anything is built
-    return _networks(str(nuclei.resolve()), str(cell.resolve()), str(resolve_device(settings.device)))
+    """Both U-Nets; a missing or unreadable file is a fault of the configuration, not of an image: it
+    stops the stage (``BackendError``)."""
+    with starting("hpacellseg", "HPA-Cell-Segmentation"):
+        nuclei, cell = locate_weights(settings)  # fails at once, before anything is built
+        return _networks(str(nuclei.resolve()), str(cell.resolve()), str(resolve_device(settings.device)))
 
 
 # -- the three steps -------------------------------------------------------------------------------------------
