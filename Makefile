@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-lineage bench-synthetic bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-lineage bench-synthetic bench-demo-speed bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -203,6 +203,9 @@ bench-segment-gpu: $(STAMP) ## on a GPU machine: U-Net / Cellpose-SAM throughput
 
 bench-train: $(STAMP) ## weak vs oracle OOF cell mAP, loader share, memory vs cache size -> benchmarks/train.md
 	$(PY) benchmarks/bench_train.py
+
+bench-demo-speed: $(STAMP) ## model-only vs data path vs fit rates of the demo on this CPU, prefetch on/off -> benchmarks/demo-speed.md
+	$(PY) benchmarks/bench_demo_speed.py $(ARGS)
 
 bench-mil-shift: $(STAMP) ## in-sample vs held-out stage-1 outputs of a trained run's fold models (the MIL head's input shift) -> benchmarks/mil-shift.md
 	$(PY) benchmarks/bench_mil_shift.py --config $(CONFIG)
