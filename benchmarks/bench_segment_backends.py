@@ -33,6 +33,7 @@ import argparse
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,12 +104,10 @@ def upstream_note(checkout: Path) -> str:
     import scipy
     import skimage
 
-    head = checkout / ".git" / "HEAD"
-    commit = ""
-    if head.is_file():
-        ref = head.read_text().strip()
-        target = checkout / ".git" / ref[5:] if ref.startswith("ref: ") else None
-        commit = (target.read_text().strip() if target and target.is_file() else ref)[:7]
+    found = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    commit = found.stdout.strip() if found.returncode == 0 else ""  # a copy without .git: no commit to name
     return (
         f"\nUpstream columns: `hpacellseg/utils.py:label_cell` of a local checkout{f' ({commit})' if commit else ''} "
         f"run unchanged under scikit-image {skimage.__version__}, NumPy {np.__version__}, SciPy {scipy.__version__} "
@@ -143,9 +142,9 @@ def postprocessing(ids: list[str], repeats: int, upstream: ModuleType | None = N
             f"{match['mean_iou']:.5f}",
         ]
         if upstream is not None:
-            # upstream's watersheds write into its inputs' derived copies only; copies keep the maps intact
+            # upstream only reads its inputs (every step works on arrays derived from them): no copies
             upstream_s, theirs = cpu_seconds(
-                lambda n=nuclei_pred, c=cell_pred: upstream.label_cell(n.copy(), c.copy()),
+                lambda n=nuclei_pred, c=cell_pred: upstream.label_cell(n, c),
                 max(1, repeats // 2),
             )
             their_cells = theirs[1].astype(np.int32)
