@@ -18,6 +18,7 @@ from weakcell.competition_metric import (
     open_images_ap,
     paired_interval,
     resamples,
+    score_found,
     score_submission,
     truth_by_image,
 )
@@ -332,3 +333,22 @@ def test_paired_interval_resamples_both_submissions_alike():
     assert min(diffs) == 0.0 and set(np.round(diffs, 6)) <= {0.0, 0.5, 1.0}
     with pytest.raises(ValueError, match="same truth"):
         paired_interval(both, match_images({"a": hit_a}, {"a": true_a}, n_classes=2))
+    # the same cells under other image IDs are other images: not paired
+    renamed = match_images({"x": hit_a, "b": hit_b}, {"x": true_a, "b": true_b}, n_classes=2)
+    with pytest.raises(ValueError, match="same truth"):
+        paired_interval(both, renamed)
+
+
+def test_score_found_keys_its_resamples_by_the_images_scored():
+    (true_a, hit_a), (true_b, miss_b) = _one_cell_image(0.9, 0.8), _one_cell_image(0.8, 0.1)
+    truth = {"a": true_a, "b": true_b}
+    first = score_found(({"a": hit_a, "b": miss_b}, 0), truth, n_classes=2, bootstrap=40)
+    second = score_found(({"a": hit_a}, 0), truth, n_classes=2, bootstrap=40)
+    other = score_found(({"b": miss_b, "a": hit_a}, 0), {"b": true_b, "a": true_a}, n_classes=2, bootstrap=40)
+    assert first["resamples_key"] == second["resamples_key"] != other["resamples_key"]  # truth order counts
+    # the resampled maps are those of the resamples drawn: AP 1 (a, a), 0.5 (a, b), 0 (b, b) for the first;
+    # the second never detects in b, so every resample scores as the first's
+    expected = [{(2, 0): 1.0, (1, 1): 0.5, (0, 2): 0.0}[tuple(w)] for w in resamples(2, 40)]
+    np.testing.assert_allclose(first["resampled"], expected)
+    np.testing.assert_allclose(second["resampled"], expected)
+    assert first["interval"] == (0.0, 1.0)

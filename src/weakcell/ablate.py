@@ -34,10 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from weakcell.ablate_control import link_round_zero
-from weakcell.ablate_report import COLUMNS, ORACLE_ROW, markdown, plot, refined, targets
+from weakcell.ablate_report import (
+    ATTENTION_ROW,
+    COLUMNS,
+    CONTROL_ROW,
+    INHERIT_ROW,
+    ORACLE_ROW,
+    markdown,
+    plot,
+    refined,
+    targets,
+)
+from weakcell.competition_metric import percentile_interval
 from weakcell.config import Config, InferConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
@@ -60,24 +72,33 @@ class Row:
     cell_score: CellScore = "confidence"  # scoring.CELL_SCORES entry for the OOF cell mAP
     image_source: str = "mil"  # mil = the MIL head's image probabilities; stage1_max = max over cells
     infer: dict[str, Any] = field(default_factory=dict)  # infer.* overrides of its test submission
+    reference: str | None = None  # the row it is judged against: the paired difference on the test split
 
 
-INHERIT = "inheritance only (cell model)"
+INHERIT, ATTENTION = INHERIT_ROW, ATTENTION_ROW
 # The "+ attention MIL" row multiplies each cell by its image's MIL term, as tuned when every class was
 # judged in every image (benchmarks/confidence.md), whatever infer.image_power the other rows submit with.
 IMAGE_TERM: dict[str, Any] = {"image_power": 3.0, "image_best_cell": 0.25}
 
 
 def rows(rounds: int) -> list[Row]:
-    """The grid's rows for ``rounds`` refinement rounds, in table order."""
+    """The grid's rows for ``rounds`` refinement rounds, in table order, each with the row it is judged
+    against: the image term against the cells alone; the last refinement round against the control of the
+    same epochs (earlier rounds against the round before); the control against round 0 (what the extra
+    epochs earn); TTA, one fold and the oracle against the full weak row."""
+    final = refined(rounds)
+    before = [ATTENTION, *(refined(r) for r in range(1, rounds))]
     return [
         Row(INHERIT, WEAK, 0, "stage1", "stage1_max", {"image_power": 0.0}),
-        Row("+ attention MIL (cell x image)", WEAK, 0, infer=IMAGE_TERM),
-        *(Row(refined(r), WEAK, r) for r in range(1, rounds + 1)),
-        Row("control: same epochs, labels kept", CONTROL, "final"),
-        Row("full weak, TTA off", WEAK, "final", infer={"tta": [0]}),
-        Row("full weak, one fold (fold 0)", WEAK, "final", infer={"folds": [0]}),
-        Row(ORACLE_ROW, ORACLE, 0),
+        Row(ATTENTION, WEAK, 0, infer=IMAGE_TERM, reference=INHERIT),
+        *(
+            Row(refined(r), WEAK, r, reference=CONTROL_ROW if r == rounds else before[r - 1])
+            for r in range(1, rounds + 1)
+        ),
+        Row(CONTROL_ROW, CONTROL, "final", reference=INHERIT),
+        Row("full weak, TTA off", WEAK, "final", infer={"tta": [0]}, reference=final),
+        Row("full weak, one fold (fold 0)", WEAK, "final", infer={"folds": [0]}, reference=final),
+        Row(ORACLE_ROW, ORACLE, 0, reference=final),
     ]
 
 
@@ -225,6 +246,8 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
     scores["test_cell_map"] = result["map"]
     if "interval" in result:
         scores["test_low"], scores["test_high"] = result["interval"]
+        # for the paired differences (paired_differences): the mAP of each resample, and what they were drawn for
+        scores["test_resampled"], scores["test_resamples"] = result["resampled"], result["resamples_key"]
     if row.image_source == "mil":  # the submission's image probabilities are the MIL head's
         # thresholds tuned on all OOF images, scored on images no fold saw: tuning's held-out test
         image = submission_image_scores(cfg, folder, read_thresholds(cfg.model_dir / "thresholds.json"))
@@ -277,7 +300,12 @@ def _seed_leaderboard(cfg: Config, configs: dict[str, Config]) -> pd.DataFrame:
         if row.run not in configs or (row.infer.get("tta") == [0] and cfg.infer.tta == [0]):
             continue  # a run not trained, or a TTA-off row when the runs infer without TTA anyway
         run_cfg = with_round(configs[row.run], round_ if row.run != ORACLE else 0)
-        record: dict[str, Any] = {"variant": row.label, "run": run_cfg.name, "round": round_}
+        record: dict[str, Any] = {
+            "variant": row.label,
+            "reference": row.reference,
+            "run": run_cfg.name,
+            "round": round_,
+        }
         record.update(oof_scores(cfg, row, run_cfg.model_dir, data))
         key = inference_key(run_cfg, row)
         record.update(test_scores(run_cfg, row, slugify(row.label), inferred.get(key)))
@@ -308,6 +336,51 @@ def across_seeds(table: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
+def paired_differences(table: pd.DataFrame) -> pd.DataFrame:
+    """One line per row with a reference row in ``table`` (one line per variant and seed, as
+    ``leaderboard``): ``difference``, the mean over seeds of its test mAP minus its reference's;
+    ``low``/``high``, the 95% percentile interval of that mean over the bootstrap resamples of the test
+    images, both rows scored on the same resample (every row's ``test_resampled`` comes from the same
+    resamples of the same images: ``competition_metric.bootstrap_maps``), seeds averaged within each
+    resample; ``per_seed``, each seed's difference."""
+    if "test_resampled" not in table:
+        return pd.DataFrame(columns=["variant", "reference", "difference", "low", "high", "per_seed"])
+    by_seed = table.set_index(["variant", "seed"])
+    lines = []
+    for variant, reference in table.drop_duplicates("variant")[["variant", "reference"]].itertuples(
+        index=False
+    ):
+        if not isinstance(reference, str) or reference not in set(table["variant"]):
+            continue
+        seeds = sorted(
+            set(table.loc[table["variant"] == variant, "seed"])
+            & set(table.loc[table["variant"] == reference, "seed"])
+        )
+        points, resampled = [], []
+        for seed in seeds:
+            row, base = by_seed.loc[(variant, seed)], by_seed.loc[(reference, seed)]
+            if row.get("test_resamples") != base.get("test_resamples"):
+                raise ValueError(
+                    f"{variant} and {reference} (seed {seed}) were resampled on other test images"
+                )
+            points.append(float(row["test_cell_map"] - base["test_cell_map"]))
+            resampled.append(np.asarray(row["test_resampled"]) - np.asarray(base["test_resampled"]))
+        if not seeds:
+            continue
+        low, high = percentile_interval(np.mean(resampled, axis=0))
+        lines.append(
+            {
+                "variant": variant,
+                "reference": reference,
+                "difference": float(np.mean(points)),
+                "low": low,
+                "high": high,
+                "per_seed": points,
+            }
+        )
+    return pd.DataFrame(lines, columns=["variant", "reference", "difference", "low", "high", "per_seed"])
+
+
 def run(cfg: Config) -> pd.DataFrame:
     """The grid, ``reports/leaderboard.md`` (+ json, png); returns one line per variant (across seeds)."""
     start = time.perf_counter()
@@ -315,17 +388,19 @@ def run(cfg: Config) -> pd.DataFrame:
         cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"rounds": 1, "control": False})})
     table = leaderboard(cfg)
     summary = across_seeds(table)
+    paired = paired_differences(table)
     seconds = time.perf_counter() - start
-    checks = targets(summary, cfg.ablate.rounds)
+    checks = targets(summary, paired, cfg.ablate.rounds)
     reports = cfg.path(cfg.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(reports / "leaderboard.md", markdown(summary, cfg, checks, seconds))
+    atomic_write_text(reports / "leaderboard.md", markdown(summary, paired, cfg, checks, seconds))
     atomic_write_text(
         reports / "leaderboard.json",
         json.dumps(
             {
                 "rows": summary.to_dict(orient="records"),
-                "per_seed": table.to_dict(orient="records"),
+                "paired": paired.to_dict(orient="records"),
+                "per_seed": table.drop(columns="test_resampled", errors="ignore").to_dict(orient="records"),
                 "targets": checks,
                 "seconds": seconds,
             },
@@ -337,6 +412,10 @@ def run(cfg: Config) -> pd.DataFrame:
     shown = ["variant", *[c for c in COLUMNS if c in summary and c != "variant"]]
     with pd.option_context("display.width", 220, "display.max_columns", 20):
         print(summary[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for line in paired.itertuples(index=False):
+        print(
+            f"  {line.variant} - {line.reference}: {line.difference:+.3f} [{line.low:+.3f}, {line.high:+.3f}]"
+        )
     for what, met, numbers in checks:
         print(f"  {'met    ' if met else 'NOT met' if met is not None else 'n/a    '} {what}: {numbers}")
     print(

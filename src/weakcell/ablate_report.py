@@ -14,6 +14,10 @@ from weakcell.folds_record import describe_folds
 from weakcell.outputs import atomic_savefig
 
 ORACLE_ROW = "oracle: true cell labels"
+INHERIT_ROW = "inheritance only (cell model)"
+CONTROL_ROW = "control: same epochs, labels kept"
+ATTENTION_ROW = "+ attention MIL (cell x image)"
+ORACLE_SHARE = 0.95  # the weak model's target share of the oracle's test mAP (issue 24)
 
 
 def refined(round_: int) -> str:
@@ -21,9 +25,29 @@ def refined(round_: int) -> str:
     return f"+ refinement, {round_} round{'s' if round_ > 1 else ''}"
 
 
-def targets(summary: pd.DataFrame, rounds: int) -> list[tuple[str, bool | None, str]]:
-    """The targets, judged on the held-out test split (means over seeds): (what, met, the numbers).
-    Out-of-fold figures are the table's columns, not judged: the test split is what no choice saw."""
+def beats(paired: pd.DataFrame, variant: str, reference: str, what: str) -> tuple[str, bool | None, str]:
+    """A target met only when ``variant``'s paired 95% interval of its difference to ``reference`` on the
+    test split lies above 0 (not judged without the paired line)."""
+    line = paired[(paired["variant"] == variant) & (paired["reference"] == reference)]
+    if line.empty:
+        return what, None, "no paired difference (a row missing, or ablate.bootstrap 0)"
+    got = line.iloc[0]
+    return (
+        what,
+        bool(got["low"] > 0),
+        f"{got['difference']:+.4f} test mAP, paired 95% interval [{got['low']:+.4f}, {got['high']:+.4f}]"
+        f" (per seed {per_seed_text(got['per_seed'])})",
+    )
+
+
+def per_seed_text(values) -> str:
+    return ", ".join(f"{v:+.3f}" for v in values)
+
+
+def targets(summary: pd.DataFrame, paired: pd.DataFrame, rounds: int) -> list[tuple[str, bool | None, str]]:
+    """The targets, judged on the held-out test split: (what, met, the numbers). A comparison is met only
+    when the paired 95% interval of its difference excludes 0 (``ablate.paired_differences``); out-of-fold
+    figures are the table's columns, not judged: the test split is what no choice saw."""
     by = summary.set_index("variant")
     final = refined(rounds)
     checks: list[tuple[str, bool | None, str]] = []
@@ -34,32 +58,19 @@ def targets(summary: pd.DataFrame, rounds: int) -> list[tuple[str, bool | None, 
         oracle = by.loc[ORACLE_ROW, "test_cell_map"]
         checks.append(
             (
-                "full weak test mAP >= 0.90 x oracle",
-                bool(weak >= 0.9 * oracle),
+                f"full weak test mAP >= {ORACLE_SHARE:.2f} x oracle",
+                bool(weak >= ORACLE_SHARE * oracle),
                 # 4 decimals: at 3 a miss by 0.0005 reads "0.536 vs 0.536"
-                f"{weak:.4f} vs 0.90 x {oracle:.4f} = {0.9 * oracle:.4f} ({weak / oracle:.3f} x)",
+                f"{weak:.4f} vs {ORACLE_SHARE:.2f} x {oracle:.4f} = {ORACLE_SHARE * oracle:.4f} "
+                f"({weak / oracle:.3f} x)",
             )
         )
-    control = "control: same epochs, labels kept"
-    if control in by.index:
-        gain = weak - by.loc[control, "test_cell_map"]
-        spread = max(by.loc[final, "test_cell_map_sd"], by.loc[control, "test_cell_map_sd"])
-        if pd.isna(spread):
-            checks.append(
-                (
-                    "refinement beats the same-epochs control by more than the seed spread",
-                    None,
-                    f"+{gain:.3f}; one seed: no spread (ablate.seeds)",
-                )
-            )
-        else:
-            checks.append(
-                (
-                    "refinement beats the same-epochs control by more than the seed spread",
-                    bool(gain > spread),
-                    f"{gain:+.3f} test mAP vs a spread (the larger sd over seeds) of {spread:.3f}",
-                )
-            )
+    if CONTROL_ROW in by.index:
+        checks.append(beats(paired, final, CONTROL_ROW, "refinement beats the same-epochs control"))
+    if ATTENTION_ROW in by.index:
+        checks.append(
+            beats(paired, ATTENTION_ROW, INHERIT_ROW, "the attention-MIL image term beats the cells alone")
+        )
     if "test_f1_tuned" in by and pd.notna(by.loc[final, "test_f1_tuned"]):
         tuned, at_05 = by.loc[final, "test_f1_tuned"], by.loc[final, "test_f1_at_05"]
         checks.append(
@@ -71,6 +82,27 @@ def targets(summary: pd.DataFrame, rounds: int) -> list[tuple[str, bool | None, 
             )
         )
     return checks
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """The paired differences as a table (empty without any)."""
+    if paired.empty:
+        return ""
+    lines = [
+        f"| {p.variant} | {p.reference} | {p.difference:+.4f} | [{p.low:+.4f}, {p.high:+.4f}] | "
+        f"{per_seed_text(p.per_seed)} | {'yes' if p.low > 0 or p.high < 0 else 'no'} |"
+        for p in paired.itertuples(index=False)
+    ]
+    return (
+        "## Paired differences (test split)\n\n"
+        "Each row against the row it is judged by, on the same test images: the difference of test mAP (mean "
+        "over seeds), its 95% interval over bootstrap resamples of the test images with both rows scored on "
+        "each resample (seeds averaged within a resample), and each seed's difference. A row earns its keep "
+        "only where the interval excludes 0.\n\n"
+        "| row | against | difference | paired 95% interval | per seed | excludes 0 |\n|---|---|---|---|---|---|\n"
+        + "\n".join(lines)
+        + "\n\n"
+    )
 
 
 COLUMNS = {
@@ -101,7 +133,7 @@ def mean_sd_text(summary_row: pd.Series, column: str) -> str:
     return f"{value:.3f}" if sd is None or pd.isna(sd) else f"{value:.3f} ± {sd:.3f}"
 
 
-def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
+def markdown(summary: pd.DataFrame, paired: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
     shown = [c for c in COLUMNS if c in summary]
     header = "| " + " | ".join(COLUMNS[c] for c in shown) + " |\n|" + "---|" * len(shown) + "\n"
     lines = [
@@ -138,7 +170,8 @@ def markdown(summary: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
         "score is the MIL head's). Rows that differ only in the confidence formula share one inference, "
         "rescored. TTA and fold rows differ from the full weak row only on the test split. Train seconds: "
         "the run's folds up to that round, inner models included (as measured when they were trained).\n\n"
-        "## Targets (test split)\n\n"
+        + paired_markdown(paired)
+        + "## Targets (test split)\n\n"
         + "\n".join(target_lines)
         + f"\n\nGrid wall time this call: {seconds / 60:.1f} min (finished runs are reused).\n"
     )
@@ -161,7 +194,10 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     oracle = summary[summary["variant"] == ORACLE_ROW]
     if len(oracle) and "test_cell_map" in summary:
         axis.axvline(
-            0.9 * oracle["test_cell_map"].iloc[0], color="k", linestyle=":", label="0.90 x oracle (test)"
+            ORACLE_SHARE * oracle["test_cell_map"].iloc[0],
+            color="k",
+            linestyle=":",
+            label=f"{ORACLE_SHARE:.2f} x oracle (test)",
         )
     axis.set_yticks(y, labels)
     axis.set_xlabel("mAP (error bars: sd over seeds)")

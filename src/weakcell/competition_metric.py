@@ -40,9 +40,11 @@ the ``TrueCells`` / ``Detections`` contract, and splitting them would hide that 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +148,18 @@ def open_images_ap(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
 
     NaN when ``n_gt == 0``; 0 when there are true cells but no detection.
     """
-    if n_gt <= 0:
-        return float("nan")
     scores = np.asarray(scores, dtype=np.float64).ravel()
     tp = np.asarray(tp, dtype=bool).ravel()
-    if len(scores) == 0:
+    return ranked_ap(tp[np.argsort(-scores, kind="stable")], n_gt)
+
+
+def ranked_ap(hits: np.ndarray, n_gt: int) -> float:
+    """``open_images_ap`` of detections already in ranking order (descending confidence, ties in input
+    order): ``hits`` their TP flags."""
+    if n_gt <= 0:
+        return float("nan")
+    if len(hits) == 0:
         return 0.0
-    hits = tp[np.argsort(-scores, kind="stable")]
     cum_tp = np.cumsum(hits)
     precision = cum_tp / np.arange(1, len(hits) + 1)
     recall = cum_tp / n_gt
@@ -229,14 +236,25 @@ class Detections:
 class Matched:
     """Every judged detection of a set of images, matched per image: per class, the detections'
     ``scores``, TP ``hits`` and ``image`` (position in the truth's order), and ``n_gt`` ``(images, C)``
-    true cells per image and class. Matching is per image, so any multiset of the images (a bootstrap
-    resample) is scored from this without matching again."""
+    true cells per image and class; ``image_ids`` the truth's images in that order. Matching is per image,
+    so any multiset of the images (a bootstrap resample) is scored from this without matching again."""
 
     scores: list[np.ndarray]
     hits: list[np.ndarray]
     image: list[np.ndarray]
     n_gt: np.ndarray
     ignored: dict[str, int]
+    image_ids: tuple[Any, ...] = ()
+
+    @cached_property
+    def ranked(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per class, the detections' TP flags and images in ranking order (descending confidence, ties
+        in input order): sorted once, every resample reuses it."""
+        ranked = []
+        for scores, hits, image in zip(self.scores, self.hits, self.image):
+            order = np.argsort(-scores, kind="stable")
+            ranked.append((hits[order], image[order]))
+        return ranked
 
     def ap(self, weights: np.ndarray | None = None) -> np.ndarray:
         """``(C,)`` AP per class (NaN: no true cell), each image counted ``weights[i]`` times (default
@@ -251,10 +269,8 @@ class Matched:
         n_gt = weights @ self.n_gt
         ap = np.full(n_classes, np.nan)
         for c in range(n_classes):
-            copies = weights[self.image[c]]
-            ap[c] = open_images_ap(
-                np.repeat(self.scores[c], copies), np.repeat(self.hits[c], copies), int(n_gt[c])
-            )
+            hits, image = self.ranked[c]
+            ap[c] = ranked_ap(np.repeat(hits, weights[image]), int(n_gt[c]))
         return ap
 
 
@@ -305,6 +321,7 @@ def match_images(
         image=[joined(p, np.int64) for p in images],
         n_gt=n_gt,
         ignored=ignored,
+        image_ids=tuple(truth),
     )
 
 
@@ -360,13 +377,26 @@ def _percentiles(values: list[float], level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def bootstrap_maps(matched: Matched, n_resamples: int = 500, seed: int = 0) -> np.ndarray:
+    """``(n_resamples,)`` mAP of each resample of the images (``resamples``): the bootstrap distribution.
+    Two submissions for the same test images (matched against the same truth, in the same image order) get
+    the same resamples from the same seed, so their distributions subtract element by element into the
+    distribution of their difference (``paired_interval``, ``weakcell.ablate``'s paired rows)."""
+    counts = resamples(len(matched.n_gt), n_resamples, seed)
+    return np.array([mean_ap(matched.ap(weights)) for weights in counts], dtype=np.float64)
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of a bootstrap distribution."""
+    return _percentiles(list(values), level)
+
+
 def bootstrap_interval(
     matched: Matched, n_resamples: int = 500, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile interval of the mAP over ``n_resamples`` resamples of the images with replacement:
     how far the score of a test split this size moves with the images drawn."""
-    counts = resamples(len(matched.n_gt), n_resamples, seed)
-    return _percentiles([mean_ap(matched.ap(weights)) for weights in counts], level)
+    return percentile_interval(bootstrap_maps(matched, n_resamples, seed), level)
 
 
 def paired_interval(
@@ -375,10 +405,10 @@ def paired_interval(
     """Percentile interval of mAP(``first``) - mAP(``second``) over resamples of the images, both scored
     on the same resample each time: two submissions for the same test images (matched against the same
     truth, in the same image order), so what the images drawn do to both cancels out of the difference."""
-    if not np.array_equal(first.n_gt, second.n_gt):
+    if first.image_ids != second.image_ids or not np.array_equal(first.n_gt, second.n_gt):
         raise ValueError("paired_interval needs two submissions matched against the same truth images")
-    counts = resamples(len(first.n_gt), n_resamples, seed)
-    return _percentiles([mean_ap(first.ap(w)) - mean_ap(second.ap(w)) for w in counts], level)
+    difference = bootstrap_maps(first, n_resamples, seed) - bootstrap_maps(second, n_resamples, seed)
+    return percentile_interval(difference, level)
 
 
 # -- truth ---------------------------------------------------------------------------------------------
@@ -506,15 +536,26 @@ def score_found(
 ) -> dict:
     """``score_images`` of ``label_detections`` or ``submission_detections`` output, the predictions of
     images absent from the truth counted as ignored. Detections are built once and scored under any
-    number of readings. ``bootstrap`` > 0 adds ``interval``: the 95% percentile interval of the mAP over
-    that many resamples of the images (``bootstrap_interval``)."""
+    number of readings. ``bootstrap`` > 0 adds ``resampled``, the mAP of that many resamples of the images
+    (``bootstrap_maps``: the same resamples for any submission of the same images), ``interval``, its
+    95% percentile interval, and ``resamples_key`` (``resamples_key``)."""
     detections, other = found
     matched = match_images(detections, truth, n_classes, verified, iou_threshold)
     result = summarise(matched, verified)
     result["ignored"]["other_images"] += other
     if bootstrap:
-        result["interval"] = bootstrap_interval(matched, bootstrap)
+        result["resampled"] = bootstrap_maps(matched, bootstrap)
+        result["interval"] = percentile_interval(result["resampled"])
+        result["resamples_key"] = resamples_key(matched.image_ids, bootstrap)
     return result
+
+
+def resamples_key(image_ids: tuple[Any, ...], n_resamples: int, seed: int = 0) -> str:
+    """What a set of bootstrap resamples is drawn for (the images in order, their number, the seed): equal
+    keys, equal resamples (``resamples`` is a function of these alone), so two results' ``resampled``
+    subtract into their paired difference only when their keys are equal."""
+    text = "\n".join(map(str, image_ids)) + f"\n{n_resamples}\n{seed}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def competition_map(

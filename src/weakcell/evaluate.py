@@ -249,7 +249,19 @@ def masks_differ(path: str | os.PathLike[str], cache_masks: Mapping[Any, np.ndar
 
 
 def _result_json(result: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("map", "ap", "n_gt", "n_tp", "n_predictions", "ignored", "n_ties", "n_images", "interval")
+    keys = (
+        "map",
+        "ap",
+        "n_gt",
+        "n_tp",
+        "n_predictions",
+        "ignored",
+        "n_ties",
+        "n_images",
+        "interval",
+        "resampled",
+        "resamples_key",
+    )
     return {key: result[key] for key in keys if key in result}
 
 
