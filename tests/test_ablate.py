@@ -35,6 +35,40 @@ def test_run_configs_share_folds_and_give_the_oracle_the_weak_epochs():
     }
 
 
+def test_rule_variants_are_runs_of_their_own_judged_against_the_full_weak_row():
+    cfg = load_config(
+        None,
+        ["ablate.rounds=1", "ablate.variants={soft targets: {targets: soft}, stricter: {relative: 0.6}}"],
+    )
+    configs = ablate.run_configs(cfg)
+    soft, stricter = configs["variant:soft targets"], configs["variant:stricter"]
+    assert soft.name == f"{cfg.name}-soft-targets" and soft.refine.targets == "soft"
+    assert soft.refine.relative == cfg.refine.relative  # every other setting the weak run's
+    assert stricter.refine.relative == 0.6 and stricter.refine.rounds == 1
+    labels = {row.label: row.reference for row in ablate.rows(1, cfg.ablate.variants)}
+    assert labels["soft targets"] == labels["stricter"] == "+ refinement, 1 round"
+    with pytest.raises(ValueError, match="not refine"):
+        load_config(None, ["ablate.variants={typo: {relatve: 0.5}}"])
+    with pytest.raises(ValueError, match="fraction"):  # the value checked as refine.relative is
+        ablate.run_configs(load_config(None, ["ablate.rounds=1", "ablate.variants={bad: {relative: 2}}"]))
+
+
+def test_a_variant_takes_round_zero_with_its_inner_models(tmp_path):
+    weak, variant = tmp_path / "weak", tmp_path / "weak-variant"
+    for name in ("fold0/cell/model.pt", "inner/fold0-1/cell/model.pt", "inner/fold0-1/oof_cell.parquet"):
+        (weak / name).parent.mkdir(parents=True, exist_ok=True)
+        (weak / name).write_bytes(name.encode())
+    for name in ("oof_image.parquet", "oof_cell.parquet"):
+        (weak / name).write_bytes(name.encode())
+    ablate.link_round_zero(weak, tmp_path / "control")
+    assert not (tmp_path / "control" / "inner").exists()  # the control reads no prediction
+    ablate.link_round_zero(weak, variant, inner=True)
+    assert os.path.samefile(weak / "inner/fold0-1/cell/model.pt", variant / "inner/fold0-1/cell/model.pt")
+    _replace(weak / "inner" / "fold0-1" / "oof_cell.parquet", b"retrained inner model")
+    ablate.link_round_zero(weak, variant, inner=True)  # a changed inner model makes the round stale
+    assert (variant / "inner" / "fold0-1" / "oof_cell.parquet").read_bytes() == b"retrained inner model"
+
+
 def _choices(field: str) -> tuple[str, ...]:
     return typing.get_args(RefineConfig.model_fields[field].annotation)
 
@@ -310,12 +344,16 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     cfg, _ = tiny_run
     cfg = cfg.model_copy(
         update={
-            "ablate": cfg.ablate.model_copy(update={"rounds": 1}),
+            "ablate": cfg.ablate.model_copy(update={"rounds": 1, "variants": {"soft": {"targets": "soft"}}}),
             "refine": cfg.refine.model_copy(update={"epochs": 1}),
         }
     )
     table = ablate.run(cfg)
-    expected = {row.label for row in ablate.rows(1)}
+    expected = {row.label for row in ablate.rows(1, ["soft"])}
+    # the variant retrained its round only: round 0 and its inner models are the weak run's files
+    variant_dir = cfg.run_dir.parent / f"{cfg.name}-soft"
+    for name in ("fold0/cell/model.pt", "inner/fold0-1/cell/model.pt"):
+        assert os.path.samefile(cfg.run_dir / name, variant_dir / name)
     # every row of the test split with its bootstrap interval
     assert ((table["test_ci"] >= 0) & (table["test_ci"] < 1)).all() and (table["seeds"] == 1).all()
     assert "+ refinement, 2 rounds" not in expected and "+ refinement, 2 rounds" in {
@@ -325,7 +363,9 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     # every row with a reference gets its paired difference, written to the leaderboard
     written = json.loads((cfg.path(cfg.paths.reports) / "leaderboard.json").read_text())
     paired = {(p["variant"], p["reference"]) for p in written["paired"]}
-    assert paired == {(r.label, r.reference) for r in ablate.rows(1) if r.reference and r.label in expected}
+    assert paired == {
+        (r.label, r.reference) for r in ablate.rows(1, ["soft"]) if r.reference and r.label in expected
+    }
     assert all(p["low"] <= p["high"] for p in written["paired"])
     assert "test_resampled" not in written["per_seed"][0]
     assert (

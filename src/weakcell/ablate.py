@@ -9,12 +9,15 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
   other file copied, the lock never: ``weakcell.ablate_control``; taken again when the weak run's round 0 was
   retrained) plus rounds of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
+- ``<name>-<variant>`` (``ablate.variants``): a refinement rule variant, round 0 and its inner models taken from
+  the weak run the same way (so only its refinement rounds train), judged against the full weak row;
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
   as the weak run's backbone gets in total, then MIL: the ceiling.
 
 With ``ablate.seeds`` every run is trained once per seed (``<name>-seed<s>``; same folds and data) and each
 row is reported as mean +- sd over the seeds. The targets are judged on the held-out test split, each row's
-test mAP with its 95% bootstrap interval over the test images (``configs/bench.yaml`` makes that split
+test mAP with its 95% bootstrap interval over the test images and, for a row with a reference row, the paired
+interval of their difference (``paired_differences``: a comparison holds only when it excludes 0) (``configs/bench.yaml`` makes that split
 large enough to tell variants apart); out-of-fold figures stay as columns.
 
 Each row of ``rows()`` names a run, a round, how cells and images are scored and the inference settings of
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +54,7 @@ from weakcell.ablate_report import (
     targets,
 )
 from weakcell.competition_metric import percentile_interval
-from weakcell.config import Config, InferConfig
+from weakcell.config import Config, InferConfig, RefineConfig
 from weakcell.constants import CellScore, prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.kagglekit.naming import slugify
@@ -60,6 +64,7 @@ from weakcell.sources import competition_rows
 from weakcell.training_set import TrainingSet, load_training_set
 
 WEAK, CONTROL, ORACLE = "weak", "control", "oracle"
+VARIANT = "variant:"  # run keys of the refinement rule variants: variant:<label>
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class Row:
     """One line of the leaderboard."""
 
     label: str
-    run: str  # WEAK, CONTROL or ORACLE
+    run: str  # WEAK, CONTROL, ORACLE or variant_run(label)
     round: int | str  # a refinement round; "final" = ablate.rounds
     cell_score: CellScore = "confidence"  # scoring.CELL_SCORES entry for the OOF cell mAP
     image_source: str = "mil"  # mil = the MIL head's image probabilities; stage1_max = max over cells
@@ -81,11 +86,17 @@ INHERIT, ATTENTION = INHERIT_ROW, ATTENTION_ROW
 IMAGE_TERM: dict[str, Any] = {"image_power": 3.0, "image_best_cell": 0.25}
 
 
-def rows(rounds: int) -> list[Row]:
+def variant_run(label: str) -> str:
+    """The run key of the refinement rule variant ``label`` (``ablate.variants``)."""
+    return f"{VARIANT}{label}"
+
+
+def rows(rounds: int, variants: Iterable[str] = ()) -> list[Row]:
     """The grid's rows for ``rounds`` refinement rounds, in table order, each with the row it is judged
     against: the image term against the cells alone; the last refinement round against the control of the
     same epochs (earlier rounds against the round before); the control against round 0 (what the extra
-    epochs earn); TTA, one fold and the oracle against the full weak row."""
+    epochs earn); each rule variant (``ablate.variants``), TTA, one fold and the oracle against the full
+    weak row."""
     final = refined(rounds)
     before = [ATTENTION, *(refined(r) for r in range(1, rounds))]
     return [
@@ -96,6 +107,7 @@ def rows(rounds: int) -> list[Row]:
             for r in range(1, rounds + 1)
         ),
         Row(CONTROL_ROW, CONTROL, "final", reference=INHERIT),
+        *(Row(label, variant_run(label), "final", reference=final) for label in variants),
         Row("full weak, TTA off", WEAK, "final", infer={"tta": [0]}, reference=final),
         Row("full weak, one fold (fold 0)", WEAK, "final", infer={"folds": [0]}, reference=final),
         Row(ORACLE_ROW, ORACLE, 0, reference=final),
@@ -124,6 +136,12 @@ def run_configs(cfg: Config) -> dict[str, Config]:
             }
         )
         configs[CONTROL] = cfg.model_copy(update={"name": f"{cfg.name}-control", "refine": keep_labels})
+    if rounds > 0:
+        for label, settings in cfg.ablate.variants.items():
+            rule = RefineConfig.model_validate({**cfg.refine.model_dump(), **settings, "rounds": rounds})
+            configs[variant_run(label)] = cfg.model_copy(
+                update={"name": f"{cfg.name}-{slugify(label)}", "refine": rule}
+            )
     if cfg.ablate.oracle:
         epochs = cfg.train.epochs + rounds * cfg.refine.epochs  # the weak backbone's total
         configs[ORACLE] = cfg.model_copy(
@@ -143,8 +161,10 @@ def train_runs(configs: dict[str, Config]) -> dict[str, float]:
     seconds = {}
     for name, run_cfg in configs.items():
         start = time.perf_counter()
-        if name == CONTROL:
-            link_round_zero(configs[WEAK].run_dir, run_cfg.run_dir)
+        if name == CONTROL or name.startswith(
+            VARIANT
+        ):  # round 0 is the weak run's (a variant: its inner models too)
+            link_round_zero(configs[WEAK].run_dir, run_cfg.run_dir, inner=name.startswith(VARIANT))
         else:
             train.run(run_cfg)
         refine.run(run_cfg)
@@ -295,7 +315,7 @@ def _seed_leaderboard(cfg: Config, configs: dict[str, Config]) -> pd.DataFrame:
     rounds = cfg.ablate.rounds
     records = []
     inferred: dict[tuple[str, str], Path] = {}
-    for row in rows(rounds):
+    for row in rows(rounds, cfg.ablate.variants):
         round_ = rounds if row.round == "final" else int(row.round)
         if row.run not in configs or (row.infer.get("tta") == [0] and cfg.infer.tta == [0]):
             continue  # a run not trained, or a TTA-off row when the runs infer without TTA anyway

@@ -1,5 +1,6 @@
-"""The ablation's control run (``<name>-control``, ``weakcell.ablate``) takes round 0 of the weak run instead
-of training it again: weights and tables as hard links, which is safe because every writer replaces them by
+"""The ablation's control run (``<name>-control``, ``weakcell.ablate``) and its refinement rule variants
+(``<name>-<variant>``, with round 0's inner models too) take round 0 of the weak run instead of training it
+again: weights and tables as hard links, which is safe because every writer replaces them by
 an atomic rename and none rewrites one in place; every other file copied, so a stage of one run never changes
 the other's; locks and temporaries never taken. A control whose round 0 is stale is replaced whole, its lock
 kept (a waiting run may hold it open).
@@ -17,13 +18,16 @@ from weakcell.outputs import LOCK_FILE
 # What the control's rounds start from: round 0's out-of-fold tables (the rule reads them) and its fold
 # models (fine-tuned). ``target`` holds a current round 0 when each of these is ``source``'s own file.
 ROUND_ZERO_INPUTS = ("oof_image.parquet", "oof_cell.parquet", "fold*/cell/model.pt")
+# What a refinement rule variant also reads: round 0's inner models, whose predictions its targets come from.
+INNER_INPUTS = ("inner/fold*/oof_image.parquet", "inner/fold*/oof_cell.parquet", "inner/fold*/cell/model.pt")
 
 
-def holds_round_zero(source: Path, target: Path) -> bool:
+def holds_round_zero(source: Path, target: Path, inner: bool = False) -> bool:
     """Whether ``target`` holds ``source``'s current round 0: every ``ROUND_ZERO_INPUTS`` file of ``source``
-    is in ``target`` as the same file (a hard link) or an equal copy. A retrained round 0 (``FORCE=1``)
-    writes new files (atomic renames), so the old links no longer match."""
-    files = [path.relative_to(source) for pattern in ROUND_ZERO_INPUTS for path in source.glob(pattern)]
+    (and ``INNER_INPUTS`` with ``inner``) is in ``target`` as the same file (a hard link) or an equal copy. A
+    retrained round 0 (``FORCE=1``) writes new files (atomic renames), so the old links no longer match."""
+    patterns = ROUND_ZERO_INPUTS + (INNER_INPUTS if inner else ())
+    files = [path.relative_to(source) for pattern in patterns for path in source.glob(pattern)]
     return bool(files) and all(
         (target / name).is_file()
         and (
@@ -66,13 +70,14 @@ def clear_folder(folder: Path) -> None:
             child.unlink()
 
 
-def link_round_zero(source: Path, target: Path) -> None:
+def link_round_zero(source: Path, target: Path, inner: bool = False) -> None:
     """Round 0 of ``source`` into ``target`` (no retraining): weights and tables as hard links, the rest
-    copied (``SHARED_SUFFIXES``); refinement rounds, round 0's inner models, locks and temporaries are not
-    taken. A ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its rounds were
+    copied (``SHARED_SUFFIXES``); refinement rounds, locks and temporaries are not taken, round 0's inner
+    models only with ``inner`` (a rule variant reads their predictions; the control reads none). A
+    ``target`` whose round 0 is stale (``source`` was retrained) is replaced whole: its rounds were
     fine-tuned from the old round 0. Call it holding ``target``'s lock."""
-    if holds_round_zero(source, target):
+    if holds_round_zero(source, target, inner):
         return
     clear_folder(target)
-    ignore = shutil.ignore_patterns(*NOT_TAKEN)
+    ignore = shutil.ignore_patterns(*(p for p in NOT_TAKEN if not (inner and p == "inner")))
     shutil.copytree(source, target, copy_function=_share, ignore=ignore, dirs_exist_ok=True)

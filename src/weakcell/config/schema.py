@@ -934,6 +934,23 @@ class AblateConfig(Section):
         ge=0,
         description="resamples of the test images for each row's 95% interval of test mAP (0 = none)",
     )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="refinement rule variants, each a row judged against the full weak row by its paired "
+        "difference: label -> refine.* settings that differ (e.g. {soft targets: {targets: soft}}); each "
+        "trains its refinement rounds only, from the weak run's round 0 and inner models",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _refine_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for label, settings in value.items():
+            unknown = sorted(set(settings) - set(RefineConfig.model_fields))
+            if unknown:
+                raise ValueError(f"ablate.variants[{label!r}]: {unknown} are not refine.* settings")
+            if "rounds" in settings:
+                raise ValueError(f"ablate.variants[{label!r}]: rounds is ablate.rounds for every row")
+        return value
 
 
 class ChecksConfig(Section):
