@@ -360,6 +360,11 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
         r.label for r in ablate.rows(2)
     }
     assert set(table["variant"]) == expected
+    # each row's test submission under paths.submissions, none beside the code
+    assert (
+        cfg.path(cfg.paths.submissions) / f"{cfg.name}-ablate" / "refinement-1-round" / "cell_level.csv"
+    ).is_file()
+    assert not cfg.path(f"{cfg.name}-ablate").exists()
     # every row with a reference gets its paired difference, written to the leaderboard
     written = json.loads((cfg.path(cfg.paths.reports) / "leaderboard.json").read_text())
     paired = {(p["variant"], p["reference"]) for p in written["paired"]}

@@ -237,7 +237,8 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
     from weakcell.evaluate import submission_cell_maps, submission_image_scores
     from weakcell.thresholds import read_thresholds
 
-    output = f"{cfg.name}-ablate/{slug}"
+    # a path under paths.submissions (infer.output takes a bare name there, a path as given)
+    output = str(Path(cfg.paths.submissions) / f"{cfg.name}-ablate" / slug)
     infer_cfg = cfg.model_copy(update={"infer": row_infer(cfg, row).model_copy(update={"output": output})})
     seconds = 0.0
     folder = inferred
