@@ -19,7 +19,7 @@ export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 space := $(subst ,, )
 
-.PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
+.PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train image-model refine thresholds infer infer-hpa2021 evaluate score ablate \
 	bench-lineage bench-synthetic bench-demo-speed bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
@@ -102,6 +102,9 @@ preview-cells: $(STAMP) ## outlines on synthetic and real images, a grid of crop
 
 train: $(STAMP) ## K folds: cell model on weak labels -> attention MIL -> OOF predictions in runs/<name>/
 	$(WEAKCELL) train $(CONFIG) $(OVERRIDES)
+
+image-model: $(STAMP) ## whole-image model (image_model.enabled=true): K folds on downscaled images -> runs/<name>/image_model/ (OOF, metrics.json)
+	$(WEAKCELL) image-model $(CONFIG) $(OVERRIDES)
 
 refine: $(STAMP) ## pseudo-label refinement rounds: relabel cells from OOF outputs, retrain -> runs/<name>/round<r>/
 	$(WEAKCELL) refine $(CONFIG) $(OVERRIDES)
