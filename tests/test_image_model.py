@@ -242,3 +242,25 @@ def test_infer_refuses_an_image_model_rule_without_the_model(tiny_run, capsys):
     args = [f"paths.root={base.paths.root}", *TINY, "infer.image_model_rule=product", "infer.output=x"]
     assert cli.main(["infer", *args]) == 2
     assert "image_model.enabled=true" in capsys.readouterr().err
+
+
+def test_what_the_image_model_and_a_submission_read(tmp_path):
+    """The image model is its own section plus the engine's optimiser settings, not the cell model's
+    epochs or learning rate; a submission reads the image model's section only when it uses it."""
+    from weakcell.config import OUTPUT_INPUTS, changed_settings, save_config
+
+    def stale(output: str, override: str, *base: str) -> bool:
+        folder = tmp_path / "-".join(base or ("defaults",))
+        save_config(load_config(None, list(base)), folder)
+        return bool(changed_settings(folder, load_config(None, [*base, override]), OUTPUT_INPUTS[output]))
+
+    assert stale("image_model", "image_model.lr=0.01") and stale("image_model", "train.ema=0.99")
+    assert stale("image_model", "infer.tta=[0]")  # its OOF probabilities average the TTA views
+    assert not stale("image_model", "train.epochs=7") and not stale("image_model", "train.lr=0.01")
+    assert not stale("image_model", "image_model.enabled=true") and not stale(
+        "image_model", "train.workers=2"
+    )
+    assert not stale("run", "image_model.lr=0.01")  # the cell model's folds never read it
+    assert not stale("submission", "image_model.epochs=3")
+    assert stale("submission", "image_model.epochs=3", "image_model.enabled=true")
+    assert stale("image_cache", "image_model.size=128") and not stale("image_cache", "image_model.lr=0.1")

@@ -6,7 +6,10 @@ probabilities and attention. Folds are then blended as a groupby-mean on (image_
 after asserting that every fold predicted the same keys. A cell's confidence for class c is its own
 probability times an image term ** ``infer.image_power`` (the top 2021 solutions' product; the term mixes
 the image's MIL probability with its best cell's, ``scoring.cell_confidence``); the default power 0 submits
-the cell probability alone, best under the organisers' reading of the metric.
+the cell probability alone, best under the organisers' reading of the metric. With ``image_model.enabled``
+the whole-image model's fold ensemble predicts the images too (``pred_image_model.parquet``) and joins the
+confidence and ``image_level.csv`` by the rules of ``weakcell.combine`` (``infer.image_model_rule``,
+``infer.image_level``).
 
 Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
 of the dataset's sample submission, masks at the original size, validated before it is written) and
