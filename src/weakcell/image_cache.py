@@ -33,6 +33,7 @@ from weakcell.constants import CHANNELS
 from weakcell.data.datasets import get_dataset
 from weakcell.data.images import ImageReadError, read_image
 from weakcell.data.manifest import FileHasher, image_files, memo_path
+from weakcell.distributed import is_main_process
 from weakcell.errors import StageError
 from weakcell.lineage import Lineage, digest, read_lineage, write_lineage
 from weakcell.outputs import atomic_parquet, atomic_write, folder_lock
@@ -40,6 +41,7 @@ from weakcell.parallel import n_workers, pool_context
 
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.parquet"
+POLL_S = 1.0  # seconds between two looks for the split rank 0 builds (torchrun)
 
 
 def downscale(image: np.ndarray, size: int) -> np.ndarray:
@@ -137,15 +139,24 @@ def build_split(cfg: Config, split: str) -> ImageCache:
     hashes = hasher.image_hashes((image_id, folder) for image_id in image_ids)
     hasher.save()
     lineage = Lineage("image_cache", reads("image_cache", cfg), {"images": digest(sorted(hashes.items()))})
+    if not is_main_process():  # torchrun: rank 0 builds the split, the others wait for its record
+        while not _finished(out_dir, lineage):
+            time.sleep(POLL_S)
+        return ImageCache(out_dir)
     with folder_lock(cfg.image_cache_dir, "image-cache", cfg.checks.lock_wait_s):
-        saved = read_lineage(out_dir)
-        finished = all((out_dir / name).is_file() for name in (IMAGES_FILE, INDEX_FILE))
-        if finished and saved is not None and saved.fingerprint == lineage.fingerprint and not cfg.force:
+        if _finished(out_dir, lineage) and not cfg.force:
             print(f"image cache: {out_dir} holds the {len(image_ids)} {split} images, reusing it")
             return ImageCache(out_dir)
         _write_split(cfg, folder, image_ids, hashes, out_dir)
         write_lineage(out_dir, lineage)  # last: a build cut short is redone, never reused
     return ImageCache(out_dir)
+
+
+def _finished(out_dir: Path, lineage: Lineage) -> bool:
+    """The split in ``out_dir`` is complete and was made from ``lineage``."""
+    saved = read_lineage(out_dir)
+    whole = all((out_dir / name).is_file() for name in (IMAGES_FILE, INDEX_FILE))
+    return whole and saved is not None and saved.fingerprint == lineage.fingerprint
 
 
 def _write_split(

@@ -47,6 +47,7 @@ from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import read_label_file, to_multi_hot
 from weakcell.data.manifest import table_hash
+from weakcell.distributed import is_main_process
 from weakcell.engine import fit
 from weakcell.errors import StageError
 from weakcell.folds_record import load_folds
@@ -139,10 +140,13 @@ def _train(cfg: Config) -> dict[str, float]:
             f"the whole-image model in {out_dir} was trained from other settings or data "
             f"({', '.join(differ[:6])}); retrain it with FORCE=1 or give the run another name (name=...)"
         )
-    write_lineage(out_dir, lineage)  # before the folds: a killed run resumes under the same record
+    if is_main_process():  # before the folds: a killed run resumes under the same record
+        write_lineage(out_dir, lineage)
     oof = pd.concat([train_fold(cfg, data, fold) for fold in data.folds], ignore_index=True)
     if oof["image_id"].duplicated().any():
         raise AssertionError("an image is out of fold in two folds: the folds file is inconsistent")
+    if not is_main_process():  # torchrun: rank 0 writes and reports
+        return {}
     atomic_parquet(out_dir / OOF_FILE, oof)
     by_id = data.images.set_index("image_id").loc[oof["image_id"]]
     y_true = to_multi_hot(by_id["labels"].tolist(), data.n_classes)
@@ -190,10 +194,10 @@ def train_fold(cfg: Config, data: LabelledImages, fold: int) -> pd.DataFrame:
     val = data.images.loc[held_out]
     val_rows = val["row"].to_numpy()
     folder.mkdir(parents=True, exist_ok=True)
-    trained_on = data.images.loc[~held_out, "image_id"].tolist()
-    atomic_write_json(
-        folder / "images.json", {"trained_on": trained_on, "held_out": val["image_id"].tolist()}
-    )
+    if is_main_process():  # the record a reader checks the split by
+        trained_on = data.images.loc[~held_out, "image_id"].tolist()
+        record = {"trained_on": trained_on, "held_out": val["image_id"].tolist()}
+        atomic_write_json(folder / "images.json", record)
     train_cfg = image_train_config(cfg, len(train_rows))
     seed = cfg.seed + fold
     torch.manual_seed(seed)
@@ -215,8 +219,9 @@ def train_fold(cfg: Config, data: LabelledImages, fold: int) -> pd.DataFrame:
     oof = pd.DataFrame(probs, columns=prob_columns(data.n_classes))
     oof = oof.assign(image_id=val["image_id"].to_numpy(), fold=fold)
     oof = oof[["image_id", "fold", *prob_columns(data.n_classes)]]
-    atomic_write_json(folder / "fold.json", {"seconds": time.perf_counter() - start}, indent=None)
-    atomic_parquet(oof_path, oof)  # last: what makes the fold finished
+    if is_main_process():
+        atomic_write_json(folder / "fold.json", {"seconds": time.perf_counter() - start}, indent=None)
+        atomic_parquet(oof_path, oof)  # last: what makes the fold finished
     return oof
 
 
