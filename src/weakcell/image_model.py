@@ -55,7 +55,7 @@ from weakcell.image_cache import ImageCache, build_split
 from weakcell.labelled_crops import LabelledCrops
 from weakcell.lineage import Lineage, read_lineage, stale, write_lineage
 from weakcell.metrics import sigmoid
-from weakcell.models import create_model
+from weakcell.models import create_model, resolve_weights_file
 from weakcell.outputs import atomic_parquet, atomic_write_json, folder_lock, read_json
 from weakcell.scoring import image_metrics
 from weakcell.tta import predict_views
@@ -131,6 +131,9 @@ def run(cfg: Config) -> dict[str, float]:
 def _train(cfg: Config) -> dict[str, float]:
     start = time.perf_counter()
     out_dir = cfg.image_model_dir
+    section = cfg.image_model
+    if section.pretrained_file is not None:  # a missing file stops before any image is read
+        resolve_weights_file(str(cfg.rooted_weights().image_model.pretrained_file), section.backbone)
     cache = build_split(cfg, "train")
     data = labelled_images(cfg, cache)
     lineage = image_model_lineage(cfg, cache)

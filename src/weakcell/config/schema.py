@@ -1119,9 +1119,10 @@ class Config(Section):
         return candidate if candidate.is_absolute() else Path(self.paths.root) / candidate
 
     def rooted_weights(self) -> Config:
-        """This config with its weight-file settings (``model.pretrained_file``, ``image_model.pretrained_file``,
-        ``segment.cellpose.weights``, ``segment.sam.weights``) resolved against ``paths.root`` like every other path, so a project whose
-        outputs live elsewhere finds the ``weights/`` that ``make weights`` wrote there."""
+        """This config with its weight-file settings (``model.pretrained_file``,
+        ``image_model.pretrained_file``, ``segment.cellpose.weights``, ``segment.sam.weights``) resolved
+        against ``paths.root`` like every other path, so a project whose outputs live elsewhere finds the
+        ``weights/`` that ``make weights`` wrote there."""
 
         def rooted(value: str | None) -> str | None:
             return None if value is None else str(self.path(Path(value).expanduser()))
