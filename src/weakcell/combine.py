@@ -121,18 +121,29 @@ def _mean_level(mil: pd.DataFrame, model: pd.DataFrame | None) -> pd.DataFrame:
 @dataclass(frozen=True)
 class ImageLevel:
     """One source of image-level probabilities: how it is formed from the MIL head's and the image model's
-    tables (``image_id, p_*``, keyed), and the thresholds file tuned on it out of fold, given the folder
-    of the round whose MIL head is read."""
+    tables (``image_id, p_*``, keyed), which of the two it reads (``MIL``, ``IMAGE_MODEL``), and the
+    thresholds file tuned on it out of fold, given the folder of the round whose MIL head is read."""
 
     probs: Callable[[pd.DataFrame, pd.DataFrame | None], pd.DataFrame]
+    reads: tuple[str, ...]
     thresholds: Callable[[Config, Path], Path]
 
 
+MIL, IMAGE_MODEL = "mil", "image_model"
 IMAGE_LEVELS: dict[str, ImageLevel] = {
-    "mil": ImageLevel(_mil_level, lambda cfg, round_dir: round_dir / "thresholds.json"),
-    "image_model": ImageLevel(_model_level, lambda cfg, round_dir: cfg.image_model_dir / "thresholds.json"),
-    "mean": ImageLevel(_mean_level, lambda cfg, round_dir: round_dir / "thresholds-mean.json"),
+    "mil": ImageLevel(_mil_level, (MIL,), lambda cfg, round_dir: round_dir / "thresholds.json"),
+    "image_model": ImageLevel(
+        _model_level, (IMAGE_MODEL,), lambda cfg, round_dir: cfg.image_model_dir / "thresholds.json"
+    ),
+    "mean": ImageLevel(
+        _mean_level, (MIL, IMAGE_MODEL), lambda cfg, round_dir: round_dir / "thresholds-mean.json"
+    ),
 }
+
+
+def needs_image_model(infer: InferConfig) -> bool:
+    """Whether the submitted confidence or ``image_level.csv`` reads the whole-image model."""
+    return infer.image_model_rule != "none" or IMAGE_MODEL in IMAGE_LEVELS[infer.image_level].reads
 
 
 def image_level_probs(cfg: Config, mil: pd.DataFrame, model: pd.DataFrame | None) -> pd.DataFrame:

@@ -35,7 +35,14 @@ import pandas as pd
 
 from weakcell.cache.coverage import MissingImages, missing_images
 from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
-from weakcell.combine import CellTerms, blend, combined_confidence, image_level_probs, thresholds_file
+from weakcell.combine import (
+    CellTerms,
+    blend,
+    combined_confidence,
+    image_level_probs,
+    needs_image_model,
+    thresholds_file,
+)
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
@@ -269,7 +276,7 @@ def image_model_folds(cfg: Config) -> list[Path]:
         from weakcell.image_model import trained_folds  # its image cache and network only when used
 
         return trained_folds(cfg)
-    if cfg.infer.image_model_rule != "none" or cfg.infer.image_level != "mil":
+    if needs_image_model(cfg.infer):
         raise StageError(
             f"infer.image_model_rule={cfg.infer.image_model_rule} and infer.image_level={cfg.infer.image_level} "
             "need the whole-image model: set image_model.enabled=true and train it (make image-model)"

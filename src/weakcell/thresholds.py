@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from weakcell.combine import image_level_probs, thresholds_file
+from weakcell.combine import IMAGE_LEVELS, IMAGE_MODEL, MIL, image_level_probs, thresholds_file
 from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import to_multi_hot
@@ -114,12 +114,13 @@ def oof_images(cfg: Config) -> pd.DataFrame:
     run_dir = cfg.model_dir  # the final refinement round
     mil_path, model_path = run_dir / "oof_image.parquet", cfg.image_model_dir / "oof_image.parquet"
     mil = model = None
-    if cfg.infer.image_level in ("mil", "mean"):
+    reads = IMAGE_LEVELS[cfg.infer.image_level].reads
+    if MIL in reads:
         if not mil_path.is_file():
             step = "make refine" if cfg.refine.rounds else "make train"
             raise FileNotFoundError(f"no out-of-fold predictions at {mil_path}; run `{step}` first")
         mil = pd.read_parquet(mil_path)
-    if cfg.infer.image_level in ("image_model", "mean"):
+    if IMAGE_MODEL in reads:
         if not model_path.is_file():
             raise FileNotFoundError(
                 f"no out-of-fold predictions at {model_path} (infer.image_level={cfg.infer.image_level}); run "
