@@ -223,6 +223,11 @@ def test_the_stage_trains_folds_that_never_see_their_images_and_infer_uses_them(
     thresholds_stage.run(cfg)  # tuned on the image model's OOF probabilities, into its own folder
     thresholds = json.loads((cfg.image_model_dir / "thresholds.json").read_text())
     assert thresholds["summary"]["image_level"] == "image_model"
+    thresholds_stage.run(
+        _with(base, *IMAGE_MODEL, "infer.image_level=mean")
+    )  # MIL and image model, per image
+    mean = json.loads((cfg.model_dir / "thresholds-mean.json").read_text())["summary"]
+    assert mean["image_level"] == "mean" and mean["images"] == len(folds)
     out_dir = infer_stage.run(cfg)
     sample = pd.read_csv(cfg.data_dir / "sample_submission.csv")
     model_images = pd.read_parquet(out_dir / "pred_image_model.parquet").set_index("image_id")
