@@ -339,7 +339,10 @@ def write_report(
     total_s: float,
     segmentation: str,
     cells: list[dict[str, object]],
+    cells_note: str = "",
 ) -> None:
+    """The report; ``cells_note``: a note under the cell-level table (kept with a table carried over from
+    an earlier call, e.g. that its OOF column was measured another way)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     per_seed = table.set_index(["variant", "seed"])[[*SCORES, "oof_classes", "test_classes", "train_seconds"]]
     per_seed.index = [f"{v} (seed {s})" for v, s in per_seed.index]
@@ -381,6 +384,7 @@ def write_report(
             if cells
             else "_not run (`--no-cell-level`)_"
         )
+        + (f"\n\n> {cells_note}" if cells and cells_note else "")
         + "\n\n## Real images at the 2018 size: `configs/hpa2018.yaml`'s segmentation\n\n"
         + (real_segmentation.__doc__ or "").split("\n\n")[0].replace("\n    ", " ")
         + "\n\n"
@@ -450,6 +454,7 @@ def main() -> None:
             saved["seconds"],
             segmentation,
             saved.get("cells", []),
+            saved.get("cells_note", ""),
         )
         print(verdict(table))
         print(f"bench_hpa2018 -> {args.out} (from {records_file})")
@@ -458,6 +463,7 @@ def main() -> None:
         [*(f"--only {' '.join(args.only)}".split() if args.only else []), *args.overrides]
     )
     cells = saved.get("cells", []) if args.no_cell_level else []
+    cells_note = saved.get("cells_note", "") if args.no_cell_level else ""
     # the previous call's records stand for the variants and seeds this call does not measure
     measured: list[dict] = []
     kept = [r for r in saved.get("records", []) if r["variant"] in grid]
@@ -468,9 +474,11 @@ def main() -> None:
         order = {name: position for position, name in enumerate(grid)}
         records.sort(key=lambda r: (r["seed"], order[r["variant"]]))
         payload = {"command": command.strip(), "seconds": time.perf_counter() - start, "records": records}
-        records_file.write_text(json.dumps({**payload, "cells": cells}, indent=1))
+        records_file.write_text(json.dumps({**payload, "cells": cells, "cells_note": cells_note}, indent=1))
         table = pd.DataFrame(records)
-        write_report(table, base_cfg, command.strip(), args.out, payload["seconds"], segmentation, cells)
+        write_report(
+            table, base_cfg, command.strip(), args.out, payload["seconds"], segmentation, cells, cells_note
+        )
         return table
 
     # the shared inputs: data, folds and cache (each reused when finished)
@@ -492,7 +500,7 @@ def main() -> None:
             measured.append(record)
             save()
     if not args.no_cell_level:
-        cells = cell_level(args.config, args.overrides)
+        cells, cells_note = cell_level(args.config, args.overrides), ""
     table = save()
     print(summary(table).to_string())
     print(verdict(table))
