@@ -13,7 +13,7 @@ views. Writes ``runs/<name>/image_model/``::
     fold<k>/model.pt, last.pt, epochs.csv, curves.png   the engine's
     fold<k>/images.json     the image IDs the fold model trained on and those it held out
     fold<k>/oof_image.parquet                           what makes a fold finished (reused)
-    oof_image.parquet       image_id, fold, p_* (every training image once, out of fold)
+    oof_image.parquet       image_id, p_*, fold (every training image once, out of fold)
     metrics.json            OOF macro-F1 at 0.5 and image mAP, images, seconds
     lineage.json            settings, the downscaled images, the folds and label files
 
@@ -23,10 +23,11 @@ and combines them with the cell model (``weakcell.combine``).
 
 What it costs at real scale (arithmetic, not measured here): the 21,806 images of the 2021 training set at
 512² are 21,806 x 4 x 512² bytes = 22.9 GB of uint8 on disk (about 90 GB at 1024²); downscaling reads
-every 2048² PNG once (about 0.25 s of decoding each, i.e. 1.5 CPU hours, parallel over ``cache.workers``).
-An epoch of a ResNet-50-class backbone at 512² on a T4 is an *estimate* of about 3 to 5 minutes for the
-17,400 images of 4 folds (fp16, ~60-100 images/s); mobilenetv3_small_100 is several times faster. The
-2018 set's 31,072 images are 512² already (32.6 GB cached).
+every 2048² image once (about 0.1 CPU s of PNG decoding each, the README's hashing figure: some 40 CPU
+minutes, spread over ``cache.workers``). An epoch of a ResNet-50-class backbone at 512² on a T4 is an
+*estimate* of 5 to 7 minutes for the 17,400 training images of a 5-fold model (fp16; a T4 trains
+ResNet-50 at about 250 images/s at 224², and a 512² image has 5.2x the pixels: 40-60 images/s);
+mobilenetv3_small_100 is several times faster. The 2018 set's 31,072 images are 512² already (32.6 GB).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def train_fold(cfg: Config, data: LabelledImages, fold: int) -> pd.DataFrame:
     probs, _ = predict_views(model, data.cache, val_rows, cfg.infer.tta, train_cfg)
     oof = pd.DataFrame(probs, columns=prob_columns(data.n_classes))
     oof = oof.assign(image_id=val["image_id"].to_numpy(), fold=fold)
-    oof = oof[["image_id", "fold", *prob_columns(data.n_classes)]]
+    oof = oof[["image_id", *prob_columns(data.n_classes), "fold"]]  # the MIL head's OOF layout
     if is_main_process():
         atomic_write_json(folder / "fold.json", {"seconds": time.perf_counter() - start}, indent=None)
         atomic_parquet(oof_path, oof)  # last: what makes the fold finished
