@@ -481,10 +481,12 @@ def main() -> None:
         )
         return table
 
-    # the shared inputs: data, folds and cache (each reused when finished)
+    # the shared inputs: data, folds and cache (each reused when finished); the whole-image variants read
+    # no cells, so a call that trains only them does not segment the images
     data_stage.run(base_cfg)
     folds_stage.run(base_cfg)
-    cache_stage.run(base_cfg)
+    if args.only is None or any(not name.startswith(WHOLE_IMAGE) for name in args.only):
+        cache_stage.run(base_cfg)
     for seed in seeds:
         for name, overrides in grid.items():
             cfg = variant_config(args.config, args.overrides, name, overrides, seed)
