@@ -19,8 +19,8 @@ export LD_PRELOAD := $(TCMALLOC)
 SHARED ?= ../shared/data
 space := $(subst ,, )
 
-.PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-lineage bench-synthetic bench-demo-speed bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-train-gpu bench-pipeline-gpu test test-all lint clean
+.PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train image-model refine thresholds infer infer-hpa2021 evaluate score ablate \
+	bench-lineage bench-synthetic bench-demo-speed bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-image-model bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -102,6 +102,9 @@ preview-cells: $(STAMP) ## outlines on synthetic and real images, a grid of crop
 
 train: $(STAMP) ## K folds: cell model on weak labels -> attention MIL -> OOF predictions in runs/<name>/
 	$(WEAKCELL) train $(CONFIG) $(OVERRIDES)
+
+image-model: $(STAMP) ## whole-image model (image_model.enabled=true): K folds on downscaled images -> runs/<name>/image_model/ (OOF, metrics.json)
+	$(WEAKCELL) image-model $(CONFIG) $(OVERRIDES)
 
 refine: $(STAMP) ## pseudo-label refinement rounds: relabel cells from OOF outputs, retrain -> runs/<name>/round<r>/
 	$(WEAKCELL) refine $(CONFIG) $(OVERRIDES)
@@ -222,8 +225,11 @@ bench-metric: $(STAMP) ## out-of-fold scoring through the competition engine per
 bench-kaggle: $(STAMP) ## the inference kernel's cache + infer per real-size image, 559-image projection -> benchmarks/kaggle.md
 	$(PY) benchmarks/bench_kaggle.py
 
-bench-hpa2018: $(STAMP) ## 2018 demo: macro-F1 at 0.5 vs tuned vs a second backbone vs focal / class weights / balanced sampler -> benchmarks/hpa2018.md
+bench-hpa2018: $(STAMP) ## 2018 demo: macro-F1 at 0.5 vs tuned vs a second backbone vs focal / class weights / balanced sampler vs a whole-image model -> benchmarks/hpa2018.md
 	$(PY) benchmarks/bench_hpa2018.py $(ARGS)
+
+bench-image-model: $(STAMP) ## the whole-image model x the cell model on the demo's test split: every infer.image_model_rule vs none, paired 95% intervals -> benchmarks/image-model.md
+	$(PY) benchmarks/bench_image_model.py --config $(CONFIG) $(ARGS)
 
 bench-train-gpu: $(STAMP) ## on a GPU machine: competition config cells/s, model only vs with the loader
 	$(PY) benchmarks/bench_train_gpu.py

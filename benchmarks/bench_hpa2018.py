@@ -11,7 +11,12 @@ same data, cache and folds (``configs/hpa2018-bench.yaml``: the 2018 demo's trai
   default 4: the epochs at which it trains in the baseline's 12 epochs' time on this 2-core machine,
   measured 385 s vs 128 s per seed);
 - the kit's class-imbalance options: ``train.loss=focal``, ``train.class_weights=sqrt_inverse``,
-  ``train.sampler=balanced``.
+  ``train.sampler=balanced``;
+- a whole-image model alone (``weakcell.image_model``: the 2018 winners' kind of model, no cells at all;
+  ``infer.image_level=image_model``), at the config's stage-1 epochs (``whole_image``) and at the epochs at
+  which it trains in about the baseline's time (``whole_image_same_time``, ``--whole-image-same-time-epochs``).
+  Its OOF and test probabilities are the image model's fold ensemble, its thresholds tuned on its own OOF
+  images, its ``train s`` the image model's training time.
 
 For each: image macro-F1 of the out-of-fold images at 0.5 and with per-class thresholds cross-fitted over
 the folds (tuned on the other folds' images, applied to each fold's), and of the test split at 0.5 and at
@@ -26,7 +31,10 @@ Last, ``configs/hpa2018.yaml``'s segmentation on the shared real images downscal
 
 Finished variants are reused (their runs are ``runs/<name>-<variant>[-seed<s>]/``). Writes
 ``benchmarks/hpa2018.md`` from every variant and seed that has finished, and their records to
-``benchmarks/hpa2018.json`` (``--report-only`` rewrites the report from them).
+``benchmarks/hpa2018.json`` (``--report-only`` rewrites the report from them), after each record. The
+records of the previous call (that file) for the variants and seeds this call does not measure are kept, and
+so is its cell-level table under ``--no-cell-level``: ``--only whole_image whole_image_same_time`` adds rows
+without training the rest again.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import pandas as pd
 from weakcell import ablate, ablate_report
 from weakcell import evaluate as evaluate_stage
 from weakcell import folds as folds_stage
+from weakcell import image_model as image_model_stage
 from weakcell import infer as infer_stage
 from weakcell import refine as refine_stage
 from weakcell import thresholds as thresholds_stage
@@ -67,6 +76,7 @@ REAL_2021 = REPO.parent / "shared" / "data" / "hpa2021"
 REAL_CONFIG = REPO / "configs" / "hpa2018.yaml"
 SIZE_2018 = 512
 BASELINE = "baseline"
+WHOLE_IMAGE = "whole_image"
 IMBALANCE = {
     "focal": ["train.loss=focal"],
     "class_weights": ["train.class_weights=sqrt_inverse"],
@@ -74,13 +84,19 @@ IMBALANCE = {
 }
 
 
-def variants(backbone: str, same_time_epochs: int = 4) -> dict[str, list[str]]:
-    """Variant name -> its overrides on top of the config (round 0 only)."""
+def variants(
+    backbone: str, same_time_epochs: int = 4, epochs: int = 12, whole_image_same_time_epochs: int = 6
+) -> dict[str, list[str]]:
+    """Variant name -> its overrides on top of the config (round 0 only; ``epochs``: the config's stage-1
+    epochs, which the whole-image model trains at equal epochs)."""
+    whole_image = ["image_model.enabled=true", "infer.image_level=image_model"]
     return {
         BASELINE: [],
         f"backbone_{backbone}": [f"model.backbone={backbone}"],
         f"backbone_{backbone}_same_time": [f"model.backbone={backbone}", f"train.epochs={same_time_epochs}"],
         **IMBALANCE,
+        WHOLE_IMAGE: [*whole_image, f"image_model.epochs={epochs}"],
+        f"{WHOLE_IMAGE}_same_time": [*whole_image, f"image_model.epochs={whole_image_same_time_epochs}"],
     }
 
 
@@ -106,19 +122,47 @@ SCORES = {
 
 def measure(cfg: Config) -> dict[str, float | int | None]:
     """Train (or reuse) one variant, tune its thresholds, infer the test split; its image scores."""
+    if cfg.image_model.enabled:
+        return measure_whole_image(cfg)
     train_stage.run(cfg)
     thresholds_stage.run(cfg)
     out_dir = infer_stage.run(cfg)
+    oof = pd.read_parquet(cfg.model_dir / "oof_image.parquet")
+    thresholds = read_thresholds(cfg.model_dir / "thresholds.json")
+    test = submission_image_scores(cfg, out_dir, thresholds)
+    metrics = json.loads((cfg.model_dir / "metrics.json").read_text())
+    return scores(cfg, oof, test, float(metrics.get("seconds", 0.0)))
+
+
+def measure_whole_image(cfg: Config) -> dict[str, float | int | None]:
+    """Train (or reuse) the whole-image model alone, tune thresholds on its OOF images (``make thresholds``
+    with ``infer.image_level=image_model``) and predict the test split with its folds (what ``make infer``
+    cuts ``image_level.csv`` from; no cell model is trained or read); its image scores."""
+    metrics = image_model_stage.run(cfg)
+    thresholds_stage.run(cfg)
     spec = get_dataset(cfg.data.dataset)
     n = spec.n_classes
-    oof = pd.read_parquet(cfg.model_dir / "oof_image.parquet")
+    sample = pd.read_csv(cfg.data_dir / spec.sample_submission, dtype={spec.id_column: str})
+    test_ids = sample[spec.id_column].tolist()
+    probs = image_model_stage.predict_images(cfg, image_model_stage.trained_folds(cfg), test_ids, "test")
+    y_test = image_targets(probs["image_id"], read_image_labels(cfg.data_dir, spec), n)
+    thresholds = read_thresholds(cfg.image_model_dir / "thresholds.json")
+    test = image_level_scores(y_test, probs[prob_columns(n)].to_numpy(), thresholds)
+    oof = pd.read_parquet(cfg.image_model_dir / "oof_image.parquet")
+    return scores(cfg, oof, test, float(metrics["seconds"]))
+
+
+def scores(
+    cfg: Config, oof: pd.DataFrame, test: dict[str, float | int | None], train_seconds: float
+) -> dict[str, float | int | None]:
+    """A variant's record: the OOF image scores of ``oof`` (thresholds cross-fitted over its folds), the
+    test split's ``test`` scores and the training time."""
+    spec = get_dataset(cfg.data.dataset)
+    n = spec.n_classes
     y_true = image_targets(oof["image_id"], read_image_labels(cfg.data_dir, spec), n)
     oof_scores = image_level_scores(
         y_true, oof[prob_columns(n)].to_numpy(), None, oof["fold"].to_numpy(), cfg.thresholds
     )
-    thresholds = read_thresholds(cfg.model_dir / "thresholds.json")
-    test = submission_image_scores(cfg, out_dir, thresholds)
-    metrics = json.loads((cfg.model_dir / "metrics.json").read_text())
     return {
         "oof_f1_at_05": oof_scores["macro_f1_at_05"],
         "oof_f1_tuned_cross_fitted": oof_scores["macro_f1_tuned_cross_fitted"],
@@ -128,7 +172,7 @@ def measure(cfg: Config) -> dict[str, float | int | None]:
         "test_map": test["map"],
         "oof_classes": oof_scores["classes_scored"],
         "test_classes": test["classes_scored"],
-        "train_seconds": round(float(metrics.get("seconds", 0.0))),  # the fold records: reused runs too
+        "train_seconds": round(train_seconds),  # the fold records: reused runs too
     }
 
 
@@ -295,12 +339,16 @@ def write_report(
     total_s: float,
     segmentation: str,
     cells: list[dict[str, object]],
+    cells_note: str = "",
 ) -> None:
+    """The report; ``cells_note``: a note under the cell-level table (kept with a table carried over from
+    an earlier call, e.g. that its OOF column was measured another way)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     per_seed = table.set_index(["variant", "seed"])[[*SCORES, "oof_classes", "test_classes", "train_seconds"]]
     per_seed.index = [f"{v} (seed {s})" for v, s in per_seed.index]
     text = (
-        "# The 2018 competition: threshold tuning vs architecture vs imbalance options (`make bench-hpa2018`)\n\n"
+        "# The 2018 competition: threshold tuning vs architecture vs imbalance options vs a whole-image model "
+        "(`make bench-hpa2018`)\n\n"
         f"`{command}` ({when}; {platform.node()}, {os.cpu_count()} CPUs, no GPU). Data: the 2018-flavoured "
         f"synthetic set of `{cfg.data_dir}` ({cfg.synthetic.n_train} train / {cfg.synthetic.n_test} test "
         "images, 28 classes drawn with the real 2018 frequencies, so the rarest classes are absent from so "
@@ -308,7 +356,11 @@ def write_report(
         f"{cfg.train.epochs} epochs stage 1, {cfg.mil.epochs} epochs MIL, crops {cfg.cache.crop_size} px, "
         "every variant at the same epochs, batch and learning rate except `*_same_time` (the second backbone at "
         "fewer epochs, so that it trains in about the baseline's time: see `train s`), trained once per seed (same data and "
-        "folds). Image macro-F1 over the classes with a positive among the scored images (`*_classes`); "
+        f"folds). `{WHOLE_IMAGE}*`: no cells at all, the whole-image model alone (`make image-model`: "
+        f"{cfg.image_model.backbone} on the whole image downscaled to {cfg.image_model.size} px, batch "
+        f"{cfg.image_model.batch_size}, lr {cfg.image_model.lr:g}), at the stage-1 epochs or at about the baseline's "
+        "training time; its `train s` is the image model's. Rows this call did not measure are the previous "
+        "call's records. Image macro-F1 over the classes with a positive among the scored images (`*_classes`); "
         "OOF tuned = per-class thresholds tuned on the other folds' images and applied to each fold's "
         "(cross-fitted); test tuned = thresholds tuned on every OOF image (`make thresholds`), applied to the "
         "test split. `train s`: training wall time from the runs' fold records.\n\n"
@@ -332,6 +384,7 @@ def write_report(
             if cells
             else "_not run (`--no-cell-level`)_"
         )
+        + (f"\n\n> {cells_note}" if cells and cells_note else "")
         + "\n\n## Real images at the 2018 size: `configs/hpa2018.yaml`'s segmentation\n\n"
         + (real_segmentation.__doc__ or "").split("\n\n")[0].replace("\n    ", " ")
         + "\n\n"
@@ -342,12 +395,18 @@ def write_report(
     out.write_text(text)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "hpa2018-bench.yaml"))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument(
         "--same-time-epochs", type=int, default=4, help="the second backbone's epochs at the baseline's time"
+    )
+    parser.add_argument(
+        "--whole-image-same-time-epochs",
+        type=int,
+        default=6,
+        help="the whole-image model's epochs at the baseline's training time",
     )
     parser.add_argument(
         "--only", nargs="*", default=None, help="variants to train now (others: reused if done)"
@@ -359,7 +418,7 @@ def main() -> None:
     parser.add_argument(
         "--no-cell-level",
         action="store_true",
-        help="skip the refined and oracle runs of the cell-level table",
+        help="skip the refined and oracle runs of the cell-level table (the previous call's table is kept)",
     )
     parser.add_argument(
         "--report-only",
@@ -367,19 +426,25 @@ def main() -> None:
         help="rewrite the report from the records of the last call (<out>.json): no training or inference",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every variant")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     start = time.perf_counter()
     base_cfg = load_config(args.config, args.overrides)
     seeds = args.seeds or base_cfg.ablate.seeds or [base_cfg.seed]
-    grid = variants(args.backbone, args.same_time_epochs)
+    grid = variants(
+        args.backbone, args.same_time_epochs, base_cfg.train.epochs, args.whole_image_same_time_epochs
+    )
     unknown = set(args.only or []) - set(grid)
     if unknown:
         raise SystemExit(f"bench_hpa2018: --only {sorted(unknown)}: no such variant ({', '.join(grid)})")
     segmentation = real_segmentation()
     print(segmentation, flush=True)
     records_file = args.out.with_suffix(".json")
+    saved = json.loads(records_file.read_text()) if records_file.is_file() else {}
     if args.report_only:
-        saved = json.loads(records_file.read_text())
         table = pd.DataFrame(saved["records"])
         write_report(
             table,
@@ -389,19 +454,44 @@ def main() -> None:
             saved["seconds"],
             segmentation,
             saved.get("cells", []),
+            saved.get("cells_note", ""),
         )
         print(verdict(table))
         print(f"bench_hpa2018 -> {args.out} (from {records_file})")
         return
-    # the shared inputs: data, folds and cache (each reused when finished)
+    command = "python benchmarks/bench_hpa2018.py " + " ".join(
+        [*(f"--only {' '.join(args.only)}".split() if args.only else []), *args.overrides]
+    )
+    cells = saved.get("cells", []) if args.no_cell_level else []
+    cells_note = saved.get("cells_note", "") if args.no_cell_level else ""
+    # the previous call's records stand for the variants and seeds this call does not measure
+    measured: list[dict] = []
+    kept = [r for r in saved.get("records", []) if r["variant"] in grid]
+
+    def save() -> pd.DataFrame:
+        now = {(r["variant"], r["seed"]) for r in measured}
+        records = measured + [r for r in kept if (r["variant"], r["seed"]) not in now]
+        order = {name: position for position, name in enumerate(grid)}
+        records.sort(key=lambda r: (r["seed"], order[r["variant"]]))
+        payload = {"command": command.strip(), "seconds": time.perf_counter() - start, "records": records}
+        records_file.write_text(json.dumps({**payload, "cells": cells, "cells_note": cells_note}, indent=1))
+        table = pd.DataFrame(records)
+        write_report(
+            table, base_cfg, command.strip(), args.out, payload["seconds"], segmentation, cells, cells_note
+        )
+        return table
+
+    # the shared inputs: data, folds and cache (each reused when finished); the whole-image variants read
+    # no cells, so a call that trains only them does not segment the images
     data_stage.run(base_cfg)
     folds_stage.run(base_cfg)
-    cache_stage.run(base_cfg)
-    records = []
+    if args.only is None or any(not name.startswith(WHOLE_IMAGE) for name in args.only):
+        cache_stage.run(base_cfg)
     for seed in seeds:
         for name, overrides in grid.items():
             cfg = variant_config(args.config, args.overrides, name, overrides, seed)
-            finished = (cfg.model_dir / "oof_image.parquet").is_file()
+            done = cfg.image_model_dir if cfg.image_model.enabled else cfg.model_dir
+            finished = (done / "oof_image.parquet").is_file()
             if args.only is not None and name not in args.only and not finished:
                 continue
             print(
@@ -409,19 +499,11 @@ def main() -> None:
             )
             record = {"variant": name, "seed": seed, **measure(cfg)}
             print(f"bench_hpa2018: {json.dumps(record)}", flush=True)
-            records.append(record)
-    table = pd.DataFrame(records)
-    cells = [] if args.no_cell_level else cell_level(args.config, args.overrides)
-    command = "python benchmarks/bench_hpa2018.py " + " ".join(
-        [*(f"--only {' '.join(args.only)}".split() if args.only else []), *args.overrides]
-    )
-    seconds = time.perf_counter() - start
-    records_file.write_text(
-        json.dumps(
-            {"command": command.strip(), "seconds": seconds, "records": records, "cells": cells}, indent=1
-        )
-    )
-    write_report(table, base_cfg, command.strip(), args.out, seconds, segmentation, cells)
+            measured.append(record)
+            save()
+    if not args.no_cell_level:
+        cells, cells_note = cell_level(args.config, args.overrides), ""
+    table = save()
     print(summary(table).to_string())
     print(verdict(table))
     print(f"bench_hpa2018 -> {args.out}")

@@ -323,6 +323,15 @@ def test_claim_variants_train_round_0_under_their_own_names():
     focal = bench.variant_config(config, [], "focal", bench.variants("efficientnet_lite0")["focal"], 43)
     assert (focal.name, focal.seed, focal.train.loss) == ("hpa2018-bench-seed43-focal", 43, "focal")
     assert (focal.data_dir, focal.folds.file) == (base.data_dir, base.folds.file)
+    # the whole-image model alone: at the stage-1 epochs, its image level cut from its own probabilities
+    grid = bench.variants("efficientnet_lite0", epochs=base.train.epochs, whole_image_same_time_epochs=5)
+    whole = bench.variant_config(config, [], "whole_image", grid["whole_image"], 42)
+    same_time = bench.variant_config(config, [], "whole_image_same_time", grid["whole_image_same_time"], 42)
+    assert whole.image_model.enabled and whole.infer.image_level == "image_model"
+    assert (whole.image_model.epochs, same_time.image_model.epochs) == (base.train.epochs, 5)
+    assert (
+        whole.image_model_dir == whole.run_dir / "image_model" and whole.name == "hpa2018-bench-whole_image"
+    )
 
 
 def test_claim_report_holds_the_tables(tmp_path):

@@ -213,6 +213,7 @@ def sample_batches() -> dict[str, dict[str, torch.Tensor]]:
         "cell": {"crops": crops(4), "targets": targets(4)},
         "mil": {"bags": torch.randn(2, 3, 8), "mask": mask, "targets": targets(2)},
         "dual": {"crops": crops(2, 3), "mask": mask, "targets": targets(2)},
+        "image": {"crops": crops(2), "targets": targets(2)},  # whole images, downscaled (image_model.size)
     }
 
 

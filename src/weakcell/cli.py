@@ -118,6 +118,24 @@ STAGES: dict[str, Stage] = {
         "K folds: cell model (weak labels) -> attention MIL -> OOF predictions",
         _TRAINING,
     ),
+    "image-model": Stage(
+        "weakcell.image_model:run",
+        "K folds of a whole-image model on downscaled images -> runs/<name>/image_model/ (OOF, metrics)",
+        (
+            *_WHERE,
+            *_RUN,
+            *_CACHE,
+            "seed",
+            "force",
+            "folds.file",
+            "paths.folds",
+            "image_model.",
+            "train.",
+            "infer.tta",
+            "cache.workers",
+            "checks.lock_wait_s",
+        ),
+    ),
     "refine": Stage(
         "weakcell.refine:run",
         "pseudo-label rounds: relabel cells from OOF outputs, retrain -> runs/<name>/round<r>/",
@@ -131,7 +149,17 @@ STAGES: dict[str, Stage] = {
     "infer": Stage(
         "weakcell.infer:run",
         "TTA x folds on the test split -> submissions/<name>/cell_level.csv, image_level.csv",
-        (*_WHERE, *_RUN, *_CACHE, *_NETWORK, "paths.submissions", "infer.", "checks.lock_wait_s", "force"),
+        (
+            *_WHERE,
+            *_RUN,
+            *_CACHE,
+            *_NETWORK,
+            "image_model.",
+            "paths.submissions",
+            "infer.",
+            "checks.lock_wait_s",
+            "force",
+        ),
     ),
     "download": Stage(
         "weakcell.kagglekit.api:download",
@@ -196,7 +224,7 @@ STAGES: dict[str, Stage] = {
     "thresholds": Stage(
         "weakcell.thresholds:run",
         "per-class thresholds tuned on OOF image predictions -> thresholds.json",
-        (*_WHERE, *_RUN, "thresholds.", "checks.lock_wait_s"),
+        (*_WHERE, *_RUN, "thresholds.", "infer.image_level", "checks.lock_wait_s"),
     ),
     "evaluate": Stage(
         "weakcell.evaluate:run",
@@ -289,10 +317,14 @@ def stage_main(
     try:
         config_path, overrides = split_args(list(sys.argv[1:] if argv is None else argv))
         cfg = load_config(config_path, overrides)
-        if any(key.startswith("model.") for key in reads):  # before any folder is created
+        backbones = [cfg.model.backbone] if any(key.startswith("model.") for key in reads) else []
+        if cfg.image_model.enabled and any(key.startswith("image_model.") for key in reads):
+            backbones.append(cfg.image_model.backbone)
+        if backbones:  # before any folder is created
             from weakcell.models.backbone import check_backbone
 
-            check_backbone(cfg.model.backbone)
+            for backbone in backbones:
+                check_backbone(backbone)
         run(cfg)
     except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,7 +6,10 @@ probabilities and attention. Folds are then blended as a groupby-mean on (image_
 after asserting that every fold predicted the same keys. A cell's confidence for class c is its own
 probability times an image term ** ``infer.image_power`` (the top 2021 solutions' product; the term mixes
 the image's MIL probability with its best cell's, ``scoring.cell_confidence``); the default power 0 submits
-the cell probability alone, best under the organisers' reading of the metric.
+the cell probability alone, best under the organisers' reading of the metric. With ``image_model.enabled``
+the whole-image model's fold ensemble predicts the images too (``pred_image_model.parquet``) and joins the
+confidence and ``image_level.csv`` by the rules of ``weakcell.combine`` (``infer.image_model_rule``,
+``infer.image_level``).
 
 Writes ``submissions/<run>/``: ``pred_image.parquet``, ``pred_cell.parquet``, ``cell_level.csv`` (every ID
 of the dataset's sample submission, masks at the original size, validated before it is written) and
@@ -29,11 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from weakcell.cache.coverage import MissingImages, missing_images
-from weakcell.cache.loader import CellCrops, apply_symmetries
 from weakcell.cache.store import SKIPPED_FILE, CellCache, cache_fingerprint
+from weakcell.combine import (
+    CellTerms,
+    blend,
+    combined_confidence,
+    image_level_probs,
+    needs_image_model,
+    thresholds_file,
+)
 from weakcell.config import OUTPUT_INPUTS, Config, changed_settings
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
@@ -46,26 +55,11 @@ from weakcell.lineage import Lineage, digest, read_lineage, write_lineage
 from weakcell.metrics import sigmoid
 from weakcell.models import create_model
 from weakcell.outputs import atomic_write, clean_temporaries, folder_lock, writing
-from weakcell.scoring import cell_confidence
 from weakcell.stage2 import BagRequest, load_trained
 from weakcell.submission import check_published, publish, write_cell_level, write_image_level
 from weakcell.thresholds import read_thresholds
+from weakcell.tta import predict_views
 from weakcell.weights import load_state_dict
-
-
-class SymmetricCrops(CellCrops):
-    """Cell crops under one fixed symmetry of the square (a TTA view)."""
-
-    def __init__(self, cache: CellCache, indices: np.ndarray, code: int) -> None:
-        super().__init__(cache, indices, None)
-        self.code = code
-
-    def __getitems__(self, positions):
-        batch = super().__getitems__(positions)
-        crops = batch["crops"].numpy()
-        codes = np.full(len(crops), self.code)
-        batch["crops"] = torch.from_numpy(np.ascontiguousarray(apply_symmetries(crops, codes)))
-        return batch
 
 
 def predict_fold(
@@ -76,15 +70,8 @@ def predict_fold(
     rows = cells.index.to_numpy()
     cell_model = create_model("cell", cfg, n_classes)
     cell_model.load_state_dict(load_state_dict(fold_dir / "cell" / "model.pt"))
-    probs: np.ndarray | float = 0.0  # sums over the views
-    embeddings: np.ndarray | float = 0.0
-    for code in cfg.infer.tta:  # (N, C) and (N, D) summed over views, in ``rows`` order
-        out = predict(cell_model, SymmetricCrops(cache, rows, code), cfg.train, batch_keys=("index",))
-        order = pd.Index(out["index"]).get_indexer(rows)
-        probs = probs + sigmoid(out["logits"][order])
-        embeddings = embeddings + out["embeddings"][order]
-    probs = np.asarray(probs) / len(cfg.infer.tta)
-    embeddings = np.asarray(embeddings, dtype=np.float32) / len(cfg.infer.tta)
+    # (N, C) and (N, D) averaged over the TTA views, in ``rows`` order
+    probs, embeddings = predict_views(cell_model, cache, rows, cfg.infer.tta, cfg.train)
 
     # stage 2 as the run trained it (``mil.mode``): MIL over each image's TTA-averaged embeddings (frozen),
     # or the end-to-end model over the image's crops (untransformed); embeddings are indexed by cache row
@@ -105,20 +92,6 @@ def predict_fold(
     cell_table = cells[["image_id", "cell_id"]].reset_index(drop=True)
     cell_table = pd.concat([cell_table, pd.DataFrame(probs, columns=prob_columns(n_classes))], axis=1)
     return images, cell_table
-
-
-def blend(tables: list[pd.DataFrame], keys: list[str], weights: list[float] | None = None) -> pd.DataFrame:
-    """(Weighted) mean over tables keyed by ``keys``, after asserting they all hold the same keys."""
-    first = set(map(tuple, tables[0][keys].to_numpy()))
-    for table in tables[1:]:
-        if set(map(tuple, table[keys].to_numpy())) != first:
-            raise AssertionError(f"predictions to blend hold different {keys}: refusing to average them")
-    weights = weights or [1.0] * len(tables)
-    weighted = [
-        table.set_index(keys).mul(weight / sum(weights)).reset_index()
-        for table, weight in zip(tables, weights)
-    ]
-    return pd.concat(weighted).groupby(keys, sort=False).sum().reset_index()
 
 
 def images_to_predict(cfg: Config, cache: CellCache) -> pd.DataFrame:
@@ -236,6 +209,7 @@ def model_folds(cfg: Config, source_name: str) -> tuple[Path, list[Path]]:
 
 # What one inference publishes together (``submission.publish``), in the order they are moved in place.
 OUTPUT_FILES = ("pred_image.parquet", "pred_cell.parquet", "cell_level.csv", "image_level.csv")
+IMAGE_MODEL_FILE = "pred_image_model.parquet"  # the whole-image model's test probabilities, when it is used
 STAGING_DIR = ".staging.tmp"  # the next run's files, inside the output folder (a rename stays atomic)
 
 
@@ -248,17 +222,20 @@ def _file_stamp(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def submission_lineage(cfg: Config, models: dict[str, tuple[Path, list[Path]]], thresholds: Path) -> Lineage:
+def submission_lineage(
+    cfg: Config, models: dict[str, tuple[Path, list[Path]]], thresholds: Path, image_folds: list[Path]
+) -> Lineage:
     """What one inference is made from (``weakcell.config.lineage``, output ``submission``): the settings it
     reads, the cell cache's fingerprint, every fold's weight files (by size and modification time: a fold
-    trained again has new weights under the same settings), the thresholds and the sample submission (by
-    content)."""
+    trained again has new weights under the same settings; the whole-image model's ``image_folds`` too),
+    the thresholds and the sample submission (by content)."""
     weights = {
         str(fold / part): _file_stamp(fold / part)
         for _, fold_dirs in models.values()
         for fold in fold_dirs
         for part in ("cell/model.pt", "mil/model.pt")
     }
+    weights.update({str(fold / "model.pt"): _file_stamp(fold / "model.pt") for fold in image_folds})
     sample = cfg.data_dir / get_dataset(cfg.data.dataset).sample_submission
     return Lineage.of(
         "submission",
@@ -292,6 +269,21 @@ def run(cfg: Config) -> Path:
         return _infer(cfg, out_dir)
 
 
+def image_model_folds(cfg: Config) -> list[Path]:
+    """The whole-image model's fold folders when inference uses it (``image_model.enabled``), else none; a
+    rule or image level that needs the model without it is refused before any work."""
+    if cfg.image_model.enabled:
+        from weakcell.image_model import trained_folds  # its image cache and network only when used
+
+        return trained_folds(cfg)
+    if needs_image_model(cfg.infer):
+        raise StageError(
+            f"infer.image_model_rule={cfg.infer.image_model_rule} and infer.image_level={cfg.infer.image_level} "
+            "need the whole-image model: set image_model.enabled=true and train it (make image-model)"
+        )
+    return []
+
+
 def _infer(cfg: Config, out_dir: Path) -> Path:
     start = time.perf_counter()
     # under the lock, every temporary here is a killed run's
@@ -300,13 +292,14 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     spec = get_dataset(cfg.data.dataset)
     sources = model_sources(cfg)
     models = {name: model_folds(cfg, name) for name in sources}  # every source checked before any work
-    run_dir = models[next(iter(sources))][0]  # the first source's thresholds decide the image labels
-    thresholds_path = run_dir / "thresholds.json"
+    image_folds = image_model_folds(cfg)
+    # the first source's round decides the image labels, with the thresholds of infer.image_level's source
+    thresholds_path = thresholds_file(cfg, models[next(iter(sources))][0])
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"no {thresholds_path}; run `make thresholds` first")
     for warning in json.loads(thresholds_path.read_text()).get("warnings", []):
         print(f"infer: WARNING from {thresholds_path}: {warning}")
-    lineage = submission_lineage(cfg, models, thresholds_path)
+    lineage = submission_lineage(cfg, models, thresholds_path, image_folds)
     if not cfg.force and up_to_date(out_dir, lineage):
         print(
             f"infer: {out_dir} is up to date (its {LINEAGE_FILE}: same models, thresholds, cache and settings), "
@@ -319,31 +312,28 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
     empty = check_cells(cfg, cache, image_ids)  # before any prediction: a refusal costs nothing
     n_classes = spec.n_classes
 
-    per_source = []
-    for _, fold_dirs in models.values():  # folds of one run: a plain mean; runs: weighted
-        results = [predict_fold(cfg, fold_dir, cache, image_ids, n_classes) for fold_dir in fold_dirs]
-        per_source.append(
-            (
-                blend([r[0] for r in results], ["image_id"]),
-                blend([r[1] for r in results], ["image_id", "cell_id"]),
-            )
-        )
-    weights = list(sources.values())
-    images = blend([p[0] for p in per_source], ["image_id"], weights)
-    cells = blend([p[1] for p in per_source], ["image_id", "cell_id"], weights)
-    image_of_cell = images.set_index("image_id").loc[cells["image_id"], prob_columns(n_classes)].to_numpy()
-    confidence = cell_confidence(
+    images, cells = predict_sources(cfg, models, sources, cache, image_ids, n_classes)
+    model_images = None
+    if image_folds:
+        from weakcell.image_model import predict_images
+
+        model_images = predict_images(cfg, image_folds, image_ids, cfg.infer.split)
+    image_of_cell = of_cells(images, cells, n_classes)
+    terms = CellTerms(
         cells[prob_columns(n_classes)].to_numpy(),
         image_of_cell,
+        of_cells(model_images, cells, n_classes) if model_images is not None else None,
         cells["image_id"].to_numpy(),
-        cfg.infer.image_power,
-        cfg.infer.image_best_cell,
     )
+    confidence = combined_confidence(terms, cfg.infer)
     scored = cells[["image_id", "cell_id"]].assign(**dict(zip(prob_columns(n_classes), confidence.T)))
 
     # every file is written (each validated) into the staging folder, then all are published together
-    with staging_folder(out_dir) as staged:
+    names = (*OUTPUT_FILES, IMAGE_MODEL_FILE) if model_images is not None else OUTPUT_FILES
+    with staging_folder(out_dir, names) as staged:
         atomic_write(staged["pred_image.parquet"], lambda tmp: images.to_parquet(tmp, index=False))
+        if model_images is not None:
+            atomic_write(staged[IMAGE_MODEL_FILE], lambda tmp: model_images.to_parquet(tmp, index=False))
         cell_table = cells.assign(**{f"image_{c}": image_of_cell[:, c] for c in range(n_classes)})
         atomic_write(staged["pred_cell.parquet"], lambda tmp: cell_table.to_parquet(tmp, index=False))
         write_cell_level(
@@ -353,7 +343,7 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
         # labels (2018) gets its file checked against its own sample submission, under its ID column
         image_sample = read_sample(cfg) if spec.submission == "image" and cfg.infer.split == "test" else None
         write_image_level(
-            images,
+            image_level_probs(cfg, images, model_images),
             read_thresholds(thresholds_path),
             staged["image_level.csv"],
             columns=spec.image_level_columns,
@@ -361,28 +351,60 @@ def _infer(cfg: Config, out_dir: Path) -> Path:
             negative=spec.negative,
         )
         publish(out_dir, staged)
+    if model_images is None:  # an earlier run's image-model predictions are not this publication's
+        with writing(out_dir / IMAGE_MODEL_FILE):
+            (out_dir / IMAGE_MODEL_FILE).unlink(missing_ok=True)
     write_lineage(out_dir, lineage)  # after the files: a run killed before it is redone, never reused
     empty_rows = f" ({empty.count} empty rows: {empty.describe('images')})" if empty.count else ""
     scored_file = "cell_level.csv" if spec.submission == "cell" else "image_level.csv"
+    with_image_model = f" + the whole-image model's {len(image_folds)} folds" if image_folds else ""
     print(
-        f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())} x {len(cfg.infer.tta)} TTA views, "
-        f"{len(images)} images{empty_rows}, "
-        f"{len(cells)} cells, "
+        f"infer: {' + '.join(f'{len(f)} folds of {d}' for d, f in models.values())}{with_image_model} x "
+        f"{len(cfg.infer.tta)} TTA views, {len(images)} images{empty_rows}, {len(cells)} cells, "
         f"{time.perf_counter() - start:.0f} s -> {out_dir / scored_file} (the Kaggle file), "
-        f"{', '.join(f for f in OUTPUT_FILES if f != scored_file)}"
+        f"{', '.join(f for f in names if f != scored_file)}"
     )
     return out_dir
 
 
+def predict_sources(
+    cfg: Config,
+    models: dict[str, tuple[Path, list[Path]]],
+    sources: dict[str, float],
+    cache: CellCache,
+    image_ids: list[str],
+    n_classes: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The image (MIL) and cell predictions of every source's folds: folds of one run as a plain mean,
+    runs weighted by ``sources``."""
+    per_source = []
+    for _, fold_dirs in models.values():
+        results = [predict_fold(cfg, fold_dir, cache, image_ids, n_classes) for fold_dir in fold_dirs]
+        per_source.append(
+            (
+                blend([r[0] for r in results], ["image_id"]),
+                blend([r[1] for r in results], ["image_id", "cell_id"]),
+            )
+        )
+    weights = list(sources.values())
+    images = blend([p[0] for p in per_source], ["image_id"], weights)
+    return images, blend([p[1] for p in per_source], ["image_id", "cell_id"], weights)
+
+
+def of_cells(images: pd.DataFrame, cells: pd.DataFrame, n_classes: int) -> np.ndarray:
+    """(N, C): each cell's image's probabilities from an ``image_id, p_*`` table."""
+    return images.set_index("image_id").loc[cells["image_id"], prob_columns(n_classes)].to_numpy()
+
+
 @contextmanager
-def staging_folder(out_dir: Path) -> Iterator[dict[str, Path]]:
-    """The staged path of each of ``OUTPUT_FILES`` in ``out_dir``'s staging folder, which is removed when
-    the block ends, however it ends (a killed run's: by the next run)."""
+def staging_folder(out_dir: Path, names: tuple[str, ...] = OUTPUT_FILES) -> Iterator[dict[str, Path]]:
+    """The staged path of each of ``names`` in ``out_dir``'s staging folder, which is removed when the
+    block ends, however it ends (a killed run's: by the next run)."""
     staging = out_dir / STAGING_DIR
     with writing(staging):
         staging.mkdir(parents=True, exist_ok=True)
     try:
-        yield {name: staging / name for name in OUTPUT_FILES}
+        yield {name: staging / name for name in names}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -8,17 +8,16 @@ import numpy as np
 import torch
 
 from weakcell.cache.augment import CropAugment
-from weakcell.cache.loader import CellCrops
-from weakcell.cache.store import CellCache
+from weakcell.cache.loader import CellCrops, CropSource
 
 
 class LabelledCrops(CellCrops):
-    """Cell crops with their (inherited or pseudo) targets, read a batch at a time. ``sample_weights``
+    """Cell crops (or whole images, ``weakcell.image_cache``) with their targets, read a batch at a time. ``sample_weights``
     (one per position), when set, makes the engine draw cells in proportion to them."""
 
     def __init__(
         self,
-        cache: CellCache,
+        cache: CropSource,
         indices: np.ndarray,
         targets: np.ndarray,
         augment: CropAugment | None,

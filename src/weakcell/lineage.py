@@ -41,6 +41,7 @@ UPSTREAM_NAMES = {
     "models": "the fold weights",
     "thresholds": "the thresholds",
     "sample": "the sample submission",
+    "image_cache": "the downscaled whole images",
 }
 
 

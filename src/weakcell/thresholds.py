@@ -1,6 +1,8 @@
 """``make thresholds``: one threshold per class, tuned on out-of-fold image predictions only.
 
-Inference never tunes: it reads ``runs/<run>/thresholds.json``. Each class's threshold is the one that
+Inference never tunes: it reads ``runs/<run>/thresholds.json`` (or, when ``image_level.csv`` is cut from the
+whole-image model or the mean of both, ``infer.image_level``, the thresholds of that source:
+``weakcell.combine.IMAGE_LEVELS``). Each class's threshold is the one that
 maximises its OOF F1 on a grid, shrunk toward the one threshold that maximises macro-F1 over every class
 (``thresholds.shrinkage``); a class with fewer than ``thresholds.min_positives`` OOF positives takes the
 pooled threshold (a threshold fitted to two images is noise, and classes 11 and 18 are that rare).
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from weakcell.combine import IMAGE_LEVELS, IMAGE_MODEL, MIL, image_level_probs, thresholds_file
 from weakcell.config import Config, ThresholdsConfig
 from weakcell.data.datasets import get_dataset
 from weakcell.data.labels import to_multi_hot
@@ -98,20 +101,44 @@ def read_thresholds(path: str | Path) -> np.ndarray:
 
 
 def run(cfg: Config) -> pd.DataFrame:
-    """Tune on ``runs/<name>/oof_image.parquet`` and write ``runs/<name>/thresholds.json``, holding the run
-    folder's lock."""
+    """Tune on ``runs/<name>/oof_image.parquet`` and write ``runs/<name>/thresholds.json`` (with
+    ``infer.image_level``: the whole-image model's or the mean's, ``weakcell.combine.IMAGE_LEVELS``),
+    holding the run folder's lock."""
     with folder_lock(cfg.run_dir, "thresholds", cfg.checks.lock_wait_s):
         return _tune(cfg)
 
 
+def oof_images(cfg: Config) -> pd.DataFrame:
+    """The out-of-fold image probabilities ``image_level.csv`` will be cut from (``infer.image_level``): the
+    final round's MIL head (``oof_image.parquet``), the whole-image model's, or their mean per image."""
+    run_dir = cfg.model_dir  # the final refinement round
+    mil_path, model_path = run_dir / "oof_image.parquet", cfg.image_model_dir / "oof_image.parquet"
+    mil = model = None
+    reads = IMAGE_LEVELS[cfg.infer.image_level].reads
+    if MIL in reads:
+        if not mil_path.is_file():
+            step = "make refine" if cfg.refine.rounds else "make train"
+            raise FileNotFoundError(f"no out-of-fold predictions at {mil_path}; run `{step}` first")
+        mil = pd.read_parquet(mil_path)
+    if IMAGE_MODEL in reads:
+        if not model_path.is_file():
+            raise FileNotFoundError(
+                f"no out-of-fold predictions at {model_path} (infer.image_level={cfg.infer.image_level}); run "
+                "`make image-model` first"
+            )
+        model = pd.read_parquet(model_path)
+    if mil is not None and model is not None:  # the mean: over the images both predicted out of fold
+        both = set(mil["image_id"]) & set(model["image_id"])
+        mil, model = mil[mil["image_id"].isin(both)], model[model["image_id"].isin(both)]
+    first = mil if mil is not None else model
+    assert first is not None  # image_level is one of the three (the schema's Literal)
+    probs = image_level_probs(cfg, first, model)
+    return probs.merge(first[["image_id", "fold"]], on="image_id", how="left", validate="one_to_one")
+
+
 def _tune(cfg: Config) -> pd.DataFrame:
     spec = get_dataset(cfg.data.dataset)
-    run_dir = cfg.model_dir  # the final refinement round
-    oof_path = run_dir / "oof_image.parquet"
-    if not oof_path.is_file():
-        step = "make refine" if cfg.refine.rounds else "make train"
-        raise FileNotFoundError(f"no out-of-fold predictions at {oof_path}; run `{step}` first")
-    oof = pd.read_parquet(oof_path)
+    oof = oof_images(cfg)
     labels = source_labels(cfg, spec).set_index("ID")  # the competition's and every data.sources set's
     missing = sorted(set(oof["image_id"]) - set(labels.index))
     if missing:
@@ -128,6 +155,7 @@ def _tune(cfg: Config) -> pd.DataFrame:
         "macro_f1_at_05": float(table.loc[present, "f1_at_05"].mean()),
         "images": len(oof),
         "sources": cfg.thresholds.sources,
+        "image_level": cfg.infer.image_level,
     }
     warning = fallback_warning(table, cfg.thresholds)
     payload = {
@@ -135,7 +163,7 @@ def _tune(cfg: Config) -> pd.DataFrame:
         "warnings": [warning] if warning else [],
         "classes": table.to_dict(orient="records"),
     }
-    target = run_dir / "thresholds.json"
+    target = thresholds_file(cfg, cfg.model_dir)  # infer.image_level's own file
     text = json.dumps(payload, indent=2, default=lambda v: v.item() if hasattr(v, "item") else v)
     atomic_write_text(target, text)
     with pd.option_context("display.width", 160):

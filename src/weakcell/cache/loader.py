@@ -19,13 +19,23 @@ the buffer the crops were read into, augmented in place. Numbers: benchmarks/cac
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from weakcell.cache.augment import CropAugment
-from weakcell.cache.store import CellCache
+
+
+class CropSource(Protocol):
+    """What ``CellCrops`` reads: ``crops(rows)`` -> ``(B, 4, S, S)`` uint8 in the order asked, and a length.
+    A ``CellCache`` (cell crops) or a ``weakcell.image_cache.ImageCache`` (downscaled whole images)."""
+
+    def __len__(self) -> int: ...
+
+    def crops(self, indices: np.ndarray | list[int]) -> np.ndarray: ...
+
 
 # Gains are applied in 6-bit fixed point (steps of 1/64): uint8 * round(gain * 64) stays inside int16
 # for gains up to 2 (255 * 128 = 32640 < 32767).
@@ -155,7 +165,7 @@ class CellCrops(Dataset):
 
     def __init__(
         self,
-        cache: CellCache,
+        cache: CropSource,
         indices: Sequence[int] | np.ndarray | None = None,
         augment: CropAugment | None = None,
     ) -> None:

@@ -116,9 +116,41 @@ def _rule_reads(cfg: Config) -> tuple[str, ...]:
     return keys
 
 
+def _image_model_reads(cfg: Config) -> tuple[str, ...]:
+    """A submission reads the whole-image model's section only when it uses it (``image_model.enabled``)."""
+    return ("image_model.",) if cfg.image_model.enabled else ()
+
+
+# The train settings of the cell model alone: the whole-image model has its own epochs, batch, lr, augment.
+_CELL_MODEL_ONLY = (
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.augment",
+    "train.folds",
+    "train.loss",
+    "train.focal_gamma",
+    "train.class_weights",
+    "train.sampler",
+    "train.targets",
+    "train.checkpoint_every",
+)
+
+
 # The one table of what each finished output is made from. A stage reuses an output only while its
 # fingerprint (these settings and its upstream fingerprints, ``weakcell.lineage``) is the one recorded.
-Output = Literal["synthetic", "folds", "cache", "checkpoint", "run", "refine", "model", "submission"]
+Output = Literal[
+    "synthetic",
+    "folds",
+    "cache",
+    "checkpoint",
+    "run",
+    "refine",
+    "model",
+    "submission",
+    "image_cache",
+    "image_model",
+]
 OUTPUT_INPUTS: dict[Output, Inputs] = {
     # data/<set>/ of ``make data`` (weakcell.synthetic.writer): what the generator draws
     "synthetic": Inputs(("synthetic.",), _RUNTIME),
@@ -169,12 +201,24 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
         ("model.pretrained_file",),
     ),
     # a published submission folder (weakcell.infer): the networks it loads and how it blends and scores
-    # their predictions; upstream the cell cache, the fold weights, the thresholds and the sample submission.
+    # their predictions (the whole-image model's settings when it is used); upstream the cell cache, the
+    # fold weights (the image model's among them), the thresholds and the sample submission.
     # ``infer.output`` only says where it goes.
     "submission": Inputs(
         ("data.dataset", "model.", "mil.", "cache.crop_size", "refine.rounds", "infer."),
-        ("model.pretrained_file", "infer.output"),
+        ("model.pretrained_file", "infer.output", "image_model.pretrained_file"),
+        conditional=_image_model_reads,
         upstream=("cache", "models", "thresholds", "sample"),
+    ),
+    # one split of the downscaled whole images (weakcell.image_cache): each image's content, the side
+    "image_cache": Inputs(("data.dataset", "image_model.size"), upstream=("images",)),
+    # the whole-image model's folds (weakcell.image_model): its own section and the engine's optimiser and
+    # precision settings (train.epochs, batch_size, lr and augment are the cell model's: it has its own),
+    # and the TTA views its out-of-fold predictions average; upstream the downscaled training images, the folds file and the label file
+    "image_model": Inputs(
+        ("seed", "data.dataset", "image_model.", "train.", "infer.tta"),
+        (*_RUNTIME, *_CELL_MODEL_ONLY, "image_model.enabled", "image_model.pretrained_file"),
+        upstream=("image_cache", "folds", "labels"),
     ),
 }
 
@@ -188,6 +232,10 @@ OUTPUT_INPUTS: dict[Output, Inputs] = {
 ADDED_SETTINGS: dict[str, Any] = {
     # absolute pixel sizes, as before sizes followed the image (weakcell.segment.for_image)
     "segment.reference_size": None,
+    # no whole-image model (weakcell.image_model): the cell confidence and image_level.csv as before it
+    "infer.image_model_rule": "none",
+    "infer.image_model_power": 1.0,
+    "infer.image_level": "mil",
 }
 
 

@@ -581,6 +581,51 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (CUDA only)")
 
 
+class ImageModelConfig(Section):
+    """The whole-image model (``make image-model``, ``weakcell.image_model``): a 4-channel timm backbone on
+    the whole field of view downscaled to ``size``, K fold models on the image labels with the run's folds,
+    trained through the one engine (``train.amp``, ``train.channels_last``, ``train.ema`` and the optimiser
+    settings of ``train`` apply). ``make infer`` uses it when ``enabled``: its rule
+    (``infer.image_model_rule``) and the image-level source (``infer.image_level``)."""
+
+    enabled: bool = Field(
+        False,
+        description="the run has a whole-image model: make image-model trains it, make infer uses it",
+    )
+    backbone: str = Field(
+        "mobilenetv3_small_100", description="a timm model name, built with 4 input channels"
+    )
+    pretrained_file: str | None = Field(
+        None,
+        description="local weights (file, or a folder holding one); a 3-channel checkpoint is adapted to "
+        "the 4-channel stem; None = random init",
+    )
+    size: int = Field(
+        256,
+        ge=32,
+        description="side the whole image is downscaled to (area interpolation), pixels; cached once in "
+        "{cache}/../images_<size>/",
+    )
+    epochs: int = Field(12, ge=1, description="epochs per fold model")
+    batch_size: int = Field(16, ge=1, description="images per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head (timm drop_rate)")
+    augment: list[dict[str, Any]] = Field(
+        default_factory=lambda: list[dict[str, Any]](
+            [{"name": "symmetries"}, {"name": "gain", "limit": 0.1}]
+        ),
+        description="training augmentations, as train.augment (symmetries = the D4 flips and transposes)",
+    )
+    # Whole fields of view are not masked crops: more background than cell, brighter than crops' means.
+    # Defaults: the 5 real 2021 training images in ../shared/data, area-downscaled to 512².
+    channel_mean: tuple[float, float, float, float] = Field(
+        (0.068, 0.025, 0.056, 0.058), description="R, G, B, Y mean of whole images scaled to [0, 1]"
+    )
+    channel_std: tuple[float, float, float, float] = Field(
+        (0.119, 0.056, 0.144, 0.099), description="R, G, B, Y std of whole images scaled to [0, 1]"
+    )
+
+
 class ThresholdsConfig(Section):
     """Per-class thresholds tuned on out-of-fold image predictions only (``make thresholds``). Why each
     class's threshold is shrunk toward the pooled one: benchmarks/thresholds.md (``make bench-thresholds``).
@@ -631,6 +676,21 @@ class InferConfig(Section):
         le=1,
         description="image term = (1 - this) x the MIL image probability + this x the image's best cell "
         "probability (weakcell.scoring.cell_confidence); no effect at image_power 0",
+    )
+    image_model_rule: Literal["none", "product", "mean", "replace"] = Field(
+        "none",
+        description="how the whole-image model (image_model.enabled) enters the cell confidence "
+        "(weakcell.combine.IMAGE_MODEL_RULES): none | product (the confidence x image model ** "
+        "image_model_power) | mean (image term = mean of MIL and image model) | replace (image term = the "
+        "image model)",
+    )
+    image_model_power: float = Field(
+        1.0, ge=0, description="power of the image model's term in the product, mean and replace rules"
+    )
+    image_level: Literal["mil", "image_model", "mean"] = Field(
+        "mil",
+        description="image probabilities of image_level.csv (weakcell.combine.IMAGE_LEVELS): mil | "
+        "image_model | mean (of the two); make thresholds tunes them on the same source out of fold",
     )
     min_score: float = Field(0.0, ge=0, le=1, description="drop cell predictions below this confidence")
     split: str = Field(
@@ -1040,6 +1100,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     mil: MilConfig = Field(default_factory=MilConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    image_model: ImageModelConfig = Field(default_factory=ImageModelConfig)
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
@@ -1075,9 +1136,10 @@ class Config(Section):
         return candidate if candidate.is_absolute() else Path(self.paths.root) / candidate
 
     def rooted_weights(self) -> Config:
-        """This config with its weight-file settings (``model.pretrained_file``, ``segment.cellpose.weights``,
-        ``segment.sam.weights``) resolved against ``paths.root`` like every other path, so a project whose
-        outputs live elsewhere finds the ``weights/`` that ``make weights`` wrote there."""
+        """This config with its weight-file settings (``model.pretrained_file``,
+        ``image_model.pretrained_file``, ``segment.cellpose.weights``, ``segment.sam.weights``) resolved
+        against ``paths.root`` like every other path, so a project whose outputs live elsewhere finds the
+        ``weights/`` that ``make weights`` wrote there."""
 
         def rooted(value: str | None) -> str | None:
             return None if value is None else str(self.path(Path(value).expanduser()))
@@ -1091,7 +1153,10 @@ class Config(Section):
             }
         )
         model = self.model.model_copy(update={"pretrained_file": rooted(self.model.pretrained_file)})
-        return self.model_copy(update={"segment": segment, "model": model})
+        image_model = self.image_model.model_copy(
+            update={"pretrained_file": rooted(self.image_model.pretrained_file)}
+        )
+        return self.model_copy(update={"segment": segment, "model": model, "image_model": image_model})
 
     @property
     def data_dir(self) -> Path:
@@ -1104,6 +1169,17 @@ class Config(Section):
         if self.cache.dir:
             return self.path(self.cache.dir)
         return self.path(self.paths.cache) / self.data.dataset / self.segment.backend
+
+    @property
+    def image_cache_dir(self) -> Path:
+        """``images_<image_model.size>/`` beside the cell cache (``cache/<dataset>/``): the whole images
+        downscaled for the whole-image model, independent of the segmentation."""
+        return self.cache_dir.parent / f"images_{self.image_model.size}"
+
+    @property
+    def image_model_dir(self) -> Path:
+        """``runs/<name>/image_model/``: the whole-image model's folds, OOF table and thresholds."""
+        return self.run_dir / "image_model"
 
     @property
     def run_dir(self) -> Path:

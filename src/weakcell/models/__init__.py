@@ -1,6 +1,6 @@
 """Models of every training stage and the registry the training stage picks them from by name.
 
-``create_model("cell" | "mil" | "dual", cfg, n_classes)`` builds from the resolved ``Config``; every model's
+``create_model("cell" | "mil" | "dual" | "image", cfg, n_classes)`` builds from the resolved ``Config``; every model's
 ``forward(batch: dict)`` returns a dict with ``loss`` when the batch holds ``targets``.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from weakcell.config import Config
+from weakcell.config import Config, ModelConfig
 from weakcell.errors import UnknownName
 from weakcell.models.backbone import create_backbone, feature_dim, load_backbone_weights, resolve_weights_file
 from weakcell.models.classifiers import (
@@ -48,7 +48,28 @@ def build_dual(
     return DualHeadModel(cfg.model, cfg.mil, n_classes, cfg.train.loss, cfg.train.focal_gamma, pos_weight)
 
 
-MODELS: dict[str, ModelBuilder] = {"cell": build_cell, "mil": build_mil, "dual": build_dual}
+def build_image(
+    cfg: Config, n_classes: int, *, in_dim: int | None = None, pos_weight: PosWeight = None
+) -> nn.Module:
+    """The whole-image model (``weakcell.image_model``): ``CellClassifier``'s backbone + linear head + BCE
+    on whole downscaled images, with the backbone, weights and channel statistics of ``image_model``."""
+    section = cfg.image_model
+    network = ModelConfig(
+        backbone=section.backbone,
+        pretrained_file=section.pretrained_file,
+        drop_rate=section.drop_rate,
+        channel_mean=section.channel_mean,
+        channel_std=section.channel_std,
+    )
+    return CellClassifier(network, n_classes, "bce", pos_weight=pos_weight)
+
+
+MODELS: dict[str, ModelBuilder] = {
+    "cell": build_cell,
+    "mil": build_mil,
+    "dual": build_dual,
+    "image": build_image,
+}
 
 
 def create_model(
@@ -73,6 +94,7 @@ __all__ = [
     "MultiLabelLoss",
     "build_cell",
     "build_dual",
+    "build_image",
     "build_mil",
     "create_backbone",
     "create_model",
