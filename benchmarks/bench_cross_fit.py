@@ -181,6 +181,8 @@ def main() -> None:
         cells = [
             "-"
             if pd.isna(values[(c, "mean")])
+            else f"{values[(c, 'mean')]:.0f}"  # a count of images
+            if c == "head's images"
             else f"{values[(c, 'mean')]:.3f}" + (f" ± {values[(c, 'std')]:.3f}" if len(names) > 1 else "")
             for c in numbers
         ]
