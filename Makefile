@@ -20,7 +20,7 @@ SHARED ?= ../shared/data
 space := $(subst ,, )
 
 .PHONY: help install init check keys demo data preview folds folds-hpa2021 cache cache-merge preview-cells train image-model refine thresholds infer infer-hpa2021 evaluate score ablate \
-	bench-lineage bench-synthetic bench-demo-speed bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-image-model bench-train-gpu bench-pipeline-gpu test test-all lint clean
+	bench-lineage bench-synthetic bench-demo-speed bench-cache bench-segment-backends bench-segment-gpu bench-train bench-thresholds bench-mil-shift bench-mil-gate bench-confidence bench-metric bench-kaggle bench-hpa2018 bench-image-model bench-train-gpu bench-pipeline-gpu test test-all lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -212,6 +212,9 @@ bench-demo-speed: $(STAMP) ## model-only vs data path vs fit rates of the demo o
 
 bench-mil-shift: $(STAMP) ## in-sample vs held-out stage-1 outputs of a trained run's fold models (the MIL head's input shift) -> benchmarks/mil-shift.md
 	$(PY) benchmarks/bench_mil_shift.py --config $(CONFIG)
+
+bench-mil-gate: $(STAMP) ## gated vs plain MIL attention on the same fold backbones: image mAP/F1/ECE and cell scores -> benchmarks/mil-gate.md
+	$(PY) benchmarks/bench_mil_gate.py --config $(CONFIG) $(ARGS)
 
 bench-thresholds: $(STAMP) ## cross-fitted image macro-F1 of tuned thresholds vs 0.5 over every trained round -> benchmarks/thresholds.md
 	$(PY) benchmarks/bench_thresholds.py

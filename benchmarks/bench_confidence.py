@@ -13,9 +13,12 @@ true cell of class c (``evaluate.verified=image``), where the image term has les
   choice here saw those images.
 
 The setting with the best OOF mAP of the final round is picked per reading, then read off on the test split.
-Run from the repository root after ``make demo``:
+Run from the repository root after ``make demo`` (or on the bench, 2,000 test images, after
+``make ablate CONFIG=configs/bench.yaml``):
 
     python benchmarks/bench_confidence.py [--config configs/demo.yaml]
+    python benchmarks/bench_confidence.py --config configs/bench.yaml \\
+        --submission submissions/bench-ablate/refinement-1-round
 
 Prints the table and writes ``benchmarks/confidence.md``.
 """
@@ -35,6 +38,7 @@ from weakcell.cell_truth import read_truth_folder
 from weakcell.competition_metric import READINGS, label_detections, score_found
 from weakcell.config import InferConfig, load_config
 from weakcell.constants import prob_columns
+from weakcell.devices import cpu_model
 from weakcell.evaluate import read_round, submission_dir
 from weakcell.scoring import cell_confidence, cell_score_table, oof_cell_scores
 from weakcell.synthetic.truth import TRUTH
@@ -53,6 +57,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/confidence.md"))
+    parser.add_argument(
+        "--submission",
+        type=Path,
+        help="the folder of the final round's pred_cell.parquet (default: the config's `make infer` folder; "
+        "after `make ablate CONFIG=configs/bench.yaml`: submissions/bench-ablate/refinement-1-round)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     cfg = load_config(args.config, [])
@@ -62,7 +72,12 @@ def main() -> None:
     n = data.n_classes
     rounds = [r for r in range(cfg.refine.rounds + 1) if (cfg.round_dir(r) / "oof_cell.parquet").is_file()]
     oof = {r: read_round(cfg.round_dir(r))[:2] for r in rounds}
-    cells = pd.read_parquet(submission_dir(cfg) / "pred_cell.parquet")
+    submission = args.submission or submission_dir(cfg)
+    if not (submission / "pred_cell.parquet").is_file():
+        raise SystemExit(
+            f"bench_confidence: no {submission / 'pred_cell.parquet'}; run `make infer` or name --submission"
+        )
+    cells = pd.read_parquet(submission / "pred_cell.parquet")
     cache = CellCache(cfg.cache_dir)
     test_ids = cells["image_id"].unique().tolist()
     masks = {i: cache.masks(i).cells for i in test_ids}
@@ -131,13 +146,13 @@ def main() -> None:
         "(`python benchmarks/bench_confidence.py`)\n\n"
         f"Run `{cfg.name}` ({args.config}), rounds {rounds}; OOF = competition mAP of the round's "
         "out-of-fold confidences (as a file would carry them) against the training images' true cells; test = competition mAP of the final submission's "
-        f"cells ({len(test_ids)} held-out images) with the confidence recomputed. verified=image is the "
+        f"cells ({len(test_ids)} held-out images, `{submission}`) with the confidence recomputed. verified=image is the "
         "organisers' reading, verified=all judges every class in every image.\n\n"
         + "\n".join(lines)
         + "\n\n"
         + header
         + body
-        + f"\n\n{time.perf_counter() - start:.0f} s.\n"
+        + f"\n\n{time.perf_counter() - start:.0f} s on {cpu_model()}.\n"
     )
     args.out.write_text(text)
     print("\n".join(lines))

@@ -30,7 +30,6 @@ Prints the table and writes ``benchmarks/cross-fit.md``.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -40,8 +39,9 @@ import pandas as pd
 from weakcell.config import load_config
 from weakcell.constants import prob_columns
 from weakcell.data.labels import to_multi_hot
+from weakcell.devices import cpu_model
 from weakcell.fold_model import BagSplit, FoldModel, HeldOut, embed, oof_tables, stage2
-from weakcell.metrics import macro_f1, mean_average_precision
+from weakcell.metrics import expected_calibration_error, macro_f1, mean_average_precision
 from weakcell.models import create_model
 from weakcell.scoring import cell_confidence
 from weakcell.training_set import load_training_set
@@ -49,19 +49,6 @@ from weakcell.weights import load_state_dict
 
 IMAGE_POWER, BEST_CELL = 3.0, 0.25  # the leaderboard's "+ attention MIL" image term (ablate.IMAGE_TERM)
 OUT = Path(__file__).with_name("cross-fit.md")
-
-
-def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
-    """Mean |accuracy - confidence| over equal-width probability bins, weighted by the pairs in each bin,
-    over every (image, class) pair."""
-    p, y = probs.ravel(), y_true.ravel().astype(np.float64)
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            error += inside.sum() * abs(y[inside].mean() - p[inside].mean())
-    return float(error / len(p))
 
 
 def inner_folder(run_dir: Path, a: int, b: int) -> Path:
@@ -149,14 +136,6 @@ def run_rows(cfg, work: Path) -> list[dict[str, object]]:
     return rows
 
 
-def cpu_name() -> str:
-    """``lscpu``'s model name (the machine, where timings differ up to 4x between machines)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else ():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/bench.yaml")
@@ -197,7 +176,7 @@ def main() -> None:
     text = (
         f"# Cross-fitted stage 2 (`python benchmarks/bench_cross_fit.py --config {args.config}`)\n\n"
         f"Runs {', '.join(names)} (mean ± sd over them), round 0 of each, its outer models and its refinement's "
-        f"inner models; {cpu_name()}, {time.perf_counter() - start:.0f} s.\n\n"
+        f"inner models; {cpu_model()}, {time.perf_counter() - start:.0f} s.\n\n"
         + (__doc__ or "").split("\n\n", 1)[1].split("Run from")[0]
         + "\n".join(lines)
         + "\n\n## Every run\n\n"

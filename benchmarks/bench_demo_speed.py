@@ -34,17 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from weakcell.devices import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "demo-speed.md"
 CONFIG = "configs/demo.yaml"
 SLOW_MODEL_ONLY = (380.0, 440.0)  # samples/s model only on the slow 2-core AMD EPYC (issue 26)
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def demo_training_set():

@@ -24,7 +24,6 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # one core, as the figures say: before numpy / OpenCV load
 
 import statistics
-import subprocess
 import tempfile
 import time
 from itertools import combinations
@@ -35,6 +34,7 @@ import numpy as np
 from weakcell.constants import CHANNELS
 from weakcell.data.decode import read_channel_file
 from weakcell.data.images import list_image_ids, read_image, write_image
+from weakcell.devices import cpu_model
 from weakcell.duplicates.hashing import HashCache, plane_hash
 from weakcell.duplicates.search import distances, find_pairs
 from weakcell.duplicates.stage import MAX_DISTANCE, duplicates_json, hash_images
@@ -43,13 +43,6 @@ from weakcell.synthetic.duplicates import TRANSFORMS, plant_copy
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO.parent / "shared" / "data" / "hpa2021" / "train"
 OUTPUT = REPO / "benchmarks" / "duplicates.md"
-
-
-def cpu_model() -> str:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
-    return next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown CPU"
-    )
 
 
 def hashing_speed(repeats: int) -> list[str]:

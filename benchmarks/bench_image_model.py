@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +45,7 @@ from weakcell.competition_metric import (
 from weakcell.config import Config, load_config
 from weakcell.constants import prob_columns
 from weakcell.data.datasets import get_dataset
+from weakcell.devices import cpu_model
 from weakcell.evaluate import image_targets
 from weakcell.scoring import image_metrics
 from weakcell.synthetic import writer as data_stage
@@ -54,15 +53,6 @@ from weakcell.synthetic.truth import TRUTH, read_image_labels
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = "none"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``lscpu``), for the report."""
-    try:
-        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in listing.splitlines() if "Model name" in line), "?")
 
 
 def train_everything(cfg: Config) -> dict[str, float]:
@@ -143,7 +133,7 @@ def main() -> None:
     record = {
         "command": "python benchmarks/bench_image_model.py " + " ".join(args.overrides),
         "config": args.config,
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "test_images": len(truth),
         "rules": rows,
         "image_scores": images,

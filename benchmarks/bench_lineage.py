@@ -19,9 +19,7 @@ import contextlib
 import hashlib
 import io
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from pathlib import Path
 from weakcell.cache import build
 from weakcell.config import load_config
 from weakcell.data.manifest import FileHasher, folder_hash, table_hash
+from weakcell.devices import cpu_model
 from weakcell.synthetic import writer
 
 REPORT = Path(__file__).with_name("lineage.md")
@@ -133,16 +132,6 @@ def sha_flag() -> str:
     return "sha_ni" if "sha_ni" in flags else "no sha_ni"
 
 
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def report(
     rates: dict[str, float], mean_bytes: float, n_files: int, demo: dict[str, float], repeats: int
 ) -> str:
@@ -151,7 +140,7 @@ def report(
     lines = [
         "# What lineage costs (`make bench-lineage`)",
         "",
-        f"`benchmarks/bench_lineage.py --repeats {repeats}` on {cpu_name()} ({os.cpu_count()} cores, shared with "
+        f"`benchmarks/bench_lineage.py --repeats {repeats}` on {cpu_model()} ({os.cpu_count()} cores, shared with "
         "other work: CPU seconds, medians of the repeats). Content hashes are blake2b (128-bit) of each channel "
         "file's bytes (`weakcell.data.manifest`), remembered by (name, size, mtime_ns) beside the cache, so "
         "each file is read once; the cache's workers hash an image right after decoding it (from the page "

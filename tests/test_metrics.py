@@ -6,6 +6,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from weakcell.metrics import (
     average_precision,
+    expected_calibration_error,
     f1_per_class,
     macro_f1,
     mean_average_precision,
@@ -43,3 +44,13 @@ def test_f1_matches_sklearn():
     p = (rng.random((40, 5)) < 0.4).astype(int)
     assert f1_per_class(y, p) == pytest.approx(f1_score(y, p, average=None, zero_division=0))
     assert macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+
+
+def test_expected_calibration_error_by_hand():
+    # bin [0.1, 0.2): probabilities 0.1, 0.1 against one positive in two -> |0.5 - 0.1| = 0.4, weight 2
+    # bin [0.9, 1.0]: probabilities 0.9, 1.0 against two positives -> |1 - 0.95| = 0.05, weight 2
+    y = np.array([[1, 0], [1, 1]])
+    p = np.array([[0.1, 0.1], [0.9, 1.0]])
+    assert expected_calibration_error(y, p) == pytest.approx((2 * 0.4 + 2 * 0.05) / 4)
+    # perfectly calibrated bins: half the pairs in the 0.5 bin are positives
+    assert expected_calibration_error(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.0)

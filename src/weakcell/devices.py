@@ -10,7 +10,9 @@ one warning that names the GPU and the torch build; an explicit ``cuda`` is left
 from __future__ import annotations
 
 import functools
+import platform
 import re
+import subprocess
 import warnings
 
 import torch
@@ -66,3 +68,15 @@ def _auto_device_kind() -> str:
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``auto_device()``; anything else (``cpu``, ``cuda``, ``cuda:1``) as torch reads it."""
     return auto_device() if name == "auto" else torch.device(name)
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name: every timing a benchmark reports names it (CPUs here differ up to 4x)."""
+    try:
+        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        listing = ""
+    for line in listing.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"

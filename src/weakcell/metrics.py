@@ -71,3 +71,16 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro F1 over the classes with at least one positive."""
     present = np.asarray(y_true).sum(0) > 0
     return float(f1_per_class(y_true, y_pred)[present].mean()) if present.any() else float("nan")
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """Mean |share of positives - mean probability| over equal-width probability bins, weighted by the
+    pairs in each bin, over every (image, class) pair: how far image probabilities are from frequencies."""
+    p, y = np.asarray(probs, dtype=np.float64).ravel(), np.asarray(y_true, dtype=np.float64).ravel()
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.sum() * abs(y[inside].mean() - p[inside].mean())
+    return float(error / len(p))
