@@ -220,7 +220,7 @@ bench-thresholds: $(STAMP) ## cross-fitted image macro-F1 of tuned thresholds vs
 	$(PY) benchmarks/bench_thresholds.py
 
 bench-confidence: $(STAMP) ## the cell confidence formula re-tuned under both metric readings, OOF and test -> benchmarks/confidence.md
-	$(PY) benchmarks/bench_confidence.py --config $(CONFIG)
+	$(PY) benchmarks/bench_confidence.py --config $(CONFIG) $(ARGS)
 
 bench-metric: $(STAMP) ## out-of-fold scoring through the competition engine per epoch, and the OOF file's cost -> benchmarks/metric.md
 	$(PY) benchmarks/bench_metric.py --config $(CONFIG)
