@@ -34,7 +34,7 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, TINY_IMAGE_MODEL
 from tests.hpacellseg_models import save_weights, thresholding_state
 from weakcell import folds as folds_stage
 from weakcell import image_model as image_model_stage
@@ -211,11 +211,7 @@ class Prepared:
 
 # A whole-image model the submission uses: in the cell confidence (product) and as image_level.csv's source.
 IMAGE_MODEL = [
-    "image_model.enabled=true",
-    "image_model.backbone=test_resnet",
-    "image_model.size=64",
-    "image_model.epochs=1",
-    "image_model.batch_size=4",
+    *TINY_IMAGE_MODEL,
     "infer.image_model_rule=product",
     "infer.image_level=image_model",
 ]
