@@ -56,6 +56,14 @@ TINY = [
     "refine.rounds=0",  # the refinement test adds its round explicitly
     "refine.epochs=1",
 ]
+# A whole-image model of the tiny run (weakcell.image_model): one epoch of the test network at 64 px.
+TINY_IMAGE_MODEL = [
+    "image_model.enabled=true",
+    "image_model.backbone=test_resnet",
+    "image_model.size=64",
+    "image_model.epochs=1",
+    "image_model.batch_size=4",
+]
 
 
 @pytest.fixture(scope="session")

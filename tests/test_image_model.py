@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_IMAGE_MODEL
 from weakcell import cli
 from weakcell.combine import (
     IMAGE_LEVELS,
@@ -176,14 +176,6 @@ def test_image_levels_on_hand_made_tables():
 
 # -- the stage end to end -----------------------------------------------------------------------------------
 
-IMAGE_MODEL = [
-    "image_model.enabled=true",
-    "image_model.backbone=test_resnet",
-    "image_model.size=64",
-    "image_model.epochs=1",
-    "image_model.batch_size=4",
-]
-
 
 def _with(cfg: Config, *overrides: str) -> Config:
     return load_config(None, [f"paths.root={cfg.paths.root}", *TINY, *overrides])
@@ -198,7 +190,7 @@ def test_the_stage_trains_folds_that_never_see_their_images_and_infer_uses_them(
     base, _ = tiny_run
     cfg = _with(
         base,
-        *IMAGE_MODEL,
+        *TINY_IMAGE_MODEL,
         "infer.image_model_rule=product",
         "infer.image_level=image_model",
         "infer.output=im",
@@ -216,7 +208,7 @@ def test_the_stage_trains_folds_that_never_see_their_images_and_infer_uses_them(
         assert (cfg.image_model_dir / f"fold{fold}" / "model.pt").is_file()
     image_model.run(cfg)  # finished: reused
     assert capsys.readouterr().out.count("is finished") == 3
-    changed = _with(base, *IMAGE_MODEL, "image_model.lr=0.01")
+    changed = _with(base, *TINY_IMAGE_MODEL, "image_model.lr=0.01")
     with pytest.raises(StageError, match=r"image_model\.lr.*FORCE=1"):
         image_model.run(changed)
 
@@ -224,7 +216,7 @@ def test_the_stage_trains_folds_that_never_see_their_images_and_infer_uses_them(
     thresholds = json.loads((cfg.image_model_dir / "thresholds.json").read_text())
     assert thresholds["summary"]["image_level"] == "image_model"
     thresholds_stage.run(
-        _with(base, *IMAGE_MODEL, "infer.image_level=mean")
+        _with(base, *TINY_IMAGE_MODEL, "infer.image_level=mean")
     )  # MIL and image model, per image
     mean = json.loads((cfg.model_dir / "thresholds-mean.json").read_text())["summary"]
     assert mean["image_level"] == "mean" and mean["images"] == len(folds)

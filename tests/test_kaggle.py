@@ -17,8 +17,11 @@ import pytest
 
 from weakcell.cli import main
 from weakcell.config import ConfigError, Inputs, all_keys, changed_settings, load_config, save_config
+from weakcell.config.lineage import reads
 from weakcell.errors import StageError
+from weakcell.image_model import trained_folds
 from weakcell.kagglekit import api, datasets, kernels, naming
+from weakcell.lineage import Lineage, write_lineage
 from weakcell.submission import publish
 from weakcell.weights import WeightsError
 
@@ -325,6 +328,148 @@ def test_weights_dataset_without_thresholds_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="make thresholds"):
         datasets.weights_dataset(cfg)
     assert main(["weights-dataset", f"paths.root={tmp_path}", "name=nothing"]) == 2
+
+
+# -- the whole-image model in the weights dataset (issue 24) -------------------------------------------------
+
+IMAGE_MODEL = ["image_model.enabled=true", "infer.image_model_rule=product"]
+
+
+def fake_image_model(cfg) -> Path:
+    """``runs/<name>/image_model/`` as ``make image-model`` and ``make thresholds`` leave it: two finished
+    folds (weights, resumable checkpoint, logs, OOF table), the OOF summary, metrics, thresholds and the
+    lineage record of the network ``cfg`` builds."""
+    out_dir = cfg.image_model_dir
+    for fold in range(2):
+        fold_dir = out_dir / f"fold{fold}"
+        fold_dir.mkdir(parents=True)
+        for name in ("model.pt", "last.pt", "epochs.csv", "oof_image.parquet", "images.json", "fold.json"):
+            (fold_dir / name).write_bytes(b"x")
+    for name in ("oof_image.parquet", "metrics.json", "thresholds.json"):
+        (out_dir / name).write_text("{}")
+    (cfg.model_dir / "thresholds-mean.json").write_text("{}")  # infer.image_level=mean's
+    write_lineage(out_dir, Lineage("image_model", reads("image_model", cfg)))
+    return out_dir
+
+
+def dataset_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "level, thresholds",
+    [
+        ("mil", "thresholds.json"),
+        ("image_model", "image_model/thresholds.json"),
+        ("mean", "thresholds-mean.json"),
+    ],
+)
+def test_weights_dataset_packs_the_image_model_the_submission_uses(tmp_path, level, thresholds):
+    """Before, the dataset never held image_model/ (nor an image level's own thresholds file), so a kernel of
+    a config with the image model could not find it offline. The run was trained before the image model was
+    enabled: its saved config says enabled=false, the packed one what the submission uses."""
+    cfg = make_cfg(tmp_path, "refine.rounds=0", *IMAGE_MODEL, f"infer.image_level={level}")
+    fake_run(cfg)
+    save_config(
+        make_cfg(tmp_path, "refine.rounds=0", "image_model.pretrained_file=weights/r.pth"), cfg.run_dir
+    )
+    fake_image_model(cfg)
+    folder = datasets.weights_dataset(cfg)
+    expected = ["dataset-metadata.json", "run1/config.yaml", "run1/run.json", "run1/packed.json"]
+    expected += [f"run1/{thresholds}", "run1/image_model/lineage.json"]
+    expected += [f"run1/fold{k}/{head}/model.pt" for k in range(2) for head in ("cell", "mil")]
+    # weights and the table that marks a fold finished; never last.pt, logs or the training OOF summary
+    expected += [
+        f"run1/image_model/fold{k}/{name}" for k in range(2) for name in ("model.pt", "oof_image.parquet")
+    ]
+    assert dataset_files(folder) == sorted(expected)
+    metadata = json.loads((folder / "dataset-metadata.json").read_text())
+    assert "the whole-image model's 2 folds" in metadata["description"]
+    # the kernel's config: the image model on, joined as the config says, no local file; it finds the folds
+    kernel_cfg = load_config(
+        folder / "run1" / "config.yaml", [f"paths.runs={folder}", "paths.root=/kaggle/working"]
+    )
+    assert kernel_cfg.image_model.enabled and kernel_cfg.image_model.pretrained_file is None
+    assert (kernel_cfg.infer.image_model_rule, kernel_cfg.infer.image_level) == ("product", level)
+    assert [p.name for p in trained_folds(kernel_cfg)] == ["fold0", "fold1"]
+    packed = json.loads((folder / "run1" / "packed.json").read_text())
+    assert packed["image_model"] == (
+        "mobilenetv3_small_100 at 256 px, infer.image_model_rule=product, infer.image_model_power=1.0, "
+        f"infer.image_level={level}"
+    )
+
+
+def test_an_image_model_the_submission_does_not_use_stays_behind(tmp_path):
+    """Enabled under rule none and level mil the model changes nothing: nothing of it is packed, and the
+    packed config turns it off (before, it stayed on and the kernel looked for folds that were not there)."""
+    cfg = make_cfg(tmp_path, "refine.rounds=0", "image_model.enabled=true")
+    fake_run(cfg)
+    save_config(
+        make_cfg(
+            tmp_path, "refine.rounds=0", "image_model.enabled=true", "image_model.pretrained_file=w.pth"
+        ),
+        cfg.run_dir,
+    )
+    fake_image_model(cfg)
+    folder = datasets.weights_dataset(cfg)
+    assert not [name for name in dataset_files(folder) if "image_model" in name]
+    kernel_cfg = load_config(folder / "run1" / "config.yaml", [f"paths.runs={folder}"])
+    assert kernel_cfg.image_model.enabled is False and kernel_cfg.image_model.pretrained_file is None
+    assert json.loads((folder / "run1" / "packed.json").read_text())["image_model"] == "none"
+
+
+def test_weights_dataset_without_the_image_model_says_to_train_it(tmp_path, capsys):
+    fake_run(make_cfg(tmp_path, "refine.rounds=0"))
+    args = [f"paths.root={tmp_path}", "kaggle.owner=tester", "name=run1", "refine.rounds=0", *IMAGE_MODEL]
+    assert main(["weights-dataset", *args]) == 2
+    err = capsys.readouterr().err
+    assert "no trained whole-image model" in err and "make image-model" in err and err.count("\n") == 1
+    assert not (tmp_path / "dist" / "kaggle" / "weakcell-weights-run1").exists()
+
+
+def test_a_kernel_that_expects_the_image_model_refuses_a_dataset_without_it(tmp_path, no_credentials, capsys):
+    args = [
+        f"paths.root={tmp_path}",
+        "kaggle.owner=tester",
+        "name=run1",
+        "kaggle.dry_run=true",
+        "refine.rounds=0",
+    ]
+    fake_run(make_cfg(tmp_path, "refine.rounds=0"))
+    fake_image_model(make_cfg(tmp_path, "refine.rounds=0", *IMAGE_MODEL))
+    model = (
+        "mobilenetv3_small_100 at 256 px, infer.image_model_rule=product, infer.image_model_power=1.0, "
+        "infer.image_level=mil"
+    )
+    dataset, kernel = tmp_path / "dist/kaggle/weakcell-weights-run1", tmp_path / "kernels/inference"
+    assert main(["weights-dataset", *args]) == 0  # from a config without the image model
+    capsys.readouterr()
+    assert main(["kernels", *args, *IMAGE_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"image_model: {tmp_path / 'runs/run1'} says {model}, {dataset} none" in err and err.count("\n") == 1
+    )
+    # the kernel made with it, then the dataset rebuilt without it: submit and the script itself refuse
+    assert main(["weights-dataset", *args, *IMAGE_MODEL]) == 0
+    assert main(["kernels", *args, *IMAGE_MODEL]) == 0
+    assert main(["weights-dataset", *args]) == 0
+    capsys.readouterr()
+    assert main(["submit", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"image_model: {dataset} says none, {kernel} {model}" in err and err.count("\n") == 1
+    namespace: dict = {"__name__": "kernel"}
+    exec(compile((kernel / "weakcell-inference.py").read_text(), "kernel", "exec"), namespace)  # generated
+    with pytest.raises(
+        SystemExit, match=r"image_model: the kernel expects 'mobilenetv3_small_100 at 256 px, "
+    ):
+        namespace["check_packed"](dataset)
+
+
+def test_the_train_kernel_trains_the_image_model_the_submission_uses(tmp_path):
+    plain = make_cfg(tmp_path, "refine.rounds=0")
+    assert kernels.stages(plain, "train") == ["folds", "cache", "train", "thresholds", "infer"]
+    used = make_cfg(tmp_path, "refine.rounds=0", "image_model.enabled=true", "infer.image_level=mean")
+    assert kernels.stages(used, "train") == ["folds", "cache", "train", "image-model", "thresholds", "infer"]
 
 
 def test_download_without_credentials_is_one_short_message(tmp_path, no_credentials, capsys):

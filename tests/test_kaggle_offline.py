@@ -10,7 +10,10 @@ SAM (ViT-B) weight files and HPA-Cell-Segmentation U-Nets (``tests/hpacellseg_mo
 whose .pth names the image's site-packages: pip installs into the kernel's venv, never into the image),
 under ``unshare -rn`` (a network namespace without interfaces) plus a socket guard. Every
 ``submission.csv`` must validate against the sample submission; the inference kernel's must equal the
-local inference. The image replica is required: without it these tests fail, naming ``make kaggle-env``.
+local inference. The same run with a whole-image model added after training (its saved config has it off)
+gets its own weights dataset and inference kernel from a config that submits with it: the kernel must find
+the packed model and predict what local inference with the same settings predicts. The image replica is
+required: without it these tests fail, naming ``make kaggle-env``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, TINY_IMAGE_MODEL
 from tests.hpacellseg_models import save_weights, thresholding_state
 from weakcell import folds as folds_stage
+from weakcell import image_model as image_model_stage
 from weakcell import infer as infer_stage
 from weakcell import thresholds as thresholds_stage
 from weakcell import train as train_stage
@@ -202,6 +206,38 @@ class Prepared:
     wheels: Path
     sessions: dict[str, Session]
     offline: list[str]
+    image_cfg: Config  # the run submitting with its whole-image model (the "image-model" session)
+
+
+# A whole-image model the submission uses: in the cell confidence (product) and as image_level.csv's source.
+IMAGE_MODEL = [
+    *TINY_IMAGE_MODEL,
+    "infer.image_model_rule=product",
+    "infer.image_level=image_model",
+]
+
+
+def with_image_model(overrides: list[str]) -> tuple[Config, Path]:
+    """The run of ``overrides`` (trained without it) with a whole-image model added: trained, thresholds
+    tuned on it, predicted locally into ``submissions/image``, then its own weights dataset and inference
+    kernel (in ``kernels-image/``). Returns that config and the kernel's script."""
+    image_cfg = load_config(
+        None,
+        [
+            *overrides,
+            *IMAGE_MODEL,
+            "kaggle.weights_dataset=weakcell-weights-{name}-image",
+            "kaggle.variants=[inference]",
+            "paths.kernels=kernels-image",
+            "infer.output=image",
+        ],
+    )
+    image_model_stage.run(image_cfg)
+    thresholds_stage.run(image_cfg)
+    infer_stage.run(image_cfg)
+    datasets.weights_dataset(image_cfg)
+    folder = kernels.run(image_cfg)[0]
+    return image_cfg, folder / kernels.kernel_metadata(image_cfg, "inference")["code_file"]
 
 
 def session_env(tmp: Path, working: Path, input_dir: Path) -> dict[str, str]:
@@ -248,21 +284,19 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
     tmp = tmp_path_factory.mktemp("kaggle-offline")
     local = tmp / "local"
     backbone = random_backbone_checkpoint(tmp / "test_resnet.pth", "test_resnet")
-    cfg = load_config(
-        None,
-        [
-            f"paths.root={local}",
-            *TINY,
-            f"model.pretrained_file={backbone}",
-            "name=kaggle-e2e",
-            "refine.rounds=0",
-            "kaggle.owner=tester",
-            # the random segmentation weights are ViT-B sized (the official cpsam is ViT-L, 1.2 GB); the
-            # synthetic cells are ~4x smaller in pixels than HPA's: upstream's sizes at 1/4, its U-Nets at 64²
-            "kaggle.kernel_overrides=[segment.cellpose.backbone=vit_b,hpacellseg:segment.reference_size=1024,"
-            "hpacellseg:segment.hpacellseg.network_scale=0.0625]",
-        ],
-    )
+    overrides = [
+        f"paths.root={local}",
+        *TINY,
+        f"model.pretrained_file={backbone}",
+        "name=kaggle-e2e",
+        "refine.rounds=0",
+        "kaggle.owner=tester",
+        # the random segmentation weights are ViT-B sized (the official cpsam is ViT-L, 1.2 GB); the
+        # synthetic cells are ~4x smaller in pixels than HPA's: upstream's sizes at 1/4, its U-Nets at 64²
+        "kaggle.kernel_overrides=[segment.cellpose.backbone=vit_b,hpacellseg:segment.reference_size=1024,"
+        "hpacellseg:segment.hpacellseg.network_scale=0.0625]",
+    ]
+    cfg = load_config(None, overrides)
     data_stage.run(cfg)
     folds_stage.run(cfg)
     cache_stage.run(cfg)
@@ -275,6 +309,7 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
     backbone_dir = datasets.backbone_dataset(cfg)
     folders = {folder.name: folder for folder in kernels.run(cfg)}
     assert sorted(folders) == sorted(kernels.VARIANTS)
+    image_cfg, image_script = with_image_model(overrides)
 
     # /kaggle/input as a session with the competition and every dataset attached
     input_dir = tmp / "input"
@@ -287,6 +322,7 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
     attached = {
         naming.wheels_slug(cfg): wheels_dir,
         naming.weights_slug(cfg): weights_dir,
+        naming.weights_slug(image_cfg): naming.datasets_root(cfg) / naming.weights_slug(image_cfg),
         naming.backbone_slug(cfg): backbone_dir,
         naming.slug_of(cfg.kaggle.cellpose_dataset): segmentation["cellpose"],
         naming.slug_of(cfg.kaggle.sam_dataset): segmentation["sam"],
@@ -300,8 +336,9 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
         variant: folder / kernels.kernel_metadata(cfg, variant)["code_file"]
         for variant, folder in folders.items()
     }
+    scripts["image-model"] = image_script  # the inference kernel of the run with its whole-image model
     # the slowest first: with two at a time the pair ends closer together
-    order = ["cellpose-sam", "train", "hpacellseg", "cellpose", "inference"]
+    order = ["cellpose-sam", "train", "hpacellseg", "cellpose", "image-model", "inference"]
     with ThreadPoolExecutor(max_workers=KERNEL_JOBS) as pool:
         futures = {
             variant: pool.submit(run_kernel, variant, scripts[variant], tmp, image_python, input_dir, offline)
@@ -315,7 +352,7 @@ def prepared(tmp_path_factory, image_python) -> Prepared:
     # the HPA-Cell-Segmentation U-Nets are 1 GB; the kernels have run (pytest keeps its last folders)
     shutil.rmtree(segmentation["hpacellseg"])
     shutil.rmtree(input_dir / naming.slug_of(cfg.kaggle.hpacellseg_dataset))
-    return Prepared(cfg, local_csv, input_dir, wheels_dir, sessions, offline)
+    return Prepared(cfg, local_csv, input_dir, wheels_dir, sessions, offline, image_cfg)
 
 
 def parse(path: Path) -> pd.DataFrame:
@@ -374,6 +411,28 @@ def test_inference_kernel_equals_local_inference(prepared):
     assert_same_predictions(session.working / "submission.csv", prepared.local_csv)
     assert {"weakcell", "iterative-stratification"} <= installed(session.python)
     assert "cellpose" not in installed(session.python)  # plain weakcell: no segmentation extras
+
+
+def test_the_inference_kernel_predicts_with_the_packed_image_model(prepared):
+    """Issue 24: before, the weights dataset held no image_model/ and the kernel could not find it offline."""
+    cfg = prepared.image_cfg
+    packed = prepared.input / naming.weights_slug(cfg) / cfg.name / "image_model"
+    folds = [
+        f"fold{k}/{name}" for k in range(cfg.folds.n_splits) for name in ("model.pt", "oof_image.parquet")
+    ]
+    assert sorted(p.relative_to(packed).as_posix() for p in packed.rglob("*") if p.is_file()) == sorted(
+        ["lineage.json", "thresholds.json", *folds]
+    )
+    session = finished(prepared, "image-model")
+    local = cfg.submission_dir
+    assert_same_predictions(session.working / "submission.csv", local / "cell_level.csv")
+    # it predicted with the packed model: the same image probabilities, and cells scored other than without it
+    kernel_images = pd.read_parquet(session.working / "submissions" / cfg.name / "pred_image_model.parquet")
+    local_images = pd.read_parquet(local / "pred_image_model.parquet")
+    assert kernel_images["image_id"].tolist() == local_images["image_id"].tolist()
+    np.testing.assert_allclose(kernel_images.iloc[:, 1:], local_images.iloc[:, 1:], rtol=2e-3, atol=1e-6)
+    alone = parse(prepared.local_csv)["PredictionString"]
+    assert parse(local / "cell_level.csv")["PredictionString"].tolist() != alone.tolist()
 
 
 @pytest.mark.parametrize("variant", ["cellpose", "cellpose-sam"])

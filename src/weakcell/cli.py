@@ -56,7 +56,16 @@ _TRAINING = (
     "evaluate.verified",
     "checks.",
 )
-_KAGGLE = (*_WHERE, *_RUN, "kaggle.")
+# The Kaggle stages compare (and the weights dataset packs) the whole-image model when the submission uses it.
+_KAGGLE = (
+    *_WHERE,
+    *_RUN,
+    "kaggle.",
+    "image_model.",
+    "infer.image_model_rule",
+    "infer.image_model_power",
+    "infer.image_level",
+)
 
 STAGES: dict[str, Stage] = {
     "init": Stage(
@@ -180,7 +189,7 @@ STAGES: dict[str, Stage] = {
     ),
     "weights-dataset": Stage(
         "weakcell.kagglekit.datasets:weights_dataset",
-        "Kaggle dataset folder of a run: weights only, thresholds.json, config.yaml",
+        "Kaggle dataset folder of a run: weights only (+ the whole-image model when used), thresholds, config.yaml",
         _KAGGLE,
     ),
     "backbone-dataset": Stage(

@@ -146,6 +146,17 @@ def needs_image_model(infer: InferConfig) -> bool:
     return infer.image_model_rule != "none" or IMAGE_MODEL in IMAGE_LEVELS[infer.image_level].reads
 
 
+# The infer settings that say how the whole-image model joins the cell model (the rest of ``infer`` is the
+# cell model's).
+JOINING = ("image_model_rule", "image_model_power", "image_level")
+
+
+def uses_image_model(cfg: Config) -> bool:
+    """Whether a submission made with ``cfg`` depends on the whole-image model: it is enabled, and the rule
+    or the image level reads it (enabled under ``none`` / ``mil``, it is predicted but changes nothing)."""
+    return cfg.image_model.enabled and needs_image_model(cfg.infer)
+
+
 def image_level_probs(cfg: Config, mil: pd.DataFrame, model: pd.DataFrame | None) -> pd.DataFrame:
     """The ``image_id, p_*`` table ``image_level.csv`` is thresholded from (``infer.image_level``); only
     ``image_id`` and the ``p_*`` columns are read from either table."""

@@ -1,6 +1,7 @@
 """Whether the config, the trained run, its Kaggle weights dataset and the generated inference kernel
-describe the same models: the refinement round packed, the folds, the backbone, the crop size and the
-class table. A kernel generated for round 1 beside a dataset that holds round 0 passes every local check
+describe the same models: the refinement round packed, the folds, the backbone, the crop size, the
+class table and the whole-image model (network and how it joins, "none" when the submission does not use
+it). A kernel generated for round 1 beside a dataset that holds round 0 passes every local check
 and dies on Kaggle after caching the whole test set; ``make weights-dataset``, ``make kernels``,
 ``make submit`` and ``weakcell check`` compare the four first and name both sides of a difference.
 
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from weakcell.combine import JOINING, uses_image_model
 from weakcell.config import Config, ConfigError, load_config
 from weakcell.data.datasets import get_dataset
 from weakcell.errors import StageError
@@ -31,7 +33,9 @@ FOLD_WEIGHTS = ("cell/model.pt", "mil/model.pt")  # what inference reads from a 
 
 @dataclass(frozen=True)
 class Summary:
-    """What one side says about the models a kernel predicts with. ``folds`` None = not known here."""
+    """What one side says about the models a kernel predicts with. ``folds`` None = not known here;
+    ``image_model`` "none" where a packed.json or EXPECT line predates the whole-image model (none was
+    packed then)."""
 
     run: str
     round: int
@@ -39,13 +43,23 @@ class Summary:
     backbone: str
     crop_size: int
     classes: list[str]
+    image_model: str = "none"
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def image_model_of(cfg: Config) -> str:
+    """The whole-image model a submission made with ``cfg`` predicts with, in words: its network and how it
+    joins the cell model; "none" when the submission does not use it (``weakcell.combine``)."""
+    if not uses_image_model(cfg):
+        return "none"
+    joins = ", ".join(f"infer.{key}={getattr(cfg.infer, key)}" for key in JOINING)
+    return f"{cfg.image_model.backbone} at {cfg.image_model.size} px, {joins}"
+
+
 def summary_of(cfg: Config, folds: list[int] | None) -> Summary:
-    """The models ``cfg`` builds and reads: its run, final round, network and class table."""
+    """The models ``cfg`` builds and reads: its run, final round, network, class table and image model."""
     return Summary(
         run=cfg.name,
         round=cfg.refine.rounds,
@@ -53,6 +67,7 @@ def summary_of(cfg: Config, folds: list[int] | None) -> Summary:
         backbone=cfg.model.backbone,
         crop_size=cfg.cache.crop_size,
         classes=list(get_dataset(cfg.data.dataset).classes),
+        image_model=image_model_of(cfg),
     )
 
 
@@ -80,8 +95,10 @@ def run_side(cfg: Config) -> tuple[str, Summary] | None:
     except ConfigError as err:
         raise StageError(f"{saved} does not load ({err}); retrain the run or delete it") from err
     summary = summary_of(trained, trained_folds(cfg.model_dir))
-    # the round is the one the config reads: a run without its folds shows folds []
-    summary = Summary(**{**summary.as_json(), "round": cfg.refine.rounds, "run": cfg.name})
+    # the round is the one the config reads: a run without its folds shows folds []; so is the image model,
+    # often enabled after training (a missing one is missing_image_model's)
+    chosen = {"round": cfg.refine.rounds, "run": cfg.name, "image_model": image_model_of(cfg)}
+    summary = Summary(**{**summary.as_json(), **chosen})
     return str(cfg.run_dir), summary
 
 
@@ -155,6 +172,20 @@ def missing_round(cfg: Config, run: tuple[str, Summary] | None) -> str | None:
     )
 
 
+def missing_image_model(cfg: Config, run: tuple[str, Summary] | None) -> str | None:
+    """A problem when the run exists and the config uses the whole-image model, but the run holds no trained
+    one, or one trained as another network (``weakcell.image_model.trained_folds``' line)."""
+    if run is None or not uses_image_model(cfg):
+        return None
+    from weakcell.image_model import trained_folds  # torch: only for a config that uses the image model
+
+    try:
+        trained_folds(cfg)
+    except (OSError, StageError) as err:
+        return str(err)
+    return None
+
+
 SIDES = ("run", "dataset", "kernel")
 FIXES = {
     "run": "`make train` (and `make refine`)",
@@ -182,9 +213,9 @@ def agreement_problems(
     problems = [
         f"no {name} of run {cfg.name!r} yet: {FIXES[name]}" for name in need if found.get(name) is None
     ]
-    missing = missing_round(cfg, found.get("run"))
-    if missing:
-        problems.append(missing)
+    for missing in (missing_round(cfg, found.get("run")), missing_image_model(cfg, found.get("run"))):
+        if missing:
+            problems.append(missing)
     sides = [config_side(cfg), *(side for side in found.values() if side is not None)]
     return problems + disagreements(sides)
 

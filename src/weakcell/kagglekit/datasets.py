@@ -6,11 +6,12 @@
   target installs), so a kernel runs ``pip install --no-index --find-links /kaggle/input/<wheels slug>
   weakcell``.
 * ``make weights-dataset RUN=<run>`` -> ``dist/kaggle/<weights slug>/<run>/``: the weights inference loads
-  (``fold<k>/{cell,mil}/model.pt`` of the final round, flat state dicts), ``thresholds.json``, the resolved
-  ``config.yaml`` (``model.pretrained_file`` nulled, see ``portable_config``) and ``run.json``, at their
-  paths relative to ``runs/`` so that ``paths.runs`` pointed at the mounted dataset reproduces
-  ``cfg.model_dir``. Resumable checkpoints (``last.pt``, with optimizer
-  state) stay behind.
+  (``fold<k>/{cell,mil}/model.pt`` of the final round, flat state dicts), the thresholds file of
+  ``infer.image_level`` (``thresholds.json`` by default), the resolved ``config.yaml`` (local weight files
+  nulled, see ``portable_config``) and ``run.json``, at their paths relative to ``runs/`` so that
+  ``paths.runs`` pointed at the mounted dataset reproduces ``cfg.model_dir``; and, when the submission uses
+  the whole-image model, ``image_model/`` (``image_model_files``). Resumable checkpoints (``last.pt``, with
+  optimizer state) stay behind.
 * ``make backbone-dataset`` -> ``dist/kaggle/<backbone slug>/``: ``model.pretrained_file``, the backbone's
   initial weights, which the train kernel reads from the attached dataset.
 
@@ -23,6 +24,7 @@ builders; the wheel-tag checks are the only part that could stand alone, and the
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import os
@@ -41,6 +43,7 @@ import yaml
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
+from weakcell.combine import JOINING, thresholds_file, uses_image_model
 from weakcell.config import Config
 from weakcell.errors import StageError
 from weakcell.kagglekit.naming import (
@@ -277,7 +280,8 @@ def _wheels(cfg: Config) -> Path:
 
 def weights_manifest(cfg: Config) -> list[tuple[Path, Path]]:
     """(source, path inside the dataset) of every file a kernel needs from run ``cfg.name``: the final
-    round's fold weights and thresholds, the run's config and run.json; paths relative to ``runs/``."""
+    round's fold weights, the thresholds ``infer.image_level`` reads, the run's config and run.json, the
+    whole-image model's files when the submission uses it; paths relative to ``runs/``."""
     runs, run_dir, model_dir = cfg.path(cfg.paths.runs), cfg.run_dir, cfg.model_dir
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(
@@ -291,7 +295,7 @@ def weights_manifest(cfg: Config) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(
             f"no trained folds (fold<k>/cell/model.pt + mil/model.pt) in {model_dir}: run `{step}`"
         )
-    thresholds = model_dir / "thresholds.json"
+    thresholds = thresholds_file(cfg, model_dir)  # infer.image_level's own (weakcell.combine)
     if not thresholds.is_file():
         raise FileNotFoundError(f"no {thresholds}: run `make thresholds` before packing the weights")
     sources = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
@@ -299,18 +303,44 @@ def weights_manifest(cfg: Config) -> list[tuple[Path, Path]]:
         sources.append(model_dir / "config.yaml")
     sources.append(thresholds)
     sources += [fold / name for fold in folds for name in FOLD_WEIGHTS]
+    sources += image_model_files(cfg)
     return [(source, source.relative_to(runs)) for source in sources]
 
 
-def portable_config(text: str) -> str:
-    """A run's config.yaml for the weights dataset: ``model.pretrained_file`` (the backbone's initial
-    weights, a local file) becomes null, since the trained weights replace it and the file is not on Kaggle;
-    everything else is kept, so a kernel builds exactly the networks that were trained."""
+def image_model_files(cfg: Config) -> list[Path]:
+    """The whole-image model's files its inference reads, when a submission of ``cfg`` uses it
+    (``weakcell.combine.uses_image_model``; none otherwise: the default packs nothing more): each trained
+    fold's weights (flat state dicts) and its out-of-fold table, which marks the fold finished for
+    ``trained_folds``; the model's ``lineage.json``, against which the kernel checks the network it builds.
+    A missing model, or one trained as another network, is ``trained_folds``' one line."""
+    if not uses_image_model(cfg):
+        return []
+    from weakcell.image_model import MODEL_FILE, OOF_FILE, trained_folds  # torch: only when it travels
+    from weakcell.lineage import RECORD
+
+    record = cfg.image_model_dir / RECORD
+    folds = [fold / name for fold in trained_folds(cfg) for name in (MODEL_FILE, OOF_FILE)]
+    return [record, *folds] if record.is_file() else folds
+
+
+def portable_config(text: str, cfg: Config) -> str:
+    """A run's config.yaml for the weights dataset, the config the kernel predicts with: the local files
+    training started from (``model.pretrained_file``, ``image_model.pretrained_file``) become null, since the
+    trained weights replace them and the files are not on Kaggle; the whole-image model is enabled exactly
+    when the dataset packs it, with ``cfg``'s section (the network ``trained_folds`` checked) and the infer
+    settings that join it (a run trained before ``image_model.enabled`` was set saved it off); everything
+    else is kept, so a kernel builds exactly the networks that were trained."""
     config = yaml.safe_load(text) or {}
-    if isinstance(config.get("model"), dict) and config["model"].get("pretrained_file") is not None:
-        config["model"]["pretrained_file"] = None
-        return yaml.safe_dump(config, sort_keys=False)
-    return text
+    portable = copy.deepcopy(config)
+    for section in ("model", "image_model"):
+        if isinstance(portable.get(section), dict) and portable[section].get("pretrained_file") is not None:
+            portable[section]["pretrained_file"] = None
+    uses = uses_image_model(cfg)
+    if uses:
+        portable["image_model"] = {**cfg.image_model.model_dump(mode="json"), "pretrained_file": None}
+    portable.setdefault("image_model", {})["enabled"] = uses
+    portable.setdefault("infer", {}).update({key: getattr(cfg.infer, key) for key in JOINING})
+    return text if portable == config else yaml.safe_dump(portable, sort_keys=False)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -344,14 +374,21 @@ def _weights_dataset(cfg: Config) -> Path:
     for source, relative in manifest:
         if source.name == "config.yaml":
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(staging / relative, portable_config(source.read_text()))
+            atomic_write_text(staging / relative, portable_config(source.read_text(), cfg))
         else:
             _link_or_copy(source, staging / relative)
     n_folds = sum(1 for _, relative in manifest if relative.as_posix().endswith(FOLD_WEIGHTS[1]))
+    image_dir = cfg.image_model_dir.relative_to(cfg.path(cfg.paths.runs))
+    n_image = sum(
+        1 for _, relative in manifest if relative.parent.parent == image_dir and relative.suffix == ".pt"
+    )
+    image_note = f" + the whole-image model's {n_image} folds" if n_image else ""
+    thresholds = thresholds_file(cfg, cfg.model_dir).relative_to(cfg.run_dir).as_posix()
     round_note = f", round {cfg.refine.rounds}"
     description = (
-        f"Weights of weakcell run {cfg.name!r}{round_note}: {n_folds} folds of cell + MIL model.pt "
-        "(weights only), thresholds.json and the resolved config.yaml. Written by `make weights-dataset`."
+        f"Weights of weakcell run {cfg.name!r}{round_note}: {n_folds} folds of cell + MIL model.pt"
+        f"{image_note} (weights only), {thresholds} and the resolved config.yaml. Written by "
+        "`make weights-dataset`."
     )
     atomic_write_text(staging / cfg.name / PACKED_FILE, packed_json(cfg) + "\n")
     _write_json(staging / METADATA_FILE, dataset_metadata(cfg, slug, description))
@@ -360,8 +397,8 @@ def _weights_dataset(cfg: Config) -> Path:
     if stale:  # the kernel is regenerated after the dataset; `make submit` refuses while they differ
         print(f"weights-dataset: the generated kernel no longer fits ({stale[0]}): run `make kernels`")
     print(
-        f"weights-dataset: run {cfg.name}{round_note}, {n_folds} folds x (cell, mil) weights, thresholds.json, "
-        f"config.yaml, {folder_mb(target):.1f} MB -> {target}\n"
+        f"weights-dataset: run {cfg.name}{round_note}, {n_folds} folds x (cell, mil) weights{image_note}, "
+        f"{thresholds}, config.yaml, {folder_mb(target):.1f} MB -> {target}\n"
         f"  upload: kaggle datasets create -p {target} --dir-mode zip  "
         f"(a new version: kaggle datasets version -p {target} -m ... --dir-mode zip)"
     )

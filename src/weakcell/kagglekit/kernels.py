@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 import weakcell
+from weakcell.combine import uses_image_model
 from weakcell.config import Config
 from weakcell.errors import StageError, UnknownName
 from weakcell.kagglekit.agreement import EXPECT_NAME, expect_literal, require_agreement
@@ -137,7 +138,8 @@ def stages(cfg: Config, variant: str) -> list[str]:
     from weakcell.cli import STAGES  # refinement is a stage only once it has landed
 
     refine = ["refine"] if cfg.refine.rounds > 0 and "refine" in STAGES else []
-    return ["folds", "cache", "train", *refine, "thresholds", "infer"]
+    image_model = ["image-model"] if uses_image_model(cfg) else []  # before thresholds: they may read its OOF
+    return ["folds", "cache", "train", *refine, *image_model, "thresholds", "infer"]
 
 
 def kernel_metadata(cfg: Config, variant: str) -> dict[str, Any]:
