@@ -30,7 +30,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per process, as the other segmentation benches
 
 import argparse
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,6 +54,7 @@ from tests.hpacellseg_reference import label_cell_reference, network_like_maps  
 
 from weakcell.config import load_config  # noqa: E402
 from weakcell.data.images import list_image_ids, read_image, write_image  # noqa: E402
+from weakcell.devices import cpu_model  # noqa: E402
 from weakcell.segment import for_image, segment_image  # noqa: E402
 from weakcell.segment.batched import network_stage  # noqa: E402
 from weakcell.segment.hpacellseg import label_cell  # noqa: E402
@@ -360,7 +360,7 @@ def main() -> None:
         raise SystemExit(f"{HPA_DIR} not found: the real images are needed")
     ids = list_image_ids(HPA_DIR / "train")
     wanted = set(args.sections.split(","))
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     header = (
         "## 5-7. Learned backends (`python benchmarks/bench_segment_backends.py`), "
         f"{cpu}, {os.cpu_count()} cores shared with other jobs\n"

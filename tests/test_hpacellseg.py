@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from skimage.segmentation import watershed
 
 from tests.conftest import HPA2021_IDS, shared_path
 from tests.hpacellseg_models import (
@@ -39,7 +40,7 @@ from weakcell.segment import for_image, segment_image
 from weakcell.segment.batched import batches, segment_batch
 from weakcell.segment.cellpose_backend import resize_labels
 from weakcell.segment.hpacellseg import backend, label_cell
-from weakcell.segment.hpacellseg.labels import Sizes
+from weakcell.segment.hpacellseg.labels import _LEVELS, Sizes, _flood, _label_large
 from weakcell.segment.hpacellseg.network import DPNUnet
 from weakcell.segment.hpacellseg.pickles import MODULE_CLASSES, load_whole_model
 from weakcell.segment.metrics import match_instances
@@ -132,6 +133,57 @@ def test_sizes_follow_the_resolution() -> None:
     ]
     assert label_cell(*small, scale=0.5)[1].max() == label_cell(nuclei_pred, cell_pred)[1].max() == 12
     assert label_cell(*small)[1].max() == 0  # upstream's full-resolution sizes drop every half-size cell
+
+
+def flood_by_height(heights: list[list[int]], markers: list[list[int]], settle_at: int) -> np.ndarray:
+    """``_flood`` of a hand-made height map (the heights themselves, 0-255) settling at ``settle_at``,
+    checked against scikit-image's watershed of the same map before it is returned."""
+    levels, seeds = np.array(heights, np.uint8), np.array(markers, np.int32)
+    mask = np.ones(levels.shape, bool)
+    flooded = _flood(levels, _LEVELS, seeds, mask, settle_at=settle_at)
+    np.testing.assert_array_equal(flooded, watershed(levels.astype(float), seeds, mask=mask))
+    return flooded
+
+
+def test_settled_low_ground_keeps_the_watersheds_labels() -> None:
+    """Marker 1 (left) and 2 (right); the flood rises to 5 on the left, 6 on the right. Under 2 each
+    plateau holds one label and touches no pass: both are settled up front. The column of 9s and the 4 go
+    to 1 (its side reaches them at level 5, the right one only at 6); the 6s to 2 (its plateau pushes them
+    at level 2, the 4 only at 5)."""
+    heights = [[0, 0, 5, 9, 6, 2, 2], [0, 0, 5, 9, 6, 2, 2], [0, 0, 5, 4, 6, 2, 2]]
+    markers = [[0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2], [0, 0, 0, 0, 0, 0, 0]]
+    expected = [[1, 1, 1, 1, 2, 2, 2]] * 3
+    np.testing.assert_array_equal(flood_by_height(heights, markers, settle_at=2), expected)
+
+
+def test_a_pass_between_settled_components_is_flooded_in_order() -> None:
+    """Heights 0 5 1 8 3 3, markers at both ends. Under 5 the left three hold marker 1 and the right two
+    marker 2; the 8 between them is a pass. The flood reaches the 1 only at level 5 (over the 5) and the
+    3 at level 3, so the 3 pushes the pass first: it goes to 2. Settled as a marker, the 1 would leave the
+    heap at its own height, before the 3, and give the pass to 1: components at a pass stay unsettled."""
+    flooded = flood_by_height([[0, 5, 1, 8, 3, 3]], [[1, 0, 0, 0, 0, 2]], settle_at=5)
+    np.testing.assert_array_equal(flooded, [[1, 1, 1, 2, 2, 2]])
+
+
+def test_large_components_are_numbered_in_raster_order() -> None:
+    """measure.label, remove_small_objects (under 2 px), measure.label again: the lone corner pixel goes,
+    the others are numbered by their first pixel, (0, 4) before (1, 1) before (3, 0)."""
+    mask = np.array(
+        [
+            [1, 0, 0, 0, 1, 0],
+            [0, 1, 1, 0, 1, 0],
+            [0, 0, 0, 0, 1, 0],
+            [1, 1, 1, 0, 0, 0],
+        ],
+        bool,
+    )
+    expected = [
+        [0, 0, 0, 0, 1, 0],
+        [0, 2, 2, 0, 1, 0],
+        [0, 0, 0, 0, 1, 0],
+        [3, 3, 3, 0, 0, 0],
+    ]
+    np.testing.assert_array_equal(_label_large(mask, 4, 2), expected)
 
 
 def test_label_cell_refuses_other_inputs() -> None:
