@@ -292,6 +292,7 @@ def write_fake_cache(folder: Path, n_cells: int, crop_size: int = 64, per_shard:
             "n_cells": 20,
             "status": "ok",
             "reason": "",
+            "content_hash": "",  # no image files behind a fake cache: nothing to fingerprint
         }
     )[list(IMAGES_COLUMNS)]
     images.to_parquet(folder / IMAGES_FILE, index=False)
