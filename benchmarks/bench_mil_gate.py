@@ -153,7 +153,7 @@ def main() -> None:
         [
             "# Gated vs plain attention in the MIL head (`python benchmarks/bench_mil_gate.py`)",
             __doc__.split("\n\n", 1)[1].split("\n\nRun from")[0],
-            f"Command: `{command}`. Machine: {cpu_model()}, {platform.python_version()}; {seconds / 60:.1f} min.",
+            f"Command: `{command}`. Machine: {cpu_model()}, Python {platform.python_version()}; {seconds / 60:.1f} min.",
             markdown(table),
         ]
     )
