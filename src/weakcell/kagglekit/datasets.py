@@ -18,7 +18,7 @@
 Upload either folder with ``kaggle datasets create -p <folder>`` (``--dir-mode zip`` for the weights, whose
 files sit in sub-folders; Kaggle unpacks the archive), or ``kaggle datasets version`` for a new version.
 
-Just over 400 lines: the three datasets share the staging, metadata and swap-in helpers above their
+About 510 lines: the three datasets share the staging, metadata and swap-in helpers above their
 builders; the wheel-tag checks are the only part that could stand alone, and they serve ``wheels`` alone.
 """
 
