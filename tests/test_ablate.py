@@ -401,3 +401,59 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     assert (report.with_suffix(".png")).stat().st_size > 0
     saved = json.loads(report.with_suffix(".json").read_text())
     assert len(saved["rows"]) == len(table) and {r["seed"] for r in saved["per_seed"]} == {cfg.seed}
+
+
+def test_a_variant_that_trains_its_own_inner_models_keeps_them_across_calls(tmp_path, monkeypatch):
+    """A rule that reads stage 2 (attention) trains inner models of its own; a second `make ablate` must
+    reuse them and its round, not see a stale round 0 and retrain the variant whole. A stage-1 rule
+    (soft targets) still takes the weak run's inner models by hard link."""
+    from weakcell import refine, thresholds, train
+
+    cfg = load_config(
+        None,
+        [
+            f"paths.runs={tmp_path / 'runs'}",
+            "ablate.rounds=1",
+            "ablate.control=false",
+            "ablate.oracle=false",
+            "ablate.variants={attention: {min_attention: 1.0}, soft: {targets: soft}}",
+        ],
+    )
+    configs = ablate.run_configs(cfg)
+    weak_dir = configs[ablate.WEAK].run_dir
+
+    def fake_train(run_cfg):  # round 0 and its stage-1 inner models, written once
+        for name in (
+            "oof_image.parquet",
+            "oof_cell.parquet",
+            "fold0/cell/model.pt",
+            "inner/fold0-1/oof_cell.parquet",
+        ):
+            path = run_cfg.run_dir / name
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"weak " + name.encode())
+
+    def fake_refine(run_cfg):  # a stage-2 rule retrains its inner models in its own folder, then its round
+        round_one = run_cfg.run_dir / "round1" / "done"
+        if round_one.exists():
+            return
+        if run_cfg.refine.reads_stage2:
+            (run_cfg.run_dir / "inner" / "fold0-1").mkdir(parents=True, exist_ok=True)
+            _replace(run_cfg.run_dir / "inner" / "fold0-1" / "oof_cell.parquet", b"own stage-2 inner model")
+        round_one.parent.mkdir(parents=True, exist_ok=True)
+        round_one.write_bytes(b"trained once")
+
+    monkeypatch.setattr(train, "run", fake_train)
+    monkeypatch.setattr(refine, "run", fake_refine)
+    monkeypatch.setattr(thresholds, "run", lambda run_cfg: None)
+    ablate.train_runs(configs)
+    attention_dir = configs["variant:attention"].run_dir
+    (attention_dir / "round1" / "done").write_bytes(b"the first call's round")
+    ablate.train_runs(configs)  # the second call
+    assert (attention_dir / "round1" / "done").read_bytes() == b"the first call's round"
+    assert (attention_dir / "inner/fold0-1/oof_cell.parquet").read_bytes() == b"own stage-2 inner model"
+    soft_dir = configs["variant:soft"].run_dir
+    assert os.path.samefile(
+        weak_dir / "inner/fold0-1/oof_cell.parquet", soft_dir / "inner/fold0-1/oof_cell.parquet"
+    )

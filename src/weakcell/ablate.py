@@ -10,7 +10,8 @@ Three runs, each reused when finished (``FORCE=1`` is not passed on):
   retrained) plus rounds of the same length that keep the inherited labels (``refine.relative=0``): the extra epochs without the
   relabelling, so refinement is not credited with what more training does;
 - ``<name>-<variant>`` (``ablate.variants``): a refinement rule variant, round 0 and its inner models taken from
-  the weak run the same way (so only its refinement rounds train), judged against the full weak row;
+  the weak run the same way (so only its refinement rounds train; a rule that reads the MIL head trains inner
+  models of its own, ``shares_inner_models``), judged against the full weak row;
 - ``<name>-oracle<epochs>`` (``ablate.oracle``): the backbone trained on the true cell labels for as many epochs
   as the weak run's backbone gets in total, then MIL: the ceiling.
 
@@ -154,6 +155,14 @@ def run_configs(cfg: Config) -> dict[str, Config]:
     return configs
 
 
+def shares_inner_models(weak: RefineConfig, variant: RefineConfig) -> bool:
+    """Whether a rule variant's round-1 inner models are the weak run's, so that it can take them by hard
+    link: they learn round 0's targets, so they differ only where the rule changes what they train (stage 2,
+    for a rule that reads it) or for how long. A variant that trains its own keeps them: taking the weak
+    run's would make its round 0 look stale at every call and retrain it whole."""
+    return weak.reads_stage2 == variant.reads_stage2 and weak.inner_epochs == variant.inner_epochs
+
+
 def train_runs(configs: dict[str, Config]) -> dict[str, float]:
     """Train (or reuse) every run and tune each round's thresholds; wall seconds per run."""
     from weakcell import refine, thresholds, train
@@ -161,10 +170,9 @@ def train_runs(configs: dict[str, Config]) -> dict[str, float]:
     seconds = {}
     for name, run_cfg in configs.items():
         start = time.perf_counter()
-        if name == CONTROL or name.startswith(
-            VARIANT
-        ):  # round 0 is the weak run's (a variant: its inner models too)
-            link_round_zero(configs[WEAK].run_dir, run_cfg.run_dir, inner=name.startswith(VARIANT))
+        if name == CONTROL or name.startswith(VARIANT):  # round 0 is the weak run's
+            inner = name.startswith(VARIANT) and shares_inner_models(configs[WEAK].refine, run_cfg.refine)
+            link_round_zero(configs[WEAK].run_dir, run_cfg.run_dir, inner=inner)
         else:
             train.run(run_cfg)
         refine.run(run_cfg)
