@@ -27,6 +27,7 @@ help: ## list the targets
 	@echo; echo "  CONFIG=$(CONFIG)  ARGS=\"key=value ...\"  FORCE=1 redoes finished work"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
+	tools/need-disk 8 $(VENV) "$(VENV) (torch with its CUDA libraries: about 6.5 GiB)"
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle,external]'
 	touch $@
@@ -45,6 +46,7 @@ KAGGLE_LACKS := iterative-stratification cellpose fastremap fill_voids roifile i
 
 $(KAGGLE_STAMP): requirements/kaggle-image.txt tools/find-python
 	rm -rf $(KAGGLE_VENV)
+	tools/need-disk 9 $(KAGGLE_VENV) "$(KAGGLE_VENV) (Kaggle's image replica: about 7.8 GiB)"
 	python=$$(tools/find-python $(KAGGLE_PYTHON_VERSION)) && "$$python" -m venv $(KAGGLE_VENV)
 	$(KAGGLE_VENV)/bin/pip install -q -r requirements/kaggle-image.txt
 	touch $@
