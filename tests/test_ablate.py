@@ -287,6 +287,40 @@ def test_paired_differences_subtract_the_same_resamples_and_average_seeds_within
         ablate.paired_differences(table)
 
 
+def test_per_class_averages_seeds_and_gives_the_oracle_gap():
+    final, control = "+ refinement, 1 round", "control: same epochs, labels kept"
+    inherit, oracle = "inheritance only (cell model)", "oracle: true cell labels"
+    nan = float("nan")
+    # 3 classes, 2 seeds; class 2 has no true test cell (NaN AP) in either seed
+    aps = {
+        inherit: ([0.5, 0.2, nan], [0.7, 0.4, nan]),
+        control: ([0.6, 0.3, nan], [0.6, 0.5, nan]),
+        final: ([0.9, 0.3, nan], [0.7, 0.3, nan]),
+        oracle: ([0.9, 0.8, nan], [0.9, 0.6, nan]),
+        "rule: soft targets": ([0.0, 0.0, nan], [0.0, 0.0, nan]),  # not one of the four rows
+    }
+    table = pd.DataFrame(
+        [
+            {"variant": variant, "seed": 42 + k, "test_ap": ap, "test_n_gt": [10, 4, 0]}
+            for variant, seeds in aps.items()
+            for k, ap in enumerate(seeds)
+        ]
+    )
+    classes = ablate.per_class(table, rounds=1)
+    assert list(classes.columns) == ["n_gt", inherit, control, final, oracle, "gap"]
+    assert classes["n_gt"].tolist() == [10, 4, 0]
+    # means over the two seeds by hand: inheritance 0.6, 0.3; final 0.8, 0.3; oracle 0.9, 0.7
+    assert classes[inherit].tolist()[:2] == pytest.approx([0.6, 0.3])
+    assert classes[final].tolist()[:2] == pytest.approx([0.8, 0.3])
+    assert classes["gap"].tolist()[:2] == pytest.approx([0.1, 0.4])
+    assert np.isnan(classes["gap"].iloc[2])
+    text = ablate_report.per_class_markdown(classes, ("Alpha", "Beta", "Gamma"))
+    assert "| 1 Beta | 4 | 0.300 | 0.400 | 0.300 | 0.700 | +0.400 |" in text
+    # the two classes with a gap: Beta 0.4 and Alpha 0.1, all of the summed 0.5
+    assert "(Beta, Alpha) hold 100% of the summed gap over 2 classes" in text
+    assert ablate.per_class(table.drop(columns=["test_ap", "test_n_gt"]), rounds=1).empty
+
+
 def test_targets_are_met_only_when_the_paired_interval_excludes_zero():
     final, control = "+ refinement, 1 round", "control: same epochs, labels kept"
     inherit, attention = "inheritance only (cell model)", "+ attention MIL (cell x image)"
@@ -375,6 +409,12 @@ def test_grid_on_the_tiny_pipeline(tiny_run):
     assert "test_resampled" not in written["per_seed"][0]
     assert (
         "## Paired differences (test split)" in (cfg.path(cfg.paths.reports) / "leaderboard.md").read_text()
+    )
+    # where the gap is: one line per class of the dataset, the oracle's gap to the final round
+    assert len(written["per_class"]) == 19 and "gap" in written["per_class"][0]
+    assert (
+        "## Per class (test AP, mean over seeds)"
+        in (cfg.path(cfg.paths.reports) / "leaderboard.md").read_text()
     )
     assert table[["f1_at_05", "image_map", "cell_map", "test_cell_map"]].notna().all().all()
     # test image F1 for the rows whose image score is the MIL head's (what image_level.csv holds), only

@@ -273,6 +273,9 @@ def test_scores(cfg: Config, row: Row, slug: str, inferred: Path | None = None) 
         submission=not rescored,
     )[reading][entry]
     scores["test_cell_map"] = result["map"]
+    # per class, for the report's "where the gap is" table (NaN: no true cell of the class in the split)
+    scores["test_ap"] = [float(v) for v in result["ap"]]
+    scores["test_n_gt"] = [int(v) for v in result["n_gt"]]
     if "interval" in result:
         scores["test_low"], scores["test_high"] = result["interval"]
         # for the paired differences (paired_differences): the mAP of each resample, and what they were drawn for
@@ -410,6 +413,29 @@ def paired_differences(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines, columns=["variant", "reference", "difference", "low", "high", "per_seed"])
 
 
+def per_class(table: pd.DataFrame, rounds: int) -> pd.DataFrame:
+    """Test AP per class (mean over seeds) of the rows that tell where the weak model loses to the oracle:
+    inheritance, the control, the final refinement round and the oracle (those present), one line per
+    class with its true test cells (``n_gt``) and ``gap`` = oracle - final round; empty without per-class
+    scores (a dataset without per-cell truth)."""
+    if "test_ap" not in table:
+        return pd.DataFrame()
+    wanted = [INHERIT, CONTROL_ROW, refined(rounds), ORACLE_ROW]
+    present = [label for label in wanted if label in set(table["variant"])]
+    columns = {}
+    for label in present:
+        lines = table.loc[table["variant"] == label, "test_ap"]
+        seeds_ap = np.asarray([np.asarray(ap, dtype=float) for ap in lines])
+        counted = np.isfinite(seeds_ap).sum(axis=0)  # a class no seed could score stays NaN
+        total = np.where(np.isfinite(seeds_ap), seeds_ap, 0.0).sum(axis=0)
+        columns[label] = np.where(counted > 0, total / np.maximum(counted, 1), np.nan)
+    first = table.loc[table["variant"] == present[0], "test_n_gt"].iloc[0] if present else []
+    out = pd.DataFrame({"n_gt": np.asarray(first, dtype=int), **columns})
+    if {refined(rounds), ORACLE_ROW} <= set(present):
+        out["gap"] = out[ORACLE_ROW] - out[refined(rounds)]
+    return out
+
+
 def run(cfg: Config) -> pd.DataFrame:
     """The grid, ``reports/leaderboard.md`` (+ json, png); returns one line per variant (across seeds)."""
     start = time.perf_counter()
@@ -420,9 +446,10 @@ def run(cfg: Config) -> pd.DataFrame:
     paired = paired_differences(table)
     seconds = time.perf_counter() - start
     checks = targets(summary, paired, cfg.ablate.rounds)
+    classes = per_class(table, cfg.ablate.rounds)
     reports = cfg.path(cfg.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(reports / "leaderboard.md", markdown(summary, paired, cfg, checks, seconds))
+    atomic_write_text(reports / "leaderboard.md", markdown(summary, paired, cfg, checks, seconds, classes))
     atomic_write_text(
         reports / "leaderboard.json",
         json.dumps(
@@ -430,6 +457,7 @@ def run(cfg: Config) -> pd.DataFrame:
                 "rows": summary.to_dict(orient="records"),
                 "paired": paired.to_dict(orient="records"),
                 "per_seed": table.drop(columns="test_resampled", errors="ignore").to_dict(orient="records"),
+                "per_class": classes.to_dict(orient="records"),
                 "targets": checks,
                 "seconds": seconds,
             },

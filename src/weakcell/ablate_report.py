@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from weakcell.config import Config
+from weakcell.data.datasets import get_dataset
 from weakcell.folds_record import describe_folds
 from weakcell.outputs import atomic_savefig
 
@@ -133,7 +134,46 @@ def mean_sd_text(summary_row: pd.Series, column: str) -> str:
     return f"{value:.3f}" if sd is None or pd.isna(sd) else f"{value:.3f} ± {sd:.3f}"
 
 
-def markdown(summary: pd.DataFrame, paired: pd.DataFrame, cfg: Config, checks, seconds: float) -> str:
+def per_class_markdown(classes: pd.DataFrame, names: tuple[str, ...]) -> str:
+    """``ablate.per_class`` as a table, the largest gaps named under it ('' without per-class scores)."""
+    if classes.empty:
+        return ""
+    rows_shown = [c for c in classes.columns if c not in ("n_gt", "gap")]
+    shown = [*rows_shown, *(["gap"] if "gap" in classes else [])]
+    header = "| class | true cells | " + " | ".join(shown) + " |\n|" + "---|" * (len(shown) + 2) + "\n"
+    lines = [
+        f"| {k} {names[k] if k < len(names) else ''} | {int(line['n_gt'])} | "
+        + " | ".join(
+            "-" if pd.isna(line[c]) else f"{line[c]:+.3f}" if c == "gap" else f"{line[c]:.3f}" for c in shown
+        )
+        + " |"
+        for k, line in classes.iterrows()
+    ]
+    text = (
+        "## Per class (test AP, mean over seeds)\n\nEach class's AP on the test split under the reading above; "
+        "`gap` = oracle minus the final refinement round: where the weak model loses.\n\n"
+        + header
+        + "\n".join(lines)
+    )
+    if "gap" in classes:
+        gap = classes["gap"].dropna()
+        top = gap.sort_values(ascending=False).head(5)
+        share = top.sum() / gap.sum() if gap.sum() > 0 else float("nan")
+        text += (
+            f"\n\nThe five largest gaps ({', '.join(names[k] if k < len(names) else str(k) for k in top.index)}) "
+            f"hold {share:.0%} of the summed gap over {len(gap)} classes."
+        )
+    return text + "\n\n"
+
+
+def markdown(
+    summary: pd.DataFrame,
+    paired: pd.DataFrame,
+    cfg: Config,
+    checks,
+    seconds: float,
+    classes: pd.DataFrame | None = None,
+) -> str:
     shown = [c for c in COLUMNS if c in summary]
     header = "| " + " | ".join(COLUMNS[c] for c in shown) + " |\n|" + "---|" * len(shown) + "\n"
     lines = [
@@ -171,6 +211,9 @@ def markdown(summary: pd.DataFrame, paired: pd.DataFrame, cfg: Config, checks, s
         "rescored. TTA and fold rows differ from the full weak row only on the test split. Train seconds: "
         "the run's folds up to that round, inner models included (as measured when they were trained).\n\n"
         + paired_markdown(paired)
+        + per_class_markdown(
+            classes if classes is not None else pd.DataFrame(), get_dataset(cfg.data.dataset).classes
+        )
         + "## Targets (test split)\n\n"
         + "\n".join(target_lines)
         + f"\n\nGrid wall time this call: {seconds / 60:.1f} min (finished runs are reused).\n"
