@@ -487,3 +487,44 @@ def test_class_names_are_whole_in_the_threshold_panels(tmp_path, monkeypatch):
         assert title.get_text().replace("\n", " ").startswith(f"{c} {name} (n=")
         box = title.get_window_extent(renderer)
         assert 0 <= box.x0 and box.x1 <= figure.bbox.width  # not cut at the figure's edge either
+
+
+def test_a_run_of_some_folds_scores_its_own_images_only(evaluated, tmp_path):
+    """A run that trained fold 0 alone (``train.folds``) lists fold 0's images in its OOF file and scores
+    those: the other folds' images are not its to predict, so they are not counted as missed cells."""
+    from weakcell import thresholds, train
+
+    cfg, _ = evaluated
+    cfg = cfg.model_copy(
+        update={"name": "fold0-only", "train": cfg.train.model_copy(update={"folds": [0]})}
+    )  # the same data, folds and cache as the fixture's run
+    train.run(cfg)
+    thresholds.run(cfg)
+    result = evaluate.run(cfg)
+    folds = pd.read_csv(cfg.folds_file, dtype={"ID": str}).set_index("ID")["fold"]
+    oof_path = evaluate.submission_dir(cfg) / "oof_cell_level.csv"
+    listed = pd.read_csv(oof_path, dtype=str)["ID"].tolist()
+    assert listed == sorted(folds.index[folds == 0]) and len(listed) < len(folds)
+    # the file's score is the in-memory score of the same confidences on fold 0, and the CLI's with
+    # --listed-only; without it the CLI counts the other folds' true cells as missed: lower
+    assert abs(result["cell_oof"]["submission"]["map"] - result["cell_oof"]["confidence"]["map"]) <= 1e-9
+    assert any("--listed-only" in note for note in result["notes"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    scores = {}
+    for flags in ([], ["--listed-only"]):
+        out = tmp_path / f"score{len(flags)}.json"
+        command = [
+            sys.executable,
+            "-m",
+            "weakcell",
+            "score",
+            str(oof_path),
+            "--truth",
+            str(cfg.data_dir / "truth"),
+        ]
+        command += ["--split", "train", "--json", str(out), *flags]
+        subprocess.run(command, check=True, cwd=REPO, env=env, capture_output=True)
+        scores[bool(flags)] = json.loads(out.read_text())
+    assert scores[True]["n_images"] == len(listed) and scores[False]["n_images"] == len(folds)
+    assert abs(scores[True]["map"] - result["cell_oof"]["submission"]["map"]) <= 1e-9
+    assert scores[False]["map"] < scores[True]["map"]

@@ -188,12 +188,15 @@ def oof_submission_rows(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What ``oof_cell_level.csv`` holds: the submitted confidence of every out-of-fold cell
     (``image_id, cell_id, p_*``, NaN below ``infer.min_score``) and the rows ``ID, ImageWidth,
-    ImageHeight`` of every training image whose size the cache knows, by image id. The competition's
-    images only: a folded external source's OOF cells are not the competition's to score."""
+    ImageHeight`` of every training image of the predicted folds whose size the cache knows, by image id.
+    The competition's images only: a folded external source's OOF cells are not the competition's to score."""
     oof_image, oof_cell = competition_rows(oof_image, data.images), competition_rows(oof_cell, data.images)
     predictions = cell_score_table(SUBMITTED, oof_cell, oof_image, data.n_classes, cfg.infer)
     images = data.cache.images
-    images = images[images["image_id"].isin(data.images["image_id"]) & (images["width"] > 0)]
+    # the images of the folds this run predicted: a run of some folds (``train.folds``) leaves the others'
+    # images out of the file instead of submitting them empty (scored as missed cells)
+    predicted = data.images[data.images["fold"].isin(set(oof_image["fold"].tolist()))]
+    images = images[images["image_id"].isin(predicted["image_id"]) & (images["width"] > 0)]
     images = competition_rows(images, data.images)
     images = images.drop_duplicates("image_id").sort_values("image_id")
     sample = pd.DataFrame(
@@ -486,7 +489,21 @@ def oof_cell_evaluation(
     else:
         if oof_path.stat().st_mtime < (folder / "oof_image.parquet").stat().st_mtime:
             notes.append(f"{oof_path} is older than the round's OOF predictions: rerun `make evaluate`")
-        scored = score_file(oof_path, cfg.data_dir / TRUTH, truth.n_classes, OOF_SPLIT, (reading, other))
+        # a run of some folds lists only their images: score those (what `weakcell score --listed-only` does)
+        some_folds = bool({image.fold for image in truth.images.values()} - folds)
+        scored = score_file(
+            oof_path,
+            cfg.data_dir / TRUTH,
+            truth.n_classes,
+            OOF_SPLIT,
+            (reading, other),
+            listed_only=some_folds,
+        )
+        if some_folds:
+            notes.append(
+                f"{oof_path} holds the images of folds {sorted(folds)} (the folds this run trained), "
+                "scored on those alone (`weakcell score --listed-only`)"
+            )
         result["cell_oof"]["submission"] = _result_json(scored[reading])
         result["cell_oof_other"]["submission"] = {"map": scored[other]["map"]}
         result["oof_submission"] = {"file": str(oof_path), "truth_split": OOF_SPLIT}

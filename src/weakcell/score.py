@@ -1,4 +1,4 @@
-"""``weakcell score SUBMISSION.csv --truth DIR [--verified image|all] [--split S] [--json OUT]``: the 2021
+"""``weakcell score SUBMISSION.csv --truth DIR [--verified image|all] [--split S] [--listed-only] [--json OUT]``: the 2021
 competition metric of any cell-level file Kaggle would accept, against a truth folder.
 
 The truth folder has the synthetic layout (``data/<set>/truth/``, what ``make data`` writes;
@@ -9,7 +9,8 @@ separated by ``|`` or a space; an empty ``Label`` is a cell of no class) and ``D
 holds no cell included (``--split`` keeps those of one split, e.g. the synthetic set's ``test``: from
 ``images.csv``, or from ``cells.csv``'s ``split`` column in folders written before it); one of them without
 a submission row predicts nothing, and submission rows of other images are ignored, as the organisers'
-evaluator does.
+evaluator does (``--listed-only`` scores only the images the file lists: the out-of-fold file of a run that
+trained some of its folds).
 
 Prints the mAP, the AP of every class and what was left out; ``--json OUT`` writes
 ``{"map": float, "ap": {"0": float or null, ...}, "verified": "image", ...}`` (null: the class has no true
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from weakcell.cell_truth import read_truth_folder
 from weakcell.competition_metric import READINGS, Verified, score_found, submission_detections
@@ -38,12 +40,18 @@ def score_file(
     n_classes: int,
     split: str | None = None,
     readings: tuple[Verified, ...] = ("image",),
+    listed_only: bool = False,
 ) -> dict[Verified, dict]:
     """The competition metric of a cell-level file against a truth folder (its ``split`` images), under
-    each of ``readings``: what ``weakcell score`` prints. Masks are decoded and overlapped once."""
+    each of ``readings``: what ``weakcell score`` prints. Masks are decoded and overlapped once.
+    ``listed_only``: only the truth images the file has a row for (an out-of-fold file of a run that
+    trained some of its folds), not every truth image with the unlisted ones missed."""
     truth_cells = read_truth_folder(truth, n_classes, split)
     if not Path(submission).is_file():
         raise FileNotFoundError(f"no submission file {submission}")
+    if listed_only:
+        listed = set(pd.read_csv(submission, usecols=["ID"], dtype={"ID": str})["ID"])
+        truth_cells = {image_id: cells for image_id, cells in truth_cells.items() if image_id in listed}
     found = submission_detections(submission, truth_cells)
     return {reading: score_found(found, truth_cells, n_classes, reading) for reading in readings}
 
@@ -89,6 +97,11 @@ def score_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", default=None, help="score only the truth images of this split (cells.csv 'split')"
     )
+    parser.add_argument(
+        "--listed-only",
+        action="store_true",
+        help="score only the truth images the file has a row for (the OOF file of a run of some folds)",
+    )
     parser.add_argument("--classes", type=int, default=len(HPA2021_CLASSES), help="number of classes (19)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     try:
@@ -97,7 +110,9 @@ def score_main(argv: list[str] | None = None) -> int:
         return 0 if exit_.code == 0 else 2
     verified: Verified = args.verified
     try:
-        result = score_file(args.submission, args.truth, args.classes, args.split, (verified,))[verified]
+        result = score_file(
+            args.submission, args.truth, args.classes, args.split, (verified,), listed_only=args.listed_only
+        )[verified]
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
