@@ -48,8 +48,10 @@ and height) gives the same labels but needs 300-4,500 waves per flood and is slo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -111,6 +113,7 @@ _SEED = _LEVELS / 255 > NUCLEUS_THRESHOLD + SEED_ADJUSTMENT
 # exceeds the cutoff; the table is indexed by the wrapped sum, as upstream computes it.
 _NOT_BORDER = 1 - _LEVELS / 255.0 > BORDER_CUTOFF
 _BORDER = _LEVELS / 255 > BORDER_CUTOFF
+_FLAT = np.zeros(256)  # the nuclei flood's heights: the image is the mask, one height inside
 
 
 def _lookup(table: np.ndarray, plane: np.ndarray) -> np.ndarray:
@@ -266,6 +269,45 @@ def _erase_boundaries_fill_holes(labels: np.ndarray) -> np.ndarray:
 
 # -- watersheds -------------------------------------------------------------------------------------------------
 
+# The compiled flood (bucket_queue.py) runs where numba is installed; False forces the scikit-image path
+# (tests and benchmarks compare the two).
+USE_COMPILED_FLOOD = True
+
+
+@functools.cache
+def _bucket_queue() -> ModuleType | None:
+    """The compiled bucket-queue flood, or None where numba is not installed (Kaggle's image)."""
+    try:
+        from weakcell.segment.hpacellseg import bucket_queue
+    except ImportError:
+        return None
+    return bucket_queue
+
+
+def compiled_flood() -> ModuleType | None:
+    """The bucket-queue module ``_flood`` and ``_nuclei`` use now: None on the scikit-image path."""
+    return _bucket_queue() if USE_COMPILED_FLOOD else None
+
+
+def _flood_whole(
+    queue: ModuleType,
+    levels: np.ndarray,
+    heights: np.ndarray,
+    markers: np.ndarray,
+    mask: np.ndarray,
+    lines: bool,
+) -> np.ndarray:
+    """``watershed(heights[levels], markers, mask=mask, watershed_line=lines)`` over the whole mask in one
+    compiled pass: the heights enter as the rank of each level's height (the queue compares nothing else)."""
+    ranks = np.unique(heights, return_inverse=True)[1].astype(np.uint8)
+    output = np.ascontiguousarray(markers, dtype=np.int32).copy()
+    levels = np.ascontiguousarray(levels)
+    if lines:
+        queue.flood_with_lines(levels, ranks, output, mask.astype(np.uint8))  # a copy: lines leave it
+    else:
+        queue.flood(levels, ranks, output, np.ascontiguousarray(mask).view(np.uint8))
+    return output
+
 
 def _neighbour_pairs(
     frontier: np.ndarray, regions: np.ndarray, labels: np.ndarray
@@ -327,7 +369,13 @@ def _flood(
     Labels spread only through unlabelled mask pixels, so each 4-connected region of them is flooded on
     its own from the labelled pixels around it: none, and it stays 0; one label, and it all takes it;
     several, and scikit-image floods it inside its bounding box from the labelled pixels touching it.
-    ``settle_at`` (no watershed lines): first label the low ground, see ``_settle_low_ground``."""
+    ``settle_at`` (no watershed lines): first label the low ground, see ``_settle_low_ground``.
+
+    Where numba is installed the compiled bucket queue floods the whole mask instead, as scikit-image
+    would (no contested-ground search, no settling)."""
+    queue = compiled_flood()
+    if queue is not None:
+        return _flood_whole(queue, levels, heights, markers, mask, watershed_line)
     if settle_at is not None and not watershed_line:
         markers = _settle_low_ground(_lookup(heights <= settle_at, levels) & mask, mask, markers)
     output = markers.copy()
@@ -352,6 +400,16 @@ def _flood(
         flooded = watershed(heights[levels[box]], seeds, mask=flood_mask, watershed_line=watershed_line)
         np.copyto(output[box], flooded, where=inside)
     return output
+
+
+def _flood_inside(inside: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """``watershed(inside, markers, mask=inside, watershed_line=True)``: the flat flood of one nucleus
+    mask component (by the compiled queue where numba is installed: on the whole nucleus mask it would
+    cost more than the per-component split, most components hold one seed)."""
+    queue = compiled_flood()
+    if queue is None:
+        return watershed(inside.view(np.uint8), markers, mask=inside, watershed_line=True)
+    return _flood_whole(queue, inside.view(np.uint8), _FLAT, markers, inside, lines=True)
 
 
 def _settle_low_ground(low: np.ndarray, mask: np.ndarray, markers: np.ndarray) -> np.ndarray:
@@ -413,8 +471,7 @@ def _nuclei(nuclei_pred: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.
         box = _box(stats, region, regions.shape, margin=0)
         inside = regions[box] == region
         markers = np.where(inside & ~small[seed_labels[box]], seed_labels[box], 0)
-        flooded = watershed(inside.view(np.uint8), markers, mask=inside, watershed_line=True)
-        np.copyto(nuclei[box], flooded, where=inside)
+        np.copyto(nuclei[box], _flood_inside(inside, markers), where=inside)
     return _relabel_pieces(_remove_small_labels(nuclei, sizes.nucleus))
 
 

@@ -1,0 +1,157 @@
+"""scikit-image's watershed (4-connected, not compact) on uint8 levels, compiled with numba: a bucket queue.
+
+Imported only where numba is installed (the ``segment`` extra; Kaggle's image has none): ``labels.py``
+loads it through ``compiled_flood`` and keeps its scikit-image path otherwise.
+
+scikit-image floods from a heap of ``(value, age)`` items: the markers enter first (age 0, raster order),
+every later push takes the next age, and a pushed pixel's value is the larger of its own height and the
+value of the pixel that pushed it (so no push ever goes below the value being popped). Heights here take
+at most 256 values, so the heap's order is that of 256 first-in first-out buckets, one per distinct height
+in increasing order: inside a bucket first-in is lowest age, and the bucket being emptied only moves up.
+The one order the buckets do not copy is that of markers of equal height, which scikit-image's heap takes
+in an order that depends on its whole content; here they leave in raster order (ties: pixels at exactly
+the same flooding cost from two markers).
+
+The rules copied from ``skimage/segmentation/_watershed_cy.pyx`` (0.26):
+
+- neighbours in the order up, left, right, down; pixels outside the image or the mask are never pushed;
+- without watershed lines a pixel takes its label when it is pushed, from the pixel that pushed it, so
+  each pixel enters the queue once: the queue chains pixels (one ``next`` per pixel);
+- with watershed lines a pixel takes its label when it leaves the queue, unless a 4-neighbour still in the
+  mask already holds another label: then it leaves the mask (a line) and stays 0. It is pushed once per
+  neighbour that pops before it does, a queued copy of a labelled pixel is skipped, and a line pixel still
+  pushes its neighbours with the label it was pushed with: the queue chains items (pixel, label, next).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+BUCKETS = 256
+_NONE = -1  # end of a chain
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _neighbour(pixel: int, k: int, column: int, width: int, size: int) -> int:
+    """The ``k``-th 4-neighbour of a raveled ``pixel`` (up, left, right, down), or -1 off the image."""
+    if k == 0:
+        return pixel - width if pixel >= width else _NONE
+    if k == 1:
+        return pixel - 1 if column > 0 else _NONE
+    if k == 2:
+        return pixel + 1 if column < width - 1 else _NONE
+    return pixel + width if pixel < size - width else _NONE
+
+
+@numba.njit(cache=True, nogil=True)
+def flood(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, mask: np.ndarray) -> None:
+    """Flood ``output`` (int32 ``(H, W)``, the markers, zero outside ``mask``) in place over ``mask``
+    (uint8 ``(H, W)``) by the heights ``ranks[levels]`` (``ranks`` uint8, 256 entries: the order of each
+    uint8 level's height), without watershed lines."""
+    width = levels.shape[1]
+    size = levels.size
+    heights, labels, inside = levels.ravel(), output.ravel(), mask.ravel()
+    following = np.empty(size, np.int32)  # the next pixel in its bucket
+    head = np.full(BUCKETS, _NONE, np.int64)
+    tail = np.full(BUCKETS, _NONE, np.int64)
+    for pixel in range(size):
+        if labels[pixel] != 0:
+            bucket = ranks[heights[pixel]]
+            following[pixel] = _NONE
+            if tail[bucket] == _NONE:
+                head[bucket] = pixel
+            else:
+                following[tail[bucket]] = pixel
+            tail[bucket] = pixel
+    bucket = 0
+    while bucket < BUCKETS:
+        pixel = head[bucket]
+        if pixel == _NONE:
+            bucket += 1
+            continue
+        head[bucket] = following[pixel]
+        if head[bucket] == _NONE:
+            tail[bucket] = _NONE
+        label, column = labels[pixel], pixel % width
+        for k in range(4):
+            neighbour = _neighbour(pixel, k, column, width, size)
+            if neighbour == _NONE or inside[neighbour] == 0 or labels[neighbour] != 0:
+                continue
+            labels[neighbour] = label
+            target = bucket if ranks[heights[neighbour]] < bucket else int(ranks[heights[neighbour]])
+            following[neighbour] = _NONE
+            if tail[target] == _NONE:
+                head[target] = neighbour
+            else:
+                following[tail[target]] = neighbour
+            tail[target] = neighbour
+
+
+@numba.njit(cache=True, nogil=True)
+def _push(items: np.ndarray, used: int, pixel: int, label: int, bucket: int, head, tail) -> np.ndarray:
+    """Append item ``used`` (pixel, label) to ``bucket``'s chain; ``items`` (int32 rows of pixel, label,
+    next), doubled when full, is returned."""
+    if used == items.shape[0]:
+        grown = np.empty((2 * used, 3), np.int32)
+        grown[:used] = items
+        items = grown
+    items[used, 0], items[used, 1], items[used, 2] = pixel, label, _NONE
+    if tail[bucket] == _NONE:
+        head[bucket] = used
+    else:
+        items[tail[bucket], 2] = used
+    tail[bucket] = used
+    return items
+
+
+@numba.njit(cache=True, nogil=True)
+def flood_with_lines(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, mask: np.ndarray) -> None:
+    """``flood`` with watershed lines: line pixels stay 0 in ``output`` and leave ``mask`` (changed in
+    place). An item's label is negative for the markers' own items (scikit-image's ``index == source``)."""
+    width = levels.shape[1]
+    size = levels.size
+    heights, labels, inside = levels.ravel(), output.ravel(), mask.ravel()
+    items = np.empty((1024 + 2 * np.count_nonzero(inside), 3), np.int32)  # most pixels enter once or twice
+    head = np.full(BUCKETS, _NONE, np.int64)
+    tail = np.full(BUCKETS, _NONE, np.int64)
+    used = 0
+    for pixel in range(size):
+        if labels[pixel] != 0:
+            items = _push(items, used, pixel, -labels[pixel], ranks[heights[pixel]], head, tail)
+            used += 1
+    bucket = 0
+    while bucket < BUCKETS:
+        item = head[bucket]
+        if item == _NONE:
+            bucket += 1
+            continue
+        head[bucket] = items[item, 2]
+        if head[bucket] == _NONE:
+            tail[bucket] = _NONE
+        pixel, label = items[item, 0], items[item, 1]
+        if label > 0 and labels[pixel] != 0:
+            continue  # a copy of a pixel labelled from another neighbour
+        label, column = abs(label), pixel % width
+        line = inside[pixel] == 0
+        for k in range(4):
+            if line:
+                break
+            neighbour = _neighbour(pixel, k, column, width, size)
+            if (
+                neighbour != _NONE
+                and inside[neighbour] != 0
+                and labels[neighbour] != 0
+                and labels[neighbour] != label
+            ):
+                inside[pixel] = 0
+                line = True
+        if not line:
+            labels[pixel] = label
+        for k in range(4):
+            neighbour = _neighbour(pixel, k, column, width, size)
+            if neighbour == _NONE or inside[neighbour] == 0 or labels[neighbour] != 0:
+                continue
+            target = bucket if ranks[heights[neighbour]] < bucket else int(ranks[heights[neighbour]])
+            items = _push(items, used, neighbour, label, target, head, tail)
+            used += 1

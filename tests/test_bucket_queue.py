@@ -1,0 +1,111 @@
+"""The compiled bucket-queue flood (``weakcell.segment.hpacellseg.bucket_queue``, numba) against scikit-image's
+watershed: hand-made cases with labels derived by hand, random uint8 images where the labels must be
+scikit-image's exactly, and the fallback where numba is absent."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from skimage.segmentation import watershed
+
+from weakcell.segment import hpacellseg
+from weakcell.segment.hpacellseg import labels
+
+pytest.importorskip("numba", reason="numba (the segment extra) is not installed")
+
+from weakcell.segment.hpacellseg import bucket_queue
+
+IDENTITY = np.arange(256, dtype=np.uint8)  # heights = the levels themselves
+
+
+def bucket_flood(heights, markers, mask=None, lines: bool = False) -> np.ndarray:
+    """The queue's flood of a small hand-made map (heights 0-255), checked against scikit-image's."""
+    levels, output = np.array(heights, np.uint8), np.array(markers, np.int32)
+    inside = np.ones(levels.shape, bool) if mask is None else np.array(mask, bool)
+    expected = watershed(levels.astype(float), output, mask=inside, watershed_line=lines)
+    flood = bucket_queue.flood_with_lines if lines else bucket_queue.flood
+    flood(levels, IDENTITY, output, inside.astype(np.uint8))
+    np.testing.assert_array_equal(output, expected)
+    return output
+
+
+def test_a_ridge_goes_to_the_side_that_reaches_it_at_the_lower_level() -> None:
+    """Heights 0 1 2 9 3 1 0, markers at both ends: the left side pushes the 9 from its 2 (level 2),
+    the right side would from its 3 (level 3), so the ridge takes label 1."""
+    flooded = bucket_flood([[0, 1, 2, 9, 3, 1, 0]], [[1, 0, 0, 0, 0, 0, 2]])
+    np.testing.assert_array_equal(flooded, [[1, 1, 1, 1, 2, 2, 2]])
+
+
+def test_equal_distance_on_a_plateau_goes_to_the_first_marker() -> None:
+    """Flat, markers at both ends of 5 pixels: marker 1 leaves the queue first, so its front is one push
+    ahead and takes the middle pixel."""
+    np.testing.assert_array_equal(bucket_flood([[4] * 5], [[1, 0, 0, 0, 2]]), [[1, 1, 1, 2, 2]])
+
+
+@pytest.mark.parametrize(
+    ("width", "expected"),
+    [(5, [1, 1, 0, 2, 2]), (6, [1, 1, 1, 0, 2, 2])],
+)
+def test_watershed_lines_on_a_flat_plateau(width: int, expected: list[int]) -> None:
+    """With lines a pixel is labelled when it leaves the queue. Odd width: the middle pixel leaves with
+    both labels around it, a line. Even width (6): pixel 2 takes 1 (pushed before pixel 3 is labelled),
+    pixel 3 then sees 1 on its left and 2 on its right: the line falls right of the centre."""
+    markers = [[1] + [0] * (width - 2) + [2]]
+    np.testing.assert_array_equal(bucket_flood([[0] * width], markers, lines=True), [expected])
+
+
+def test_the_mask_bounds_the_flood() -> None:
+    """A wall outside the mask (column 2, rows 0-1) with a gap below it. Marker 2 floods its 1s and 5s and
+    pushes the 7 in the gap's row from the 1 beside it; marker 1 pushed its two 7s earlier (straight from
+    the marker), so in the bucket of 7 its front leaves first and takes (1, 1) and the corner (2, 0)
+    before the 7 at (2, 1), which keeps label 2. The wall stays 0."""
+    heights = [[0, 7, 9, 5, 5], [7, 7, 9, 5, 5], [7, 7, 1, 1, 0]]
+    mask = [[1, 1, 0, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]
+    markers = [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 2]]
+    expected = [[1, 1, 0, 2, 2], [1, 1, 0, 2, 2], [1, 2, 2, 2, 2]]
+    np.testing.assert_array_equal(bucket_flood(heights, markers, mask), expected)
+
+
+@pytest.mark.parametrize("lines", [False, True])
+def test_random_images_get_scikit_images_labels(lines: bool) -> None:
+    """Random uint8 heights and masks, 1-4 markers at distinct heights (no tie between markers leaving
+    the queue): every pixel as scikit-image labels it."""
+    rng = np.random.default_rng(27)
+    for _ in range(150):
+        height, width = rng.integers(2, 40, size=2)
+        levels = rng.integers(0, 256, size=(height, width)).astype(np.uint8)
+        mask = rng.random((height, width)) < 0.8
+        markers = np.zeros((height, width), np.int32)
+        candidates = np.flatnonzero(mask)
+        _, first = np.unique(levels.ravel()[candidates], return_index=True)  # one pixel per distinct height
+        chosen = rng.permutation(candidates[first])[: rng.integers(1, 5)]
+        markers.ravel()[chosen] = np.arange(1, chosen.size + 1)
+        bucket_flood(levels, markers, mask, lines)  # asserts equality with scikit-image
+
+
+def test_heights_enter_by_rank() -> None:
+    """label_cell floods by -foreground: the queue takes the rank of each level's height, so the brightest
+    level leaves first. Levels 200 90 10 150 200, markers at the ends: the 10 is pushed by whichever
+    neighbour leaves first, the 150 (height -150) before the 90, so it goes to 2 (by the levels themselves
+    the 90 would leave first and give it to 1)."""
+    levels = np.array([[200, 90, 10, 150, 200]], np.uint8)
+    markers = np.array([[1, 0, 0, 0, 2]], np.int32)
+    queue = labels._bucket_queue()
+    flooded = labels._flood_whole(queue, levels, -labels._LEVELS, markers, np.ones(levels.shape, bool), False)
+    np.testing.assert_array_equal(flooded, [[1, 1, 2, 2, 2]])
+    np.testing.assert_array_equal(flooded, watershed(-levels.astype(float), markers))
+    np.testing.assert_array_equal(bucket_flood(levels, markers), [[1, 1, 1, 2, 2]])
+
+
+def test_without_numba_label_cell_takes_the_scikit_image_path(monkeypatch) -> None:
+    """Kaggle's image has no numba: the import fails and the scikit-image path runs."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    monkeypatch.delitem(sys.modules, "weakcell.segment.hpacellseg.bucket_queue")
+    monkeypatch.delattr(hpacellseg, "bucket_queue")  # `from package import module` reads this first
+    labels._bucket_queue.cache_clear()
+    try:
+        assert labels.compiled_flood() is None
+    finally:
+        labels._bucket_queue.cache_clear()
