@@ -84,8 +84,8 @@ def flood_path(request, monkeypatch) -> str:
     scikit-image path Kaggle's image runs."""
     if request.param == "compiled":
         pytest.importorskip("numba", reason="numba (the segment extra) is not installed")
-        assert labels._bucket_queue() is not None
-    monkeypatch.setattr(labels, "USE_COMPILED_FLOOD", request.param == "compiled")
+        assert labels._compiled_kernels() is not None
+    monkeypatch.setattr(labels, "USE_COMPILED", request.param == "compiled")
     return request.param
 
 

@@ -29,6 +29,12 @@ tests hold it against a step-by-step reference), with these changes of method, n
   2.43 M. The only freedom left is the order in which markers of equal priority leave scikit-image's
   heap, which depends on the heap's whole content: pixels at exactly equal flooding cost from two markers
   may go to the other one (a handful of pixels per image);
+- where numba is installed (the ``segment`` extra, not Kaggle's image), ``compiled.py`` floods instead:
+  a bucket queue over the whole mask in one pass, in scikit-image's order up to ties between markers of
+  equal height (no contested-ground search, no settling); the nuclei keep their per-component split
+  (most nucleus-mask components hold one seed), the queue flooding the contested ones; the small-label
+  removal and the boundary erasing are one compiled loop each. ``USE_COMPILED = False`` forces the
+  numpy / scikit-image path;
 - labels are never cast to uint8: upstream wraps above 255 cells (cell 256 becomes background, 257 merges
   with cell 1 in the closing); here they stay distinct.
 
@@ -37,7 +43,7 @@ of the full-resolution maps upstream's constants are for (its thresholds are for
 2048² image labelled at 1024² has ``scale=0.5``). Areas scale with ``scale²``, the closing radius with
 ``scale``.
 
-About 460 lines: the five steps share the OpenCV passes and the contested-only flooding above them,
+About 550 lines: the five steps share the OpenCV passes and the contested-only flooding above them,
 each a few lines; kept with ``label_cell`` so the equivalence with upstream reads in one file.
 
 Not used, measured (issue 27): ``scipy.ndimage.watershed_ift`` costs a path by its largest *difference*
@@ -121,6 +127,28 @@ def _lookup(table: np.ndarray, plane: np.ndarray) -> np.ndarray:
     return cv2.LUT(plane, table.astype(np.uint8)).view(bool)
 
 
+# -- the compiled kernels (numba, optional) ---------------------------------------------------------------------
+
+# compiled.py's kernels run where numba is installed (the segment extra); False forces the numpy /
+# scikit-image path everywhere (Kaggle's image has no numba; tests and benchmarks compare the two).
+USE_COMPILED = True
+
+
+@functools.cache
+def _compiled_kernels() -> ModuleType | None:
+    """``compiled.py``, or None where numba is not installed."""
+    try:
+        from weakcell.segment.hpacellseg import compiled
+    except ImportError:
+        return None
+    return compiled
+
+
+def kernels() -> ModuleType | None:
+    """The numba kernels label_cell uses now: None on the numpy / scikit-image path."""
+    return _compiled_kernels() if USE_COMPILED else None
+
+
 # -- connected components and areas ---------------------------------------------------------------------------
 
 
@@ -145,6 +173,10 @@ def _remove_small_regions(mask: np.ndarray, min_area: float, connectivity: int =
 def _remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
     """``labels`` with every label of fewer than ``min_area`` pixels set to 0 (``remove_small_objects`` of
     an int array: each value one object, however many pieces it has)."""
+    compiled = kernels()
+    if compiled is not None:  # in place: the callers' arrays are their own
+        compiled.remove_small_labels(labels, min_area)
+        return labels
     counts = np.bincount(labels.ravel(), minlength=1)
     small = counts < min_area
     small[0] = False
@@ -255,38 +287,28 @@ def _closing(labels: np.ndarray, radius: int) -> np.ndarray:
     return closed.astype(np.int32)
 
 
+def _filled_interior(labels: np.ndarray) -> np.ndarray:
+    """bool: upstream's ``__fill_holes`` up to its labelling: ``find_boundaries`` erased (pixels whose
+    4-neighbourhood holds another value, background included), the holes of what is left filled."""
+    compiled = kernels()
+    if compiled is not None:
+        interior = compiled.interior(labels)
+    else:
+        plane = _as_morphology_type(labels)
+        grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
+        shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
+        interior = (labels > 0) & (grown == shrunk)
+    return fill_binary_holes(interior)
+
+
 def _erase_boundaries_fill_holes(labels: np.ndarray) -> np.ndarray:
-    """Upstream's ``__fill_holes``: erase ``find_boundaries`` (pixels whose 4-neighbourhood holds another
-    value, background included), fill the holes of what is left, label its 4-connected components."""
-    plane = _as_morphology_type(labels)
-    grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
-    shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
-    interior = (labels > 0) & (grown == shrunk)
-    return cv2.connectedComponents(
-        fill_binary_holes(interior).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
-    )[1]
+    """Upstream's ``__fill_holes``: ``_filled_interior``, its 4-connected components labelled."""
+    return cv2.connectedComponents(_filled_interior(labels).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)[
+        1
+    ]
 
 
 # -- watersheds -------------------------------------------------------------------------------------------------
-
-# The compiled flood (bucket_queue.py) runs where numba is installed; False forces the scikit-image path
-# (tests and benchmarks compare the two).
-USE_COMPILED_FLOOD = True
-
-
-@functools.cache
-def _bucket_queue() -> ModuleType | None:
-    """The compiled bucket-queue flood, or None where numba is not installed (Kaggle's image)."""
-    try:
-        from weakcell.segment.hpacellseg import bucket_queue
-    except ImportError:
-        return None
-    return bucket_queue
-
-
-def compiled_flood() -> ModuleType | None:
-    """The bucket-queue module ``_flood`` and ``_nuclei`` use now: None on the scikit-image path."""
-    return _bucket_queue() if USE_COMPILED_FLOOD else None
 
 
 def _flood_whole(
@@ -373,7 +395,7 @@ def _flood(
 
     Where numba is installed the compiled bucket queue floods the whole mask instead, as scikit-image
     would (no contested-ground search, no settling)."""
-    queue = compiled_flood()
+    queue = kernels()
     if queue is not None:
         return _flood_whole(queue, levels, heights, markers, mask, watershed_line)
     if settle_at is not None and not watershed_line:
@@ -406,7 +428,7 @@ def _flood_inside(inside: np.ndarray, markers: np.ndarray) -> np.ndarray:
     """``watershed(inside, markers, mask=inside, watershed_line=True)``: the flat flood of one nucleus
     mask component (by the compiled queue where numba is installed: on the whole nucleus mask it would
     cost more than the per-component split, most components hold one seed)."""
-    queue = compiled_flood()
+    queue = kernels()
     if queue is None:
         return watershed(inside.view(np.uint8), markers, mask=inside, watershed_line=True)
     return _flood_whole(queue, inside.view(np.uint8), _FLAT, markers, inside, lines=True)
@@ -503,8 +525,8 @@ def _cells(nuclei: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.ndarra
     cells = _remove_small_labels(cells, sizes.cell)
     cells = _erase_boundaries_fill_holes(_closing(cells, sizes.closing_radius))
     grown_mask = (cells > 0) | _lookup(_BORDER, np.ascontiguousarray(cell_pred[..., BORDER]))
-    cells = _erase_boundaries_fill_holes(_flood(foreground, heights, cells, grown_mask))
-    return _label_large(cells > 0, 8, sizes.cell)
+    # upstream labels the filled cells, then keeps only cell_label > 0: the labelling is skipped
+    return _label_large(_filled_interior(_flood(foreground, heights, cells, grown_mask)), 8, sizes.cell)
 
 
 def label_cell(

@@ -1,6 +1,7 @@
-"""The compiled bucket-queue flood (``weakcell.segment.hpacellseg.bucket_queue``, numba) against scikit-image's
-watershed: hand-made cases with labels derived by hand, random uint8 images where the labels must be
-scikit-image's exactly, and the fallback where numba is absent."""
+"""The compiled kernels of label_cell (``weakcell.segment.hpacellseg.compiled``, numba): the bucket-queue
+flood against scikit-image's watershed (hand-made cases with labels derived by hand, random uint8 images
+where the labels must be scikit-image's exactly), the two full-image passes beside it, and the fallback
+where numba is absent."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from skimage.segmentation import watershed
+from skimage.segmentation import find_boundaries, watershed
 
 from weakcell.segment import hpacellseg
 from weakcell.segment.hpacellseg import labels
 
 pytest.importorskip("numba", reason="numba (the segment extra) is not installed")
 
-from weakcell.segment.hpacellseg import bucket_queue
+from weakcell.segment.hpacellseg import compiled
 
 IDENTITY = np.arange(256, dtype=np.uint8)  # heights = the levels themselves
 
@@ -25,7 +26,7 @@ def bucket_flood(heights, markers, mask=None, lines: bool = False) -> np.ndarray
     levels, output = np.array(heights, np.uint8), np.array(markers, np.int32)
     inside = np.ones(levels.shape, bool) if mask is None else np.array(mask, bool)
     expected = watershed(levels.astype(float), output, mask=inside, watershed_line=lines)
-    flood = bucket_queue.flood_with_lines if lines else bucket_queue.flood
+    flood = compiled.flood_with_lines if lines else compiled.flood
     flood(levels, IDENTITY, output, inside.astype(np.uint8))
     np.testing.assert_array_equal(output, expected)
     return output
@@ -92,7 +93,7 @@ def test_heights_enter_by_rank() -> None:
     the 90 would leave first and give it to 1)."""
     levels = np.array([[200, 90, 10, 150, 200]], np.uint8)
     markers = np.array([[1, 0, 0, 0, 2]], np.int32)
-    queue = labels._bucket_queue()
+    queue = labels._compiled_kernels()
     flooded = labels._flood_whole(queue, levels, -labels._LEVELS, markers, np.ones(levels.shape, bool), False)
     np.testing.assert_array_equal(flooded, [[1, 1, 2, 2, 2]])
     np.testing.assert_array_equal(flooded, watershed(-levels.astype(float), markers))
@@ -102,10 +103,29 @@ def test_heights_enter_by_rank() -> None:
 def test_without_numba_label_cell_takes_the_scikit_image_path(monkeypatch) -> None:
     """Kaggle's image has no numba: the import fails and the scikit-image path runs."""
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
-    monkeypatch.delitem(sys.modules, "weakcell.segment.hpacellseg.bucket_queue")
-    monkeypatch.delattr(hpacellseg, "bucket_queue")  # `from package import module` reads this first
-    labels._bucket_queue.cache_clear()
+    monkeypatch.delitem(sys.modules, "weakcell.segment.hpacellseg.compiled")
+    monkeypatch.delattr(hpacellseg, "compiled")  # `from package import module` reads this first
+    labels._compiled_kernels.cache_clear()
     try:
-        assert labels.compiled_flood() is None
+        assert labels.kernels() is None
     finally:
-        labels._bucket_queue.cache_clear()
+        labels._compiled_kernels.cache_clear()
+
+
+def test_small_labels_go_in_place() -> None:
+    """Label 2 has 2 pixels in two pieces (one object), label 3 has 3: under 3 pixels only 2 goes."""
+    found = np.array([[1, 1, 2, 0], [1, 3, 3, 2], [1, 3, 0, 0]], np.int32)
+    compiled.remove_small_labels(found, 3)
+    np.testing.assert_array_equal(found, [[1, 1, 0, 0], [1, 3, 3, 0], [1, 3, 0, 0]])
+
+
+def test_interior_erases_every_label_boundary() -> None:
+    """Pixels with a 4-neighbour of another value (background included) go: the 2s beside the 0s or
+    above the 1s, and every 1 (under a 2 or a 0). Off the image counts as the same value (a reflected
+    border), so the two top-left 2s stay."""
+    found = np.array([[2, 2, 2, 0], [2, 2, 2, 0], [1, 1, 1, 1]], np.int32)
+    expected = [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(compiled.interior(found), np.array(expected, bool))
+    np.testing.assert_array_equal(
+        compiled.interior(found), (found > 0) & ~find_boundaries(found, mode="thick")
+    )

@@ -1,7 +1,10 @@
-"""scikit-image's watershed (4-connected, not compact) on uint8 levels, compiled with numba: a bucket queue.
+"""label_cell's compiled kernels (numba): scikit-image's watershed (4-connected, not compact) on uint8
+levels as a bucket queue, and two full-image passes that numpy / OpenCV make in several.
 
 Imported only where numba is installed (the ``segment`` extra; Kaggle's image has none): ``labels.py``
-loads it through ``compiled_flood`` and keeps its scikit-image path otherwise.
+loads it through ``kernels()`` and keeps its numpy / scikit-image path otherwise, with the same labels
+(up to the ties below). ``cache=True``: each kernel compiles once per machine (about 6 s in all, cached
+under ``__pycache__``).
 
 scikit-image floods from a heap of ``(value, age)`` items: the markers enter first (age 0, raster order),
 every later push takes the next age, and a pushed pixel's value is the larger of its own height and the
@@ -44,11 +47,26 @@ def _neighbour(pixel: int, k: int, column: int, width: int, size: int) -> int:
     return pixel + width if pixel < size - width else _NONE
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _reaches_open_ground(pixel: int, labels: np.ndarray, inside: np.ndarray, width: int, size: int) -> bool:
+    """Whether a raveled pixel has a 4-neighbour in the mask and unlabelled."""
+    column = pixel % width
+    for k in range(4):
+        neighbour = _neighbour(pixel, k, column, width, size)
+        if neighbour != _NONE and inside[neighbour] != 0 and labels[neighbour] == 0:
+            return True
+    return False
+
+
 @numba.njit(cache=True, nogil=True)
 def flood(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, mask: np.ndarray) -> None:
     """Flood ``output`` (int32 ``(H, W)``, the markers, zero outside ``mask``) in place over ``mask``
     (uint8 ``(H, W)``) by the heights ``ranks[levels]`` (``ranks`` uint8, 256 entries: the order of each
-    uint8 level's height), without watershed lines."""
+    uint8 level's height), without watershed lines.
+
+    Markers with no unlabelled mask pixel beside them never enter: they would push nothing (labels only
+    spread), and leaving them out changes no other item's order (most of the second cell flood's mask is
+    markers)."""
     width = levels.shape[1]
     size = levels.size
     heights, labels, inside = levels.ravel(), output.ravel(), mask.ravel()
@@ -56,7 +74,7 @@ def flood(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, mask: np.nd
     head = np.full(BUCKETS, _NONE, np.int64)
     tail = np.full(BUCKETS, _NONE, np.int64)
     for pixel in range(size):
-        if labels[pixel] != 0:
+        if labels[pixel] != 0 and _reaches_open_ground(pixel, labels, inside, width, size):
             bucket = ranks[heights[pixel]]
             following[pixel] = _NONE
             if tail[bucket] == _NONE:
@@ -155,3 +173,42 @@ def flood_with_lines(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, 
             target = bucket if ranks[heights[neighbour]] < bucket else int(ranks[heights[neighbour]])
             items = _push(items, used, neighbour, label, target, head, tail)
             used += 1
+
+
+# -- full-image passes around the floods: one compiled pass where numpy / OpenCV take several ---------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def remove_small_labels(labels: np.ndarray, min_area: float) -> None:
+    """Set every label of ``labels`` (int32 ``(H, W)``, changed in place) with fewer than ``min_area``
+    pixels to 0: a count and a rewrite, not numpy's bincount and int32 gather."""
+    flat = labels.ravel()
+    counts = np.zeros(flat.max() + 1, np.int64)
+    for value in flat:
+        counts[value] += 1
+    small = counts < min_area
+    small[0] = False
+    if not small.any():
+        return
+    for pixel in range(flat.size):
+        if small[flat[pixel]]:
+            flat[pixel] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def interior(labels: np.ndarray) -> np.ndarray:
+    """bool ``(H, W)``: labelled pixels whose 4-neighbours all hold the same label (``find_boundaries``
+    erased; off the image a neighbour is the pixel itself, as a reflected border makes it)."""
+    height, width = labels.shape
+    inside = np.zeros((height, width), np.bool_)
+    for row in range(height):
+        for column in range(width):
+            label = labels[row, column]
+            inside[row, column] = (
+                label != 0
+                and (row == 0 or labels[row - 1, column] == label)
+                and (column == 0 or labels[row, column - 1] == label)
+                and (column == width - 1 or labels[row, column + 1] == label)
+                and (row == height - 1 or labels[row + 1, column] == label)
+            )
+    return inside
