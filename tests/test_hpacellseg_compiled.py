@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import sys
 
+import cv2
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries, watershed
 
 from weakcell.segment import hpacellseg
@@ -129,3 +131,25 @@ def test_interior_erases_every_label_boundary() -> None:
     np.testing.assert_array_equal(
         compiled.interior(found), (found > 0) & ~find_boundaries(found, mode="thick")
     )
+
+
+def test_component_stats_are_cv2s() -> None:
+    """Left, top, width, height, area of each label as cv2 computes them while labelling; a label with no
+    pixel keeps area 0. Background: 6 pixels in columns 1-3; label 1: an L of 5 over rows 0-2; label 2: one
+    pixel; label 3: absent."""
+    regions = np.array([[1, 0, 0, 0], [1, 0, 2, 0], [1, 1, 1, 0]], np.int32)
+    expected = [[1, 0, 3, 3, 6], [0, 0, 3, 3, 5], [2, 1, 1, 1, 1], [4, 3, 0, 0, 0]]
+    np.testing.assert_array_equal(compiled.component_stats(regions, 4), expected)
+    mask = np.random.default_rng(3).random((60, 70)) < 0.5
+    n, found, stats = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)[
+        :3
+    ]
+    np.testing.assert_array_equal(compiled.component_stats(found, n), stats)
+
+
+def test_gather_and_label_boxes_match_numpy_and_scipy() -> None:
+    found = np.random.default_rng(4).integers(0, 6, size=(30, 40)).astype(np.int32)
+    found[found == 4] = 0  # label 4 absent: no box
+    table = np.array([False, True, True, False, True, False])
+    np.testing.assert_array_equal(compiled.gather(table, found), table[found])
+    assert labels._label_boxes(found) == ndi.find_objects(found)

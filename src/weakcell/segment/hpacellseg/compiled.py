@@ -181,11 +181,14 @@ def flood_with_lines(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, 
 @numba.njit(cache=True, nogil=True)
 def remove_small_labels(labels: np.ndarray, min_area: float) -> None:
     """Set every label of ``labels`` (int32 ``(H, W)``, changed in place) with fewer than ``min_area``
-    pixels to 0: a count and a rewrite, not numpy's bincount and int32 gather."""
+    pixels to 0: counted by runs of equal labels, not numpy's bincount and int32 gather."""
     flat = labels.ravel()
     counts = np.zeros(flat.max() + 1, np.int64)
-    for value in flat:
-        counts[value] += 1
+    start = 0
+    for pixel in range(1, flat.size + 1):
+        if pixel == flat.size or flat[pixel] != flat[start]:
+            counts[flat[start]] += pixel - start
+            start = pixel
     small = counts < min_area
     small[0] = False
     if not small.any():
@@ -212,3 +215,44 @@ def interior(labels: np.ndarray) -> np.ndarray:
                 and (row == height - 1 or labels[row + 1, column] == label)
             )
     return inside
+
+
+@numba.njit(cache=True, nogil=True)
+def component_stats(regions: np.ndarray, count: int) -> np.ndarray:
+    """cv2's ``stats`` (int32 ``(count, 5)``: left, top, width, height, area) of a label image with labels
+    0..count-1, one update per run of equal labels along a row: ``connectedComponentsWithStats`` spends
+    three times its labelling on them."""
+    height, width = regions.shape
+    stats = np.zeros((count, 5), np.int32)
+    right = np.full(count, -1, np.int32)
+    bottom = np.full(count, -1, np.int32)
+    stats[:, 0] = width
+    stats[:, 1] = height
+    for row in range(height):
+        line = regions[row]
+        column = 0
+        while column < width:
+            label, start = line[column], column
+            while column < width and line[column] == label:
+                column += 1
+            stats[label, 4] += column - start
+            stats[label, 0] = min(stats[label, 0], start)
+            right[label] = max(right[label], column - 1)
+            stats[label, 1] = min(stats[label, 1], row)
+            bottom[label] = row
+    for label in range(count):
+        if stats[label, 4] > 0:
+            stats[label, 2] = right[label] - stats[label, 0] + 1
+            stats[label, 3] = bottom[label] - stats[label, 1] + 1
+    return stats
+
+
+@numba.njit(cache=True, nogil=True)
+def gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` for an int32 label image ``index``: one loop, where numpy first copies the index
+    to intp (about 4x slower on 2048² images)."""
+    found = np.empty(index.shape, table.dtype)
+    flat, labels = found.ravel(), index.ravel()
+    for pixel in range(labels.size):
+        flat[pixel] = table[labels[pixel]]
+    return found

@@ -149,14 +149,29 @@ def kernels() -> ModuleType | None:
     return _compiled_kernels() if USE_COMPILED else None
 
 
+def _gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` for an int32 label image: compiled where numba is installed (4x numpy's)."""
+    compiled = kernels()
+    return table[index] if compiled is None else compiled.gather(table, index)
+
+
 # -- connected components and areas ---------------------------------------------------------------------------
 
 
 def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(n, labels, stats)`` of cv2's connected components of a bool mask (label 0 = background)."""
-    return cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity, ltype=cv2.CV_32S)[
-        :3
-    ]
+    """``(n, labels, stats)`` of cv2's connected components of a bool mask (label 0 = background).
+
+    How, by speed (one thread, 2048²): 8-connected, BBDT computes the statistics while labelling (2.5x
+    cv2's default algorithm); 4-connected, where numba is installed, a plain labelling and the compiled
+    statistics (2.3x ``connectedComponentsWithStats``, which spends three times its labelling on them)."""
+    plane = mask.view(np.uint8)
+    if connectivity == 8:
+        return cv2.connectedComponentsWithStatsWithAlgorithm(plane, 8, cv2.CV_32S, cv2.CCL_BBDT)[:3]
+    compiled = kernels()
+    if compiled is not None:
+        n, regions = cv2.connectedComponents(plane, connectivity=4, ltype=cv2.CV_32S)
+        return n, regions, compiled.component_stats(regions, n)
+    return cv2.connectedComponentsWithStats(plane, connectivity=4, ltype=cv2.CV_32S)[:3]
 
 
 def _remove_small_regions(mask: np.ndarray, min_area: float, connectivity: int = 4) -> np.ndarray:
@@ -167,7 +182,7 @@ def _remove_small_regions(mask: np.ndarray, min_area: float, connectivity: int =
     keep[0] = False
     if keep[1:].all():
         return mask
-    return keep[regions]
+    return _gather(keep, regions)
 
 
 def _remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
@@ -184,7 +199,7 @@ def _remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
         return labels
     lut = np.arange(counts.size, dtype=labels.dtype)
     lut[small] = 0
-    return lut[labels]  # one gather, not a gather and a select
+    return _gather(lut, labels)  # one gather, not a gather and a select
 
 
 def _first_pixel(regions: np.ndarray, stats: np.ndarray, k: int) -> tuple[int, int]:
@@ -215,7 +230,20 @@ def _label_large(mask: np.ndarray, connectivity: int, min_area: float) -> np.nda
     small = stats[:, cv2.CC_STAT_AREA] < min_area
     small[0] = True
     lut = _raster_order(regions, stats, ~small)
-    return lut[regions]
+    return _gather(lut, regions)
+
+
+def _label_boxes(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
+    """``ndi.find_objects(labels)``: the bounding box of each label 1..max, None where absent (from the
+    compiled statistics where numba is installed: one pass, 3x SciPy's)."""
+    compiled = kernels()
+    if compiled is None:
+        return ndi.find_objects(labels)
+    stats = compiled.component_stats(labels, int(labels.max(initial=0)) + 1)[1:].tolist()
+    return [
+        (slice(top, top + height), slice(left, left + width)) if area else None
+        for left, top, width, height, area in stats
+    ]
 
 
 def _relabel_pieces(labels: np.ndarray) -> np.ndarray:
@@ -223,7 +251,7 @@ def _relabel_pieces(labels: np.ndarray) -> np.ndarray:
     label (neighbouring values stay apart), numbered in raster order of the pieces' first pixels. Works
     inside each label's bounding box."""
     pieces: list[tuple[tuple[int, int], tuple[slice, slice], np.ndarray, int]] = []  # first pixel, box, piece
-    for value, box in enumerate(ndi.find_objects(labels), start=1):
+    for value, box in enumerate(_label_boxes(labels), start=1):
         if box is None:
             continue
         n, regions, stats = _components(labels[box] == value, 8)
@@ -242,7 +270,7 @@ def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
     _, regions, stats = _components(~mask, 4)
     small = stats[:, cv2.CC_STAT_AREA] < max_area
     small[0] = False
-    return mask | small[regions] if small.any() else mask
+    return mask | _gather(small, regions) if small.any() else mask
 
 
 # -- morphology ------------------------------------------------------------------------------------------------
@@ -298,7 +326,7 @@ def _filled_interior(labels: np.ndarray) -> np.ndarray:
         grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
         shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
         interior = (labels > 0) & (grown == shrunk)
-    return fill_binary_holes(interior)
+    return fill_binary_holes(interior, _gather)
 
 
 def _erase_boundaries_fill_holes(labels: np.ndarray) -> np.ndarray:
@@ -408,7 +436,7 @@ def _flood(
     frontier = (markers > 0) & cv2.dilate(open_ground.view(np.uint8), _CROSS).view(bool)
     regions_of, labels_of = _neighbour_pairs(frontier, regions, markers)
     single = _single_labels(regions_of, labels_of, n)
-    filled = single[regions]
+    filled = _gather(single, regions)
     np.copyto(output, filled, where=filled > 0)
     touched = np.zeros(n, dtype=bool)
     touched[regions_of] = True
@@ -459,7 +487,7 @@ def _settle_low_ground(low: np.ndarray, mask: np.ndarray, markers: np.ndarray) -
     lowest = cv2.erode(np.where(low, plane, np.float32(np.inf)), _CROSS)
     passes = mask & ~low & (highest > 0) & (highest != lowest)
     single[_neighbour_pairs(passes, components, components)[0]] = 0
-    settled = single[components]
+    settled = _gather(single, components)
     return np.where(settled > 0, settled, markers)
 
 
@@ -486,7 +514,7 @@ def _nuclei(nuclei_pred: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.
     marker = ~small[seed_of] & kept[region_of]
     seed_of, region_of = seed_of[marker], region_of[marker]
     single = _single_labels(region_of, seed_of, n)
-    nuclei = single[regions]
+    nuclei = _gather(single, regions)
     several = np.zeros(n, dtype=bool)
     several[region_of] = True
     for region in np.flatnonzero(several & (single == 0)).tolist():
