@@ -423,7 +423,7 @@ def main() -> None:
                 f"### 5. HPA-Cell-Segmentation's post-processing against the upstream-equivalent reference "
                 f"(--repeats {args.repeats})\n\n{postprocessing(ids, args.repeats, upstream)}\n\n"
                 "CPU seconds of one thread on the same 2048² uint8 maps; `label_cell` with numba's kernels "
-                "(`weakcell.segment.hpacellseg.compiled`, the `segment` extra) and without (`labels.USE_COMPILED "
+                "(`weakcell.segment.hpacellseg.compiled`, the `numba` extra) and without (`labels.USE_COMPILED "
                 "= False`: the numpy / scikit-image path Kaggle's image runs). The pixels that differ are where "
                 "two watershed fronts arrive at exactly the same height and scikit-image's heap breaks the tie "
                 "in an order that depends on its whole content.\n"

@@ -156,7 +156,7 @@ def flood_by_height(heights: list[list[int]], markers: list[list[int]], settle_a
     checked against scikit-image's watershed of the same map before it is returned."""
     levels, seeds = np.array(heights, np.uint8), np.array(markers, np.int32)
     mask = np.ones(levels.shape, bool)
-    flooded = _flood(levels, _LEVELS, seeds, mask, settle_at=settle_at)
+    flooded = _flood(levels, _LEVELS, seeds.copy(), mask, settle_at=settle_at)  # the queue floods in place
     np.testing.assert_array_equal(flooded, watershed(levels.astype(float), seeds, mask=mask))
     return flooded
 

@@ -96,7 +96,9 @@ def test_heights_enter_by_rank() -> None:
     levels = np.array([[200, 90, 10, 150, 200]], np.uint8)
     markers = np.array([[1, 0, 0, 0, 2]], np.int32)
     queue = labels._compiled_kernels()
-    flooded = labels._flood_whole(queue, levels, -labels._LEVELS, markers, np.ones(levels.shape, bool), False)
+    flooded = labels._flood_whole(
+        queue, levels, -labels._LEVELS, markers.copy(), np.ones(levels.shape, bool), False
+    )
     np.testing.assert_array_equal(flooded, [[1, 1, 2, 2, 2]])
     np.testing.assert_array_equal(flooded, watershed(-levels.astype(float), markers))
     np.testing.assert_array_equal(bucket_flood(levels, markers), [[1, 1, 1, 2, 2]])

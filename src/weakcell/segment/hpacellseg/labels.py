@@ -308,11 +308,11 @@ def _as_morphology_type(labels: np.ndarray) -> np.ndarray:
 
 
 def _closing(labels: np.ndarray, radius: int) -> np.ndarray:
-    """``skimage.morphology.closing(labels, disk(radius))`` on label values."""
+    """``skimage.morphology.closing(labels, disk(radius))`` on label values, in cv2's type for them
+    (``_as_morphology_type``: the values exactly)."""
     kernels = _disk_rectangles(radius)
     plane = _as_morphology_type(labels)
-    closed = _morphology(_morphology(plane, cv2.MORPH_DILATE, kernels), cv2.MORPH_ERODE, kernels)
-    return closed.astype(np.int32)
+    return _morphology(_morphology(plane, cv2.MORPH_DILATE, kernels), cv2.MORPH_ERODE, kernels)
 
 
 def _filled_interior(labels: np.ndarray) -> np.ndarray:
@@ -322,7 +322,7 @@ def _filled_interior(labels: np.ndarray) -> np.ndarray:
     if compiled is not None:
         interior = compiled.interior(labels)
     else:
-        plane = _as_morphology_type(labels)
+        plane = labels if labels.dtype in (np.uint16, np.float32) else _as_morphology_type(labels)
         grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
         shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
         interior = (labels > 0) & (grown == shrunk)
@@ -348,9 +348,10 @@ def _flood_whole(
     lines: bool,
 ) -> np.ndarray:
     """``watershed(heights[levels], markers, mask=mask, watershed_line=lines)`` over the whole mask in one
-    compiled pass: the heights enter as the rank of each level's height (the queue compares nothing else)."""
+    compiled pass: the heights enter as the rank of each level's height (the queue compares nothing else).
+    An int32 ``markers`` is flooded in place (the callers' markers are their own) and returned."""
     ranks = np.unique(heights, return_inverse=True)[1].astype(np.uint8)
-    output = np.ascontiguousarray(markers, dtype=np.int32).copy()
+    output = np.ascontiguousarray(markers, dtype=np.int32)
     levels = np.ascontiguousarray(levels)
     if lines:
         queue.flood_with_lines(levels, ranks, output, mask.astype(np.uint8))  # a copy: lines leave it
@@ -414,7 +415,8 @@ def _flood(
 ) -> np.ndarray:
     """``skimage.segmentation.watershed(heights[levels], markers, mask=mask, watershed_line=...)``
     (4-connected) for a uint8 plane ``levels`` and a 256-entry float64 table ``heights``, flooding only what
-    is undecided (see the module doc). ``markers`` int32, zero outside ``mask``.
+    is undecided (see the module doc). ``markers`` int32, zero outside ``mask``; the compiled flood fills
+    it in place (pass an array of your own).
 
     Labels spread only through unlabelled mask pixels, so each 4-connected region of them is flooded on
     its own from the labelled pixels around it: none, and it stays 0; one label, and it all takes it;
