@@ -3,8 +3,8 @@ levels as a bucket queue, and two full-image passes that numpy / OpenCV make in 
 
 Imported only where numba is installed (the ``segment`` extra; Kaggle's image has none): ``labels.py``
 loads it through ``kernels()`` and keeps its numpy / scikit-image path otherwise, with the same labels
-(up to the ties below). ``cache=True``: each kernel compiles once per machine (about 6 s in all, cached
-under ``__pycache__``).
+(up to the ties below). ``cache=True``: each kernel compiles once per machine (4-7 s in all on the first
+call, cached under ``__pycache__``; 0.1 s to load in a later process).
 
 scikit-image floods from a heap of ``(value, age)`` items: the markers enter first (age 0, raster order),
 every later push takes the next age, and a pushed pixel's value is the larger of its own height and the
