@@ -75,6 +75,8 @@ def flood(levels: np.ndarray, ranks: np.ndarray, output: np.ndarray, mask: np.nd
     tail = np.full(BUCKETS, _NONE, np.int64)
     for pixel in range(size):
         if labels[pixel] != 0 and _reaches_open_ground(pixel, labels, inside, width, size):
+            # the chaining is written out twice: a helper taking the arrays (inlined or not) made the
+            # flood 2x slower, numba counting references to them on every call
             bucket = ranks[heights[pixel]]
             following[pixel] = _NONE
             if tail[bucket] == _NONE:
