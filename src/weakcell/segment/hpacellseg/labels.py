@@ -29,12 +29,13 @@ tests hold it against a step-by-step reference), with these changes of method, n
   2.43 M. The only freedom left is the order in which markers of equal priority leave scikit-image's
   heap, which depends on the heap's whole content: pixels at exactly equal flooding cost from two markers
   may go to the other one (a handful of pixels per image);
-- where numba is installed (the ``segment`` extra, not Kaggle's image), ``compiled.py`` floods instead:
-  a bucket queue over the whole mask in one pass, in scikit-image's order up to ties between markers of
-  equal height (no contested-ground search, no settling); the nuclei keep their per-component split
-  (most nucleus-mask components hold one seed), the queue flooding the contested ones; the small-label
-  removal and the boundary erasing are one compiled loop each. ``USE_COMPILED = False`` forces the
-  numpy / scikit-image path;
+- where numba is installed (the ``numba`` extra; Kaggle's image has none), ``compiled.py``'s kernels
+  take over: a bucket queue floods the cells over the whole mask in one pass, in scikit-image's order up
+  to ties between markers of equal height (no contested-ground search, no settling); the nuclei keep
+  their per-component split (most nucleus-mask components hold one seed), the queue flooding the
+  contested ones; labelling statistics, per-label lookups, small-label removal, boundary erasing and
+  label boxes are one compiled pass each. ``USE_COMPILED = False`` forces the numpy / scikit-image path
+  (``benchmarks/segmentation.md``: 10.7x the step-by-step reference with numba, 4.5x without);
 - labels are never cast to uint8: upstream wraps above 255 cells (cell 256 becomes background, 257 merges
   with cell 1 in the closing); here they stay distinct.
 
@@ -43,8 +44,9 @@ of the full-resolution maps upstream's constants are for (its thresholds are for
 2048² image labelled at 1024² has ``scale=0.5``). Areas scale with ``scale²``, the closing radius with
 ``scale``.
 
-About 550 lines: the five steps share the OpenCV passes and the contested-only flooding above them,
-each a few lines; kept with ``label_cell`` so the equivalence with upstream reads in one file.
+About 580 lines: the five steps share the OpenCV passes and the contested-only flooding above them,
+each a few lines, and choose between the compiled kernels and numpy in one place each; kept with
+``label_cell`` so the equivalence with upstream reads in one file.
 
 Not used, measured (issue 27): ``scipy.ndimage.watershed_ift`` costs a path by its largest *difference*
 between neighbours (not its highest pixel) and takes an equal-cost object pixel last-in first-out, so it
@@ -129,7 +131,7 @@ def _lookup(table: np.ndarray, plane: np.ndarray) -> np.ndarray:
 
 # -- the compiled kernels (numba, optional) ---------------------------------------------------------------------
 
-# compiled.py's kernels run where numba is installed (the segment extra); False forces the numpy /
+# compiled.py's kernels run where numba is installed (the numba extra); False forces the numpy /
 # scikit-image path everywhere (Kaggle's image has no numba; tests and benchmarks compare the two).
 USE_COMPILED = True
 
@@ -199,7 +201,7 @@ def _remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
         return labels
     lut = np.arange(counts.size, dtype=labels.dtype)
     lut[small] = 0
-    return _gather(lut, labels)  # one gather, not a gather and a select
+    return lut[labels]  # one gather, not a gather and a select
 
 
 def _first_pixel(regions: np.ndarray, stats: np.ndarray, k: int) -> tuple[int, int]:
