@@ -29,7 +29,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml requirements/constraints.txt
 	tools/need-disk 8 $(VENV) "$(VENV) (torch with its CUDA libraries: about 6.5 GiB)"
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle,external]'
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[dev,segment,kaggle,external,numba]'
 	touch $@
 
 install: $(STAMP) ## build .venv with every dependency pinned (requirements/constraints.txt)

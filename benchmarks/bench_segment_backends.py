@@ -14,7 +14,8 @@ into the kit; without the option the section uses the step-by-step reference onl
 Sections (written between the ``backends`` markers of ``benchmarks/segmentation.md``; ``bench_segment.py``
 keeps them when it rewrites the file):
 5. ``label_cell`` against ``tests/hpacellseg_reference.py`` on 2048² network-like maps of the 5 images: CPU
-   seconds of each (one thread, medians), cells, pixels that differ, mean matched IoU.
+   seconds of each (one thread, medians; ours with numba's kernels and without), cells, pixels that
+   differ, mean matched IoU.
 6. Per backend and image size (1728², 2048², 3072², 4096² copies of a real image, ``segment.reference_size``
    2048): decode, prepare, network and finish CPU seconds of one image, one thread. With the reference size
    every copy gets the same network input, so the network is timed once per backend.
@@ -57,7 +58,7 @@ from weakcell.data.images import list_image_ids, read_image, write_image  # noqa
 from weakcell.devices import cpu_model  # noqa: E402
 from weakcell.segment import for_image, segment_image  # noqa: E402
 from weakcell.segment.batched import network_stage  # noqa: E402
-from weakcell.segment.hpacellseg import label_cell  # noqa: E402
+from weakcell.segment.hpacellseg import label_cell, labels  # noqa: E402
 from weakcell.segment.metrics import match_instances  # noqa: E402
 
 HPA_DIR = REPO.parent / "shared" / "data" / "hpa2021"
@@ -116,9 +117,21 @@ def upstream_note(checkout: Path) -> str:
     )
 
 
+def label_cell_on(compiled: bool, nuclei_pred: np.ndarray, cell_pred: np.ndarray, repeats: int):
+    """``cpu_seconds`` of ``label_cell`` with numba's kernels (``compiled``) or on the numpy / scikit-image
+    path Kaggle's image runs."""
+    labels.USE_COMPILED = compiled
+    try:
+        return cpu_seconds(lambda: label_cell(nuclei_pred, cell_pred), repeats)
+    finally:
+        labels.USE_COMPILED = True
+
+
 def postprocessing(ids: list[str], repeats: int, upstream: ModuleType | None = None) -> str:
-    """Section 5: ours against the step-by-step reference and, given a checkout, upstream's own function."""
-    rows, ratios, upstream_ratios = [], [], []
+    """Section 5: ours (with numba where installed, and without) against the step-by-step reference and,
+    given a checkout, upstream's own function."""
+    compiled = labels._compiled_kernels() is not None
+    rows, ratios, fallback_ratios, upstream_ratios, upstream_fallback_ratios = [], [], [], [], []
     for image_id in ids:
         cells = cv2.imread(
             str(HPA_DIR / "hpacellseg_masks" / f"{image_id}_predictedmask.png"), cv2.IMREAD_UNCHANGED
@@ -127,18 +140,27 @@ def postprocessing(ids: list[str], repeats: int, upstream: ModuleType | None = N
         reference_s, reference = cpu_seconds(
             lambda n=nuclei_pred, c=cell_pred: label_cell_reference(n, c), max(1, repeats // 2)
         )
-        ours_s, ours = cpu_seconds(lambda n=nuclei_pred, c=cell_pred: label_cell(n, c), repeats)
+        fallback_s, fallback = label_cell_on(False, nuclei_pred, cell_pred, repeats)
+        ours_s, ours = (
+            label_cell_on(True, nuclei_pred, cell_pred, repeats) if compiled else (fallback_s, fallback)
+        )
         ref_cells, our_cells = reference[1].astype(np.int32), ours[1]
         match = match_instances(our_cells, ref_cells, 0.5)
-        differing = int((our_cells != ref_cells).sum() + (ours[0] != reference[0]).sum())
+        differing = [
+            int((found[1] != ref_cells).sum() + (found[0] != reference[0]).sum())
+            for found in (ours, fallback)
+        ]
         ratios.append(reference_s / ours_s)
+        fallback_ratios.append(reference_s / fallback_s)
         row = [
             image_id[:8],
             f"{reference_s:.2f}",
             f"{ours_s:.3f}",
             f"{reference_s / ours_s:.1f}x",
-            f"{ref_cells.max()} / {our_cells.max()}",
-            f"{differing}",
+            f"{fallback_s:.3f}",
+            f"{reference_s / fallback_s:.1f}x",
+            f"{ref_cells.max()} / {our_cells.max()} / {fallback[1].max()}",
+            f"{differing[0]} / {differing[1]}",
             f"{match['mean_iou']:.5f}",
         ]
         if upstream is not None:
@@ -150,26 +172,53 @@ def postprocessing(ids: list[str], repeats: int, upstream: ModuleType | None = N
             their_cells = theirs[1].astype(np.int32)
             upstream_match = match_instances(our_cells, their_cells, 0.5)
             upstream_ratios.append(upstream_s / ours_s)
+            upstream_fallback_ratios.append(upstream_s / fallback_s)
             row += [
                 f"{upstream_s:.2f}",
                 f"{upstream_s / ours_s:.1f}x",
+                f"{upstream_s / fallback_s:.1f}x",
                 f"{their_cells.max()} / {our_cells.max()}",
                 f"{upstream_match['mean_iou']:.5f}",
             ]
         rows.append(row)
-    median_row = ["**median**", "", "", f"{statistics.median(ratios):.1f}x", "", "", ""]
+    median = statistics.median
+    median_row = [
+        "**median**",
+        "",
+        "",
+        f"{median(ratios):.1f}x",
+        "",
+        f"{median(fallback_ratios):.1f}x",
+        "",
+        "",
+        "",
+    ]
     header = [
         "image",
         "reference s",
-        "label_cell s",
+        "label_cell s" if compiled else "label_cell s (numba not installed)",
         "speed-up",
-        "cells (reference / ours)",
-        "pixels differing (cells + nuclei)",
+        "without numba s",
+        "speed-up without numba",
+        "cells (reference / ours / without numba)",
+        "pixels differing (cells + nuclei; ours / without numba)",
         "mean matched IoU",
     ]
     if upstream is not None:
-        median_row += ["", f"{statistics.median(upstream_ratios):.1f}x", "", ""]
-        header += ["upstream s", "speed-up on upstream", "cells (upstream / ours)", "IoU vs upstream"]
+        median_row += [
+            "",
+            f"{median(upstream_ratios):.1f}x",
+            f"{median(upstream_fallback_ratios):.1f}x",
+            "",
+            "",
+        ]
+        header += [
+            "upstream s",
+            "speed-up on upstream",
+            "without numba",
+            "cells (upstream / ours)",
+            "IoU vs upstream",
+        ]
     rows.append(median_row)
     return table(header, rows)
 
@@ -373,9 +422,11 @@ def main() -> None:
             fresh["5"] = (
                 f"### 5. HPA-Cell-Segmentation's post-processing against the upstream-equivalent reference "
                 f"(--repeats {args.repeats})\n\n{postprocessing(ids, args.repeats, upstream)}\n\n"
-                "CPU seconds of one thread on the same 2048² uint8 maps. The pixels that differ are where two "
-                "watershed fronts arrive at exactly the same height and scikit-image's heap breaks the tie in "
-                "an order that depends on its whole content.\n"
+                "CPU seconds of one thread on the same 2048² uint8 maps; `label_cell` with numba's kernels "
+                "(`weakcell.segment.hpacellseg.compiled`, the `numba` extra) and without (`labels.USE_COMPILED "
+                "= False`: the numpy / scikit-image path Kaggle's image runs). The pixels that differ are where "
+                "two watershed fronts arrive at exactly the same height and scikit-image's heap breaks the tie "
+                "in an order that depends on its whole content.\n"
                 + (upstream_note(args.upstream) if upstream is not None else "")
             )
         if "6" in wanted:

@@ -5,7 +5,8 @@ code, the backend end to end with weights made here, batching, and sizes that fo
 Figures (measured when written, 2048² maps built from the 5 real images' HPA-Cell-Segmentation masks,
 ``tests/hpacellseg_reference.py``): ``label_cell`` gives the reference's cell count on all 5 images, mean
 matched IoU 0.99999-1.00000, 1-56 pixels of 4.2 M differing (watershed ties the two break in another order);
-at 1024² (the fast tests) the same counts and at least 0.9999 pixel agreement.
+at 1024² (the fast tests) the same counts and at least 0.9999 pixel agreement. The label_cell tests run on
+both flood paths: numba's bucket queue (where numba is installed) and scikit-image's watershed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from weakcell.errors import BackendError
 from weakcell.segment import for_image, segment_image
 from weakcell.segment.batched import batches, segment_batch
 from weakcell.segment.cellpose_backend import resize_labels
-from weakcell.segment.hpacellseg import backend, label_cell
+from weakcell.segment.hpacellseg import backend, label_cell, labels
 from weakcell.segment.hpacellseg.labels import _LEVELS, Sizes, _flood, _label_large
 from weakcell.segment.hpacellseg.network import DPNUnet
 from weakcell.segment.hpacellseg.pickles import MODULE_CLASSES, load_whole_model
@@ -77,7 +78,19 @@ def assert_same_labels(ours: tuple[np.ndarray, np.ndarray], reference: tuple[np.
 # -- label_cell -------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["compiled", "scikit-image"])
+def flood_path(request, monkeypatch) -> str:
+    """Each label_cell test on both floods: numba's bucket queue (skipped where numba is absent) and the
+    scikit-image path Kaggle's image runs."""
+    if request.param == "compiled":
+        pytest.importorskip("numba", reason="numba (the segment extra) is not installed")
+        assert labels._compiled_kernels() is not None
+    monkeypatch.setattr(labels, "USE_COMPILED", request.param == "compiled")
+    return request.param
+
+
 @pytest.mark.parametrize("image_id", [DENSE, SPARSE])
+@pytest.mark.usefixtures("flood_path")
 def test_label_cell_gives_the_references_labels(image_id: str) -> None:
     nuclei_pred, cell_pred = real_maps(image_id, 1024)
     nuclei, cells = label_cell(nuclei_pred, cell_pred)
@@ -89,6 +102,7 @@ def test_label_cell_gives_the_references_labels(image_id: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("image_id", sorted(HPA2021_IDS))
+@pytest.mark.usefixtures("flood_path")
 def test_label_cell_gives_the_references_labels_at_full_resolution(image_id: str) -> None:
     nuclei_pred, cell_pred = real_maps(image_id, 2048)
     assert_same_labels(label_cell(nuclei_pred, cell_pred), label_cell_reference(nuclei_pred, cell_pred))
@@ -111,6 +125,7 @@ def grid_maps(rows: int, cols: int, cell: int = 90) -> tuple[np.ndarray, np.ndar
     return maps[0], maps[1]
 
 
+@pytest.mark.usefixtures("flood_path")
 def test_more_than_255_cells_keep_their_own_labels() -> None:
     """Upstream casts the cell labels to uint8: cell 256 vanishes and 257.. merge with 1.. in the closing."""
     nuclei_pred, cell_pred = grid_maps(16, 20)
@@ -121,6 +136,7 @@ def test_more_than_255_cells_keep_their_own_labels() -> None:
     assert upstream_cells.max() < 320  # the wrap the reimplementation leaves out
 
 
+@pytest.mark.usefixtures("flood_path")
 def test_sizes_follow_the_resolution() -> None:
     assert Sizes.at(1.0) == Sizes(500, 1000, 8, 2500, 5500, 6)
     half = Sizes.at(0.5)
@@ -140,11 +156,12 @@ def flood_by_height(heights: list[list[int]], markers: list[list[int]], settle_a
     checked against scikit-image's watershed of the same map before it is returned."""
     levels, seeds = np.array(heights, np.uint8), np.array(markers, np.int32)
     mask = np.ones(levels.shape, bool)
-    flooded = _flood(levels, _LEVELS, seeds, mask, settle_at=settle_at)
+    flooded = _flood(levels, _LEVELS, seeds.copy(), mask, settle_at=settle_at)  # the queue floods in place
     np.testing.assert_array_equal(flooded, watershed(levels.astype(float), seeds, mask=mask))
     return flooded
 
 
+@pytest.mark.usefixtures("flood_path")
 def test_settled_low_ground_keeps_the_watersheds_labels() -> None:
     """Marker 1 (left) and 2 (right); the flood rises to 5 on the left, 6 on the right. Under 2 each
     plateau holds one label and touches no pass: both are settled up front. The column of 9s and the 4 go
@@ -156,6 +173,7 @@ def test_settled_low_ground_keeps_the_watersheds_labels() -> None:
     np.testing.assert_array_equal(flood_by_height(heights, markers, settle_at=2), expected)
 
 
+@pytest.mark.usefixtures("flood_path")
 def test_a_pass_between_settled_components_is_flooded_in_order() -> None:
     """Heights 0 5 1 8 3 3, markers at both ends. Under 5 the left three hold marker 1 and the right two
     marker 2; the 8 between them is a pass. The flood reaches the 1 only at level 5 (over the 5) and the

@@ -25,6 +25,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
@@ -45,15 +47,18 @@ def _smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(plane, (0, 0), sigma) if sigma > 0 else plane
 
 
-def fill_binary_holes(mask: np.ndarray) -> np.ndarray:
+def fill_binary_holes(
+    mask: np.ndarray, gather: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.take
+) -> np.ndarray:
     """``ndi.binary_fill_holes`` (holes = 4-connected background not reaching the border) by one cv2
-    labelling, several times faster than scipy's iterated erosions."""
-    n_regions, regions = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
-    outside = np.zeros(n_regions, dtype=bool)  # label 0 is the foreground itself
+    labelling, several times faster than scipy's iterated erosions. ``gather(table, regions)`` looks a
+    table up per pixel (``label_cell`` passes its compiled one)."""
+    n_regions, regions = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    kept = np.ones(n_regions, dtype=bool)  # label 0 is the foreground itself
     for edge in (regions[0], regions[-1], regions[:, 0], regions[:, -1]):
-        outside[edge] = True
-    outside[0] = False
-    return ~outside[regions]
+        kept[edge] = False
+    kept[0] = True
+    return gather(kept, regions)
 
 
 def _otsu(values: np.ndarray) -> float:

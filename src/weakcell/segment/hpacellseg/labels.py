@@ -29,6 +29,13 @@ tests hold it against a step-by-step reference), with these changes of method, n
   2.43 M. The only freedom left is the order in which markers of equal priority leave scikit-image's
   heap, which depends on the heap's whole content: pixels at exactly equal flooding cost from two markers
   may go to the other one (a handful of pixels per image);
+- where numba is installed (the ``numba`` extra; Kaggle's image has none), ``compiled.py``'s kernels
+  take over: a bucket queue floods the cells over the whole mask in one pass, in scikit-image's order up
+  to ties between markers of equal height (no contested-ground search, no settling); the nuclei keep
+  their per-component split (most nucleus-mask components hold one seed), the queue flooding the
+  contested ones; labelling statistics, per-label lookups, small-label removal, boundary erasing and
+  label boxes are one compiled pass each. ``USE_COMPILED = False`` forces the numpy / scikit-image path
+  (``benchmarks/segmentation.md``: 10.7x the step-by-step reference with numba, 4.5x without);
 - labels are never cast to uint8: upstream wraps above 255 cells (cell 256 becomes background, 257 merges
   with cell 1 in the closing); here they stay distinct.
 
@@ -37,8 +44,9 @@ of the full-resolution maps upstream's constants are for (its thresholds are for
 2048² image labelled at 1024² has ``scale=0.5``). Areas scale with ``scale²``, the closing radius with
 ``scale``.
 
-About 460 lines: the five steps share the OpenCV passes and the contested-only flooding above them,
-each a few lines; kept with ``label_cell`` so the equivalence with upstream reads in one file.
+About 580 lines: the five steps share the OpenCV passes and the contested-only flooding above them,
+each a few lines, and choose between the compiled kernels and numpy in one place each; kept with
+``label_cell`` so the equivalence with upstream reads in one file.
 
 Not used, measured (issue 27): ``scipy.ndimage.watershed_ift`` costs a path by its largest *difference*
 between neighbours (not its highest pixel) and takes an equal-cost object pixel last-in first-out, so it
@@ -48,8 +56,10 @@ and height) gives the same labels but needs 300-4,500 waves per flood and is slo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -111,6 +121,7 @@ _SEED = _LEVELS / 255 > NUCLEUS_THRESHOLD + SEED_ADJUSTMENT
 # exceeds the cutoff; the table is indexed by the wrapped sum, as upstream computes it.
 _NOT_BORDER = 1 - _LEVELS / 255.0 > BORDER_CUTOFF
 _BORDER = _LEVELS / 255 > BORDER_CUTOFF
+_FLAT = np.zeros(256)  # the nuclei flood's heights: the image is the mask, one height inside
 
 
 def _lookup(table: np.ndarray, plane: np.ndarray) -> np.ndarray:
@@ -118,14 +129,51 @@ def _lookup(table: np.ndarray, plane: np.ndarray) -> np.ndarray:
     return cv2.LUT(plane, table.astype(np.uint8)).view(bool)
 
 
+# -- the compiled kernels (numba, optional) ---------------------------------------------------------------------
+
+# compiled.py's kernels run where numba is installed (the numba extra); False forces the numpy /
+# scikit-image path everywhere (Kaggle's image has no numba; tests and benchmarks compare the two).
+USE_COMPILED = True
+
+
+@functools.cache
+def _compiled_kernels() -> ModuleType | None:
+    """``compiled.py``, or None where numba is not installed."""
+    try:
+        from weakcell.segment.hpacellseg import compiled
+    except ImportError:
+        return None
+    return compiled
+
+
+def kernels() -> ModuleType | None:
+    """The numba kernels label_cell uses now: None on the numpy / scikit-image path."""
+    return _compiled_kernels() if USE_COMPILED else None
+
+
+def _gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` for an int32 label image: compiled where numba is installed (4x numpy's)."""
+    compiled = kernels()
+    return table[index] if compiled is None else compiled.gather(table, index)
+
+
 # -- connected components and areas ---------------------------------------------------------------------------
 
 
 def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(n, labels, stats)`` of cv2's connected components of a bool mask (label 0 = background)."""
-    return cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity, ltype=cv2.CV_32S)[
-        :3
-    ]
+    """``(n, labels, stats)`` of cv2's connected components of a bool mask (label 0 = background).
+
+    How, by speed (one thread, 2048²): 8-connected, BBDT computes the statistics while labelling (2.5x
+    cv2's default algorithm); 4-connected, where numba is installed, a plain labelling and the compiled
+    statistics (2.3x ``connectedComponentsWithStats``, which spends three times its labelling on them)."""
+    plane = mask.view(np.uint8)
+    if connectivity == 8:
+        return cv2.connectedComponentsWithStatsWithAlgorithm(plane, 8, cv2.CV_32S, cv2.CCL_BBDT)[:3]
+    compiled = kernels()
+    if compiled is not None:
+        n, regions = cv2.connectedComponents(plane, connectivity=4, ltype=cv2.CV_32S)
+        return n, regions, compiled.component_stats(regions, n)
+    return cv2.connectedComponentsWithStats(plane, connectivity=4, ltype=cv2.CV_32S)[:3]
 
 
 def _remove_small_regions(mask: np.ndarray, min_area: float, connectivity: int = 4) -> np.ndarray:
@@ -136,12 +184,16 @@ def _remove_small_regions(mask: np.ndarray, min_area: float, connectivity: int =
     keep[0] = False
     if keep[1:].all():
         return mask
-    return keep[regions]
+    return _gather(keep, regions)
 
 
 def _remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
     """``labels`` with every label of fewer than ``min_area`` pixels set to 0 (``remove_small_objects`` of
     an int array: each value one object, however many pieces it has)."""
+    compiled = kernels()
+    if compiled is not None:  # in place: the callers' arrays are their own
+        compiled.remove_small_labels(labels, min_area)
+        return labels
     counts = np.bincount(labels.ravel(), minlength=1)
     small = counts < min_area
     small[0] = False
@@ -180,7 +232,20 @@ def _label_large(mask: np.ndarray, connectivity: int, min_area: float) -> np.nda
     small = stats[:, cv2.CC_STAT_AREA] < min_area
     small[0] = True
     lut = _raster_order(regions, stats, ~small)
-    return lut[regions]
+    return _gather(lut, regions)
+
+
+def _label_boxes(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
+    """``ndi.find_objects(labels)``: the bounding box of each label 1..max, None where absent (from the
+    compiled statistics where numba is installed: one pass, 3x SciPy's)."""
+    compiled = kernels()
+    if compiled is None:
+        return ndi.find_objects(labels)
+    stats = compiled.component_stats(labels, int(labels.max(initial=0)) + 1)[1:].tolist()
+    return [
+        (slice(top, top + height), slice(left, left + width)) if area else None
+        for left, top, width, height, area in stats
+    ]
 
 
 def _relabel_pieces(labels: np.ndarray) -> np.ndarray:
@@ -188,7 +253,7 @@ def _relabel_pieces(labels: np.ndarray) -> np.ndarray:
     label (neighbouring values stay apart), numbered in raster order of the pieces' first pixels. Works
     inside each label's bounding box."""
     pieces: list[tuple[tuple[int, int], tuple[slice, slice], np.ndarray, int]] = []  # first pixel, box, piece
-    for value, box in enumerate(ndi.find_objects(labels), start=1):
+    for value, box in enumerate(_label_boxes(labels), start=1):
         if box is None:
             continue
         n, regions, stats = _components(labels[box] == value, 8)
@@ -207,7 +272,7 @@ def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
     _, regions, stats = _components(~mask, 4)
     small = stats[:, cv2.CC_STAT_AREA] < max_area
     small[0] = False
-    return mask | small[regions] if small.any() else mask
+    return mask | _gather(small, regions) if small.any() else mask
 
 
 # -- morphology ------------------------------------------------------------------------------------------------
@@ -245,26 +310,56 @@ def _as_morphology_type(labels: np.ndarray) -> np.ndarray:
 
 
 def _closing(labels: np.ndarray, radius: int) -> np.ndarray:
-    """``skimage.morphology.closing(labels, disk(radius))`` on label values."""
+    """``skimage.morphology.closing(labels, disk(radius))`` on label values, in cv2's type for them
+    (``_as_morphology_type``: the values exactly)."""
     kernels = _disk_rectangles(radius)
     plane = _as_morphology_type(labels)
-    closed = _morphology(_morphology(plane, cv2.MORPH_DILATE, kernels), cv2.MORPH_ERODE, kernels)
-    return closed.astype(np.int32)
+    return _morphology(_morphology(plane, cv2.MORPH_DILATE, kernels), cv2.MORPH_ERODE, kernels)
+
+
+def _filled_interior(labels: np.ndarray) -> np.ndarray:
+    """bool: upstream's ``__fill_holes`` up to its labelling: ``find_boundaries`` erased (pixels whose
+    4-neighbourhood holds another value, background included), the holes of what is left filled."""
+    compiled = kernels()
+    if compiled is not None:
+        interior = compiled.interior(labels)
+    else:
+        plane = labels if labels.dtype in (np.uint16, np.float32) else _as_morphology_type(labels)
+        grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
+        shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
+        interior = (labels > 0) & (grown == shrunk)
+    return fill_binary_holes(interior, _gather)
 
 
 def _erase_boundaries_fill_holes(labels: np.ndarray) -> np.ndarray:
-    """Upstream's ``__fill_holes``: erase ``find_boundaries`` (pixels whose 4-neighbourhood holds another
-    value, background included), fill the holes of what is left, label its 4-connected components."""
-    plane = _as_morphology_type(labels)
-    grown = cv2.dilate(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
-    shrunk = cv2.erode(plane, _CROSS, borderType=cv2.BORDER_REFLECT)
-    interior = (labels > 0) & (grown == shrunk)
-    return cv2.connectedComponents(
-        fill_binary_holes(interior).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
-    )[1]
+    """Upstream's ``__fill_holes``: ``_filled_interior``, its 4-connected components labelled."""
+    return cv2.connectedComponents(_filled_interior(labels).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)[
+        1
+    ]
 
 
 # -- watersheds -------------------------------------------------------------------------------------------------
+
+
+def _flood_whole(
+    queue: ModuleType,
+    levels: np.ndarray,
+    heights: np.ndarray,
+    markers: np.ndarray,
+    mask: np.ndarray,
+    lines: bool,
+) -> np.ndarray:
+    """``watershed(heights[levels], markers, mask=mask, watershed_line=lines)`` over the whole mask in one
+    compiled pass: the heights enter as the rank of each level's height (the queue compares nothing else).
+    An int32 ``markers`` is flooded in place (the callers' markers are their own) and returned."""
+    ranks = np.unique(heights, return_inverse=True)[1].astype(np.uint8)
+    output = np.ascontiguousarray(markers, dtype=np.int32)
+    levels = np.ascontiguousarray(levels)
+    if lines:
+        queue.flood_with_lines(levels, ranks, output, mask.astype(np.uint8))  # a copy: lines leave it
+    else:
+        queue.flood(levels, ranks, output, np.ascontiguousarray(mask).view(np.uint8))
+    return output
 
 
 def _neighbour_pairs(
@@ -322,12 +417,19 @@ def _flood(
 ) -> np.ndarray:
     """``skimage.segmentation.watershed(heights[levels], markers, mask=mask, watershed_line=...)``
     (4-connected) for a uint8 plane ``levels`` and a 256-entry float64 table ``heights``, flooding only what
-    is undecided (see the module doc). ``markers`` int32, zero outside ``mask``.
+    is undecided (see the module doc). ``markers`` int32, zero outside ``mask``; the compiled flood fills
+    it in place (pass an array of your own).
 
     Labels spread only through unlabelled mask pixels, so each 4-connected region of them is flooded on
     its own from the labelled pixels around it: none, and it stays 0; one label, and it all takes it;
     several, and scikit-image floods it inside its bounding box from the labelled pixels touching it.
-    ``settle_at`` (no watershed lines): first label the low ground, see ``_settle_low_ground``."""
+    ``settle_at`` (no watershed lines): first label the low ground, see ``_settle_low_ground``.
+
+    Where numba is installed the compiled bucket queue floods the whole mask instead, as scikit-image
+    would (no contested-ground search, no settling)."""
+    queue = kernels()
+    if queue is not None:
+        return _flood_whole(queue, levels, heights, markers, mask, watershed_line)
     if settle_at is not None and not watershed_line:
         markers = _settle_low_ground(_lookup(heights <= settle_at, levels) & mask, mask, markers)
     output = markers.copy()
@@ -338,7 +440,7 @@ def _flood(
     frontier = (markers > 0) & cv2.dilate(open_ground.view(np.uint8), _CROSS).view(bool)
     regions_of, labels_of = _neighbour_pairs(frontier, regions, markers)
     single = _single_labels(regions_of, labels_of, n)
-    filled = single[regions]
+    filled = _gather(single, regions)
     np.copyto(output, filled, where=filled > 0)
     touched = np.zeros(n, dtype=bool)
     touched[regions_of] = True
@@ -352,6 +454,16 @@ def _flood(
         flooded = watershed(heights[levels[box]], seeds, mask=flood_mask, watershed_line=watershed_line)
         np.copyto(output[box], flooded, where=inside)
     return output
+
+
+def _flood_inside(inside: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """``watershed(inside, markers, mask=inside, watershed_line=True)``: the flat flood of one nucleus
+    mask component (by the compiled queue where numba is installed: on the whole nucleus mask it would
+    cost more than the per-component split, most components hold one seed)."""
+    queue = kernels()
+    if queue is None:
+        return watershed(inside.view(np.uint8), markers, mask=inside, watershed_line=True)
+    return _flood_whole(queue, inside.view(np.uint8), _FLAT, markers, inside, lines=True)
 
 
 def _settle_low_ground(low: np.ndarray, mask: np.ndarray, markers: np.ndarray) -> np.ndarray:
@@ -379,7 +491,7 @@ def _settle_low_ground(low: np.ndarray, mask: np.ndarray, markers: np.ndarray) -
     lowest = cv2.erode(np.where(low, plane, np.float32(np.inf)), _CROSS)
     passes = mask & ~low & (highest > 0) & (highest != lowest)
     single[_neighbour_pairs(passes, components, components)[0]] = 0
-    settled = single[components]
+    settled = _gather(single, components)
     return np.where(settled > 0, settled, markers)
 
 
@@ -406,15 +518,14 @@ def _nuclei(nuclei_pred: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.
     marker = ~small[seed_of] & kept[region_of]
     seed_of, region_of = seed_of[marker], region_of[marker]
     single = _single_labels(region_of, seed_of, n)
-    nuclei = single[regions]
+    nuclei = _gather(single, regions)
     several = np.zeros(n, dtype=bool)
     several[region_of] = True
     for region in np.flatnonzero(several & (single == 0)).tolist():
         box = _box(stats, region, regions.shape, margin=0)
         inside = regions[box] == region
         markers = np.where(inside & ~small[seed_labels[box]], seed_labels[box], 0)
-        flooded = watershed(inside.view(np.uint8), markers, mask=inside, watershed_line=True)
-        np.copyto(nuclei[box], flooded, where=inside)
+        np.copyto(nuclei[box], _flood_inside(inside, markers), where=inside)
     return _relabel_pieces(_remove_small_labels(nuclei, sizes.nucleus))
 
 
@@ -446,8 +557,8 @@ def _cells(nuclei: np.ndarray, cell_pred: np.ndarray, sizes: Sizes) -> np.ndarra
     cells = _remove_small_labels(cells, sizes.cell)
     cells = _erase_boundaries_fill_holes(_closing(cells, sizes.closing_radius))
     grown_mask = (cells > 0) | _lookup(_BORDER, np.ascontiguousarray(cell_pred[..., BORDER]))
-    cells = _erase_boundaries_fill_holes(_flood(foreground, heights, cells, grown_mask))
-    return _label_large(cells > 0, 8, sizes.cell)
+    # upstream labels the filled cells, then keeps only cell_label > 0: the labelling is skipped
+    return _label_large(_filled_interior(_flood(foreground, heights, cells, grown_mask)), 8, sizes.cell)
 
 
 def label_cell(
