@@ -1,7 +1,7 @@
 """label_cell's compiled kernels (numba): scikit-image's watershed (4-connected, not compact) on uint8
 levels as a bucket queue, and two full-image passes that numpy / OpenCV make in several.
 
-Imported only where numba is installed (the ``segment`` extra; Kaggle's image has none): ``labels.py``
+Imported only where numba is installed (the ``numba`` extra; Kaggle's image has none): ``labels.py``
 loads it through ``kernels()`` and keeps its numpy / scikit-image path otherwise, with the same labels
 (up to the ties below). ``cache=True``: each kernel compiles once per machine (4-7 s in all on the first
 call, cached under ``__pycache__``; 0.1 s to load in a later process).
