@@ -424,11 +424,8 @@ def per_class(table: pd.DataFrame, rounds: int) -> pd.DataFrame:
     present = [label for label in wanted if label in set(table["variant"])]
     columns = {}
     for label in present:
-        lines = table.loc[table["variant"] == label, "test_ap"]
-        seeds_ap = np.asarray([np.asarray(ap, dtype=float) for ap in lines])
-        counted = np.isfinite(seeds_ap).sum(axis=0)  # a class no seed could score stays NaN
-        total = np.where(np.isfinite(seeds_ap), seeds_ap, 0.0).sum(axis=0)
-        columns[label] = np.where(counted > 0, total / np.maximum(counted, 1), np.nan)
+        seeds_ap = pd.DataFrame(table.loc[table["variant"] == label, "test_ap"].tolist(), dtype=float)
+        columns[label] = seeds_ap.mean().to_numpy()  # NaN-skipping; a class no seed could score stays NaN
     first = table.loc[table["variant"] == present[0], "test_n_gt"].iloc[0] if present else []
     out = pd.DataFrame({"n_gt": np.asarray(first, dtype=int), **columns})
     if {refined(rounds), ORACLE_ROW} <= set(present):
