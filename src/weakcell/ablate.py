@@ -27,6 +27,10 @@ its test-split submission. Columns: out-of-fold image macro-F1 at 0.5 and with t
 against the synthetic truth (the competition metric too: ``cell_truth.CellTruth``), the competition metric
 of the test-split submission, and wall time. Written to ``reports/leaderboard.md`` (+ ``.json``, ``.png``).
 The grid holds the locks of the runs it builds while it trains and scores them (``weakcell.outputs``).
+
+Over 400 lines on purpose: the grid's rows, the runs they need and the scoring of a row across seeds are
+one definition read together (a row added here is trained, scored and paired in the same file); the
+report's writing is ``weakcell.ablate_report``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ written into a staging folder, then published as one set (``submission.publish``
 unnoticed; the folder's lock is held throughout and a killed run's temporaries are removed first. Its
 ``lineage.json`` (output ``submission``: the settings it reads, the cache, the fold weights, the thresholds,
 the sample submission) is written last: a second call with the same lineage reuses the folder.
+
+Just over 400 lines on purpose: the staging, lineage and reuse rules above belong with the one writer
+that uses them; the prediction itself is ``predict_fold`` and ``weakcell.submission``.
 """
 
 from __future__ import annotations
