@@ -22,14 +22,16 @@ models), under the organisers' reading and with every class judged in every imag
 Run from the repository root after ``make ablate CONFIG=configs/bench.yaml`` (or ``make refine`` of any run
 with ``refine.rounds`` >= 1, which trains the inner models):
 
-    python benchmarks/bench_cross_fit.py [--config configs/bench.yaml] [--runs bench bench-seed43 ...]
+    python benchmarks/bench_cross_fit.py [--config configs/bench.yaml] [--seeds 43 44]
 
-Prints the table and writes ``benchmarks/cross-fit.md``.
+Prints the table and writes ``benchmarks/cross-fit.md``; each run's rows are kept in ``cross-fit.json``, so a
+call for some seeds reports them beside the runs measured before (``--seeds``: which to measure now).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from weakcell.weights import load_state_dict
 
 IMAGE_POWER, BEST_CELL = 3.0, 0.25  # the leaderboard's "+ attention MIL" image term (ablate.IMAGE_TERM)
 OUT = Path(__file__).with_name("cross-fit.md")
+RECORDS = OUT.with_suffix(".json")  # every run's rows, so that a call for some seeds keeps the others
 
 
 def inner_folder(run_dir: Path, a: int, b: int) -> Path:
@@ -139,17 +142,27 @@ def run_rows(cfg, work: Path) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/bench.yaml")
-    parser.add_argument("--runs", nargs="*", help="run names (default: the config's ablate.seeds runs)")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        help="training seeds to measure now (default: the config's ablate.seeds)",
+    )
     args = parser.parse_args()
     base = load_config(args.config)
-    seeds = base.ablate.seeds or [base.seed]
-    names = args.runs or [base.name if s == base.seed else f"{base.name}-seed{s}" for s in seeds]
+    seeds = args.seeds or base.ablate.seeds or [base.seed]
     start = time.perf_counter()
-    rows = []
-    for name, seed in zip(names, seeds):
-        cfg = base.model_copy(update={"name": name, "seed": seed})
-        rows += run_rows(cfg, cfg.run_dir.parent / f"{name}-crossfit")
-    table = pd.DataFrame(rows)
+    measured = {}
+    for seed in seeds:  # the run names of make ablate's seeds (weakcell.ablate.seed_config)
+        cfg = base.model_copy(
+            update={"name": base.name if seed == base.seed else f"{base.name}-seed{seed}", "seed": seed}
+        )
+        measured[cfg.name] = run_rows(cfg, cfg.run_dir.parent / f"{cfg.name}-crossfit")
+    kept = json.loads(RECORDS.read_text()) if RECORDS.is_file() else {}
+    by_run = {name: rows for name, rows in kept.items() if name not in measured} | measured
+    RECORDS.write_text(json.dumps(by_run, indent=1))
+    names = sorted(by_run, key=lambda name: (name != base.name, name))
+    table = pd.DataFrame([row for name in names for row in by_run[name]])
     numbers = [c for c in table.columns if c not in ("run", "image model")]
     summary = table.groupby("image model", sort=False)[numbers].agg(["mean", "std"])
     lines = [
@@ -176,7 +189,8 @@ def main() -> None:
     text = (
         f"# Cross-fitted stage 2 (`python benchmarks/bench_cross_fit.py --config {args.config}`)\n\n"
         f"Runs {', '.join(names)} (mean ± sd over them), round 0 of each, its outer models and its refinement's "
-        f"inner models; {cpu_model()}, {time.perf_counter() - start:.0f} s.\n\n"
+        f"inner models; {cpu_model()}, {time.perf_counter() - start:.0f} s for {', '.join(measured)} "
+        f"(the other runs' rows from `{RECORDS.name}`).\n\n"
         + (__doc__ or "").split("\n\n", 1)[1].split("Run from")[0]
         + "\n".join(lines)
         + "\n\n## Every run\n\n"
