@@ -175,17 +175,23 @@ def test_cli_validate_takes_a_file(tmp_path, capsys):
     assert "row 0" in captured.err + captured.out
 
 
-def test_a_setting_added_later_counts_as_its_default_in_saved_runs(tmp_path: Path) -> None:
+def test_a_setting_added_later_counts_as_its_first_default_in_saved_runs(tmp_path: Path) -> None:
+    """A run saved before ``refine.uncertain`` existed trained a missed image label as 0: the setting's
+    first default, "negative". Today's default is "ignore", so that run differs from a default config and
+    matches one that asks for "negative"."""
     cfg = Config()
     save_config(cfg, tmp_path)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del saved["refine"]["uncertain"]  # a run saved before the setting existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert changed_settings(tmp_path, cfg, Inputs(("refine.",))) == []
-    other = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"uncertain": "ignore"})})
-    assert changed_settings(tmp_path, other, Inputs(("refine.",))) == [
+    assert changed_settings(tmp_path, cfg, Inputs(("refine.",))) == [
         "refine.uncertain: 'negative' -> 'ignore'"
     ]
+    as_then = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"uncertain": "negative"})})
+    assert changed_settings(tmp_path, as_then, Inputs(("refine.",))) == []
+    del saved["refine"]["epochs"]  # a setting whose default never changed reads as today's
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_settings(tmp_path, as_then, Inputs(("refine.",))) == []
 
 
 @pytest.mark.parametrize(("override", "got"), [("infer.tta=[0,8]", "8"), ("infer.tta=[-1]", "-1")])

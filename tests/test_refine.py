@@ -39,16 +39,22 @@ def test_rule_keeps_image_classes_of_cells_near_the_best_cell():
     targets, trainable = pseudo_labels(
         scores, ids, inherited, attention, np.full(C, 0.5), RefineConfig(relative=0.3, negative_quantile=None)
     )
-    # class 7 is not an image label: never kept, however high; class 0: 0.9 and 0.5 >= 0.3 * 0.9, 0.1 not
-    assert targets[:, 7].sum() == 0
-    assert targets[:, 0].tolist() == [1, 1, 0, 0, 0]
+    # class 7 is not an image label: never kept, however high; class 0: 0.9 and 0.5 >= 0.3 * 0.9, 0.1 not;
+    # the image label the third cell misses is left out of the loss (NaN, the default uncertain=ignore),
+    # b's cells lack class 0 and learn it as absent
+    assert targets[:, 7].tolist() == [0, 0, 0, 0, 0]
+    np.testing.assert_array_equal(targets[:, 0], [1, 1, np.nan, 0, 0])
     # class 3: best 0.2 -> 0.1 and 0.2 kept (>= 0.06), 0.05 not
-    assert targets[:, 3].tolist() == [1, 1, 0, 0, 0]
+    np.testing.assert_array_equal(targets[:, 3], [1, 1, np.nan, 0, 0])
     # cells keeping nothing learn Negative; everything stays trainable
     assert targets[:, NEGATIVE].tolist() == [0, 0, 1, 0, 1]
     assert trainable.all()
-    # relative is per image: b's best cell keeps 5 although 0.4 < 0.3 * 0.9
-    assert targets[3, 5] == 1
+    # relative is per image: b's best cell keeps 5 although 0.4 < 0.3 * 0.9; its second cell misses it
+    assert targets[3, 5] == 1 and np.isnan(targets[4, 5])
+    # uncertain=negative teaches each miss as 0 instead
+    as_zero = RefineConfig(relative=0.3, negative_quantile=None, uncertain="negative")
+    taught, _ = pseudo_labels(scores, ids, inherited, attention, np.full(C, 0.5), as_zero)
+    assert taught[:, 0].tolist() == [1, 1, 0, 0, 0] and taught[4, 5] == 0 and not np.isnan(taught).any()
 
 
 def test_rule_floors_drop_and_soft_targets():
@@ -57,16 +63,16 @@ def test_rule_floors_drop_and_soft_targets():
     attention = np.zeros_like(scores)
     attention[:, 0] = [2.0, 0.5, 0.5]
     thresholds = np.full(C, 0.4)
-    floor = RefineConfig(relative=0.0, threshold_scale=0.5)  # keep >= 0.2
+    floor = RefineConfig(relative=0.0, threshold_scale=0.5, uncertain="negative")  # keep >= 0.2
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, floor)
     assert targets[:, 0].tolist() == [1, 1, 0]
-    attended = RefineConfig(relative=0.0, min_attention=1.0)
+    attended = RefineConfig(relative=0.0, min_attention=1.0, uncertain="negative")
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, attended)
     assert targets[:, 0].tolist() == [1, 0, 0]
     dropped = RefineConfig(relative=0.3, unlabelled="drop")
     targets, trainable = pseudo_labels(scores, ids, inherited, attention, thresholds, dropped)
     assert trainable.tolist() == [True, True, False] and targets[:, NEGATIVE].sum() == 0
-    soft = RefineConfig(relative=0.3, targets="soft")
+    soft = RefineConfig(relative=0.3, targets="soft", uncertain="negative")
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, soft)
     assert targets[:, 0] == pytest.approx([1.0, 0.375, 0.0])
     # ignore: the image label the third cell does not keep is left out of the loss, not taught as 0;
@@ -92,13 +98,12 @@ def test_negative_floor_keeps_cells_that_outscore_images_without_the_class():
     every = np.ones_like(inherited)
     assert np.isinf(negative_floor(scores, every, 0.75)).all()
     attention, thresholds = np.ones_like(scores), np.zeros(C)
-    relative = RefineConfig(
-        relative=0.3, negative_quantile=None
-    )  # keeps >= 0.27 of a's class 0: the best cell
+    # keeps >= 0.27 of a's class 0: the best cell
+    relative = RefineConfig(relative=0.3, negative_quantile=None, uncertain="negative")
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, relative)
     assert targets[:3, 0].tolist() == [1, 0, 0]
     # with the floor, the 0.2 cell outscores the negatives and is kept too; 0.05 is not; b and c never get 0
-    either = RefineConfig(relative=0.3, negative_quantile=0.75)
+    either = RefineConfig(relative=0.3, negative_quantile=0.75, uncertain="negative")
     targets, _ = pseudo_labels(scores, ids, inherited, attention, thresholds, either)
     assert targets[:, 0].tolist() == [1, 1, 0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="negative_quantile"):

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from weakcell.config import Config, ConfigError, load_config, parse_overrides
+from weakcell.config.lineage import nested
 from weakcell.config.loading import KIT_CONFIGS, _section_at
 from weakcell.errors import StageError, UnknownName
 from weakcell.outputs import atomic_write_text
@@ -88,17 +89,6 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *sections, leaf = key.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
-    return tree
-
-
 def project_text(template: str, folder: Path, overrides: list[str]) -> str:
     """The project file's text: the template's base, the choices (the base's values unless overridden,
     ``paths.root`` = ``folder``, a relative ``data.dir`` made absolute) and any other override given."""
@@ -120,9 +110,9 @@ def project_text(template: str, folder: Path, overrides: list[str]) -> str:
         "# Keys and defaults: weakcell keys [PREFIX]; what a stage reads: weakcell <stage> --help.",
         f"base: {spec.base}  # the kit's configs/{spec.base}: every key not set here",
     ]
-    body = render(_nest(values), CHOICES)
+    body = render(nested(values), CHOICES)
     if extras:
-        body += ["", "# given to weakcell init", *render(_nest(extras), {})]
+        body += ["", "# given to weakcell init", *render(nested(extras), {})]
     return "\n".join(header + body) + "\n"
 
 
