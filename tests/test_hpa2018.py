@@ -141,12 +141,24 @@ def test_cell_keeping_no_class_gets_all_zero_target_without_negative():
     inherited = np.zeros((2, C))
     inherited[:, [3, 20]] = 1
     ids = np.array(["a", "a"])
-    rule = RefineConfig(relative=0.5, threshold_scale=0.0, negative_quantile=None)
+    rule = RefineConfig(relative=0.5, threshold_scale=0.0, negative_quantile=None, uncertain="negative")
     targets, trainable = pseudo_labels(scores, ids, inherited, np.ones((2, C)), np.full(C, 0.5), rule, None)
     assert np.flatnonzero(targets[0]).tolist() == [3, 20]
     assert targets[1].sum() == 0 and trainable.tolist() == [True, True]  # all zero, still learned from
     # with the 2021 table the same cell would learn Negative (18): here class 18 is MTOC, untouched
     assert targets[:, 18].sum() == 0
+    # the default (uncertain=ignore) leaves its two missed labels out of the loss; every other class is 0
+    ignored, _ = pseudo_labels(
+        scores,
+        ids,
+        inherited,
+        np.ones((2, C)),
+        np.full(C, 0.5),
+        rule.model_copy(update={"uncertain": "ignore"}),
+        None,
+    )
+    assert np.flatnonzero(np.isnan(ignored[1])).tolist() == [3, 20]
+    assert np.nansum(ignored[1]) == 0 and ignored[0].tolist() == targets[0].tolist()
 
 
 def test_label_quality_counts_every_2018_class():

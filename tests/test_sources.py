@@ -286,8 +286,9 @@ def test_train_only_cells_keep_their_inherited_labels_in_refinement():
     targets = fold_targets(rule, data, (oof_cell, oof_image), outer=0)
     assert targets.trainable.tolist() == [False, False, True, True, True, True]
     np.testing.assert_array_equal(targets.targets[4:], inherited[4:])  # fold -1: inherited
-    assert targets.targets[2, 1] == 1 and targets.targets[2, 2] == 0  # fold 1: the rule
-    assert targets.targets[3, 2] == 1 and targets.targets[3, 1] == 0
+    # fold 1: the rule; the label each cell misses is left out of the loss (uncertain=ignore, the default)
+    assert targets.targets[2, 1] == 1 and np.isnan(targets.targets[2, 2])
+    assert targets.targets[3, 2] == 1 and np.isnan(targets.targets[3, 1])
     assert set(targets.table["image_id"]) == {"b"}  # pseudo_labels.parquet: the relabelled cells only
 
 

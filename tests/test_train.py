@@ -115,6 +115,21 @@ def test_rare_classes_weigh_more():
     assert 0.3 < (order >= 90).mean() < 0.7
 
 
+def test_pairs_left_out_of_the_loss_count_as_neither_positive_nor_negative():
+    """refine.uncertain=ignore leaves NaN targets; class weights and the sampler read the known pairs only."""
+    targets = np.zeros((10, 2), np.float32)
+    targets[:2, 0] = 1  # class 0: 2 positives
+    targets[2:6, 0] = np.nan  # 4 pairs left out: 4 known negatives remain
+    targets[0, 1] = 1  # class 1: 1 positive, 9 negatives, nothing left out
+    # sqrt(negatives / positives): class 0 sqrt(4 / 2), class 1 sqrt(9 / 1) = 3
+    assert class_pos_weight(targets) == pytest.approx([np.sqrt(2.0), 3.0])
+    # frequencies over known pairs: class 0 2 / 6, class 1 1 / 10; a cell weighs its rarest positive class
+    weights = balanced_sample_weights(targets)
+    assert weights[0] == pytest.approx(np.sqrt(10.0))  # classes 0 and 1: the rarer, 1
+    assert weights[1] == pytest.approx(np.sqrt(3.0))  # class 0 alone
+    assert weights[2:].tolist() == [1.0] * 8  # no positive (or left out): 1
+
+
 def test_changed_settings_do_not_reuse_finished_folds(tiny_run):
     cfg, _ = tiny_run
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr * 2})})

@@ -34,14 +34,20 @@ class LabelledCrops(CellCrops):
 
 
 def class_pos_weight(targets: np.ndarray, limit: float = 50.0) -> np.ndarray:
-    """(C,) BCE ``pos_weight`` = sqrt(negatives / positives) per class, clipped to [1, limit]."""
-    positives = targets.sum(0)
-    ratio = (len(targets) - positives) / np.maximum(positives, 1)
+    """(C,) BCE ``pos_weight`` = sqrt(negatives / positives) per class, clipped to [1, limit]. A NaN target
+    (a pair left out of the loss, ``refine.uncertain=ignore``) counts as neither."""
+    known = ~np.isnan(targets)
+    positives = np.where(known, targets, 0).sum(0)
+    ratio = (known.sum(0) - positives) / np.maximum(positives, 1)
     return np.clip(np.sqrt(ratio), 1.0, limit).astype(np.float32)
 
 
 def balanced_sample_weights(targets: np.ndarray) -> np.ndarray:
-    """(N,) weight of each cell = sqrt(1 / frequency) of its rarest positive class (1 for no positive)."""
-    frequency = np.maximum(targets.mean(0), 1.0 / max(len(targets), 1))  # (C,)
-    per_class = np.sqrt(1.0 / frequency)[None, :] * (targets > 0)  # (N, C)
+    """(N,) weight of each cell = sqrt(1 / frequency) of its rarest positive class (1 for no positive); a
+    class's frequency is over the cells whose target for it is known (not NaN)."""
+    known = ~np.isnan(targets)
+    positives = np.where(known, targets, 0)
+    frequency = positives.sum(0) / np.maximum(known.sum(0), 1)
+    frequency = np.maximum(frequency, 1.0 / max(len(targets), 1))  # (C,)
+    per_class = np.sqrt(1.0 / frequency)[None, :] * (positives > 0)  # (N, C)
     return np.where(per_class.max(1) > 0, per_class.max(1), 1.0)
