@@ -366,3 +366,20 @@ def test_make_demo_runs_its_stages_in_one_process_on_one_config(monkeypatch, cap
     assert [target for target, _ in seen] == [cli.STAGES[name].target for name in cli.CHAINS["demo"]]
     assert {name for _, name in seen} == {"chained"}
     assert "== weakcell refine" in capsys.readouterr().out
+
+
+def test_a_mapping_setting_is_replaced_whole_while_sections_merge(tmp_path: Path) -> None:
+    """``ablate.variants={}`` on the command line means no variants (it used to merge into the base's four
+    and keep them all); a child file's ``variants`` replaces its base's too, and sections still merge."""
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "train: {epochs: 12, validate_every: 4}\n"
+        "ablate: {variants: {soft: {targets: soft}, ignore: {uncertain: ignore}}}\n"
+    )
+    assert set(load_config(base).ablate.variants) == {"soft", "ignore"}
+    assert load_config(base, ["ablate.variants={}"]).ablate.variants == {}
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain: {epochs: 3}\nablate: {variants: {drop: {unlabelled: drop}}}\n")
+    cfg = load_config(child)
+    assert cfg.ablate.variants == {"drop": {"unlabelled": "drop"}}
+    assert (cfg.train.epochs, cfg.train.validate_every) == (3, 4)  # the section merged

@@ -87,12 +87,17 @@ def flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` laid over it, section by section (a new dict; neither input changes)."""
+def deep_merge(base: dict[str, Any], update: dict[str, Any], at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it, section by section (a new dict; neither input changes).
+
+    Only the schema's sections merge: a setting whose value is a mapping (``ablate.variants``,
+    ``model.backbone_kwargs``) is replaced whole, as a list is, so ``ablate.variants={}`` means no variants
+    rather than the base's variants plus none."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        inside = (*at, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and _section_at(list(inside)):
+            merged[key] = deep_merge(merged[key], value, inside)
         else:
             merged[key] = value
     return merged
