@@ -281,6 +281,18 @@ def test_paired_differences_subtract_the_same_resamples_and_average_seeds_within
     assert paired.loc["b", "low"] == pytest.approx(0.03675)
     assert paired.loc["b", "high"] == pytest.approx(0.11275)
     assert paired.loc["b", "reference"] == "a"
+    # an extra pair (the last round against the one before): c - a, seed by seed 0.00 and -0.02, each
+    # resample 0.10, 0.00, -0.10 and 0.08, -0.02, -0.12: means 0.09, -0.01, -0.11
+    extra = ablate.paired_differences(table, also=[("c", "a")])
+    assert extra[["variant", "reference"]].values.tolist() == [["b", "a"], ["c", "a"]]
+    line = extra.iloc[1]
+    assert line["per_seed"] == pytest.approx([0.0, -0.02]) and line["difference"] == pytest.approx(-0.01)
+    assert line["low"] == pytest.approx(-0.11 + 0.05 * 0.10) and line["high"] == pytest.approx(
+        -0.01 + 0.95 * 0.10
+    )
+    assert ablate.round_on_round(1) == [] and ablate.round_on_round(3) == [
+        ("+ refinement, 3 rounds", "+ refinement, 2 rounds")
+    ]
     # rows resampled on other test images (another truth, another order) are never subtracted
     table["test_resamples"] = ["k1"] * 2 + ["k2"] * 2 + ["k1"] * 2
     with pytest.raises(ValueError, match="other test images"):

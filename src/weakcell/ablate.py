@@ -372,9 +372,16 @@ def across_seeds(table: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def paired_differences(table: pd.DataFrame) -> pd.DataFrame:
+def round_on_round(rounds: int) -> list[tuple[str, str]]:
+    """With two rounds or more, the last round against the round before it too: whether the last round
+    earns its keep over stopping one round earlier (its own reference is the control of its epochs)."""
+    return [(refined(rounds), refined(rounds - 1))] if rounds >= 2 else []
+
+
+def paired_differences(table: pd.DataFrame, also: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
     """One line per row with a reference row in ``table`` (one line per variant and seed, as
-    ``leaderboard``): ``difference``, the mean over seeds of its test mAP minus its reference's;
+    ``leaderboard``), then one per ``(variant, reference)`` pair of ``also``: ``difference``, the mean over
+    seeds of its test mAP minus its reference's;
     ``low``/``high``, the 95% percentile interval of that mean over the bootstrap resamples of the test
     images, both rows scored on the same resample (every row's ``test_resampled`` comes from the same
     resamples of the same images: ``competition_metric.bootstrap_maps``), seeds averaged within each
@@ -383,9 +390,8 @@ def paired_differences(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["variant", "reference", "difference", "low", "high", "per_seed"])
     by_seed = table.set_index(["variant", "seed"])
     lines = []
-    for variant, reference in table.drop_duplicates("variant")[["variant", "reference"]].itertuples(
-        index=False
-    ):
+    pairs = [*table.drop_duplicates("variant")[["variant", "reference"]].itertuples(index=False), *also]
+    for variant, reference in pairs:
         if not isinstance(reference, str) or reference not in set(table["variant"]):
             continue
         seeds = sorted(
@@ -444,7 +450,7 @@ def run(cfg: Config) -> pd.DataFrame:
         cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"rounds": 1, "control": False})})
     table = leaderboard(cfg)
     summary = across_seeds(table)
-    paired = paired_differences(table)
+    paired = paired_differences(table, also=round_on_round(cfg.ablate.rounds))
     seconds = time.perf_counter() - start
     checks = targets(summary, paired, cfg.ablate.rounds)
     classes = per_class(table, cfg.ablate.rounds)
