@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from weakcell.ablate import seed_config
 from weakcell.config import load_config
 from weakcell.constants import prob_columns
 from weakcell.data.labels import to_multi_hot
@@ -153,10 +154,8 @@ def main() -> None:
     seeds = args.seeds or base.ablate.seeds or [base.seed]
     start = time.perf_counter()
     measured = {}
-    for seed in seeds:  # the run names of make ablate's seeds (weakcell.ablate.seed_config)
-        cfg = base.model_copy(
-            update={"name": base.name if seed == base.seed else f"{base.name}-seed{seed}", "seed": seed}
-        )
+    for seed in seeds:
+        cfg = seed_config(base, seed)  # make ablate's run of that seed
         measured[cfg.name] = run_rows(cfg, cfg.run_dir.parent / f"{cfg.name}-crossfit")
     kept = json.loads(RECORDS.read_text()) if RECORDS.is_file() else {}
     by_run = {name: rows for name, rows in kept.items() if name not in measured} | measured
